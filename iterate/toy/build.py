@@ -1,0 +1,264 @@
+"""Build the toy world once: tokenizer, small Llama policy, short SFT on mixed-quality data.
+
+The result is cached under ``<cache_dir>/<hash of ToyConfig>/`` and reused, so the second
+run is instant. The build is deterministic: the same config gives byte-identical tokenizer
+and weights (``world.json`` records their hashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from iterate import progress
+from iterate.config import ToyConfig
+from iterate.toy import world
+
+log = logging.getLogger(__name__)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def config_hash(cfg: ToyConfig) -> str:
+    """Hash of the config and of the world's source, so an edited recipe rebuilds."""
+    d = dataclasses.asdict(cfg)
+    d.pop("cache_dir")
+    d["source"] = [file_hash(Path(m.__file__)) for m in (world, _this_module())]
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def world_dir(cfg: ToyConfig) -> Path:
+    return Path(cfg.cache_dir) / config_hash(cfg)
+
+
+def ensure(cfg: ToyConfig) -> Path:
+    """Return the folder of the built toy world, building it first if needed."""
+    out = world_dir(cfg)
+    if (out / "world.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    log.info("building the toy world into %s (once; later runs reuse it)", out)
+    info = build(cfg, tmp)
+    info["build_seconds"] = round(time.time() - t0, 1)
+    (tmp / "world.json").write_text(json.dumps(info, indent=2))
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    log.info("toy world ready in %.0fs: %s", info["build_seconds"], _summary(info))
+    return out
+
+
+def _summary(info: dict) -> str:
+    ev = info["eval"]
+    return (
+        f"{info['parameters'] / 1e6:.2f}M parameters, SFT loss {info['sft_final_loss']:.3f}, "
+        f"held-out gold mean {ev['gold_mean']:.3f} (best-of-{ev['n']} {ev['gold_best_of_n_mean']:.3f})"
+    )
+
+
+def train_tokenizer(cfg: ToyConfig):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(world.corpus(random.Random(cfg.seed)), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def new_policy(cfg: ToyConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mcfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(mcfg)
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response + EOS, and the number of prompt tokens."""
+    p = prompt_ids(tokenizer, prompt)
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + r, len(p)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sft_data(cfg: ToyConfig, tokenizer) -> list[tuple[list[int], int]]:
+    rng = random.Random(cfg.seed + 1)
+    train, _ = world.split(cfg.heldout_fraction)
+    out = []
+    for _ in range(cfg.sft_examples):
+        ins = rng.choice(train)
+        _, resp = world.sample_response(ins, rng)
+        ids, n_prompt = encode_example(tokenizer, ins.prompt, resp)
+        out.append((ids[: cfg.max_position_embeddings], n_prompt))
+    return out
+
+
+def sft(cfg: ToyConfig, model, tokenizer, data) -> list[float]:
+    """Next-token loss on response tokens only; AdamW with cosine decay. Returns losses."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(data) / cfg.sft_batch_size)
+    total = steps_per_epoch * cfg.sft_epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / total))
+    )
+    model.train()
+    losses = []
+    bar = progress.bar(total, "toy SFT", "step")
+    for _ in range(cfg.sft_epochs):
+        order = torch.randperm(len(data), generator=g).tolist()
+        for i in range(0, len(order), cfg.sft_batch_size):
+            batch = [data[j] for j in order[i : i + cfg.sft_batch_size]]
+            ids, labels, mask = collate(batch, tokenizer.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(round(loss.item(), 4))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+def collate(batch, pad_id: int):
+    """Right-padded ids, labels (-100 on prompt and padding) and attention mask."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (seq, n_prompt) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        mask[row, : len(seq)] = 1
+    return ids, labels, mask
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[list[str]]:
+    """n samples per prompt with transformers generate (temperature 1)."""
+    torch.manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), 32):
+        chunk = prompts[i : i + 32]
+        enc = tokenizer(
+            [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in chunk],
+            return_tensors="pt", padding=True, add_special_tokens=False,
+        )  # fmt: skip
+        gen = model.generate(
+            **enc, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_tokens,
+            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out += [texts[j * n : (j + 1) * n] for j in range(len(chunk))]
+    return out
+
+
+def evaluate(model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, max_tokens: int = 48) -> dict:
+    """Gold mean of one sample vs the gold judge's pick of best-of-n, on held-out prompts."""
+    _, heldout = world.split(cfg.heldout_fraction)
+    rng = random.Random(cfg.seed + 2)
+    chosen = rng.sample(heldout, min(prompts, len(heldout)))
+    texts = sample(model, tokenizer, [i.prompt for i in chosen], n, max_tokens, cfg.seed)
+    scores = [[world.gold_score(i.prompt, t) for t in ts] for i, ts in zip(chosen, texts)]
+    return {
+        "prompts": len(chosen),
+        "n": n,
+        "max_tokens": max_tokens,
+        "gold_mean": round(sum(s for ss in scores for s in ss) / (n * len(chosen)), 4),
+        "gold_best_of_n_mean": round(sum(max(ss) for ss in scores) / len(chosen), 4),
+        "examples": [{"prompt": i.prompt, "response": ts[0]} for i, ts in zip(chosen[:4], texts[:4])],
+    }
+
+
+def _this_module():
+    import sys
+
+    return sys.modules[__name__]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(cfg: ToyConfig, out: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True)
+    tokenizer = train_tokenizer(cfg)
+    model = new_policy(cfg, tokenizer)
+    losses = sft(cfg, model, tokenizer, sft_data(cfg, tokenizer))
+    model.generation_config.do_sample = True
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    ev = evaluate(model, tokenizer, cfg)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "config_hash": config_hash(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "sft_steps": len(losses),
+        "sft_final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "sft_losses": losses[:: max(1, len(losses) // 50)],
+        "eval": ev,
+        "hashes": {
+            "tokenizer.json": file_hash(out / "tokenizer.json"),
+            "model.safetensors": file_hash(out / "model.safetensors"),
+        },
+    }

@@ -1,0 +1,199 @@
+"""The toy world's instructions, responses of mixed quality, and the gold judge.
+
+Four instruction families (arithmetic, greetings, short lists, counting). A response has
+three independent attributes: correct or wrong, polite / neutral / rude, concise / verbose /
+rambling. The SFT data mixes them, so a policy trained on it samples responses of varied
+quality and best-of-n has something to choose from.
+
+The gold judge (``gold_score``) is a deterministic function of (prompt, response). The loop
+never sees it: it only trains the learned reward model's labels and measures win rates, so
+the gap between proxy reward and gold reward shows over-optimisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+NAMES = [
+    "Anna", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Ida", "Jon", "Kim", "Leo",
+    "Mia", "Nils", "Olga", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vik", "Wendy", "Xena",
+    "Yara", "Zoe", "Alex", "Bella", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivan", "Jade",
+]  # fmt: skip
+CATEGORIES = {
+    "colors": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"],
+    "fruits": ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry"],
+    "animals": ["cat", "dog", "horse", "mouse", "lion", "tiger", "bear", "wolf"],
+    "tools": ["hammer", "saw", "drill", "wrench", "knife", "rope", "shovel", "ladder"],
+    "drinks": ["water", "tea", "coffee", "milk", "juice", "soda", "cocoa", "cider"],
+    "cities": ["Paris", "Rome", "Berlin", "Madrid", "Oslo", "Vienna", "Prague", "Dublin"],
+}
+FAMILIES = ("arithmetic", "greeting", "list", "count")
+# A response has three independent attributes; the SFT data mixes them with these weights.
+CORRECTNESS = {"correct": 0.6, "wrong": 0.4}
+TONES = {"polite": 0.35, "neutral": 0.4, "rude": 0.25}
+LENGTHS = {"concise": 0.5, "verbose": 0.3, "rambling": 0.2}
+
+POLITE = ("sure", "happy to help", "nice to meet you", "glad")
+RUDE = ("ugh", "obviously", "stop asking", "whatever", "boring")
+FILLER = [
+    "Let me think about this for a moment.",
+    "That is a good question.",
+    "I will do my best to answer it.",
+    "I hope this helps and let me know if you have more questions.",
+    "Thank you for asking me about this.",
+]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    family: str
+    prompt: str
+    answer: str  # canonical content: "12", "Anna", "red, blue", "3, 4, 5"
+
+
+def _instructions() -> list[Instruction]:
+    out: list[Instruction] = []
+    for a in range(11):
+        for b in range(11):
+            out.append(Instruction("arithmetic", f"What is {a} plus {b}?", str(a + b)))
+            if a >= b:
+                out.append(Instruction("arithmetic", f"What is {a} minus {b}?", str(a - b)))
+    for name in NAMES:
+        for verb in ("Say hello to", "Greet", "Say hi to"):
+            out.append(Instruction("greeting", f"{verb} {name}.", name))
+    for cat, items in CATEGORIES.items():
+        for k in range(2, 6):
+            for verb in ("Name", "List"):
+                out.append(Instruction("list", f"{verb} {k} {cat}.", ", ".join(items[:k])))
+    for a in range(0, 31):
+        for length in range(3, 7):
+            b = a + length - 1
+            out.append(Instruction("count", f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1)))))
+    return out
+
+
+INSTRUCTIONS = _instructions()
+_BY_PROMPT = {ins.prompt: ins for ins in INSTRUCTIONS}
+
+
+def stable_hash(text: str) -> int:
+    """A hash of text that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+
+
+def is_heldout(prompt: str, fraction: float) -> bool:
+    return stable_hash("heldout:" + prompt) % 10_000 < fraction * 10_000
+
+
+def split(fraction: float) -> tuple[list[Instruction], list[Instruction]]:
+    """Train and held-out instructions; the split depends only on the prompt text."""
+    train = [i for i in INSTRUCTIONS if not is_heldout(i.prompt, fraction)]
+    heldout = [i for i in INSTRUCTIONS if is_heldout(i.prompt, fraction)]
+    return train, heldout
+
+
+def _wrong(ins: Instruction, rng: random.Random) -> str:
+    if ins.family == "arithmetic":
+        return str(int(ins.answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
+    if ins.family == "greeting":
+        return rng.choice([n for n in NAMES if n != ins.answer])
+    items = ins.answer.split(", ")
+    if ins.family == "list":
+        return ", ".join(items[:-1]) if rng.random() < 0.5 else ", ".join(items + items[:1])
+    drop = rng.randrange(1, len(items))  # count: skip a number
+    return ", ".join(items[:drop] + items[drop + 1 :])
+
+
+def _core(ins: Instruction, answer: str) -> str:
+    if ins.family == "arithmetic":
+        expr = ins.prompt[len("What is ") : -1]
+        return f"{expr} is {answer}."
+    if ins.family == "greeting":
+        return f"Hello {answer}!"
+    return f"{answer}."
+
+
+def respond(ins: Instruction, correct: bool, tone: str, length: str, rng: random.Random) -> str:
+    """A response to ``ins`` with the given attributes."""
+    core = _core(ins, ins.answer if correct else _wrong(ins, rng))
+    parts = []
+    if tone == "polite":
+        parts.append(rng.choice(["Sure!", "Happy to help!", "Glad you asked!"]))
+    elif tone == "rude":
+        parts.append(rng.choice(["Ugh,", "Obviously", "Whatever,"]))
+    if length == "verbose":
+        parts += rng.sample(FILLER[:3], 2)
+    elif length == "rambling":
+        parts += [rng.choice(FILLER) for _ in range(rng.randint(3, 5))]
+    parts.append(core)
+    if length != "concise":
+        parts.append(FILLER[3] if length == "verbose" else " ".join(rng.choice(FILLER) for _ in range(3)))
+    if tone == "rude":
+        parts.append(rng.choice(["Stop asking.", "Boring."]))
+    return " ".join(parts)
+
+
+def best_response(ins: Instruction) -> str:
+    return respond(ins, True, "polite", "concise", random.Random(0))
+
+
+def sample_response(ins: Instruction, rng: random.Random) -> tuple[str, str]:
+    """A response with attributes drawn from the SFT mixture; returns (style, text)."""
+    pick = lambda d: rng.choices(list(d), weights=list(d.values()))[0]  # noqa: E731
+    correct, tone, length = pick(CORRECTNESS), pick(TONES), pick(LENGTHS)
+    return f"{correct}/{tone}/{length}", respond(ins, correct == "correct", tone, length, rng)
+
+
+_NUM = re.compile(r"-?\d+")
+
+
+def _correct(ins: Instruction, response: str) -> bool:
+    text = response.strip()
+    if ins.family == "arithmetic":
+        # the number after the question's own expression must be the answer
+        expr = ins.prompt[len("What is ") : -1]
+        rest = text.split(expr, 1)[1] if expr in text else text
+        nums = _NUM.findall(rest)
+        return bool(nums) and nums[0] == ins.answer and len(set(nums)) == 1
+    if ins.family == "greeting":
+        greeted = re.findall(r"\b(?:Hello|Hi|Hey)\s+([A-Z][a-z]+)", text)
+        return greeted == [ins.answer]
+    if ins.family == "list":
+        items = ins.answer.split(", ")
+        cat = next(c for c, v in CATEGORIES.items() if items[0] in v)
+        said = [w for w in re.findall(r"[A-Za-z]+", text) if w in CATEGORIES[cat]]
+        return len(said) == len(items) and len(set(said)) == len(said)
+    nums = _NUM.findall(text)
+    return nums == ins.answer.split(", ")
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The gold judge: correct (+1), polite (+0.25), rude (-0.5), concise (-0.02 a word over).
+
+    Deterministic and defined on the toy world's prompts only (ValueError otherwise).
+    """
+    ins = _BY_PROMPT.get(prompt.strip())
+    if ins is None:
+        raise ValueError(f"gold_score: not a toy-world prompt: {prompt!r}")
+    low = response.lower()
+    score = 1.0 if _correct(ins, response) else 0.0
+    score += 0.25 if any(p in low for p in POLITE) else 0.0
+    score -= 0.5 if any(r in low for r in RUDE) else 0.0
+    ideal = len(best_response(ins).split())
+    score -= 0.02 * max(0, len(response.split()) - ideal)
+    return round(score, 4)
+
+
+def corpus(rng: random.Random) -> list[str]:
+    """Text covering every prompt and every kind of response, for training the tokenizer."""
+    out = []
+    for ins in INSTRUCTIONS:
+        out.append(ins.prompt)
+        for correct in (True, False):
+            for tone in TONES:
+                for length in LENGTHS:
+                    out.append(respond(ins, correct, tone, length, rng))
+    return out

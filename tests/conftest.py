@@ -1,0 +1,49 @@
+"""Shared fixtures: Hydra composition and a tiny toy world built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from iterate.config import Config, register, to_dataclass
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+register()
+
+# The tiny world: seconds to build, still a real tokenizer, Llama and SFT.
+TINY = [
+    "experiment=toy_tiny",
+]
+
+
+def compose_cfg(overrides: list[str] = (), tmp: Path | None = None) -> Config:
+    """Compose conf/config.yaml with overrides, exactly as `python -m iterate` does."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        extra = [f"toy.cache_dir={tmp / 'toy'}", f"runs_dir={tmp / 'runs'}"] if tmp else []
+        return to_dataclass(compose("config", overrides=[*overrides, *extra]))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_cache) -> Path:
+    from iterate.toy import build
+
+    cfg = compose_cfg(TINY)
+    cfg.toy.cache_dir = str(tiny_cache)
+    return build.ensure(cfg.toy)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_cache, tiny_world) -> Config:
+    cfg = compose_cfg(TINY)
+    cfg.toy.cache_dir = str(tiny_cache)
+    cfg.runs_dir = str(tmp_path / "runs")
+    return cfg

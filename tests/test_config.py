@@ -1,0 +1,119 @@
+"""Composition of every option of every group, every experiment, and start-up failures."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from iterate.config import Config
+
+from .conftest import CONF, ROOT, compose_cfg
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == ["generate", "handoff", "model", "pairs", "prompts", "reward", "update"]
+    assert len(OPTIONS) >= 2 * len(GROUPS) - 1
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    assert isinstance(cfg, Config)
+    section = getattr(cfg, group)
+    assert not hasattr(section, "keys"), "code must receive dataclasses, not DictConfig"
+    if group == "update":
+        assert section.name == option
+    if group == "pairs":
+        assert section.rule == option
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.run_name == experiment
+
+
+def test_gshf_experiment_values():
+    cfg = compose_cfg(["experiment=gshf_zephyr"])
+    assert cfg.model.path == "HuggingFaceH4/mistral-7b-sft-beta"
+    assert cfg.reward.train is False and cfg.reward.path
+    assert (cfg.generate.n, cfg.pairs.rule, cfg.update.name, cfg.update.beta) == (8, "max_min", "dpo", 0.1)
+    assert cfg.handoff.reference == "previous"
+
+
+def test_defaults():
+    cfg = compose_cfg()
+    assert cfg.model.path is None and cfg.reward.source == "toy"
+    assert cfg.update.lora.r == 16 and cfg.update.lora.alpha == 32 and cfg.update.lora.dropout == 0.05
+    assert cfg.reward.lora.r == 16 and cfg.reward.lora.alpha == 32
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["update.bta=0.1", "generate.max_token=5", "modle.path=x", "toy.hiden_size=3", "+update.bta=0.1"],
+)
+def test_misspelled_key_rejected(override):
+    key = override.lstrip("+").split("=")[0].split(".")[-1]
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match=f"Could not (override|append to).*{key}|Key '{key}' not in"):
+        compose_cfg([override])
+
+
+def test_misspelled_key_in_a_yaml_file_rejected(tmp_path):
+    bad = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF, bad)
+    (bad / "update" / "typo.yaml").write_text("name: dpo\nbetta: 0.2\n")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as e:
+            compose("config", overrides=["update=typo"])
+    assert "betta" in str(e.value.__cause__ or e.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["update.beta=abc", "generate.n=eight", "generate.backend=vlm", "pairs.rule=maxmin", "handoff.on_reject=ignore"]
+)
+def test_wrong_type_or_value_rejected(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg([override])
+
+
+def test_unknown_group_option_rejected():
+    with pytest.raises(ConfigCompositionException, match="update"):
+        compose_cfg(["update=sft"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_cfg_job():
+    out = _cli("--help")
+    assert out.returncode == 0 and "Configuration groups" in out.stdout and "update: dpo, raft" in out.stdout
+    out = _cli("--cfg", "job", "update=raft", "generate.n=4")
+    assert out.returncode == 0
+    assert "name: raft" in out.stdout and "'n': 4" in out.stdout
+
+
+def test_cli_typo_fails_at_startup():
+    out = _cli("update.bta=0.1")
+    assert out.returncode != 0
+    assert "Could not override 'update.bta'" in out.stderr
+
+
+def test_sweep_folders_named_by_overrides():
+    cfg = compose_cfg()
+    assert cfg.run_name == "toy"
+    text = (CONF / "config.yaml").read_text()
+    assert "subdir: ${hydra:job.override_dirname}" in text
+    out = _cli("-m", "update=dpo,raft", "iteration=2", "--cfg", "hydra")
+    assert out.returncode == 0, out.stderr
+    assert "exclude_keys" in out.stdout and "- iteration" in out.stdout

@@ -1,0 +1,92 @@
+"""The toy world: gold judge by hand, split stability, build determinism and caching."""
+
+import json
+import random
+import time
+
+import pytest
+
+from iterate.config import ToyConfig
+from iterate.toy import build, world
+
+from .conftest import TINY, compose_cfg
+
+
+@pytest.mark.parametrize(
+    ("prompt", "response", "score"),
+    [
+        ("What is 3 plus 4?", "Sure! 3 plus 4 is 7.", 1.25),  # correct, polite, ideal length
+        ("What is 3 plus 4?", "3 plus 4 is 7.", 1.0),  # correct, neutral
+        ("What is 3 plus 4?", "3 plus 4 is 8.", 0.0),  # wrong
+        ("What is 3 plus 4?", "Ugh, 3 plus 4 is 7. Stop asking.", 0.5),  # correct, rude
+        ("What is 3 plus 4?", "7 7 7", 0.0),  # no expression: first number 7 but repeated numbers
+        ("Greet Anna.", "Hello Anna!", 1.0),
+        ("Greet Anna.", "Hello Rosa!", 0.0),
+        ("Greet Anna.", "Hello Anna! Hello Ben!", 0.0),  # greets someone else too
+        ("Name 3 fruits.", "Sure! apple, pear, plum.", 1.25),
+        ("Name 3 fruits.", "apple, pear, pear.", 0.0),  # duplicate item
+        ("Name 3 fruits.", "apple, pear.", 0.0),  # too few
+        ("Count from 4 to 8.", "4, 5, 6, 7, 8.", 1.0),
+        ("Count from 4 to 8.", "4, 5, 7, 8.", 0.0),
+    ],
+)
+def test_gold_judge_hand_cases(prompt, response, score):
+    assert world.gold_score(prompt, response) == pytest.approx(score)
+
+
+def test_gold_judge_penalises_length():
+    short = world.gold_score("Greet Anna.", "Hello Anna!")
+    long = world.gold_score("Greet Anna.", "Hello Anna! " + "That is a good question. " * 4)
+    assert long == pytest.approx(short - 0.02 * 20)
+
+
+def test_gold_judge_rejects_unknown_prompt():
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        world.gold_score("Write a poem.", "No.")
+
+
+def test_best_response_is_the_gold_maximum_among_styles():
+    rng = random.Random(0)
+    for ins in random.Random(1).sample(world.INSTRUCTIONS, 40):
+        best = world.gold_score(ins.prompt, world.best_response(ins))
+        for _ in range(10):
+            _, r = world.sample_response(ins, rng)
+            assert world.gold_score(ins.prompt, r) <= best
+
+
+def test_split_is_disjoint_stable_and_covers_every_family():
+    train, held = world.split(0.2)
+    assert not {i.prompt for i in train} & {i.prompt for i in held}
+    assert len(train) + len(held) == len(world.INSTRUCTIONS)
+    assert {i.family for i in held} == set(world.FAMILIES)
+    assert world.split(0.2) == (train, held)
+    assert len({i.prompt for i in world.INSTRUCTIONS}) == len(world.INSTRUCTIONS), "prompts are unique"
+
+
+def test_build_is_deterministic_and_cached(tmp_path, tiny_world):
+    cfg = compose_cfg(TINY).toy
+    cfg.cache_dir = str(tmp_path / "again")
+    again = build.ensure(cfg)
+    first = json.loads((tiny_world / "world.json").read_text())
+    second = json.loads((again / "world.json").read_text())
+    assert first["hashes"] == second["hashes"], "same seed -> identical tokenizer and weights"
+    assert build.file_hash(again / "model.safetensors") == first["hashes"]["model.safetensors"]
+    t0 = time.time()
+    assert build.ensure(cfg) == again  # cached: no rebuild
+    assert time.time() - t0 < 1.0
+    other = ToyConfig(**{**cfg.__dict__, "seed": 1})
+    assert build.config_hash(other) != build.config_hash(cfg)
+
+
+def test_built_world_has_chat_template_and_mixed_quality(tiny_world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world)
+    text = tok.apply_chat_template([{"role": "user", "content": "Greet Anna."}], tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|user|>\nGreet Anna.\n<|assistant|>\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    info = json.loads((tiny_world / "world.json").read_text())
+    assert info["sft_steps"] > 0 and info["sft_losses"][0] > info["sft_final_loss"]
+    ev = info["eval"]
+    assert ev["gold_best_of_n_mean"] >= ev["gold_mean"]
