@@ -13,8 +13,12 @@ register()
 def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from transformers.utils import logging as hf_logging
+
     from iterate import loop
     from iterate.config import to_dataclass
+
+    hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
 
     loop.run(to_dataclass(cfg), Path(HydraConfig.get().runtime.output_dir))
 

@@ -2,11 +2,13 @@
 
 ``run(cfg, run_dir)`` makes iterations ``0 .. cfg.iteration-1`` exist, like ``make``:
 the toy world (when in use) and the reward model first, then per iteration
-prompts -> generate -> label -> pairs -> update -> handoff.
+prompts -> generate -> label -> pairs -> update -> handoff. Every stage is a function of
+the config and the run folder; they talk through files only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -45,12 +47,88 @@ def reward_model_path(cfg: Config, paths: Paths) -> str:
     return cfg.reward.path
 
 
-def run(cfg: Config, run_dir: Path) -> None:
+def _done(path: Path) -> dict | None:
+    p = path / "_DONE.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _same_run(cfg: Config, paths: Paths) -> bool:
+    first = paths.run / "config.yaml"
+    if not first.exists():
+        return False
+    old, new = yaml.safe_load(first.read_text()), plain(cfg)
+    for d in (old, new):
+        for k in ("iteration", "force"):
+            d.pop(k, None)
+    return old == new
+
+
+def is_finished(cfg: Config, paths: Paths) -> bool:
+    """True when every asked-for iteration has handed off (or the loop stopped on a
+    rejection) under the config the run was started with."""
+    if not _same_run(cfg, paths):
+        return False
+    for i in range(cfg.iteration):
+        ho = _done(paths.stage(i, "handoff"))
+        if ho is None:
+            return False
+        if not ho["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
+            return True
+    return True
+
+
+def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -> str:
+    if handoff["kl"]["accepted"]:
+        return str(paths.stage(i, "handoff") / "policy")
+    return policy  # keep_previous: the next iteration starts again from this one's policy
+
+
+def run(cfg: Config, run_dir: Path) -> list[dict]:
+    """Make iterations 0..cfg.iteration-1 exist; return the metrics rows."""
+    from iterate import report
+
+    paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
+    if run_dir.exists() and is_finished(cfg, paths) and (run_dir / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        log.info("nothing to do: %s already has iterations 0..%d\n%s", run_dir, cfg.iteration - 1, report.table(rows))
+        return rows
     t0 = time.time()
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
-    log.info("reward model: %s", rm)
-    log.warning(
-        "iterations (generate -> label -> pairs -> update -> handoff) are not built yet; "
-        "ran what exists: the toy world and the reward model (%.0fs)", time.time() - t0,
-    )  # fmt: skip
+    rows = iterate(cfg, paths, rm)
+    report.write_metrics(run_dir / "metrics.jsonl", rows)
+    report.plot(rows, run_dir / "metrics.png")
+    log.info("%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s", run_dir, len(rows), time.time() - t0,
+             report.table(rows), run_dir / "metrics.jsonl", run_dir / "metrics.png")  # fmt: skip
+    return rows
+
+
+def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
+    from iterate import generate, handoff, label, pairs, prompts, report
+    from iterate.update import RULES
+
+    heldout = prompts.heldout(cfg, paths)
+    policy = reference = paths.base_policy
+    rows: list[dict] = []
+    for i in range(cfg.iteration):
+        t = time.time()
+        batch = prompts.run(cfg, paths, i)
+        done = {"prompts": _done(paths.stage(i, "prompts"))}
+        done["generate"] = generate.run(cfg, paths, i, policy, batch)
+        done["label"] = label.run(cfg, paths, i, rm)
+        done["pairs"] = pairs.run(cfg, paths, i)
+        done["update"] = RULES[str(cfg.update.name)](cfg, paths, i, policy, reference)
+        done["handoff"] = handoff.run(cfg, paths, i, policy, reference, rm, heldout, rows)
+        rows.append(report.metrics_row(cfg, i, done))
+        report.write_metrics(paths.run / "metrics.jsonl", rows)
+        log.info(
+            "iteration %d: %d pairs, reward %.3f, KL %.4f, %s (%.0fs)", i, done["pairs"]["rows_out"],
+            done["label"]["reward_mean"], done["handoff"]["kl"]["k1"], done["handoff"]["kl"]["decision"], time.time() - t,
+        )  # fmt: skip
+        if not done["handoff"]["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
+            log.warning("iteration %d: policy rejected by the KL gate (on_reject=stop): the loop stops here", i)
+            break
+        new = next_policy(cfg, paths, i, policy, done["handoff"])
+        reference = new if cfg.handoff.reference == "previous" else paths.base_policy
+        policy = new
+    return rows

@@ -32,6 +32,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("prompt_tokens", pa.int32()),
             ("response_tokens", pa.int32()),
             ("finish_reason", pa.string()),  # stop (EOS) | length (hit max_tokens)
+            ("response_ids", pa.list_(pa.int32())),  # the sampled tokens, EOS included
         ]
     ),
     "label": pa.schema(

@@ -109,11 +109,16 @@ def test_cli_typo_fails_at_startup():
     assert "Could not override 'update.bta'" in out.stderr
 
 
-def test_sweep_folders_named_by_overrides():
-    cfg = compose_cfg()
-    assert cfg.run_name == "toy"
-    text = (CONF / "config.yaml").read_text()
-    assert "subdir: ${hydra:job.override_dirname}" in text
-    out = _cli("-m", "update=dpo,raft", "iteration=2", "--cfg", "hydra")
-    assert out.returncode == 0, out.stderr
-    assert "exclude_keys" in out.stdout and "- iteration" in out.stdout
+def test_run_folders_are_deterministic():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["run_name=abc"], return_hydra_config=True)
+    from omegaconf import OmegaConf
+
+    hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert hydra["run"]["dir"] == "${runs_dir}/${run_name}"
+    assert hydra["sweep"]["dir"] == "${runs_dir}/${run_name}"
+    assert hydra["sweep"]["subdir"] == "${hydra:job.override_dirname}"  # sweep jobs named by overrides
+    # iteration is not part of a job's name, so `iteration=3` after `iteration=2` resumes it
+    assert "iteration" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]

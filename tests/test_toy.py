@@ -19,7 +19,8 @@ from .conftest import TINY, compose_cfg
         ("What is 3 plus 4?", "3 plus 4 is 7.", 1.0),  # correct, neutral
         ("What is 3 plus 4?", "3 plus 4 is 8.", 0.0),  # wrong
         ("What is 3 plus 4?", "Ugh, 3 plus 4 is 7. Stop asking.", 0.5),  # correct, rude
-        ("What is 3 plus 4?", "7 7 7", 0.0),  # no expression: first number 7 but repeated numbers
+        ("What is 3 plus 4?", "7", 1.0),  # the bare answer is correct
+        ("What is 3 plus 4?", "3 plus 4 is 7 or 8.", 0.0),  # hedging between answers is wrong
         ("Greet Anna.", "Hello Anna!", 1.0),
         ("Greet Anna.", "Hello Rosa!", 0.0),
         ("Greet Anna.", "Hello Anna! Hello Ben!", 0.0),  # greets someone else too
@@ -37,7 +38,9 @@ def test_gold_judge_hand_cases(prompt, response, score):
 def test_gold_judge_penalises_length():
     short = world.gold_score("Greet Anna.", "Hello Anna!")
     long = world.gold_score("Greet Anna.", "Hello Anna! " + "That is a good question. " * 4)
-    assert long == pytest.approx(short - 0.02 * 20)
+    # the ideal "Happy to help! Hello Anna!" has 5 words; the long one 2 + 20 = 22: 17 over
+    assert short == 1.0
+    assert long == pytest.approx(1.0 - 0.02 * 17)
 
 
 def test_gold_judge_rejects_unknown_prompt():

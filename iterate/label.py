@@ -1,0 +1,100 @@
+"""Label every generated response with the reward model (and the gold judge in the toy world).
+
+Responses are re-rendered in the reward model's own chat template (decode, re-apply, no
+double BOS) and scored in large length-sorted batches. Label shard ``k`` labels generate
+shard ``k``; existing shards are skipped. Non-finite rewards are counted and their rows
+dropped, never turned into 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iterate import faults, reward_model
+from iterate.config import Config
+from iterate.paths import Paths
+from iterate.prompts import as_messages
+from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, shard_paths, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def gold_scorer(cfg: Config):
+    """The toy world's gold judge when the toy prompts are in use, else None."""
+    if cfg.prompts.source != "toy":
+        return None
+    from iterate.toy.world import gold_score
+
+    return gold_score
+
+
+def label_table(gen: pa.Table, model, tok, max_length: int, batch_size: int, gold=None) -> tuple[pa.Table, Counter]:
+    prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
+    seqs = [reward_model.encode(tok, as_messages(p), r, max_length) for p, r in zip(prompts, responses)]
+    rewards = reward_model.score(model, tok, seqs, batch_size, desc="label")
+    keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]
+    dropped = Counter({"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {})
+    table = pa.table(
+        {
+            "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],
+            "sample_idx": [gen["sample_idx"][i].as_py() for i in keep],
+            "reward": [rewards[i] for i in keep],
+            "gold": [gold(prompts[i], responses[i]) if gold else None for i in keep],
+        },
+        schema=SCHEMAS["label"],
+    )
+    return table, dropped
+
+
+def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
+    rc = cfg.reward
+    gen_dir = paths.stage(i, "generate")
+    stage = Stage(paths.stage(i, "label"), "label", {"reward_model": rm_path, "max_length": rc.max_length})
+    if stage.check(cfg.force):
+        return stage.read_done()
+    todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, int(p.stem.split("_")[1])).exists()]
+    dropped = Counter(json_counts(stage.path))
+    if todo:
+        model, tok = reward_model.load_model(rm_path, str(rc.dtype))
+        gold = gold_scorer(cfg)
+        for p in todo:
+            k = int(p.stem.split("_")[1])
+            table, d = label_table(pq.read_table(p), model, tok, rc.max_length, 64, gold)
+            dropped += d
+            _save_counts(stage.path, k, d)
+            write_shard(table, shard_path(stage.path, k))
+            faults.point(i, "label", k + 1)
+    labels = read_shards(stage.path, SCHEMAS["label"])
+    rewards = labels["reward"].to_pylist()
+    gold = [g for g in labels["gold"].to_pylist() if g is not None]
+    return stage.finish(
+        reward_model=rm_path,
+        rows_in=sum(pq.read_metadata(p).num_rows for p in shard_paths(gen_dir)),
+        rows_out=labels.num_rows,
+        dropped=dict(dropped),
+        reward_mean=round(sum(rewards) / max(1, len(rewards)), 4),
+        gold_mean=round(sum(gold) / len(gold), 4) if gold else None,
+    )
+
+
+# Dropped counts per shard live beside the shards, so a resumed stage still reports them.
+def _save_counts(folder: Path, k: int, counts: Counter) -> None:
+    if counts:
+        from iterate.shards import atomic_write_json
+
+        atomic_write_json(folder / f"dropped_{k:05d}.json", dict(counts))
+
+
+def json_counts(folder: Path) -> Counter:
+    import json
+
+    total = Counter()
+    for p in sorted(Path(folder).glob("dropped_*.json")):
+        total += Counter(json.loads(p.read_text()))
+    return total

@@ -1,0 +1,86 @@
+"""Loading policies and tokenizers, prompt encoding, and per-token log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+from iterate.prompts import as_messages
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path: str, dtype: str = "float32", dev: torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[str(dtype)])
+    return model.to(dev or device()).eval()
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt in the policy's chat template, ready for the response.
+
+    Rendered to text, then tokenized without special tokens when the template already put
+    BOS in front: never a double BOS.
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def response_ids(tokenizer, response: str, eos: bool = True) -> list[int]:
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if eos else ids
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, T), padded on the given side."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def token_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T-1); 0 where masked.
+
+    Position ids come from the attention mask, so left- and right-padded batches give the
+    same log-probs.
+    """
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logps * mask[:, 1:]
+
+
+def sequence_batch(tokenizer, prompts: list[list[int]], responses: list[list[int]], dev) -> tuple:
+    """Right-padded prompt+response batch and the (B, T-1) mask of response tokens."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    ids, mask = pad(seqs, tokenizer.pad_token_id)
+    resp = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        resp[i, len(p) : len(p) + len(r)] = 1
+    return ids.to(dev), mask.to(dev), resp[:, 1:].to(dev).float()

@@ -1,0 +1,107 @@
+"""Turn the n rewards of each prompt into a preference pair (or RAFT's best response).
+
+The rules are small pure functions of one prompt's rewards. Non-finite rewards do not
+count as valid; prompts with fewer than two valid responses, ties and pairs below the
+minimum margin are dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pandas as pd
+import pyarrow as pa
+
+from iterate.config import Config, plain
+from iterate.paths import Paths
+from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_shard
+
+
+def _valid(rewards: list[float]) -> list[int]:
+    return [i for i, r in enumerate(rewards) if r is not None and math.isfinite(r)]
+
+
+def best(rewards: list[float]) -> int | str:
+    """RAFT: index of the highest reward (lowest index on ties), or a drop reason."""
+    valid = _valid(rewards)
+    if not valid:
+        return "no_valid_response"
+    return max(valid, key=lambda i: (rewards[i], -i))
+
+
+def select(rewards: list[float], rule: str, rng: random.Random, min_margin: float = 0.0) -> tuple[int, int] | str:
+    """(chosen, rejected) indices under ``rule``, or the reason the prompt is dropped.
+
+    - ``max_min``: best vs worst (the GSHF default);
+    - ``max_random``: best vs a random other response;
+    - ``max_max``: best vs second best;
+    - ``random``: two random responses, the higher-rewarded one chosen.
+    """
+    valid = _valid(rewards)
+    if len(valid) < 2:
+        return "fewer_than_two_valid"
+    ranked = sorted(valid, key=lambda i: (-rewards[i], i))  # best first, stable on ties
+    if rule == "max_min":
+        c, r = ranked[0], ranked[-1]
+    elif rule == "max_max":
+        c, r = ranked[0], ranked[1]
+    elif rule == "max_random":
+        c, r = ranked[0], rng.choice(ranked[1:])
+    elif rule == "random":
+        a, b = rng.sample(valid, 2)
+        c, r = (a, b) if (rewards[a], -a) >= (rewards[b], -b) else (b, a)
+    else:
+        raise ValueError(f"unknown pair rule {rule!r}")
+    if rewards[c] == rewards[r]:
+        return "tie"
+    if rewards[c] - rewards[r] < min_margin:
+        return "below_margin"
+    return c, r
+
+
+def _config(cfg: Config) -> dict:
+    return {"pairs": plain(cfg.pairs), "mode": "best" if cfg.update.name == "raft" else "pairs", "seed": cfg.seed}
+
+
+def run(cfg: Config, paths: Paths, i: int) -> dict:
+    stage = Stage(paths.stage(i, "pairs"), "pairs", _config(cfg))
+    if stage.check(cfg.force):
+        return stage.read_done()
+    gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
+    lab = read_shards(paths.stage(i, "label"), SCHEMAS["label"]).to_pandas()
+    df = gen.merge(lab, on=["prompt_id", "sample_idx"], how="left")
+    pc, raft = cfg.pairs, cfg.update.name == "raft"
+    df["score"] = df["reward"] - pc.length_penalty * df["response_tokens"]
+    out, dropped = [], Counter()
+    for pid, g in df.groupby("prompt_id", sort=False):
+        g = g.sort_values("sample_idx")
+        scores = [None if pd.isna(s) else float(s) for s in g["score"]]
+        rng = random.Random(f"{cfg.seed}:{i}:{pid}")
+        pick = best(scores) if raft else select(scores, str(pc.rule), rng, pc.min_margin)
+        if isinstance(pick, str):
+            dropped[pick] += 1
+            continue
+        c, r = (pick, None) if raft else pick
+        rows = g.to_dict("records")
+        out.append(
+            {
+                "prompt_id": pid, "prompt": rows[c]["prompt"], "chosen": rows[c]["response"],
+                "rejected": None if r is None else rows[r]["response"],
+                "chosen_idx": int(rows[c]["sample_idx"]), "rejected_idx": None if r is None else int(rows[r]["sample_idx"]),
+                "chosen_reward": float(rows[c]["reward"]), "rejected_reward": None if r is None else float(rows[r]["reward"]),
+            }
+        )  # fmt: skip
+    write_shard(pa.Table.from_pylist(out, schema=SCHEMAS["pairs"]), shard_path(stage.path, 0))
+    best_rewards = df.groupby("prompt_id")["reward"].max()
+    margins = [o["chosen_reward"] - o["rejected_reward"] for o in out if o["rejected_reward"] is not None]
+    return stage.finish(
+        mode=_config(cfg)["mode"],
+        prompts_in=int(df["prompt_id"].nunique()),
+        rows_out=len(out),
+        dropped=dict(dropped),
+        reward_best_mean=round(float(best_rewards.mean()), 4) if len(best_rewards) else None,
+        margin_mean=round(sum(margins) / len(margins), 4) if margins else None,
+    )
+

@@ -1,0 +1,144 @@
+"""Prompts: a deduplicated pool, a held-out set for evaluation, a disjoint slice per iteration.
+
+The pool comes from the toy world's instruction families, a local jsonl/parquet file, or a
+``datasets`` dataset. Each prompt's id is a stable hash of its text, duplicates are dropped
+and counted, and the order is a seeded shuffle by hash, so the same config always gives the
+same slices. Iteration ``i`` takes prompts ``[i*k, (i+1)*k)`` of the shuffled training pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from iterate.config import Config, plain
+from iterate.paths import Paths
+from iterate.shards import Stage, read_shards, shard_path, write_shard
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def as_messages(prompt: str) -> list[dict[str, str]]:
+    """A stored prompt as chat messages: plain text is one user turn; a JSON list of
+    ``{"role", "content"}`` (multi-turn sources) is used as is."""
+    if prompt.startswith("[{"):
+        try:
+            msgs = json.loads(prompt)
+            if all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
+                return msgs
+        except json.JSONDecodeError:
+            pass
+    return [{"role": "user", "content": prompt}]
+
+
+def _text(value, where: str, field: str) -> str:
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        text = json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
+    else:
+        raise ValueError(f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}")
+    return text
+
+
+def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
+    """(training pool, held-out pool, dropped by reason) before shuffling."""
+    pc = cfg.prompts
+    dropped: Counter = Counter()
+    if pc.source == "toy":
+        from iterate.toy import world
+
+        train, heldout = world.split(cfg.toy.heldout_fraction)
+        return [i.prompt for i in train], [i.prompt for i in heldout], dropped
+    import datasets
+
+    if pc.source == "file":
+        if not pc.path or not Path(pc.path).exists():
+            raise FileNotFoundError(f"prompts.path: no such file: {pc.path}")
+        kind = "parquet" if pc.path.endswith(".parquet") else "json"
+        ds = datasets.load_dataset(kind, data_files=pc.path, split="train")
+        where = pc.path
+    else:
+        ds = datasets.load_dataset(pc.path, split=pc.split)
+        where = f"{pc.path}[{pc.split}]"
+    if pc.field not in ds.column_names:
+        raise ValueError(f"{where}: no field '{pc.field}' (columns: {', '.join(ds.column_names)})")
+    texts = []
+    for i, value in enumerate(ds[pc.field]):
+        text = _text(value, f"{where}: row {i}", pc.field) if value is not None else ""
+        if not text:
+            dropped["empty"] += 1
+            continue
+        texts.append(text)
+    return texts, [], dropped
+
+
+def _dedupe_shuffle(texts: list[str], seed: int, dropped: Counter) -> list[str]:
+    seen, out = set(), []
+    for t in texts:
+        pid = prompt_id(t)
+        if pid in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(pid)
+        out.append(t)
+    return sorted(out, key=lambda t: hashlib.sha1(f"{seed}:{prompt_id(t)}".encode()).digest())
+
+
+def _table(texts: list[str]) -> pa.Table:
+    return pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
+
+
+def _pools(cfg: Config) -> tuple[list[str], list[str], Counter]:
+    train, heldout, dropped = load_pool(cfg)
+    train = _dedupe_shuffle(train, cfg.seed, dropped)
+    if heldout:
+        heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
+    else:  # one pool: the first prompts of the shuffled order are held out
+        heldout, train = train[: cfg.prompts.heldout], train[cfg.prompts.heldout :]
+    held_ids = {prompt_id(t) for t in heldout}
+    train = [t for t in train if prompt_id(t) not in held_ids]
+    return train, heldout, dropped
+
+
+def _config(cfg: Config) -> dict:
+    return {"prompts": plain(cfg.prompts), "seed": cfg.seed, "toy_heldout_fraction": cfg.toy.heldout_fraction}
+
+
+def heldout(cfg: Config, paths: Paths) -> pa.Table:
+    """The held-out prompts of the run (written once to ``<run>/heldout/``)."""
+    stage = Stage(paths.run / "heldout", "heldout", _config(cfg))
+    if not stage.check(cfg.force):
+        _, held, dropped = _pools(cfg)
+        write_shard(_table(held), shard_path(stage.path, 0))
+        stage.finish(rows_out=len(held), dropped=dict(dropped))
+    return read_shards(stage.path)
+
+
+def run(cfg: Config, paths: Paths, i: int) -> pa.Table:
+    """Write iteration ``i``'s slice of prompts to ``iter_i/prompts/`` and return it."""
+    stage = Stage(paths.stage(i, "prompts"), "prompts", _config(cfg))
+    if not stage.check(cfg.force):
+        train, _, dropped = _pools(cfg)
+        k = cfg.prompts.per_iteration
+        chunk = train[i * k : (i + 1) * k]
+        if len(chunk) < k:
+            raise ValueError(
+                f"prompts: iteration {i} needs prompts {i * k}..{(i + 1) * k - 1} of the pool but it "
+                f"has {len(train)} after deduplication and held-out; lower prompts.per_iteration "
+                f"or the number of iterations, or add prompts"
+            )
+        write_shard(_table(chunk), shard_path(stage.path, 0))
+        stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped))
+    return read_shards(stage.path)

@@ -1,0 +1,171 @@
+"""What a user reads: metrics.jsonl, the per-iteration table, metrics.png, model cards,
+and the side-by-side summary of a sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from iterate.config import Config
+from iterate.paths import Paths
+from iterate.shards import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "generate", "label", "pairs", "update", "handoff")
+COLUMNS = [  # (key, header, format)
+    ("iteration", "iter", "{}"),
+    ("update", "update", "{}"),
+    ("prompts", "prompts", "{}"),
+    ("responses", "responses", "{}"),
+    ("reward_mean", "reward", "{:.3f}"),
+    ("reward_best_mean", "best-of-n", "{:.3f}"),
+    ("gold_mean", "gold", "{:.3f}"),
+    ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("kl_to_reference", "KL", "{:.4f}"),
+    ("response_tokens_mean", "tokens", "{:.1f}"),
+    ("eos_rate", "EOS", "{:.2f}"),
+    ("accepted", "accepted", "{}"),
+]
+
+
+def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
+    """One ``metrics.jsonl`` object from the ``_DONE.json`` of each stage of iteration i."""
+    gen, lab, pairs, ho = done["generate"], done["label"], done["pairs"], done["handoff"]
+    return {
+        "iteration": i,
+        "update": str(cfg.update.name),
+        "prompts": gen["prompts_out"],
+        "responses": lab["rows_out"],
+        "pairs": pairs["rows_out"],
+        "reward_mean": lab["reward_mean"],
+        "reward_best_mean": pairs["reward_best_mean"],
+        "gold_mean": ho.get("gold_mean"),
+        "gold_train_mean": lab.get("gold_mean"),
+        "heldout_reward_mean": ho.get("heldout_reward_mean"),
+        "win_rate_vs_initial": ho.get("win_rate_vs_initial"),
+        "kl_to_reference": ho["kl"]["k1"],
+        "kl_k3": ho["kl"]["k3"],
+        "response_tokens_mean": ho.get("response_tokens_mean"),
+        "eos_rate": ho.get("eos_rate"),
+        "accepted": ho["kl"]["accepted"],
+        "seconds": {s: done[s]["seconds"] for s in STAGES if s in done},
+    }
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    return "-" if v is None else fmt.format(v)
+
+
+def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, str]] = ()) -> str:
+    cols = [*extra, *COLUMNS]
+    cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
+    if any("seconds" in r for r in rows):
+        cells[0].append("seconds (gen/label/update/handoff)")
+        for line, r in zip(cells[1:], rows):
+            s = r.get("seconds", {})
+            line.append("/".join(f"{s.get(k, 0):.0f}" for k in ("generate", "label", "update", "handoff")))
+    if markdown:
+        head = "| " + " | ".join(cells[0]) + " |\n|" + "---|" * len(cells[0]) + "\n"
+        return head + "".join("| " + " | ".join(c) + " |\n" for c in cells[1:])
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cells[0]))]
+    lines = ["  ".join(c[j].rjust(widths[j]) for j in range(len(c))) for c in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def plot(rows: list[dict], path: Path, label_key: str | None = None) -> None:
+    """One panel per metric over iterations; one line per job when ``label_key`` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("win_rate_vs_initial", "gold win rate vs initial"),
+        ("reward_mean", "proxy reward (train samples)"),
+        ("gold_mean", "gold score (held-out)"),
+        ("kl_to_reference", "KL(new || ref), k1"),
+        ("response_tokens_mean", "response tokens"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(label_key, "")) if label_key else "", []).append(r)
+    for ax, (key, title) in zip(axes, panels):
+        for name, rs in groups.items():
+            pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name or None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    if label_key:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_card(path: Path, cfg: Config, paths: Paths, i: int, history: list[dict], now: dict) -> None:
+    """A model card in the form of the public cards this project follows."""
+    uc = cfg.update
+    hyper = {k: v for k, v in json.loads(json.dumps(uc.__dict__, default=str)).items() if k != "lora"}
+    lora = cfg.update.lora
+    algo = f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout}, merged" if lora.enabled else "full fine-tuning"
+    rows = [*history, {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1"), "accepted": now.get("accepted")}]
+    text = f"""---
+base_model: {cfg.model.path or "toy-sft (built by iterate.toy)"}
+library_name: transformers
+tags: [iterate, rlhf, {uc.name}, iterative-preference-learning]
+---
+
+# {cfg.run_name}: iteration {i}
+
+Policy after iteration {i} of iterative online preference learning with `iterate`.
+
+- **Base model:** {cfg.model.name} (`{paths.base_policy}`)
+- **Reward model:** {cfg.reward.name}
+- **Data:** {cfg.prompts.per_iteration} prompts per iteration from `{cfg.prompts.source}`{f" ({cfg.prompts.path})" if cfg.prompts.path else ""}, best-of-{cfg.generate.n} samples (temperature {cfg.generate.temperature}, top-p {cfg.generate.top_p}, max {cfg.generate.max_tokens} new tokens), pairs by `{cfg.pairs.rule}`
+- **Algorithm:** {uc.name}{f" ({uc.loss} loss, beta {uc.beta})" if uc.name == "dpo" else ""}, {algo}
+- **Reference for KL:** `{now.get("reference", "")}`; budget {cfg.handoff.max_kl} nats per sequence
+- **Hyperparameters:** {", ".join(f"{k}={v}" for k, v in hyper.items())}
+
+## Evaluation per iteration (held-out prompts)
+
+{table(rows, markdown=True)}
+"""
+    atomic_write_bytes(path, text.encode())
+
+
+def summarize_sweep(sweep_dir: Path) -> str | None:
+    """Side-by-side table and plot of the jobs of a sweep (``<sweep>/summary.{md,png}``)."""
+    rows = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.jsonl")):
+        for line in metrics.read_text().splitlines():
+            rows.append({"job": metrics.parent.name, **json.loads(line)})
+    if not rows:
+        return None
+    text = table(rows, extra=[("job", "job", "{}")])
+    (sweep_dir / "summary.md").write_text(table(rows, markdown=True, extra=[("job", "job", "{}")]))
+    plot(rows, sweep_dir / "summary.png", label_key="job")
+    return text
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print and write the jobs side by side."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        text = summarize_sweep(sweep_dir)
+        if text:
+            log.info("sweep summary (%s/summary.md, summary.png):\n%s", sweep_dir, text)
+            print(text)

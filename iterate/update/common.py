@@ -1,0 +1,178 @@
+"""What every update rule shares: the LoRA policy, pair encoding, sequence log-probs and the
+training loop (micro-batches, gradient accumulation, clipping, non-finite steps skipped).
+
+A rule supplies ``loss_fn(model, batch) -> (per-example losses (B,), metrics)``; the loop
+normalises by the number of examples in the optimiser step, so ``micro_batch_size x
+grad_accum`` gives the same update however it is split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from iterate import faults, models, progress
+from iterate.config import Config, plain
+from iterate.paths import Paths
+from iterate.shards import SCHEMAS, Stage, read_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int] | None = None
+    ref: dict[str, float] = field(default_factory=dict)  # reference log-probs, computed once
+
+
+def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> Stage:
+    conf = {"update": plain(cfg.update), "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
+    return Stage(paths.stage(i, "update"), "update", conf)
+
+
+def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
+    pairs = read_shards(paths.stage(i, "pairs"), SCHEMAS["pairs"]).to_pylist()
+    limit = cfg.model.max_length
+    out = []
+    for p in pairs:
+        prompt = models.prompt_ids(tok, p["prompt"])
+        chosen = models.response_ids(tok, p["chosen"])[: max(1, limit - len(prompt))]
+        rejected = None if p["rejected"] is None else models.response_ids(tok, p["rejected"])[: max(1, limit - len(prompt))]
+        out.append(Example(prompt, chosen, rejected))
+    return out
+
+
+def policy_model(cfg: Config, path: str, dev: torch.device):
+    """The policy to train: LoRA adapter via peft (default) or the full model."""
+    model = models.load_policy(path, str(cfg.model.dtype), dev)
+    lc = cfg.update.lora
+    if lc.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(task_type=TaskType.CAUSAL_LM, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules),
+        )
+    return model
+
+
+def logps(model, tok, examples: list[Example], which: str, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (B,), per-token log-probs (B, T-1) and their mask."""
+    responses = [getattr(e, which) for e in examples]
+    ids, mask, resp = models.sequence_batch(tok, [e.prompt for e in examples], responses, dev)
+    tl = models.token_logps(model, ids, mask) * resp
+    return tl.sum(-1), tl, resp
+
+
+@torch.no_grad()
+def reference_logps(cfg: Config, model, tok, examples: list[Example], policy: str, reference: str, dev) -> None:
+    """Fill ``Example.ref`` once per pair, before any update.
+
+    When the reference is the policy being trained, it is the same model with the LoRA
+    adapter disabled (or, for full fine-tuning, the model before its first step): no second
+    copy in memory. Otherwise the reference is loaded, used and freed.
+    """
+    if reference == policy:
+        ref_model, ctx = model, (model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad())
+    else:
+        ref_model, ctx = models.load_policy(reference, str(cfg.model.dtype), dev), torch.no_grad()
+    ref_model.eval()
+    fields = ["chosen"] + (["rejected"] if examples and examples[0].rejected is not None else [])
+    bar = progress.bar(len(examples), "reference log-probs", "pair")
+    with ctx:
+        for b in range(0, len(examples), cfg.update.micro_batch_size):
+            batch = examples[b : b + cfg.update.micro_batch_size]
+            for f in fields:
+                for e, lp in zip(batch, logps(ref_model, tok, batch, f, dev)[0].tolist()):
+                    e.ref[f] = lp
+            bar.update(len(batch))
+    bar.close()
+    if ref_model is not model:
+        del ref_model
+
+
+LossFn = Callable[[object, list[Example]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: Stage, iteration: int) -> dict:
+    """Epochs of optimiser steps over ``examples``; one JSON line per step in train_log.jsonl."""
+    uc = cfg.update
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + iteration)
+    per_step = uc.micro_batch_size * uc.grad_accum
+    steps_per_epoch = math.ceil(len(examples) / per_step)
+    log_path = stage.path / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
+    bar = progress.bar(steps_per_epoch * uc.epochs, f"update ({uc.name})", "step")
+    step, skipped, last = 0, 0, {}
+    model.train()
+    with open(log_path, "a") as logf:
+        for epoch in range(uc.epochs):
+            order = torch.randperm(len(examples), generator=g).tolist()
+            for s in range(0, len(order), per_step):
+                idx = order[s : s + per_step]
+                opt.zero_grad(set_to_none=True)
+                total, metrics = 0.0, {}
+                for m in range(0, len(idx), uc.micro_batch_size):
+                    batch = [examples[j] for j in idx[m : m + uc.micro_batch_size]]
+                    per_example, mb_metrics = loss_fn(model, batch)
+                    loss = per_example.sum() / len(idx)
+                    loss.backward()
+                    total += loss.item()
+                    for k, v in mb_metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + v * len(batch) / len(idx)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, uc.max_grad_norm).item()
+                ok = math.isfinite(total) and math.isfinite(grad_norm)
+                if ok:
+                    opt.step()
+                else:
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                step += 1
+                last = {"step": step, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "skipped": not ok, **metrics}
+                logf.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in last.items()}) + "\n")
+                logf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+                faults.point(iteration, "update", step)
+    bar.close()
+    model.eval()
+    return {"steps": step, "skipped_steps": skipped, "final": last}
+
+
+def save(model, tok, stage: Stage) -> str:
+    """The adapter (LoRA) or the full model; the handoff merges and saves the policy."""
+    out = stage.path / ("adapter" if hasattr(model, "peft_config") else "model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out.name
+
+
+def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool) -> dict:
+    stage = stage_for(cfg, paths, i, policy, reference)
+    if stage.check(cfg.force):
+        return stage.read_done()
+    torch.manual_seed(cfg.seed * 1000 + i)
+    dev = models.device(str(cfg.device))
+    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    examples = load_examples(cfg, paths, i, tok)
+    if not examples:
+        raise ValueError(f"{paths.stage(i, 'pairs')}: no pairs to train on (see its _DONE.json for the drop reasons)")
+    model = policy_model(cfg, policy, dev)
+    if needs_ref:
+        reference_logps(cfg, model, tok, examples, policy, reference, dev)
+    result = train(cfg, model, examples, lambda m, b: loss_fn(m, tok, b, dev), stage, i)
+    saved = save(model, tok, stage)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return stage.finish(
+        rule=str(cfg.update.name), rows_in=len(examples), saved=saved, reference=reference,
+        trainable_parameters=trainable, parameters=sum(p.numel() for p in model.parameters()), **result,
+    )  # fmt: skip

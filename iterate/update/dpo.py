@@ -1,0 +1,34 @@
+"""DPO family (sigmoid / cDPO, IPO, hinge, optional NLL term) on cached reference log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+from iterate import losses
+from iterate.config import Config
+from iterate.paths import Paths
+from iterate.update.common import Example, logps, run_rule
+
+
+def loss_fn(cfg: Config):
+    uc = cfg.update
+
+    def fn(model, tok, batch: list[Example], dev) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, chosen_tokens, chosen_mask = logps(model, tok, batch, "chosen", dev)
+        rejected, _, _ = logps(model, tok, batch, "rejected", dev)
+        ref_c = torch.tensor([e.ref["chosen"] for e in batch], device=chosen.device)
+        ref_r = torch.tensor([e.ref["rejected"] for e in batch], device=chosen.device)
+        per_example, rc, rr = losses.dpo(chosen, rejected, ref_c, ref_r, uc.beta, str(uc.loss), uc.label_smoothing)
+        if uc.nll_coef:
+            per_example = per_example + uc.nll_coef * losses.nll(chosen_tokens, chosen_mask)
+        return per_example, {
+            "reward_accuracy": (rc > rr).float().mean().item(),
+            "reward_margin": (rc - rr).mean().item(),
+            "policy_chosen_logps": chosen.mean().item(),
+        }
+
+    return fn
+
+
+def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    return run_rule(cfg, paths, i, policy, reference, loss_fn(cfg), needs_ref=True)
