@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 def gold_scorer(cfg: Config):
     """The toy world's gold judge when the toy prompts are in use, else None."""
-    if cfg.prompts.source != "toy":
+    return gold_scorer_for(str(cfg.prompts.source))
+
+
+def gold_scorer_for(source: str):
+    if source != "toy":
         return None
     from iterate.toy.world import gold_score
 

@@ -67,13 +67,14 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
 def token_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T-1); 0 where masked.
 
-    Position ids come from the attention mask, so left- and right-padded batches give the
-    same log-probs.
+    Position ids come from the attention mask, and a token counts only when the one before
+    it is real too (the first real token of a left-padded row has no context), so left- and
+    right-padded batches give the same log-probs.
     """
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return logps * mask[:, 1:]
+    return logps * (mask[:, 1:] * mask[:, :-1])
 
 
 def sequence_batch(tokenizer, prompts: list[list[int]], responses: list[list[int]], dev) -> tuple:

@@ -101,6 +101,21 @@ def reference_logps(cfg: Config, model, tok, examples: list[Example], policy: st
 LossFn = Callable[[object, list[Example]], tuple[torch.Tensor, dict[str, float]]]
 
 
+def accumulate(model, step: list[Example], loss_fn: LossFn, micro_batch_size: int) -> tuple[float, dict]:
+    """Backward over one optimiser step's examples in micro-batches; gradients add up to
+    those of the whole step's mean loss, however it is split. Returns (loss, metrics)."""
+    total, metrics = 0.0, {}
+    for m in range(0, len(step), micro_batch_size):
+        batch = step[m : m + micro_batch_size]
+        per_example, mb_metrics = loss_fn(model, batch)
+        loss = per_example.sum() / len(step)
+        loss.backward()
+        total += loss.item()
+        for k, v in mb_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v * len(batch) / len(step)
+    return total, metrics
+
+
 def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: Stage, iteration: int) -> dict:
     """Epochs of optimiser steps over ``examples``; one JSON line per step in train_log.jsonl."""
     uc = cfg.update
@@ -110,6 +125,7 @@ def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: S
     per_step = uc.micro_batch_size * uc.grad_accum
     steps_per_epoch = math.ceil(len(examples) / per_step)
     log_path = stage.path / "train_log.jsonl"
+    stage.path.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
     bar = progress.bar(steps_per_epoch * uc.epochs, f"update ({uc.name})", "step")
     step, skipped, last = 0, 0, {}
@@ -120,15 +136,7 @@ def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: S
             for s in range(0, len(order), per_step):
                 idx = order[s : s + per_step]
                 opt.zero_grad(set_to_none=True)
-                total, metrics = 0.0, {}
-                for m in range(0, len(idx), uc.micro_batch_size):
-                    batch = [examples[j] for j in idx[m : m + uc.micro_batch_size]]
-                    per_example, mb_metrics = loss_fn(model, batch)
-                    loss = per_example.sum() / len(idx)
-                    loss.backward()
-                    total += loss.item()
-                    for k, v in mb_metrics.items():
-                        metrics[k] = metrics.get(k, 0.0) + v * len(batch) / len(idx)
+                total, metrics = accumulate(model, [examples[j] for j in idx], loss_fn, uc.micro_batch_size)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, uc.max_grad_norm).item()
                 ok = math.isfinite(total) and math.isfinite(grad_norm)
                 if ok:

@@ -1,0 +1,133 @@
+"""Update machinery on the tiny toy policy: LoRA-only changes, accumulation equivalence,
+padding-invariant log-probs, skipped non-finite steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from iterate import models
+from iterate.shards import Stage
+from iterate.update import common, dpo, raft
+
+PAIRS = [
+    ("Greet Anna.", "Hello Anna!", "Ugh, Hello Rosa! Stop asking."),
+    ("What is 2 plus 3?", "Sure! 2 plus 3 is 5.", "2 plus 3 is 7."),
+    ("Count from 1 to 4.", "1, 2, 3, 4.", "Whatever, 1, 2, 4. Boring."),
+    ("Name 2 fruits.", "Sure! apple, pear.", "apple."),
+]
+
+
+def _examples(tok):
+    return [
+        common.Example(models.prompt_ids(tok, p), models.response_ids(tok, c), models.response_ids(tok, r))
+        for p, c, r in PAIRS
+    ]
+
+
+@pytest.fixture
+def setup(tiny_cfg, tiny_world, tmp_path):
+    cfg = tiny_cfg
+    cfg.update.lora.dropout = 0.0  # deterministic forward passes
+    tok = models.load_tokenizer(str(tiny_world))
+    return cfg, tok, str(tiny_world), tmp_path
+
+
+def _stage(tmp_path, name="update"):
+    return Stage(tmp_path / name, "update", {})
+
+
+def test_left_and_right_padding_give_equal_logps(setup):
+    cfg, tok, policy, _ = setup
+    model = models.load_policy(policy)
+    ex = _examples(tok)
+    seqs = [e.prompt + e.chosen for e in ex]
+    out = []
+    for side in ("right", "left"):
+        ids, mask = models.pad(seqs, tok.pad_token_id, side)
+        lp = models.token_logps(model, ids, mask)
+        out.append(lp.sum(-1))
+    assert out[0].tolist() == pytest.approx(out[1].tolist(), abs=1e-4)
+    single = [models.token_logps(model, *models.pad([s], tok.pad_token_id)).sum().item() for s in seqs]
+    assert out[0].tolist() == pytest.approx(single, abs=1e-4)
+
+
+def test_only_lora_parameters_change(setup):
+    cfg, tok, policy, tmp_path = setup
+    cfg.update.lr = 1e-2
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = common.train(cfg, model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), _stage(tmp_path), 0)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert result["steps"] >= 1 and result["skipped_steps"] == 0
+    assert changed, "the update changed something"
+    assert all("lora_" in n for n in changed), sorted(changed)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_reference_is_the_adapter_disabled_policy(setup):
+    cfg, tok, policy, tmp_path = setup
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    plain = models.load_policy(policy)
+    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    expected = common.logps(plain, tok, ex, "chosen", dev)[0].tolist()
+    assert [e.ref["chosen"] for e in ex] == pytest.approx(expected, abs=1e-4)
+
+
+def test_micro_batch_times_accumulation_equivalence(setup):
+    cfg, tok, policy, _ = setup
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    model.train()
+    grads, losses = [], []
+    for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
+        model.zero_grad(set_to_none=True)
+        loss, metrics = common.accumulate(model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro)
+        losses.append((loss, metrics["reward_accuracy"]))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6) == pytest.approx(losses[2][0], abs=1e-6)
+    assert losses[0][1] == pytest.approx(losses[2][1])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+        assert torch.allclose(grads[0][n], grads[2][n], atol=1e-6), n
+
+
+def test_non_finite_loss_skips_the_step(setup):
+    cfg, tok, policy, tmp_path = setup
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def nan_loss(m, batch):
+        per_example, _ = raft.loss_fn(m, tok, batch, dev)
+        return per_example * float("nan"), {}
+
+    cfg.update.micro_batch_size, cfg.update.epochs = 2, 1
+    stage = _stage(tmp_path)
+    result = common.train(cfg, model, ex, nan_loss, stage, 0)
+    assert result == {"steps": 2, "skipped_steps": 2, "final": result["final"]}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    log = [json.loads(line) for line in (stage.path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in log] == [True, True]
+
+
+def test_raft_loss_lowers_nll_of_best(setup):
+    cfg, tok, policy, tmp_path = setup
+    cfg.update.lr, cfg.update.epochs, cfg.update.micro_batch_size = 1e-2, 3, 4
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    first = raft.loss_fn(model, tok, ex, dev)[0].mean().item()
+    common.train(cfg, model, ex, lambda m, b: raft.loss_fn(m, tok, b, dev), _stage(tmp_path), 0)
+    assert raft.loss_fn(model, tok, ex, dev)[0].mean().item() < first
+    assert Path(tmp_path / "update" / "train_log.jsonl").exists()
