@@ -12,7 +12,6 @@ register()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-
     from transformers.utils import logging as hf_logging
 
     from iterate import loop

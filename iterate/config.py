@@ -212,9 +212,16 @@ def plain(obj) -> dict:
     return json.loads(json.dumps(asdict(obj)))
 
 
+def job_dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides, kept to one path component."""
+    return overrides.replace("/", "_") or "default"
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
 
 
 def to_dataclass(cfg) -> Config:

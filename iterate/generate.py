@@ -110,7 +110,7 @@ def run_transformers(job: Job) -> None:
             with torch.no_grad():
                 out = model.generate(
                     input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                    temperature=job.temperature, top_p=job.top_p, max_new_tokens=job.max_tokens,
+                    temperature=job.temperature, top_p=job.top_p, top_k=0, max_new_tokens=job.max_tokens,
                     num_return_sequences=job.n, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 )  # fmt: skip
             new = out[:, ids.shape[1] :].tolist()

@@ -103,6 +103,17 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     return rows
 
 
+SUMMARY_KEYS = ("rows_in", "rows_out", "dropped", "eos_rate", "reward_mean", "gold_mean", "steps", "skipped_steps",
+                "win_rate_vs_initial")  # fmt: skip
+
+
+def _log(i: int, done: dict) -> dict:
+    """The one-line summary of a stage, from its ``_DONE.json``."""
+    parts = [f"{k}={done[k]}" for k in SUMMARY_KEYS if done.get(k) not in (None, {}, [])]
+    log.info("iter %d %-8s %5.1fs  %s", i, done["stage"], done["seconds"], "  ".join(parts))
+    return done
+
+
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
     from iterate import generate, handoff, label, pairs, prompts, report
     from iterate.update import RULES
@@ -114,11 +125,11 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         t = time.time()
         batch = prompts.run(cfg, paths, i)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
-        done["generate"] = generate.run(cfg, paths, i, policy, batch)
-        done["label"] = label.run(cfg, paths, i, rm)
-        done["pairs"] = pairs.run(cfg, paths, i)
-        done["update"] = RULES[str(cfg.update.name)](cfg, paths, i, policy, reference)
-        done["handoff"] = handoff.run(cfg, paths, i, policy, reference, rm, heldout, rows)
+        done["generate"] = _log(i, generate.run(cfg, paths, i, policy, batch))
+        done["label"] = _log(i, label.run(cfg, paths, i, rm))
+        done["pairs"] = _log(i, pairs.run(cfg, paths, i))
+        done["update"] = _log(i, RULES[str(cfg.update.name)](cfg, paths, i, policy, reference))
+        done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, reference, rm, heldout, rows))
         rows.append(report.metrics_row(cfg, i, done))
         report.write_metrics(paths.run / "metrics.jsonl", rows)
         log.info(

@@ -87,6 +87,7 @@ def plot(rows: list[dict], path: Path, label_key: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [
         ("win_rate_vs_initial", "gold win rate vs initial"),
@@ -104,8 +105,11 @@ def plot(rows: list[dict], path: Path, label_key: str | None = None) -> None:
             pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name or None)
+        if key == "win_rate_vs_initial":
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # no better than the initial policy
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if label_key:
         axes[0].legend(fontsize=8)

@@ -119,6 +119,9 @@ def test_run_folders_are_deterministic():
     hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
     assert hydra["run"]["dir"] == "${runs_dir}/${run_name}"
     assert hydra["sweep"]["dir"] == "${runs_dir}/${run_name}"
-    assert hydra["sweep"]["subdir"] == "${hydra:job.override_dirname}"  # sweep jobs named by overrides
+    assert hydra["sweep"]["subdir"] == "${job_dirname:${hydra:job.override_dirname}}"  # named by overrides
+    from iterate.config import job_dirname
+
+    assert job_dirname("model.path=/data/m,update=dpo") == "model.path=_data_m,update=dpo"
     # iteration is not part of a job's name, so `iteration=3` after `iteration=2` resumes it
     assert "iteration" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]

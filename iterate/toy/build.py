@@ -205,7 +205,7 @@ def sample(model, tokenizer, prompts: list[str], n: int, max_tokens: int, seed: 
             return_tensors="pt", padding=True, add_special_tokens=False,
         )  # fmt: skip
         gen = model.generate(
-            **enc, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_tokens,
+            **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,184 @@
+"""The loop end to end on the tiny world: the exact run tree, a no-op re-run, crash-and-rerun
+at three points, the KL gate, and a sweep. Runs the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from iterate import loop, reward_model
+from iterate.paths import Paths
+
+from .conftest import ROOT, TINY, compose_cfg
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_cache, tiny_world, tmp_path_factory) -> Path:
+    """A tiny reward model trained once for every loop test."""
+    cfg = compose_cfg(TINY)
+    cfg.toy.cache_dir = str(tiny_cache)
+    run = tmp_path_factory.mktemp("rm_run")
+    reward_model.train(cfg, Paths(run=run, base_policy=str(tiny_world), toy=tiny_world))
+    return run / "reward_model" / "model"
+
+
+def _args(tiny_cache, tiny_rm, runs_dir, *extra) -> list[str]:
+    return [
+        *TINY, f"runs_dir={runs_dir}", f"toy.cache_dir={tiny_cache}", "generate=transformers",
+        "reward.train=false", f"reward.path={tiny_rm}", "generate.shard_size=4", *extra,
+    ]  # fmt: skip
+
+
+def cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, **(env or {})}, start_new_session=True,  # its own process group: crash tests kill it whole
+    )  # fmt: skip
+
+
+def _tree(run: Path) -> set[str]:
+    """Files under the run, with model folders collapsed to the folder itself."""
+    out = set()
+    for p in run.rglob("*"):
+        rel = p.relative_to(run)
+        parts = rel.parts
+        for folder in ("policy", "adapter", "model", ".hydra"):
+            if folder in parts:
+                out.add("/".join(parts[: parts.index(folder) + 1]) + "/")
+                break
+        else:
+            if p.is_file():
+                out.add(str(rel))
+    return out
+
+
+def _stage_files(i: int) -> set[str]:
+    it = f"iter_{i:03d}"
+    gen = {f"{it}/generate/shard_0000{k}.parquet" for k in range(4)}
+    lab = {f"{it}/label/shard_0000{k}.parquet" for k in range(4)}
+    samples = {f"{it}/handoff/samples/shard_0000{k}.parquet" for k in range(4)}  # 16 held-out prompts
+    done = {f"{it}/{s}/{f}" for s in ("prompts", "generate", "label", "pairs", "update", "handoff") for f in ("_DONE.json", "_CONFIG.json")}
+    return gen | lab | samples | done | {
+        f"{it}/prompts/shard_00000.parquet", f"{it}/pairs/shard_00000.parquet", f"{it}/update/train_log.jsonl",
+        f"{it}/update/adapter/", f"{it}/handoff/policy/", f"{it}/handoff/kl.json",
+    }  # fmt: skip
+
+
+EXPECTED_TOP = {
+    "config.yaml", "metrics.jsonl", "metrics.png", ".hydra/", "__main__.log",
+    "heldout/shard_00000.parquet", "heldout/_DONE.json", "heldout/_CONFIG.json",
+    *(f"heldout/initial_samples/shard_0000{k}.parquet" for k in range(4)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_cache, tiny_rm, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("clean")
+    out = cli(_args(tiny_cache, tiny_rm, runs, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return runs / "toy_tiny"
+
+
+def test_two_iterations_exact_run_tree(clean_run):
+    assert _tree(clean_run) == EXPECTED_TOP | _stage_files(0) | _stage_files(1)
+    rows = [json.loads(line) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    keys = {"iteration", "update", "prompts", "responses", "reward_mean", "reward_best_mean", "gold_mean",
+            "win_rate_vs_initial", "kl_to_reference", "response_tokens_mean", "eos_rate", "accepted", "seconds"}  # fmt: skip
+    assert keys <= rows[0].keys()
+    assert rows[0]["prompts"] == 16 and rows[0]["responses"] == 64
+    assert set(rows[0]["seconds"]) == {"prompts", "generate", "label", "pairs", "update", "handoff"}
+    card = (clean_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
+    assert "base_model:" in card and "| iter |" in card and card.count("| dpo |") == 2
+    # iteration 1 starts from iteration 0's handed-off policy
+    gen1 = json.loads((clean_run / "iter_001" / "generate" / "_DONE.json").read_text())
+    assert gen1["config"]["policy"].endswith("iter_000/handoff/policy")
+
+
+def test_rerun_of_finished_run_does_nothing(clean_run, tiny_cache, tiny_rm):
+    before = {p: p.stat().st_mtime_ns for p in clean_run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = out.stdout + out.stderr
+    assert "nothing to do" in said
+    assert "generate" not in said.split("nothing to do")[0]  # no engine, no stage ran
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, tmp_path):
+    args = _args(tiny_cache, tiny_rm, tmp_path, "iteration=2")
+    run = tmp_path / "toy_tiny"
+    for point, partial in (("1:generate:2", "generate"), ("1:label:2", "label"), ("1:update:1", "update")):
+        out = cli(args, env={"ITERATE_KILL_AT": point})
+        assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
+        stage = run / "iter_001" / partial
+        assert stage.exists() and not (stage / "_DONE.json").exists(), f"killed during {partial}"
+        if partial != "update":
+            assert len(list(stage.glob("shard_*.parquet"))) == 2  # the shards written before the kill stay
+    out = cli(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for shard in sorted(clean_run.rglob("shard_*.parquet")):
+        rel = shard.relative_to(clean_run)
+        assert _rows(run / rel) == _rows(shard), rel
+    assert _tree(run) == _tree(clean_run)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    metrics = [strip(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [strip(json.loads(line)) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cfg(tiny_cache, tiny_rm, tmp_path, *extra):
+    return compose_cfg(_args(tiny_cache, tiny_rm, tmp_path, *extra))
+
+
+def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
+    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, "iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2", "handoff.on_reject=stop")
+    rows = loop.run(cfg, tmp_path / "toy_tiny")
+    run = tmp_path / "toy_tiny"
+    kl = json.loads((run / "iter_000" / "handoff" / "kl.json").read_text())
+    assert kl["k1"] > 1e-9 and kl["accepted"] is False and kl["decision"] == "reject (stop)"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["accepted"] for m in metrics] == [False] and rows[0]["accepted"] is False
+    assert not (run / "iter_001").exists(), "the loop stopped at the rejection"
+    assert loop.is_finished(cfg, Paths(run=run, base_policy=""))
+
+
+def test_keep_previous_restarts_from_the_previous_policy(tiny_cache, tiny_rm, tiny_world, tmp_path):
+    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, "iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2", "handoff.on_reject=keep_previous")
+    rows = loop.run(cfg, tmp_path / "toy_tiny")
+    assert [r["accepted"] for r in rows] == [False, False]
+    gen1 = json.loads((tmp_path / "toy_tiny" / "iter_001" / "generate" / "_DONE.json").read_text())
+    assert gen1["config"]["policy"] == str(tiny_world)
+
+
+def test_changed_config_is_refused_naming_the_key(clean_run, tiny_cache, tiny_rm):
+    out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2", "update.beta=0.5"))
+    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    assert "update.beta" in said and "changed since it ran" in said
+
+
+def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
+    out = cli(["-m", *_args(tiny_cache, tiny_rm, tmp_path, "update=dpo,raft", "iteration=1")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "toy_tiny"
+    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.jsonl"))
+    assert len(jobs) == 2 and jobs[0].endswith("update=dpo") and jobs[1].endswith("update=raft")
+    assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
+    summary = (sweep / "summary.md").read_text()
+    assert "| raft |" in summary and "| dpo |" in summary
+    raft_pairs = pq.read_table(next(sweep.glob("*update=raft")) / "iter_000" / "pairs" / "shard_00000.parquet")
+    assert raft_pairs.num_rows > 0 and set(raft_pairs["rejected"].to_pylist()) == {None}
