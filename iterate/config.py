@@ -213,8 +213,13 @@ def plain(obj) -> dict:
 
 
 def job_dirname(overrides: str) -> str:
-    """A sweep job's folder name from its overrides, kept to one path component."""
-    return overrides.replace("/", "_") or "default"
+    """A sweep job's folder name from its overrides: one path component, at most 200 bytes."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name.encode()) > 200:
+        import hashlib
+
+        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
 
 
 def register() -> None:

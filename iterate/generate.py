@@ -167,11 +167,17 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
     from iterate.models import load_tokenizer
 
     gc = cfg.generate
-    stage = Stage(paths.stage(i, "generate"), "generate", {"generate": plain(gc), "policy": policy, "seed": cfg.seed})
+    conf = {"generate": plain(gc), "model": plain(cfg.model), "policy": policy, "seed": cfg.seed}
+    stage = Stage(paths.stage(i, "generate"), "generate", conf, inputs=[paths.stage(i, "prompts"), *paths.previous(i)])
     if stage.check(cfg.force):
         return stage.read_done()
     tok = load_tokenizer(policy, cfg.model.chat_template)
     shards, dropped = plan(tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size)
+    if not shards:
+        raise ValueError(
+            f"generate: all {prompts.num_rows} prompts dropped ({dict(dropped)}): model.max_length "
+            f"({cfg.model.max_length}) leaves no room for generate.max_tokens ({gc.max_tokens}) after the prompt"
+        )
     done_ids = {int(p.stem.split("_")[1]) for p in shard_paths(stage.path)}
     todo = {k: s for k, s in enumerate(shards) if k not in done_ids}
     if todo:

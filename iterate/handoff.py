@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,7 +45,10 @@ def merge(cfg: Config, policy: str, update_dir: Path, out: Path) -> None:
 
 
 def sample_heldout(cfg: Config, policy: str, prompts: pa.Table, out: Path, seed: int) -> pa.Table:
-    """``handoff.kl_samples`` samples per held-out prompt, as shards in ``out`` (resumable)."""
+    """``handoff.kl_samples`` samples per held-out prompt, as shards in ``out`` (resumable).
+
+    Always at temperature 1 and top-p 1: the KL estimators need samples from the policy
+    itself, not from a sharpened or truncated version of it."""
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     gc = cfg.generate
     shards, _ = generate.plan(tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size)
@@ -52,7 +57,7 @@ def sample_heldout(cfg: Config, policy: str, prompts: pa.Table, out: Path, seed:
     if todo:
         job = generate.Job(
             policy=policy, out=str(out), iteration=-1, shards=todo, n=cfg.handoff.kl_samples,
-            temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens, max_length=cfg.model.max_length,
+            temperature=1.0, top_p=1.0, max_tokens=gc.max_tokens, max_length=cfg.model.max_length,
             seed=seed, dtype=str(cfg.model.dtype), batch_size=gc.batch_size, gpu_memory_utilization=0.0,
             enforce_eager=True, device=str(cfg.device),
         )  # fmt: skip
@@ -122,18 +127,29 @@ def initial_samples(cfg: Config, paths: Paths) -> pa.Table:
     """The initial policy's held-out samples, drawn once per run (the win-rate baseline)."""
     from iterate import prompts
 
-    return sample_heldout(cfg, paths.base_policy, prompts.heldout(cfg, paths), paths.run / "heldout" / "initial_samples", cfg.seed)
+    held = prompts.heldout(cfg, paths)
+    conf = {"policy": paths.base_policy, "kl_samples": cfg.handoff.kl_samples, "max_tokens": cfg.generate.max_tokens,
+            "model": plain(cfg.model), "seed": cfg.seed}  # fmt: skip
+    stage = Stage(paths.run / "heldout" / "initial_samples", "initial_samples", conf, inputs=[paths.run / "heldout"])
+    if stage.check(cfg.force):
+        return read_shards(stage.path, SCHEMAS["generate"])
+    table = sample_heldout(cfg, paths.base_policy, held, stage.path, cfg.seed)
+    stage.finish(rows_out=table.num_rows)
+    return table
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm_path: str, heldout: pa.Table, history: list[dict]) -> dict:
     hc = cfg.handoff
     conf = {"handoff": plain(hc), "policy": policy, "reference": reference, "reward_model": rm_path, "seed": cfg.seed}
-    stage = Stage(paths.stage(i, "handoff"), "handoff", conf)
+    stage = Stage(paths.stage(i, "handoff"), "handoff", conf, inputs=[paths.stage(i, "update"), paths.run / "heldout"])
     if stage.check(cfg.force):
         return stage.read_done()
     out = stage.path / "policy"
-    if not (out / "config.json").exists():
-        merge(cfg, policy, paths.stage(i, "update"), out)
+    if not out.exists():  # merged into a temporary folder, renamed into place when complete
+        tmp = stage.path / f".policy.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merge(cfg, policy, paths.stage(i, "update"), tmp)
+        os.replace(tmp, out)
     samples = sample_heldout(cfg, str(out), heldout, stage.path / "samples", cfg.seed)
     k1, k3 = sequence_kl(cfg, str(out), reference, samples)
     kl = {

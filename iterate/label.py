@@ -59,21 +59,22 @@ def label_table(gen: pa.Table, model, tok, max_length: int, batch_size: int, gol
 def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     rc = cfg.reward
     gen_dir = paths.stage(i, "generate")
-    stage = Stage(paths.stage(i, "label"), "label", {"reward_model": rm_path, "max_length": rc.max_length})
+    rm_stage = [paths.reward_model_dir] if (paths.reward_model_dir / "_DONE.json").exists() else []
+    conf = {"reward_model": rm_path, "max_length": rc.max_length, "dtype": str(rc.dtype)}
+    stage = Stage(paths.stage(i, "label"), "label", conf, inputs=[gen_dir, *rm_stage])
     if stage.check(cfg.force):
         return stage.read_done()
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, int(p.stem.split("_")[1])).exists()]
-    dropped = Counter(json_counts(stage.path))
     if todo:
         model, tok = reward_model.load_model(rm_path, str(rc.dtype))
         gold = gold_scorer(cfg)
         for p in todo:
             k = int(p.stem.split("_")[1])
             table, d = label_table(pq.read_table(p), model, tok, rc.max_length, 64, gold)
-            dropped += d
-            _save_counts(stage.path, k, d)
             write_shard(table, shard_path(stage.path, k))
+            _save_counts(stage.path, k, d)  # after the shard: a shard rewritten after a crash rewrites it
             faults.point(i, "label", k + 1)
+    dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])
     rewards = labels["reward"].to_pylist()
     gold = [g for g in labels["gold"].to_pylist() if g is not None]

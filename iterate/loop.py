@@ -17,6 +17,7 @@ import yaml
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
+from iterate.shards import atomic_write_json
 
 log = logging.getLogger("iterate")
 
@@ -52,29 +53,21 @@ def _done(path: Path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _same_run(cfg: Config, paths: Paths) -> bool:
-    first = paths.run / "config.yaml"
-    if not first.exists():
-        return False
-    old, new = yaml.safe_load(first.read_text()), plain(cfg)
-    for d in (old, new):
-        for k in ("iteration", "force"):
-            d.pop(k, None)
-    return old == new
+def _comparable(cfg: Config) -> dict:
+    d = plain(cfg)
+    for k in ("iteration", "force"):
+        d.pop(k, None)
+    return d
 
 
 def is_finished(cfg: Config, paths: Paths) -> bool:
-    """True when every asked-for iteration has handed off (or the loop stopped on a
-    rejection) under the config the run was started with."""
-    if not _same_run(cfg, paths):
+    """True when a run with this very config already made the asked-for iterations (or
+    stopped on a rejection): ``_FINISHED.json`` is written at the end of every full run."""
+    marker = paths.run / "_FINISHED.json"
+    if not marker.exists():
         return False
-    for i in range(cfg.iteration):
-        ho = _done(paths.stage(i, "handoff"))
-        if ho is None:
-            return False
-        if not ho["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
-            return True
-    return True
+    fin = json.loads(marker.read_text())
+    return fin["config"] == _comparable(cfg) and (fin["iterations"] >= cfg.iteration or fin["stopped"])
 
 
 def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -> str:
@@ -88,7 +81,7 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     from iterate import report
 
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
-    if run_dir.exists() and is_finished(cfg, paths) and (run_dir / "metrics.jsonl").exists():
+    if is_finished(cfg, paths):
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         log.info("nothing to do: %s already has iterations 0..%d\n%s", run_dir, cfg.iteration - 1, report.table(rows))
         return rows
@@ -98,6 +91,8 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     rows = iterate(cfg, paths, rm)
     report.write_metrics(run_dir / "metrics.jsonl", rows)
     report.plot(rows, run_dir / "metrics.png")
+    stopped = len(rows) < cfg.iteration
+    atomic_write_json(run_dir / "_FINISHED.json", {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped})
     log.info("%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s", run_dir, len(rows), time.time() - t0,
              report.table(rows), run_dir / "metrics.jsonl", run_dir / "metrics.png")  # fmt: skip
     return rows

@@ -66,7 +66,7 @@ def _config(cfg: Config) -> dict:
 
 
 def run(cfg: Config, paths: Paths, i: int) -> dict:
-    stage = Stage(paths.stage(i, "pairs"), "pairs", _config(cfg))
+    stage = Stage(paths.stage(i, "pairs"), "pairs", _config(cfg), inputs=[paths.stage(i, "label")])
     if stage.check(cfg.force):
         return stage.read_done()
     gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
@@ -91,6 +91,7 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
                 "rejected": None if r is None else rows[r]["response"],
                 "chosen_idx": int(rows[c]["sample_idx"]), "rejected_idx": None if r is None else int(rows[r]["sample_idx"]),
                 "chosen_reward": float(rows[c]["reward"]), "rejected_reward": None if r is None else float(rows[r]["reward"]),
+                "chosen_ids": list(rows[c]["response_ids"]), "rejected_ids": None if r is None else list(rows[r]["response_ids"]),
             }
         )  # fmt: skip
     write_shard(pa.Table.from_pylist(out, schema=SCHEMAS["pairs"]), shard_path(stage.path, 0))

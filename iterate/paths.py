@@ -21,3 +21,7 @@ class Paths:
 
     def stage(self, i: int, name: str) -> Path:
         return self.iteration(i) / name
+
+    def previous(self, i: int) -> list[Path]:
+        """The stage an iteration's starting policy comes from (none for iteration 0)."""
+        return [self.stage(i - 1, "handoff")] if i > 0 else []

@@ -46,6 +46,9 @@ def _text(value, where: str, field: str) -> str:
     if isinstance(value, str):
         text = value.strip()
     elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        missing = [k for m in value for k in ("role", "content") if k not in m]
+        if missing:
+            raise ValueError(f"{where}: field '{field}': a message lacks '{missing[0]}'")
         text = json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
     else:
         raise ValueError(f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}")

@@ -242,7 +242,8 @@ def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[floa
 def train(cfg: Config, paths: Paths) -> dict:
     """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
     rc = cfg.reward
-    stage = Stage(paths.reward_model_dir, "reward_model", {"reward": plain(rc), "seed": cfg.seed})
+    conf = {"reward": plain(rc), "seed": cfg.seed, "base": rc.base or paths.base_policy}
+    stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):
         log.info("reward model: done already (%s)", stage.done_path)
         return stage.read_done()

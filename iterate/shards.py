@@ -53,6 +53,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rejected_idx", pa.int32()),
             ("chosen_reward", pa.float64()),
             ("rejected_reward", pa.float64()),
+            ("chosen_ids", pa.list_(pa.int32())),  # the sampled tokens: what the update trains on
+            ("rejected_ids", pa.list_(pa.int32())),
         ]
     ),
 }
@@ -83,6 +85,8 @@ def write_shard(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -123,13 +127,28 @@ def diff_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
 
 
+def _input_key(folder: Path) -> str:
+    return f"{folder.parent.name}/{folder.name}" if folder.parent.name.startswith("iter_") else folder.name
+
+
+def done_id(folder: Path) -> str | None:
+    """Which run of a finished stage this is: its config hash and finish time."""
+    p = Path(folder) / DONE
+    if not p.exists():
+        return None
+    d = json.loads(p.read_text())
+    return f"{d['config_hash']}@{d['finished_unix']}"
+
+
 class Stage:
     """A stage's folder: ``<run>/iter_000/generate/`` or ``<run>/reward_model/``."""
 
-    def __init__(self, path: Path, name: str, config: dict):
+    def __init__(self, path: Path, name: str, config: dict, inputs: list[Path] = ()):
         self.path = Path(path)
         self.name = name
-        self.config = config  # the part of the run config this stage's output depends on
+        # the part of the run config this stage's output depends on, and which run of each
+        # upstream stage it read: an upstream stage that ran again invalidates this one
+        self.config = {**config, "inputs": {_input_key(Path(p)): done_id(p) for p in inputs}}
         self.t0 = time.time()
 
     @property
@@ -158,7 +177,8 @@ class Stage:
                 raise StageConfigChanged(
                     f"{self.path}: the config of stage '{self.name}' changed since it ran "
                     f"(differing keys: {', '.join(keys)}). Use another run_name, restore the "
-                    f"config, or pass force=true to redo this stage and the ones after it."
+                    f"config, or pass force=true to redo this stage and the ones after it "
+                    f"(keys under 'inputs' mean an earlier stage ran again)."
                 )
             shutil.rmtree(self.path)
         if self.is_done():
@@ -175,6 +195,7 @@ class Stage:
             "config": self.config,
             "seconds": round(time.time() - self.t0, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished_unix": f"{time.time():.6f}",
             **info,
         }
         atomic_write_json(self.done_path, done)

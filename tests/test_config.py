@@ -45,6 +45,8 @@ def test_gshf_experiment_values():
     assert cfg.reward.train is False and cfg.reward.path
     assert (cfg.generate.n, cfg.pairs.rule, cfg.update.name, cfg.update.beta) == (8, "max_min", "dpo", 0.1)
     assert cfg.handoff.reference == "previous"
+    assert cfg.model.max_length > cfg.generate.max_tokens, "prompts must fit beside the response"
+    assert cfg.update.lora.enabled is False
 
 
 def test_defaults():
@@ -123,5 +125,7 @@ def test_run_folders_are_deterministic():
     from iterate.config import job_dirname
 
     assert job_dirname("model.path=/data/m,update=dpo") == "model.path=_data_m,update=dpo"
+    long = job_dirname("reward.path=" + "/deep" * 100)
+    assert len(long.encode()) <= 200 and "/" not in long
     # iteration is not part of a job's name, so `iteration=3` after `iteration=2` resumes it
     assert "iteration" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]

@@ -74,7 +74,8 @@ def _stage_files(i: int) -> set[str]:
 
 
 EXPECTED_TOP = {
-    "config.yaml", "metrics.jsonl", "metrics.png", ".hydra/", "__main__.log",
+    "config.yaml", "metrics.jsonl", "metrics.png", ".hydra/", "__main__.log", "_FINISHED.json",
+    "heldout/initial_samples/_DONE.json", "heldout/initial_samples/_CONFIG.json",
     "heldout/shard_00000.parquet", "heldout/_DONE.json", "heldout/_CONFIG.json",
     *(f"heldout/initial_samples/shard_0000{k}.parquet" for k in range(4)),
 }  # fmt: skip
@@ -175,10 +176,11 @@ def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
     out = cli(["-m", *_args(tiny_cache, tiny_rm, tmp_path, "update=dpo,raft", "iteration=1")])
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "toy_tiny"
-    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.jsonl"))
-    assert len(jobs) == 2 and jobs[0].endswith("update=dpo") and jobs[1].endswith("update=raft")
+    jobs = {json.loads(p.read_text().splitlines()[0])["update"]: p.parent for p in sweep.glob("*/metrics.jsonl")}
+    assert sorted(jobs) == ["dpo", "raft"]  # one folder per job, named by its overrides
+    assert all("/" not in p.name and len(p.name.encode()) <= 200 for p in jobs.values())
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
     summary = (sweep / "summary.md").read_text()
     assert "| raft |" in summary and "| dpo |" in summary
-    raft_pairs = pq.read_table(next(sweep.glob("*update=raft")) / "iter_000" / "pairs" / "shard_00000.parquet")
+    raft_pairs = pq.read_table(jobs["raft"] / "iter_000" / "pairs" / "shard_00000.parquet")
     assert raft_pairs.num_rows > 0 and set(raft_pairs["rejected"].to_pylist()) == {None}

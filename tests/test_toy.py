@@ -29,6 +29,8 @@ from .conftest import TINY, compose_cfg
         ("Name 3 fruits.", "apple, pear.", 0.0),  # too few
         ("Count from 4 to 8.", "4, 5, 6, 7, 8.", 1.0),
         ("Count from 4 to 8.", "4, 5, 7, 8.", 0.0),
+        ("Repeat tea 3 times.", "tea tea tea.", 1.0),
+        ("Repeat tea 3 times.", "Obviously tea tea tea tea. Boring.", -0.5),  # wrong and rude
     ],
 )
 def test_gold_judge_hand_cases(prompt, response, score):

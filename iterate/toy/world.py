@@ -1,6 +1,6 @@
 """The toy world's instructions, responses of mixed quality, and the gold judge.
 
-Four instruction families (arithmetic, greetings, short lists, counting). A response has
+Five instruction families (arithmetic, greetings, short lists, counting, repeating a word). A response has
 three independent attributes: correct or wrong, polite / neutral / rude, concise / verbose /
 rambling. The SFT data mixes them, so a policy trained on it samples responses of varied
 quality and best-of-n has something to choose from.
@@ -30,7 +30,7 @@ CATEGORIES = {
     "drinks": ["water", "tea", "coffee", "milk", "juice", "soda", "cocoa", "cider"],
     "cities": ["Paris", "Rome", "Berlin", "Madrid", "Oslo", "Vienna", "Prague", "Dublin"],
 }
-FAMILIES = ("arithmetic", "greeting", "list", "count")
+FAMILIES = ("arithmetic", "greeting", "list", "count", "repeat")
 # A response has three independent attributes; the SFT data mixes them with these weights.
 CORRECTNESS = {"correct": 0.6, "wrong": 0.4}
 TONES = {"polite": 0.35, "neutral": 0.4, "rude": 0.25}
@@ -56,8 +56,8 @@ class Instruction:
 
 def _instructions() -> list[Instruction]:
     out: list[Instruction] = []
-    for a in range(11):
-        for b in range(11):
+    for a in range(7):
+        for b in range(7):
             out.append(Instruction("arithmetic", f"What is {a} plus {b}?", str(a + b)))
             if a >= b:
                 out.append(Instruction("arithmetic", f"What is {a} minus {b}?", str(a - b)))
@@ -72,6 +72,10 @@ def _instructions() -> list[Instruction]:
         for length in range(3, 7):
             b = a + length - 1
             out.append(Instruction("count", f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1)))))
+    words = [w for items in CATEGORIES.values() for w in items[:4]]
+    for w in words:
+        for k in range(2, 6):
+            out.append(Instruction("repeat", f"Repeat {w} {k} times.", " ".join([w] * k)))
     return out
 
 
@@ -103,6 +107,9 @@ def _wrong(ins: Instruction, rng: random.Random) -> str:
     items = ins.answer.split(", ")
     if ins.family == "list":
         return ", ".join(items[:-1]) if rng.random() < 0.5 else ", ".join(items + items[:1])
+    if ins.family == "repeat":
+        words = ins.answer.split()
+        return " ".join(words[:-1] if rng.random() < 0.5 else [*words, words[0]])
     drop = rng.randrange(1, len(items))  # count: skip a number
     return ", ".join(items[:drop] + items[drop + 1 :])
 
@@ -166,6 +173,9 @@ def _correct(ins: Instruction, response: str) -> bool:
         cat = next(c for c, v in CATEGORIES.items() if items[0] in v)
         said = [w for w in re.findall(r"[A-Za-z]+", text) if w in CATEGORIES[cat]]
         return len(said) == len(items) and len(set(said)) == len(said)
+    if ins.family == "repeat":
+        word = ins.answer.split()[0]
+        return re.findall(r"[A-Za-z]+", text.replace("Sure", "")).count(word) == len(ins.answer.split())
     nums = _NUM.findall(text)
     return nums == ins.answer.split(", ")
 

@@ -34,18 +34,19 @@ class Example:
 
 def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> Stage:
     conf = {"update": plain(cfg.update), "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
-    return Stage(paths.stage(i, "update"), "update", conf)
+    conf["max_length"], conf["chat_template"] = cfg.model.max_length, cfg.model.chat_template
+    return Stage(paths.stage(i, "update"), "update", conf, inputs=[paths.stage(i, "pairs"), *paths.previous(i)])
 
 
 def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
     pairs = read_shards(paths.stage(i, "pairs"), SCHEMAS["pairs"]).to_pylist()
     limit = cfg.model.max_length
     out = []
-    for p in pairs:
+    for p in pairs:  # the sampled token ids (EOS only where the sample ended), not re-tokenized text
         prompt = models.prompt_ids(tok, p["prompt"])
-        chosen = models.response_ids(tok, p["chosen"])[: max(1, limit - len(prompt))]
-        rejected = None if p["rejected"] is None else models.response_ids(tok, p["rejected"])[: max(1, limit - len(prompt))]
-        out.append(Example(prompt, chosen, rejected))
+        room = max(1, limit - len(prompt))
+        rejected = None if p["rejected_ids"] is None else list(p["rejected_ids"])[:room]
+        out.append(Example(prompt, list(p["chosen_ids"])[:room], rejected))
     return out
 
 
