@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -255,6 +256,10 @@ def train(cfg: Config, paths: Paths) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     enc = [(encode(tokenizer, p.messages, p.chosen, rc.max_length), encode(tokenizer, p.messages, p.rejected, rc.max_length)) for p in train_pairs]
     steps = rc.epochs * -(-len(enc) // rc.batch_size)
+    warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     bar = progress.bar(steps, "reward model", "step")
     log_rows, step = [], 0
     for epoch in range(rc.epochs):
@@ -268,6 +273,7 @@ def train(cfg: Config, paths: Paths) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            sched.step()
             step += 1
             acc = (r[: len(batch)] > r[len(batch) :]).float().mean().item()
             log_rows.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "accuracy": round(acc, 4)})
