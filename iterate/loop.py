@@ -93,8 +93,10 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     report.plot(rows, run_dir / "metrics.png")
     stopped = len(rows) < cfg.iteration
     atomic_write_json(run_dir / "_FINISHED.json", {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped})
-    log.info("%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s", run_dir, len(rows), time.time() - t0,
-             report.table(rows), run_dir / "metrics.jsonl", run_dir / "metrics.png")  # fmt: skip
+    accepted = [r["iteration"] for r in rows if r["accepted"]]
+    final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
+    log.info("%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s", run_dir, len(rows),
+             time.time() - t0, report.table(rows), run_dir / "metrics.jsonl", run_dir / "metrics.png", final)  # fmt: skip
     return rows
 
 

@@ -26,6 +26,7 @@ import torch
 
 from iterate import losses, progress
 from iterate.config import Config, RewardConfig, plain
+from iterate.models import pad
 from iterate.paths import Paths
 from iterate.shards import Stage
 from iterate.toy import world
@@ -146,18 +147,8 @@ def encode(tokenizer, messages: Messages, response: str, max_length: int) -> lis
     return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)["input_ids"]
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    ids, mask = _pad(seqs, pad_id)
+    ids, mask = pad(seqs, pad_id)
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
