@@ -90,7 +90,7 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     rm = reward_model_path(cfg, paths)
     rows = iterate(cfg, paths, rm)
     report.write_metrics(run_dir / "metrics.jsonl", rows)
-    report.plot(rows, run_dir / "metrics.png")
+    report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
     stopped = len(rows) < cfg.iteration
     atomic_write_json(run_dir / "_FINISHED.json", {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped})
     accepted = [r["iteration"] for r in rows if r["accepted"]]

@@ -81,8 +81,9 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def plot(rows: list[dict], path: Path, label_key: str | None = None) -> None:
-    """One panel per metric over iterations; one line per job when ``label_key`` is given."""
+def plot(rows: list[dict], path: Path, label_key: str | None = None, max_kl: float | None = None) -> None:
+    """One panel per metric over iterations; one line per job when ``label_key`` is given.
+    Iterations the KL gate rejected are crossed out in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,13 +106,18 @@ def plot(rows: list[dict], path: Path, label_key: str | None = None) -> None:
             pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name or None)
+            bad = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None and r.get("accepted") is False]
+            if bad:
+                ax.scatter(*zip(*bad), marker="x", color="red", s=80, zorder=3, label="rejected" if key == panels[0][0] else None)
         if key == "win_rate_vs_initial":
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # no better than the initial policy
+        if key == "kl_to_reference" and max_kl is not None:
+            ax.axhline(max_kl, color="red", linestyle=":", linewidth=1)  # the handoff's KL budget
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if label_key:
+    if label_key or any(r.get("accepted") is False for r in rows):
         axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
