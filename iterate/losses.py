@@ -58,3 +58,73 @@ def nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per response token, shape (B,). Used by RAFT (SFT on
     the best of n) and as DPO's optional NLL term (RPO, Pang et al. 2024)."""
     return -(token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+# ---- on-policy RL (PPO, ReMax) -------------------------------------------------------------
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate on sampled tokens, shape (B, T).
+
+    ``k1 = log p - log q``; ``k3 = (q/p - 1) - log(q/p)`` (Schulman 2020), always >= 0.
+    """
+    log_ratio = ref_logps - logps
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k3":
+        return log_ratio.exp() - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}: k1 | k3")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): ``-kl_coef * kl_t`` on every response token, plus the
+    sequence score on the last one (Ziegler et al. 2019; InstructGPT eq. 2)."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
+    return rewards + last * scores[:, None]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` (V after the last token is 0);
+    ``A_t = delta_t + gamma lam A_{t+1}``. Returns (advantages, returns = A + V), (B, T),
+    zero outside ``mask``.
+    """
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, a, next_adv)
+    return adv, (adv + values) * mask
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float) -> torch.Tensor:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), per-token then mean per sequence (B,):
+    ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``."""
+    ratio = (logps - old_logps).exp()
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return _masked_mean(per_token, mask)
+
+
+def value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
+    """Clipped value loss, per sequence (B,): ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)``."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return _masked_mean(per_token, mask)
+
+
+def remax_advantage(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, clip: float) -> torch.Tensor:
+    """ReMax (Li et al. 2023, Algorithm 1): the greedy response's reward is the baseline;
+    rewards are clipped to [-clip, clip] first. Shape (B,)."""
+    return sample_rewards.clamp(-clip, clip) - greedy_rewards.clamp(-clip, clip)

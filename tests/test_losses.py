@@ -65,3 +65,70 @@ def test_nll_masks_prompt_and_padding():
     token_logps = torch.tensor([[-9.0, -1.0, -2.0, -9.0], [-1.0, -1.0, -1.0, -1.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     assert losses.nll(token_logps, mask).tolist() == pytest.approx([1.5, 1.0])
+
+
+# ---- PPO / ReMax, by hand -------------------------------------------------------------------
+
+
+def test_kl_penalty_k1_k3_hand_values():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    assert losses.kl_penalty(logp, ref, "k1").flatten().tolist() == pytest.approx([0.5, -1.0])
+    # k3 with log(q/p) = -0.5: e^-0.5 - 1 + 0.5 = 0.10653; with +1.0: e - 1 - 1 = 0.71828
+    assert losses.kl_penalty(logp, ref, "k3").flatten().tolist() == pytest.approx([0.1065307, 0.7182818], abs=1e-6)
+
+
+def test_shaped_rewards_put_the_score_on_the_last_response_token():
+    kl = torch.tensor([[0.0, 1.0, 2.0, 9.0], [1.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    r = losses.shaped_rewards(torch.tensor([3.0, -1.0]), kl, mask, kl_coef=0.1)
+    assert r.flatten().tolist() == pytest.approx([0.0, -0.1, -0.2 + 3.0, 0.0, -0.1, -0.1 - 1.0, 0.0, 0.0])
+
+
+def test_gae_hand_values():
+    # one sequence, 3 tokens, gamma 0.9, lambda 0.8
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.4, 0.3]])
+    m = torch.ones(1, 3)
+    adv, ret = losses.gae(r, v, m, gamma=0.9, lam=0.8)
+    d2 = 1.0 - 0.3  # 0.7 (no value after the last token)
+    d1 = 0.0 + 0.9 * 0.3 - 0.4  # -0.13
+    d0 = 0.0 + 0.9 * 0.4 - 0.5  # -0.14
+    a2 = d2
+    a1 = d1 + 0.72 * a2  # 0.374
+    a0 = d0 + 0.72 * a1  # 0.12928
+    assert adv.flatten().tolist() == pytest.approx([a0, a1, a2])
+    assert ret.flatten().tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.3])
+
+
+def test_gae_skips_prompt_and_padding_positions():
+    r = torch.tensor([[9.0, 0.0, 1.0, 9.0]])
+    v = torch.tensor([[9.0, 0.4, 0.3, 9.0]])
+    m = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    adv, _ = losses.gae(r, v, m, gamma=1.0, lam=1.0)
+    # a2 = 1 - 0.3 = 0.7; a1 = 0 + 0.3 - 0.4 + 0.7 = 0.6; masked positions stay 0
+    assert adv.flatten().tolist() == pytest.approx([0.0, 0.6, 0.7, 0.0])
+
+
+def test_ppo_clipped_policy_loss_hand_values():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    m = torch.ones(1, 3)
+    # A>0, r=1.5: max(-1.5, -1.2) = -1.2; A>0, r=0.5: max(-0.5, -0.8) = -0.5; A<0, r=1.1: max(2.2, 2.2) = 2.2
+    loss = losses.ppo_policy_loss(logp, old, adv, m, clip=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+
+
+def test_clipped_value_loss_hand_values():
+    v = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.0, 0.0]])
+    ret = torch.tensor([[2.0, 1.0]])
+    m = torch.ones(1, 2)
+    # token 0: (1-2)^2 = 1; clipped V = 0.2 -> (0.2-2)^2 = 3.24; 0.5*max = 1.62. token 1: 0.5*1 = 0.5
+    assert losses.value_loss(v, old, ret, m, clip=0.2).item() == pytest.approx((1.62 + 0.5) / 2)
+
+
+def test_remax_advantage_hand_values():
+    adv = losses.remax_advantage(torch.tensor([0.5, 3.0, -2.0]), torch.tensor([0.2, 0.9, 0.0]), clip=1.0)
+    assert adv.tolist() == pytest.approx([0.3, 0.1, -1.0])
