@@ -48,6 +48,18 @@ class PairRule(StrEnum):
 class UpdateRule(StrEnum):
     dpo = "dpo"
     raft = "raft"
+    ppo = "ppo"
+    remax = "remax"
+
+
+class KLEstimator(StrEnum):
+    k1 = "k1"
+    k3 = "k3"
+
+
+class ValueHead(StrEnum):
+    policy = "policy"  # a linear head on the policy's last hidden state
+    reference_bottom = "reference_bottom"  # a head on the frozen reference's bottom layers
 
 
 class DpoLoss(StrEnum):
@@ -177,6 +189,22 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # on-policy rules (ppo, remax): per-token KL penalty against the reference
+    kl_coef: float = 0.05
+    kl_estimator: KLEstimator = KLEstimator.k1
+    reward_clip: float = 10.0  # rewards clipped to [-reward_clip, reward_clip]
+    # ppo
+    ppo_epochs: int = 4  # optimisation passes over each rollout batch
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    adaptive_kl: bool = False  # Ziegler et al. 2019 controller towards target_kl
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    value_head: ValueHead = ValueHead.policy
+    value_layers: int = 2  # reference_bottom: how many bottom layers feed the head
 
 
 @dataclass

@@ -88,6 +88,7 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     t0 = time.time()
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
+    paths.reward_model = rm
     rows = iterate(cfg, paths, rm)
     report.write_metrics(run_dir / "metrics.jsonl", rows)
     report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)

@@ -99,7 +99,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_help_and_cfg_job():
     out = _cli("--help")
-    assert out.returncode == 0 and "Configuration groups" in out.stdout and "update: dpo, raft" in out.stdout
+    assert out.returncode == 0 and "Configuration groups" in out.stdout and "update: dpo, ppo, raft, remax" in out.stdout
     out = _cli("--cfg", "job", "update=raft", "generate.n=4")
     assert out.returncode == 0
     assert "name: raft" in out.stdout and "'n': 4" in out.stdout
