@@ -102,6 +102,24 @@ def reference_logps(cfg: Config, model, tok, examples: list[Example], policy: st
 LossFn = Callable[[object, list[Example]], tuple[torch.Tensor, dict[str, float]]]
 
 
+def apply_step(opt, params, max_grad_norm: float, loss: float) -> tuple[bool, float]:
+    """Clip and step, unless the loss or the gradient is not finite: then skip (and clear
+    the gradients). Returns (stepped, grad norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    ok = math.isfinite(loss) and math.isfinite(grad_norm)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ok, grad_norm
+
+
+def log_step(logf, row: dict) -> dict:
+    """One line of train_log.jsonl, flushed so a crash keeps the log so far."""
+    logf.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+    logf.flush()
+    return row
+
+
 def accumulate(model, step: list[Example], loss_fn: LossFn, micro_batch_size: int) -> tuple[float, dict]:
     """Backward over one optimiser step's examples in micro-batches; gradients add up to
     those of the whole step's mean loss, however it is split. Returns (loss, metrics)."""
@@ -138,17 +156,10 @@ def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: S
                 idx = order[s : s + per_step]
                 opt.zero_grad(set_to_none=True)
                 total, metrics = accumulate(model, [examples[j] for j in idx], loss_fn, uc.micro_batch_size)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, uc.max_grad_norm).item()
-                ok = math.isfinite(total) and math.isfinite(grad_norm)
-                if ok:
-                    opt.step()
-                else:
-                    skipped += 1
-                    opt.zero_grad(set_to_none=True)
+                ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, total)
+                skipped += not ok
                 step += 1
-                last = {"step": step, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "skipped": not ok, **metrics}
-                logf.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in last.items()}) + "\n")
-                logf.flush()
+                last = log_step(logf, {"step": step, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "skipped": not ok, **metrics})
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}")
                 faults.point(iteration, "update", step)

@@ -80,7 +80,6 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     """The on-policy training loop: per batch of prompts, roll out (``make_batch``), then
     ``passes`` optimiser steps on it (``step_loss``). ``head_fn(model)`` adds trainable
     modules (PPO's value head). One ``train_log.jsonl`` line per step."""
-    import json
     import math
 
     from iterate import faults, progress
@@ -120,16 +119,10 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
                     loss = per_example.mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, uc.max_grad_norm).item()
-                    ok = math.isfinite(loss.item()) and math.isfinite(grad_norm)
-                    if ok:
-                        opt.step()
-                    else:
-                        skipped += 1
+                    ok, grad_norm = common.apply_step(opt, params, uc.max_grad_norm, loss.item())
+                    skipped += not ok
                     step += 1
-                    last = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": grad_norm, "skipped": not ok, **metrics}
-                    logf.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in last.items()}) + "\n")
-                    logf.flush()
+                    last = common.log_step(logf, {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": grad_norm, "skipped": not ok, **metrics})
                     bar.update(1)
                     faults.point(i, "update", step)
     bar.close()
