@@ -131,3 +131,18 @@ def test_raft_loss_lowers_nll_of_best(setup):
     common.train(cfg, model, ex, lambda m, b: raft.loss_fn(m, tok, b, dev), _stage(tmp_path), 0)
     assert raft.loss_fn(model, tok, ex, dev)[0].mean().item() < first
     assert Path(tmp_path / "update" / "train_log.jsonl").exists()
+
+
+def test_a_rule_stage_depends_only_on_the_settings_it_reads(tmp_path):
+    from iterate.paths import Paths
+    from iterate.update.common import stage_for
+
+    from .conftest import compose_cfg
+
+    paths = Paths(run=tmp_path, base_policy="p")
+    cfg = compose_cfg(["update=dpo"])
+    base = stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config
+    cfg.update.clip_range = 0.5  # a PPO knob: DPO's finished stages stay valid
+    assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config == base
+    cfg.update.beta = 0.5
+    assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config["update"]["beta"] == 0.5

@@ -32,8 +32,14 @@ class Example:
     ref: dict[str, float] = field(default_factory=dict)  # reference log-probs, computed once
 
 
-def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> Stage:
-    conf = {"update": plain(cfg.update), "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
+# The update settings every rule reads; each rule names its own on top (``keys``), so a knob
+# added for one rule does not invalidate finished runs of the others.
+SHARED_KEYS = ("name", "lr", "epochs", "micro_batch_size", "grad_accum", "max_grad_norm", "weight_decay", "lora")
+
+
+def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str, keys: tuple[str, ...] = ()) -> Stage:
+    update = {k: v for k, v in plain(cfg.update).items() if k in SHARED_KEYS or k in keys}
+    conf = {"update": update, "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
     conf["max_length"], conf["chat_template"] = cfg.model.max_length, cfg.model.chat_template
     return Stage(paths.stage(i, "update"), "update", conf, inputs=[paths.stage(i, "pairs"), *paths.previous(i)])
 
@@ -176,8 +182,8 @@ def save(model, tok, stage: Stage) -> str:
     return out.name
 
 
-def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool) -> dict:
-    stage = stage_for(cfg, paths, i, policy, reference)
+def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool, keys: tuple[str, ...] = ()) -> dict:
+    stage = stage_for(cfg, paths, i, policy, reference, keys)
     if stage.check(cfg.force):
         return stage.read_done()
     torch.manual_seed(cfg.seed * 1000 + i)

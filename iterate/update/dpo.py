@@ -9,6 +9,8 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update.common import Example, logps, run_rule
 
+KEYS = ("loss", "beta", "label_smoothing", "nll_coef")  # the update settings DPO reads beyond the shared ones
+
 
 def loss_fn(cfg: Config):
     uc = cfg.update
@@ -31,4 +33,4 @@ def loss_fn(cfg: Config):
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return run_rule(cfg, paths, i, policy, reference, loss_fn(cfg), needs_ref=True)
+    return run_rule(cfg, paths, i, policy, reference, loss_fn(cfg), needs_ref=True, keys=KEYS)

@@ -21,6 +21,9 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
 
+KEYS = ("kl_coef", "kl_estimator", "reward_clip", "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma",
+        "lam", "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers")  # fmt: skip
+
 
 @dataclass
 class Batch:
@@ -96,4 +99,4 @@ def step_loss(cfg: Config, model, ref_model, b: Batch, head, state) -> tuple[tor
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, cfg.update.ppo_epochs, new_head(cfg))
+    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, cfg.update.ppo_epochs, KEYS, new_head(cfg))

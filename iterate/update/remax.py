@@ -15,6 +15,8 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
 
+KEYS = ("kl_coef", "kl_estimator", "reward_clip")  # the update settings ReMax reads beyond the shared ones
+
 
 def step_loss(cfg: Config, model, ref_model, rollouts: tuple[rl.Rollout, rl.Rollout]) -> tuple[torch.Tensor, dict]:
     uc = cfg.update
@@ -42,4 +44,4 @@ def make_batch(cfg: Config):
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, passes=1)
+    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, passes=1, keys=KEYS)

@@ -76,7 +76,7 @@ def load_reward_model(cfg: Config, paths: Paths, dev):
     return rm.to(dev), rm_tok
 
 
-def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str, make_batch, step_loss, passes: int, head_fn=None) -> dict:
+def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str, make_batch, step_loss, passes: int, keys: tuple[str, ...], head_fn=None) -> dict:
     """The on-policy training loop: per batch of prompts, roll out (``make_batch``), then
     ``passes`` optimiser steps on it (``step_loss``). ``head_fn(model)`` adds trainable
     modules (PPO's value head). One ``train_log.jsonl`` line per step."""
@@ -86,7 +86,7 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     from iterate.update import common
 
     uc = cfg.update
-    stage = common.stage_for(cfg, paths, i, policy, reference)
+    stage = common.stage_for(cfg, paths, i, policy, reference, keys)
     stage.config["reward_model"] = paths.reward_model
     if stage.check(cfg.force):
         return stage.read_done()
