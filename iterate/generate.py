@@ -27,7 +27,15 @@ import pyarrow as pa
 from iterate import faults, progress
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, shard_paths, write_shard
+from iterate.shards import (
+    SCHEMAS,
+    Stage,
+    read_shards,
+    shard_index,
+    shard_path,
+    shard_paths,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +157,12 @@ def launch(job: Job, backend: str) -> None:
     path.unlink()
 
 
+def missing(shards: list[list], folder: Path) -> dict[int, list]:
+    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete)."""
+    done = {shard_index(p) for p in shard_paths(folder)}
+    return {k: s for k, s in enumerate(shards) if k not in done}
+
+
 def plan(tokenizer, prompts: pa.Table, max_prompt: int, shard_size: int) -> tuple[list[list], Counter]:
     """Encode prompts, drop those too long, and cut the rest into shards."""
     from iterate.models import prompt_ids
@@ -178,8 +192,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             f"generate: all {prompts.num_rows} prompts dropped ({dict(dropped)}): model.max_length "
             f"({cfg.model.max_length}) leaves no room for generate.max_tokens ({gc.max_tokens}) after the prompt"
         )
-    done_ids = {int(p.stem.split("_")[1]) for p in shard_paths(stage.path)}
-    todo = {k: s for k, s in enumerate(shards) if k not in done_ids}
+    todo = missing(shards, stage.path)
     if todo:
         log.info("generate: %d of %d shards to write (%s)", len(todo), len(shards), gc.backend)
         job = Job(

@@ -52,8 +52,7 @@ def sample_heldout(cfg: Config, policy: str, prompts: pa.Table, out: Path, seed:
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     gc = cfg.generate
     shards, _ = generate.plan(tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size)
-    done = {int(p.stem.split("_")[1]) for p in out.glob("shard_*.parquet")}
-    todo = {k: s for k, s in enumerate(shards) if k not in done}
+    todo = generate.missing(shards, out)
     if todo:
         job = generate.Job(
             policy=policy, out=str(out), iteration=-1, shards=todo, n=cfg.handoff.kl_samples,

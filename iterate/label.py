@@ -20,7 +20,15 @@ from iterate import faults, reward_model
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.prompts import as_messages
-from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, shard_paths, write_shard
+from iterate.shards import (
+    SCHEMAS,
+    Stage,
+    read_shards,
+    shard_index,
+    shard_path,
+    shard_paths,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +72,12 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     stage = Stage(paths.stage(i, "label"), "label", conf, inputs=[gen_dir, *rm_stage])
     if stage.check(cfg.force):
         return stage.read_done()
-    todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, int(p.stem.split("_")[1])).exists()]
+    todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
         model, tok = reward_model.load_model(rm_path, str(rc.dtype))
         gold = gold_scorer(cfg)
         for p in todo:
-            k = int(p.stem.split("_")[1])
+            k = shard_index(p)
             table, d = label_table(pq.read_table(p), model, tok, rc.max_length, 64, gold)
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a shard rewritten after a crash rewrites it

@@ -26,7 +26,7 @@ import torch
 
 from iterate import losses, progress
 from iterate.config import Config, RewardConfig, plain
-from iterate.models import pad
+from iterate.models import DTYPES, load_tokenizer, pad
 from iterate.paths import Paths
 from iterate.shards import Stage
 from iterate.toy import world
@@ -170,12 +170,10 @@ def score(model, tokenizer, seqs: list[list[int]], batch_size: int = 64, desc: s
 
 def load_model(path: str, dtype: str = "float32"):
     """A reward model and its tokenizer, ready to score (pad token set)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[str(dtype)])
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

@@ -94,6 +94,11 @@ def shard_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"shard_{index:05d}.parquet"
 
 
+def shard_index(path: Path) -> int:
+    """``shard_00012.parquet`` -> 12."""
+    return int(Path(path).stem.split("_")[1])
+
+
 def shard_paths(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("shard_*.parquet"))
 
