@@ -109,19 +109,29 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def batch_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums scaled so that their mean is the mean over all the batch's tokens,
+    shape (B,). Unlike a per-sequence mean, every token weighs the same: dividing each
+    sequence by its own length would turn a policy-gradient advantage A into A / length, a
+    systematic pull towards long responses whenever advantages are mostly negative (as
+    ReMax's are when greedy beats sampling)."""
+    return (x * mask).sum(-1) * x.shape[0] / mask.sum().clamp(min=1)
+
+
 def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float) -> torch.Tensor:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), per-token then mean per sequence (B,):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), per token, then ``batch_token_mean`` (B,):
     ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``."""
     ratio = (logps - old_logps).exp()
     per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    return _masked_mean(per_token, mask)
+    return batch_token_mean(per_token, mask)
 
 
 def value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
-    """Clipped value loss, per sequence (B,): ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)``."""
+    """Clipped value loss, ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)`` per token, then
+    ``batch_token_mean`` (B,)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return _masked_mean(per_token, mask)
+    return batch_token_mean(per_token, mask)
 
 
 def remax_advantage(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, clip: float) -> torch.Tensor:

@@ -129,6 +129,22 @@ def test_clipped_value_loss_hand_values():
     assert losses.value_loss(v, old, ret, m, clip=0.2).item() == pytest.approx((1.62 + 0.5) / 2)
 
 
+def test_batch_token_mean_weighs_every_token_equally():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # 4 real tokens: row sums 6 and 4, scaled by B / tokens = 2 / 4; their mean is (1+2+3+4)/4
+    out = losses.batch_token_mean(x, m)
+    assert out.tolist() == pytest.approx([3.0, 2.0])
+    assert out.mean().item() == pytest.approx(2.5)
+
+
+def test_ppo_losses_average_over_the_batch_tokens():
+    logp, old = torch.zeros(2, 2), torch.zeros(2, 2)  # ratio 1: the loss is -A
+    adv = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert losses.ppo_policy_loss(logp, old, adv, m, clip=0.2).mean().item() == pytest.approx(-(1 + 3 + 2) / 3)
+
+
 def test_remax_advantage_hand_values():
     adv = losses.remax_advantage(torch.tensor([0.5, 3.0, -2.0]), torch.tensor([0.2, 0.9, 0.0]), clip=1.0)
     assert adv.tolist() == pytest.approx([0.3, 0.1, -1.0])

@@ -1,12 +1,13 @@
 """PPO and ReMax on the tiny policy: which parameters get gradients, and a tiny end-to-end
 iteration of each."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from iterate import loop, models, reward_model
+from iterate import loop, losses, models, reward_model
 from iterate.update import common, ppo, remax, rl
 
 from .conftest import compose_cfg
@@ -66,6 +67,21 @@ def test_remax_gradients_reach_only_lora(tiny_cfg, tiny_world):
     again = rl.rollout(cfg, model, tok, rm, rm_tok, prompts, True, dev)
     assert again.texts == greedy.texts
     assert metrics["advantage"] == pytest.approx((sample.scores.clamp(-1e1, 1e1) - greedy.scores.clamp(-1e1, 1e1)).mean().item(), abs=1e-5)
+    # without the KL term the loss is -sum(A * logp) over all the batch's response tokens
+    # divided by their number: every token weighs the same, whatever its sequence's length
+    cfg.update.kl_coef = 0.0
+    model.eval()
+    resp = sample.resp.clone()
+    first = int(resp[0].nonzero()[0])
+    resp[0, first + 2 :] = 0  # make the first response 2 tokens long, the others longer
+    sample = dataclasses.replace(sample, resp=resp)
+    with torch.no_grad():
+        per_example, _ = remax.step_loss(cfg, model, None, (sample, greedy))
+        lp = rl.logps(model, sample)
+    adv = losses.remax_advantage(sample.scores, greedy.scores, cfg.update.reward_clip)
+    assert sample.resp.sum(-1).unique().numel() > 1
+    expected = -(adv[:, None] * lp * sample.resp).sum() / sample.resp.sum()
+    assert per_example.mean().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.slow

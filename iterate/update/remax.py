@@ -27,7 +27,7 @@ def step_loss(cfg: Config, model, ref_model, rollouts: tuple[rl.Rollout, rl.Roll
     adv = losses.remax_advantage(sample.scores, greedy.scores, uc.reward_clip)
     kl_to_go = kl.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
     weight = (adv[:, None] - uc.kl_coef * kl_to_go) * sample.resp
-    per_example = -(weight.detach() * lp).sum(-1) / sample.resp.sum(-1).clamp(min=1)
+    per_example = losses.batch_token_mean(-weight.detach() * lp, sample.resp)
     return per_example, {
         "reward": sample.scores.mean().item(), "greedy_reward": greedy.scores.mean().item(),
         "advantage": adv.mean().item(), "kl": kl.sum(-1).mean().item(),
