@@ -166,6 +166,9 @@ class GenerateConfig:
     shard_size: int = 128  # prompts per Parquet shard
     gpu_memory_utilization: float = 0.25  # on CPU this is a share of host memory
     enforce_eager: bool = True  # skip torch.compile warm-up (start-up time on CPU)
+    # keep the vLLM engine alive across iterations and load each new policy into it (CPU;
+    # on CUDA each generate stage starts its own engine, which frees GPU memory for the update)
+    keep_engine: bool = True
 
 
 @dataclass

@@ -7,8 +7,12 @@ always set. Prompts whose tokens leave no room for ``max_tokens`` within the mod
 
 Shard ``k`` holds prompts ``[k*shard_size, (k+1)*shard_size)``; shards already on disk are
 skipped, so a crash costs at most the shard being written. The vLLM engine runs in a child
-process (``python -m iterate.generate job.json``), so its memory is returned when it ends,
-and it is started only when a shard is missing.
+process (``python -m iterate.generate --serve``), started only when a shard is missing. With
+``generate.keep_engine`` (CPU) that process lives for the whole run: the next iteration's
+policy is loaded into it in place (vLLM's ``reload_weights``, ~0.1 s on the toy policy)
+instead of paying the engine's start-up again. Without it, or on CUDA (where the engine
+would hold the GPU memory the update needs), each generate stage starts its own engine and
+its memory is returned when it ends.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +65,7 @@ class Job:
     gpu_memory_utilization: float
     enforce_eager: bool
     device: str = "auto"
+    seed_engine: int = 0  # vLLM is seeded once, when its engine starts (per-request seeds fail on CPU)
 
 
 def rows(prompt_id: str, prompt: str, n_prompt: int, samples: list[tuple[str, list[int], str]]) -> list[dict]:
@@ -78,14 +85,36 @@ def _write(job: Job, k: int, shard_rows: list[dict]) -> None:
     faults.point(job.iteration, "generate", k + 1)
 
 
-def run_vllm(job: Job) -> None:
-    """Generate the job's shards with vLLM (call in a process of its own)."""
-    from vllm import LLM, SamplingParams
+def engine_key(job: Job) -> dict:
+    """What an engine is built for; a job with another key needs a new engine. The
+    architecture is read from the policy's config.json, so any policy of the same shape can
+    be loaded into a running engine."""
+    arch = json.loads((Path(job.policy) / "config.json").read_text())
+    arch = {k: v for k, v in arch.items() if k not in ("_name_or_path", "transformers_version")}
+    return {"arch": arch, "dtype": job.dtype, "max_length": job.max_length, "seed": job.seed_engine,
+            "gpu_memory_utilization": job.gpu_memory_utilization, "enforce_eager": job.enforce_eager}  # fmt: skip
 
-    llm = LLM(
-        model=job.policy, dtype=job.dtype, seed=job.seed, max_model_len=job.max_length,
+
+def start_llm(job: Job):
+    from vllm import LLM
+
+    return LLM(
+        model=job.policy, dtype=job.dtype, seed=job.seed_engine, max_model_len=job.max_length,
         gpu_memory_utilization=job.gpu_memory_utilization, enforce_eager=job.enforce_eager,
     )  # fmt: skip
+
+
+def load_policy_into(llm, policy: str) -> None:
+    """Replace the running engine's weights with ``policy``'s, in place, and drop cached
+    prefixes computed with the old weights."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": policy})
+    llm.reset_prefix_cache()
+
+
+def generate_shards(llm, job: Job) -> None:
+    """Generate the job's shards with a running vLLM engine."""
+    from vllm import SamplingParams
+
     params = SamplingParams(n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens)
     bar = progress.bar(sum(len(v) for v in job.shards.values()), "generate (vLLM)", "prompt")
     for k, prompts in sorted(job.shards.items()):
@@ -97,6 +126,40 @@ def run_vllm(job: Job) -> None:
         _write(job, k, shard_rows)
         bar.update(len(prompts))
     bar.close()
+
+
+def serve(fd: int) -> None:
+    """The engine process: run jobs sent over the socket ``fd`` until it closes. The first
+    job starts the engine; a job for another policy of the same shape loads its weights in
+    place. Replies ``{"ok": bool, "timings": {...}, "error": str}`` per job."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    llm, loaded = None, None
+    while True:
+        try:
+            job = Job(**conn.recv())
+        except EOFError:
+            return
+        job.shards = {int(k): [tuple(p) for p in v] for k, v in job.shards.items()}
+        timings: dict[str, float] = {}
+        try:
+            t = time.perf_counter()
+            if llm is None:
+                llm = start_llm(job)
+                timings["engine_start_s"] = round(time.perf_counter() - t, 3)
+            elif loaded != job.policy:
+                load_policy_into(llm, job.policy)
+                timings["weights_load_s"] = round(time.perf_counter() - t, 3)
+            loaded = job.policy
+            t = time.perf_counter()
+            generate_shards(llm, job)
+            timings["generate_s"] = round(time.perf_counter() - t, 3)
+            conn.send({"ok": True, "timings": timings})
+        except Exception as e:  # reported to the parent, which raises it with context
+            log.exception("generation job failed")
+            conn.send({"ok": False, "timings": timings, "error": f"{type(e).__name__}: {e}"})
+            return
 
 
 def run_transformers(job: Job) -> None:
@@ -141,20 +204,75 @@ def _kill_with_parent() -> None:  # the engine's process dies with the program
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def launch(job: Job, backend: str) -> None:
-    """Run the job: vLLM in a child process, transformers in this one."""
+class Engine:
+    """A vLLM engine in a child process (``python -m iterate.generate --serve``), reused for
+    every job with the same ``engine_key``. The child dies with this process (PDEATHSIG)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.conn = None
+        self.key: dict | None = None
+
+    def run(self, job: Job) -> dict:
+        """Run one job; returns its timings (engine start or weight load, generation)."""
+        from multiprocessing.connection import Connection
+
+        key = engine_key(job)
+        if self.proc is not None and (key != self.key or self.proc.poll() is not None):
+            self.close()
+        if self.proc is None:
+            ours, theirs = socket.socketpair()
+            # the engine core runs inside this child (no second spawn: ~20 s less start-up on CPU)
+            env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "iterate.generate", "--serve", str(theirs.fileno())],
+                env=env, pass_fds=[theirs.fileno()], preexec_fn=_kill_with_parent,
+            )  # fmt: skip
+            theirs.close()
+            self.conn, self.key = Connection(ours.detach()), key
+        try:
+            self.conn.send(asdict(job))
+            reply = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            reply = {"ok": False, "error": f"engine process exited ({self.proc.wait()})"}
+        if not reply["ok"]:
+            self.close()
+            raise RuntimeError(f"generation engine failed ({reply['error']}); shards written so far are kept in {job.out}")
+        return reply["timings"]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)  # the socket closing ends its loop
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = self.conn = self.key = None
+
+
+_ENGINE = Engine()
+
+
+def close_engine() -> None:
+    """Stop the kept engine, if any (the loop calls this when a run ends)."""
+    _ENGINE.close()
+
+
+def launch(job: Job, backend: str, keep_engine: bool = False) -> dict:
+    """Run the job: vLLM in a child process (kept for the next job when ``keep_engine``),
+    transformers in this one. Returns timings in seconds."""
     if backend == "transformers":
+        t = time.perf_counter()
         run_transformers(job)
-        return
-    path = Path(job.out) / "_job.json"
-    path.write_text(json.dumps(asdict(job)))
-    # The engine core runs inside this child process (no second spawn: ~20 s less start-up
-    # on CPU); the child itself is what returns the engine's memory when it ends.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
-    proc = subprocess.run([sys.executable, "-m", "iterate.generate", str(path)], env=env, preexec_fn=_kill_with_parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"generation engine failed (exit {proc.returncode}); shards written so far are kept in {job.out}")
-    path.unlink()
+        return {"generate_s": round(time.perf_counter() - t, 3)}
+    engine = _ENGINE if keep_engine else Engine()
+    try:
+        return engine.run(job)
+    finally:
+        if not keep_engine:
+            engine.close()
 
 
 def missing(shards: list[list], folder: Path) -> dict[int, list]:
@@ -177,11 +295,17 @@ def plan(tokenizer, prompts: pa.Table, max_prompt: int, shard_size: int) -> tupl
     return [kept[i : i + shard_size] for i in range(0, len(kept), shard_size)], dropped
 
 
+# settings that change how generation runs, not what it writes
+NOT_HASHED = ("keep_engine",)
+
+
 def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> dict:
+    from iterate import models
     from iterate.models import load_tokenizer
 
     gc = cfg.generate
-    conf = {"generate": plain(gc), "model": plain(cfg.model), "policy": policy, "seed": cfg.seed}
+    gen_conf = {k: v for k, v in plain(gc).items() if k not in NOT_HASHED}
+    conf = {"generate": gen_conf, "model": plain(cfg.model), "policy": policy, "seed": cfg.seed}
     stage = Stage(paths.stage(i, "generate"), "generate", conf, inputs=[paths.stage(i, "prompts"), *paths.previous(i)])
     if stage.check(cfg.force):
         return stage.read_done()
@@ -193,6 +317,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             f"({cfg.model.max_length}) leaves no room for generate.max_tokens ({gc.max_tokens}) after the prompt"
         )
     todo = missing(shards, stage.path)
+    timings = {}
     if todo:
         log.info("generate: %d of %d shards to write (%s)", len(todo), len(shards), gc.backend)
         job = Job(
@@ -201,7 +326,11 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             seed=cfg.seed * 1000 + i, dtype=str(cfg.model.dtype), batch_size=gc.batch_size,
             gpu_memory_utilization=gc.gpu_memory_utilization, enforce_eager=gc.enforce_eager, device=str(cfg.device),
         )  # fmt: skip
-        launch(job, str(gc.backend))
+        keep = gc.keep_engine and models.device(str(cfg.device)).type == "cpu"
+        job.seed_engine = cfg.seed if keep else job.seed  # a kept engine is seeded once per run
+        timings = launch(job, str(gc.backend), keep_engine=keep)
+        if still := missing(shards, stage.path):
+            raise RuntimeError(f"generate: the engine ended without writing shards {sorted(still)} in {stage.path}")
     table = read_shards(stage.path, SCHEMAS["generate"])
     reasons = Counter(table["finish_reason"].to_pylist())
     return stage.finish(
@@ -214,14 +343,10 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
         eos_rate=round(reasons.get("stop", 0) / max(1, table.num_rows), 4),
         response_tokens_mean=round(sum(table["response_tokens"].to_pylist()) / max(1, table.num_rows), 2),
         shards=len(shards),
+        timings=timings,
     )
 
 
-def _main(job_path: str) -> None:
-    d = json.loads(Path(job_path).read_text())
-    d["shards"] = {int(k): [tuple(p) for p in v] for k, v in d["shards"].items()}
-    run_vllm(Job(**d))
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    _kill_with_parent()
+    serve(int(sys.argv[2]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from iterate import generate, label, models, report, reward_model
+from iterate import generate, label, models, progress, report, reward_model
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.prompts import as_messages
@@ -143,14 +143,18 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm_path:
     stage = Stage(paths.stage(i, "handoff"), "handoff", conf, inputs=[paths.stage(i, "update"), paths.run / "heldout"])
     if stage.check(cfg.force):
         return stage.read_done()
+    timer = progress.Timer()
     out = stage.path / "policy"
     if not out.exists():  # merged into a temporary folder, renamed into place when complete
         tmp = stage.path / f".policy.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        merge(cfg, policy, paths.stage(i, "update"), tmp)
+        with timer("merge_save_s"):
+            merge(cfg, policy, paths.stage(i, "update"), tmp)
         os.replace(tmp, out)
-    samples = sample_heldout(cfg, str(out), heldout, stage.path / "samples", cfg.seed)
-    k1, k3 = sequence_kl(cfg, str(out), reference, samples)
+    with timer("sample_s"):
+        samples = sample_heldout(cfg, str(out), heldout, stage.path / "samples", cfg.seed)
+    with timer("kl_s"):
+        k1, k3 = sequence_kl(cfg, str(out), reference, samples)
     kl = {
         "k1": round(sum(k1) / len(k1), 5), "k3": round(sum(k3) / len(k3), 5),
         "max_kl": hc.max_kl, "sequences": len(k1), "reference": reference,
@@ -158,8 +162,9 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm_path:
     kl["accepted"] = kl["k1"] <= hc.max_kl
     kl["decision"] = "accept" if kl["accepted"] else f"reject ({hc.on_reject})"
     atomic_write_json(stage.path / "kl.json", kl)
-    ev = evaluate(cfg, paths, str(out), samples, rm_path)
+    with timer("evaluate_s"):
+        ev = evaluate(cfg, paths, str(out), samples, rm_path)
     report.write_card(out / "README.md", cfg, paths, i, history, {**kl, **ev})
     verb = "accepted" if kl["accepted"] else "REJECTED"
     log.info("handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g): %s", kl["k1"], kl["k3"], hc.max_kl, verb)
-    return stage.finish(kl=kl, **ev)
+    return stage.finish(kl=kl, **ev, timings=timer.seconds)

@@ -89,7 +89,12 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
     paths.reward_model = rm
-    rows = iterate(cfg, paths, rm)
+    from iterate import generate
+
+    try:
+        rows = iterate(cfg, paths, rm)
+    finally:
+        generate.close_engine()  # a kept vLLM engine lives for one run
     report.write_metrics(run_dir / "metrics.jsonl", rows)
     report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
     stopped = len(rows) < cfg.iteration

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 from tqdm import tqdm
 
 
 def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, disable=None, mininterval=0.5, leave=False, **kw)
+
+
+class Timer:
+    """Wall-clock seconds per named section: ``with timer("merge"): ...``, then
+    ``timer.seconds``. Stages record them in ``_DONE.json`` (``timings``), which is where
+    the benchmark's iteration breakdown reads its fixed overheads from."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)

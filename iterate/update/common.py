@@ -187,16 +187,22 @@ def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, los
     if stage.check(cfg.force):
         return stage.read_done()
     torch.manual_seed(cfg.seed * 1000 + i)
+    timer = progress.Timer()
     dev = models.device(str(cfg.device))
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
         raise ValueError(f"{paths.stage(i, 'pairs')}: no pairs to train on (see its _DONE.json for the drop reasons)")
-    model = policy_model(cfg, policy, dev)
+    with timer("load_s"):
+        model = policy_model(cfg, policy, dev)
     if needs_ref:
-        reference_logps(cfg, model, tok, examples, policy, reference, dev)
-    result = train(cfg, model, examples, lambda m, b: loss_fn(m, tok, b, dev), stage, i)
-    saved = save(model, tok, stage)
+        with timer("reference_s"):
+            reference_logps(cfg, model, tok, examples, policy, reference, dev)
+    with timer("train_s"):
+        result = train(cfg, model, examples, lambda m, b: loss_fn(m, tok, b, dev), stage, i)
+    with timer("save_s"):
+        saved = save(model, tok, stage)
+    result["timings"] = timer.seconds
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stage.finish(
         rule=str(cfg.update.name), rows_in=len(examples), saved=saved, reference=reference,

@@ -81,6 +81,7 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     ``passes`` optimiser steps on it (``step_loss``). ``head_fn(model)`` adds trainable
     modules (PPO's value head). One ``train_log.jsonl`` line per step."""
     import math
+    import time
 
     from iterate import faults, progress
     from iterate.update import common
@@ -91,12 +92,14 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     if stage.check(cfg.force):
         return stage.read_done()
     torch.manual_seed(cfg.seed * 1000 + i)
+    timer = progress.Timer()
     dev = models.device(str(cfg.device))
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
-    model = common.policy_model(cfg, policy, dev)
-    lora = hasattr(model, "disable_adapter")
-    ref_model = None if (reference == policy and lora) else models.load_policy(reference, str(cfg.model.dtype), dev)
-    rm, rm_tok = load_reward_model(cfg, paths, dev)
+    with timer("load_s"):
+        model = common.policy_model(cfg, policy, dev)
+        lora = hasattr(model, "disable_adapter")
+        ref_model = None if (reference == policy and lora) else models.load_policy(reference, str(cfg.model.dtype), dev)
+        rm, rm_tok = load_reward_model(cfg, paths, dev)
     head = head_fn(model).to(dev) if head_fn else None
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
@@ -107,6 +110,7 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     log_path = stage.path / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
     bar = progress.bar(uc.epochs * n_batches * passes, f"update ({uc.name})", "step")
+    t_train = time.perf_counter()
     step, skipped, last, state = 0, 0, {}, {"kl_coef": uc.kl_coef}
     model.train()
     with open(log_path, "a") as logf:
@@ -126,14 +130,16 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
                     bar.update(1)
                     faults.point(i, "update", step)
     bar.close()
+    timer.seconds["train_s"] = round(time.perf_counter() - t_train, 3)
     model.eval()
-    saved = common.save(model, tok, stage)
-    if head is not None:
-        torch.save(head.state_dict(), stage.path / "value_head.pt")
+    with timer("save_s"):
+        saved = common.save(model, tok, stage)
+        if head is not None:
+            torch.save(head.state_dict(), stage.path / "value_head.pt")
     peak = _peak_rss_mb()
     return stage.finish(
         rule=str(uc.name), rows_in=len(prompts), saved=saved, reference=reference, steps=step, skipped_steps=skipped,
-        final=last, trainable_parameters=sum(p.numel() for p in params), peak_rss_mb=peak,
+        final=last, trainable_parameters=sum(p.numel() for p in params), peak_rss_mb=peak, timings=timer.seconds,
     )  # fmt: skip
 
 
