@@ -62,6 +62,11 @@ class ValueHead(StrEnum):
     reference_bottom = "reference_bottom"  # a head on the frozen reference's bottom layers
 
 
+class LossAgg(StrEnum):
+    token_mean = "token_mean"  # every response token in the batch weighs the same
+    sequence_mean = "sequence_mean"  # mean over each sequence's tokens, then over sequences
+
+
 class DpoLoss(StrEnum):
     sigmoid = "sigmoid"
     ipo = "ipo"
@@ -196,6 +201,10 @@ class UpdateConfig:
     kl_coef: float = 0.05
     kl_estimator: KLEstimator = KLEstimator.k1
     reward_clip: float = 10.0  # rewards clipped to [-reward_clip, reward_clip]
+    # how per-token losses become one: token_mean is unbiased in length; sequence_mean turns
+    # an advantage A into A / length (toy: best for PPO, which whitens its advantages, and a
+    # pull to long responses for ReMax, whose advantages are mostly negative)
+    loss_agg: LossAgg = LossAgg.token_mean
     # ppo
     ppo_epochs: int = 4  # optimisation passes over each rollout batch
     clip_range: float = 0.2

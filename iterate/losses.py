@@ -118,20 +118,30 @@ def batch_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) * x.shape[0] / mask.sum().clamp(min=1)
 
 
-def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float) -> torch.Tensor:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), per token, then ``batch_token_mean`` (B,):
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-token losses to per-sequence ones (B,) whose mean is the batch loss:
+    ``token_mean`` (``batch_token_mean``) or ``sequence_mean`` (each sequence's own mean)."""
+    if how == "token_mean":
+        return batch_token_mean(per_token, mask)
+    if how == "sequence_mean":
+        return _masked_mean(per_token, mask)
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
+def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float, agg: str = "token_mean") -> torch.Tensor:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), per token, then ``aggregate`` (B,):
     ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``."""
     ratio = (logps - old_logps).exp()
     per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    return batch_token_mean(per_token, mask)
+    return aggregate(per_token, mask, agg)
 
 
-def value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
+def value_loss(values, old_values, returns, mask, clip: float, agg: str = "token_mean") -> torch.Tensor:
     """Clipped value loss, ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)`` per token, then
-    ``batch_token_mean`` (B,)."""
+    ``aggregate`` (B,)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return batch_token_mean(per_token, mask)
+    return aggregate(per_token, mask, agg)
 
 
 def remax_advantage(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, clip: float) -> torch.Tensor:

@@ -81,7 +81,8 @@ def test_misspelled_key_in_a_yaml_file_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["update.beta=abc", "generate.n=eight", "generate.backend=vlm", "pairs.rule=maxmin", "handoff.on_reject=ignore"]
+    "override", ["update.beta=abc", "generate.n=eight", "generate.backend=vlm", "pairs.rule=maxmin", "handoff.on_reject=ignore",
+                 "update.loss_agg=sum", "generate.keep_engine=maybe"]
 )
 def test_wrong_type_or_value_rejected(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
@@ -129,3 +130,40 @@ def test_run_folders_are_deterministic():
     assert len(long.encode()) <= 200 and "/" not in long
     # iteration is not part of a job's name, so `iteration=3` after `iteration=2` resumes it
     assert "iteration" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]
+
+
+def test_on_policy_loss_aggregation_and_engine_options():
+    assert compose_cfg(["update=ppo"]).update.loss_agg == "sequence_mean"
+    assert compose_cfg(["update=remax"]).update.loss_agg == "token_mean"
+    assert compose_cfg(["update=remax", "update.loss_agg=sequence_mean"]).update.loss_agg == "sequence_mean"
+    assert compose_cfg().generate.keep_engine is True
+    assert compose_cfg(["generate.keep_engine=false"]).generate.keep_engine is False
+
+
+def test_bench_config_composes_with_every_option():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
+
+    register()
+    overrides = ["name=x", "sections=[generation,update]", "threads=2", "generation.models=[toy,llama30m]",
+                 "generation.dtypes=[bfloat16]", "generation.backends=[vllm]", "generation.prompts=3", "generation.n=2",
+                 "generation.new_tokens=4", "generation.rounds=1", "generation.matmul_size=64",
+                 "generation.gpu_memory_utilization=0.1", "labelling.models=[llama100m]", "labelling.responses=8",
+                 "labelling.batch_size=2", "labelling.rounds=1", "update.model=toy", "update.pairs=2",
+                 "update.micro_batch_size=1", "update.prompt_tokens=3", "update.response_tokens=3", "update.steps=1",
+                 "update.rounds=1", "update.rl_model=toy", "update.rl_prompts=2", "iteration.iterations=1",
+                 "iteration.overrides=['experiment=toy_tiny']", "iteration.compare_restart=false", "toy.hidden_size=64",
+                 "out_dir=elsewhere", "seed=3", "quick=false"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("bench", overrides=overrides))
+        default = OmegaConf.to_object(compose("bench"))
+        with pytest.raises(ConfigCompositionException):
+            compose("bench", overrides=["generation.modles=[toy]"])
+    assert isinstance(cfg, BenchConfig) and cfg.sections == ["generation", "update"]
+    assert (cfg.generation.models, cfg.labelling.models, cfg.update.rl_model) == (["toy", "llama30m"], ["llama100m"], "toy")
+    assert cfg.iteration.overrides == ["experiment=toy_tiny"] and cfg.toy.hidden_size == 64
+    assert default.sections == list(SECTIONS) and default.generation.models == ["toy", "llama30m", "llama100m"]
+    quick = apply_quick(default)
+    assert quick.generation.models == ["toy"] and quick.generation.rounds == 1 and quick.toy.hidden_size == 64

@@ -110,3 +110,43 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
     assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0
     assert table["gold"].to_pylist() == [1.0, 1.25]
+
+
+def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
+    """A kept engine given another policy of the same shape generates what a fresh engine
+    started on that policy does (greedy), without starting again."""
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(tiny_world)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(other)
+    models.load_tokenizer(str(tiny_world)).save_pretrained(other)
+    tok = models.load_tokenizer(str(tiny_world))
+    shards, _ = generate.plan(tok, _prompts(), max_prompt=64 - 12, shard_size=8)
+
+    def job(policy, name):
+        j = _job(policy, tmp_path / name, dict(enumerate(shards)), backend_n=1)
+        j.temperature = 0.0  # greedy: comparable across engines
+        (tmp_path / name).mkdir()
+        return j
+
+    def texts(name):
+        return pq.read_table(tmp_path / name / "shard_00000.parquet")["response"].to_pylist()
+
+    engine = generate.Engine()
+    try:
+        first = engine.run(job(tiny_world, "a"))
+        pid = engine.proc.pid
+        second = engine.run(job(other, "b"))
+        assert engine.proc.pid == pid, "the same engine process served both policies"
+    finally:
+        engine.close()
+    assert "engine_start_s" in first and "weights_load_s" in second and "engine_start_s" not in second
+    fresh = generate.launch(job(other, "c"), "vllm")  # not kept: its own engine, closed after
+    assert "engine_start_s" in fresh
+    assert texts("b") == texts("c")
+    assert texts("a") != texts("b"), "the perturbed policy must answer differently for the check to mean anything"

@@ -138,11 +138,16 @@ def test_batch_token_mean_weighs_every_token_equally():
     assert out.mean().item() == pytest.approx(2.5)
 
 
-def test_ppo_losses_average_over_the_batch_tokens():
+def test_ppo_loss_aggregation_over_tokens_or_sequences():
     logp, old = torch.zeros(2, 2), torch.zeros(2, 2)  # ratio 1: the loss is -A
     adv = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
     m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    assert losses.ppo_policy_loss(logp, old, adv, m, clip=0.2).mean().item() == pytest.approx(-(1 + 3 + 2) / 3)
+    token = losses.ppo_policy_loss(logp, old, adv, m, clip=0.2, agg="token_mean")
+    assert token.mean().item() == pytest.approx(-(1 + 3 + 2) / 3)
+    sequence = losses.ppo_policy_loss(logp, old, adv, m, clip=0.2, agg="sequence_mean")
+    assert sequence.tolist() == pytest.approx([-2.0, -2.0])  # (1+3)/2 and 2/1
+    with pytest.raises(ValueError, match="aggregation"):
+        losses.aggregate(adv, m, "sum")
 
 
 def test_remax_advantage_hand_values():

@@ -21,7 +21,7 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
 
-KEYS = ("kl_coef", "kl_estimator", "reward_clip", "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma",
+KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg", "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma",
         "lam", "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers")  # fmt: skip
 
 
@@ -90,8 +90,9 @@ def make_batch(cfg: Config):
 def step_loss(cfg: Config, model, ref_model, b: Batch, head, state) -> tuple[torch.Tensor, dict]:
     uc = cfg.update
     logps, values = forward(cfg, model, head, b.rollout)
-    pg = losses.ppo_policy_loss(logps, b.old_logps, b.advantages, b.rollout.resp, uc.clip_range)
-    vf = losses.value_loss(values, b.old_values, b.returns, b.rollout.resp, uc.value_clip)
+    agg = str(uc.loss_agg)
+    pg = losses.ppo_policy_loss(logps, b.old_logps, b.advantages, b.rollout.resp, uc.clip_range, agg)
+    vf = losses.value_loss(values, b.old_values, b.returns, b.rollout.resp, uc.value_clip, agg)
     return pg + uc.vf_coef * vf, {
         "reward": b.rollout.scores.mean().item(), "kl": b.kl.sum(-1).mean().item(), "kl_coef": state["kl_coef"],
         "policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),

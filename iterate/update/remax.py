@@ -15,7 +15,7 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
 
-KEYS = ("kl_coef", "kl_estimator", "reward_clip")  # the update settings ReMax reads beyond the shared ones
+KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # the update settings ReMax reads beyond the shared ones
 
 
 def step_loss(cfg: Config, model, ref_model, rollouts: tuple[rl.Rollout, rl.Rollout]) -> tuple[torch.Tensor, dict]:
@@ -27,7 +27,7 @@ def step_loss(cfg: Config, model, ref_model, rollouts: tuple[rl.Rollout, rl.Roll
     adv = losses.remax_advantage(sample.scores, greedy.scores, uc.reward_clip)
     kl_to_go = kl.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
     weight = (adv[:, None] - uc.kl_coef * kl_to_go) * sample.resp
-    per_example = losses.batch_token_mean(-weight.detach() * lp, sample.resp)
+    per_example = losses.aggregate(-weight.detach() * lp, sample.resp, str(uc.loss_agg))
     return per_example, {
         "reward": sample.scores.mean().item(), "greedy_reward": greedy.scores.mean().item(),
         "advantage": adv.mean().item(), "kl": kl.sum(-1).mean().item(),

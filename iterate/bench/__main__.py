@@ -1,0 +1,180 @@
+"""``python -m iterate.bench [--quick] [overrides]``: see ``iterate/bench/__init__.py``."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
+
+log = logging.getLogger("iterate.bench")
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        info["vllm"] = None
+    return info
+
+
+def generation(cfg: BenchConfig, out: Path) -> list[dict]:
+    from iterate import models
+    from iterate.bench import child
+    from iterate.bench import models as bm
+    from iterate.toy import world
+
+    g = cfg.generation
+    rows = []
+    for name in g.models:
+        path = bm.policy_path(name, cfg.toy)
+        tok = models.load_tokenizer(path)
+        train = [i.prompt for i in world.INSTRUCTIONS][: g.prompts]
+        prompts = [models.prompt_ids(tok, p) for p in train]
+        for dtype in g.dtypes:
+            spec = {"model": path, "dtype": dtype, "prompts": prompts, "n": g.n, "new_tokens": g.new_tokens,
+                    "rounds": g.rounds, "backends": list(g.backends), "gpu_memory_utilization": g.gpu_memory_utilization,
+                    "matmul_size": g.matmul_size, "seed": cfg.seed, "threads": cfg.threads}  # fmt: skip
+            log.info("generation: %s %s (%s)", name, dtype, " vs ".join(g.backends))
+            r = child.run("generation", spec, out / "work")
+            row = {"model": name, "dtype": dtype, "matmul_parameters": r["matmul_parameters"], "threads": r["threads"],
+                   "matmul_gflops": r["matmul_flops"] / 1e9, "vllm_start_s": r.get("vllm_start_s"),
+                   "tokens_per_round": len(prompts) * g.n * g.new_tokens}  # fmt: skip
+            for b in g.backends:
+                tps = r[f"{b}_tokens_per_s"]
+                row[f"{b}_tokens_per_s"] = tps
+                row[f"{b}_flop_efficiency"] = 2 * r["matmul_parameters"] * tps / r["matmul_flops"]
+            if {"vllm", "transformers"} <= set(g.backends):
+                row["vllm_over_transformers"] = row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+            rows.append(row)
+    return rows
+
+
+def labelling(cfg: BenchConfig, out: Path) -> list[dict]:
+    from iterate.bench import labelling as lab
+    from iterate.bench import models as bm
+
+    la = cfg.labelling
+    rows = []
+    for name in la.models:
+        log.info("labelling: %s, %d responses", name, la.responses)
+        r = lab.measure(bm.reward_path(name, cfg.toy), la.responses, la.batch_size, la.rounds, cfg.seed)
+        rows.append({"model": name, **r})
+    return rows
+
+
+def update(cfg: BenchConfig, out: Path) -> dict:
+    from iterate.bench import child
+    from iterate.bench import models as bm
+    from iterate.bench import update as up
+
+    u = cfg.update
+    spec = {"model": bm.policy_path(u.model, cfg.toy), "pairs": u.pairs, "micro_batch_size": u.micro_batch_size,
+            "prompt_tokens": u.prompt_tokens, "response_tokens": u.response_tokens, "steps": u.steps,
+            "rounds": u.rounds, "seed": cfg.seed, "threads": cfg.threads}  # fmt: skip
+    log.info("update: DPO step, cached vs recomputed reference (%s)", u.model)
+    res = {"model": u.model, "dpo": up.dpo_timing(spec)}
+    for variant in ("cached", "recompute"):
+        res["dpo"][f"{variant}_peak_rss_mb"] = child.run("dpo", {**spec, "variant": variant}, out / "work")["peak_rss_mb"]
+    res["rl_model"] = u.rl_model
+    policy, reward = bm.policy_path(u.rl_model, cfg.toy), bm.reward_path(u.rl_model, cfg.toy)
+    for rule in ("ppo", "remax"):
+        log.info("update: %s stage peak memory (%s)", rule, u.rl_model)
+        work = out / "work" / "rl"
+        shutil.rmtree(work / rule, ignore_errors=True)
+        spec_rl = {"model": policy, "reward": reward, "rule": rule, "prompts": u.rl_prompts,
+                   "workdir": str(work), "threads": cfg.threads}  # fmt: skip
+        res[rule] = child.run("rl", spec_rl, out / "work")
+    res["remax_over_ppo_peak_rss"] = res["remax"]["peak_rss_mb"] / res["ppo"]["peak_rss_mb"]
+    return res
+
+
+def iteration(cfg: BenchConfig, out: Path) -> dict:
+    from iterate.bench import iteration as it
+
+    c = cfg.iteration
+    log.info("iteration: %d toy iteration(s), breakdown of the last", c.iterations)
+    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
+    return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
+
+
+RUNNERS = {"generation": generation, "labelling": labelling, "update": update, "iteration": iteration}
+
+
+def report(results: dict) -> str:
+    """The results as text tables."""
+    lines = []
+    for r in results.get("generation", []):
+        if not lines:
+            lines.append("generation (tokens/s; FLOP efficiency = 2 N tokens/s / measured matmul rate)")
+            lines.append(f"  {'model':10} {'dtype':9} {'N':>7} {'GEMM GF/s':>9} {'vLLM':>9} {'eff':>6} {'HF':>9} {'eff':>6} {'ratio':>6}")
+        lines.append(
+            f"  {r['model']:10} {r['dtype']:9} {r['matmul_parameters'] / 1e6:6.1f}M {r['matmul_gflops']:9.1f} "
+            f"{r.get('vllm_tokens_per_s', float('nan')):9.0f} {r.get('vllm_flop_efficiency', float('nan')):6.1%} "
+            f"{r.get('transformers_tokens_per_s', float('nan')):9.0f} {r.get('transformers_flop_efficiency', float('nan')):6.1%} "
+            f"{r.get('vllm_over_transformers', float('nan')):6.2f}x"
+        )
+    for r in results.get("labelling", []):
+        lines.append(f"labelling {r['model']}: batched {r['batched_samples_per_s']:.0f}/s vs pipeline one at a time "
+                     f"{r['pipeline_samples_per_s']:.0f}/s = {r['ratio']:.1f}x (rewards agree within {r['max_abs_reward_difference']:.1e})")  # fmt: skip
+    if u := results.get("update"):
+        d = u["dpo"]
+        lines.append(f"update {u['model']}: DPO step cached {d['cached_step_s'] * 1e3:.0f} ms vs recompute "
+                     f"{d['recompute_step_s'] * 1e3:.0f} ms = {d['ratio']:.2f}x; peak RSS {d['cached_peak_rss_mb']:.0f} vs "
+                     f"{d['recompute_peak_rss_mb']:.0f} MB")  # fmt: skip
+        lines.append(f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
+                     f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x")  # fmt: skip
+    for name, b in results.get("iteration", {}).items():
+        stages = "  ".join(f"{k} {v:.1f}" for k, v in b["stage_seconds"].items())
+        lines.append(f"iteration ({name}): {b['total_s']:.1f}s = {stages}; fixed overheads {b['fixed_s']:.1f}s "
+                     f"= {b['fixed_share']:.0%} ({', '.join(f'{k} {v:.2f}' for k, v in b['fixed'].items())})")  # fmt: skip
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+def main(dcfg) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from iterate.shards import atomic_write_json
+
+    hf_logging.disable_progress_bar()
+    cfg: BenchConfig = OmegaConf.to_object(dcfg)
+    if cfg.quick:
+        cfg = apply_quick(cfg)
+    unknown = set(cfg.sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})")
+    out = Path(cfg.out_dir) / cfg.name
+    results = {"name": cfg.name, "quick": cfg.quick, "machine": machine(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "seconds": {}}
+    t0 = time.time()
+    for section in cfg.sections:
+        t = time.time()
+        results[section] = RUNNERS[section](cfg, out)
+        results["seconds"][section] = round(time.time() - t, 1)
+        atomic_write_json(out / "results.json", results)  # after every section: nothing measured is lost
+    results["seconds"]["total"] = round(time.time() - t0, 1)
+    atomic_write_json(out / "results.json", results)
+    log.info("bench %s (%.0fs):\n%s\nresults: %s", cfg.name, time.time() - t0, report(results), out / "results.json")
+
+
+if __name__ == "__main__":
+    register()
+    sys.argv = ["quick=true" if a == "--quick" else a for a in sys.argv]
+    if "quick=true" in sys.argv and not any(a.startswith("name=") for a in sys.argv):
+        sys.argv.append("name=quick")
+    main()

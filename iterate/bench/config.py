@@ -1,0 +1,105 @@
+"""The benchmark's config schema (values in ``conf/bench.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from iterate.config import ToyConfig
+
+SECTIONS = ("generation", "labelling", "update", "iteration")
+
+
+@dataclass
+class GenerationBench:
+    models: list[str] = field(default_factory=lambda: ["toy", "llama30m", "llama100m"])
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    backends: list[str] = field(default_factory=lambda: ["vllm", "transformers"])
+    prompts: int = 32
+    n: int = 8  # best-of-n
+    new_tokens: int = 32  # every sample runs to exactly this many (EOS ignored)
+    rounds: int = 3  # alternating vLLM / transformers / matmul rounds; medians reported
+    gpu_memory_utilization: float = 0.25
+    matmul_size: int = 2048  # square GEMM for the machine's matmul rate
+
+
+@dataclass
+class LabellingBench:
+    models: list[str] = field(default_factory=lambda: ["toy", "llama30m"])
+    responses: int = 512
+    batch_size: int = 64
+    rounds: int = 3
+
+
+@dataclass
+class UpdateBench:
+    model: str = "llama30m"
+    pairs: int = 16  # pairs per optimiser step
+    micro_batch_size: int = 8
+    prompt_tokens: int = 24
+    response_tokens: int = 48
+    steps: int = 4  # per round and variant
+    rounds: int = 3
+    rl_model: str = "llama100m"  # PPO vs ReMax peak memory
+    rl_prompts: int = 16
+
+
+@dataclass
+class IterationBench:
+    iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
+    overrides: list[str] = field(default_factory=lambda: ["reward.num_pairs=600", "reward.epochs=1"])
+    compare_restart: bool = True  # also run with generate.keep_engine=false
+
+
+@dataclass
+class BenchConfig:
+    name: str = "default"
+    out_dir: str = "runs/bench"
+    quick: bool = False  # --quick: tiny sizes, one round (harness smoke test, not figures)
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
+    seed: int = 0
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    generation: GenerationBench = field(default_factory=GenerationBench)
+    labelling: LabellingBench = field(default_factory=LabellingBench)
+    update: UpdateBench = field(default_factory=UpdateBench)
+    iteration: IterationBench = field(default_factory=IterationBench)
+
+
+def apply_quick(cfg: BenchConfig) -> BenchConfig:
+    """The CI smoke sizes: the tiny toy world, one model and dtype, one round."""
+    cfg.toy = ToyConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                        sft_examples=600, sft_epochs=1, cache_dir=cfg.toy.cache_dir)  # fmt: skip
+    g = cfg.generation
+    g.models, g.dtypes, g.prompts, g.n, g.new_tokens, g.rounds, g.matmul_size = ["toy"], ["float32"], 4, 4, 8, 1, 512
+    la = cfg.labelling
+    la.models, la.responses, la.batch_size, la.rounds = ["toy"], 32, 16, 1
+    u = cfg.update
+    u.model, u.rl_model, u.pairs, u.micro_batch_size, u.steps, u.rounds, u.rl_prompts = "toy", "toy", 4, 4, 1, 1, 4
+    u.prompt_tokens, u.response_tokens = 8, 8
+    it = cfg.iteration
+    it.iterations, it.compare_restart = 1, False
+    it.overrides = ["experiment=toy_tiny", "reward.num_pairs=100"]
+    return cfg
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+def main_config(overrides: list[str]):
+    """The main ``iterate`` config composed with ``overrides``, exactly as ``python -m
+    iterate`` would (inside or outside a running Hydra app)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from iterate import config
+
+    config.register()
+    if GlobalHydra.instance().is_initialized():
+        return config.to_dataclass(compose("config", overrides=overrides))
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return config.to_dataclass(compose("config", overrides=overrides))

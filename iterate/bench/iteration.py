@@ -1,0 +1,46 @@
+"""The wall time of a toy iteration per stage, and its fixed overheads (engine start or
+weight load, model loads, saves, merge) as a share, read from the stages' ``_DONE.json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from iterate.bench.config import main_config
+
+STAGES = ("prompts", "generate", "label", "pairs", "update", "handoff")
+# section timings (seconds) that a stage spends on setting up, not on its work
+FIXED = {"generate": ("engine_start_s", "weights_load_s"), "update": ("load_s", "save_s"), "handoff": ("merge_save_s",)}
+
+
+def breakdown(run: Path, i: int) -> dict:
+    stages, fixed = {}, {}
+    for s in STAGES:
+        done = json.loads((run / f"iter_{i:03d}" / s / "_DONE.json").read_text())
+        stages[s] = done["seconds"]
+        for k in FIXED.get(s, ()):
+            if k in done.get("timings", {}):
+                fixed[f"{s}.{k}"] = done["timings"][k]
+    total = sum(stages.values())
+    return {"iteration": i, "stage_seconds": stages, "total_s": round(total, 2), "fixed": fixed,
+            "fixed_s": round(sum(fixed.values()), 2), "fixed_share": sum(fixed.values()) / total}  # fmt: skip
+
+
+def measure(out: Path, iterations: int, overrides: list[str], compare_restart: bool) -> dict:
+    from iterate import loop
+
+    results = {}
+    rm = None
+    variants = [("kept_engine", ["generate.keep_engine=true"])]
+    if compare_restart:
+        variants.append(("restarted_engine", ["generate.keep_engine=false"]))
+    for name, extra in variants:
+        rm_args = ["reward.train=false", f"reward.path={rm}"] if rm else []
+        cfg = main_config([*overrides, *extra, *rm_args, f"iteration={iterations}", f"runs_dir={out}", f"run_name={name}"])
+        run = out / name
+        shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run, not a resumed one
+        loop.run(cfg, run)
+        rm = rm or str(run / "reward_model" / "model")
+        results[name] = breakdown(run, iterations - 1)
+    return results

@@ -1,0 +1,60 @@
+"""Labelling: our batched, length-sorted scoring (``reward_model.score``) vs one response at
+a time through a transformers ``pipeline`` (the public GSHF scripts' way), alternating
+rounds on the same responses and model."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+
+from iterate import reward_model
+from iterate.prompts import as_messages
+
+
+def responses(n: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from the toy world's SFT mixture: realistic lengths."""
+    from iterate.toy import world
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ins = rng.choice(world.INSTRUCTIONS)
+        out.append((ins.prompt, world.sample_response(ins, rng)[1]))
+    return out
+
+
+def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
+    from transformers import pipeline
+
+    model, tok = reward_model.load_model(path)
+    model.eval()
+    pairs = responses(n, seed)
+    seqs = [reward_model.encode(tok, as_messages(p), r, 512) for p, r in pairs]
+    # the pipeline gets the same conversation as text; the template already holds BOS
+    texts = [tok.decode(s) for s in seqs]
+    pipe = pipeline("text-classification", model=model, tokenizer=tok, function_to_apply="none", device=model.device)
+
+    def ours() -> list[float]:
+        return reward_model.score(model, tok, seqs, batch_size, desc="bench label")
+
+    def one_at_a_time() -> list[float]:
+        with torch.no_grad():
+            return [pipe(t, batch_size=1)[0]["score"] for t in texts]
+
+    a, b = ours(), one_at_a_time()  # warm-up, and both must give the same rewards
+    agree = max(abs(x - y) for x, y in zip(a, b))
+    times: dict[str, list[float]] = {"batched": [], "pipeline": []}
+    for _ in range(rounds):
+        for name, fn in (("batched", ours), ("pipeline", one_at_a_time)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    batched, single = statistics.median(times["batched"]), statistics.median(times["pipeline"])
+    return {
+        "responses": n, "batched_samples_per_s": n / batched, "pipeline_samples_per_s": n / single,
+        "ratio": single / batched, "max_abs_reward_difference": agree,
+        "mean_tokens": sum(map(len, seqs)) / n,
+    }  # fmt: skip

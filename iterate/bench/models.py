@@ -1,0 +1,104 @@
+"""The benchmark's models: the toy policy, and random-weight Llamas of about 30M and 100M
+parameters built locally with the toy tokenizer (speed does not depend on the weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from iterate.config import ToyConfig
+
+# name -> LlamaConfig fields; head_dim 64 (vLLM's CPU attention wants >= 32)
+SPECS = {
+    "llama30m": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 9, "num_attention_heads": 8},
+    "llama100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14, "num_attention_heads": 12},
+}
+
+
+def policy_path(name: str, toy: ToyConfig) -> str:
+    """A causal LM folder for ``name``: the toy SFT policy, or a random Llama built once."""
+    from iterate.toy import build
+
+    world = build.ensure(toy)
+    if name == "toy":
+        return str(world)
+    if name not in SPECS:
+        raise ValueError(f"bench: unknown model {name!r} (known: toy, {', '.join(SPECS)})")
+    spec = {**SPECS[name], "world": world.name}
+    out = Path(toy.cache_dir).parent / "bench" / f"{name}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}"
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(world)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), num_key_value_heads=SPECS[name]["num_attention_heads"], max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False, **SPECS[name],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def reward_path(name: str, toy: ToyConfig) -> str:
+    """A sequence-classification (reward) model on ``name``'s body with a fresh scalar head."""
+    src = Path(policy_path(name, toy))
+    out = src.with_name(src.name + "-rm")
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(src)
+    model.config.pad_token_id = tok.pad_token_id
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matmul per token (every Linear, the LM head included;
+    not the embedding lookup): the N in ``2 N`` FLOPs per token."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_rate(dtype: torch.dtype, size: int, reps: int = 5) -> float:
+    """The best FLOP/s of a square ``size`` GEMM over ``reps`` tries, in this process."""
+    import time
+
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

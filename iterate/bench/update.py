@@ -1,0 +1,115 @@
+"""Update benchmarks: a DPO step on cached reference log-probs vs one that recomputes them
+(time per step side by side, peak RSS each in a process of its own), and the peak RSS of a
+PPO and a ReMax update stage on the same model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from iterate import models
+from iterate.bench import models as bm
+from iterate.bench.config import main_config
+from iterate.update import common, dpo
+
+
+def _examples(tok, spec: dict) -> list[common.Example]:
+    g = torch.Generator().manual_seed(spec["seed"])
+    low = len(tok.all_special_ids) + 1  # ordinary tokens only
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(low, len(tok), (n,), generator=g).tolist()
+
+    return [
+        common.Example(draw(spec["prompt_tokens"]), draw(spec["response_tokens"]), draw(spec["response_tokens"]))
+        for _ in range(spec["pairs"])
+    ]
+
+
+class DpoStep:
+    """One optimiser step of DPO over ``pairs`` examples, with the reference log-probs
+    either cached once (``recompute=False``) or computed again in every step."""
+
+    def __init__(self, spec: dict):
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        self.cfg = main_config([f"model.path={spec['model']}", "update=dpo", f"update.micro_batch_size={spec['micro_batch_size']}"])
+        self.dev = models.device(str(self.cfg.device))
+        self.path = spec["model"]
+        self.tok = models.load_tokenizer(self.path)
+        self.model = common.policy_model(self.cfg, self.path, self.dev)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5)
+        self.examples = _examples(self.tok, spec)
+        loss = dpo.loss_fn(self.cfg)
+        self.loss_fn = lambda m, b: loss(m, self.tok, b, self.dev)
+        self.model.train()
+
+    def reference(self) -> None:
+        common.reference_logps(self.cfg, self.model, self.tok, self.examples, self.path, self.path, self.dev)
+        self.model.train()
+
+    def __call__(self, recompute: bool) -> float:
+        t = time.perf_counter()
+        if recompute:
+            self.reference()
+        self.opt.zero_grad(set_to_none=True)
+        total, _ = common.accumulate(self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size)
+        common.apply_step(self.opt, self.params, 1.0, total)
+        return time.perf_counter() - t
+
+
+def dpo_timing(spec: dict) -> dict:
+    """Cached and recomputed steps alternating in one process: the ratio of their medians."""
+    step = DpoStep(spec)
+    t = time.perf_counter()
+    step.reference()  # the cached variant's one-off pass
+    reference_once = time.perf_counter() - t
+    step(False), step(True)  # warm-up
+    times: dict[str, list[float]] = {"cached": [], "recompute": []}
+    for _ in range(spec["rounds"]):
+        for _ in range(spec["steps"]):
+            times["cached"].append(step(False))
+            times["recompute"].append(step(True))
+    cached, recompute = statistics.median(times["cached"]), statistics.median(times["recompute"])
+    return {"cached_step_s": cached, "recompute_step_s": recompute, "ratio": cached / recompute,
+            "reference_once_s": reference_once, "steps_each": len(times["cached"])}  # fmt: skip
+
+
+def dpo_variant(spec: dict) -> dict:
+    """One variant alone in this process: its peak RSS (a per-process high-water mark)."""
+    base = bm.rss_mb()
+    step = DpoStep(spec)
+    loaded = bm.rss_mb()
+    recompute = spec["variant"] == "recompute"
+    if not recompute:
+        step.reference()
+    times = [step(recompute) for _ in range(spec["steps"])]
+    return {"variant": spec["variant"], "step_s": statistics.median(times), "rss_before_model_mb": base,
+            "rss_after_load_mb": loaded, "peak_rss_mb": bm.peak_rss_mb()}  # fmt: skip
+
+
+def rl_stage(spec: dict) -> dict:
+    """A real PPO or ReMax update stage on a mini run folder (prompts stage + update stage)."""
+    from iterate import prompts
+    from iterate.paths import Paths
+    from iterate.update import RULES
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    base = bm.rss_mb()
+    n = spec["prompts"]
+    cfg = main_config([
+        f"model.path={spec['model']}", f"update={spec['rule']}", "reward.train=false", f"reward.path={spec['reward']}",
+        f"prompts.per_iteration={n}", "update.epochs=1", f"update.micro_batch_size={n}", f"runs_dir={spec['workdir']}",
+    ])  # fmt: skip
+    paths = Paths(run=Path(spec["workdir"]) / spec["rule"], base_policy=spec["model"], reward_model=spec["reward"])
+    prompts.run(cfg, paths, 0)
+    t = time.perf_counter()
+    done = RULES[spec["rule"]](cfg, paths, 0, spec["model"], spec["model"])
+    return {"rule": spec["rule"], "seconds": time.perf_counter() - t, "steps": done["steps"],
+            "rss_before_model_mb": base, "peak_rss_mb": bm.peak_rss_mb(),
+            "trainable_parameters": done["trainable_parameters"]}  # fmt: skip

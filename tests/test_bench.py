@@ -1,0 +1,40 @@
+"""The benchmark harness in --quick mode: it runs end to end through its real CLI and writes
+every section's figures. No speed thresholds (timings belong to the benchmark, not tests)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "iterate.bench", "--quick", f"out_dir={out}", f"toy.cache_dir={tiny_cache}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "quick" / "results.json").read_text())
+    assert res["quick"] and set(res["seconds"]) == {"generation", "labelling", "update", "iteration", "total"}
+
+    def positive(x):
+        return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+    (gen,) = res["generation"]
+    assert gen["model"] == "toy" and gen["tokens_per_round"] == 4 * 4 * 8
+    for k in ("vllm_tokens_per_s", "transformers_tokens_per_s", "matmul_gflops", "vllm_over_transformers"):
+        assert positive(gen[k]), k
+    (lab,) = res["labelling"]
+    assert positive(lab["ratio"]) and lab["max_abs_reward_difference"] < 1e-3, "both scorers give the same rewards"
+    dpo = res["update"]["dpo"]
+    assert positive(dpo["cached_step_s"]) and positive(dpo["recompute_step_s"])
+    assert positive(dpo["cached_peak_rss_mb"]) and positive(res["update"]["ppo"]["peak_rss_mb"])
+    it = res["iteration"]["kept_engine"]
+    assert set(it["stage_seconds"]) == {"prompts", "generate", "label", "pairs", "update", "handoff"}
+    assert "generate.engine_start_s" in it["fixed"] and 0 < it["fixed_share"] < 1
+    assert "generation (tokens/s" in proc.stderr + proc.stdout, "the table is printed"
