@@ -156,12 +156,22 @@ Policy after iteration {i} of iterative online preference learning with `iterate
     atomic_write_bytes(path, text.encode())
 
 
+def short_labels(names: list[str]) -> dict[str, str]:
+    """Job folder names (``k=v,k2=v2``) shortened to the overrides that differ between jobs:
+    ``update=dpo`` rather than the settings every job shares."""
+    parts = {n: n.split(",") for n in names}
+    common = set.intersection(*(set(p) for p in parts.values())) if len(names) > 1 else set()
+    return {n: ",".join(x for x in p if x not in common) or n for n, p in parts.items()}
+
+
 def summarize_sweep(sweep_dir: Path) -> str | None:
     """Side-by-side table and plot of the jobs of a sweep (``<sweep>/summary.{md,png}``)."""
     rows = []
-    for metrics in sorted(sweep_dir.glob("*/metrics.jsonl")):
+    files = sorted(sweep_dir.glob("*/metrics.jsonl"))
+    label = short_labels([m.parent.name for m in files])
+    for metrics in files:
         for line in metrics.read_text().splitlines():
-            rows.append({"job": metrics.parent.name, **json.loads(line)})
+            rows.append({"job": label[metrics.parent.name], **json.loads(line)})
     if not rows:
         return None
     text = table(rows, extra=[("job", "job", "{}")])

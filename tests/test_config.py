@@ -150,7 +150,7 @@ def test_bench_config_composes_with_every_option():
     overrides = ["name=x", "sections=[generation,update]", "threads=2", "generation.models=[toy,llama30m]",
                  "generation.dtypes=[bfloat16]", "generation.backends=[vllm]", "generation.prompts=3", "generation.n=2",
                  "generation.new_tokens=4", "generation.rounds=1", "generation.matmul_size=64",
-                 "generation.gpu_memory_utilization=0.1", "labelling.models=[llama100m]", "labelling.responses=8",
+                 "generation.gpu_memory_utilization=0.1", "generation.enforce_eager=false", "labelling.models=[llama100m]", "labelling.responses=8",
                  "labelling.batch_size=2", "labelling.rounds=1", "update.model=toy", "update.pairs=2",
                  "update.micro_batch_size=1", "update.prompt_tokens=3", "update.response_tokens=3", "update.steps=1",
                  "update.rounds=1", "update.rl_model=toy", "update.rl_prompts=2", "iteration.iterations=1",

@@ -184,3 +184,11 @@ def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
     assert "| raft |" in summary and "| dpo |" in summary
     raft_pairs = pq.read_table(jobs["raft"] / "iter_000" / "pairs" / "shard_00000.parquet")
     assert raft_pairs.num_rows > 0 and set(raft_pairs["rejected"].to_pylist()) == {None}
+
+
+def test_sweep_labels_keep_only_the_overrides_that_differ():
+    from iterate.report import short_labels
+
+    names = ["reward.train=False,update=dpo", "reward.train=False,update=raft"]
+    assert short_labels(names) == {names[0]: "update=dpo", names[1]: "update=raft"}
+    assert short_labels(["update=dpo"]) == {"update=dpo": "update=dpo"}

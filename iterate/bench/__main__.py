@@ -49,10 +49,11 @@ def generation(cfg: BenchConfig, out: Path) -> list[dict]:
         for dtype in g.dtypes:
             spec = {"model": path, "dtype": dtype, "prompts": prompts, "n": g.n, "new_tokens": g.new_tokens,
                     "rounds": g.rounds, "backends": list(g.backends), "gpu_memory_utilization": g.gpu_memory_utilization,
-                    "matmul_size": g.matmul_size, "seed": cfg.seed, "threads": cfg.threads}  # fmt: skip
+                    "matmul_size": g.matmul_size, "seed": cfg.seed, "threads": cfg.threads,
+                    "enforce_eager": g.enforce_eager}  # fmt: skip
             log.info("generation: %s %s (%s)", name, dtype, " vs ".join(g.backends))
             r = child.run("generation", spec, out / "work")
-            row = {"model": name, "dtype": dtype, "matmul_parameters": r["matmul_parameters"], "threads": r["threads"],
+            row = {"model": name, "dtype": dtype, "enforce_eager": g.enforce_eager, "matmul_parameters": r["matmul_parameters"], "threads": r["threads"],
                    "matmul_gflops": r["matmul_flops"] / 1e9, "vllm_start_s": r.get("vllm_start_s"),
                    "tokens_per_round": len(prompts) * g.n * g.new_tokens}  # fmt: skip
             for b in g.backends:

@@ -51,7 +51,7 @@ def generation(spec: dict) -> dict:
 
         t = time.perf_counter()
         llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=spec["seed"],
-                  gpu_memory_utilization=spec["gpu_memory_utilization"], enforce_eager=True)  # fmt: skip
+                  gpu_memory_utilization=spec["gpu_memory_utilization"], enforce_eager=spec["enforce_eager"])  # fmt: skip
         out["vllm_start_s"] = round(time.perf_counter() - t, 2)
         params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=new, min_tokens=new, ignore_eos=True)
     dev = models.device("auto")

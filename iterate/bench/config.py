@@ -22,6 +22,7 @@ class GenerationBench:
     new_tokens: int = 32  # every sample runs to exactly this many (EOS ignored)
     rounds: int = 3  # alternating vLLM / transformers / matmul rounds; medians reported
     gpu_memory_utilization: float = 0.25
+    enforce_eager: bool = True  # false: vLLM compiles the model (longer start, fused elementwise ops)
     matmul_size: int = 2048  # square GEMM for the machine's matmul rate
 
 

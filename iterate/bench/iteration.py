@@ -11,17 +11,26 @@ from iterate.bench.config import main_config
 
 STAGES = ("prompts", "generate", "label", "pairs", "update", "handoff")
 # section timings (seconds) that a stage spends on setting up, not on its work
-FIXED = {"generate": ("engine_start_s", "weights_load_s"), "update": ("load_s", "save_s"), "handoff": ("merge_save_s",)}
+FIXED = {"update": ("load_s", "save_s"), "handoff": ("merge_save_s",)}
 
 
 def breakdown(run: Path, i: int) -> dict:
+    """Seconds per stage of iteration ``i`` and its fixed overheads. For generate that is
+    everything but generating: the engine process's start and imports, the engine's start
+    or the new weights' load, tokenizing and planning (``seconds - generate_s``)."""
     stages, fixed = {}, {}
     for s in STAGES:
         done = json.loads((run / f"iter_{i:03d}" / s / "_DONE.json").read_text())
         stages[s] = done["seconds"]
+        timings = done.get("timings", {})
+        if s == "generate":
+            fixed["generate.engine_start_s"] = timings.get("engine_start_s", 0.0)
+            fixed["generate.weights_load_s"] = timings.get("weights_load_s", 0.0)
+            rest = done["seconds"] - timings["generate_s"] - fixed["generate.engine_start_s"] - fixed["generate.weights_load_s"]
+            fixed["generate.process_and_setup_s"] = round(max(0.0, rest), 3)
         for k in FIXED.get(s, ()):
-            if k in done.get("timings", {}):
-                fixed[f"{s}.{k}"] = done["timings"][k]
+            if k in timings:
+                fixed[f"{s}.{k}"] = timings[k]
     total = sum(stages.values())
     return {"iteration": i, "stage_seconds": stages, "total_s": round(total, 2), "fixed": fixed,
             "fixed_s": round(sum(fixed.values()), 2), "fixed_share": sum(fixed.values()) / total}  # fmt: skip
