@@ -65,7 +65,6 @@ class Job:
     gpu_memory_utilization: float
     enforce_eager: bool
     device: str = "auto"
-    seed_engine: int = 0  # vLLM is seeded once, when its engine starts (per-request seeds fail on CPU)
 
 
 def rows(prompt_id: str, prompt: str, n_prompt: int, samples: list[tuple[str, list[int], str]]) -> list[dict]:
@@ -88,10 +87,14 @@ def _write(job: Job, k: int, shard_rows: list[dict]) -> None:
 def engine_key(job: Job) -> dict:
     """What an engine is built for; a job with another key needs a new engine. The
     architecture is read from the policy's config.json, so any policy of the same shape can
-    be loaded into a running engine."""
-    arch = json.loads((Path(job.policy) / "config.json").read_text())
-    arch = {k: v for k, v in arch.items() if k not in ("_name_or_path", "transformers_version")}
-    return {"arch": arch, "dtype": job.dtype, "max_length": job.max_length, "seed": job.seed_engine,
+    be loaded into a running engine; a hub id (no local folder) is its own key."""
+    config = Path(job.policy) / "config.json"
+    if config.exists():
+        skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+        arch = {k: v for k, v in json.loads(config.read_text()).items() if k not in skip}
+    else:
+        arch = {"policy": job.policy}
+    return {"arch": arch, "dtype": job.dtype, "max_length": job.max_length,
             "gpu_memory_utilization": job.gpu_memory_utilization, "enforce_eager": job.enforce_eager}  # fmt: skip
 
 
@@ -99,7 +102,7 @@ def start_llm(job: Job):
     from vllm import LLM
 
     return LLM(
-        model=job.policy, dtype=job.dtype, seed=job.seed_engine, max_model_len=job.max_length,
+        model=job.policy, dtype=job.dtype, seed=job.seed, max_model_len=job.max_length,
         gpu_memory_utilization=job.gpu_memory_utilization, enforce_eager=job.enforce_eager,
     )  # fmt: skip
 
@@ -112,12 +115,17 @@ def load_policy_into(llm, policy: str) -> None:
 
 
 def generate_shards(llm, job: Job) -> None:
-    """Generate the job's shards with a running vLLM engine."""
+    """Generate the job's shards with a running vLLM engine. The engine runs in this
+    process, so seeding it before each shard makes a shard a function of (seed, shard)
+    alone: a shard regenerated after a crash, or by an engine kept from an earlier
+    iteration, is the same as the uninterrupted run's (per-request seeds fail on CPU)."""
     from vllm import SamplingParams
+    from vllm.utils.torch_utils import set_random_seed
 
     params = SamplingParams(n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens)
     bar = progress.bar(sum(len(v) for v in job.shards.values()), "generate (vLLM)", "prompt")
     for k, prompts in sorted(job.shards.items()):
+        set_random_seed(job.seed * 1_000_003 + k)  # as the transformers backend seeds a shard
         outs = llm.generate([{"prompt_token_ids": ids} for _, _, ids in prompts], params, use_tqdm=False)
         shard_rows = []
         for (pid, text, ids), out in zip(prompts, outs):
@@ -224,17 +232,22 @@ class Engine:
             ours, theirs = socket.socketpair()
             # the engine core runs inside this child (no second spawn: ~20 s less start-up on CPU)
             env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iterate.generate", "--serve", str(theirs.fileno())],
-                env=env, pass_fds=[theirs.fileno()], preexec_fn=_kill_with_parent,
-            )  # fmt: skip
-            theirs.close()
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "iterate.generate", "--serve", str(theirs.fileno())],
+                    env=env, pass_fds=[theirs.fileno()], preexec_fn=_kill_with_parent,
+                )  # fmt: skip
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
             self.conn, self.key = Connection(ours.detach()), key
         try:
             self.conn.send(asdict(job))
             reply = self.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            reply = {"ok": False, "error": f"engine process exited ({self.proc.wait()})"}
+        except (EOFError, OSError):
+            reply = {"ok": False, "error": f"engine process ended (exit status {self.proc.poll()})"}
         if not reply["ok"]:
             self.close()
             raise RuntimeError(f"generation engine failed ({reply['error']}); shards written so far are kept in {job.out}")
@@ -327,7 +340,6 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             gpu_memory_utilization=gc.gpu_memory_utilization, enforce_eager=gc.enforce_eager, device=str(cfg.device),
         )  # fmt: skip
         keep = gc.keep_engine and models.device(str(cfg.device)).type == "cpu"
-        job.seed_engine = cfg.seed if keep else job.seed  # a kept engine is seeded once per run
         timings = launch(job, str(gc.backend), keep_engine=keep)
         if still := missing(shards, stage.path):
             raise RuntimeError(f"generate: the engine ended without writing shards {sorted(still)} in {stage.path}")

@@ -113,8 +113,10 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
 
 
 def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
-    """A kept engine given another policy of the same shape generates what a fresh engine
-    started on that policy does (greedy), without starting again."""
+    """A kept engine given another policy of the same shape samples exactly what a fresh
+    engine started on that policy does for the same shard: the weights are replaced in
+    place, and each shard is seeded from (seed, shard) alone, so a shard regenerated after
+    a crash (here: only shard 1, by a new engine) equals the uninterrupted run's."""
     from transformers import AutoModelForCausalLM
 
     other = tmp_path / "other"
@@ -126,16 +128,16 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
     model.save_pretrained(other)
     models.load_tokenizer(str(tiny_world)).save_pretrained(other)
     tok = models.load_tokenizer(str(tiny_world))
-    shards, _ = generate.plan(tok, _prompts(), max_prompt=64 - 12, shard_size=8)
+    shards, _ = generate.plan(tok, _prompts(), max_prompt=64 - 12, shard_size=3)
+    assert len(shards) == 2
 
-    def job(policy, name):
-        j = _job(policy, tmp_path / name, dict(enumerate(shards)), backend_n=1)
-        j.temperature = 0.0  # greedy: comparable across engines
+    def job(policy, name, which=(0, 1)):
         (tmp_path / name).mkdir()
-        return j
+        return _job(policy, tmp_path / name, {k: shards[k] for k in which}, backend_n=3)
 
-    def texts(name):
-        return pq.read_table(tmp_path / name / "shard_00000.parquet")["response"].to_pylist()
+    def shard1(name):
+        t = pq.read_table(tmp_path / name / "shard_00001.parquet")
+        return t["response"].to_pylist(), t["response_ids"].to_pylist()
 
     engine = generate.Engine()
     try:
@@ -146,7 +148,24 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
     finally:
         engine.close()
     assert "engine_start_s" in first and "weights_load_s" in second and "engine_start_s" not in second
-    fresh = generate.launch(job(other, "c"), "vllm")  # not kept: its own engine, closed after
+    fresh = generate.launch(job(other, "c", which=(1,)), "vllm")  # not kept: its own engine, closed after
     assert "engine_start_s" in fresh
-    assert texts("b") == texts("c")
-    assert texts("a") != texts("b"), "the perturbed policy must answer differently for the check to mean anything"
+    assert shard1("b") == shard1("c")
+    assert shard1("a") != shard1("b"), "the perturbed policy must sample differently for the check to mean anything"
+
+
+def test_engine_key_reads_the_architecture_and_accepts_hub_ids(tiny_world, tmp_path):
+    import json
+    import shutil
+
+    local = generate.engine_key(_job(tiny_world, tmp_path, {}))
+    assert local["arch"]["hidden_size"] > 0 and "dtype" not in local["arch"]
+    # a policy saved in another dtype has the same shape: the running engine can take it
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_world, copy)
+    conf = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**conf, "dtype": "bfloat16", "_name_or_path": "x"}))
+    assert generate.engine_key(_job(copy, tmp_path, {})) == local
+    # a hub id is not a folder here: it is its own key (vLLM resolves it)
+    hub = generate.engine_key(_job("HuggingFaceH4/mistral-7b-sft-beta", tmp_path, {}))
+    assert hub["arch"] == {"policy": "HuggingFaceH4/mistral-7b-sft-beta"}

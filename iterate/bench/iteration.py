@@ -1,5 +1,8 @@
 """The wall time of a toy iteration per stage, and its fixed overheads (engine start or
-weight load, model loads, saves, merge) as a share, read from the stages' ``_DONE.json``."""
+weight load, model loads, saves, merge) as a share, read from the stages' ``_DONE.json``.
+
+Unlike the other sections, the two variants (engine kept, engine restarted) are whole runs
+one after the other, not alternating rounds: their ratio is as noisy as the machine."""
 
 from __future__ import annotations
 
@@ -49,7 +52,9 @@ def measure(out: Path, iterations: int, overrides: list[str], compare_restart: b
         cfg = main_config([*overrides, *extra, *rm_args, f"iteration={iterations}", f"runs_dir={out}", f"run_name={name}"])
         run = out / name
         shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run, not a resumed one
-        loop.run(cfg, run)
+        rows = loop.run(cfg, run)
+        if not rows:
+            raise RuntimeError(f"bench iteration: {run} has no finished iteration to break down")
         rm = rm or str(run / "reward_model" / "model")
-        results[name] = breakdown(run, iterations - 1)
+        results[name] = breakdown(run, rows[-1]["iteration"])  # the last one made (a KL rejection stops early)
     return results

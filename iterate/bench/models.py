@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -41,12 +42,19 @@ def policy_path(name: str, toy: ToyConfig) -> str:
         tie_word_embeddings=False, **SPECS[name],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    tmp = out.with_name(out.name + ".tmp")
+    return _save(LlamaForCausalLM(cfg), tok, out)
+
+
+def _save(model, tok, out: Path) -> str:
+    """Save under a temporary name, then rename: a folder with config.json is complete."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
     return str(out)
 
 
@@ -62,12 +70,7 @@ def reward_path(name: str, toy: ToyConfig) -> str:
     model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
     tok = AutoTokenizer.from_pretrained(src)
     model.config.pad_token_id = tok.pad_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return str(out)
+    return _save(model, tok, out)
 
 
 def matmul_parameters(model) -> int:
