@@ -168,12 +168,22 @@ def score(model, tokenizer, seqs: list[list[int]], batch_size: int = 64, desc: s
     return out
 
 
-def load_model(path: str, dtype: str = "float32"):
-    """A reward model and its tokenizer, ready to score (pad token set)."""
+def load_model(path: str, dtype: str = "float32", new_head: bool = False):
+    """A reward model and its tokenizer, ready to score (pad token set). ``new_head``: the
+    path is a causal LM whose body gets a fresh scalar head (its LM head is dropped), so
+    transformers' load report of exactly that is not shown."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[str(dtype)])
+    report = hf_logging.get_logger("transformers.modeling_utils")  # its load report
+    level = report.level
+    if new_head:
+        report.setLevel(hf_logging.ERROR)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[str(dtype)])
+    finally:
+        report.setLevel(level)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
@@ -206,7 +216,7 @@ def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dic
 
 def _new_model(rc: RewardConfig, base: str, seed: int):
     torch.manual_seed(seed)
-    model, tokenizer = load_model(base, rc.dtype)
+    model, tokenizer = load_model(base, rc.dtype, new_head=True)
     if rc.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 

@@ -64,12 +64,10 @@ def reward_path(name: str, toy: ToyConfig) -> str:
     out = src.with_name(src.name + "-rm")
     if (out / "config.json").exists():
         return str(out)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from iterate import reward_model
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(src)
-    model.config.pad_token_id = tok.pad_token_id
+    model, tok = reward_model.load_model(str(src), new_head=True)
     return _save(model, tok, out)
 
 
