@@ -23,7 +23,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,23 +149,21 @@ def serve(fd: int) -> None:
         except EOFError:
             return
         job.shards = {int(k): [tuple(p) for p in v] for k, v in job.shards.items()}
-        timings: dict[str, float] = {}
+        timer = progress.Timer()
         try:
-            t = time.perf_counter()
             if llm is None:
-                llm = start_llm(job)
-                timings["engine_start_s"] = round(time.perf_counter() - t, 3)
+                with timer("engine_start_s"):
+                    llm = start_llm(job)
             elif loaded != job.policy:
-                load_policy_into(llm, job.policy)
-                timings["weights_load_s"] = round(time.perf_counter() - t, 3)
+                with timer("weights_load_s"):
+                    load_policy_into(llm, job.policy)
             loaded = job.policy
-            t = time.perf_counter()
-            generate_shards(llm, job)
-            timings["generate_s"] = round(time.perf_counter() - t, 3)
-            conn.send({"ok": True, "timings": timings})
+            with timer("generate_s"):
+                generate_shards(llm, job)
+            conn.send({"ok": True, "timings": timer.seconds})
         except Exception as e:  # reported to the parent, which raises it with context
             log.exception("generation job failed")
-            conn.send({"ok": False, "timings": timings, "error": f"{type(e).__name__}: {e}"})
+            conn.send({"ok": False, "timings": timer.seconds, "error": f"{type(e).__name__}: {e}"})
             return
 
 
@@ -277,9 +274,10 @@ def launch(job: Job, backend: str, keep_engine: bool = False) -> dict:
     """Run the job: vLLM in a child process (kept for the next job when ``keep_engine``),
     transformers in this one. Returns timings in seconds."""
     if backend == "transformers":
-        t = time.perf_counter()
-        run_transformers(job)
-        return {"generate_s": round(time.perf_counter() - t, 3)}
+        timer = progress.Timer()
+        with timer("generate_s"):
+            run_transformers(job)
+        return timer.seconds
     engine = _ENGINE if keep_engine else Engine()
     try:
         return engine.run(job)
@@ -314,7 +312,6 @@ NOT_HASHED = ("keep_engine",)
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> dict:
     from iterate import models
-    from iterate.models import load_tokenizer
 
     gc = cfg.generate
     gen_conf = {k: v for k, v in plain(gc).items() if k not in NOT_HASHED}
@@ -322,7 +319,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
     stage = Stage(paths.stage(i, "generate"), "generate", conf, inputs=[paths.stage(i, "prompts"), *paths.previous(i)])
     if stage.check(cfg.force):
         return stage.read_done()
-    tok = load_tokenizer(policy, cfg.model.chat_template)
+    tok = models.load_tokenizer(policy, cfg.model.chat_template)
     shards, dropped = plan(tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size)
     if not shards:
         raise ValueError(

@@ -12,6 +12,13 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqd
     return tqdm(total=total, desc=desc, unit=unit, disable=None, mininterval=0.5, leave=False, **kw)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (a per-process high-water mark)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Timer:
     """Wall-clock seconds per named section: ``with timer("merge"): ...``, then
     ``timer.seconds``. Stages record them in ``_DONE.json`` (``timings``), which is where

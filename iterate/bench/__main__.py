@@ -155,6 +155,10 @@ def main(dcfg) -> None:
 
     hf_logging.disable_progress_bar()
     cfg: BenchConfig = OmegaConf.to_object(dcfg)
+    if cfg.threads:  # this process's sections; each child process sets its own from the spec
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     if cfg.quick:
         cfg = apply_quick(cfg)
     unknown = set(cfg.sections) - set(SECTIONS)

@@ -40,8 +40,6 @@ def generation(spec: dict) -> dict:
     with the matmul rate measured between them."""
     from iterate import models
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
     dtype = models.DTYPES[spec["dtype"]]
     n, new, prompts = spec["n"], spec["new_tokens"], spec["prompts"]
     out: dict = {"rounds": {b: [] for b in spec["backends"]} | {"matmul_flops": []}}
@@ -110,5 +108,8 @@ def rl(spec: dict) -> dict:
 
 if __name__ == "__main__":
     kind, spec_file, out_file = sys.argv[1:4]
-    result = {"generation": generation, "dpo": dpo, "rl": rl}[kind](json.loads(Path(spec_file).read_text()))
+    spec = json.loads(Path(spec_file).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = {"generation": generation, "dpo": dpo, "rl": rl}[kind](spec)
     Path(out_file).write_text(json.dumps(result, indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import models
+from iterate import models, progress
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.update import common, dpo
@@ -34,8 +34,6 @@ class DpoStep:
     either cached once (``recompute=False``) or computed again in every step."""
 
     def __init__(self, spec: dict):
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
         self.cfg = main_config([f"model.path={spec['model']}", "update=dpo", f"update.micro_batch_size={spec['micro_batch_size']}"])
         self.dev = models.device(str(self.cfg.device))
         self.path = spec["model"]
@@ -89,7 +87,7 @@ def dpo_variant(spec: dict) -> dict:
         step.reference()
     times = [step(recompute) for _ in range(spec["steps"])]
     return {"variant": spec["variant"], "step_s": statistics.median(times), "rss_before_model_mb": base,
-            "rss_after_load_mb": loaded, "peak_rss_mb": bm.peak_rss_mb()}  # fmt: skip
+            "rss_after_load_mb": loaded, "peak_rss_mb": progress.peak_rss_mb()}  # fmt: skip
 
 
 def rl_stage(spec: dict) -> dict:
@@ -98,8 +96,6 @@ def rl_stage(spec: dict) -> dict:
     from iterate.paths import Paths
     from iterate.update import RULES
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     base = bm.rss_mb()
     n = spec["prompts"]
     cfg = main_config([
@@ -111,5 +107,5 @@ def rl_stage(spec: dict) -> dict:
     t = time.perf_counter()
     done = RULES[spec["rule"]](cfg, paths, 0, spec["model"], spec["model"])
     return {"rule": spec["rule"], "seconds": time.perf_counter() - t, "steps": done["steps"],
-            "rss_before_model_mb": base, "peak_rss_mb": bm.peak_rss_mb(),
+            "rss_before_model_mb": base, "peak_rss_mb": progress.peak_rss_mb(),
             "trainable_parameters": done["trainable_parameters"]}  # fmt: skip

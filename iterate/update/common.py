@@ -182,14 +182,18 @@ def save(model, tok, stage: Stage) -> str:
     return out.name
 
 
+def start(cfg: Config, i: int, policy: str) -> tuple[torch.device, object, progress.Timer]:
+    """What every update stage does once it knows it has work: seed, device, the policy's
+    tokenizer, and a timer for its sections."""
+    torch.manual_seed(cfg.seed * 1000 + i)
+    return models.device(str(cfg.device)), models.load_tokenizer(policy, cfg.model.chat_template), progress.Timer()
+
+
 def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool, keys: tuple[str, ...] = ()) -> dict:
     stage = stage_for(cfg, paths, i, policy, reference, keys)
     if stage.check(cfg.force):
         return stage.read_done()
-    torch.manual_seed(cfg.seed * 1000 + i)
-    timer = progress.Timer()
-    dev = models.device(str(cfg.device))
-    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
         raise ValueError(f"{paths.stage(i, 'pairs')}: no pairs to train on (see its _DONE.json for the drop reasons)")

@@ -81,7 +81,6 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     ``passes`` optimiser steps on it (``step_loss``). ``head_fn(model)`` adds trainable
     modules (PPO's value head). One ``train_log.jsonl`` line per step."""
     import math
-    import time
 
     from iterate import faults, progress
     from iterate.update import common
@@ -91,10 +90,7 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     stage.config["reward_model"] = paths.reward_model
     if stage.check(cfg.force):
         return stage.read_done()
-    torch.manual_seed(cfg.seed * 1000 + i)
-    timer = progress.Timer()
-    dev = models.device(str(cfg.device))
-    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    dev, tok, timer = common.start(cfg, i, policy)
     with timer("load_s"):
         model = common.policy_model(cfg, policy, dev)
         lora = hasattr(model, "disable_adapter")
@@ -110,10 +106,9 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
     log_path = stage.path / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
     bar = progress.bar(uc.epochs * n_batches * passes, f"update ({uc.name})", "step")
-    t_train = time.perf_counter()
     step, skipped, last, state = 0, 0, {}, {"kl_coef": uc.kl_coef}
     model.train()
-    with open(log_path, "a") as logf:
+    with timer("train_s"), open(log_path, "a") as logf:
         for epoch in range(uc.epochs):
             order = torch.randperm(len(prompts), generator=g).tolist()
             for b in range(0, len(order), uc.micro_batch_size):
@@ -130,20 +125,13 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
                     bar.update(1)
                     faults.point(i, "update", step)
     bar.close()
-    timer.seconds["train_s"] = round(time.perf_counter() - t_train, 3)
     model.eval()
     with timer("save_s"):
         saved = common.save(model, tok, stage)
         if head is not None:
             torch.save(head.state_dict(), stage.path / "value_head.pt")
-    peak = _peak_rss_mb()
+    peak = round(progress.peak_rss_mb(), 1)
     return stage.finish(
         rule=str(uc.name), rows_in=len(prompts), saved=saved, reference=reference, steps=step, skipped_steps=skipped,
         final=last, trainable_parameters=sum(p.numel() for p in params), peak_rss_mb=peak, timings=timer.seconds,
     )  # fmt: skip
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
