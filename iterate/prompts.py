@@ -2,8 +2,16 @@
 
 The pool comes from the toy world's instruction families, a local jsonl/parquet file, or a
 ``datasets`` dataset. Each prompt's id is a stable hash of its text, duplicates are dropped
-and counted, and the order is a seeded shuffle by hash, so the same config always gives the
-same slices. Iteration ``i`` takes prompts ``[i*k, (i+1)*k)`` of the shuffled training pool.
+and counted, and the order is a seeded shuffle by hash, so the same source always gives the
+same slices.
+
+What the run already used is the truth, not the source: the held-out set is drawn once and
+kept in ``<run>/heldout/``, and iteration ``i`` takes the first ``per_iteration`` prompts of
+the shuffled pool that are neither held out nor in an earlier iteration's
+``iter_j/prompts/``. So a source that grows (or shrinks) between invocations never moves a
+held-out prompt into training nor repeats a prompt: new prompts join the draws of the
+iterations still to come. The source's content hash is recorded in every prompts
+``_DONE.json``, and a change is logged with what it added.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import pyarrow as pa
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import Stage, read_shards, shard_path, write_shard
+from iterate.shards import DONE, Stage, read_shards, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -103,45 +111,74 @@ def _table(texts: list[str]) -> pa.Table:
     return pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
 
 
-def _pools(cfg: Config) -> tuple[list[str], list[str], Counter]:
+def source_hash(train: list[str], heldout: list[str]) -> str:
+    """The content of a prompts source: a hash of its prompts, in order."""
+    h = hashlib.sha256()
+    for t in [*train, "\0heldout\0", *heldout]:
+        h.update(t.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
+    """(shuffled training pool, held-out candidates, dropped by reason, source info)."""
     train, heldout, dropped = load_pool(cfg)
+    source = {"source_hash": source_hash(train, heldout), "source_prompts": len(train) + len(heldout)}
     train = _dedupe_shuffle(train, cfg.seed, dropped)
     if heldout:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
     else:  # one pool: the first prompts of the shuffled order are held out
-        heldout, train = train[: cfg.prompts.heldout], train[cfg.prompts.heldout :]
-    held_ids = {prompt_id(t) for t in heldout}
-    train = [t for t in train if prompt_id(t) not in held_ids]
-    return train, heldout, dropped
+        heldout = train[: cfg.prompts.heldout]
+    return train, heldout, dropped, source
 
 
 def _config(cfg: Config) -> dict:
     return {"prompts": plain(cfg.prompts), "seed": cfg.seed, "toy_heldout_fraction": cfg.toy.heldout_fraction}
 
 
+def _ids(folder: Path) -> set[str]:
+    return set(read_shards(folder)["prompt_id"].to_pylist())
+
+
 def heldout(cfg: Config, paths: Paths) -> pa.Table:
-    """The held-out prompts of the run (written once to ``<run>/heldout/``)."""
+    """The held-out prompts of the run: drawn once, written to ``<run>/heldout/``, and from
+    then on read from there whatever the source holds now."""
     stage = Stage(paths.run / "heldout", "heldout", _config(cfg))
     if not stage.check(cfg.force):
-        _, held, dropped = _pools(cfg)
+        _, held, dropped, source = _pools(cfg)
         write_shard(_table(held), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(held), dropped=dict(dropped))
+        stage.finish(rows_out=len(held), dropped=dict(dropped), **source)
     return read_shards(stage.path)
 
 
 def run(cfg: Config, paths: Paths, i: int) -> pa.Table:
-    """Write iteration ``i``'s slice of prompts to ``iter_i/prompts/`` and return it."""
+    """Write iteration ``i``'s slice of prompts to ``iter_i/prompts/`` and return it: the
+    first ``per_iteration`` prompts of the shuffled pool that the run has not used yet
+    (held out, or drawn by iterations ``0 .. i-1``)."""
     stage = Stage(paths.stage(i, "prompts"), "prompts", _config(cfg))
     if not stage.check(cfg.force):
-        train, _, dropped = _pools(cfg)
+        heldout(cfg, paths)
+        train, _, dropped, source = _pools(cfg)
+        used = _ids(paths.run / "heldout")
+        for j in range(i):
+            used |= _ids(paths.stage(j, "prompts"))
+        fresh = [t for t in train if prompt_id(t) not in used]
         k = cfg.prompts.per_iteration
-        chunk = train[i * k : (i + 1) * k]
-        if len(chunk) < k:
+        if len(fresh) < k:
             raise ValueError(
-                f"prompts: iteration {i} needs prompts {i * k}..{(i + 1) * k - 1} of the pool but it "
-                f"has {len(train)} after deduplication and held-out; lower prompts.per_iteration "
-                f"or the number of iterations, or add prompts"
+                f"prompts: iteration {i} needs {k} prompts the run has not used yet, but the pool "
+                f"has {len(fresh)} ({len(train)} after deduplication, {len(used)} held out or "
+                f"drawn by iterations 0..{i - 1}); lower prompts.per_iteration or the number of "
+                f"iterations, or add prompts to the source (the held-out set and earlier "
+                f"iterations keep theirs)"
             )
+        drawn = json.loads((paths.run / "heldout" / DONE).read_text()).get("source_hash")
+        if drawn not in (None, source["source_hash"]):
+            log.info(
+                "prompts: the source changed since the held-out set was drawn (now %d prompts); "
+                "the held-out set and iterations 0..%d keep their prompts, iteration %d draws "
+                "from the %d not used yet", source["source_prompts"], i - 1, i, len(fresh),
+            )  # fmt: skip
+        chunk = fresh[:k]
         write_shard(_table(chunk), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped))
+        stage.finish(rows_out=len(chunk), pool=len(train), unused=len(fresh) - k, dropped=dict(dropped), **source)
     return read_shards(stage.path)

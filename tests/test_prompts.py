@@ -1,0 +1,92 @@
+"""The prompts stage: deduplication, a held-out set disjoint from training, disjoint
+per-iteration slices, and no leak when the source grows between invocations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from iterate import prompts
+from iterate.paths import Paths
+
+from .conftest import compose_cfg
+
+
+def _write(path: Path, texts: list[str]) -> None:
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+
+
+def _setup(tmp_path: Path, texts: list[str], per_iteration: int = 5, heldout: int = 6):
+    source = tmp_path / "prompts.jsonl"
+    _write(source, texts)
+    cfg = compose_cfg(["prompts=file", f"prompts.path={source}", f"prompts.per_iteration={per_iteration}",
+                       f"prompts.heldout={heldout}"], tmp_path)  # fmt: skip
+    return cfg, Paths(run=tmp_path / "run", base_policy=""), source
+
+
+def _ids(table) -> list[str]:
+    return table["prompt_id"].to_pylist()
+
+
+def test_dedupe_heldout_and_slices_are_disjoint(tmp_path):
+    texts = [f"Question number {n}?" for n in range(30)]
+    cfg, paths, _ = _setup(tmp_path, [*texts, texts[3], "  ", texts[7]])  # 2 duplicates, 1 empty
+    held = prompts.heldout(cfg, paths)
+    slices = [prompts.run(cfg, paths, i) for i in range(4)]
+    assert held.num_rows == 6 and all(s.num_rows == 5 for s in slices)
+    every = _ids(held) + [pid for s in slices for pid in _ids(s)]
+    assert len(every) == len(set(every)) == 26, "held-out and slices never share a prompt"
+    assert set(held["prompt"].to_pylist() + [t for s in slices for t in s["prompt"].to_pylist()]) <= set(texts)
+    done = json.loads((paths.stage(0, "prompts") / "_DONE.json").read_text())
+    assert done["dropped"] == {"duplicate": 2, "empty": 1} and done["pool"] == 30
+    # the order is the seeded shuffle: held out first, then slice after slice
+    order = [prompts.prompt_id(t) for t in prompts._dedupe_shuffle(texts, cfg.seed, prompts.Counter())]
+    assert every == order[:26]
+
+
+def test_too_few_prompts_names_what_is_used(tmp_path):
+    cfg, paths, _ = _setup(tmp_path, [f"Q{n}?" for n in range(14)])
+    prompts.run(cfg, paths, 0)
+    try:
+        prompts.run(cfg, paths, 1)
+    except ValueError as e:
+        assert "iteration 1 needs 5" in str(e) and "has 3" in str(e)
+    else:
+        raise AssertionError("an iteration without enough unused prompts must fail")
+
+
+def test_growing_the_source_never_leaks_heldout_or_repeats(tmp_path):
+    """Append prompts to the file between invocations and resume with more iterations: the
+    held-out set and the earlier iterations keep their prompts, and the new iterations
+    draw only prompts the run has not used (the defect: the pool was re-shuffled and the
+    next iteration trained on held-out prompts)."""
+    first = [f"Old question {n}?" for n in range(20)]
+    cfg, paths, source = _setup(tmp_path, first)
+    held = _ids(prompts.heldout(cfg, paths))
+    early = [_ids(prompts.run(cfg, paths, i)) for i in range(2)]
+    shards = {i: (paths.stage(i, "prompts") / "shard_00000.parquet").read_bytes() for i in range(2)}
+
+    _write(source, [*first, *(f"New question {n}?" for n in range(60))])
+    later = [_ids(prompts.run(cfg, paths, i)) for i in range(2, 6)]
+
+    assert _ids(prompts.heldout(cfg, paths)) == held, "the held-out set is drawn once"
+    for i in range(2):
+        assert (paths.stage(i, "prompts") / "shard_00000.parquet").read_bytes() == shards[i]
+    used = held + [p for s in early + later for p in s]
+    assert len(used) == len(set(used)) == 6 + 6 * 5, "no held-out or earlier prompt reappears"
+    new_ids = {prompts.prompt_id(f"New question {n}?") for n in range(60)}
+    assert new_ids & {p for s in later for p in s}, "the new prompts join later draws"
+    hashes = [json.loads((paths.stage(i, "prompts") / "_DONE.json").read_text())["source_hash"] for i in (1, 2)]
+    assert hashes[0] != hashes[1], "the source's content is recorded"
+
+
+def test_shrinking_the_source_keeps_what_was_used(tmp_path):
+    texts = [f"Question {n}?" for n in range(30)]
+    cfg, paths, source = _setup(tmp_path, texts)
+    held = _ids(prompts.heldout(cfg, paths))
+    first = _ids(prompts.run(cfg, paths, 0))
+    kept = [t for t in texts if prompts.prompt_id(t) not in held[:3]]  # three held-out prompts removed
+    _write(source, kept)
+    second = _ids(prompts.run(cfg, paths, 1))
+    assert _ids(prompts.heldout(cfg, paths)) == held
+    assert not set(second) & (set(held) | set(first))
