@@ -148,6 +148,7 @@ class RewardConfig:
     lr: float = 1e-3
     max_length: int = 256
     dtype: DType = DType.float32
+    score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, rollouts)
 
 
 @dataclass
@@ -217,6 +218,10 @@ class UpdateConfig:
     kl_horizon: int = 10000
     value_head: ValueHead = ValueHead.policy
     value_layers: int = 2  # reference_bottom: how many bottom layers feed the head
+    # ppo, remax with generate.backend=vllm: the policy under training is put into the engine
+    # (as a LoRA adapter, or the whole model for full fine-tuning) before a rollout once this
+    # many optimiser steps passed since the last sync; 1 samples every rollout on-policy
+    sync_every: int = 1
 
 
 @dataclass
@@ -224,7 +229,14 @@ class HandoffConfig:
     max_kl: float = 10.0  # reject a policy whose KL(new || reference) exceeds this (nats/seq)
     on_reject: OnReject = OnReject.stop
     reference: Reference = Reference.initial  # the next iteration's reference policy
-    kl_samples: int = 2  # samples per held-out prompt for the KL estimate
+
+
+@dataclass
+class EvaluateConfig:
+    """The held-out evaluation of each iteration's new policy (KL, reward, gold, win rate)."""
+
+    samples: int = 4  # samples per held-out prompt, at temperature 1 and top-p 1 (the KL needs them)
+    batch_size: int = 32  # sequences per forward pass of the KL's log-probs
 
 
 @dataclass
@@ -243,6 +255,7 @@ class Config:
     pairs: PairsConfig = MISSING
     update: UpdateConfig = MISSING
     handoff: HandoffConfig = MISSING
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def plain(obj) -> dict:

@@ -1,13 +1,15 @@
-"""Label every generated response with the reward model (and the gold judge in the toy world).
+"""The label stage: every generated response scored by the reward model (and, in the toy
+world, by the gold judge).
 
-Responses are re-rendered in the reward model's own chat template (decode, re-apply, no
-double BOS) and scored in large length-sorted batches. Label shard ``k`` labels generate
-shard ``k``; existing shards are skipped. Non-finite rewards are counted and their rows
-dropped, never turned into 0.
+Scoring goes through the one scorer (``reward_model.Scorer``): each response re-rendered in
+the reward model's own chat template, length-sorted batches of ``reward.score_batch_size``.
+Label shard ``k`` labels generate shard ``k``; existing shards are skipped. Non-finite
+rewards are counted and their rows dropped, never turned into 0.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
@@ -16,40 +18,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterate import faults, reward_model
+from iterate import faults, models
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.prompts import as_messages
+from iterate.reward_model import Scorer
 from iterate.shards import (
     SCHEMAS,
     Stage,
+    atomic_write_json,
     read_shards,
     shard_index,
     shard_path,
     shard_paths,
     write_shard,
 )
+from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)
 
 
-def gold_scorer(cfg: Config):
-    """The toy world's gold judge when the toy prompts are in use, else None."""
-    return gold_scorer_for(str(cfg.prompts.source))
-
-
-def gold_scorer_for(source: str):
-    if source != "toy":
-        return None
-    from iterate.toy.world import gold_score
-
-    return gold_score
-
-
-def label_table(gen: pa.Table, model, tok, max_length: int, batch_size: int, gold=None) -> tuple[pa.Table, Counter]:
+def label_table(gen: pa.Table, scorer: Scorer, gold=None) -> tuple[pa.Table, Counter]:
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
-    seqs = [reward_model.encode(tok, as_messages(p), r, max_length) for p, r in zip(prompts, responses)]
-    rewards = reward_model.score(model, tok, seqs, batch_size, desc="label")
+    rewards = scorer.score(prompts, responses, desc="label")
     keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]
     dropped = Counter({"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {})
     table = pa.table(
@@ -74,11 +64,11 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         return stage.read_done()
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
-        model, tok = reward_model.load_model(rm_path, str(rc.dtype))
-        gold = gold_scorer(cfg)
+        scorer = Scorer.load(rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device)))
+        gold = gold_scorer(cfg.prompts.source)
         for p in todo:
             k = shard_index(p)
-            table, d = label_table(pq.read_table(p), model, tok, rc.max_length, 64, gold)
+            table, d = label_table(pq.read_table(p), scorer, gold)
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a shard rewritten after a crash rewrites it
             faults.point(i, "label", k + 1)
@@ -99,14 +89,10 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
 # Dropped counts per shard live beside the shards, so a resumed stage still reports them.
 def _save_counts(folder: Path, k: int, counts: Counter) -> None:
     if counts:
-        from iterate.shards import atomic_write_json
-
         atomic_write_json(folder / f"dropped_{k:05d}.json", dict(counts))
 
 
 def json_counts(folder: Path) -> Counter:
-    import json
-
     total = Counter()
     for p in sorted(Path(folder).glob("dropped_*.json")):
         total += Counter(json.loads(p.read_text()))

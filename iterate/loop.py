@@ -1,9 +1,12 @@
 """The order of the stages; the only module that knows it. Finished stages are skipped.
 
 ``run(cfg, run_dir)`` makes iterations ``0 .. cfg.iteration-1`` exist, like ``make``:
-the toy world (when in use) and the reward model first, then per iteration
-prompts -> generate -> label -> pairs -> update -> handoff. Every stage is a function of
-the config and the run folder; they talk through files only.
+the toy world (when in use), the reward model, the held-out prompts and the initial
+policy's samples of them first, then per iteration
+prompts -> [generate -> label -> pairs] -> update -> evaluate -> handoff, where the
+bracketed stages run only for the rules that read best-of-n pairs (DPO, RAFT; PPO and
+ReMax roll out inside their update). Every stage is a function of the config and the run
+folder; they talk through files only.
 """
 
 from __future__ import annotations
@@ -89,12 +92,12 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
     paths.reward_model = rm
-    from iterate import generate
+    from iterate import sampling
 
     try:
         rows = iterate(cfg, paths, rm)
     finally:
-        generate.close_engine()  # a kept vLLM engine lives for one run
+        sampling.close_kept()  # a kept vLLM engine lives for one run
     report.write_metrics(run_dir / "metrics.jsonl", rows)
     report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
     stopped = len(rows) < cfg.iteration
@@ -106,39 +109,54 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     return rows
 
 
-SUMMARY_KEYS = ("rows_in", "rows_out", "dropped", "eos_rate", "reward_mean", "gold_mean", "steps", "skipped_steps",
-                "win_rate_vs_initial")  # fmt: skip
+SUMMARY_KEYS = ("rows_in", "rows_out", "responses", "dropped", "eos_rate", "reward_mean", "heldout_reward_mean",
+                "gold_mean", "win_rate_vs_initial", "steps", "skipped_steps")  # fmt: skip
 
 
 def _log(i: int, done: dict) -> dict:
     """The one-line summary of a stage, from its ``_DONE.json``."""
     parts = [f"{k}={done[k]}" for k in SUMMARY_KEYS if done.get(k) not in (None, {}, [])]
+    if "kl" in done:
+        parts.append(f"kl_k1={done['kl']['k1']}")
     log.info("iter %d %-8s %5.1fs  %s", i, done["stage"], done["seconds"], "  ".join(parts))
     return done
 
 
+def before_update(name: str, cfg: Config, paths: Paths, i: int, policy: str, batch, rm: str) -> dict:
+    """A stage that a rule reads before its update (the pair rules': best-of-n samples, their
+    labels, the pairs)."""
+    from iterate import generate, label, pairs
+
+    if name == "generate":
+        return generate.run(cfg, paths, i, policy, batch)
+    if name == "label":
+        return label.run(cfg, paths, i, rm)
+    return pairs.run(cfg, paths, i)
+
+
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
-    from iterate import generate, handoff, label, pairs, prompts, report
+    from iterate import evaluate, handoff, prompts, report
     from iterate.update import RULES
 
-    heldout = prompts.heldout(cfg, paths)
+    prompts.heldout(cfg, paths)
+    evaluate.initial(cfg, paths)
+    rule = RULES[str(cfg.update.name)]
     policy = reference = paths.base_policy
     rows: list[dict] = []
     for i in range(cfg.iteration):
         t = time.time()
         batch = prompts.run(cfg, paths, i)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
-        done["generate"] = _log(i, generate.run(cfg, paths, i, policy, batch))
-        done["label"] = _log(i, label.run(cfg, paths, i, rm))
-        done["pairs"] = _log(i, pairs.run(cfg, paths, i))
-        done["update"] = _log(i, RULES[str(cfg.update.name)](cfg, paths, i, policy, reference))
-        done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, reference, rm, heldout, rows))
+        for name in rule.stages:  # what the rule reads besides the prompts
+            done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
+        done["update"] = _log(i, rule.run(cfg, paths, i, policy, reference))
+        done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
+        done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"], rows))
         rows.append(report.metrics_row(cfg, i, done))
         report.write_metrics(paths.run / "metrics.jsonl", rows)
-        log.info(
-            "iteration %d: %d pairs, reward %.3f, KL %.4f, %s (%.0fs)", i, done["pairs"]["rows_out"],
-            done["label"]["reward_mean"], done["handoff"]["kl"]["k1"], done["handoff"]["kl"]["decision"], time.time() - t,
-        )  # fmt: skip
+        row = rows[-1]
+        log.info("iteration %d: %s responses, reward %s, KL %.4f, %s (%.0fs)", i, row["responses"], row["reward_mean"],
+                 row["kl_to_reference"], done["handoff"]["kl"]["decision"], time.time() - t)  # fmt: skip
         if not done["handoff"]["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
             log.warning("iteration %d: policy rejected by the KL gate (on_reject=stop): the loop stops here", i)
             break

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import json
 
-from iterate.prompts import as_messages
+import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,11 +26,30 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tok
 
 
-def load_policy(path: str, dtype: str = "float32", dev: torch.device | None = None):
+def load_policy(path: str, dtype: str = "float32", dev: torch.device | None = None, adapter: str | None = None):
+    """A causal LM in eval mode; with ``adapter``, a peft LoRA adapter on top (not merged,
+    so ``disable_adapter()`` gives the base policy back)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[str(dtype)])
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
     return model.to(dev or device()).eval()
+
+
+def as_messages(prompt: str) -> list[dict[str, str]]:
+    """A stored prompt as chat messages: plain text is one user turn; a JSON list of
+    ``{"role", "content"}`` (multi-turn sources) is used as is."""
+    if prompt.startswith("[{"):
+        try:
+            msgs = json.loads(prompt)
+            if all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
+                return msgs
+        except json.JSONDecodeError:
+            pass
+    return [{"role": "user", "content": prompt}]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -37,19 +37,6 @@ def prompt_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def as_messages(prompt: str) -> list[dict[str, str]]:
-    """A stored prompt as chat messages: plain text is one user turn; a JSON list of
-    ``{"role", "content"}`` (multi-turn sources) is used as is."""
-    if prompt.startswith("[{"):
-        try:
-            msgs = json.loads(prompt)
-            if all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
-                return msgs
-        except json.JSONDecodeError:
-            pass
-    return [{"role": "user", "content": prompt}]
-
-
 def _text(value, where: str, field: str) -> str:
     if isinstance(value, str):
         text = value.strip()

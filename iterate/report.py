@@ -15,7 +15,7 @@ from iterate.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prompts", "generate", "label", "pairs", "update", "handoff")
+STAGES = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
 COLUMNS = [  # (key, header, format)
     ("iteration", "iter", "{}"),
     ("update", "update", "{}"),
@@ -33,24 +33,28 @@ COLUMNS = [  # (key, header, format)
 
 
 def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
-    """One ``metrics.jsonl`` object from the ``_DONE.json`` of each stage of iteration i."""
-    gen, lab, pairs, ho = done["generate"], done["label"], done["pairs"], done["handoff"]
+    """One ``metrics.jsonl`` object from the ``_DONE.json`` of each stage of iteration i.
+    The training-side reward is the labelled best-of-n samples' (pair rules) or the
+    rollouts' (PPO, ReMax); the held-out figures are the evaluate stage's."""
+    upd, ev, ho = done["update"], done["evaluate"], done["handoff"]
+    if "label" in done:
+        train = {"prompts": done["generate"]["prompts_out"], "responses": done["label"]["rows_out"],
+                 "pairs": done["pairs"]["rows_out"], "reward_mean": done["label"]["reward_mean"],
+                 "reward_best_mean": done["pairs"]["reward_best_mean"], "gold_train_mean": done["label"].get("gold_mean")}  # fmt: skip
+    else:
+        train = {"prompts": upd["rows_in"], "responses": upd["responses"], "pairs": None,
+                 "reward_mean": upd["reward_mean"], "reward_best_mean": None, "gold_train_mean": None}  # fmt: skip
     return {
         "iteration": i,
         "update": str(cfg.update.name),
-        "prompts": gen["prompts_out"],
-        "responses": lab["rows_out"],
-        "pairs": pairs["rows_out"],
-        "reward_mean": lab["reward_mean"],
-        "reward_best_mean": pairs["reward_best_mean"],
-        "gold_mean": ho.get("gold_mean"),
-        "gold_train_mean": lab.get("gold_mean"),
-        "heldout_reward_mean": ho.get("heldout_reward_mean"),
-        "win_rate_vs_initial": ho.get("win_rate_vs_initial"),
+        **train,
+        "gold_mean": ev.get("gold_mean"),
+        "heldout_reward_mean": ev.get("heldout_reward_mean"),
+        "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
         "kl_to_reference": ho["kl"]["k1"],
         "kl_k3": ho["kl"]["k3"],
-        "response_tokens_mean": ho.get("response_tokens_mean"),
-        "eos_rate": ho.get("eos_rate"),
+        "response_tokens_mean": ev.get("response_tokens_mean"),
+        "eos_rate": ev.get("eos_rate"),
         "accepted": ho["kl"]["accepted"],
         "seconds": {s: done[s]["seconds"] for s in STAGES if s in done},
     }
@@ -69,10 +73,10 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
     cols = [*extra, *COLUMNS]
     cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
     if any("seconds" in r for r in rows):
-        cells[0].append("seconds (gen/label/update/handoff)")
+        cells[0].append("seconds (gen/label/update/eval/handoff)")
         for line, r in zip(cells[1:], rows):
             s = r.get("seconds", {})
-            line.append("/".join(f"{s.get(k, 0):.0f}" for k in ("generate", "label", "update", "handoff")))
+            line.append("/".join(f"{s.get(k, 0):.0f}" for k in ("generate", "label", "update", "evaluate", "handoff")))
     if markdown:
         head = "| " + " | ".join(cells[0]) + " |\n|" + "---|" * len(cells[0]) + "\n"
         return head + "".join("| " + " | ".join(c) + " |\n" for c in cells[1:])
@@ -131,7 +135,8 @@ def write_card(path: Path, cfg: Config, paths: Paths, i: int, history: list[dict
     hyper = {k: v for k, v in json.loads(json.dumps(uc.__dict__, default=str)).items() if k != "lora"}
     lora = cfg.update.lora
     algo = f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout}, merged" if lora.enabled else "full fine-tuning"
-    rows = [*history, {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1"), "accepted": now.get("accepted")}]
+    now = {k: v for k, v in now.items() if k not in ("seconds", "config")}  # the stage's own, not the table's
+    rows = [*history, {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1")}]
     text = f"""---
 base_model: {cfg.model.path or "toy-sft (built by iterate.toy)"}
 library_name: transformers

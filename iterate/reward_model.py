@@ -1,10 +1,13 @@
-"""Reward-model training (Bradley–Terry), the stage before iteration 0, and batched scoring.
+"""The one scorer of the loop, and reward-model training (Bradley–Terry), the stage before
+iteration 0.
 
-Pairs come from the toy world (two responses of different styles to one prompt, labelled by
-the gold judge, with label noise) or from a local HH-RLHF-format file: ``chosen`` and
-``rejected`` transcripts of ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` turns, split into the
-prompt (every turn before the last) and the final Assistant response.
+``Scorer.score(prompts, responses)`` is how every stage scores responses (labelling, the
+held-out evaluation, PPO / ReMax rollouts, the benchmark): each conversation is rendered in
+the reward model's own chat template (the policy's may differ; never a double BOS) and
+scored in length-sorted batches.
 
+Training pairs come from the toy world (two responses of different styles to one prompt,
+labelled by the gold judge, with label noise) or from an HH-RLHF-format file (``iterate.hh``).
 The model is ``AutoModelForSequenceClassification`` with one label, trained with
 ``-logsigmoid(r_chosen - r_rejected)``, through a LoRA ``SEQ_CLS`` adapter (merged on save)
 or by full fine-tuning. Output: ``runs/<run>/reward_model/{model/, train_log.jsonl,
@@ -17,97 +20,19 @@ import json
 import logging
 import math
 import random
-import re
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from iterate import losses, progress
 from iterate.config import Config, RewardConfig, plain
-from iterate.models import DTYPES, load_tokenizer, pad
+from iterate.hh import Messages, Pair, load_hh
+from iterate.models import DTYPES, as_messages, load_tokenizer, pad
 from iterate.paths import Paths
 from iterate.shards import Stage
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
-
-
-@dataclass
-class Pair:
-    messages: Messages  # the conversation before the final response
-    chosen: str
-    rejected: str
-
-
-class MalformedRow(ValueError):
-    """A preference row that cannot be used; ``reason`` is the count key."""
-
-    def __init__(self, reason: str, where: str, field: str, detail: str = ""):
-        self.reason = reason
-        super().__init__(f"{where}: field '{field}': {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
-
-
-_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
-
-
-def parse_hh(text: str, where: str = "", field: str = "chosen") -> tuple[Messages, str]:
-    """Split an HH-RLHF transcript into (prompt messages, final Assistant response)."""
-    if not isinstance(text, str):
-        raise MalformedRow("not_text", where, field, f"got {type(text).__name__}")
-    parts = _TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
-    if parts[0].strip():
-        raise MalformedRow("text_before_first_turn", where, field, repr(parts[0][:40]))
-    turns = [(parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
-    if not turns or turns[-1][0] != "Assistant":
-        raise MalformedRow("no_assistant_turn", where, field, "the transcript must end with an Assistant turn")
-    response = turns[-1][1].strip()
-    if not response:
-        raise MalformedRow("empty_response", where, field)
-    roles = {"Human": "user", "Assistant": "assistant"}
-    messages = [{"role": roles[r], "content": c.strip()} for r, c in turns[:-1]]
-    if not messages:
-        raise MalformedRow("no_human_turn", where, field)
-    return messages, response
-
-
-def parse_hh_row(row: dict, where: str) -> Pair:
-    for field in ("chosen", "rejected"):
-        if field not in row or row[field] is None:
-            raise MalformedRow("missing_field", where, field)
-    prompt_c, chosen = parse_hh(row["chosen"], where, "chosen")
-    prompt_r, rejected = parse_hh(row["rejected"], where, "rejected")
-    if prompt_c != prompt_r:
-        raise MalformedRow("prompt_mismatch", where, "rejected", "chosen and rejected differ before the final turn")
-    if chosen == rejected:
-        raise MalformedRow("identical_responses", where, "rejected")
-    return Pair(prompt_c, chosen, rejected)
-
-
-def load_hh(path: str) -> tuple[list[Pair], Counter, list[str]]:
-    """Read an HH-format jsonl/json/parquet file with ``datasets``.
-
-    Returns the usable pairs, dropped rows counted by reason, and one message per reason
-    naming the file, row and field of its first occurrence.
-    """
-    import datasets
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"reward.data_path: no such file: {path}")
-    kind = "parquet" if p.suffix == ".parquet" else "json"
-    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-    pairs, dropped, examples = [], Counter(), {}
-    for i, row in enumerate(ds):
-        try:
-            pairs.append(parse_hh_row(row, f"{path}: row {i}"))
-        except MalformedRow as e:
-            dropped[e.reason] += 1
-            examples.setdefault(e.reason, str(e))
-    return pairs, dropped, list(examples.values())
 
 
 def toy_pairs(n: int, instructions: list[world.Instruction], noise: float, seed: int) -> tuple[list[Pair], Counter]:
@@ -147,25 +72,11 @@ def encode(tokenizer, messages: Messages, response: str, max_length: int) -> lis
     return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)["input_ids"]
 
 
-def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+def forward_rewards(model, seqs: list[list[int]], pad_id: int, dev=None) -> torch.Tensor:
     ids, mask = pad(seqs, pad_id)
+    if dev is not None:
+        ids, mask = ids.to(dev), mask.to(dev)
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-
-
-@torch.no_grad()
-def score(model, tokenizer, seqs: list[list[int]], batch_size: int = 64, desc: str = "") -> list[float]:
-    """Rewards for token sequences, scored in length-sorted batches (little padding)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
-    bar = progress.bar(len(seqs), desc or "score", "seq")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rewards = forward_rewards(model, [seqs[i] for i in idx], tokenizer.pad_token_id)
-        for i, r in zip(idx, rewards.tolist()):
-            out[i] = r
-        bar.update(len(idx))
-    bar.close()
-    return out
 
 
 def load_model(path: str, dtype: str = "float32", new_head: bool = False):
@@ -186,6 +97,43 @@ def load_model(path: str, dtype: str = "float32", new_head: bool = False):
         report.setLevel(level)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+class Scorer:
+    """Rewards for (prompt, response) pairs from one reward model: ``score(prompts,
+    responses)``. A prompt is a stored prompt (text, or a JSON list of messages) or a list
+    of messages; the template switch happens here, in ``encode``."""
+
+    def __init__(self, model, tokenizer, max_length: int, batch_size: int = 64):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @classmethod
+    def load(cls, path: str, dtype: str, max_length: int, batch_size: int, device=None) -> Scorer:
+        model, tokenizer = load_model(path, dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model.to(device or "cpu"), tokenizer, max_length, batch_size)
+
+    def encode(self, prompt: str | Messages, response: str) -> list[int]:
+        messages = as_messages(prompt) if isinstance(prompt, str) else prompt
+        return encode(self.tokenizer, messages, response, self.max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list[str], desc: str = "score") -> list[float]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding
+        out = [0.0] * len(seqs)
+        dev = next(self.model.parameters()).device
+        bar = progress.bar(len(seqs), desc, "seq")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            rewards = forward_rewards(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, dev)
+            for i, r in zip(idx, rewards.tolist()):
+                out[i] = r
+            bar.update(len(idx))
+        bar.close()
+        return out
 
 
 def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
@@ -233,8 +181,9 @@ def _new_model(rc: RewardConfig, base: str, seed: int):
 def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[float, float]:
     """Share of pairs where r(chosen) > r(rejected), and the mean BT loss."""
     model.eval()
-    seqs = [encode(tokenizer, p.messages, r, max_length) for p in pairs for r in (p.chosen, p.rejected)]
-    r = torch.tensor(score(model, tokenizer, seqs, desc="RM eval"))
+    scorer = Scorer(model, tokenizer, max_length)
+    r = torch.tensor(scorer.score([p.messages for p in pairs for _ in (0, 1)],
+                                  [r for p in pairs for r in (p.chosen, p.rejected)], desc="RM eval"))  # fmt: skip
     rc, rr = r[0::2], r[1::2]
     return (rc > rr).float().mean().item(), losses.bradley_terry(rc, rr).mean().item()
 

@@ -1,5 +1,21 @@
-"""Update rules: one module each; this dict is the only registry."""
+"""Update rules: one module each; this dict is the only registry. Each rule names the
+stages it needs before it: the pair rules read best-of-n pairs; PPO and ReMax roll out
+inside their update and need only the prompts."""
+
+from typing import NamedTuple
 
 from iterate.update import dpo, ppo, raft, remax
 
-RULES = {"dpo": dpo.run, "raft": raft.run, "ppo": ppo.run, "remax": remax.run}
+
+class Rule(NamedTuple):
+    run: object  # run(cfg, paths, i, policy, reference) -> the update stage's _DONE info
+    stages: tuple[str, ...]  # the stages between prompts and update
+
+
+PAIR_STAGES = ("generate", "label", "pairs")
+RULES = {
+    "dpo": Rule(dpo.run, PAIR_STAGES),
+    "raft": Rule(raft.run, PAIR_STAGES),
+    "ppo": Rule(ppo.run, ()),
+    "remax": Rule(remax.run, ()),
+}

@@ -1,9 +1,13 @@
 """What every update rule shares: the LoRA policy, pair encoding, sequence log-probs and the
-training loop (micro-batches, gradient accumulation, clipping, non-finite steps skipped).
+one training loop (micro-batches, gradient accumulation, clipping, non-finite steps
+skipped, the step log, the crash points).
 
-A rule supplies ``loss_fn(model, batch) -> (per-example losses (B,), metrics)``; the loop
-normalises by the number of examples in the optimiser step, so ``micro_batch_size x
-grad_accum`` gives the same update however it is split.
+The loop runs over a batch source: an iterator of (epoch, the examples of one optimiser
+step). For the pair rules (DPO, RAFT) it shuffles the pairs (``pair_steps``); for the
+on-policy rules (PPO, ReMax, ``update.rl``) it rolls out before each step. A rule supplies
+``loss_fn(model, micro_batch) -> (per-example losses (B,), metrics)``; the loop normalises
+by the number of examples in the optimiser step, so ``micro_batch_size x grad_accum`` gives
+the same update however it is split.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from iterate import faults, models, progress
+from iterate import faults, models, progress, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, Stage, read_shards
@@ -30,18 +35,23 @@ class Example:
     chosen: list[int]
     rejected: list[int] | None = None
     ref: dict[str, float] = field(default_factory=dict)  # reference log-probs, computed once
+    rollout: dict[str, Any] = field(default_factory=dict)  # on-policy rules: score, per-token tensors
 
 
-# The update settings every rule reads; each rule names its own on top (``keys``), so a knob
-# added for one rule does not invalidate finished runs of the others.
+# The update settings every rule reads (the training loop's); each rule names its own on top
+# (``keys``), so a knob added for one rule does not invalidate finished runs of the others.
 SHARED_KEYS = ("name", "lr", "epochs", "micro_batch_size", "grad_accum", "max_grad_norm", "weight_decay", "lora")
 
 
-def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str, keys: tuple[str, ...] = ()) -> Stage:
+def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str, keys: tuple[str, ...] = (),
+              inputs: tuple[str, ...] = ("pairs",), extra: dict | None = None) -> Stage:  # fmt: skip
+    """The update stage of iteration i; its identity is the settings the rule reads, the
+    policy and reference, and the stages named in ``inputs``."""
     update = {k: v for k, v in plain(cfg.update).items() if k in SHARED_KEYS or k in keys}
     conf = {"update": update, "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
     conf["max_length"], conf["chat_template"] = cfg.model.max_length, cfg.model.chat_template
-    return Stage(paths.stage(i, "update"), "update", conf, inputs=[paths.stage(i, "pairs"), *paths.previous(i)])
+    upstream = [paths.stage(i, s) for s in inputs]
+    return Stage(paths.stage(i, "update"), "update", {**conf, **(extra or {})}, inputs=[*upstream, *paths.previous(i)])
 
 
 def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
@@ -141,34 +151,48 @@ def accumulate(model, step: list[Example], loss_fn: LossFn, micro_batch_size: in
     return total, metrics
 
 
-def train(cfg: Config, model, examples: list[Example], loss_fn: LossFn, stage: Stage, iteration: int) -> dict:
-    """Epochs of optimiser steps over ``examples``; one JSON line per step in train_log.jsonl."""
+Step = tuple[int, list[Example]]  # (epoch, the examples of one optimiser step)
+
+
+def pair_steps(cfg: Config, examples: list[Example], iteration: int) -> Iterator[Step]:
+    """The pair rules' batch source: each epoch a seeded shuffle of the pairs, cut into
+    optimiser steps of ``micro_batch_size x grad_accum`` examples."""
     uc = cfg.update
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + iteration)
+    g = torch.Generator().manual_seed(seeds.derive("update", cfg.seed, iteration))
     per_step = uc.micro_batch_size * uc.grad_accum
-    steps_per_epoch = math.ceil(len(examples) / per_step)
+    for epoch in range(uc.epochs):
+        order = torch.randperm(len(examples), generator=g).tolist()
+        for s in range(0, len(order), per_step):
+            yield epoch, [examples[j] for j in order[s : s + per_step]]
+
+
+def steps_per_epoch(cfg: Config, n: int) -> int:
+    return math.ceil(n / (cfg.update.micro_batch_size * cfg.update.grad_accum))
+
+
+def train(cfg: Config, model, params: list, steps: Iterable[Step], total: int, loss_fn: LossFn, stage: Stage, iteration: int) -> dict:
+    """The one training loop: AdamW over ``params``, one optimiser step per item of
+    ``steps`` (accumulated over micro-batches), one JSON line per step in train_log.jsonl."""
+    uc = cfg.update
+    opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
     log_path = stage.path / "train_log.jsonl"
     stage.path.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
-    bar = progress.bar(steps_per_epoch * uc.epochs, f"update ({uc.name})", "step")
+    bar = progress.bar(total, f"update ({uc.name})", "step")
     step, skipped, last = 0, 0, {}
-    model.train()
     with open(log_path, "a") as logf:
-        for epoch in range(uc.epochs):
-            order = torch.randperm(len(examples), generator=g).tolist()
-            for s in range(0, len(order), per_step):
-                idx = order[s : s + per_step]
-                opt.zero_grad(set_to_none=True)
-                total, metrics = accumulate(model, [examples[j] for j in idx], loss_fn, uc.micro_batch_size)
-                ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, total)
-                skipped += not ok
-                step += 1
-                last = log_step(logf, {"step": step, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "skipped": not ok, **metrics})
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}")
-                faults.point(iteration, "update", step)
+        for epoch, examples in steps:  # an on-policy source rolls out here, between steps
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss, metrics = accumulate(model, examples, loss_fn, uc.micro_batch_size)
+            ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, loss)
+            skipped += not ok
+            step += 1
+            row = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "skipped": not ok, **metrics}
+            last = log_step(logf, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            faults.point(iteration, "update", step)
     bar.close()
     model.eval()
     return {"steps": step, "skipped_steps": skipped, "final": last}
@@ -185,11 +209,16 @@ def save(model, tok, stage: Stage) -> str:
 def start(cfg: Config, i: int, policy: str) -> tuple[torch.device, object, progress.Timer]:
     """What every update stage does once it knows it has work: seed, device, the policy's
     tokenizer, and a timer for its sections."""
-    torch.manual_seed(cfg.seed * 1000 + i)
+    torch.manual_seed(seeds.derive("update", cfg.seed, i))
     return models.device(str(cfg.device)), models.load_tokenizer(policy, cfg.model.chat_template), progress.Timer()
 
 
+def trainable(model, *extra: torch.nn.Module) -> list:
+    return [p for m in (model, *extra) for p in m.parameters() if p.requires_grad]
+
+
 def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool, keys: tuple[str, ...] = ()) -> dict:
+    """A pair rule's update stage (DPO, RAFT): the pairs, the policy, the one loop."""
     stage = stage_for(cfg, paths, i, policy, reference, keys)
     if stage.check(cfg.force):
         return stage.read_done()
@@ -203,12 +232,16 @@ def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, los
         with timer("reference_s"):
             reference_logps(cfg, model, tok, examples, policy, reference, dev)
     with timer("train_s"):
-        result = train(cfg, model, examples, lambda m, b: loss_fn(m, tok, b, dev), stage, i)
+        total = cfg.update.epochs * steps_per_epoch(cfg, len(examples))
+        fn = lambda m, b: loss_fn(m, tok, b, dev)  # noqa: E731
+        result = train(cfg, model, trainable(model), pair_steps(cfg, examples, i), total, fn, stage, i)
     with timer("save_s"):
         saved = save(model, tok, stage)
-    result["timings"] = timer.seconds
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stage.finish(
-        rule=str(cfg.update.name), rows_in=len(examples), saved=saved, reference=reference,
-        trainable_parameters=trainable, parameters=sum(p.numel() for p in model.parameters()), **result,
+        rule=str(cfg.update.name), rows_in=len(examples), saved=saved, reference=reference, timings=timer.seconds,
+        trainable_parameters=len_params(trainable(model)), parameters=len_params(model.parameters()), **result,
     )  # fmt: skip
+
+
+def len_params(params: Iterable) -> int:
+    return sum(p.numel() for p in params)

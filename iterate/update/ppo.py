@@ -1,18 +1,19 @@
 """PPO, the manual loop (Ziegler et al. 2019; Ouyang et al. 2022; Schulman et al. 2017).
 
-Per batch of prompts: one sampled response each from the current policy, scored by the
-frozen reward model; per-token KL penalty against the frozen reference added to the reward
-(score on the last token); values from the value head; GAE; then ``ppo_epochs`` passes of
-the clipped policy objective plus the clipped value loss. Optional adaptive KL controller.
+Per optimiser step's prompts: one sampled response each from the current policy, scored by
+the frozen reward model; per-token KL penalty against the frozen reference added to the
+reward (score on the last token); values from the value head; GAE; advantages whitened over
+the step's tokens; then ``ppo_epochs`` passes of the clipped policy objective plus the
+clipped value loss. Optional adaptive KL controller.
 
 Value head: ``policy`` (a linear head on the policy's last hidden state, trained with the
 LoRA weights) or ``reference_bottom`` (a small head on the frozen reference's bottom
-``value_layers`` layers, as in one public PPO setup: only the head trains).
+``value_layers`` layers, as in one public PPO setup: only the head trains). The head is
+carried to the next iteration: an iteration starts from the head saved by the update that
+made its starting policy.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -20,84 +21,91 @@ from iterate import losses
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
+from iterate.update.common import Example
 
 KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg", "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma",
-        "lam", "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers")  # fmt: skip
+        "lam", "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers", "sync_every")  # fmt: skip
 
 
-@dataclass
-class Batch:
-    rollout: rl.Rollout
-    old_logps: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl: torch.Tensor
-
-
-def new_head(cfg: Config):
-    def fn(model) -> torch.nn.Module:
-        hidden = model.config.hidden_size
-        if str(cfg.update.value_head) == "policy":
-            return torch.nn.Linear(hidden, 1)
-        return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
-
-    return fn
-
-
-def forward(cfg: Config, model, head, r: rl.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and values, both (B, T-1) on the shifted response positions."""
-    pos = (r.mask.cumsum(-1) - 1).clamp(min=0)
+def new_head(cfg: Config, model) -> torch.nn.Module:
+    hidden = model.config.hidden_size
     if str(cfg.update.value_head) == "policy":
-        out = model(input_ids=r.ids, attention_mask=r.mask, position_ids=pos, output_hidden_states=True)
+        return torch.nn.Linear(hidden, 1)
+    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+
+
+def forward(ctx: rl.Context, model, ids, mask, resp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and values, both (B, T-1) on the shifted response positions."""
+    uc = ctx.cfg.update
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if str(uc.value_head) == "policy":
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, :-1]
-        logits = out.logits[:, :-1].float()
-    else:
-        logits = model(input_ids=r.ids, attention_mask=r.mask, position_ids=pos).logits[:, :-1].float()
-        with torch.no_grad(), model.disable_adapter():  # the frozen reference's bottom layers
-            states = model(input_ids=r.ids, attention_mask=r.mask, position_ids=pos, output_hidden_states=True).hidden_states
-        hidden = states[cfg.update.value_layers][:, :-1].detach()
-    logps = torch.log_softmax(logits, -1).gather(-1, r.ids[:, 1:, None]).squeeze(-1)
-    real = r.mask[:, 1:] * r.mask[:, :-1]
-    return logps * real * r.resp, head(hidden.float()).squeeze(-1) * r.resp
-
-
-def make_batch(cfg: Config):
-    uc = cfg.update
-
-    def fn(model, tok, rm, rm_tok, prompts, dev, ref_model, head, state) -> Batch:
-        r = rl.rollout(cfg, model, tok, rm, rm_tok, prompts, False, dev)
+    else:  # the frozen reference's bottom layers: its own model, or the adapter-disabled policy
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         with torch.no_grad():
-            old_logps, old_values = forward(cfg, model, head, r)
-            ref = rl.ref_logps(model, ref_model, r)
-        kl = losses.kl_penalty(old_logps, ref, str(uc.kl_estimator)) * r.resp
-        scores = r.scores.clamp(-uc.reward_clip, uc.reward_clip)
-        rewards = losses.shaped_rewards(scores, kl, r.resp, state["kl_coef"])
-        adv, ret = losses.gae(rewards, old_values, r.resp, uc.gamma, uc.lam)
-        n = r.resp.sum().clamp(min=1)
-        mean = (adv * r.resp).sum() / n
-        std = (((adv - mean) ** 2 * r.resp).sum() / n).sqrt()
-        adv = (adv - mean) / (std + 1e-8) * r.resp  # whitened over the batch's response tokens
-        if uc.adaptive_kl:  # Ziegler et al. 2019, section 2.2
-            seq_kl = kl.sum(-1).mean().item()
-            err = max(-0.2, min(0.2, seq_kl / uc.target_kl - 1))
-            state["kl_coef"] *= 1 + err * len(prompts) / uc.kl_horizon
-        return Batch(r, old_logps, old_values, adv, ret, kl)
-
-    return fn
+            if ctx.ref_model is not None:
+                states = ctx.ref_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+            else:
+                with model.disable_adapter():
+                    states = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        hidden = states.hidden_states[uc.value_layers][:, :-1].detach()
+    logits = out.logits[:, :-1].float()
+    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    real = mask[:, 1:] * mask[:, :-1]
+    return logps * real * resp, ctx.head(hidden.float()).squeeze(-1) * resp
 
 
-def step_loss(cfg: Config, model, ref_model, b: Batch, head, state) -> tuple[torch.Tensor, dict]:
-    uc = cfg.update
-    logps, values = forward(cfg, model, head, b.rollout)
+def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
+    """Roll out, then with the policy as it is now: old log-probs, values, the KL-shaped
+    rewards and GAE per micro-batch; advantages whitened over the whole step."""
+    uc = ctx.cfg.update
+    examples = ctx.rollout(prompts, seed)
+    seq_kl = []
+    for mb in rl.micro_batches(examples, uc.micro_batch_size):
+        ids, mask, resp = ctx.batch(mb)
+        old_logps, old_values = forward(ctx, ctx.model, ids, mask, resp)
+        kl = losses.kl_penalty(old_logps, ctx.ref_logps(ids, mask, resp), str(uc.kl_estimator)) * resp
+        scores = torch.tensor([e.rollout["score"] for e in mb], device=ctx.dev).clamp(-uc.reward_clip, uc.reward_clip)
+        rewards = losses.shaped_rewards(scores, kl, resp, ctx.state["kl_coef"])
+        adv, ret = losses.gae(rewards, old_values, resp, uc.gamma, uc.lam)
+        seq_kl += kl.sum(-1).tolist()
+        for e, *values in zip(mb, *(rl.rows(x, resp) for x in (old_logps, old_values, adv, ret, kl))):
+            e.rollout.update(zip(("old_logps", "old_values", "advantages", "returns", "kl"), values))
+    for e, a in zip(examples, rl.whiten([e.rollout["advantages"] for e in examples])):
+        e.rollout["advantages"] = a
+    if uc.adaptive_kl:  # Ziegler et al. 2019, section 2.2
+        err = max(-0.2, min(0.2, sum(seq_kl) / len(seq_kl) / uc.target_kl - 1))
+        ctx.state["kl_coef"] *= 1 + err * len(prompts) / uc.kl_horizon
+    return examples
+
+
+def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]:
+    uc = ctx.cfg.update
+    ids, mask, resp = ctx.batch(mb)
+    logps, values = forward(ctx, model, ids, mask, resp)
+    old_logps, old_values, adv, ret, kl = (rl.grid([e.rollout[k] for e in mb], resp)
+                                           for k in ("old_logps", "old_values", "advantages", "returns", "kl"))  # fmt: skip
     agg = str(uc.loss_agg)
-    pg = losses.ppo_policy_loss(logps, b.old_logps, b.advantages, b.rollout.resp, uc.clip_range, agg)
-    vf = losses.value_loss(values, b.old_values, b.returns, b.rollout.resp, uc.value_clip, agg)
+    pg = losses.ppo_policy_loss(logps, old_logps, adv, resp, uc.clip_range, agg)
+    vf = losses.value_loss(values, old_values, ret, resp, uc.value_clip, agg)
     return pg + uc.vf_coef * vf, {
-        "reward": b.rollout.scores.mean().item(), "kl": b.kl.sum(-1).mean().item(), "kl_coef": state["kl_coef"],
-        "policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),
+        "reward": sum(e.rollout["score"] for e in mb) / len(mb), "kl": kl.sum(-1).mean().item(),
+        "kl_coef": ctx.state["kl_coef"], "policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),
     }  # fmt: skip
 
 
+RULE = rl.Rule(KEYS, prepare, loss, passes=lambda cfg: cfg.update.ppo_epochs, new_head=new_head)
+
+
+def previous_head(paths: Paths, i: int, policy: str) -> str | None:
+    """The value head saved by the update that made ``policy`` (None for the initial one)."""
+    for j in reversed(range(i)):
+        if str(paths.stage(j, "handoff") / "policy") == policy:
+            head = paths.stage(j, "update") / "value_head.pt"
+            return str(head) if head.exists() else None
+    return None
+
+
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, cfg.update.ppo_epochs, KEYS, new_head(cfg))
+    return rl.run_on_policy(cfg, paths, i, policy, reference, RULE, head_init=previous_head(paths, i, policy))

@@ -10,38 +10,49 @@ from __future__ import annotations
 
 import torch
 
-from iterate import losses
+from iterate import losses, models
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update import rl
+from iterate.update.common import Example
 
-KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # the update settings ReMax reads beyond the shared ones
+KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg", "sync_every")  # beyond the shared ones
 
 
-def step_loss(cfg: Config, model, ref_model, rollouts: tuple[rl.Rollout, rl.Rollout]) -> tuple[torch.Tensor, dict]:
-    uc = cfg.update
-    sample, greedy = rollouts
-    lp = rl.logps(model, sample)
-    ref = rl.ref_logps(model, ref_model, sample)
-    kl = losses.kl_penalty(lp.detach(), ref, str(uc.kl_estimator)) * sample.resp
-    adv = losses.remax_advantage(sample.scores, greedy.scores, uc.reward_clip)
+def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
+    """The sampled and the greedy rollout, the advantage, and the reference's log-probs."""
+    uc = ctx.cfg.update
+    sample = ctx.rollout(prompts, seed)
+    greedy = ctx.rollout(prompts, seed, greedy=True)
+    scores = (torch.tensor([e.rollout["score"] for e in x]) for x in (sample, greedy))
+    adv = losses.remax_advantage(*scores, uc.reward_clip).tolist()
+    for e, g, a in zip(sample, greedy, adv, strict=True):
+        e.rollout.update(greedy_score=g.rollout["score"], advantage=a)
+    for mb in rl.micro_batches(sample, uc.micro_batch_size):
+        ids, mask, resp = ctx.batch(mb)
+        for e, ref in zip(mb, rl.rows(ctx.ref_logps(ids, mask, resp), resp)):
+            e.rollout["ref_logps"] = ref
+    return sample
+
+
+def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]:
+    uc = ctx.cfg.update
+    ids, mask, resp = ctx.batch(mb)
+    lp = models.token_logps(model, ids, mask) * resp
+    kl = losses.kl_penalty(lp.detach(), rl.grid([e.rollout["ref_logps"] for e in mb], resp), str(uc.kl_estimator)) * resp
+    adv = torch.tensor([e.rollout["advantage"] for e in mb], device=lp.device)
     kl_to_go = kl.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
-    weight = (adv[:, None] - uc.kl_coef * kl_to_go) * sample.resp
-    per_example = losses.aggregate(-weight.detach() * lp, sample.resp, str(uc.loss_agg))
+    weight = (adv[:, None] - uc.kl_coef * kl_to_go) * resp
+    per_example = losses.aggregate(-weight.detach() * lp, resp, str(uc.loss_agg))
     return per_example, {
-        "reward": sample.scores.mean().item(), "greedy_reward": greedy.scores.mean().item(),
+        "reward": sum(e.rollout["score"] for e in mb) / len(mb),
+        "greedy_reward": sum(e.rollout["greedy_score"] for e in mb) / len(mb),
         "advantage": adv.mean().item(), "kl": kl.sum(-1).mean().item(),
     }  # fmt: skip
 
 
-def make_batch(cfg: Config):
-    def fn(model, tok, rm, rm_tok, prompts, dev, ref_model, head, state):
-        sample = rl.rollout(cfg, model, tok, rm, rm_tok, prompts, False, dev)
-        greedy = rl.rollout(cfg, model, tok, rm, rm_tok, prompts, True, dev)
-        return sample, greedy
-
-    return fn
+RULE = rl.Rule(KEYS, prepare, loss)
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, make_batch(cfg), step_loss, passes=1, keys=KEYS)
+    return rl.run_on_policy(cfg, paths, i, policy, reference, RULE)

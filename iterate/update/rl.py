@@ -1,93 +1,148 @@
-"""What the on-policy rules (PPO, ReMax) share: rollouts from the current LoRA policy, a
-frozen reward model, and per-token log-probs of the policy and of the reference (the same
-model with the adapter disabled)."""
+"""What the on-policy rules (PPO, ReMax) share: rollouts of the policy under training
+through the run's sampler, scored by the frozen reward model through the run's scorer, and
+their batch source for the one training loop (``common.train``).
+
+Before each rollout, once ``update.sync_every`` optimiser steps have passed since the last
+sync, the policy under training is put into the sampler (``Sampler.sync``): with vLLM its
+weights, the LoRA adapter merged into a copy, are loaded into the engine in place; with
+transformers the live model is sampled. Log-probs (the PPO
+ratio's old ones included) are always computed here by the trainer, never taken from the
+sampler. Each rollout is seeded from (seed, iteration, step), so a crashed update replays
+the same rollouts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from iterate import models, reward_model
+from iterate import models, progress, sampling, seeds
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.prompts import as_messages
+from iterate.reward_model import Scorer
 from iterate.shards import read_shards
+from iterate.update import common
+from iterate.update.common import Example
 
 
 @dataclass
-class Rollout:
-    ids: torch.Tensor  # (B, T) prompt + response, right-padded
-    mask: torch.Tensor  # (B, T) attention mask
-    resp: torch.Tensor  # (B, T-1) response-token mask over the shifted log-prob positions
-    texts: list[str]
-    scores: torch.Tensor  # (B,) reward-model scores
+class Context:
+    """What an on-policy rule's ``prepare`` and ``loss`` work with."""
+
+    cfg: Config
+    model: torch.nn.Module  # the policy under training (a peft model with LoRA)
+    tok: object
+    dev: torch.device
+    ref_model: torch.nn.Module | None  # None: the reference is the policy with its adapter disabled
+    sampler: sampling.Sampler
+    scorer: Scorer
+    head: torch.nn.Module | None = None  # PPO's value head
+    state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
+
+    def rollout(self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False) -> list[Example]:
+        """One response per prompt (sampled, or greedy), scored by the reward model."""
+        gc = self.cfg.generate
+        params = sampling.Params(n=1, temperature=0.0 if greedy else gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens)
+        samples = [s[0] for s in self.sampler.sample([ids for _, ids in prompts], params, seed)]
+        scores = self.scorer.score([p for p, _ in prompts], [s.text for s in samples], desc="rollout reward")
+        return [Example(ids, list(s.ids), rollout={"score": r, "stop": s.finish_reason == "stop"})
+                for (_, ids), s, r in zip(prompts, samples, scores, strict=True)]  # fmt: skip
+
+    def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) (B, T) and the response mask (B, T-1), right-padded."""
+        return models.sequence_batch(self.tok, [e.prompt for e in examples], [e.chosen for e in examples], self.dev)
+
+    @torch.no_grad()
+    def ref_logps(self, ids: torch.Tensor, mask: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs (B, T-1): the frozen reference model when there is one, else the
+        policy with its LoRA adapter disabled (no second copy)."""
+        if self.ref_model is not None:
+            return models.token_logps(self.ref_model, ids, mask) * resp
+        with self.model.disable_adapter():
+            return models.token_logps(self.model, ids, mask) * resp
 
 
-def prompt_batches(cfg: Config, paths: Paths, i: int, tok) -> list[tuple[str, list[int]]]:
-    """The iteration's prompts (text, chat-template ids), in the prompts stage's order."""
-    table = read_shards(paths.stage(i, "prompts"))
+def grid(values: list[torch.Tensor], resp: torch.Tensor) -> torch.Tensor:
+    """Per-response 1-D tensors placed on the (B, T-1) response positions of ``resp``."""
+    out = torch.zeros_like(resp)
+    out[resp.bool()] = torch.cat(values).to(out)
+    return out
+
+
+def rows(x: torch.Tensor, resp: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of ``grid``: each row's values on its response positions."""
+    return [x[b][resp[b].bool()].detach() for b in range(x.shape[0])]
+
+
+def micro_batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
+    for m in range(0, len(examples), size):
+        yield examples[m : m + size]
+
+
+def prompt_list(cfg: Config, paths: Paths, i: int, tok) -> list[tuple[str, list[int]]]:
+    """The iteration's prompts (text, chat-template ids) that leave room for the response."""
     limit = cfg.model.max_length - cfg.generate.max_tokens
+    table = read_shards(paths.stage(i, "prompts"))
     out = [(t, models.prompt_ids(tok, t)) for t in table["prompt"].to_pylist()]
     return [(t, ids) for t, ids in out if len(ids) <= limit]
 
 
-@torch.no_grad()
-def rollout(cfg: Config, model, tok, rm, rm_tok, prompts: list[tuple[str, list[int]]], greedy: bool, dev) -> Rollout:
-    """One response per prompt (sampled, or greedy), scored by the frozen reward model."""
-    gc = cfg.generate
-    ids, mask = models.pad([p for _, p in prompts], tok.pad_token_id, side="left")
-    was_training = model.training
-    model.eval()
-    kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": gc.temperature, "top_p": gc.top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=gc.max_tokens,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw,
-    )  # fmt: skip
-    model.train(was_training)
-    responses = []
-    for seq in out[:, ids.shape[1] :].tolist():
-        responses.append(seq[: seq.index(tok.eos_token_id) + 1] if tok.eos_token_id in seq else seq)
-    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-    seqs = [reward_model.encode(rm_tok, as_messages(p), t, cfg.reward.max_length) for (p, _), t in zip(prompts, texts)]
-    scores = torch.tensor(reward_model.score(rm, rm_tok, seqs, desc="rollout reward"), device=dev)
-    full, fmask, resp = models.sequence_batch(tok, [p for _, p in prompts], responses, dev)
-    return Rollout(full, fmask, resp, texts, scores)
+Prompts = list[tuple[str, list[int]]]
 
 
-def logps(model, r: Rollout) -> torch.Tensor:
-    return models.token_logps(model, r.ids, r.mask) * r.resp
+@dataclass(frozen=True)
+class Rule:
+    """An on-policy update rule: the settings it reads beyond the shared ones (``keys``), how
+    it turns a step's prompts into examples (``prepare(ctx, prompts, seed)``: rollouts and
+    everything computed from them without gradients), its loss on a micro-batch
+    (``loss(ctx, model, examples) -> (per-example losses, metrics)``), the optimiser steps per
+    rollout (``passes``), and PPO's value head (``new_head(cfg, model)``)."""
+
+    keys: tuple[str, ...]
+    prepare: Callable[[Context, Prompts, int], list[Example]]
+    loss: Callable
+    passes: Callable[[Config], int] = lambda cfg: 1
+    new_head: Callable | None = None
 
 
-@torch.no_grad()
-def ref_logps(model, ref_model, r: Rollout) -> torch.Tensor:
-    """Reference log-probs: a separate frozen model when given, else the policy with its
-    LoRA adapter disabled (no second copy)."""
-    if ref_model is not None:
-        return logps(ref_model, r)
-    with model.disable_adapter():
-        return logps(model, r)
+def rollout_steps(ctx: Context, prompts: Prompts, i: int, prepare: Callable, passes: int, policy: str, stats: dict) -> Iterator[common.Step]:
+    """The on-policy batch source: per ``micro_batch_size x grad_accum`` prompts, sync the
+    policy into the sampler (every ``sync_every`` steps), roll out and prepare the step's
+    examples (``prepare``, no gradients), then yield them for ``passes`` optimiser steps."""
+    cfg, uc = ctx.cfg, ctx.cfg.update
+    g = torch.Generator().manual_seed(seeds.derive("update", cfg.seed, i))
+    per_step = uc.micro_batch_size * uc.grad_accum
+    step, synced = 0, None
+    for epoch in range(uc.epochs):
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        for b in range(0, len(order), per_step):
+            ctx.model.eval()
+            if synced is None or step - synced >= uc.sync_every:
+                ctx.sampler.sync(ctx.model, ctx.tok, policy)
+                synced = step
+            with torch.no_grad():
+                examples = prepare(ctx, [prompts[j] for j in order[b : b + per_step]], seeds.derive("rollout", cfg.seed, i, step))
+            for e in examples:
+                stats.setdefault("scores", []).append(e.rollout["score"])
+                stats.setdefault("stops", []).append(e.rollout["stop"])
+                stats.setdefault("tokens", []).append(len(e.chosen))
+            for _ in range(passes):
+                yield epoch, examples
+                step += 1
 
 
-def load_reward_model(cfg: Config, paths: Paths, dev):
-    rm, rm_tok = reward_model.load_model(paths.reward_model, str(cfg.reward.dtype))
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return rm.to(dev), rm_tok
+def _mean(xs: list) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
 
 
-def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str, make_batch, step_loss, passes: int, keys: tuple[str, ...], head_fn=None) -> dict:
-    """The on-policy training loop: per batch of prompts, roll out (``make_batch``), then
-    ``passes`` optimiser steps on it (``step_loss``). ``head_fn(model)`` adds trainable
-    modules (PPO's value head). One ``train_log.jsonl`` line per step."""
-    import math
-
-    from iterate import faults, progress
-    from iterate.update import common
-
-    uc = cfg.update
-    stage = common.stage_for(cfg, paths, i, policy, reference, keys)
-    stage.config["reward_model"] = paths.reward_model
+def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str, rule: Rule, head_init: str | None = None) -> dict:
+    """An on-policy rule's update stage; ``head_init``: a saved value head to start from."""
+    gc, rc = cfg.generate, cfg.reward
+    rollout = {"backend": str(gc.backend), "temperature": gc.temperature, "top_p": gc.top_p, "max_tokens": gc.max_tokens,
+               "reward_model": paths.reward_model, "reward_max_length": rc.max_length, "value_head_init": head_init}  # fmt: skip
+    stage = common.stage_for(cfg, paths, i, policy, reference, rule.keys, inputs=("prompts",), extra={"rollout": rollout})
     if stage.check(cfg.force):
         return stage.read_done()
     dev, tok, timer = common.start(cfg, i, policy)
@@ -95,43 +150,40 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
         model = common.policy_model(cfg, policy, dev)
         lora = hasattr(model, "disable_adapter")
         ref_model = None if (reference == policy and lora) else models.load_policy(reference, str(cfg.model.dtype), dev)
-        rm, rm_tok = load_reward_model(cfg, paths, dev)
-    head = head_fn(model).to(dev) if head_fn else None
-    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
-    prompts = prompt_batches(cfg, paths, i, tok)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + i)
-    n_batches = math.ceil(len(prompts) / uc.micro_batch_size)
-    stage.path.mkdir(parents=True, exist_ok=True)
-    log_path = stage.path / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
-    bar = progress.bar(uc.epochs * n_batches * passes, f"update ({uc.name})", "step")
-    step, skipped, last, state = 0, 0, {}, {"kl_coef": uc.kl_coef}
-    model.train()
-    with timer("train_s"), open(log_path, "a") as logf:
-        for epoch in range(uc.epochs):
-            order = torch.randperm(len(prompts), generator=g).tolist()
-            for b in range(0, len(order), uc.micro_batch_size):
-                batch = make_batch(model, tok, rm, rm_tok, [prompts[j] for j in order[b : b + uc.micro_batch_size]], dev, ref_model, head, state)
-                for _ in range(passes):
-                    per_example, metrics = step_loss(cfg, model, ref_model, batch, head, state) if head_fn else step_loss(cfg, model, ref_model, batch)
-                    loss = per_example.mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    ok, grad_norm = common.apply_step(opt, params, uc.max_grad_norm, loss.item())
-                    skipped += not ok
-                    step += 1
-                    last = common.log_step(logf, {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": grad_norm, "skipped": not ok, **metrics})
-                    bar.update(1)
-                    faults.point(i, "update", step)
-    bar.close()
-    model.eval()
+        scorer = Scorer.load(paths.reward_model, str(rc.dtype), rc.max_length, rc.score_batch_size, dev)
+    head = rule.new_head(cfg, model).to(dev) if rule.new_head else None
+    if head is not None and head_init:
+        head.load_state_dict(torch.load(head_init, map_location=dev))
+    prompts = prompt_list(cfg, paths, i, tok)
+    if not prompts:
+        raise ValueError(f"{paths.stage(i, 'prompts')}: no prompt leaves room for generate.max_tokens in model.max_length")
+    stats: dict = {}
+    with sampling.session(cfg) as sampler, timer("train_s"):
+        ctx = Context(cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": cfg.update.kl_coef})
+        passes = rule.passes(cfg)
+        total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
+        source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)
+        params = common.trainable(model, *([head] if head is not None else []))
+        result = common.train(cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i)
+        timings = sampler.timings
     with timer("save_s"):
         saved = common.save(model, tok, stage)
         if head is not None:
             torch.save(head.state_dict(), stage.path / "value_head.pt")
-    peak = round(progress.peak_rss_mb(), 1)
+    scores = stats.get("scores", [])
     return stage.finish(
-        rule=str(uc.name), rows_in=len(prompts), saved=saved, reference=reference, steps=step, skipped_steps=skipped,
-        final=last, trainable_parameters=sum(p.numel() for p in params), peak_rss_mb=peak, timings=timer.seconds,
+        rule=str(cfg.update.name), rows_in=len(prompts), saved=saved, reference=reference, **result,
+        responses=len(scores), reward_mean=_mean(scores), eos_rate=_mean(stats.get("stops", [])),
+        response_tokens_mean=_mean(stats.get("tokens", [])), value_head_init=head_init,
+        trainable_parameters=common.len_params(params), peak_rss_mb=round(progress.peak_rss_mb(), 1),
+        timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
     )  # fmt: skip
+
+
+def whiten(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-token values of a whole step (1-D tensors) shifted and scaled to mean 0, std 1
+    over all the step's tokens."""
+    flat = torch.cat(values)
+    mean, std = flat.mean(), flat.std(unbiased=False)
+    return [(v - mean) / (std + 1e-8) for v in values]
+

@@ -1,0 +1,184 @@
+"""The vLLM engine in a process of its own (``python -m iterate.engine --serve FD``).
+
+The parent sends requests over a socket; the engine process only loads weights and
+samples. Every request names the policy (a model folder or hub id) and a version (0: the
+folder's own weights; n > 0: the n-th set of weights sent with a ``weights`` request):
+
+- a policy of another shape (``key``) needs a new engine: the process is restarted;
+- another (policy, version) of the same shape is loaded into the running engine in place
+  (vLLM's ``reload_weights``) from the policy's folder, or, for a ``weights`` request, from
+  the tensors it carries (the merged weights of a model under training: ``Sampler.sync``);
+  cached prefixes are dropped either way.
+
+The engine is seeded before every ``sample`` request (a per-request seed fails on CPU), so a
+request's samples depend on (seed, request) alone, whichever engine serves it. The process
+dies with its parent (``PR_SET_PDEATHSIG``); in it the engine core runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no second spawn, ~20 s less start-up on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from iterate import progress
+
+log = logging.getLogger(__name__)
+
+def key(request: dict) -> dict:
+    """What an engine is built for; a request with another key needs a new engine. The
+    architecture is read from the policy's config.json, so any policy of the same shape can
+    be loaded into a running engine; a hub id (no local folder) is its own key."""
+    config = Path(request["policy"]) / "config.json"
+    if config.exists():
+        skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+        arch = {k: v for k, v in json.loads(config.read_text()).items() if k not in skip}
+    else:
+        arch = {"policy": request["policy"]}
+    return {"arch": arch, **request["engine"]}
+
+
+def start_llm(policy: str, engine: dict, seed: int):
+    from vllm import LLM
+
+    return LLM(
+        model=policy, dtype=engine["dtype"], seed=seed, max_model_len=engine["max_length"],
+        gpu_memory_utilization=engine["gpu_memory_utilization"], enforce_eager=engine["enforce_eager"],
+    )  # fmt: skip
+
+
+def load_weights(llm, request: dict) -> None:
+    """Replace the engine's weights in place: from the request's tensors (safetensors bytes,
+    every weight of the model) or from the policy's folder."""
+    if request.get("weights") is not None:
+        from safetensors.torch import load
+
+        kwargs = {"weights_iterator": list(load(request["weights"]).items())}
+    else:
+        kwargs = {"weights_path": request["policy"]}
+    llm.collective_rpc("reload_weights", kwargs=kwargs)
+    llm.reset_prefix_cache()
+
+
+def sample(llm, request: dict) -> list[list[tuple[str, list[int], str]]]:
+    """(text, token ids, finish reason) of ``n`` samples per prompt."""
+    from vllm import SamplingParams
+    from vllm.utils.torch_utils import set_random_seed
+
+    p = request["params"]
+    params = SamplingParams(
+        n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
+        **({"min_tokens": p["max_tokens"], "ignore_eos": True} if p.get("ignore_eos") else {}),
+    )  # fmt: skip
+    set_random_seed(request["seed"])
+    prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    reason = {"stop": "stop"}
+    return [[(c.text, list(c.token_ids), reason.get(c.finish_reason, "length")) for c in o.outputs] for o in outs]
+
+
+def serve(fd: int) -> None:
+    """The engine process: answer requests from the socket ``fd`` until it closes. Replies
+    ``{"ok": True, "samples": [...] or None, "timings": {...}}`` or ``{"ok": False, "error"}``."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    llm, loaded = None, None
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        timer = progress.Timer()
+        try:
+            if llm is None:
+                with timer("engine_start_s"):
+                    llm = start_llm(request["policy"], request["engine"], request["seed"])
+                loaded = (request["policy"], 0)  # version 0: the folder's own weights
+            if loaded != (request["policy"], request["version"]):
+                with timer("weights_load_s"):
+                    load_weights(llm, request)
+                loaded = (request["policy"], request["version"])
+            samples = None
+            if request["op"] == "sample":
+                with timer("sample_s"):
+                    samples = sample(llm, request)
+            conn.send({"ok": True, "samples": samples, "timings": timer.seconds})
+        except Exception as e:  # reported to the parent, which raises it with context
+            log.exception("engine request failed")
+            conn.send({"ok": False, "timings": timer.seconds, "error": f"{type(e).__name__}: {e}"})
+            return
+
+
+def kill_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+
+
+class Engine:
+    """The client side: a vLLM engine process, started on the first request and restarted
+    when a request needs another ``key``."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.conn = None
+        self.key: dict | None = None
+
+    def request(self, request: dict) -> tuple[list, dict]:
+        """Send one request; returns (samples per prompt, timings)."""
+        from multiprocessing.connection import Connection
+
+        k = key(request)
+        if self.proc is not None and (k != self.key or self.proc.poll() is not None):
+            self.close()
+        if self.proc is None:
+            ours, theirs = socket.socketpair()
+            env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
+                    env=env, pass_fds=[theirs.fileno()], preexec_fn=kill_with_parent,
+                )  # fmt: skip
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            self.conn, self.key = Connection(ours.detach()), k
+        try:
+            self.conn.send(request)
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            reply = {"ok": False, "error": f"engine process ended (exit status {self.proc.poll()})"}
+        if not reply["ok"]:
+            self.close()
+            raise RuntimeError(f"vLLM engine failed: {reply['error']}")
+        return reply["samples"], reply["timings"]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)  # the socket closing ends its loop
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = self.conn = self.key = None
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    kill_with_parent()
+    serve(int(sys.argv[2]))

@@ -1,0 +1,174 @@
+"""Held-out evaluation: the initial policy's samples once per run (the win-rate baseline,
+``<run>/heldout/initial_samples/``), then, per iteration, the new policy's
+(``iter_i/evaluate/``).
+
+The new policy is the iteration's starting policy with the update's LoRA adapter (or the
+update's full model), loaded once: the run's sampler samples it (``Sampler.sync``: vLLM gets
+the merged weights in place) and the KL is computed on it, before the handoff merges and
+saves anything. ``evaluate.samples`` samples per held-out
+prompt at temperature 1 and top-p 1, since the KL estimators need samples from the policy
+itself, not a sharpened or truncated version of it. Measured on them:
+
+- KL(new || reference) per sequence, k1 and k3 (``losses.kl_penalty``, Schulman 2020),
+  summed over response tokens; the handoff gates on k1;
+- the reward model's mean reward; in the toy world, the gold judge's mean and the gold win
+  rate against the initial policy's samples of the same prompts;
+- response length and EOS rate; prompts too long for the model dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from iterate import losses, models, progress, sampling, seeds
+from iterate.config import Config, plain
+from iterate.paths import Paths
+from iterate.reward_model import Scorer
+from iterate.shards import SCHEMAS, Stage, read_shards
+from iterate.toy.world import gold_scorer
+
+log = logging.getLogger(__name__)
+
+
+def params(cfg: Config) -> sampling.Params:
+    return sampling.Params(n=cfg.evaluate.samples, temperature=1.0, top_p=1.0, max_tokens=cfg.generate.max_tokens)
+
+
+def sample_heldout(cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable) -> tuple[pa.Table, dict]:
+    """Samples of the held-out prompts as shards in ``out`` (resumable; a shard seeded from
+    (seed, unit, shard)), from the policy ``put(sampler)`` gives the sampler; returns them
+    and what was dropped."""
+    gc = cfg.generate
+    shards, dropped = sampling.plan(tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size)
+    timings = {}
+    if todo := sampling.missing(shards, out):
+        with sampling.session(cfg) as sampler:
+            put(sampler)
+            sampling.write_shards(sampler, todo, params(cfg), lambda k: seeds.derive("heldout", cfg.seed, unit, k),
+                                  out, (unit - 1, "evaluate"), f"held-out samples ({gc.backend})")  # fmt: skip
+            timings = sampler.timings
+    return read_shards(out, SCHEMAS["generate"]), {"dropped": dict(dropped), "timings": timings}
+
+
+def _sample_conf(cfg: Config) -> dict:
+    return {"evaluate": {"samples": cfg.evaluate.samples}, "max_tokens": cfg.generate.max_tokens,
+            "model": plain(cfg.model), "seed": cfg.seed}  # fmt: skip
+
+
+def initial(cfg: Config, paths: Paths) -> pa.Table:
+    """The initial policy's held-out samples, drawn once per run (the win-rate baseline)."""
+    heldout = paths.run / "heldout"
+    conf = {**_sample_conf(cfg), "policy": paths.base_policy}
+    stage = Stage(heldout / "initial_samples", "initial_samples", conf, inputs=[heldout])
+    if not stage.check(cfg.force):
+        tok = models.load_tokenizer(paths.base_policy, cfg.model.chat_template)
+        put = lambda sampler: sampler.load(paths.base_policy)  # noqa: E731
+        table, info = sample_heldout(cfg, tok, read_shards(heldout), stage.path, 0, put)
+        stage.finish(rows_out=table.num_rows, **info, **sampling.summary(table))
+    return read_shards(stage.path, SCHEMAS["generate"])
+
+
+def sequence_kl(new_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, list[float]]:
+    """Per-sequence KL(new || reference) estimates on samples from ``new``: the k1 and k3
+    per-token estimators (``losses.kl_penalty``) summed over response tokens. All inputs
+    (B, T), ``mask`` 1 on response tokens; returns ``{"k1": [B floats], "k3": [...]}``."""
+    return {k: (losses.kl_penalty(new_logps, ref_logps, k) * mask).sum(-1).tolist() for k in ("k1", "k3")}
+
+
+@torch.no_grad()
+def logps_of(model, tok, prompts: list[list[int]], responses: list[list[int]], batch_size: int, dev) -> tuple:
+    """Per-token log-probs (B, T-1) of the responses and their mask, in batches."""
+    lps, masks = [], []
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1
+    for b in range(0, len(prompts), batch_size):
+        ids, mask, resp = models.sequence_batch(tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev)
+        lp = models.token_logps(model, ids, mask) * resp
+        pad = (0, width - lp.shape[1])
+        lps.append(torch.nn.functional.pad(lp, pad))
+        masks.append(torch.nn.functional.pad(resp, pad))
+    return torch.cat(lps), torch.cat(masks)
+
+
+def kl(cfg: Config, tok, model, reference: str, policy: str, samples: pa.Table) -> dict[str, list[float]]:
+    """KL(new || reference) per sequence on the new policy's samples. When the reference is
+    the policy the new one's LoRA adapter sits on, it is the same model with the adapter
+    disabled (no second copy)."""
+    dev = next(model.parameters()).device
+    prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
+    responses = samples["response_ids"].to_pylist()  # the sampled tokens themselves
+    bs = cfg.evaluate.batch_size
+    new, mask = logps_of(model, tok, prompts, responses, bs, dev)
+    if hasattr(model, "disable_adapter") and reference == policy:
+        with model.disable_adapter():
+            ref, _ = logps_of(model, tok, prompts, responses, bs, dev)
+    else:
+        ref_model = models.load_policy(reference, str(cfg.model.dtype), dev)
+        ref, _ = logps_of(ref_model, tok, prompts, responses, bs, dev)
+    return sequence_kl(new, ref, mask)
+
+
+def win_rate(new: list[float], old: list[float]) -> float:
+    """P(new > old) + 0.5 P(tie), over aligned samples."""
+    pairs = list(zip(new, old, strict=True))
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(1, len(pairs))
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / max(1, len(xs)), 5)
+
+
+def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
+    """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
+    rc = cfg.reward
+    scorer = Scorer.load(rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device)))
+    prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
+    out = {"heldout_reward_mean": _mean(scorer.score(prompts, responses, desc="held-out reward"))}
+    if gold := gold_scorer(cfg.prompts.source):
+        init = initial(cfg, paths)
+        init_gold = {(pid, j): gold(p, r) for pid, j, p, r in
+                     zip(*(init[c].to_pylist() for c in ("prompt_id", "sample_idx", "prompt", "response")))}  # fmt: skip
+        keys = zip(samples["prompt_id"].to_pylist(), samples["sample_idx"].to_pylist())
+        new_gold = [gold(p, r) for p, r in zip(prompts, responses)]
+        out["gold_mean"] = _mean(new_gold)
+        out["initial_gold_mean"] = _mean(list(init_gold.values()))
+        out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in keys]), 4)
+    return out
+
+
+def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
+    """The policy the update of iteration i made: its starting policy with the LoRA adapter
+    on top (not merged), or the update's full model."""
+    update, dev = paths.stage(i, "update"), models.device(str(cfg.device))
+    if (update / "adapter").exists():
+        return models.load_policy(policy, str(cfg.model.dtype), dev, str(update / "adapter"))
+    return models.load_policy(str(update / "model"), str(cfg.model.dtype), dev)
+
+
+def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    conf = {**_sample_conf(cfg), "policy": policy, "reference": reference, "reward_model": paths.reward_model}
+    heldout = paths.run / "heldout"
+    stage = Stage(paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout])
+    if stage.check(cfg.force):
+        return stage.read_done()
+    timer = progress.Timer()
+    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    with timer("load_s"):
+        model = new_policy(cfg, paths, i, policy)
+    with timer("sample_s"):
+        put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
+        samples, info = sample_heldout(cfg, tok, read_shards(heldout), stage.path / "samples", i + 1, put)
+    if samples.num_rows == 0:
+        raise ValueError(f"evaluate: every held-out prompt is too long for model.max_length ({info['dropped']})")
+    with timer("kl_s"):
+        per_seq = kl(cfg, tok, model, reference, policy, samples)
+    with timer("score_s"):
+        measured = scores(cfg, paths, samples, paths.reward_model)
+    kl_info = {"k1": _mean(per_seq["k1"]), "k3": _mean(per_seq["k3"]), "sequences": len(per_seq["k1"]),
+               "reference": reference}  # fmt: skip
+    return stage.finish(kl=kl_info, rows_out=samples.num_rows, dropped=info["dropped"], **measured,
+                        **sampling.summary(samples), timings={**info["timings"], **timer.seconds})  # fmt: skip

@@ -1,0 +1,275 @@
+"""The one sampler: every place that samples a policy (the generate stage, the held-out
+evaluation and its initial-policy baseline, PPO and ReMax rollouts, the benchmark) goes
+through ``Sampler.sample``, with the backend chosen once by ``generate.backend``.
+
+- ``vllm``: a vLLM engine in its own process (``iterate.engine``). With
+  ``generate.keep_engine`` (CPU) one engine serves the whole run, and each new policy is
+  loaded into it in place.
+- ``transformers``: ``generate`` in this process, left-padded batches.
+
+What to sample from: ``load(policy)``, a model folder; or ``sync(model, tokenizer,
+policy)``, a model in memory (the policy under training, or the base with an update's
+adapter). The transformers sampler samples that model itself; vLLM gets its weights, with
+any LoRA adapter merged into a copy, loaded in place. Merged weights, not adapters served
+by id, because vLLM on CPU samples 5x slower through a LoRA adapter (29M Llama: 334 vs
+1634 tokens/s; ``python -m iterate.bench sections=[sync]``), for about the same cost per
+sync.
+
+Every call is seeded (``seeds.derive``), so its samples are a function of the seed and the
+prompts alone: a shard or a rollout redone after a crash equals the uninterrupted run's.
+``max_tokens`` is always set; each sample records its token ids and ``finish_reason``
+(``stop``: EOS, ``length``: hit ``max_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from iterate import faults, models, progress
+from iterate.config import Config
+from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
+
+
+@dataclass(frozen=True)
+class Params:
+    n: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_tokens: int = 48
+    ignore_eos: bool = False  # always max_tokens tokens (the benchmark's fixed lengths)
+
+
+@dataclass
+class Sample:
+    text: str
+    ids: list[int]  # the sampled tokens, EOS included when the sample ended with it
+    finish_reason: str  # stop | length
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to run a policy: the engine settings (a change restarts a vLLM engine)."""
+
+    dtype: str = "float32"
+    max_length: int = 256
+    device: str = "auto"
+    batch_size: int = 64  # transformers: prompts per generate() call
+    gpu_memory_utilization: float = 0.25
+    enforce_eager: bool = True
+
+    @classmethod
+    def of(cls, cfg: Config) -> Spec:
+        gc = cfg.generate
+        return cls(dtype=str(cfg.model.dtype), max_length=cfg.model.max_length, device=str(cfg.device),
+                   batch_size=gc.batch_size, gpu_memory_utilization=gc.gpu_memory_utilization,
+                   enforce_eager=gc.enforce_eager)  # fmt: skip
+
+
+class TransformersSampler:
+    """transformers ``generate`` in this process."""
+
+    def __init__(self, spec: Spec):
+        self.spec, self.dev = spec, models.device(spec.device)
+        self.model = self.tok = None
+        self.source: tuple | None = None
+        self.timings: dict[str, float] = {}
+
+    def load(self, policy: str) -> None:
+        if self.source != policy:
+            with progress.Timer(self.timings)("load_s"):
+                self.tok = models.load_tokenizer(policy)
+                self.model = models.load_policy(policy, self.spec.dtype, self.dev)
+            self.source = policy
+
+    def sync(self, model, tokenizer, policy: str) -> None:
+        """Sample ``model`` itself from now on (no copy)."""
+        self.model, self.tok, self.source = model, tokenizer, None
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
+        tok, model = self.tok, self.model
+        was_training = model.training
+        model.eval()
+        kw = {"do_sample": False} if params.temperature == 0 else \
+            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}  # fmt: skip
+        if params.ignore_eos:
+            kw["min_new_tokens"] = params.max_tokens
+        out: list[list[Sample]] = []
+        with progress.Timer(self.timings)("sample_s"), torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for b in range(0, len(prompts), self.spec.batch_size):
+                ids, mask = models.pad(prompts[b : b + self.spec.batch_size], tok.pad_token_id, side="left")
+                seqs = model.generate(
+                    input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), max_new_tokens=params.max_tokens,
+                    num_return_sequences=params.n, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw,
+                )[:, ids.shape[1] :].tolist()  # fmt: skip
+                for j in range(0, len(seqs), params.n):
+                    out.append([self._sample(s, params.ignore_eos) for s in seqs[j : j + params.n]])
+        model.train(was_training)
+        return out
+
+    def _sample(self, seq: list[int], ignore_eos: bool) -> Sample:
+        eos = self.tok.eos_token_id
+        ended = eos in seq and not ignore_eos
+        seq = seq[: seq.index(eos) + 1] if ended else seq
+        return Sample(self.tok.decode(seq, skip_special_tokens=True), seq, "stop" if ended else "length")
+
+    def close(self) -> None:
+        self.model = self.tok = self.source = None
+
+
+class VllmSampler:
+    """A vLLM engine in its own process; see ``iterate.engine``."""
+
+    def __init__(self, spec: Spec):
+        from iterate.engine import Engine
+
+        self.spec, self.engine = spec, Engine()
+        self.policy: str | None = None
+        self.version = 0  # 0: the policy folder's weights; n: the n-th synced set
+        self.synced = 0
+        self.timings: dict[str, float] = {}
+
+    def load(self, policy: str) -> None:
+        self.policy, self.version = policy, 0
+
+    def sync(self, model, tokenizer, policy: str) -> None:
+        """Load ``model``'s weights (a LoRA adapter merged into a copy) into the engine in
+        place; ``policy`` is a folder of the same architecture, where a new engine starts."""
+        from safetensors.torch import save
+
+        self.policy, self.synced = policy, self.synced + 1
+        self.version = self.synced
+        self._request({"op": "weights", "weights": save(merged_state_dict(model))})
+
+    def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
+        samples = self._request({"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed})
+        return [[Sample(t, ids, r) for t, ids, r in per_prompt] for per_prompt in samples]
+
+    def _request(self, request: dict):
+        engine = {k: v for k, v in asdict(self.spec).items() if k not in ("device", "batch_size")}
+        samples, timings = self.engine.request({**request, "policy": self.policy, "version": self.version,
+                                                "engine": engine, "seed": request.get("seed", 0)})  # fmt: skip
+        for k, v in timings.items():  # engine start, weight loads, sampling
+            self.timings[k] = round(self.timings.get(k, 0.0) + v, 3)
+        return samples
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every weight of ``model`` under its checkpoint name; for a peft model, each LoRA
+    layer's base weight plus the adapter's delta, computed into a copy (the model under
+    training is left as it is: merging in place and back would drift in low precision)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            merged[f"{name}.weight"] = module.base_layer.weight + delta
+    out, seen = {}, set()
+    for k, v in base.state_dict().items():
+        if "lora_" in k or v.data_ptr() in seen:  # adapter weights; a tied copy (lm_head)
+            continue
+        seen.add(v.data_ptr())
+        k = k.replace(".base_layer.", ".")
+        out[k] = merged.get(k, v).detach().contiguous()
+    return out
+
+
+Sampler = TransformersSampler | VllmSampler
+_KEPT: dict[str, VllmSampler] = {}
+
+
+def make(backend: str, spec: Spec) -> Sampler:
+    return VllmSampler(spec) if backend == "vllm" else TransformersSampler(spec)
+
+
+@contextmanager
+def session(cfg: Config):
+    """The sampler for one stage. The vLLM engine is kept for the whole run on CPU when
+    ``generate.keep_engine`` (``close_kept`` ends it); otherwise each stage starts its own
+    and returns its memory when the stage ends (on CUDA, the update needs that memory)."""
+    backend, spec = str(cfg.generate.backend), Spec.of(cfg)
+    keep = backend == "vllm" and cfg.generate.keep_engine and models.device(spec.device).type == "cpu"
+    if keep:
+        sampler = _KEPT.setdefault("vllm", VllmSampler(spec))
+        sampler.spec, sampler.timings = spec, {}
+    else:
+        sampler = make(backend, spec)
+    try:
+        yield sampler
+    finally:
+        if not keep:
+            sampler.close()
+
+
+def close_kept() -> None:
+    """End the kept engine, if any (the loop calls this when a run ends)."""
+    for sampler in _KEPT.values():
+        sampler.close()
+    _KEPT.clear()
+
+
+# ---- sampling prompts into Parquet shards (the generate stage, the held-out evaluation) ----
+
+Planned = tuple[str, str, list[int]]  # (prompt_id, prompt, chat-template token ids)
+
+
+def plan(tokenizer, prompts: pa.Table, max_prompt: int, shard_size: int) -> tuple[list[list[Planned]], Counter]:
+    """Encode prompts in the policy's chat template, drop (and count) those that leave no
+    room for the response, and cut the rest into shards of ``shard_size`` prompts."""
+    kept, dropped = [], Counter()
+    for pid, text in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
+        ids = models.prompt_ids(tokenizer, text)
+        if len(ids) > max_prompt:
+            dropped["prompt_too_long"] += 1
+            continue
+        kept.append((pid, text, ids))
+    return [kept[i : i + shard_size] for i in range(0, len(kept), shard_size)], dropped
+
+
+def missing(shards: list[list[Planned]], folder: Path) -> dict[int, list[Planned]]:
+    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete)."""
+    done = {shard_index(p) for p in shard_paths(folder)}
+    return {k: s for k, s in enumerate(shards) if k not in done}
+
+
+def shard_rows(planned: list[Planned], samples: list[list[Sample]]) -> list[dict]:
+    return [
+        {"prompt_id": pid, "sample_idx": j, "prompt": text, "response": s.text, "prompt_tokens": len(ids),
+         "response_tokens": len(s.ids), "finish_reason": s.finish_reason, "response_ids": list(s.ids)}
+        for (pid, text, ids), per_prompt in zip(planned, samples, strict=True) for j, s in enumerate(per_prompt)
+    ]  # fmt: skip
+
+
+def summary(table: pa.Table) -> dict:
+    """EOS rate and mean length of sampled rows (the generate and evaluate stages)."""
+    reasons = Counter(table["finish_reason"].to_pylist())
+    rows = max(1, table.num_rows)
+    return {"finish_reasons": dict(reasons), "eos_rate": round(reasons.get("stop", 0) / rows, 4),
+            "response_tokens_mean": round(sum(table["response_tokens"].to_pylist()) / rows, 2)}  # fmt: skip
+
+
+def write_shards(sampler: Sampler, todo: dict[int, list[Planned]], params: Params, seed_of: Callable[[int], int],
+                 out: Path, fault: tuple[int, str], desc: str) -> None:  # fmt: skip
+    """Sample each shard (seeded by ``seed_of(shard)``) and write it atomically; a crash
+    costs at most the shard being sampled. ``fault``: (iteration, stage) for the crash tests."""
+    bar = progress.bar(sum(len(v) for v in todo.values()), desc, "prompt")
+    for k, planned in sorted(todo.items()):
+        samples = sampler.sample([ids for _, _, ids in planned], params, seed_of(k))
+        write_shard(pa.Table.from_pylist(shard_rows(planned, samples), schema=SCHEMAS["generate"]), shard_path(out, k))
+        faults.point(*fault, k + 1)
+        bar.update(len(planned))
+    bar.close()
