@@ -143,9 +143,9 @@ class RewardConfig:
     label_noise: float = 0.1  # toy source: chance a gold label is flipped
     heldout_fraction: float = 0.1
     lora: LoraConfig = field(default_factory=LoraConfig)
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     max_length: int = 256
     dtype: DType = DType.float32
     score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, rollouts)
@@ -157,8 +157,8 @@ class PromptsConfig:
     path: str | None = None  # file: jsonl/parquet; hub: dataset id
     split: str = "train"
     field: str = "prompt"  # column holding the prompt text
-    per_iteration: int = 256  # disjoint slice of prompts per iteration
-    heldout: int = 128  # prompts kept apart for evaluation (win rate, KL)
+    per_iteration: int = 120  # disjoint slice of prompts per iteration
+    heldout: int = 80  # prompts kept apart for evaluation (win rate, KL)
 
 
 @dataclass
@@ -191,8 +191,8 @@ class UpdateConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # cDPO
     nll_coef: float = 0.0  # weight of an NLL term on the chosen response
-    lr: float = 5e-4
-    epochs: int = 1
+    lr: float = 1e-3
+    epochs: int = 3
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_grad_norm: float = 1.0

@@ -1,5 +1,6 @@
 """Composition of every option of every group, every experiment, and start-up failures."""
 
+import json
 import subprocess
 import sys
 
@@ -167,3 +168,49 @@ def test_bench_config_composes_with_every_option():
     assert default.sections == list(SECTIONS) and default.generation.models == ["toy", "llama30m", "llama100m"]
     quick = apply_quick(default)
     assert quick.generation.models == ["toy"] and quick.generation.rounds == 1 and quick.toy.hidden_size == 64
+
+
+def _yaml(group: str, option: str) -> dict:
+    from omegaconf import OmegaConf  # reads 3e-3 as a number, as Hydra does
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_yaml_values_agree_with_the_dataclass_defaults(group, option):
+    """The dataclasses are the one source of defaults: a group's default YAML restates
+    them (never contradicts them), and every other option holds only what differs."""
+    import dataclasses
+
+    import yaml
+
+    from iterate import config as c
+
+    schema = {"model": c.ModelConfig, "reward": c.RewardConfig, "prompts": c.PromptsConfig, "generate": c.GenerateConfig,
+              "pairs": c.PairsConfig, "update": c.UpdateConfig, "handoff": c.HandoffConfig}[group]  # fmt: skip
+    defaults = _flat(json.loads(json.dumps(dataclasses.asdict(schema()), default=str)))
+    chosen = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    default_option = next(d[group] for d in chosen if isinstance(d, dict) and group in d)
+    for key, value in _flat(_yaml(group, option)).items():
+        if defaults.get(key) == "???":  # MISSING: every option sets it (the update rule's name)
+            continue
+        if option == default_option:
+            assert value == defaults[key], f"{group}/{option}.yaml: {key}={value!r} but the dataclass says {defaults[key]!r}"
+        else:
+            assert value != defaults.get(key), f"{group}/{option}.yaml restates the default {key}={value!r}"
+
+
+def test_new_options_compose():
+    cfg = compose_cfg(["evaluate.samples=2", "evaluate.batch_size=8", "reward.score_batch_size=16", "update=ppo",
+                       "update.sync_every=4"])  # fmt: skip
+    assert (cfg.evaluate.samples, cfg.evaluate.batch_size, cfg.reward.score_batch_size) == (2, 8, 16)
+    assert cfg.update.sync_every == 4 and compose_cfg().update.sync_every == 1
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg(["handoff.kl_samples=4"])  # moved to evaluate.samples

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from iterate.reward_model import MalformedRow, load_hh, parse_hh, parse_hh_row
+from iterate.hh import MalformedRow, load_hh, parse_hh, parse_hh_row
 
 from .conftest import ROOT
 

@@ -32,10 +32,8 @@ def test_toy_reward_model_trains_records_and_skips(tiny_cfg, tiny_world):
     assert len(log) == done["steps"] > 0
 
     # the merged model loads as a plain sequence classifier and scores with one label
-    model, tok = reward_model.load_model(str(rm_dir / "model"))
-    msgs = [{"role": "user", "content": "Greet Anna."}]
-    seqs = [reward_model.encode(tok, msgs, r, 64) for r in ("Hello Anna!", "Ugh, Hello Rosa! Stop asking.")]
-    scores = reward_model.score(model, tok, seqs)
+    scorer = reward_model.Scorer.load(str(rm_dir / "model"), "float32", 64, 8)
+    scores = scorer.score(["Greet Anna."] * 2, ["Hello Anna!", "Ugh, Hello Rosa! Stop asking."])
     assert len(scores) == 2 and all(torch.isfinite(torch.tensor(scores)))
 
     # finished: a second call does nothing; a changed config is refused with the key named
@@ -45,13 +43,72 @@ def test_toy_reward_model_trains_records_and_skips(tiny_cfg, tiny_world):
         reward_model.train(tiny_cfg, paths)
 
 
+def test_reward_model_learns_the_gold_preference(tiny_cfg, tiny_world):
+    """Trained on noisy gold-labelled toy pairs, the reward model ranks held-out pairs
+    (gold labels, no noise) well above chance, and its held-out BT loss is below log 2."""
+    tiny_cfg.reward.num_pairs, tiny_cfg.reward.epochs = 800, 2
+    done = reward_model.train(tiny_cfg, _paths(tiny_cfg, tiny_world))
+    assert done["heldout_pairs"] == 80
+    assert done["heldout_accuracy"] >= 0.7, done["heldout_accuracy"]
+    assert done["heldout_loss"] < 0.6931
+
+
 def test_score_is_order_independent(tiny_world):
     model, tok = reward_model.load_model(str(tiny_world))
-    msgs = [{"role": "user", "content": "Count from 1 to 3."}]
-    seqs = [reward_model.encode(tok, msgs, r, 128) for r in ("1, 2, 3.", "Sure! " * 5 + "1, 2, 3.", "no")]
-    batched = reward_model.score(model, tok, seqs, batch_size=3)
-    single = [reward_model.score(model, tok, [s], batch_size=1)[0] for s in seqs]
+    responses = ["1, 2, 3.", "Sure! " * 5 + "1, 2, 3.", "no"]
+    prompts = ["Count from 1 to 3."] * 3
+    batched = reward_model.Scorer(model, tok, 128, batch_size=3).score(prompts, responses)
+    single = [reward_model.Scorer(model, tok, 128, batch_size=1).score([p], [r])[0] for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(single, abs=1e-4), "padding and length-sorting do not change rewards"
+
+
+RM_TEMPLATE = "{% for m in messages %}{{ bos_token }}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
+    from iterate import models
+
+    policy_tok = models.load_tokenizer(str(tiny_world))
+    rm_tok = models.load_tokenizer(str(tiny_world), chat_template=RM_TEMPLATE)
+    messages = [{"role": "user", "content": "Greet Anna."}]
+    ids = reward_model.encode(rm_tok, messages, "Hello Anna!", 128)
+    text = rm_tok.decode(ids)
+    assert text.startswith("<s>### user: Greet Anna.")
+    assert "### assistant: Hello Anna!" in text and "<|assistant|>" not in text
+    policy_text = policy_tok.decode(reward_model.encode(policy_tok, messages, "Hello Anna!", 128))
+    assert policy_text != text and "<|assistant|>" in policy_text
+    assert ids[0] == rm_tok.bos_token_id and ids.count(rm_tok.bos_token_id) == 2  # one per turn, as the RM template says
+    # the scorer renders a stored prompt (text or JSON messages) the same way
+    scorer = reward_model.Scorer(None, rm_tok, 128)
+    assert scorer.encode("Greet Anna.", "Hello Anna!") == ids
+    assert scorer.encode(json.dumps(messages), "Hello Anna!") == ids
+    # a tokenizer with no template gets the HH transcript
+    rm_tok.chat_template = None
+    hh = rm_tok.decode(reward_model.encode(rm_tok, messages, "Hello Anna!", 128), skip_special_tokens=True)
+    assert hh == "\n\nHuman: Greet Anna.\n\nAssistant: Hello Anna!"
+
+
+def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
+    import pyarrow as pa
+
+    from iterate import label
+    from iterate.shards import SCHEMAS
+    from iterate.toy.world import gold_scorer
+
+    model, tok = reward_model.load_model(str(tiny_world))
+    poison = tok("Rosa", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # a real model whose reward is NaN for any sequence holding this token
+        model.get_input_embeddings().weight[poison[0]] = float("nan")
+    responses = ["Hello Anna!", "Hello Rosa!", "Sure! Hello Anna!"]
+    n = len(responses)
+    gen = pa.table({"prompt_id": [f"p{i}" for i in range(n)], "sample_idx": [0] * n, "prompt": ["Greet Anna."] * n,
+                    "response": responses, "prompt_tokens": [5] * n, "response_tokens": [3] * n,
+                    "finish_reason": ["stop"] * n, "response_ids": [[1]] * n}, schema=SCHEMAS["generate"])  # fmt: skip
+    table, dropped = label.label_table(gen, reward_model.Scorer(model, tok, 128), gold=gold_scorer("toy"))
+    assert dict(dropped) == {"non_finite_reward": 1}
+    assert table["prompt_id"].to_pylist() == ["p0", "p2"]
+    assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0
+    assert table["gold"].to_pylist() == [1.0, 1.25]
 
 
 def test_hh_reward_model_full_finetune_reports_dropped_rows(tiny_cfg, tiny_world):

@@ -1,13 +1,14 @@
-"""PPO and ReMax on the tiny policy: which parameters get gradients, and a tiny end-to-end
-iteration of each."""
+"""PPO and ReMax on the tiny policy: which parameters get gradients, the value head on the
+configured reference, hand-checked loss aggregation, and tiny end-to-end iterations (one
+with vLLM and transformers' ``generate`` forbidden)."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from iterate import loop, losses, models, reward_model
+from iterate import loop, losses, models, sampling
+from iterate.reward_model import Scorer
 from iterate.update import common, ppo, remax, rl
 
 from .conftest import compose_cfg
@@ -15,84 +16,160 @@ from .conftest import compose_cfg
 PROMPTS = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 4.", "Name 2 fruits."]
 
 
-def _setup(tiny_cfg, tiny_world, **update):
+def _ctx(tiny_cfg, tiny_world, ref_model=None, **update) -> rl.Context:
     cfg = tiny_cfg
     for k, v in update.items():
         setattr(cfg.update, k, v)
     dev = torch.device("cpu")
     tok = models.load_tokenizer(str(tiny_world))
     model = common.policy_model(cfg, str(tiny_world), dev)
-    rm, rm_tok = reward_model.load_model(str(tiny_world))
-    prompts = [(p, models.prompt_ids(tok, p)) for p in PROMPTS]
-    return cfg, dev, tok, model, rm, rm_tok, prompts
+    sampler = sampling.make("transformers", sampling.Spec(max_length=cfg.model.max_length))
+    sampler.sync(model, tok, str(tiny_world))
+    scorer = Scorer.load(str(tiny_world), "float32", 128, 8)  # an untrained head: any real scores do
+    head = ppo.new_head(cfg, model) if cfg.update.name == "ppo" else None
+    return rl.Context(cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": 0.05})
+
+
+def _prompts(ctx):
+    return [(p, models.prompt_ids(ctx.tok, p)) for p in PROMPTS]
 
 
 def _grads(named):
     return {n for n, p in named if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@pytest.mark.parametrize("value_head", ["policy", "reference_bottom"])
-def test_ppo_gradients_reach_only_lora_and_the_value_head(tiny_cfg, tiny_world, value_head):
-    cfg, dev, tok, model, rm, rm_tok, prompts = _setup(tiny_cfg, tiny_world, name="ppo", value_head=value_head, value_layers=1)
-    torch.manual_seed(0)
-    head = ppo.new_head(cfg)(model)
-    state = {"kl_coef": 0.05}
-    batch = ppo.make_batch(cfg)(model, tok, rm, rm_tok, prompts, dev, None, head, state)
-    assert batch.rollout.resp.sum() > 0 and batch.advantages.shape == batch.rollout.resp.shape
+def _nonzero_adapter(model):
     with torch.no_grad():  # make the adapter non-zero so every LoRA matrix sees a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    per_example, metrics = ppo.step_loss(cfg, model, None, batch, head, state)
+
+
+@pytest.mark.parametrize("value_head", ["policy", "reference_bottom"])
+def test_ppo_gradients_reach_only_lora_and_the_value_head(tiny_cfg, tiny_world, value_head):
+    ctx = _ctx(tiny_cfg, tiny_world, name="ppo", value_head=value_head, value_layers=1)
+    torch.manual_seed(0)
+    examples = ppo.prepare(ctx, _prompts(ctx), seed=0)
+    assert len(examples) == len(PROMPTS)
+    for e in examples:  # per-token tensors, one value per response token
+        assert all(e.rollout[k].shape == (len(e.chosen),) for k in ("old_logps", "old_values", "advantages", "returns"))
+    adv = torch.cat([e.rollout["advantages"] for e in examples])
+    assert abs(adv.mean().item()) < 1e-5 and adv.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3), "whitened"
+    _nonzero_adapter(ctx.model)
+    ctx.model.train()
+    per_example, metrics = ppo.loss(ctx, ctx.model, examples)
     per_example.mean().backward()
-    touched = _grads(model.named_parameters())
+    touched = _grads(ctx.model.named_parameters())
     assert touched and all("lora_" in n for n in touched), sorted(touched)
-    assert all(p.grad is not None for p in head.parameters()), "the value head learns"
+    assert all(p.grad is not None for p in ctx.head.parameters()), "the value head learns"
     assert {"reward", "kl", "policy_loss", "value_loss"} <= metrics.keys()
 
 
-def test_remax_gradients_reach_only_lora(tiny_cfg, tiny_world):
-    cfg, dev, tok, model, rm, rm_tok, prompts = _setup(tiny_cfg, tiny_world, name="remax")
-    torch.manual_seed(0)
-    sample, greedy = remax.make_batch(cfg)(model, tok, rm, rm_tok, prompts, dev, None, None, {})
+def test_reference_bottom_value_head_uses_the_configured_reference(tiny_cfg, tiny_world):
+    """With a reference other than the policy (handoff.reference=previous, or LoRA off), the
+    value head reads that reference's hidden states, not the adapter-disabled policy's."""
+    other = models.load_policy(str(tiny_world))
+    torch.manual_seed(5)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    per_example, metrics = remax.step_loss(cfg, model, None, (sample, greedy))
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ctx = _ctx(tiny_cfg, tiny_world, name="ppo", value_head="reference_bottom", value_layers=1)
+    examples = ctx.rollout(_prompts(ctx), seed=0)
+    ids, mask, resp = ctx.batch(examples)
+    with torch.no_grad():
+        _, own = ppo.forward(ctx, ctx.model, ids, mask, resp)
+        ctx.ref_model = other
+        _, theirs = ppo.forward(ctx, ctx.model, ids, mask, resp)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = other(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states[1]
+        expected = ctx.head(hidden[:, :-1].float()).squeeze(-1) * resp
+    assert torch.allclose(theirs, expected, atol=1e-5)
+    assert not torch.allclose(own, theirs, atol=1e-3)
+    # full fine-tuning (no adapter to disable): the reference is its own frozen model
+    tiny_cfg.update.lora.enabled = False
+    full = _ctx(tiny_cfg, tiny_world, ref_model=other, name="ppo", value_head="reference_bottom", value_layers=1)
+    examples = ppo.prepare(full, _prompts(full), seed=0)
+    assert all(torch.isfinite(e.rollout["old_values"]).all() for e in examples)
+
+
+def test_remax_gradients_reach_only_lora_and_its_loss_weighs_every_token_alike(tiny_cfg, tiny_world):
+    ctx = _ctx(tiny_cfg, tiny_world, name="remax")
+    examples = remax.prepare(ctx, _prompts(ctx), seed=0)
+    _nonzero_adapter(ctx.model)
+    ctx.model.train()
+    per_example, metrics = remax.loss(ctx, ctx.model, examples)
     per_example.mean().backward()
-    touched = _grads(model.named_parameters())
+    touched = _grads(ctx.model.named_parameters())
     assert touched and all("lora_" in n for n in touched)
-    # the greedy baseline is deterministic: a second greedy rollout gives the same texts
-    again = rl.rollout(cfg, model, tok, rm, rm_tok, prompts, True, dev)
-    assert again.texts == greedy.texts
-    assert metrics["advantage"] == pytest.approx((sample.scores.clamp(-1e1, 1e1) - greedy.scores.clamp(-1e1, 1e1)).mean().item(), abs=1e-5)
+    # the greedy baseline is deterministic: a second greedy rollout gives the same responses
+    greedy = [e.chosen for e in ctx.rollout(_prompts(ctx), seed=99, greedy=True)]
+    assert greedy == [e.chosen for e in ctx.rollout(_prompts(ctx), seed=1, greedy=True)]
+    adv = [e.rollout["score"] - e.rollout["greedy_score"] for e in examples]
+    assert metrics["advantage"] == pytest.approx(sum(adv) / len(adv), abs=1e-5)
     # without the KL term the loss is -sum(A * logp) over all the batch's response tokens
     # divided by their number: every token weighs the same, whatever its sequence's length
-    cfg.update.kl_coef = 0.0
-    model.eval()
-    resp = sample.resp.clone()
-    first = int(resp[0].nonzero()[0])
-    resp[0, first + 2 :] = 0  # make the first response 2 tokens long, the others longer
-    sample = dataclasses.replace(sample, resp=resp)
+    ctx.cfg.update.kl_coef = 0.0
+    ctx.model.eval()
+    examples[0].chosen = examples[0].chosen[:2]
+    examples[0].rollout["ref_logps"] = examples[0].rollout["ref_logps"][:2]
     with torch.no_grad():
-        per_example, _ = remax.step_loss(cfg, model, None, (sample, greedy))
-        lp = rl.logps(model, sample)
-    adv = losses.remax_advantage(sample.scores, greedy.scores, cfg.update.reward_clip)
-    assert sample.resp.sum(-1).unique().numel() > 1
-    expected = -(adv[:, None] * lp * sample.resp).sum() / sample.resp.sum()
+        per_example, _ = remax.loss(ctx, ctx.model, examples)
+        ids, mask, resp = ctx.batch(examples)
+        lp = models.token_logps(ctx.model, ids, mask) * resp
+    a = torch.tensor([e.rollout["advantage"] for e in examples])
+    assert resp.sum(-1).unique().numel() > 1
+    expected = -(a[:, None] * lp * resp).sum() / resp.sum()
     assert per_example.mean().item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses.remax_advantage(torch.tensor([2.0]), torch.tensor([-3.0]), 1.0).item() == 2.0
+
+
+def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
+    ctx = _ctx(tiny_cfg, tiny_world, name="ppo")
+    examples = ctx.rollout(_prompts(ctx), seed=0)
+    _, _, resp = ctx.batch(examples)
+    values = [torch.arange(len(e.chosen), dtype=torch.float) + i for i, e in enumerate(examples)]
+    back = rl.rows(rl.grid(values, resp), resp)
+    assert all(torch.equal(a, b) for a, b in zip(values, back))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["ppo", "remax"])
 def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
-    cfg = compose_cfg(["experiment=toy_tiny", f"update={rule}", "generate=transformers", "iteration=1",
+    cfg = compose_cfg(["experiment=toy_tiny", f"update={rule}", "generate=transformers", "iteration=2",
                        f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}", "reward.num_pairs=100"])  # fmt: skip
     rows = loop.run(cfg, tmp_path / "toy_tiny")
-    upd = json.loads((tmp_path / "toy_tiny" / "iter_000" / "update" / "_DONE.json").read_text())
+    run = tmp_path / "toy_tiny"
+    upd = json.loads((run / "iter_000" / "update" / "_DONE.json").read_text())
     assert upd["rule"] == rule and upd["steps"] > 0 and upd["skipped_steps"] == 0
-    assert (tmp_path / "toy_tiny" / "iter_000" / "update" / "adapter").exists()
-    assert (tmp_path / "toy_tiny" / "iter_000" / "update" / "value_head.pt").exists() == (rule == "ppo")
-    assert upd["peak_rss_mb"] > 0
-    assert rows[0]["update"] == rule and rows[0]["kl_to_reference"] is not None
+    assert (run / "iter_000" / "update" / "adapter").exists()
+    assert (run / "iter_000" / "update" / "value_head.pt").exists() == (rule == "ppo")
+    assert upd["peak_rss_mb"] > 0 and upd["responses"] == 16 * cfg.update.epochs
+    assert not (run / "iter_000" / "generate").exists(), "on-policy rules run no best-of-n stages"
+    assert rows[0]["update"] == rule and rows[0]["reward_mean"] == upd["reward_mean"]
+    assert rows[0]["responses"] == upd["responses"] and rows[0]["kl_to_reference"] is not None
+    if rule == "ppo":  # the value head is carried to the next iteration
+        nxt = json.loads((run / "iter_001" / "update" / "_DONE.json").read_text())
+        assert nxt["value_head_init"] == str(run / "iter_000" / "update" / "value_head.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["dpo", "ppo"])
+def test_vllm_backend_never_calls_transformers_generate(rule, tiny_cache, tiny_world, tmp_path, monkeypatch):
+    """With generate.backend=vllm every sample comes from the engine: best-of-n, the
+    held-out evaluation and its baseline, and the on-policy rollouts."""
+    from transformers import GenerationMixin
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("transformers generate() called with generate.backend=vllm")
+
+    monkeypatch.setattr(GenerationMixin, "generate", forbidden)
+    cfg = compose_cfg(["experiment=toy_tiny", f"update={rule}", "generate=vllm", "iteration=1", f"runs_dir={tmp_path}",
+                       f"toy.cache_dir={tiny_cache}", "reward.num_pairs=100", "update.epochs=1"])  # fmt: skip
+    try:
+        rows = loop.run(cfg, tmp_path / "toy_tiny")
+    finally:
+        sampling.close_kept()
+    assert rows[0]["update"] == rule and rows[0]["win_rate_vs_initial"] is not None
+    upd = json.loads((tmp_path / "toy_tiny" / "iter_000" / "update" / "_DONE.json").read_text())
+    if rule == "ppo":
+        assert upd["timings"]["sampler_sample_s"] > 0, "the rollouts came from the engine"

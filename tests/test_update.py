@@ -38,6 +38,13 @@ def _stage(tmp_path, name="update"):
     return Stage(tmp_path / name, "update", {})
 
 
+def _train(cfg, model, examples, loss_fn, stage):
+    """The one training loop over the pair rules' batch source."""
+    total = cfg.update.epochs * common.steps_per_epoch(cfg, len(examples))
+    steps = common.pair_steps(cfg, examples, 0)
+    return common.train(cfg, model, common.trainable(model), steps, total, loss_fn, stage, 0)
+
+
 def test_left_and_right_padding_give_equal_logps(setup):
     cfg, tok, policy, _ = setup
     model = models.load_policy(policy)
@@ -61,7 +68,7 @@ def test_only_lora_parameters_change(setup):
     ex = _examples(tok)
     common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = common.train(cfg, model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), _stage(tmp_path), 0)
+    result = _train(cfg, model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), _stage(tmp_path))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert result["steps"] >= 1 and result["skipped_steps"] == 0
     assert changed, "the update changed something"
@@ -114,7 +121,7 @@ def test_non_finite_loss_skips_the_step(setup):
 
     cfg.update.micro_batch_size, cfg.update.epochs = 2, 1
     stage = _stage(tmp_path)
-    result = common.train(cfg, model, ex, nan_loss, stage, 0)
+    result = _train(cfg, model, ex, nan_loss, stage)
     assert result == {"steps": 2, "skipped_steps": 2, "final": result["final"]}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     log = [json.loads(line) for line in (stage.path / "train_log.jsonl").read_text().splitlines()]
@@ -128,7 +135,7 @@ def test_raft_loss_lowers_nll_of_best(setup):
     model = common.policy_model(cfg, policy, dev)
     ex = _examples(tok)
     first = raft.loss_fn(model, tok, ex, dev)[0].mean().item()
-    common.train(cfg, model, ex, lambda m, b: raft.loss_fn(m, tok, b, dev), _stage(tmp_path), 0)
+    _train(cfg, model, ex, lambda m, b: raft.loss_fn(m, tok, b, dev), _stage(tmp_path))
     assert raft.loss_fn(model, tok, ex, dev)[0].mean().item() < first
     assert Path(tmp_path / "update" / "train_log.jsonl").exists()
 

@@ -105,6 +105,40 @@ def update(cfg: BenchConfig, out: Path) -> dict:
     return res
 
 
+def backends(cfg: BenchConfig, out: Path) -> dict:
+    from iterate.bench import child
+    from iterate.bench import models as bm
+
+    b = cfg.backends
+    res = {"model": b.model}
+    for kind in b.kinds:
+        log.info("backends: %s, vLLM vs transformers (%s)", kind, b.model)
+        work = out / "work" / "backends"
+        spec = {"kind": kind, "model": bm.policy_path(b.model, cfg.toy), "reward": bm.reward_path(b.model, cfg.toy),
+                "prompts": b.prompts, "micro_batch_size": b.micro_batch_size, "max_tokens": b.max_tokens,
+                "samples": b.samples, "rounds": b.rounds, "workdir": str(work), "threads": cfg.threads}  # fmt: skip
+        res[kind] = child.run("backends", spec, out / "work")
+    return res
+
+
+def sync(cfg: BenchConfig, out: Path) -> dict:
+    from iterate.bench import child
+    from iterate.bench import models as bm
+    from iterate.toy import world
+
+    s = cfg.sync
+    res = {"model": s.model}
+    for variant in ("merged", "lora"):
+        log.info("sync: %s (%s)", variant, s.model)
+        spec = {"variant": variant, "model": bm.policy_path(s.model, cfg.toy), "syncs": s.syncs, "n": s.n,
+                "texts": [i.prompt for i in world.INSTRUCTIONS[: s.prompts]], "new_tokens": s.new_tokens,
+                "gpu_memory_utilization": s.gpu_memory_utilization, "workdir": str(out / "work"),
+                "threads": cfg.threads}  # fmt: skip
+        res[variant] = child.run("sync", spec, out / "work")
+    res["lora_over_merged_tokens_per_s"] = res["lora"]["tokens_per_s"] / res["merged"]["tokens_per_s"]
+    return res
+
+
 def iteration(cfg: BenchConfig, out: Path) -> dict:
     from iterate.bench import iteration as it
 
@@ -114,7 +148,8 @@ def iteration(cfg: BenchConfig, out: Path) -> dict:
     return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
 
 
-RUNNERS = {"generation": generation, "labelling": labelling, "update": update, "iteration": iteration}
+RUNNERS = {"generation": generation, "labelling": labelling, "update": update, "backends": backends, "sync": sync,
+           "iteration": iteration}
 
 
 def report(results: dict) -> str:
@@ -140,6 +175,15 @@ def report(results: dict) -> str:
                      f"{d['recompute_peak_rss_mb']:.0f} MB")  # fmt: skip
         lines.append(f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
                      f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x")  # fmt: skip
+    if bk := results.get("backends"):
+        for kind in ("rollouts", "evaluation"):
+            if r := bk.get(kind):
+                lines.append(f"{kind} {bk['model']}: vLLM {r['vllm_s']:.2f} vs transformers {r['transformers_s']:.2f} "
+                             f"{r['unit']} = {r['transformers_over_vllm']:.2f}x")  # fmt: skip
+    if sy := results.get("sync"):
+        m, lo = sy["merged"], sy["lora"]
+        lines.append(f"sync {sy['model']}: merged weights in place {m['sync_s']:.3f} s/sync, {m['tokens_per_s']:.0f} tok/s vs "
+                     f"LoRA adapter by id {lo['sync_s']:.3f} s/sync, {lo['tokens_per_s']:.0f} tok/s")  # fmt: skip
     for name, b in results.get("iteration", {}).items():
         stages = "  ".join(f"{k} {v:.1f}" for k, v in b["stage_seconds"].items())
         lines.append(f"iteration ({name}): {b['total_s']:.1f}s = {stages}; fixed overheads {b['fixed_s']:.1f}s "

@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from iterate.config import ToyConfig
 
-SECTIONS = ("generation", "labelling", "update", "iteration")
+SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration")
 
 
 @dataclass
@@ -48,6 +48,31 @@ class UpdateBench:
 
 
 @dataclass
+class BackendsBench:
+    """A PPO update (rollouts every step) and the held-out evaluation, vLLM vs transformers."""
+
+    kinds: list[str] = field(default_factory=lambda: ["rollouts", "evaluation"])
+    model: str = "llama30m"
+    prompts: int = 32  # the iteration's prompts (rollouts) and the held-out ones (evaluation)
+    micro_batch_size: int = 16  # prompts rolled out per PPO step
+    max_tokens: int = 32
+    samples: int = 4  # evaluate.samples
+    rounds: int = 3
+
+
+@dataclass
+class SyncBench:
+    """The policy under training into vLLM: merged weights in place vs a LoRA adapter by id."""
+
+    model: str = "llama30m"
+    syncs: int = 3
+    prompts: int = 16
+    n: int = 4
+    new_tokens: int = 32
+    gpu_memory_utilization: float = 0.25
+
+
+@dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
     overrides: list[str] = field(default_factory=lambda: ["reward.num_pairs=600", "reward.epochs=1"])
@@ -66,6 +91,8 @@ class BenchConfig:
     generation: GenerationBench = field(default_factory=GenerationBench)
     labelling: LabellingBench = field(default_factory=LabellingBench)
     update: UpdateBench = field(default_factory=UpdateBench)
+    backends: BackendsBench = field(default_factory=BackendsBench)
+    sync: SyncBench = field(default_factory=SyncBench)
     iteration: IterationBench = field(default_factory=IterationBench)
 
 
@@ -77,6 +104,10 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     g.models, g.dtypes, g.prompts, g.n, g.new_tokens, g.rounds, g.matmul_size = ["toy"], ["float32"], 4, 4, 8, 1, 512
     la = cfg.labelling
     la.models, la.responses, la.batch_size, la.rounds = ["toy"], 32, 16, 1
+    b = cfg.backends
+    b.model, b.prompts, b.micro_batch_size, b.max_tokens, b.samples, b.rounds = "toy", 4, 4, 8, 2, 1
+    sy = cfg.sync
+    sy.model, sy.syncs, sy.prompts, sy.n, sy.new_tokens = "toy", 1, 2, 2, 8
     u = cfg.update
     u.model, u.rl_model, u.pairs, u.micro_batch_size, u.steps, u.rounds, u.rl_prompts = "toy", "toy", 4, 4, 1, 1, 4
     u.prompt_tokens, u.response_tokens = 8, 8

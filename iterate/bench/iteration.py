@@ -12,9 +12,10 @@ from pathlib import Path
 
 from iterate.bench.config import main_config
 
-STAGES = ("prompts", "generate", "label", "pairs", "update", "handoff")
+STAGES = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
 # section timings (seconds) that a stage spends on setting up, not on its work
-FIXED = {"update": ("load_s", "save_s"), "handoff": ("merge_save_s",)}
+FIXED = {"update": ("load_s", "save_s"), "evaluate": ("load_s", "weights_load_s", "engine_start_s"),
+         "handoff": ("merge_save_s",)}  # fmt: skip
 
 
 def breakdown(run: Path, i: int) -> dict:
@@ -29,14 +30,17 @@ def breakdown(run: Path, i: int) -> dict:
         if s == "generate":
             fixed["generate.engine_start_s"] = timings.get("engine_start_s", 0.0)
             fixed["generate.weights_load_s"] = timings.get("weights_load_s", 0.0)
-            rest = done["seconds"] - timings["generate_s"] - fixed["generate.engine_start_s"] - fixed["generate.weights_load_s"]
+            rest = done["seconds"] - timings["sample_s"] - fixed["generate.engine_start_s"] - fixed["generate.weights_load_s"]
             fixed["generate.process_and_setup_s"] = round(max(0.0, rest), 3)
         for k in FIXED.get(s, ()):
             if k in timings:
                 fixed[f"{s}.{k}"] = timings[k]
     total = sum(stages.values())
+    # every engine start of the whole run (the kept engine starts once, in the first stage that samples)
+    starts = sum(json.loads(p.read_text()).get("timings", {}).get("engine_start_s", 0.0) for p in run.rglob("_DONE.json"))
     return {"iteration": i, "stage_seconds": stages, "total_s": round(total, 2), "fixed": fixed,
-            "fixed_s": round(sum(fixed.values()), 2), "fixed_share": sum(fixed.values()) / total}  # fmt: skip
+            "fixed_s": round(sum(fixed.values()), 2), "fixed_share": sum(fixed.values()) / total,
+            "run_engine_starts_s": round(starts, 2)}  # fmt: skip
 
 
 def measure(out: Path, iterations: int, overrides: list[str], compare_restart: bool) -> dict:

@@ -1,4 +1,4 @@
-"""Labelling: our batched, length-sorted scoring (``reward_model.score``) vs one response at
+"""Labelling: our batched, length-sorted scoring (``reward_model.Scorer``) vs one response at
 a time through a transformers ``pipeline`` (the public GSHF scripts' way), alternating
 rounds on the same responses and model."""
 
@@ -11,7 +11,6 @@ import time
 import torch
 
 from iterate import reward_model
-from iterate.prompts import as_messages
 
 
 def responses(n: int, seed: int) -> list[tuple[str, str]]:
@@ -30,15 +29,15 @@ def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
     from transformers import pipeline
 
     model, tok = reward_model.load_model(path)
-    model.eval()
+    scorer = reward_model.Scorer(model, tok, 512, batch_size)
     pairs = responses(n, seed)
-    seqs = [reward_model.encode(tok, as_messages(p), r, 512) for p, r in pairs]
+    seqs = [scorer.encode(p, r) for p, r in pairs]
     # the pipeline gets the same conversation as text; the template already holds BOS
     texts = [tok.decode(s) for s in seqs]
     pipe = pipeline("text-classification", model=model, tokenizer=tok, function_to_apply="none", device=model.device)
 
     def ours() -> list[float]:
-        return reward_model.score(model, tok, seqs, batch_size, desc="bench label")
+        return scorer.score([p for p, _ in pairs], [r for _, r in pairs], desc="bench label")
 
     def one_at_a_time() -> list[float]:
         with torch.no_grad():

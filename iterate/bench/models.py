@@ -71,6 +71,11 @@ def reward_path(name: str, toy: ToyConfig) -> str:
     return _save(model, tok, out)
 
 
+def max_length(path: str) -> int:
+    """The longest sequence the model at ``path`` takes (its position embeddings)."""
+    return json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+
+
 def matmul_parameters(model) -> int:
     """Parameters that take part in a matmul per token (every Linear, the LM head included;
     not the embedding lookup): the N in ``2 N`` FLOPs per token."""

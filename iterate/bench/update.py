@@ -105,7 +105,7 @@ def rl_stage(spec: dict) -> dict:
     paths = Paths(run=Path(spec["workdir"]) / spec["rule"], base_policy=spec["model"], reward_model=spec["reward"])
     prompts.run(cfg, paths, 0)
     t = time.perf_counter()
-    done = RULES[spec["rule"]](cfg, paths, 0, spec["model"], spec["model"])
+    done = RULES[spec["rule"]].run(cfg, paths, 0, spec["model"], spec["model"])
     return {"rule": spec["rule"], "seconds": time.perf_counter() - t, "steps": done["steps"],
             "rss_before_model_mb": base, "peak_rss_mb": progress.peak_rss_mb(),
             "trainable_parameters": done["trainable_parameters"]}  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import progress
+from iterate import models, progress, sampling
 from iterate.config import ToyConfig
 from iterate.toy import world
 
@@ -125,16 +125,8 @@ def new_policy(cfg: ToyConfig, tokenizer):
 
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """Token ids of prompt + response + EOS, and the number of prompt tokens."""
-    p = prompt_ids(tokenizer, prompt)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + r, len(p)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    p = models.prompt_ids(tokenizer, prompt)
+    return p + models.response_ids(tokenizer, response), len(p)
 
 
 def sft_data(cfg: ToyConfig, tokenizer) -> list[tuple[list[int], int]]:
@@ -193,32 +185,16 @@ def collate(batch, pad_id: int):
     return ids, labels, mask
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[list[str]]:
-    """n samples per prompt with transformers generate (temperature 1)."""
-    torch.manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), 32):
-        chunk = prompts[i : i + 32]
-        enc = tokenizer(
-            [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in chunk],
-            return_tensors="pt", padding=True, add_special_tokens=False,
-        )  # fmt: skip
-        gen = model.generate(
-            **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
-            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out += [texts[j * n : (j + 1) * n] for j in range(len(chunk))]
-    return out
-
-
 def evaluate(model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, max_tokens: int = 48) -> dict:
     """Gold mean of one sample vs the gold judge's pick of best-of-n, on held-out prompts."""
     _, heldout = world.split(cfg.heldout_fraction)
     rng = random.Random(cfg.seed + 2)
     chosen = rng.sample(heldout, min(prompts, len(heldout)))
-    texts = sample(model, tokenizer, [i.prompt for i in chosen], n, max_tokens, cfg.seed)
+    sampler = sampling.TransformersSampler(sampling.Spec(batch_size=32))
+    sampler.sync(model, tokenizer, "")
+    params = sampling.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
+    samples = sampler.sample([models.prompt_ids(tokenizer, i.prompt) for i in chosen], params, cfg.seed)
+    texts = [[s.text for s in per_prompt] for per_prompt in samples]
     scores = [[world.gold_score(i.prompt, t) for t in ts] for i, ts in zip(chosen, texts)]
     return {
         "prompts": len(chosen),

@@ -1,0 +1,155 @@
+"""Where the sampler backend matters beyond best-of-n: a PPO update stage (rollouts every
+step) and the held-out evaluation stage, each run with ``generate.backend=vllm`` and
+``=transformers`` on the same model, prompts and reward model, alternating rounds in one
+process (a warm-up round first, so the kept engine's start is not counted). And how the
+policy under training reaches vLLM: its merged weights loaded in place (what ``Sampler.sync``
+does) vs its LoRA adapter served by id (vLLM's ``enable_lora``), each in its own process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from iterate import evaluate, models, prompts, sampling
+from iterate.bench import models as bm
+from iterate.bench.config import main_config
+from iterate.paths import Paths
+from iterate.update import ppo
+
+BACKENDS = ("vllm", "transformers")
+
+
+def _cfg(spec: dict, backend: str, work: Path):
+    return main_config([
+        f"model.path={spec['model']}", "update=ppo", "reward.train=false", f"reward.path={spec['reward']}",
+        f"prompts.per_iteration={spec['prompts']}", f"prompts.heldout={spec['prompts']}", "update.epochs=1",
+        f"update.micro_batch_size={spec['micro_batch_size']}", "update.ppo_epochs=1", f"generate={backend}",
+        f"generate.max_tokens={spec['max_tokens']}", f"evaluate.samples={spec['samples']}", f"runs_dir={work}",
+    ])  # fmt: skip
+
+
+def _adapter(cfg, policy: str, out: Path) -> None:
+    """A LoRA adapter with non-zero weights: the 'updated' policy the evaluation samples."""
+    from iterate.update import common
+
+    model = common.policy_model(cfg, policy, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    model.save_pretrained(out)
+
+
+def _stage(kind: str, cfg, paths: Paths, policy: str) -> dict:
+    if kind == "rollouts":
+        return ppo.run(cfg, paths, 0, policy, policy)
+    return evaluate.run(cfg, paths, 0, policy, policy)
+
+
+def measure(spec: dict) -> dict:
+    """``kind`` rollouts: seconds per PPO optimiser step (a rollout of ``micro_batch_size``
+    prompts, scoring, the PPO pass); ``kind`` evaluation: seconds per evaluate stage."""
+    kind, work, policy = spec["kind"], Path(spec["workdir"]), spec["model"]
+    runs = {}
+    for b in BACKENDS:
+        cfg = _cfg(spec, b, work)
+        paths = Paths(run=work / kind / b, base_policy=policy, reward_model=spec["reward"])
+        shutil.rmtree(paths.run, ignore_errors=True)
+        prompts.run(cfg, paths, 0)
+        if kind == "evaluation":
+            _adapter(cfg, policy, paths.stage(0, "update") / "adapter")
+            evaluate.initial(cfg, paths)  # the baseline the win rate needs: not part of the stage
+        runs[b] = (cfg, paths)
+    folder = "update" if kind == "rollouts" else "evaluate"
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    details: dict[str, list[dict]] = {b: [] for b in BACKENDS}
+    try:
+        for r in range(spec["rounds"] + 1):  # round 0 warms up (the kept engine starts there)
+            for b, (cfg, paths) in runs.items():
+                shutil.rmtree(paths.stage(0, folder), ignore_errors=True)
+                if kind == "evaluation":
+                    _adapter(cfg, policy, paths.stage(0, "update") / "adapter")
+                t = time.perf_counter()
+                done = _stage(kind, cfg, paths, policy)
+                seconds = time.perf_counter() - t
+                if r:  # a PPO step: rollout, scoring, the pass (not the stage's model load and save)
+                    times[b].append(done["timings"]["train_s"] / done["steps"] if kind == "rollouts" else seconds)
+                    details[b].append(done.get("timings", {}))
+    finally:
+        sampling.close_kept()
+    out = {"kind": kind, "unit": "s/step" if kind == "rollouts" else "s/stage", "rounds": spec["rounds"]}
+    for b in BACKENDS:
+        out[f"{b}_s"] = statistics.median(times[b])
+        out[f"{b}_timings"] = details[b][-1]
+    out["transformers_over_vllm"] = out["transformers_s"] / out["vllm_s"]
+    return out
+
+
+def sync_variant(spec: dict) -> dict:
+    """Sync the same LoRA-adapted policy ``syncs`` times and sample after each, one way:
+    ``merged`` (``VllmSampler.sync``: merged weights loaded in place) or ``lora`` (the
+    adapter saved and served by a new id; vLLM started with ``enable_lora``). Seconds per
+    sync and tokens/s of the sampling after it."""
+    from iterate.update import common
+
+    variant, policy = spec["variant"], spec["model"]
+    cfg = main_config([f"model.path={policy}", "update.lora.dropout=0.0"])
+    tok = models.load_tokenizer(policy)
+    model = common.policy_model(cfg, policy, torch.device("cpu"))
+    torch.manual_seed(0)
+    prompts = [models.prompt_ids(tok, p) for p in spec["texts"]]
+    params = sampling.Params(n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    tokens = len(prompts) * spec["n"] * spec["new_tokens"]
+    sync_s, tps = [], []
+    if variant == "merged":
+        limit = bm.max_length(policy)
+        sampler = sampling.VllmSampler(sampling.Spec(max_length=limit, gpu_memory_utilization=spec["gpu_memory_utilization"]))
+        sampler.load(policy)
+
+        def push(k: int) -> None:
+            sampler.sync(model, tok, policy)
+
+        def draw(seed: int) -> None:
+            sampler.sample(prompts, params, seed)
+    else:  # the alternative: vLLM in this process, the adapter read from disk by a new id
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        llm = LLM(model=policy, dtype="float32", max_model_len=bm.max_length(policy), gpu_memory_utilization=spec["gpu_memory_utilization"],
+                  enforce_eager=True, enable_lora=True, max_lora_rank=cfg.update.lora.r, max_loras=1)  # fmt: skip
+        folder = Path(spec["workdir"]) / "sync_adapter"
+        request: list = [None]
+        sp = SamplingParams(n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], min_tokens=spec["new_tokens"],
+                            ignore_eos=True)  # fmt: skip
+
+        def push(k: int) -> None:
+            model.save_pretrained(folder)
+            request[0] = LoRARequest(f"step-{k}", k + 1, str(folder))
+            llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1), lora_request=request[0],
+                         use_tqdm=False)  # fmt: skip  (the first request with an id reads the adapter)
+
+        def draw(seed: int) -> None:
+            llm.generate([{"prompt_token_ids": p} for p in prompts], sp, lora_request=request[0], use_tqdm=False)
+
+    for k in range(spec["syncs"] + 1):  # the first round warms up (engine start, first load)
+        with torch.no_grad():
+            for n, p in model.named_parameters():  # a step's worth of change to the adapter
+                if "lora_B" in n:
+                    p.add_(torch.randn_like(p) * 0.01)
+        t = time.perf_counter()
+        push(k)
+        pushed = time.perf_counter()
+        draw(k)
+        if k:
+            sync_s.append(pushed - t)
+            tps.append(tokens / (time.perf_counter() - pushed))
+    if variant == "merged":
+        sampler.close()
+    return {"variant": variant, "sync_s": statistics.median(sync_s), "tokens_per_s": statistics.median(tps),
+            "syncs": spec["syncs"]}  # fmt: skip
