@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   builds the toy world and runs `python -m iterate iteration=3`
-#   make test   runs ruff and the test suite
+#   make test   runs ruff (lint and format check) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check iterate tests
+	$(VENV)/bin/ruff format --check iterate tests
 
 test: lint
 	$(PY) -m pytest -q tests

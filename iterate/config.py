@@ -148,7 +148,9 @@ class RewardConfig:
     lr: float = 3e-3
     max_length: int = 256
     dtype: DType = DType.float32
-    score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, rollouts)
+    score_batch_size: int = (
+        64  # sequences per forward pass when scoring (label, evaluate, rollouts)
+    )
 
 
 @dataclass
@@ -235,7 +237,9 @@ class HandoffConfig:
 class EvaluateConfig:
     """The held-out evaluation of each iteration's new policy (KL, reward, gold, win rate)."""
 
-    samples: int = 4  # samples per held-out prompt, at temperature 1 and top-p 1 (the KL needs them)
+    samples: int = (
+        4  # samples per held-out prompt, at temperature 1 and top-p 1 (the KL needs them)
+    )
     batch_size: int = 32  # sequences per forward pass of the KL's log-probs
 
 
@@ -271,7 +275,11 @@ def job_dirname(overrides: str) -> str:
     if len(name.encode()) > 200:
         import hashlib
 
-        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = (
+            name.encode()[:180].decode(errors="ignore")
+            + "-"
+            + hashlib.sha1(name.encode()).hexdigest()[:10]
+        )
     return name
 
 

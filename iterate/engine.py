@@ -30,6 +30,7 @@ from iterate import progress
 
 log = logging.getLogger(__name__)
 
+
 def key(request: dict) -> dict:
     """What an engine is built for; a request with another key needs a new engine. The
     architecture is read from the policy's config.json, so any policy of the same shape can
@@ -47,9 +48,13 @@ def start_llm(policy: str, engine: dict, seed: int):
     from vllm import LLM
 
     return LLM(
-        model=policy, dtype=engine["dtype"], seed=seed, max_model_len=engine["max_length"],
-        gpu_memory_utilization=engine["gpu_memory_utilization"], enforce_eager=engine["enforce_eager"],
-    )  # fmt: skip
+        model=policy,
+        dtype=engine["dtype"],
+        seed=seed,
+        max_model_len=engine["max_length"],
+        gpu_memory_utilization=engine["gpu_memory_utilization"],
+        enforce_eager=engine["enforce_eager"],
+    )
 
 
 def load_weights(llm, request: dict) -> None:
@@ -72,14 +77,20 @@ def sample(llm, request: dict) -> list[list[tuple[str, list[int], str]]]:
 
     p = request["params"]
     params = SamplingParams(
-        n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
+        n=p["n"],
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        max_tokens=p["max_tokens"],
         **({"min_tokens": p["max_tokens"], "ignore_eos": True} if p.get("ignore_eos") else {}),
-    )  # fmt: skip
+    )
     set_random_seed(request["seed"])
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
     outs = llm.generate(prompts, params, use_tqdm=False)
     reason = {"stop": "stop"}
-    return [[(c.text, list(c.token_ids), reason.get(c.finish_reason, "length")) for c in o.outputs] for o in outs]
+    return [
+        [(c.text, list(c.token_ids), reason.get(c.finish_reason, "length")) for c in o.outputs]
+        for o in outs
+    ]
 
 
 def serve(fd: int) -> None:
@@ -141,12 +152,18 @@ class Engine:
             self.close()
         if self.proc is None:
             ours, theirs = socket.socketpair()
-            env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
+            env = {
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_LOGGING_LEVEL": "ERROR",
+                **os.environ,
+            }
             try:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
-                    env=env, pass_fds=[theirs.fileno()], preexec_fn=kill_with_parent,
-                )  # fmt: skip
+                    env=env,
+                    pass_fds=[theirs.fileno()],
+                    preexec_fn=kill_with_parent,
+                )
             except BaseException:
                 ours.close()
                 raise

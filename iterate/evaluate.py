@@ -36,28 +36,45 @@ log = logging.getLogger(__name__)
 
 
 def params(cfg: Config) -> sampling.Params:
-    return sampling.Params(n=cfg.evaluate.samples, temperature=1.0, top_p=1.0, max_tokens=cfg.generate.max_tokens)
+    return sampling.Params(
+        n=cfg.evaluate.samples, temperature=1.0, top_p=1.0, max_tokens=cfg.generate.max_tokens
+    )
 
 
-def sample_heldout(cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable) -> tuple[pa.Table, dict]:
+def sample_heldout(
+    cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable
+) -> tuple[pa.Table, dict]:
     """Samples of the held-out prompts as shards in ``out`` (resumable; a shard seeded from
     (seed, unit, shard)), from the policy ``put(sampler)`` gives the sampler; returns them
     and what was dropped."""
     gc = cfg.generate
-    shards, dropped = sampling.plan(tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size)
+    shards, dropped = sampling.plan(
+        tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size
+    )
     timings = {}
     if todo := sampling.missing(shards, out):
         with sampling.session(cfg) as sampler:
             put(sampler)
-            sampling.write_shards(sampler, todo, params(cfg), lambda k: seeds.derive("heldout", cfg.seed, unit, k),
-                                  out, (unit - 1, "evaluate"), f"held-out samples ({gc.backend})")  # fmt: skip
+            sampling.write_shards(
+                sampler,
+                todo,
+                params(cfg),
+                lambda k: seeds.derive("heldout", cfg.seed, unit, k),
+                out,
+                (unit - 1, "evaluate"),
+                f"held-out samples ({gc.backend})",
+            )
             timings = sampler.timings
     return read_shards(out, SCHEMAS["generate"]), {"dropped": dict(dropped), "timings": timings}
 
 
 def _sample_conf(cfg: Config) -> dict:
-    return {"evaluate": {"samples": cfg.evaluate.samples}, "max_tokens": cfg.generate.max_tokens,
-            "model": plain(cfg.model), "seed": cfg.seed}  # fmt: skip
+    return {
+        "evaluate": {"samples": cfg.evaluate.samples},
+        "max_tokens": cfg.generate.max_tokens,
+        "model": plain(cfg.model),
+        "seed": cfg.seed,
+    }
 
 
 def initial(cfg: Config, paths: Paths) -> pa.Table:
@@ -73,20 +90,29 @@ def initial(cfg: Config, paths: Paths) -> pa.Table:
     return read_shards(stage.path, SCHEMAS["generate"])
 
 
-def sequence_kl(new_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, list[float]]:
+def sequence_kl(
+    new_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
+) -> dict[str, list[float]]:
     """Per-sequence KL(new || reference) estimates on samples from ``new``: the k1 and k3
     per-token estimators (``losses.kl_penalty``) summed over response tokens. All inputs
     (B, T), ``mask`` 1 on response tokens; returns ``{"k1": [B floats], "k3": [...]}``."""
-    return {k: (losses.kl_penalty(new_logps, ref_logps, k) * mask).sum(-1).tolist() for k in ("k1", "k3")}
+    return {
+        k: (losses.kl_penalty(new_logps, ref_logps, k) * mask).sum(-1).tolist()
+        for k in ("k1", "k3")
+    }
 
 
 @torch.no_grad()
-def logps_of(model, tok, prompts: list[list[int]], responses: list[list[int]], batch_size: int, dev) -> tuple:
+def logps_of(
+    model, tok, prompts: list[list[int]], responses: list[list[int]], batch_size: int, dev
+) -> tuple:
     """Per-token log-probs (B, T-1) of the responses and their mask, in batches."""
     lps, masks = [], []
     width = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1
     for b in range(0, len(prompts), batch_size):
-        ids, mask, resp = models.sequence_batch(tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev)
+        ids, mask, resp = models.sequence_batch(
+            tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev
+        )
         lp = models.token_logps(model, ids, mask) * resp
         pad = (0, width - lp.shape[1])
         lps.append(torch.nn.functional.pad(lp, pad))
@@ -94,7 +120,9 @@ def logps_of(model, tok, prompts: list[list[int]], responses: list[list[int]], b
     return torch.cat(lps), torch.cat(masks)
 
 
-def kl(cfg: Config, tok, model, reference: str, policy: str, samples: pa.Table) -> dict[str, list[float]]:
+def kl(
+    cfg: Config, tok, model, reference: str, policy: str, samples: pa.Table
+) -> dict[str, list[float]]:
     """KL(new || reference) per sequence on the new policy's samples. When the reference is
     the policy the new one's LoRA adapter sits on, it is the same model with the adapter
     disabled (no second copy)."""
@@ -125,13 +153,19 @@ def _mean(xs: list[float]) -> float:
 def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
     rc = cfg.reward
-    scorer = Scorer.load(rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device)))
+    scorer = Scorer.load(
+        rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device))
+    )
     prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
     out = {"heldout_reward_mean": _mean(scorer.score(prompts, responses, desc="held-out reward"))}
     if gold := gold_scorer(cfg.prompts.source):
         init = initial(cfg, paths)
-        init_gold = {(pid, j): gold(p, r) for pid, j, p, r in
-                     zip(*(init[c].to_pylist() for c in ("prompt_id", "sample_idx", "prompt", "response")))}  # fmt: skip
+        init_gold = {
+            (pid, j): gold(p, r)
+            for pid, j, p, r in zip(
+                *(init[c].to_pylist() for c in ("prompt_id", "sample_idx", "prompt", "response"))
+            )
+        }
         keys = zip(samples["prompt_id"].to_pylist(), samples["sample_idx"].to_pylist())
         new_gold = [gold(p, r) for p, r in zip(prompts, responses)]
         out["gold_mean"] = _mean(new_gold)
@@ -150,9 +184,16 @@ def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    conf = {**_sample_conf(cfg), "policy": policy, "reference": reference, "reward_model": paths.reward_model}
+    conf = {
+        **_sample_conf(cfg),
+        "policy": policy,
+        "reference": reference,
+        "reward_model": paths.reward_model,
+    }
     heldout = paths.run / "heldout"
-    stage = Stage(paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout])
+    stage = Stage(
+        paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout]
+    )
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
@@ -161,14 +202,28 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         model = new_policy(cfg, paths, i, policy)
     with timer("sample_s"):
         put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
-        samples, info = sample_heldout(cfg, tok, read_shards(heldout), stage.path / "samples", i + 1, put)
+        samples, info = sample_heldout(
+            cfg, tok, read_shards(heldout), stage.path / "samples", i + 1, put
+        )
     if samples.num_rows == 0:
-        raise ValueError(f"evaluate: every held-out prompt is too long for model.max_length ({info['dropped']})")
+        raise ValueError(
+            f"evaluate: every held-out prompt is too long for model.max_length ({info['dropped']})"
+        )
     with timer("kl_s"):
         per_seq = kl(cfg, tok, model, reference, policy, samples)
     with timer("score_s"):
         measured = scores(cfg, paths, samples, paths.reward_model)
-    kl_info = {"k1": _mean(per_seq["k1"]), "k3": _mean(per_seq["k3"]), "sequences": len(per_seq["k1"]),
-               "reference": reference}  # fmt: skip
-    return stage.finish(kl=kl_info, rows_out=samples.num_rows, dropped=info["dropped"], **measured,
-                        **sampling.summary(samples), timings={**info["timings"], **timer.seconds})  # fmt: skip
+    kl_info = {
+        "k1": _mean(per_seq["k1"]),
+        "k3": _mean(per_seq["k3"]),
+        "sequences": len(per_seq["k1"]),
+        "reference": reference,
+    }
+    return stage.finish(
+        kl=kl_info,
+        rows_out=samples.num_rows,
+        dropped=info["dropped"],
+        **measured,
+        **sampling.summary(samples),
+        timings={**info["timings"], **timer.seconds},
+    )

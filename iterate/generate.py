@@ -27,22 +27,32 @@ NOT_HASHED = ("keep_engine", "batch_size", "gpu_memory_utilization", "enforce_ea
 
 def params(cfg: Config) -> sampling.Params:
     gc = cfg.generate
-    return sampling.Params(n=gc.n, temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens)
+    return sampling.Params(
+        n=gc.n, temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens
+    )
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> dict:
     gc = cfg.generate
     gen_conf = {k: v for k, v in plain(gc).items() if k not in NOT_HASHED}
     conf = {"generate": gen_conf, "model": plain(cfg.model), "policy": policy, "seed": cfg.seed}
-    stage = Stage(paths.stage(i, "generate"), "generate", conf, inputs=[paths.stage(i, "prompts"), *paths.previous(i)])
+    stage = Stage(
+        paths.stage(i, "generate"),
+        "generate",
+        conf,
+        inputs=[paths.stage(i, "prompts"), *paths.previous(i)],
+    )
     if stage.check(cfg.force):
         return stage.read_done()
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
-    shards, dropped = sampling.plan(tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size)
+    shards, dropped = sampling.plan(
+        tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size
+    )
     if not shards:
         raise ValueError(
-            f"generate: all {prompts.num_rows} prompts dropped ({dict(dropped)}): model.max_length "
-            f"({cfg.model.max_length}) leaves no room for generate.max_tokens ({gc.max_tokens}) after the prompt"
+            f"generate: all {prompts.num_rows} prompts dropped ({dict(dropped)}): "
+            f"model.max_length ({cfg.model.max_length}) leaves no room for "
+            f"generate.max_tokens ({gc.max_tokens}) after the prompt"
         )
     todo = sampling.missing(shards, stage.path)
     timings = {}
@@ -50,8 +60,15 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
         log.info("generate: %d of %d shards to write (%s)", len(todo), len(shards), gc.backend)
         with sampling.session(cfg) as sampler:
             sampler.load(policy)
-            sampling.write_shards(sampler, todo, params(cfg), lambda k: seeds.derive("generate", cfg.seed, i, k),
-                                  stage.path, (i, "generate"), f"generate ({gc.backend})")  # fmt: skip
+            sampling.write_shards(
+                sampler,
+                todo,
+                params(cfg),
+                lambda k: seeds.derive("generate", cfg.seed, i, k),
+                stage.path,
+                (i, "generate"),
+                f"generate ({gc.backend})",
+            )
             timings = sampler.timings
     table = read_shards(stage.path, SCHEMAS["generate"])
     return stage.finish(

@@ -26,7 +26,9 @@ def merge(cfg: Config, policy: str, update_dir: Path, out: Path) -> None:
     """The update's policy as one model folder: the adapter merged, or the full model."""
     dev = models.device(str(cfg.device))
     if (update_dir / "adapter").exists():
-        model = models.load_policy(policy, str(cfg.model.dtype), dev, str(update_dir / "adapter")).merge_and_unload()
+        model = models.load_policy(
+            policy, str(cfg.model.dtype), dev, str(update_dir / "adapter")
+        ).merge_and_unload()
         tok_dir = update_dir / "adapter"
     else:
         model = models.load_policy(str(update_dir / "model"), str(cfg.model.dtype), dev)
@@ -44,10 +46,17 @@ def gate(cfg: Config, evaluation: dict) -> dict:
     return kl
 
 
-def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict, history: list[dict]) -> dict:
+def run(
+    cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict, history: list[dict]
+) -> dict:
     hc = cfg.handoff
     conf = {"handoff": plain(hc), "policy": policy}
-    stage = Stage(paths.stage(i, "handoff"), "handoff", conf, inputs=[paths.stage(i, "update"), paths.stage(i, "evaluate")])
+    stage = Stage(
+        paths.stage(i, "handoff"),
+        "handoff",
+        conf,
+        inputs=[paths.stage(i, "update"), paths.stage(i, "evaluate")],
+    )
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
@@ -62,5 +71,11 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict, histor
     atomic_write_json(stage.path / "kl.json", kl)
     report.write_card(out / "README.md", cfg, paths, i, history, {**evaluation, **kl})
     verb = "accepted" if kl["accepted"] else "REJECTED"
-    log.info("handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g): %s", kl["k1"], kl["k3"], hc.max_kl, verb)
+    log.info(
+        "handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g): %s",
+        kl["k1"],
+        kl["k3"],
+        hc.max_kl,
+        verb,
+    )
     return stage.finish(kl=kl, timings=timer.seconds)

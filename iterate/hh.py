@@ -25,7 +25,9 @@ class MalformedRow(ValueError):
 
     def __init__(self, reason: str, where: str, field: str, detail: str = ""):
         self.reason = reason
-        super().__init__(f"{where}: field '{field}': {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
+        super().__init__(
+            f"{where}: field '{field}': {reason.replace('_', ' ')}{': ' + detail if detail else ''}"
+        )
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -40,7 +42,9 @@ def parse_hh(text: str, where: str = "", field: str = "chosen") -> tuple[Message
         raise MalformedRow("text_before_first_turn", where, field, repr(parts[0][:40]))
     turns = [(parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
     if not turns or turns[-1][0] != "Assistant":
-        raise MalformedRow("no_assistant_turn", where, field, "the transcript must end with an Assistant turn")
+        raise MalformedRow(
+            "no_assistant_turn", where, field, "the transcript must end with an Assistant turn"
+        )
     response = turns[-1][1].strip()
     if not response:
         raise MalformedRow("empty_response", where, field)
@@ -58,7 +62,9 @@ def parse_hh_row(row: dict, where: str) -> Pair:
     prompt_c, chosen = parse_hh(row["chosen"], where, "chosen")
     prompt_r, rejected = parse_hh(row["rejected"], where, "rejected")
     if prompt_c != prompt_r:
-        raise MalformedRow("prompt_mismatch", where, "rejected", "chosen and rejected differ before the final turn")
+        raise MalformedRow(
+            "prompt_mismatch", where, "rejected", "chosen and rejected differ before the final turn"
+        )
     if chosen == rejected:
         raise MalformedRow("identical_responses", where, "rejected")
     return Pair(prompt_c, chosen, rejected)

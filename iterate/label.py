@@ -41,7 +41,9 @@ def label_table(gen: pa.Table, scorer: Scorer, gold=None) -> tuple[pa.Table, Cou
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
     rewards = scorer.score(prompts, responses, desc="label")
     keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]
-    dropped = Counter({"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {})
+    dropped = Counter(
+        {"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {}
+    )
     table = pa.table(
         {
             "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],
@@ -64,13 +66,21 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         return stage.read_done()
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
-        scorer = Scorer.load(rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device)))
+        scorer = Scorer.load(
+            rm_path,
+            str(rc.dtype),
+            rc.max_length,
+            rc.score_batch_size,
+            models.device(str(cfg.device)),
+        )
         gold = gold_scorer(cfg.prompts.source)
         for p in todo:
             k = shard_index(p)
             table, d = label_table(pq.read_table(p), scorer, gold)
             write_shard(table, shard_path(stage.path, k))
-            _save_counts(stage.path, k, d)  # after the shard: a shard rewritten after a crash rewrites it
+            _save_counts(
+                stage.path, k, d
+            )  # after the shard: a shard rewritten after a crash rewrites it
             faults.point(i, "label", k + 1)
     dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])

@@ -70,7 +70,9 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
     if not marker.exists():
         return False
     fin = json.loads(marker.read_text())
-    return fin["config"] == _comparable(cfg) and (fin["iterations"] >= cfg.iteration or fin["stopped"])
+    return fin["config"] == _comparable(cfg) and (
+        fin["iterations"] >= cfg.iteration or fin["stopped"]
+    )
 
 
 def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -> str:
@@ -86,7 +88,12 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
     if is_finished(cfg, paths):
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        log.info("nothing to do: %s already has iterations 0..%d\n%s", run_dir, cfg.iteration - 1, report.table(rows))
+        log.info(
+            "nothing to do: %s already has iterations 0..%d\n%s",
+            run_dir,
+            cfg.iteration - 1,
+            report.table(rows),
+        )
         return rows
     t0 = time.time()
     paths = prepare(cfg, run_dir)
@@ -101,16 +108,38 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     report.write_metrics(run_dir / "metrics.jsonl", rows)
     report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
     stopped = len(rows) < cfg.iteration
-    atomic_write_json(run_dir / "_FINISHED.json", {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped})
+    atomic_write_json(
+        run_dir / "_FINISHED.json",
+        {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped},
+    )
     accepted = [r["iteration"] for r in rows if r["accepted"]]
     final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
-    log.info("%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s", run_dir, len(rows),
-             time.time() - t0, report.table(rows), run_dir / "metrics.jsonl", run_dir / "metrics.png", final)  # fmt: skip
+    log.info(
+        "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s",
+        run_dir,
+        len(rows),
+        time.time() - t0,
+        report.table(rows),
+        run_dir / "metrics.jsonl",
+        run_dir / "metrics.png",
+        final,
+    )
     return rows
 
 
-SUMMARY_KEYS = ("rows_in", "rows_out", "responses", "dropped", "eos_rate", "reward_mean", "heldout_reward_mean",
-                "gold_mean", "win_rate_vs_initial", "steps", "skipped_steps")  # fmt: skip
+SUMMARY_KEYS = (
+    "rows_in",
+    "rows_out",
+    "responses",
+    "dropped",
+    "eos_rate",
+    "reward_mean",
+    "heldout_reward_mean",
+    "gold_mean",
+    "win_rate_vs_initial",
+    "steps",
+    "skipped_steps",
+)
 
 
 def _log(i: int, done: dict) -> dict:
@@ -122,7 +151,9 @@ def _log(i: int, done: dict) -> dict:
     return done
 
 
-def before_update(name: str, cfg: Config, paths: Paths, i: int, policy: str, batch, rm: str) -> dict:
+def before_update(
+    name: str, cfg: Config, paths: Paths, i: int, policy: str, batch, rm: str
+) -> dict:
     """A stage that a rule reads before its update (the pair rules': best-of-n samples, their
     labels, the pairs)."""
     from iterate import generate, label, pairs
@@ -155,10 +186,17 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         rows.append(report.metrics_row(cfg, i, done))
         report.write_metrics(paths.run / "metrics.jsonl", rows)
         row = rows[-1]
-        log.info("iteration %d: %s responses, reward %s, KL %.4f, %s (%.0fs)", i, row["responses"], row["reward_mean"],
-                 row["kl_to_reference"], done["handoff"]["kl"]["decision"], time.time() - t)  # fmt: skip
+        log.info(
+            "iteration %d: %s responses, reward %s, KL %.4f, %s (%.0fs)",
+            i,
+            row["responses"],
+            row["reward_mean"],
+            row["kl_to_reference"],
+            done["handoff"]["kl"]["decision"],
+            time.time() - t,
+        )
         if not done["handoff"]["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
-            log.warning("iteration %d: policy rejected by the KL gate (on_reject=stop): the loop stops here", i)
+            log.warning("iteration %d: rejected by the KL gate (on_reject=stop): the loop stops", i)
             break
         new = next_policy(cfg, paths, i, policy, done["handoff"])
         reference = new if cfg.handoff.reference == "previous" else paths.base_policy

@@ -44,7 +44,9 @@ def dpo(
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
     if loss == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
+            -beta * h
+        )
     elif loss == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss == "hinge":
@@ -76,7 +78,9 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -
     raise ValueError(f"unknown KL estimator {kind!r}: k1 | k3")
 
 
-def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def shaped_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
     """Per-token rewards (B, T): ``-kl_coef * kl_t`` on every response token, plus the
     sequence score on the last one (Ziegler et al. 2019; InstructGPT eq. 2)."""
     rewards = -kl_coef * kl * mask
@@ -84,7 +88,9 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k
     return rewards + last * scores[:, None]
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
 
     ``delta_t = r_t + gamma V_{t+1} - V_t`` (V after the last token is 0);
@@ -128,7 +134,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Te
     raise ValueError(f"unknown loss aggregation {how!r}")
 
 
-def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float, agg: str = "token_mean") -> torch.Tensor:
+def ppo_policy_loss(
+    logps, old_logps, advantages, mask, clip: float, agg: str = "token_mean"
+) -> torch.Tensor:
     """Clipped surrogate (Schulman et al. 2017, eq. 7), per token, then ``aggregate`` (B,):
     ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``."""
     ratio = (logps - old_logps).exp()
@@ -136,7 +144,9 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip: float, agg: str = 
     return aggregate(per_token, mask, agg)
 
 
-def value_loss(values, old_values, returns, mask, clip: float, agg: str = "token_mean") -> torch.Tensor:
+def value_loss(
+    values, old_values, returns, mask, clip: float, agg: str = "token_mean"
+) -> torch.Tensor:
     """Clipped value loss, ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)`` per token, then
     ``aggregate`` (B,)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
@@ -144,7 +154,9 @@ def value_loss(values, old_values, returns, mask, clip: float, agg: str = "token
     return aggregate(per_token, mask, agg)
 
 
-def remax_advantage(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, clip: float) -> torch.Tensor:
+def remax_advantage(
+    sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, clip: float
+) -> torch.Tensor:
     """ReMax (Li et al. 2023, Algorithm 1): the greedy response's reward is the baseline;
     rewards are clipped to [-clip, clip] first. Shape (B,)."""
     return sample_rewards.clamp(-clip, clip) - greedy_rewards.clamp(-clip, clip)

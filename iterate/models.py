@@ -26,7 +26,9 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tok
 
 
-def load_policy(path: str, dtype: str = "float32", dev: torch.device | None = None, adapter: str | None = None):
+def load_policy(
+    path: str, dtype: str = "float32", dev: torch.device | None = None, adapter: str | None = None
+):
     """A causal LM in eval mode; with ``adapter``, a peft LoRA adapter on top (not merged,
     so ``disable_adapter()`` gives the base policy back)."""
     from transformers import AutoModelForCausalLM
@@ -59,7 +61,9 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     BOS in front: never a double BOS.
     """
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            as_messages(prompt), tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     bos = tokenizer.bos_token
@@ -71,7 +75,9 @@ def response_ids(tokenizer, response: str, eos: bool = True) -> list[int]:
     return ids + [tokenizer.eos_token_id] if eos else ids
 
 
-def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    seqs: list[list[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (B, T), padded on the given side."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -31,7 +31,9 @@ def best(rewards: list[float]) -> int | str:
     return max(valid, key=lambda i: (rewards[i], -i))
 
 
-def select(rewards: list[float], rule: str, rng: random.Random, min_margin: float = 0.0) -> tuple[int, int] | str:
+def select(
+    rewards: list[float], rule: str, rng: random.Random, min_margin: float = 0.0
+) -> tuple[int, int] | str:
     """(chosen, rejected) indices under ``rule``, or the reason the prompt is dropped.
 
     - ``max_min``: best vs worst (the GSHF default);
@@ -62,7 +64,11 @@ def select(rewards: list[float], rule: str, rng: random.Random, min_margin: floa
 
 
 def _config(cfg: Config) -> dict:
-    return {"pairs": plain(cfg.pairs), "mode": "best" if cfg.update.name == "raft" else "pairs", "seed": cfg.seed}
+    return {
+        "pairs": plain(cfg.pairs),
+        "mode": "best" if cfg.update.name == "raft" else "pairs",
+        "seed": cfg.seed,
+    }
 
 
 def run(cfg: Config, paths: Paths, i: int) -> dict:
@@ -87,16 +93,23 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
         rows = g.to_dict("records")
         out.append(
             {
-                "prompt_id": pid, "prompt": rows[c]["prompt"], "chosen": rows[c]["response"],
+                "prompt_id": pid,
+                "prompt": rows[c]["prompt"],
+                "chosen": rows[c]["response"],
                 "rejected": None if r is None else rows[r]["response"],
-                "chosen_idx": int(rows[c]["sample_idx"]), "rejected_idx": None if r is None else int(rows[r]["sample_idx"]),
-                "chosen_reward": float(rows[c]["reward"]), "rejected_reward": None if r is None else float(rows[r]["reward"]),
-                "chosen_ids": list(rows[c]["response_ids"]), "rejected_ids": None if r is None else list(rows[r]["response_ids"]),
+                "chosen_idx": int(rows[c]["sample_idx"]),
+                "rejected_idx": None if r is None else int(rows[r]["sample_idx"]),
+                "chosen_reward": float(rows[c]["reward"]),
+                "rejected_reward": None if r is None else float(rows[r]["reward"]),
+                "chosen_ids": list(rows[c]["response_ids"]),
+                "rejected_ids": None if r is None else list(rows[r]["response_ids"]),
             }
-        )  # fmt: skip
+        )
     write_shard(pa.Table.from_pylist(out, schema=SCHEMAS["pairs"]), shard_path(stage.path, 0))
     best_rewards = df.groupby("prompt_id")["reward"].max()
-    margins = [o["chosen_reward"] - o["rejected_reward"] for o in out if o["rejected_reward"] is not None]
+    margins = [
+        o["chosen_reward"] - o["rejected_reward"] for o in out if o["rejected_reward"] is not None
+    ]
     return stage.finish(
         mode=_config(cfg)["mode"],
         prompts_in=int(df["prompt_id"].nunique()),
@@ -105,4 +118,3 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
         reward_best_mean=round(float(best_rewards.mean()), 4) if len(best_rewards) else None,
         margin_mean=round(sum(margins) / len(margins), 4) if margins else None,
     )
-

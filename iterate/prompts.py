@@ -46,7 +46,10 @@ def _text(value, where: str, field: str) -> str:
             raise ValueError(f"{where}: field '{field}': a message lacks '{missing[0]}'")
         text = json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
     else:
-        raise ValueError(f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}")
+        raise ValueError(
+            f"{where}: field '{field}': expected text or a list of messages, "
+            f"got {type(value).__name__}"
+        )
     return text
 
 
@@ -109,7 +112,10 @@ def source_hash(train: list[str], heldout: list[str]) -> str:
 def _pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
     """(shuffled training pool, held-out candidates, dropped by reason, source info)."""
     train, heldout, dropped = load_pool(cfg)
-    source = {"source_hash": source_hash(train, heldout), "source_prompts": len(train) + len(heldout)}
+    source = {
+        "source_hash": source_hash(train, heldout),
+        "source_prompts": len(train) + len(heldout),
+    }
     train = _dedupe_shuffle(train, cfg.seed, dropped)
     if heldout:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
@@ -119,7 +125,11 @@ def _pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
 
 
 def _config(cfg: Config) -> dict:
-    return {"prompts": plain(cfg.prompts), "seed": cfg.seed, "toy_heldout_fraction": cfg.toy.heldout_fraction}
+    return {
+        "prompts": plain(cfg.prompts),
+        "seed": cfg.seed,
+        "toy_heldout_fraction": cfg.toy.heldout_fraction,
+    }
 
 
 def _ids(folder: Path) -> set[str]:
@@ -163,9 +173,19 @@ def run(cfg: Config, paths: Paths, i: int) -> pa.Table:
             log.info(
                 "prompts: the source changed since the held-out set was drawn (now %d prompts); "
                 "the held-out set and iterations 0..%d keep their prompts, iteration %d draws "
-                "from the %d not used yet", source["source_prompts"], i - 1, i, len(fresh),
-            )  # fmt: skip
+                "from the %d not used yet",
+                source["source_prompts"],
+                i - 1,
+                i,
+                len(fresh),
+            )
         chunk = fresh[:k]
         write_shard(_table(chunk), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(chunk), pool=len(train), unused=len(fresh) - k, dropped=dict(dropped), **source)
+        stage.finish(
+            rows_out=len(chunk),
+            pool=len(train),
+            unused=len(fresh) - k,
+            dropped=dict(dropped),
+            **source,
+        )
     return read_shards(stage.path)

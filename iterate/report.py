@@ -38,12 +38,23 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
     rollouts' (PPO, ReMax); the held-out figures are the evaluate stage's."""
     upd, ev, ho = done["update"], done["evaluate"], done["handoff"]
     if "label" in done:
-        train = {"prompts": done["generate"]["prompts_out"], "responses": done["label"]["rows_out"],
-                 "pairs": done["pairs"]["rows_out"], "reward_mean": done["label"]["reward_mean"],
-                 "reward_best_mean": done["pairs"]["reward_best_mean"], "gold_train_mean": done["label"].get("gold_mean")}  # fmt: skip
+        train = {
+            "prompts": done["generate"]["prompts_out"],
+            "responses": done["label"]["rows_out"],
+            "pairs": done["pairs"]["rows_out"],
+            "reward_mean": done["label"]["reward_mean"],
+            "reward_best_mean": done["pairs"]["reward_best_mean"],
+            "gold_train_mean": done["label"].get("gold_mean"),
+        }
     else:
-        train = {"prompts": upd["rows_in"], "responses": upd["responses"], "pairs": None,
-                 "reward_mean": upd["reward_mean"], "reward_best_mean": None, "gold_train_mean": None}  # fmt: skip
+        train = {
+            "prompts": upd["rows_in"],
+            "responses": upd["responses"],
+            "pairs": None,
+            "reward_mean": upd["reward_mean"],
+            "reward_best_mean": None,
+            "gold_train_mean": None,
+        }
     return {
         "iteration": i,
         "update": str(cfg.update.name),
@@ -76,7 +87,12 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
         cells[0].append("seconds (gen/label/update/eval/handoff)")
         for line, r in zip(cells[1:], rows):
             s = r.get("seconds", {})
-            line.append("/".join(f"{s.get(k, 0):.0f}" for k in ("generate", "label", "update", "evaluate", "handoff")))
+            line.append(
+                "/".join(
+                    f"{s.get(k, 0):.0f}"
+                    for k in ("generate", "label", "update", "evaluate", "handoff")
+                )
+            )
     if markdown:
         head = "| " + " | ".join(cells[0]) + " |\n|" + "---|" * len(cells[0]) + "\n"
         return head + "".join("| " + " | ".join(c) + " |\n" for c in cells[1:])
@@ -85,7 +101,9 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def plot(rows: list[dict], path: Path, label_key: str | None = None, max_kl: float | None = None) -> None:
+def plot(
+    rows: list[dict], path: Path, label_key: str | None = None, max_kl: float | None = None
+) -> None:
     """One panel per metric over iterations; one line per job when ``label_key`` is given.
     Iterations the KL gate rejected are crossed out in red."""
     import matplotlib
@@ -110,11 +128,24 @@ def plot(rows: list[dict], path: Path, label_key: str | None = None, max_kl: flo
             pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name or None)
-            bad = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None and r.get("accepted") is False]
+            bad = [
+                (r["iteration"], r[key])
+                for r in rs
+                if r.get(key) is not None and r.get("accepted") is False
+            ]
             if bad:
-                ax.scatter(*zip(*bad), marker="x", color="red", s=80, zorder=3, label="rejected" if key == panels[0][0] else None)
+                ax.scatter(
+                    *zip(*bad),
+                    marker="x",
+                    color="red",
+                    s=80,
+                    zorder=3,
+                    label="rejected" if key == panels[0][0] else None,
+                )
         if key == "win_rate_vs_initial":
-            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # no better than the initial policy
+            ax.axhline(
+                0.5, color="grey", linestyle="--", linewidth=1
+            )  # no better than the initial policy
         if key == "kl_to_reference" and max_kl is not None:
             ax.axhline(max_kl, color="red", linestyle=":", linewidth=1)  # the handoff's KL budget
         ax.set_title(title, fontsize=10)
@@ -129,14 +160,28 @@ def plot(rows: list[dict], path: Path, label_key: str | None = None, max_kl: flo
     plt.close(fig)
 
 
-def write_card(path: Path, cfg: Config, paths: Paths, i: int, history: list[dict], now: dict) -> None:
+def write_card(
+    path: Path, cfg: Config, paths: Paths, i: int, history: list[dict], now: dict
+) -> None:
     """A model card in the form of the public cards this project follows."""
-    uc = cfg.update
-    hyper = {k: v for k, v in json.loads(json.dumps(uc.__dict__, default=str)).items() if k != "lora"}
-    lora = cfg.update.lora
-    algo = f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout}, merged" if lora.enabled else "full fine-tuning"
-    now = {k: v for k, v in now.items() if k not in ("seconds", "config")}  # the stage's own, not the table's
-    rows = [*history, {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1")}]
+    uc, gc, lora = cfg.update, cfg.generate, cfg.update.lora
+    # the settings this rule reads, as its update stage recorded them
+    done = json.loads((paths.stage(i, "update") / "_DONE.json").read_text())
+    hyper = {k: v for k, v in done["config"]["update"].items() if k != "lora"}
+    algo = f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout}, merged"
+    algo = algo if lora.enabled else "full fine-tuning"
+    if uc.name in ("dpo", "raft"):
+        samples = f"best-of-{gc.n} samples, pairs by `{cfg.pairs.rule}`"
+    else:
+        samples = "one rollout per prompt and step" + (
+            ", and a greedy one" if uc.name == "remax" else ""
+        )
+    source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
+    now = {k: v for k, v in now.items() if k not in ("seconds", "config")}  # the table's columns
+    rows = [
+        *history,
+        {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1")},
+    ]
     text = f"""---
 base_model: {cfg.model.path or "toy-sft (built by iterate.toy)"}
 library_name: transformers
@@ -149,7 +194,8 @@ Policy after iteration {i} of iterative online preference learning with `iterate
 
 - **Base model:** {cfg.model.name} (`{paths.base_policy}`)
 - **Reward model:** {cfg.reward.name}
-- **Data:** {cfg.prompts.per_iteration} prompts per iteration from `{cfg.prompts.source}`{f" ({cfg.prompts.path})" if cfg.prompts.path else ""}, best-of-{cfg.generate.n} samples (temperature {cfg.generate.temperature}, top-p {cfg.generate.top_p}, max {cfg.generate.max_tokens} new tokens), pairs by `{cfg.pairs.rule}`
+- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}
+  (temperature {gc.temperature}, top-p {gc.top_p}, at most {gc.max_tokens} new tokens)
 - **Algorithm:** {uc.name}{f" ({uc.loss} loss, beta {uc.beta})" if uc.name == "dpo" else ""}, {algo}
 - **Reference for KL:** `{now.get("reference", "")}`; budget {cfg.handoff.max_kl} nats per sequence
 - **Hyperparameters:** {", ".join(f"{k}={v}" for k, v in hyper.items())}

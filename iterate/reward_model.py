@@ -35,7 +35,9 @@ from iterate.toy import world
 log = logging.getLogger(__name__)
 
 
-def toy_pairs(n: int, instructions: list[world.Instruction], noise: float, seed: int) -> tuple[list[Pair], Counter]:
+def toy_pairs(
+    n: int, instructions: list[world.Instruction], noise: float, seed: int
+) -> tuple[list[Pair], Counter]:
     """Pairs of differently styled responses, chosen by the gold judge, flipped with p=noise."""
     rng = random.Random(seed)
     pairs, dropped = [], Counter()
@@ -69,7 +71,9 @@ def encode(tokenizer, messages: Messages, response: str, max_length: int) -> lis
         text += f"\n\nAssistant: {response}"
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)[
+        "input_ids"
+    ]
 
 
 def forward_rewards(model, seqs: list[list[int]], pad_id: int, dev=None) -> torch.Tensor:
@@ -92,7 +96,9 @@ def load_model(path: str, dtype: str = "float32", new_head: bool = False):
     if new_head:
         report.setLevel(hf_logging.ERROR)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[str(dtype)])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[str(dtype)]
+        )
     finally:
         report.setLevel(level)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -128,7 +134,9 @@ class Scorer:
         bar = progress.bar(len(seqs), desc, "seq")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            rewards = forward_rewards(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, dev)
+            rewards = forward_rewards(
+                self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, dev
+            )
             for i, r in zip(idx, rewards.tolist()):
                 out[i] = r
             bar.update(len(idx))
@@ -148,17 +156,34 @@ def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dic
         return train, heldout, info
     if rc.source == "hh":
         if not rc.data_path:
-            raise ValueError("reward.source=hh needs reward.data_path (an HH-RLHF format jsonl/parquet)")
+            raise ValueError(
+                "reward.source=hh needs reward.data_path (an HH-RLHF format jsonl/parquet)"
+            )
         pairs, dropped, examples = load_hh(rc.data_path)
         for msg in examples:
             log.warning("dropped: %s", msg)
-        info.update(dropped=dict(dropped), dropped_examples=examples, rows=len(pairs) + sum(dropped.values()))
+        info.update(
+            dropped=dict(dropped),
+            dropped_examples=examples,
+            rows=len(pairs) + sum(dropped.values()),
+        )
         if len(pairs) < 2:
-            raise ValueError(f"{rc.data_path}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
-        held = [world.is_heldout(json.dumps(p.messages) + p.chosen, rc.heldout_fraction) for p in pairs]
+            raise ValueError(
+                f"{rc.data_path}: {len(pairs)} usable pairs after dropping {dict(dropped)}"
+            )
+        held = [
+            world.is_heldout(json.dumps(p.messages) + p.chosen, rc.heldout_fraction) for p in pairs
+        ]
         if all(held) or not any(held):  # tiny files: keep at least one pair on each side
-            held = [i % max(2, round(1 / max(rc.heldout_fraction, 1e-3))) == 0 for i in range(len(pairs))]
-        return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h], info
+            held = [
+                i % max(2, round(1 / max(rc.heldout_fraction, 1e-3))) == 0
+                for i in range(len(pairs))
+            ]
+        return (
+            [p for p, h in zip(pairs, held) if not h],
+            [p for p, h in zip(pairs, held) if h],
+            info,
+        )
     raise ValueError(f"reward.source must be toy or hh, got {rc.source!r}")
 
 
@@ -171,10 +196,13 @@ def _new_model(rc: RewardConfig, base: str, seed: int):
         model = get_peft_model(
             model,
             LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=rc.lora.r, lora_alpha=rc.lora.alpha,
-                lora_dropout=rc.lora.dropout, target_modules=rc.lora.target_modules,
+                task_type=TaskType.SEQ_CLS,
+                r=rc.lora.r,
+                lora_alpha=rc.lora.alpha,
+                lora_dropout=rc.lora.dropout,
+                target_modules=rc.lora.target_modules,
             ),
-        )  # fmt: skip
+        )
     return model, tokenizer
 
 
@@ -182,8 +210,13 @@ def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[floa
     """Share of pairs where r(chosen) > r(rejected), and the mean BT loss."""
     model.eval()
     scorer = Scorer(model, tokenizer, max_length)
-    r = torch.tensor(scorer.score([p.messages for p in pairs for _ in (0, 1)],
-                                  [r for p in pairs for r in (p.chosen, p.rejected)], desc="RM eval"))  # fmt: skip
+    r = torch.tensor(
+        scorer.score(
+            [p.messages for p in pairs for _ in (0, 1)],
+            [r for p in pairs for r in (p.chosen, p.rejected)],
+            desc="RM eval",
+        )
+    )
     rc, rr = r[0::2], r[1::2]
     return (rc > rr).float().mean().item(), losses.bradley_terry(rc, rr).mean().item()
 
@@ -202,11 +235,20 @@ def train(cfg: Config, paths: Paths) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rc.lr)
     g = torch.Generator().manual_seed(cfg.seed)
-    enc = [(encode(tokenizer, p.messages, p.chosen, rc.max_length), encode(tokenizer, p.messages, p.rejected, rc.max_length)) for p in train_pairs]
+    enc = [
+        (
+            encode(tokenizer, p.messages, p.chosen, rc.max_length),
+            encode(tokenizer, p.messages, p.rejected, rc.max_length),
+        )
+        for p in train_pairs
+    ]
     steps = rc.epochs * -(-len(enc) // rc.batch_size)
     warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        ),
     )
     bar = progress.bar(steps, "reward model", "step")
     log_rows, step = [], 0
@@ -215,7 +257,9 @@ def train(cfg: Config, paths: Paths) -> dict:
         order = torch.randperm(len(enc), generator=g).tolist()
         for start in range(0, len(order), rc.batch_size):
             batch = [enc[i] for i in order[start : start + rc.batch_size]]
-            r = forward_rewards(model, [c for c, _ in batch] + [j for _, j in batch], tokenizer.pad_token_id)
+            r = forward_rewards(
+                model, [c for c, _ in batch] + [j for _, j in batch], tokenizer.pad_token_id
+            )
             loss = losses.bradley_terry(r[: len(batch)], r[len(batch) :]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,7 +268,14 @@ def train(cfg: Config, paths: Paths) -> dict:
             sched.step()
             step += 1
             acc = (r[: len(batch)] > r[len(batch) :]).float().mean().item()
-            log_rows.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "accuracy": round(acc, 4)})
+            log_rows.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": round(loss.item(), 5),
+                    "accuracy": round(acc, 4),
+                }
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -234,7 +285,9 @@ def train(cfg: Config, paths: Paths) -> dict:
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (paths.reward_model_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+    (paths.reward_model_dir / "train_log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in log_rows)
+    )
     done = stage.finish(
         **info,
         base=str(base),
@@ -246,10 +299,15 @@ def train(cfg: Config, paths: Paths) -> dict:
         heldout_accuracy=round(held_acc, 4),
         heldout_loss=round(held_loss, 4),
         loss_curve=[r["loss"] for r in log_rows[:: max(1, len(log_rows) // 50)]],
-        final_train_loss=round(sum(r["loss"] for r in log_rows[-10:]) / max(1, len(log_rows[-10:])), 4),
+        final_train_loss=round(
+            sum(r["loss"] for r in log_rows[-10:]) / max(1, len(log_rows[-10:])), 4
+        ),
     )
     log.info(
         "reward model: %d train / %d held-out pairs, held-out accuracy %.3f, %.0fs",
-        len(train_pairs), len(heldout), held_acc, done["seconds"],
-    )  # fmt: skip
+        len(train_pairs),
+        len(heldout),
+        held_acc,
+        done["seconds"],
+    )
     return done

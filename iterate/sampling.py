@@ -67,9 +67,14 @@ class Spec:
     @classmethod
     def of(cls, cfg: Config) -> Spec:
         gc = cfg.generate
-        return cls(dtype=str(cfg.model.dtype), max_length=cfg.model.max_length, device=str(cfg.device),
-                   batch_size=gc.batch_size, gpu_memory_utilization=gc.gpu_memory_utilization,
-                   enforce_eager=gc.enforce_eager)  # fmt: skip
+        return cls(
+            dtype=str(cfg.model.dtype),
+            max_length=cfg.model.max_length,
+            device=str(cfg.device),
+            batch_size=gc.batch_size,
+            gpu_memory_utilization=gc.gpu_memory_utilization,
+            enforce_eager=gc.enforce_eager,
+        )
 
 
 class TransformersSampler:
@@ -97,19 +102,37 @@ class TransformersSampler:
         tok, model = self.tok, self.model
         was_training = model.training
         model.eval()
-        kw = {"do_sample": False} if params.temperature == 0 else \
-            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}  # fmt: skip
+        kw = (
+            {"do_sample": False}
+            if params.temperature == 0
+            else {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": 0,
+            }
+        )
         if params.ignore_eos:
             kw["min_new_tokens"] = params.max_tokens
         out: list[list[Sample]] = []
-        with progress.Timer(self.timings)("sample_s"), torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []):
+        with (
+            progress.Timer(self.timings)("sample_s"),
+            torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []),
+        ):
             torch.manual_seed(seed)
             for b in range(0, len(prompts), self.spec.batch_size):
-                ids, mask = models.pad(prompts[b : b + self.spec.batch_size], tok.pad_token_id, side="left")
+                ids, mask = models.pad(
+                    prompts[b : b + self.spec.batch_size], tok.pad_token_id, side="left"
+                )
                 seqs = model.generate(
-                    input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), max_new_tokens=params.max_tokens,
-                    num_return_sequences=params.n, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw,
-                )[:, ids.shape[1] :].tolist()  # fmt: skip
+                    input_ids=ids.to(self.dev),
+                    attention_mask=mask.to(self.dev),
+                    max_new_tokens=params.max_tokens,
+                    num_return_sequences=params.n,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    **kw,
+                )[:, ids.shape[1] :].tolist()
                 for j in range(0, len(seqs), params.n):
                     out.append([self._sample(s, params.ignore_eos) for s in seqs[j : j + params.n]])
         model.train(was_training)
@@ -119,7 +142,9 @@ class TransformersSampler:
         eos = self.tok.eos_token_id
         ended = eos in seq and not ignore_eos
         seq = seq[: seq.index(eos) + 1] if ended else seq
-        return Sample(self.tok.decode(seq, skip_special_tokens=True), seq, "stop" if ended else "length")
+        return Sample(
+            self.tok.decode(seq, skip_special_tokens=True), seq, "stop" if ended else "length"
+        )
 
     def close(self) -> None:
         self.model = self.tok = self.source = None
@@ -150,13 +175,22 @@ class VllmSampler:
         self._request({"op": "weights", "weights": save(merged_state_dict(model))})
 
     def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
-        samples = self._request({"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed})
+        samples = self._request(
+            {"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed}
+        )
         return [[Sample(t, ids, r) for t, ids, r in per_prompt] for per_prompt in samples]
 
     def _request(self, request: dict):
         engine = {k: v for k, v in asdict(self.spec).items() if k not in ("device", "batch_size")}
-        samples, timings = self.engine.request({**request, "policy": self.policy, "version": self.version,
-                                                "engine": engine, "seed": request.get("seed", 0)})  # fmt: skip
+        samples, timings = self.engine.request(
+            {
+                **request,
+                "policy": self.policy,
+                "version": self.version,
+                "engine": engine,
+                "seed": request.get("seed", 0),
+            }
+        )
         for k, v in timings.items():  # engine start, weight loads, sampling
             self.timings[k] = round(self.timings.get(k, 0.0) + v, 3)
         return samples
@@ -176,7 +210,9 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     merged = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            delta = sum(
+                module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
+            )
             merged[f"{name}.weight"] = module.base_layer.weight + delta
     out, seen = {}, set()
     for k, v in base.state_dict().items():
@@ -202,7 +238,9 @@ def session(cfg: Config):
     ``generate.keep_engine`` (``close_kept`` ends it); otherwise each stage starts its own
     and returns its memory when the stage ends (on CUDA, the update needs that memory)."""
     backend, spec = str(cfg.generate.backend), Spec.of(cfg)
-    keep = backend == "vllm" and cfg.generate.keep_engine and models.device(spec.device).type == "cpu"
+    keep = (
+        backend == "vllm" and cfg.generate.keep_engine and models.device(spec.device).type == "cpu"
+    )
     if keep:
         sampler = _KEPT.setdefault("vllm", VllmSampler(spec))
         sampler.spec, sampler.timings = spec, {}
@@ -227,7 +265,9 @@ def close_kept() -> None:
 Planned = tuple[str, str, list[int]]  # (prompt_id, prompt, chat-template token ids)
 
 
-def plan(tokenizer, prompts: pa.Table, max_prompt: int, shard_size: int) -> tuple[list[list[Planned]], Counter]:
+def plan(
+    tokenizer, prompts: pa.Table, max_prompt: int, shard_size: int
+) -> tuple[list[list[Planned]], Counter]:
     """Encode prompts in the policy's chat template, drop (and count) those that leave no
     room for the response, and cut the rest into shards of ``shard_size`` prompts."""
     kept, dropped = [], Counter()
@@ -248,28 +288,50 @@ def missing(shards: list[list[Planned]], folder: Path) -> dict[int, list[Planned
 
 def shard_rows(planned: list[Planned], samples: list[list[Sample]]) -> list[dict]:
     return [
-        {"prompt_id": pid, "sample_idx": j, "prompt": text, "response": s.text, "prompt_tokens": len(ids),
-         "response_tokens": len(s.ids), "finish_reason": s.finish_reason, "response_ids": list(s.ids)}
-        for (pid, text, ids), per_prompt in zip(planned, samples, strict=True) for j, s in enumerate(per_prompt)
-    ]  # fmt: skip
+        {
+            "prompt_id": pid,
+            "sample_idx": j,
+            "prompt": text,
+            "response": s.text,
+            "prompt_tokens": len(ids),
+            "response_tokens": len(s.ids),
+            "finish_reason": s.finish_reason,
+            "response_ids": list(s.ids),
+        }
+        for (pid, text, ids), per_prompt in zip(planned, samples, strict=True)
+        for j, s in enumerate(per_prompt)
+    ]
 
 
 def summary(table: pa.Table) -> dict:
     """EOS rate and mean length of sampled rows (the generate and evaluate stages)."""
     reasons = Counter(table["finish_reason"].to_pylist())
     rows = max(1, table.num_rows)
-    return {"finish_reasons": dict(reasons), "eos_rate": round(reasons.get("stop", 0) / rows, 4),
-            "response_tokens_mean": round(sum(table["response_tokens"].to_pylist()) / rows, 2)}  # fmt: skip
+    return {
+        "finish_reasons": dict(reasons),
+        "eos_rate": round(reasons.get("stop", 0) / rows, 4),
+        "response_tokens_mean": round(sum(table["response_tokens"].to_pylist()) / rows, 2),
+    }
 
 
-def write_shards(sampler: Sampler, todo: dict[int, list[Planned]], params: Params, seed_of: Callable[[int], int],
-                 out: Path, fault: tuple[int, str], desc: str) -> None:  # fmt: skip
+def write_shards(
+    sampler: Sampler,
+    todo: dict[int, list[Planned]],
+    params: Params,
+    seed_of: Callable[[int], int],
+    out: Path,
+    fault: tuple[int, str],
+    desc: str,
+) -> None:
     """Sample each shard (seeded by ``seed_of(shard)``) and write it atomically; a crash
     costs at most the shard being sampled. ``fault``: (iteration, stage) for the crash tests."""
     bar = progress.bar(sum(len(v) for v in todo.values()), desc, "prompt")
     for k, planned in sorted(todo.items()):
         samples = sampler.sample([ids for _, _, ids in planned], params, seed_of(k))
-        write_shard(pa.Table.from_pylist(shard_rows(planned, samples), schema=SCHEMAS["generate"]), shard_path(out, k))
+        write_shard(
+            pa.Table.from_pylist(shard_rows(planned, samples), schema=SCHEMAS["generate"]),
+            shard_path(out, k),
+        )
         faults.point(*fault, k + 1)
         bar.update(len(planned))
     bar.close()

@@ -76,7 +76,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+    )
 
 
 def write_shard(table: pa.Table, path: Path) -> None:
@@ -133,7 +135,11 @@ def diff_keys(old: dict, new: dict) -> list[str]:
 
 
 def _input_key(folder: Path) -> str:
-    return f"{folder.parent.name}/{folder.name}" if folder.parent.name.startswith("iter_") else folder.name
+    return (
+        f"{folder.parent.name}/{folder.name}"
+        if folder.parent.name.startswith("iter_")
+        else folder.name
+    )
 
 
 def done_id(folder: Path) -> str | None:

@@ -44,7 +44,12 @@ def test_gshf_experiment_values():
     cfg = compose_cfg(["experiment=gshf_zephyr"])
     assert cfg.model.path == "HuggingFaceH4/mistral-7b-sft-beta"
     assert cfg.reward.train is False and cfg.reward.path
-    assert (cfg.generate.n, cfg.pairs.rule, cfg.update.name, cfg.update.beta) == (8, "max_min", "dpo", 0.1)
+    assert (cfg.generate.n, cfg.pairs.rule, cfg.update.name, cfg.update.beta) == (
+        8,
+        "max_min",
+        "dpo",
+        0.1,
+    )
     assert cfg.handoff.reference == "previous"
     assert cfg.model.max_length > cfg.generate.max_tokens, "prompts must fit beside the response"
     assert cfg.update.lora.enabled is False
@@ -53,17 +58,28 @@ def test_gshf_experiment_values():
 def test_defaults():
     cfg = compose_cfg()
     assert cfg.model.path is None and cfg.reward.source == "toy"
-    assert cfg.update.lora.r == 16 and cfg.update.lora.alpha == 32 and cfg.update.lora.dropout == 0.05
+    assert (
+        cfg.update.lora.r == 16 and cfg.update.lora.alpha == 32 and cfg.update.lora.dropout == 0.05
+    )
     assert cfg.reward.lora.r == 16 and cfg.reward.lora.alpha == 32
 
 
 @pytest.mark.parametrize(
     "override",
-    ["update.bta=0.1", "generate.max_token=5", "modle.path=x", "toy.hiden_size=3", "+update.bta=0.1"],
+    [
+        "update.bta=0.1",
+        "generate.max_token=5",
+        "modle.path=x",
+        "toy.hiden_size=3",
+        "+update.bta=0.1",
+    ],
 )
 def test_misspelled_key_rejected(override):
     key = override.lstrip("+").split("=")[0].split(".")[-1]
-    with pytest.raises((ConfigCompositionException, ConfigKeyError), match=f"Could not (override|append to).*{key}|Key '{key}' not in"):
+    with pytest.raises(
+        (ConfigCompositionException, ConfigKeyError),
+        match=f"Could not (override|append to).*{key}|Key '{key}' not in",
+    ):
         compose_cfg([override])
 
 
@@ -82,8 +98,16 @@ def test_misspelled_key_in_a_yaml_file_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["update.beta=abc", "generate.n=eight", "generate.backend=vlm", "pairs.rule=maxmin", "handoff.on_reject=ignore",
-                 "update.loss_agg=sum", "generate.keep_engine=maybe"]
+    "override",
+    [
+        "update.beta=abc",
+        "generate.n=eight",
+        "generate.backend=vlm",
+        "pairs.rule=maxmin",
+        "handoff.on_reject=ignore",
+        "update.loss_agg=sum",
+        "generate.keep_engine=maybe",
+    ],
 )
 def test_wrong_type_or_value_rejected(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
@@ -96,12 +120,22 @@ def test_unknown_group_option_rejected():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "iterate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_help_and_cfg_job():
     out = _cli("--help")
-    assert out.returncode == 0 and "Configuration groups" in out.stdout and "update: dpo, ppo, raft, remax" in out.stdout
+    assert (
+        out.returncode == 0
+        and "Configuration groups" in out.stdout
+        and "update: dpo, ppo, raft, remax" in out.stdout
+    )
     out = _cli("--cfg", "job", "update=raft", "generate.n=4")
     assert out.returncode == 0
     assert "name: raft" in out.stdout and "'n': 4" in out.stdout
@@ -123,7 +157,9 @@ def test_run_folders_are_deterministic():
     hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
     assert hydra["run"]["dir"] == "${runs_dir}/${run_name}"
     assert hydra["sweep"]["dir"] == "${runs_dir}/${run_name}"
-    assert hydra["sweep"]["subdir"] == "${job_dirname:${hydra:job.override_dirname}}"  # named by overrides
+    assert (
+        hydra["sweep"]["subdir"] == "${job_dirname:${hydra:job.override_dirname}}"
+    )  # named by overrides
     from iterate.config import job_dirname
 
     assert job_dirname("model.path=/data/m,update=dpo") == "model.path=_data_m,update=dpo"
@@ -136,7 +172,10 @@ def test_run_folders_are_deterministic():
 def test_on_policy_loss_aggregation_and_engine_options():
     assert compose_cfg(["update=ppo"]).update.loss_agg == "sequence_mean"
     assert compose_cfg(["update=remax"]).update.loss_agg == "token_mean"
-    assert compose_cfg(["update=remax", "update.loss_agg=sequence_mean"]).update.loss_agg == "sequence_mean"
+    assert (
+        compose_cfg(["update=remax", "update.loss_agg=sequence_mean"]).update.loss_agg
+        == "sequence_mean"
+    )
     assert compose_cfg().generate.keep_engine is True
     assert compose_cfg(["generate.keep_engine=false"]).generate.keep_engine is False
 
@@ -148,26 +187,64 @@ def test_bench_config_composes_with_every_option():
     from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
 
     register()
-    overrides = ["name=x", "sections=[generation,update]", "threads=2", "generation.models=[toy,llama30m]",
-                 "generation.dtypes=[bfloat16]", "generation.backends=[vllm]", "generation.prompts=3", "generation.n=2",
-                 "generation.new_tokens=4", "generation.rounds=1", "generation.matmul_size=64",
-                 "generation.gpu_memory_utilization=0.1", "generation.enforce_eager=false", "labelling.models=[llama100m]", "labelling.responses=8",
-                 "labelling.batch_size=2", "labelling.rounds=1", "update.model=toy", "update.pairs=2",
-                 "update.micro_batch_size=1", "update.prompt_tokens=3", "update.response_tokens=3", "update.steps=1",
-                 "update.rounds=1", "update.rl_model=toy", "update.rl_prompts=2", "iteration.iterations=1",
-                 "iteration.overrides=['experiment=toy_tiny']", "iteration.compare_restart=false", "toy.hidden_size=64",
-                 "out_dir=elsewhere", "seed=3", "quick=false"]  # fmt: skip
+    overrides = [
+        "name=x",
+        "sections=[generation,update]",
+        "threads=2",
+        "generation.models=[toy,llama30m]",
+        "generation.dtypes=[bfloat16]",
+        "generation.backends=[vllm]",
+        "generation.prompts=3",
+        "generation.n=2",
+        "generation.new_tokens=4",
+        "generation.rounds=1",
+        "generation.matmul_size=64",
+        "generation.gpu_memory_utilization=0.1",
+        "generation.enforce_eager=false",
+        "labelling.models=[llama100m]",
+        "labelling.responses=8",
+        "labelling.batch_size=2",
+        "labelling.rounds=1",
+        "update.model=toy",
+        "update.pairs=2",
+        "update.micro_batch_size=1",
+        "update.prompt_tokens=3",
+        "update.response_tokens=3",
+        "update.steps=1",
+        "update.rounds=1",
+        "update.rl_model=toy",
+        "update.rl_prompts=2",
+        "iteration.iterations=1",
+        "iteration.overrides=['experiment=toy_tiny']",
+        "iteration.compare_restart=false",
+        "toy.hidden_size=64",
+        "out_dir=elsewhere",
+        "seed=3",
+        "quick=false",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("bench", overrides=overrides))
         default = OmegaConf.to_object(compose("bench"))
         with pytest.raises(ConfigCompositionException):
             compose("bench", overrides=["generation.modles=[toy]"])
     assert isinstance(cfg, BenchConfig) and cfg.sections == ["generation", "update"]
-    assert (cfg.generation.models, cfg.labelling.models, cfg.update.rl_model) == (["toy", "llama30m"], ["llama100m"], "toy")
+    assert (cfg.generation.models, cfg.labelling.models, cfg.update.rl_model) == (
+        ["toy", "llama30m"],
+        ["llama100m"],
+        "toy",
+    )
     assert cfg.iteration.overrides == ["experiment=toy_tiny"] and cfg.toy.hidden_size == 64
-    assert default.sections == list(SECTIONS) and default.generation.models == ["toy", "llama30m", "llama100m"]
+    assert default.sections == list(SECTIONS) and default.generation.models == [
+        "toy",
+        "llama30m",
+        "llama100m",
+    ]
     quick = apply_quick(default)
-    assert quick.generation.models == ["toy"] and quick.generation.rounds == 1 and quick.toy.hidden_size == 64
+    assert (
+        quick.generation.models == ["toy"]
+        and quick.generation.rounds == 1
+        and quick.toy.hidden_size == 64
+    )
 
 
 def _yaml(group: str, option: str) -> dict:
@@ -193,8 +270,15 @@ def test_yaml_values_agree_with_the_dataclass_defaults(group, option):
 
     from iterate import config as c
 
-    schema = {"model": c.ModelConfig, "reward": c.RewardConfig, "prompts": c.PromptsConfig, "generate": c.GenerateConfig,
-              "pairs": c.PairsConfig, "update": c.UpdateConfig, "handoff": c.HandoffConfig}[group]  # fmt: skip
+    schema = {
+        "model": c.ModelConfig,
+        "reward": c.RewardConfig,
+        "prompts": c.PromptsConfig,
+        "generate": c.GenerateConfig,
+        "pairs": c.PairsConfig,
+        "update": c.UpdateConfig,
+        "handoff": c.HandoffConfig,
+    }[group]
     defaults = _flat(json.loads(json.dumps(dataclasses.asdict(schema()), default=str)))
     chosen = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
     default_option = next(d[group] for d in chosen if isinstance(d, dict) and group in d)
@@ -202,15 +286,30 @@ def test_yaml_values_agree_with_the_dataclass_defaults(group, option):
         if defaults.get(key) == "???":  # MISSING: every option sets it (the update rule's name)
             continue
         if option == default_option:
-            assert value == defaults[key], f"{group}/{option}.yaml: {key}={value!r} but the dataclass says {defaults[key]!r}"
+            assert value == defaults[key], (
+                f"{group}/{option}.yaml: {key}={value!r} but the dataclass says {defaults[key]!r}"
+            )
         else:
-            assert value != defaults.get(key), f"{group}/{option}.yaml restates the default {key}={value!r}"
+            assert value != defaults.get(key), (
+                f"{group}/{option}.yaml restates the default {key}={value!r}"
+            )
 
 
 def test_new_options_compose():
-    cfg = compose_cfg(["evaluate.samples=2", "evaluate.batch_size=8", "reward.score_batch_size=16", "update=ppo",
-                       "update.sync_every=4"])  # fmt: skip
-    assert (cfg.evaluate.samples, cfg.evaluate.batch_size, cfg.reward.score_batch_size) == (2, 8, 16)
+    cfg = compose_cfg(
+        [
+            "evaluate.samples=2",
+            "evaluate.batch_size=8",
+            "reward.score_batch_size=16",
+            "update=ppo",
+            "update.sync_every=4",
+        ]
+    )
+    assert (cfg.evaluate.samples, cfg.evaluate.batch_size, cfg.reward.score_batch_size) == (
+        2,
+        8,
+        16,
+    )
     assert cfg.update.sync_every == 4 and compose_cfg().update.sync_every == 1
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose_cfg(["handoff.kl_samples=4"])  # moved to evaluate.samples

@@ -39,7 +39,9 @@ def _samples(tok, policy_model, n=2):
     sampler = sampling.make("transformers", sampling.Spec())
     sampler.sync(policy_model, tok, "")
     planned = [(f"p{i}", p, models.prompt_ids(tok, p)) for i, p in enumerate(prompts)]
-    samples = sampler.sample([ids for *_, ids in planned], sampling.Params(n=n, max_tokens=10), seed=0)
+    samples = sampler.sample(
+        [ids for *_, ids in planned], sampling.Params(n=n, max_tokens=10), seed=0
+    )
     return pa.Table.from_pylist(sampling.shard_rows(planned, samples), schema=SCHEMAS["generate"])
 
 
@@ -64,6 +66,10 @@ def test_kl_of_a_real_policy(tiny_cfg, tiny_world, tmp_path):
     assert all(k > 0 for k in apart["k3"]) and len(apart["k1"]) == samples.num_rows
     # the same numbers by hand from the two models' log-probs
     prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
-    new, mask = evaluate.logps_of(model, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu"))
-    theirs, _ = evaluate.logps_of(ref, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu"))
+    new, mask = evaluate.logps_of(
+        model, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu")
+    )
+    theirs, _ = evaluate.logps_of(
+        ref, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu")
+    )
     assert apart["k1"] == pytest.approx(((new - theirs) * mask).sum(-1).tolist(), abs=1e-5)

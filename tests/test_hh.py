@@ -29,8 +29,13 @@ def test_response_may_contain_newlines_and_colons():
 
 
 def test_missing_assistant_turn_names_the_row_and_field():
-    row = {"chosen": "\n\nHuman: What time is it?", "rejected": "\n\nHuman: What time is it?\n\nAssistant: Noon."}
-    with pytest.raises(MalformedRow, match=r"data\.jsonl: row 7: field 'chosen': no assistant turn") as e:
+    row = {
+        "chosen": "\n\nHuman: What time is it?",
+        "rejected": "\n\nHuman: What time is it?\n\nAssistant: Noon.",
+    }
+    with pytest.raises(
+        MalformedRow, match=r"data\.jsonl: row 7: field 'chosen': no assistant turn"
+    ) as e:
         parse_hh_row(row, "data.jsonl: row 7")
     assert e.value.reason == "no_assistant_turn"
 
@@ -38,11 +43,30 @@ def test_missing_assistant_turn_names_the_row_and_field():
 @pytest.mark.parametrize(
     ("row", "reason", "field"),
     [
-        ({"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "empty_response", "chosen"),
-        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "identical_responses", "rejected"),
-        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}, "prompt_mismatch", "rejected"),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: b"},
+            "empty_response",
+            "chosen",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"},
+            "identical_responses",
+            "rejected",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+            "prompt_mismatch",
+            "rejected",
+        ),
         ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "missing_field", "rejected"),
-        ({"chosen": "preamble\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "text_before_first_turn", "chosen"),
+        (
+            {
+                "chosen": "preamble\n\nHuman: a\n\nAssistant: b",
+                "rejected": "\n\nHuman: a\n\nAssistant: c",
+            },
+            "text_before_first_turn",
+            "chosen",
+        ),
         ({"chosen": "\n\nAssistant: b", "rejected": "\n\nAssistant: c"}, "no_human_turn", "chosen"),
     ],
 )
@@ -64,7 +88,9 @@ def test_fixture_counts_malformed_rows_by_reason():
 def test_load_hh_parquet_and_missing_file(tmp_path):
     import pandas as pd
 
-    rows = [{"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"}] * 3
+    rows = [
+        {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"}
+    ] * 3
     pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
     pairs, dropped, _ = load_hh(str(tmp_path / "p.parquet"))
     assert len(pairs) == 3 and not dropped

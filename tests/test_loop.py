@@ -33,16 +33,27 @@ def tiny_rm(tiny_cache, tiny_world, tmp_path_factory) -> Path:
 
 def _args(tiny_cache, tiny_rm, runs_dir, *extra) -> list[str]:
     return [
-        *TINY, f"runs_dir={runs_dir}", f"toy.cache_dir={tiny_cache}", "generate=transformers",
-        "reward.train=false", f"reward.path={tiny_rm}", "generate.shard_size=4", *extra,
-    ]  # fmt: skip
+        *TINY,
+        f"runs_dir={runs_dir}",
+        f"toy.cache_dir={tiny_cache}",
+        "generate=transformers",
+        "reward.train=false",
+        f"reward.path={tiny_rm}",
+        "generate.shard_size=4",
+        *extra,
+    ]
 
 
 def cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, **(env or {})}, start_new_session=True,  # its own process group: crash tests kill it whole
-    )  # fmt: skip
+        [sys.executable, "-m", "iterate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: crash tests kill it whole
+    )
 
 
 def _tree(run: Path) -> set[str]:
@@ -65,21 +76,41 @@ def _stage_files(i: int) -> set[str]:
     it = f"iter_{i:03d}"
     gen = {f"{it}/generate/shard_0000{k}.parquet" for k in range(4)}
     lab = {f"{it}/label/shard_0000{k}.parquet" for k in range(4)}
-    samples = {f"{it}/evaluate/samples/shard_0000{k}.parquet" for k in range(4)}  # 16 held-out prompts
+    samples = {
+        f"{it}/evaluate/samples/shard_0000{k}.parquet" for k in range(4)
+    }  # 16 held-out prompts
     stages = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
     done = {f"{it}/{s}/{f}" for s in stages for f in ("_DONE.json", "_CONFIG.json")}
-    return gen | lab | samples | done | {
-        f"{it}/prompts/shard_00000.parquet", f"{it}/pairs/shard_00000.parquet", f"{it}/update/train_log.jsonl",
-        f"{it}/update/adapter/", f"{it}/handoff/policy/", f"{it}/handoff/kl.json",
-    }  # fmt: skip
+    return (
+        gen
+        | lab
+        | samples
+        | done
+        | {
+            f"{it}/prompts/shard_00000.parquet",
+            f"{it}/pairs/shard_00000.parquet",
+            f"{it}/update/train_log.jsonl",
+            f"{it}/update/adapter/",
+            f"{it}/handoff/policy/",
+            f"{it}/handoff/kl.json",
+        }
+    )
 
 
 EXPECTED_TOP = {
-    "config.yaml", "metrics.jsonl", "metrics.png", ".hydra/", "__main__.log", "_FINISHED.json",
-    "heldout/initial_samples/_DONE.json", "heldout/initial_samples/_CONFIG.json",
-    "heldout/shard_00000.parquet", "heldout/_DONE.json", "heldout/_CONFIG.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.png",
+    ".hydra/",
+    "__main__.log",
+    "_FINISHED.json",
+    "heldout/initial_samples/_DONE.json",
+    "heldout/initial_samples/_CONFIG.json",
+    "heldout/shard_00000.parquet",
+    "heldout/_DONE.json",
+    "heldout/_CONFIG.json",
     *(f"heldout/initial_samples/shard_0000{k}.parquet" for k in range(4)),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +125,32 @@ def test_two_iterations_exact_run_tree(clean_run):
     assert _tree(clean_run) == EXPECTED_TOP | _stage_files(0) | _stage_files(1)
     rows = [json.loads(line) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
-    keys = {"iteration", "update", "prompts", "responses", "reward_mean", "reward_best_mean", "gold_mean",
-            "win_rate_vs_initial", "kl_to_reference", "response_tokens_mean", "eos_rate", "accepted", "seconds"}  # fmt: skip
+    keys = {
+        "iteration",
+        "update",
+        "prompts",
+        "responses",
+        "reward_mean",
+        "reward_best_mean",
+        "gold_mean",
+        "win_rate_vs_initial",
+        "kl_to_reference",
+        "response_tokens_mean",
+        "eos_rate",
+        "accepted",
+        "seconds",
+    }
     assert keys <= rows[0].keys()
     assert rows[0]["prompts"] == 16 and rows[0]["responses"] == 64
-    assert set(rows[0]["seconds"]) == {"prompts", "generate", "label", "pairs", "update", "evaluate", "handoff"}
+    assert set(rows[0]["seconds"]) == {
+        "prompts",
+        "generate",
+        "label",
+        "pairs",
+        "update",
+        "evaluate",
+        "handoff",
+    }
     card = (clean_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
     assert "base_model:" in card and "| iter |" in card and card.count("| dpo |") == 2
     # iteration 1 starts from iteration 0's handed-off policy
@@ -107,7 +159,11 @@ def test_two_iterations_exact_run_tree(clean_run):
 
 
 def test_rerun_of_finished_run_does_nothing(clean_run, tiny_cache, tiny_rm):
-    before = {p: p.stat().st_mtime_ns for p in clean_run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in clean_run.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    }
     out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2"))
     assert out.returncode == 0, out.stderr[-2000:]
     said = out.stdout + out.stderr
@@ -124,14 +180,25 @@ def _rows(path: Path) -> list[dict]:
 def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, tmp_path):
     args = _args(tiny_cache, tiny_rm, tmp_path, "iteration=2")
     run = tmp_path / "toy_tiny"
-    kills = (("1:generate:2", "generate"), ("1:label:2", "label"), ("1:update:1", "update"), ("1:evaluate:2", "evaluate"))
+    kills = (
+        ("1:generate:2", "generate"),
+        ("1:label:2", "label"),
+        ("1:update:1", "update"),
+        ("1:evaluate:2", "evaluate"),
+    )
     for point, partial in kills:
         out = cli(args, env={"ITERATE_KILL_AT": point})
         assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
         stage = run / "iter_001" / partial
         assert stage.exists() and not (stage / "_DONE.json").exists(), f"killed during {partial}"
         if partial != "update":  # the shards written before the kill stay
-            assert len(list(stage.glob("shard_*.parquet")) or list(stage.glob("samples/shard_*.parquet"))) == 2
+            assert (
+                len(
+                    list(stage.glob("shard_*.parquet"))
+                    or list(stage.glob("samples/shard_*.parquet"))
+                )
+                == 2
+            )
     out = cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
     for shard in sorted(clean_run.rglob("shard_*.parquet")):
@@ -140,7 +207,9 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     assert _tree(run) == _tree(clean_run)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     metrics = [strip(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == [strip(json.loads(line)) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [
+        strip(json.loads(line)) for line in (clean_run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def _cfg(tiny_cache, tiny_rm, tmp_path, *extra):
@@ -148,7 +217,15 @@ def _cfg(tiny_cache, tiny_rm, tmp_path, *extra):
 
 
 def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
-    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, "iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2", "handoff.on_reject=stop")
+    cfg = _cfg(
+        tiny_cache,
+        tiny_rm,
+        tmp_path,
+        "iteration=2",
+        "handoff.max_kl=1e-9",
+        "update.lr=2e-2",
+        "handoff.on_reject=stop",
+    )
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     kl = json.loads((run / "iter_000" / "handoff" / "kl.json").read_text())
@@ -160,7 +237,15 @@ def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
 
 
 def test_keep_previous_restarts_from_the_previous_policy(tiny_cache, tiny_rm, tiny_world, tmp_path):
-    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, "iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2", "handoff.on_reject=keep_previous")
+    cfg = _cfg(
+        tiny_cache,
+        tiny_rm,
+        tmp_path,
+        "iteration=2",
+        "handoff.max_kl=1e-9",
+        "update.lr=2e-2",
+        "handoff.on_reject=keep_previous",
+    )
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     assert [r["accepted"] for r in rows] == [False, False]
     gen1 = json.loads((tmp_path / "toy_tiny" / "iter_001" / "generate" / "_DONE.json").read_text())
@@ -178,7 +263,10 @@ def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
     out = cli(["-m", *_args(tiny_cache, tiny_rm, tmp_path, "update=dpo,raft", "iteration=1")])
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "toy_tiny"
-    jobs = {json.loads(p.read_text().splitlines()[0])["update"]: p.parent for p in sweep.glob("*/metrics.jsonl")}
+    jobs = {
+        json.loads(p.read_text().splitlines()[0])["update"]: p.parent
+        for p in sweep.glob("*/metrics.jsonl")
+    }
     assert sorted(jobs) == ["dpo", "raft"]  # one folder per job, named by its overrides
     assert all("/" not in p.name and len(p.name.encode()) <= 200 for p in jobs.values())
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()

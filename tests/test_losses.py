@@ -75,14 +75,18 @@ def test_kl_penalty_k1_k3_hand_values():
     ref = torch.tensor([[-1.5, -1.0]])
     assert losses.kl_penalty(logp, ref, "k1").flatten().tolist() == pytest.approx([0.5, -1.0])
     # k3 with log(q/p) = -0.5: e^-0.5 - 1 + 0.5 = 0.10653; with +1.0: e - 1 - 1 = 0.71828
-    assert losses.kl_penalty(logp, ref, "k3").flatten().tolist() == pytest.approx([0.1065307, 0.7182818], abs=1e-6)
+    assert losses.kl_penalty(logp, ref, "k3").flatten().tolist() == pytest.approx(
+        [0.1065307, 0.7182818], abs=1e-6
+    )
 
 
 def test_shaped_rewards_put_the_score_on_the_last_response_token():
     kl = torch.tensor([[0.0, 1.0, 2.0, 9.0], [1.0, 1.0, 0.0, 0.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     r = losses.shaped_rewards(torch.tensor([3.0, -1.0]), kl, mask, kl_coef=0.1)
-    assert r.flatten().tolist() == pytest.approx([0.0, -0.1, -0.2 + 3.0, 0.0, -0.1, -0.1 - 1.0, 0.0, 0.0])
+    assert r.flatten().tolist() == pytest.approx(
+        [0.0, -0.1, -0.2 + 3.0, 0.0, -0.1, -0.1 - 1.0, 0.0, 0.0]
+    )
 
 
 def test_gae_hand_values():
@@ -115,7 +119,8 @@ def test_ppo_clipped_policy_loss_hand_values():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
     adv = torch.tensor([[1.0, 1.0, -2.0]])
     m = torch.ones(1, 3)
-    # A>0, r=1.5: max(-1.5, -1.2) = -1.2; A>0, r=0.5: max(-0.5, -0.8) = -0.5; A<0, r=1.1: max(2.2, 2.2) = 2.2
+    # A>0, r=1.5: max(-1.5, -1.2) = -1.2; A>0, r=0.5: max(-0.5, -0.8) = -0.5;
+    # A<0, r=1.1: max(2.2, 2.2) = 2.2
     loss = losses.ppo_policy_loss(logp, old, adv, m, clip=0.2)
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
 
@@ -125,7 +130,8 @@ def test_clipped_value_loss_hand_values():
     old = torch.tensor([[0.0, 0.0]])
     ret = torch.tensor([[2.0, 1.0]])
     m = torch.ones(1, 2)
-    # token 0: (1-2)^2 = 1; clipped V = 0.2 -> (0.2-2)^2 = 3.24; 0.5*max = 1.62. token 1: 0.5*1 = 0.5
+    # token 0: (1-2)^2 = 1; clipped V = 0.2 -> (0.2-2)^2 = 3.24; 0.5*max = 1.62.
+    # token 1: 0.5*1 = 0.5
     assert losses.value_loss(v, old, ret, m, clip=0.2).item() == pytest.approx((1.62 + 0.5) / 2)
 
 
@@ -151,5 +157,7 @@ def test_ppo_loss_aggregation_over_tokens_or_sequences():
 
 
 def test_remax_advantage_hand_values():
-    adv = losses.remax_advantage(torch.tensor([0.5, 3.0, -2.0]), torch.tensor([0.2, 0.9, 0.0]), clip=1.0)
+    adv = losses.remax_advantage(
+        torch.tensor([0.5, 3.0, -2.0]), torch.tensor([0.2, 0.9, 0.0]), clip=1.0
+    )
     assert adv.tolist() == pytest.approx([0.3, 0.1, -1.0])

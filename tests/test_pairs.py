@@ -48,7 +48,9 @@ def test_max_max_tie_between_top_two():
 
 
 @pytest.mark.parametrize("rule", ["max_min", "max_max", "max_random", "random"])
-@pytest.mark.parametrize("rewards", [[], [1.0], [NAN, 2.0], [NAN, NAN, NAN], [None, 1.0], [math.inf * 0, 3.0]])
+@pytest.mark.parametrize(
+    "rewards", [[], [1.0], [NAN, 2.0], [NAN, NAN, NAN], [None, 1.0], [math.inf * 0, 3.0]]
+)
 def test_fewer_than_two_valid(rule, rewards):
     assert select(rewards, rule, rng()) == "fewer_than_two_valid"
 

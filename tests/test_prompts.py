@@ -19,8 +19,15 @@ def _write(path: Path, texts: list[str]) -> None:
 def _setup(tmp_path: Path, texts: list[str], per_iteration: int = 5, heldout: int = 6):
     source = tmp_path / "prompts.jsonl"
     _write(source, texts)
-    cfg = compose_cfg(["prompts=file", f"prompts.path={source}", f"prompts.per_iteration={per_iteration}",
-                       f"prompts.heldout={heldout}"], tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "prompts=file",
+            f"prompts.path={source}",
+            f"prompts.per_iteration={per_iteration}",
+            f"prompts.heldout={heldout}",
+        ],
+        tmp_path,
+    )
     return cfg, Paths(run=tmp_path / "run", base_policy=""), source
 
 
@@ -36,11 +43,15 @@ def test_dedupe_heldout_and_slices_are_disjoint(tmp_path):
     assert held.num_rows == 6 and all(s.num_rows == 5 for s in slices)
     every = _ids(held) + [pid for s in slices for pid in _ids(s)]
     assert len(every) == len(set(every)) == 26, "held-out and slices never share a prompt"
-    assert set(held["prompt"].to_pylist() + [t for s in slices for t in s["prompt"].to_pylist()]) <= set(texts)
+    assert set(
+        held["prompt"].to_pylist() + [t for s in slices for t in s["prompt"].to_pylist()]
+    ) <= set(texts)
     done = json.loads((paths.stage(0, "prompts") / "_DONE.json").read_text())
     assert done["dropped"] == {"duplicate": 2, "empty": 1} and done["pool"] == 30
     # the order is the seeded shuffle: held out first, then slice after slice
-    order = [prompts.prompt_id(t) for t in prompts._dedupe_shuffle(texts, cfg.seed, prompts.Counter())]
+    order = [
+        prompts.prompt_id(t) for t in prompts._dedupe_shuffle(texts, cfg.seed, prompts.Counter())
+    ]
     assert every == order[:26]
 
 
@@ -76,7 +87,10 @@ def test_growing_the_source_never_leaks_heldout_or_repeats(tmp_path):
     assert len(used) == len(set(used)) == 6 + 6 * 5, "no held-out or earlier prompt reappears"
     new_ids = {prompts.prompt_id(f"New question {n}?") for n in range(60)}
     assert new_ids & {p for s in later for p in s}, "the new prompts join later draws"
-    hashes = [json.loads((paths.stage(i, "prompts") / "_DONE.json").read_text())["source_hash"] for i in (1, 2)]
+    hashes = [
+        json.loads((paths.stage(i, "prompts") / "_DONE.json").read_text())["source_hash"]
+        for i in (1, 2)
+    ]
     assert hashes[0] != hashes[1], "the source's content is recorded"
 
 
@@ -85,7 +99,9 @@ def test_shrinking_the_source_keeps_what_was_used(tmp_path):
     cfg, paths, source = _setup(tmp_path, texts)
     held = _ids(prompts.heldout(cfg, paths))
     first = _ids(prompts.run(cfg, paths, 0))
-    kept = [t for t in texts if prompts.prompt_id(t) not in held[:3]]  # three held-out prompts removed
+    kept = [
+        t for t in texts if prompts.prompt_id(t) not in held[:3]
+    ]  # three held-out prompts removed
     _write(source, kept)
     second = _ids(prompts.run(cfg, paths, 1))
     assert _ids(prompts.heldout(cfg, paths)) == held

@@ -23,7 +23,15 @@ def test_toy_reward_model_trains_records_and_skips(tiny_cfg, tiny_world):
     done = reward_model.train(tiny_cfg, paths)
     rm_dir = paths.reward_model_dir
     assert (rm_dir / "_DONE.json").exists() and (rm_dir / "model" / "config.json").exists()
-    for key in ("heldout_accuracy", "loss_curve", "train_pairs", "heldout_pairs", "parameters", "dropped", "config_hash"):
+    for key in (
+        "heldout_accuracy",
+        "loss_curve",
+        "train_pairs",
+        "heldout_pairs",
+        "parameters",
+        "dropped",
+        "config_hash",
+    ):
         assert key in done
     assert done["train_pairs"] + done["heldout_pairs"] == tiny_cfg.reward.num_pairs
     assert 0.0 <= done["heldout_accuracy"] <= 1.0
@@ -58,11 +66,18 @@ def test_score_is_order_independent(tiny_world):
     responses = ["1, 2, 3.", "Sure! " * 5 + "1, 2, 3.", "no"]
     prompts = ["Count from 1 to 3."] * 3
     batched = reward_model.Scorer(model, tok, 128, batch_size=3).score(prompts, responses)
-    single = [reward_model.Scorer(model, tok, 128, batch_size=1).score([p], [r])[0] for p, r in zip(prompts, responses)]
-    assert batched == pytest.approx(single, abs=1e-4), "padding and length-sorting do not change rewards"
+    single = [
+        reward_model.Scorer(model, tok, 128, batch_size=1).score([p], [r])[0]
+        for p, r in zip(prompts, responses)
+    ]
+    assert batched == pytest.approx(single, abs=1e-4), (
+        "padding and length-sorting do not change rewards"
+    )
 
 
-RM_TEMPLATE = "{% for m in messages %}{{ bos_token }}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+RM_TEMPLATE = (
+    "{% for m in messages %}{{ bos_token }}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
 
 
 def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
@@ -77,14 +92,18 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
     assert "### assistant: Hello Anna!" in text and "<|assistant|>" not in text
     policy_text = policy_tok.decode(reward_model.encode(policy_tok, messages, "Hello Anna!", 128))
     assert policy_text != text and "<|assistant|>" in policy_text
-    assert ids[0] == rm_tok.bos_token_id and ids.count(rm_tok.bos_token_id) == 2  # one per turn, as the RM template says
+    assert (
+        ids[0] == rm_tok.bos_token_id and ids.count(rm_tok.bos_token_id) == 2
+    )  # one per turn, as the RM template says
     # the scorer renders a stored prompt (text or JSON messages) the same way
     scorer = reward_model.Scorer(None, rm_tok, 128)
     assert scorer.encode("Greet Anna.", "Hello Anna!") == ids
     assert scorer.encode(json.dumps(messages), "Hello Anna!") == ids
     # a tokenizer with no template gets the HH transcript
     rm_tok.chat_template = None
-    hh = rm_tok.decode(reward_model.encode(rm_tok, messages, "Hello Anna!", 128), skip_special_tokens=True)
+    hh = rm_tok.decode(
+        reward_model.encode(rm_tok, messages, "Hello Anna!", 128), skip_special_tokens=True
+    )
     assert hh == "\n\nHuman: Greet Anna.\n\nAssistant: Hello Anna!"
 
 
@@ -101,10 +120,22 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
         model.get_input_embeddings().weight[poison[0]] = float("nan")
     responses = ["Hello Anna!", "Hello Rosa!", "Sure! Hello Anna!"]
     n = len(responses)
-    gen = pa.table({"prompt_id": [f"p{i}" for i in range(n)], "sample_idx": [0] * n, "prompt": ["Greet Anna."] * n,
-                    "response": responses, "prompt_tokens": [5] * n, "response_tokens": [3] * n,
-                    "finish_reason": ["stop"] * n, "response_ids": [[1]] * n}, schema=SCHEMAS["generate"])  # fmt: skip
-    table, dropped = label.label_table(gen, reward_model.Scorer(model, tok, 128), gold=gold_scorer("toy"))
+    gen = pa.table(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "sample_idx": [0] * n,
+            "prompt": ["Greet Anna."] * n,
+            "response": responses,
+            "prompt_tokens": [5] * n,
+            "response_tokens": [3] * n,
+            "finish_reason": ["stop"] * n,
+            "response_ids": [[1]] * n,
+        },
+        schema=SCHEMAS["generate"],
+    )
+    table, dropped = label.label_table(
+        gen, reward_model.Scorer(model, tok, 128), gold=gold_scorer("toy")
+    )
     assert dict(dropped) == {"non_finite_reward": 1}
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
     assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0
@@ -118,7 +149,11 @@ def test_hh_reward_model_full_finetune_reports_dropped_rows(tiny_cfg, tiny_world
     tiny_cfg.reward.heldout_fraction = 0.25
     tiny_cfg.reward.batch_size = 4
     done = reward_model.train(tiny_cfg, _paths(tiny_cfg, tiny_world))
-    assert done["dropped"] == {"no_assistant_turn": 1, "empty_response": 1, "identical_responses": 1}
+    assert done["dropped"] == {
+        "no_assistant_turn": 1,
+        "empty_response": 1,
+        "identical_responses": 1,
+    }
     assert done["rows"] == 27 and done["train_pairs"] + done["heldout_pairs"] == 24
     assert done["heldout_pairs"] > 0
     assert done["trainable_parameters"] == done["parameters"], "full fine-tuning"

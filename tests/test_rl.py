@@ -25,7 +25,9 @@ def _ctx(tiny_cfg, tiny_world, ref_model=None, **update) -> rl.Context:
     model = common.policy_model(cfg, str(tiny_world), dev)
     sampler = sampling.make("transformers", sampling.Spec(max_length=cfg.model.max_length))
     sampler.sync(model, tok, str(tiny_world))
-    scorer = Scorer.load(str(tiny_world), "float32", 128, 8)  # an untrained head: any real scores do
+    scorer = Scorer.load(
+        str(tiny_world), "float32", 128, 8
+    )  # an untrained head: any real scores do
     head = ppo.new_head(cfg, model) if cfg.update.name == "ppo" else None
     return rl.Context(cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": 0.05})
 
@@ -52,9 +54,14 @@ def test_ppo_gradients_reach_only_lora_and_the_value_head(tiny_cfg, tiny_world, 
     examples = ppo.prepare(ctx, _prompts(ctx), seed=0)
     assert len(examples) == len(PROMPTS)
     for e in examples:  # per-token tensors, one value per response token
-        assert all(e.rollout[k].shape == (len(e.chosen),) for k in ("old_logps", "old_values", "advantages", "returns"))
+        assert all(
+            e.rollout[k].shape == (len(e.chosen),)
+            for k in ("old_logps", "old_values", "advantages", "returns")
+        )
     adv = torch.cat([e.rollout["advantages"] for e in examples])
-    assert abs(adv.mean().item()) < 1e-5 and adv.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3), "whitened"
+    assert abs(adv.mean().item()) < 1e-5 and adv.std(unbiased=False).item() == pytest.approx(
+        1.0, abs=1e-3
+    ), "whitened"
     _nonzero_adapter(ctx.model)
     ctx.model.train()
     per_example, metrics = ppo.loss(ctx, ctx.model, examples)
@@ -81,18 +88,29 @@ def test_reference_bottom_value_head_uses_the_configured_reference(tiny_cfg, tin
         ctx.ref_model = other
         _, theirs = ppo.forward(ctx, ctx.model, ids, mask, resp)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = other(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states[1]
+        hidden = other(
+            input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
+        ).hidden_states[1]
         expected = ctx.head(hidden[:, :-1].float()).squeeze(-1) * resp
     assert torch.allclose(theirs, expected, atol=1e-5)
     assert not torch.allclose(own, theirs, atol=1e-3)
     # full fine-tuning (no adapter to disable): the reference is its own frozen model
     tiny_cfg.update.lora.enabled = False
-    full = _ctx(tiny_cfg, tiny_world, ref_model=other, name="ppo", value_head="reference_bottom", value_layers=1)
+    full = _ctx(
+        tiny_cfg,
+        tiny_world,
+        ref_model=other,
+        name="ppo",
+        value_head="reference_bottom",
+        value_layers=1,
+    )
     examples = ppo.prepare(full, _prompts(full), seed=0)
     assert all(torch.isfinite(e.rollout["old_values"]).all() for e in examples)
 
 
-def test_remax_gradients_reach_only_lora_and_its_loss_weighs_every_token_alike(tiny_cfg, tiny_world):
+def test_remax_gradients_reach_only_lora_and_its_loss_weighs_every_token_alike(
+    tiny_cfg, tiny_world
+):
     ctx = _ctx(tiny_cfg, tiny_world, name="remax")
     examples = remax.prepare(ctx, _prompts(ctx), seed=0)
     _nonzero_adapter(ctx.model)
@@ -135,8 +153,17 @@ def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["ppo", "remax"])
 def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
-    cfg = compose_cfg(["experiment=toy_tiny", f"update={rule}", "generate=transformers", "iteration=2",
-                       f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}", "reward.num_pairs=100"])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=toy_tiny",
+            f"update={rule}",
+            "generate=transformers",
+            "iteration=2",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+            "reward.num_pairs=100",
+        ]
+    )
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     upd = json.loads((run / "iter_000" / "update" / "_DONE.json").read_text())
@@ -154,7 +181,9 @@ def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["dpo", "ppo"])
-def test_vllm_backend_never_calls_transformers_generate(rule, tiny_cache, tiny_world, tmp_path, monkeypatch):
+def test_vllm_backend_never_calls_transformers_generate(
+    rule, tiny_cache, tiny_world, tmp_path, monkeypatch
+):
     """With generate.backend=vllm every sample comes from the engine: best-of-n, the
     held-out evaluation and its baseline, and the on-policy rollouts."""
     from transformers import GenerationMixin
@@ -163,8 +192,18 @@ def test_vllm_backend_never_calls_transformers_generate(rule, tiny_cache, tiny_w
         raise AssertionError("transformers generate() called with generate.backend=vllm")
 
     monkeypatch.setattr(GenerationMixin, "generate", forbidden)
-    cfg = compose_cfg(["experiment=toy_tiny", f"update={rule}", "generate=vllm", "iteration=1", f"runs_dir={tmp_path}",
-                       f"toy.cache_dir={tiny_cache}", "reward.num_pairs=100", "update.epochs=1"])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=toy_tiny",
+            f"update={rule}",
+            "generate=vllm",
+            "iteration=1",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+            "reward.num_pairs=100",
+            "update.epochs=1",
+        ]
+    )
     try:
         rows = loop.run(cfg, tmp_path / "toy_tiny")
     finally:

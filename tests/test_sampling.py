@@ -13,7 +13,13 @@ from iterate import engine, models, sampling
 from iterate.prompts import SCHEMA, prompt_id
 from iterate.shards import SCHEMAS
 
-PROMPTS = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 4.", "Name 2 fruits.", "Say hi to Leo."]
+PROMPTS = [
+    "Greet Anna.",
+    "What is 2 plus 3?",
+    "Count from 1 to 4.",
+    "Name 2 fruits.",
+    "Say hi to Leo.",
+]
 SPEC = sampling.Spec(max_length=64, batch_size=2, gpu_memory_utilization=0.25)
 PARAMS = sampling.Params(n=3, temperature=1.0, top_p=1.0, max_tokens=12)
 
@@ -25,7 +31,9 @@ def _prompts(extra: list[str] = ()) -> pa.Table:
 
 def _write(sampler, todo, out, seed=0):
     out.mkdir(parents=True, exist_ok=True)
-    sampling.write_shards(sampler, todo, PARAMS, lambda k: seed * 100 + k, out, (0, "generate"), "test")
+    sampling.write_shards(
+        sampler, todo, PARAMS, lambda k: seed * 100 + k, out, (0, "generate"), "test"
+    )
 
 
 def _check_shards(out, n_prompts, n):
@@ -38,8 +46,12 @@ def _check_shards(out, n_prompts, n):
     assert len(set(keys)) == len(keys)
     for row in t.to_pylist():
         assert row["finish_reason"] in ("stop", "length")
-        assert 1 <= row["response_tokens"] <= 12 and row["response_tokens"] == len(row["response_ids"])
-        assert (row["finish_reason"] == "stop") == (row["response_ids"][-1] == 2)  # EOS id of the toy tokenizer
+        assert 1 <= row["response_tokens"] <= 12 and row["response_tokens"] == len(
+            row["response_ids"]
+        )
+        assert (row["finish_reason"] == "stop") == (
+            row["response_ids"][-1] == 2
+        )  # EOS id of the toy tokenizer
         assert row["prompt_tokens"] > 0
     return t
 
@@ -75,7 +87,9 @@ def test_transformers_shards_are_reproducible(tiny_world, tmp_path):
     sampler.sample([shards[0][0][2]], PARAMS, seed=1)
     after = torch.rand(1)
     torch.manual_seed(7)
-    assert torch.equal(after, torch.rand(1)), "sampling leaves the global RNG (dropout, shuffles) alone"
+    assert torch.equal(after, torch.rand(1)), (
+        "sampling leaves the global RNG (dropout, shuffles) alone"
+    )
 
 
 def _perturbed_copy(world, out, scale=0.05):
@@ -118,7 +132,9 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
         fresh.close()
     ids = lambda samples: [[s.ids for s in p] for p in samples]  # noqa: E731
     assert ids(second) == ids(again)
-    assert ids(first) != ids(second), "the perturbed policy must sample differently for the check to mean anything"
+    assert ids(first) != ids(second), (
+        "the perturbed policy must sample differently for the check to mean anything"
+    )
 
 
 def _perturbed_adapter(cfg, world):
@@ -155,7 +171,9 @@ def test_vllm_samples_the_synced_weights(tiny_cfg, tiny_world):
     finally:
         vllm.close()
     assert synced == expected
-    assert base != synced, "the adapter must change the greedy answers for the check to mean anything"
+    assert base != synced, (
+        "the adapter must change the greedy answers for the check to mean anything"
+    )
     assert base_again == base
 
 
@@ -181,7 +199,9 @@ def test_engine_key_reads_the_architecture_and_accepts_hub_ids(tiny_world, tmp_p
     copy = tmp_path / "copy"
     shutil.copytree(tiny_world, copy)
     conf = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**conf, "dtype": "bfloat16", "_name_or_path": "x"}))
+    (copy / "config.json").write_text(
+        json.dumps({**conf, "dtype": "bfloat16", "_name_or_path": "x"})
+    )
     assert engine.key({**request, "policy": str(copy)}) == local
     # a hub id is not a folder here: it is its own key (vLLM resolves it)
     hub = engine.key({**request, "policy": "HuggingFaceH4/mistral-7b-sft-beta"})

@@ -65,7 +65,9 @@ def test_split_is_disjoint_stable_and_covers_every_family():
     assert len(train) + len(held) == len(world.INSTRUCTIONS)
     assert {i.family for i in held} == set(world.FAMILIES)
     assert world.split(0.2) == (train, held)
-    assert len({i.prompt for i in world.INSTRUCTIONS}) == len(world.INSTRUCTIONS), "prompts are unique"
+    assert len({i.prompt for i in world.INSTRUCTIONS}) == len(world.INSTRUCTIONS), (
+        "prompts are unique"
+    )
 
 
 def test_build_is_deterministic_and_cached(tmp_path, tiny_world):
@@ -87,7 +89,9 @@ def test_built_world_has_chat_template_and_mixed_quality(tiny_world):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_world)
-    text = tok.apply_chat_template([{"role": "user", "content": "Greet Anna."}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Greet Anna."}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s><|user|>\nGreet Anna.\n<|assistant|>\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1

@@ -21,7 +21,9 @@ PAIRS = [
 
 def _examples(tok):
     return [
-        common.Example(models.prompt_ids(tok, p), models.response_ids(tok, c), models.response_ids(tok, r))
+        common.Example(
+            models.prompt_ids(tok, p), models.response_ids(tok, c), models.response_ids(tok, r)
+        )
         for p, c, r in PAIRS
     ]
 
@@ -56,7 +58,9 @@ def test_left_and_right_padding_give_equal_logps(setup):
         lp = models.token_logps(model, ids, mask)
         out.append(lp.sum(-1))
     assert out[0].tolist() == pytest.approx(out[1].tolist(), abs=1e-4)
-    single = [models.token_logps(model, *models.pad([s], tok.pad_token_id)).sum().item() for s in seqs]
+    single = [
+        models.token_logps(model, *models.pad([s], tok.pad_token_id)).sum().item() for s in seqs
+    ]
     assert out[0].tolist() == pytest.approx(single, abs=1e-4)
 
 
@@ -97,10 +101,16 @@ def test_micro_batch_times_accumulation_equivalence(setup):
     grads, losses = [], []
     for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
         model.zero_grad(set_to_none=True)
-        loss, metrics = common.accumulate(model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro)
+        loss, metrics = common.accumulate(
+            model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro
+        )
         losses.append((loss, metrics["policy_chosen_logps"]))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6) == pytest.approx(losses[2][0], abs=1e-6)
+    assert (
+        losses[0][0]
+        == pytest.approx(losses[1][0], abs=1e-6)
+        == pytest.approx(losses[2][0], abs=1e-6)
+    )
     assert losses[0][1] == pytest.approx(losses[2][1], abs=1e-4)  # metrics are example-weighted too
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for n in grads[0]:

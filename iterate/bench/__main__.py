@@ -22,8 +22,12 @@ def machine() -> dict:
 
     import torch
 
-    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
+    info = {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
         import vllm
 
@@ -47,21 +51,40 @@ def generation(cfg: BenchConfig, out: Path) -> list[dict]:
         train = [i.prompt for i in world.INSTRUCTIONS][: g.prompts]
         prompts = [models.prompt_ids(tok, p) for p in train]
         for dtype in g.dtypes:
-            spec = {"model": path, "dtype": dtype, "prompts": prompts, "n": g.n, "new_tokens": g.new_tokens,
-                    "rounds": g.rounds, "backends": list(g.backends), "gpu_memory_utilization": g.gpu_memory_utilization,
-                    "matmul_size": g.matmul_size, "seed": cfg.seed, "threads": cfg.threads,
-                    "enforce_eager": g.enforce_eager}  # fmt: skip
+            spec = {
+                "model": path,
+                "dtype": dtype,
+                "prompts": prompts,
+                "n": g.n,
+                "new_tokens": g.new_tokens,
+                "rounds": g.rounds,
+                "backends": list(g.backends),
+                "gpu_memory_utilization": g.gpu_memory_utilization,
+                "matmul_size": g.matmul_size,
+                "seed": cfg.seed,
+                "threads": cfg.threads,
+                "enforce_eager": g.enforce_eager,
+            }
             log.info("generation: %s %s (%s)", name, dtype, " vs ".join(g.backends))
             r = child.run("generation", spec, out / "work")
-            row = {"model": name, "dtype": dtype, "enforce_eager": g.enforce_eager, "matmul_parameters": r["matmul_parameters"], "threads": r["threads"],
-                   "matmul_gflops": r["matmul_flops"] / 1e9, "vllm_start_s": r.get("vllm_start_s"),
-                   "tokens_per_round": len(prompts) * g.n * g.new_tokens}  # fmt: skip
+            row = {
+                "model": name,
+                "dtype": dtype,
+                "enforce_eager": g.enforce_eager,
+                "matmul_parameters": r["matmul_parameters"],
+                "threads": r["threads"],
+                "matmul_gflops": r["matmul_flops"] / 1e9,
+                "vllm_start_s": r.get("vllm_start_s"),
+                "tokens_per_round": len(prompts) * g.n * g.new_tokens,
+            }
             for b in g.backends:
                 tps = r[f"{b}_tokens_per_s"]
                 row[f"{b}_tokens_per_s"] = tps
                 row[f"{b}_flop_efficiency"] = 2 * r["matmul_parameters"] * tps / r["matmul_flops"]
             if {"vllm", "transformers"} <= set(g.backends):
-                row["vllm_over_transformers"] = row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+                row["vllm_over_transformers"] = (
+                    row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+                )
             rows.append(row)
     return rows
 
@@ -74,7 +97,9 @@ def labelling(cfg: BenchConfig, out: Path) -> list[dict]:
     rows = []
     for name in la.models:
         log.info("labelling: %s, %d responses", name, la.responses)
-        r = lab.measure(bm.reward_path(name, cfg.toy), la.responses, la.batch_size, la.rounds, cfg.seed)
+        r = lab.measure(
+            bm.reward_path(name, cfg.toy), la.responses, la.batch_size, la.rounds, cfg.seed
+        )
         rows.append({"model": name, **r})
     return rows
 
@@ -85,21 +110,37 @@ def update(cfg: BenchConfig, out: Path) -> dict:
     from iterate.bench import update as up
 
     u = cfg.update
-    spec = {"model": bm.policy_path(u.model, cfg.toy), "pairs": u.pairs, "micro_batch_size": u.micro_batch_size,
-            "prompt_tokens": u.prompt_tokens, "response_tokens": u.response_tokens, "steps": u.steps,
-            "rounds": u.rounds, "seed": cfg.seed, "threads": cfg.threads}  # fmt: skip
+    spec = {
+        "model": bm.policy_path(u.model, cfg.toy),
+        "pairs": u.pairs,
+        "micro_batch_size": u.micro_batch_size,
+        "prompt_tokens": u.prompt_tokens,
+        "response_tokens": u.response_tokens,
+        "steps": u.steps,
+        "rounds": u.rounds,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+    }
     log.info("update: DPO step, cached vs recomputed reference (%s)", u.model)
     res = {"model": u.model, "dpo": up.dpo_timing(spec)}
     for variant in ("cached", "recompute"):
-        res["dpo"][f"{variant}_peak_rss_mb"] = child.run("dpo", {**spec, "variant": variant}, out / "work")["peak_rss_mb"]
+        res["dpo"][f"{variant}_peak_rss_mb"] = child.run(
+            "dpo", {**spec, "variant": variant}, out / "work"
+        )["peak_rss_mb"]
     res["rl_model"] = u.rl_model
     policy, reward = bm.policy_path(u.rl_model, cfg.toy), bm.reward_path(u.rl_model, cfg.toy)
     for rule in ("ppo", "remax"):
         log.info("update: %s stage peak memory (%s)", rule, u.rl_model)
         work = out / "work" / "rl"
         shutil.rmtree(work / rule, ignore_errors=True)
-        spec_rl = {"model": policy, "reward": reward, "rule": rule, "prompts": u.rl_prompts,
-                   "workdir": str(work), "threads": cfg.threads}  # fmt: skip
+        spec_rl = {
+            "model": policy,
+            "reward": reward,
+            "rule": rule,
+            "prompts": u.rl_prompts,
+            "workdir": str(work),
+            "threads": cfg.threads,
+        }
         res[rule] = child.run("rl", spec_rl, out / "work")
     res["remax_over_ppo_peak_rss"] = res["remax"]["peak_rss_mb"] / res["ppo"]["peak_rss_mb"]
     return res
@@ -114,9 +155,18 @@ def backends(cfg: BenchConfig, out: Path) -> dict:
     for kind in b.kinds:
         log.info("backends: %s, vLLM vs transformers (%s)", kind, b.model)
         work = out / "work" / "backends"
-        spec = {"kind": kind, "model": bm.policy_path(b.model, cfg.toy), "reward": bm.reward_path(b.model, cfg.toy),
-                "prompts": b.prompts, "micro_batch_size": b.micro_batch_size, "max_tokens": b.max_tokens,
-                "samples": b.samples, "rounds": b.rounds, "workdir": str(work), "threads": cfg.threads}  # fmt: skip
+        spec = {
+            "kind": kind,
+            "model": bm.policy_path(b.model, cfg.toy),
+            "reward": bm.reward_path(b.model, cfg.toy),
+            "prompts": b.prompts,
+            "micro_batch_size": b.micro_batch_size,
+            "max_tokens": b.max_tokens,
+            "samples": b.samples,
+            "rounds": b.rounds,
+            "workdir": str(work),
+            "threads": cfg.threads,
+        }
         res[kind] = child.run("backends", spec, out / "work")
     return res
 
@@ -130,12 +180,21 @@ def sync(cfg: BenchConfig, out: Path) -> dict:
     res = {"model": s.model}
     for variant in ("merged", "lora"):
         log.info("sync: %s (%s)", variant, s.model)
-        spec = {"variant": variant, "model": bm.policy_path(s.model, cfg.toy), "syncs": s.syncs, "n": s.n,
-                "texts": [i.prompt for i in world.INSTRUCTIONS[: s.prompts]], "new_tokens": s.new_tokens,
-                "gpu_memory_utilization": s.gpu_memory_utilization, "workdir": str(out / "work"),
-                "threads": cfg.threads}  # fmt: skip
+        spec = {
+            "variant": variant,
+            "model": bm.policy_path(s.model, cfg.toy),
+            "syncs": s.syncs,
+            "n": s.n,
+            "texts": [i.prompt for i in world.INSTRUCTIONS[: s.prompts]],
+            "new_tokens": s.new_tokens,
+            "gpu_memory_utilization": s.gpu_memory_utilization,
+            "workdir": str(out / "work"),
+            "threads": cfg.threads,
+        }
         res[variant] = child.run("sync", spec, out / "work")
-    res["lora_over_merged_tokens_per_s"] = res["lora"]["tokens_per_s"] / res["merged"]["tokens_per_s"]
+    res["lora_over_merged_tokens_per_s"] = (
+        res["lora"]["tokens_per_s"] / res["merged"]["tokens_per_s"]
+    )
     return res
 
 
@@ -148,46 +207,74 @@ def iteration(cfg: BenchConfig, out: Path) -> dict:
     return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
 
 
-RUNNERS = {"generation": generation, "labelling": labelling, "update": update, "backends": backends, "sync": sync,
-           "iteration": iteration}
+RUNNERS = {
+    "generation": generation,
+    "labelling": labelling,
+    "update": update,
+    "backends": backends,
+    "sync": sync,
+    "iteration": iteration,
+}
+
+
+def _generation_lines(rows: list[dict]) -> list[str]:
+    nan = float("nan")
+    head = ("model", "dtype", "N", "GEMM GF/s", "vLLM", "eff", "HF", "eff", "ratio")
+    lines = ["generation (tokens/s; FLOP efficiency = 2 N tokens/s / measured matmul rate)"]
+    lines.append("  {:10} {:9} {:>7} {:>9} {:>9} {:>6} {:>9} {:>6} {:>6}".format(*head))
+    for r in rows:
+        g = r.get
+        cells = [
+            f"{r['model']:10}", f"{r['dtype']:9}", f"{r['matmul_parameters'] / 1e6:6.1f}M",
+            f"{r['matmul_gflops']:9.1f}", f"{g('vllm_tokens_per_s', nan):9.0f}",
+            f"{g('vllm_flop_efficiency', nan):6.1%}", f"{g('transformers_tokens_per_s', nan):9.0f}",
+            f"{g('transformers_flop_efficiency', nan):6.1%}",
+            f"{g('vllm_over_transformers', nan):6.2f}x",
+        ]  # fmt: skip
+        lines.append("  " + " ".join(cells))
+    return lines
 
 
 def report(results: dict) -> str:
-    """The results as text tables."""
-    lines = []
-    for r in results.get("generation", []):
-        if not lines:
-            lines.append("generation (tokens/s; FLOP efficiency = 2 N tokens/s / measured matmul rate)")
-            lines.append(f"  {'model':10} {'dtype':9} {'N':>7} {'GEMM GF/s':>9} {'vLLM':>9} {'eff':>6} {'HF':>9} {'eff':>6} {'ratio':>6}")
-        lines.append(
-            f"  {r['model']:10} {r['dtype']:9} {r['matmul_parameters'] / 1e6:6.1f}M {r['matmul_gflops']:9.1f} "
-            f"{r.get('vllm_tokens_per_s', float('nan')):9.0f} {r.get('vllm_flop_efficiency', float('nan')):6.1%} "
-            f"{r.get('transformers_tokens_per_s', float('nan')):9.0f} {r.get('transformers_flop_efficiency', float('nan')):6.1%} "
-            f"{r.get('vllm_over_transformers', float('nan')):6.2f}x"
-        )
+    """The results as text."""
+    lines = _generation_lines(results["generation"]) if results.get("generation") else []
     for r in results.get("labelling", []):
-        lines.append(f"labelling {r['model']}: batched {r['batched_samples_per_s']:.0f}/s vs pipeline one at a time "
-                     f"{r['pipeline_samples_per_s']:.0f}/s = {r['ratio']:.1f}x (rewards agree within {r['max_abs_reward_difference']:.1e})")  # fmt: skip
+        lines.append(
+            f"labelling {r['model']}: batched {r['batched_samples_per_s']:.0f}/s vs pipeline one "
+            f"at a time {r['pipeline_samples_per_s']:.0f}/s = {r['ratio']:.1f}x "
+            f"(rewards agree within {r['max_abs_reward_difference']:.1e})"
+        )
     if u := results.get("update"):
         d = u["dpo"]
-        lines.append(f"update {u['model']}: DPO step cached {d['cached_step_s'] * 1e3:.0f} ms vs recompute "
-                     f"{d['recompute_step_s'] * 1e3:.0f} ms = {d['ratio']:.2f}x; peak RSS {d['cached_peak_rss_mb']:.0f} vs "
-                     f"{d['recompute_peak_rss_mb']:.0f} MB")  # fmt: skip
-        lines.append(f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
-                     f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x")  # fmt: skip
-    if bk := results.get("backends"):
-        for kind in ("rollouts", "evaluation"):
-            if r := bk.get(kind):
-                lines.append(f"{kind} {bk['model']}: vLLM {r['vllm_s']:.2f} vs transformers {r['transformers_s']:.2f} "
-                             f"{r['unit']} = {r['transformers_over_vllm']:.2f}x")  # fmt: skip
+        lines.append(
+            f"update {u['model']}: DPO step cached {d['cached_step_s'] * 1e3:.0f} ms vs recompute "
+            f"{d['recompute_step_s'] * 1e3:.0f} ms = {d['ratio']:.2f}x; "
+            f"peak RSS {d['cached_peak_rss_mb']:.0f} vs {d['recompute_peak_rss_mb']:.0f} MB"
+        )
+        lines.append(
+            f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
+            f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x"
+        )
+    for kind, r in results.get("backends", {}).items():
+        if isinstance(r, dict):
+            lines.append(
+                f"{kind} {results['backends']['model']}: vLLM {r['vllm_s']:.2f} vs transformers "
+                f"{r['transformers_s']:.2f} {r['unit']} = {r['transformers_over_vllm']:.2f}x"
+            )
     if sy := results.get("sync"):
         m, lo = sy["merged"], sy["lora"]
-        lines.append(f"sync {sy['model']}: merged weights in place {m['sync_s']:.3f} s/sync, {m['tokens_per_s']:.0f} tok/s vs "
-                     f"LoRA adapter by id {lo['sync_s']:.3f} s/sync, {lo['tokens_per_s']:.0f} tok/s")  # fmt: skip
+        lines.append(
+            f"sync {sy['model']}: merged weights in place {m['sync_s']:.3f} s/sync, "
+            f"{m['tokens_per_s']:.0f} tok/s vs LoRA adapter by id {lo['sync_s']:.3f} s/sync, "
+            f"{lo['tokens_per_s']:.0f} tok/s"
+        )
     for name, b in results.get("iteration", {}).items():
         stages = "  ".join(f"{k} {v:.1f}" for k, v in b["stage_seconds"].items())
-        lines.append(f"iteration ({name}): {b['total_s']:.1f}s = {stages}; fixed overheads {b['fixed_s']:.1f}s "
-                     f"= {b['fixed_share']:.0%} ({', '.join(f'{k} {v:.2f}' for k, v in b['fixed'].items())})")  # fmt: skip
+        fixed = ", ".join(f"{k} {v:.2f}" for k, v in b["fixed"].items())
+        lines.append(
+            f"iteration ({name}): {b['total_s']:.1f}s = {stages}; "
+            f"fixed overheads {b['fixed_s']:.1f}s = {b['fixed_share']:.0%} ({fixed})"
+        )
     return "\n".join(lines)
 
 
@@ -207,18 +294,34 @@ def main(dcfg) -> None:
         cfg = apply_quick(cfg)
     unknown = set(cfg.sections) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})")
+        raise ValueError(
+            f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})"
+        )
     out = Path(cfg.out_dir) / cfg.name
-    results = {"name": cfg.name, "quick": cfg.quick, "machine": machine(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "seconds": {}}
+    results = {
+        "name": cfg.name,
+        "quick": cfg.quick,
+        "machine": machine(),
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "seconds": {},
+    }
     t0 = time.time()
     for section in cfg.sections:
         t = time.time()
         results[section] = RUNNERS[section](cfg, out)
         results["seconds"][section] = round(time.time() - t, 1)
-        atomic_write_json(out / "results.json", results)  # after every section: nothing measured is lost
+        atomic_write_json(
+            out / "results.json", results
+        )  # after every section: nothing measured is lost
     results["seconds"]["total"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", results)
-    log.info("bench %s (%.0fs):\n%s\nresults: %s", cfg.name, time.time() - t0, report(results), out / "results.json")
+    log.info(
+        "bench %s (%.0fs):\n%s\nresults: %s",
+        cfg.name,
+        time.time() - t0,
+        report(results),
+        out / "results.json",
+    )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,23 @@ BACKENDS = ("vllm", "transformers")
 
 
 def _cfg(spec: dict, backend: str, work: Path):
-    return main_config([
-        f"model.path={spec['model']}", "update=ppo", "reward.train=false", f"reward.path={spec['reward']}",
-        f"prompts.per_iteration={spec['prompts']}", f"prompts.heldout={spec['prompts']}", "update.epochs=1",
-        f"update.micro_batch_size={spec['micro_batch_size']}", "update.ppo_epochs=1", f"generate={backend}",
-        f"generate.max_tokens={spec['max_tokens']}", f"evaluate.samples={spec['samples']}", f"runs_dir={work}",
-    ])  # fmt: skip
+    return main_config(
+        [
+            f"model.path={spec['model']}",
+            "update=ppo",
+            "reward.train=false",
+            f"reward.path={spec['reward']}",
+            f"prompts.per_iteration={spec['prompts']}",
+            f"prompts.heldout={spec['prompts']}",
+            "update.epochs=1",
+            f"update.micro_batch_size={spec['micro_batch_size']}",
+            "update.ppo_epochs=1",
+            f"generate={backend}",
+            f"generate.max_tokens={spec['max_tokens']}",
+            f"evaluate.samples={spec['samples']}",
+            f"runs_dir={work}",
+        ]
+    )
 
 
 def _adapter(cfg, policy: str, out: Path) -> None:
@@ -78,12 +89,22 @@ def measure(spec: dict) -> dict:
                 t = time.perf_counter()
                 done = _stage(kind, cfg, paths, policy)
                 seconds = time.perf_counter() - t
-                if r:  # a PPO step: rollout, scoring, the pass (not the stage's model load and save)
-                    times[b].append(done["timings"]["train_s"] / done["steps"] if kind == "rollouts" else seconds)
+                if (
+                    r
+                ):  # a PPO step: rollout, scoring, the pass (not the stage's model load and save)
+                    times[b].append(
+                        done["timings"]["train_s"] / done["steps"]
+                        if kind == "rollouts"
+                        else seconds
+                    )
                     details[b].append(done.get("timings", {}))
     finally:
         sampling.close_kept()
-    out = {"kind": kind, "unit": "s/step" if kind == "rollouts" else "s/stage", "rounds": spec["rounds"]}
+    out = {
+        "kind": kind,
+        "unit": "s/step" if kind == "rollouts" else "s/stage",
+        "rounds": spec["rounds"],
+    }
     for b in BACKENDS:
         out[f"{b}_s"] = statistics.median(times[b])
         out[f"{b}_timings"] = details[b][-1]
@@ -104,12 +125,16 @@ def sync_variant(spec: dict) -> dict:
     model = common.policy_model(cfg, policy, torch.device("cpu"))
     torch.manual_seed(0)
     prompts = [models.prompt_ids(tok, p) for p in spec["texts"]]
-    params = sampling.Params(n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    params = sampling.Params(
+        n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True
+    )
     tokens = len(prompts) * spec["n"] * spec["new_tokens"]
     sync_s, tps = [], []
     if variant == "merged":
         limit = bm.max_length(policy)
-        sampler = sampling.VllmSampler(sampling.Spec(max_length=limit, gpu_memory_utilization=spec["gpu_memory_utilization"]))
+        sampler = sampling.VllmSampler(
+            sampling.Spec(max_length=limit, gpu_memory_utilization=spec["gpu_memory_utilization"])
+        )
         sampler.load(policy)
 
         def push(k: int) -> None:
@@ -121,21 +146,42 @@ def sync_variant(spec: dict) -> dict:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=policy, dtype="float32", max_model_len=bm.max_length(policy), gpu_memory_utilization=spec["gpu_memory_utilization"],
-                  enforce_eager=True, enable_lora=True, max_lora_rank=cfg.update.lora.r, max_loras=1)  # fmt: skip
+        llm = LLM(
+            model=policy,
+            dtype="float32",
+            max_model_len=bm.max_length(policy),
+            gpu_memory_utilization=spec["gpu_memory_utilization"],
+            enforce_eager=True,
+            enable_lora=True,
+            max_lora_rank=cfg.update.lora.r,
+            max_loras=1,
+        )
         folder = Path(spec["workdir"]) / "sync_adapter"
         request: list = [None]
-        sp = SamplingParams(n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], min_tokens=spec["new_tokens"],
-                            ignore_eos=True)  # fmt: skip
+        sp = SamplingParams(
+            n=spec["n"],
+            temperature=1.0,
+            max_tokens=spec["new_tokens"],
+            min_tokens=spec["new_tokens"],
+            ignore_eos=True,
+        )
 
         def push(k: int) -> None:
             model.save_pretrained(folder)
             request[0] = LoRARequest(f"step-{k}", k + 1, str(folder))
-            llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1), lora_request=request[0],
-                         use_tqdm=False)  # fmt: skip  (the first request with an id reads the adapter)
+            # the first request with a new id reads the adapter
+            one = SamplingParams(max_tokens=1)
+            llm.generate(
+                [{"prompt_token_ids": prompts[0]}], one, lora_request=request[0], use_tqdm=False
+            )
 
         def draw(seed: int) -> None:
-            llm.generate([{"prompt_token_ids": p} for p in prompts], sp, lora_request=request[0], use_tqdm=False)
+            llm.generate(
+                [{"prompt_token_ids": p} for p in prompts],
+                sp,
+                lora_request=request[0],
+                use_tqdm=False,
+            )
 
     for k in range(spec["syncs"] + 1):  # the first round warms up (engine start, first load)
         with torch.no_grad():
@@ -151,5 +197,9 @@ def sync_variant(spec: dict) -> dict:
             tps.append(tokens / (time.perf_counter() - pushed))
     if variant == "merged":
         sampler.close()
-    return {"variant": variant, "sync_s": statistics.median(sync_s), "tokens_per_s": statistics.median(tps),
-            "syncs": spec["syncs"]}  # fmt: skip
+    return {
+        "variant": variant,
+        "sync_s": statistics.median(sync_s),
+        "tokens_per_s": statistics.median(tps),
+        "syncs": spec["syncs"],
+    }

@@ -44,8 +44,13 @@ def generation(spec: dict) -> dict:
     dtype = models.DTYPES[spec["dtype"]]
     n, new, prompts = spec["n"], spec["new_tokens"], spec["prompts"]
     out: dict = {"rounds": {b: [] for b in spec["backends"]} | {"matmul_flops": []}}
-    sampler_spec = sampling.Spec(dtype=spec["dtype"], max_length=bm.max_length(spec["model"]), gpu_memory_utilization=spec["gpu_memory_utilization"],
-                                 enforce_eager=spec["enforce_eager"], batch_size=len(prompts))  # fmt: skip
+    sampler_spec = sampling.Spec(
+        dtype=spec["dtype"],
+        max_length=bm.max_length(spec["model"]),
+        gpu_memory_utilization=spec["gpu_memory_utilization"],
+        enforce_eager=spec["enforce_eager"],
+        batch_size=len(prompts),
+    )
     params = sampling.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=new, ignore_eos=True)
     samplers = {b: sampling.make(b, sampler_spec) for b in spec["backends"]}
     try:
@@ -61,7 +66,9 @@ def generation(spec: dict) -> dict:
         del hf
 
         def run(backend: str, seed: int) -> int:
-            return sum(len(s.ids) for p in samplers[backend].sample(prompts, params, seed) for s in p)
+            return sum(
+                len(s.ids) for p in samplers[backend].sample(prompts, params, seed) for s in p
+            )
 
         for b in spec["backends"]:  # warm-up (first-call allocations, kernel selection)
             run(b, spec["seed"])
@@ -78,7 +85,9 @@ def generation(spec: dict) -> dict:
         rates = [r["tokens"] / r["seconds"] for r in out["rounds"][b]]
         out[f"{b}_tokens_per_s"] = statistics.median(rates)
         expected = len(prompts) * n * new
-        assert all(r["tokens"] == expected for r in out["rounds"][b]), f"{b}: not every sample had {new} tokens"
+        assert all(r["tokens"] == expected for r in out["rounds"][b]), (
+            f"{b}: not every sample had {new} tokens"
+        )
     out["matmul_flops"] = max(out["rounds"]["matmul_flops"])
     return out
 
@@ -119,5 +128,7 @@ if __name__ == "__main__":
     spec = json.loads(Path(spec_file).read_text())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends, "sync": sync}[kind](spec)
+    result = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends, "sync": sync}[
+        kind
+    ](spec)
     Path(out_file).write_text(json.dumps(result, indent=2))

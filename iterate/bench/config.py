@@ -22,7 +22,9 @@ class GenerationBench:
     new_tokens: int = 32  # every sample runs to exactly this many (EOS ignored)
     rounds: int = 3  # alternating vLLM / transformers / matmul rounds; medians reported
     gpu_memory_utilization: float = 0.25
-    enforce_eager: bool = True  # false: vLLM compiles the model (longer start, fused elementwise ops)
+    enforce_eager: bool = (
+        True  # false: vLLM compiles the model (longer start, fused elementwise ops)
+    )
     matmul_size: int = 2048  # square GEMM for the machine's matmul rate
 
 
@@ -75,7 +77,9 @@ class SyncBench:
 @dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
-    overrides: list[str] = field(default_factory=lambda: ["reward.num_pairs=600", "reward.epochs=1"])
+    overrides: list[str] = field(
+        default_factory=lambda: ["reward.num_pairs=600", "reward.epochs=1"]
+    )
     compare_restart: bool = True  # also run with generate.keep_engine=false
 
 
@@ -98,10 +102,26 @@ class BenchConfig:
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
     """The CI smoke sizes: the tiny toy world, one model and dtype, one round."""
-    cfg.toy = ToyConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-                        sft_examples=600, sft_epochs=1, cache_dir=cfg.toy.cache_dir)  # fmt: skip
+    cfg.toy = ToyConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        sft_examples=600,
+        sft_epochs=1,
+        cache_dir=cfg.toy.cache_dir,
+    )
     g = cfg.generation
-    g.models, g.dtypes, g.prompts, g.n, g.new_tokens, g.rounds, g.matmul_size = ["toy"], ["float32"], 4, 4, 8, 1, 512
+    g.models, g.dtypes, g.prompts, g.n, g.new_tokens, g.rounds, g.matmul_size = (
+        ["toy"],
+        ["float32"],
+        4,
+        4,
+        8,
+        1,
+        512,
+    )
     la = cfg.labelling
     la.models, la.responses, la.batch_size, la.rounds = ["toy"], 32, 16, 1
     b = cfg.backends
@@ -109,7 +129,15 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     sy = cfg.sync
     sy.model, sy.syncs, sy.prompts, sy.n, sy.new_tokens = "toy", 1, 2, 2, 8
     u = cfg.update
-    u.model, u.rl_model, u.pairs, u.micro_batch_size, u.steps, u.rounds, u.rl_prompts = "toy", "toy", 4, 4, 1, 1, 4
+    u.model, u.rl_model, u.pairs, u.micro_batch_size, u.steps, u.rounds, u.rl_prompts = (
+        "toy",
+        "toy",
+        4,
+        4,
+        1,
+        1,
+        4,
+    )
     u.prompt_tokens, u.response_tokens = 8, 8
     it = cfg.iteration
     it.iterations, it.compare_restart = 1, False

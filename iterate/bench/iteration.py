@@ -14,8 +14,11 @@ from iterate.bench.config import main_config
 
 STAGES = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
 # section timings (seconds) that a stage spends on setting up, not on its work
-FIXED = {"update": ("load_s", "save_s"), "evaluate": ("load_s", "weights_load_s", "engine_start_s"),
-         "handoff": ("merge_save_s",)}  # fmt: skip
+FIXED = {
+    "update": ("load_s", "save_s"),
+    "evaluate": ("load_s", "weights_load_s", "engine_start_s"),
+    "handoff": ("merge_save_s",),
+}
 
 
 def breakdown(run: Path, i: int) -> dict:
@@ -30,17 +33,31 @@ def breakdown(run: Path, i: int) -> dict:
         if s == "generate":
             fixed["generate.engine_start_s"] = timings.get("engine_start_s", 0.0)
             fixed["generate.weights_load_s"] = timings.get("weights_load_s", 0.0)
-            rest = done["seconds"] - timings["sample_s"] - fixed["generate.engine_start_s"] - fixed["generate.weights_load_s"]
+            rest = (
+                done["seconds"]
+                - timings["sample_s"]
+                - fixed["generate.engine_start_s"]
+                - fixed["generate.weights_load_s"]
+            )
             fixed["generate.process_and_setup_s"] = round(max(0.0, rest), 3)
         for k in FIXED.get(s, ()):
             if k in timings:
                 fixed[f"{s}.{k}"] = timings[k]
     total = sum(stages.values())
-    # every engine start of the whole run (the kept engine starts once, in the first stage that samples)
-    starts = sum(json.loads(p.read_text()).get("timings", {}).get("engine_start_s", 0.0) for p in run.rglob("_DONE.json"))
-    return {"iteration": i, "stage_seconds": stages, "total_s": round(total, 2), "fixed": fixed,
-            "fixed_s": round(sum(fixed.values()), 2), "fixed_share": sum(fixed.values()) / total,
-            "run_engine_starts_s": round(starts, 2)}  # fmt: skip
+    # every engine start of the run (a kept engine starts once, in the first stage that samples)
+    starts = sum(
+        json.loads(p.read_text()).get("timings", {}).get("engine_start_s", 0.0)
+        for p in run.rglob("_DONE.json")
+    )
+    return {
+        "iteration": i,
+        "stage_seconds": stages,
+        "total_s": round(total, 2),
+        "fixed": fixed,
+        "fixed_s": round(sum(fixed.values()), 2),
+        "fixed_share": sum(fixed.values()) / total,
+        "run_engine_starts_s": round(starts, 2),
+    }
 
 
 def measure(out: Path, iterations: int, overrides: list[str], compare_restart: bool) -> dict:
@@ -53,12 +70,25 @@ def measure(out: Path, iterations: int, overrides: list[str], compare_restart: b
         variants.append(("restarted_engine", ["generate.keep_engine=false"]))
     for name, extra in variants:
         rm_args = ["reward.train=false", f"reward.path={rm}"] if rm else []
-        cfg = main_config([*overrides, *extra, *rm_args, f"iteration={iterations}", f"runs_dir={out}", f"run_name={name}"])
+        cfg = main_config(
+            [
+                *overrides,
+                *extra,
+                *rm_args,
+                f"iteration={iterations}",
+                f"runs_dir={out}",
+                f"run_name={name}",
+            ]
+        )
         run = out / name
-        shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run, not a resumed one
+        shutil.rmtree(
+            run, ignore_errors=True
+        )  # a benchmark measures a fresh run, not a resumed one
         rows = loop.run(cfg, run)
         if not rows:
             raise RuntimeError(f"bench iteration: {run} has no finished iteration to break down")
         rm = rm or str(run / "reward_model" / "model")
-        results[name] = breakdown(run, rows[-1]["iteration"])  # the last one made (a KL rejection stops early)
+        results[name] = breakdown(
+            run, rows[-1]["iteration"]
+        )  # the last one made (a KL rejection stops early)
     return results

@@ -34,7 +34,13 @@ def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
     seqs = [scorer.encode(p, r) for p, r in pairs]
     # the pipeline gets the same conversation as text; the template already holds BOS
     texts = [tok.decode(s) for s in seqs]
-    pipe = pipeline("text-classification", model=model, tokenizer=tok, function_to_apply="none", device=model.device)
+    pipe = pipeline(
+        "text-classification",
+        model=model,
+        tokenizer=tok,
+        function_to_apply="none",
+        device=model.device,
+    )
 
     def ours() -> list[float]:
         return scorer.score([p for p, _ in pairs], [r for _, r in pairs], desc="bench label")
@@ -53,7 +59,10 @@ def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
             times[name].append(time.perf_counter() - t)
     batched, single = statistics.median(times["batched"]), statistics.median(times["pipeline"])
     return {
-        "responses": n, "batched_samples_per_s": n / batched, "pipeline_samples_per_s": n / single,
-        "ratio": single / batched, "max_abs_reward_difference": agree,
+        "responses": n,
+        "batched_samples_per_s": n / batched,
+        "pipeline_samples_per_s": n / single,
+        "ratio": single / batched,
+        "max_abs_reward_difference": agree,
         "mean_tokens": sum(map(len, seqs)) / n,
-    }  # fmt: skip
+    }

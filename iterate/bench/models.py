@@ -15,8 +15,18 @@ from iterate.config import ToyConfig
 
 # name -> LlamaConfig fields; head_dim 64 (vLLM's CPU attention wants >= 32)
 SPECS = {
-    "llama30m": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 9, "num_attention_heads": 8},
-    "llama100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14, "num_attention_heads": 12},
+    "llama30m": {
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 9,
+        "num_attention_heads": 8,
+    },
+    "llama100m": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 14,
+        "num_attention_heads": 12,
+    },
 }
 
 
@@ -30,17 +40,26 @@ def policy_path(name: str, toy: ToyConfig) -> str:
     if name not in SPECS:
         raise ValueError(f"bench: unknown model {name!r} (known: toy, {', '.join(SPECS)})")
     spec = {**SPECS[name], "world": world.name}
-    out = Path(toy.cache_dir).parent / "bench" / f"{name}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}"
+    out = (
+        Path(toy.cache_dir).parent
+        / "bench"
+        / f"{name}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}"
+    )
     if (out / "config.json").exists():
         return str(out)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(world)
     cfg = LlamaConfig(
-        vocab_size=len(tok), num_key_value_heads=SPECS[name]["num_attention_heads"], max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, **SPECS[name],
-    )  # fmt: skip
+        vocab_size=len(tok),
+        num_key_value_heads=SPECS[name]["num_attention_heads"],
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **SPECS[name],
+    )
     torch.manual_seed(0)
     return _save(LlamaForCausalLM(cfg), tok, out)
 

@@ -24,7 +24,11 @@ def _examples(tok, spec: dict) -> list[common.Example]:
         return torch.randint(low, len(tok), (n,), generator=g).tolist()
 
     return [
-        common.Example(draw(spec["prompt_tokens"]), draw(spec["response_tokens"]), draw(spec["response_tokens"]))
+        common.Example(
+            draw(spec["prompt_tokens"]),
+            draw(spec["response_tokens"]),
+            draw(spec["response_tokens"]),
+        )
         for _ in range(spec["pairs"])
     ]
 
@@ -34,7 +38,13 @@ class DpoStep:
     either cached once (``recompute=False``) or computed again in every step."""
 
     def __init__(self, spec: dict):
-        self.cfg = main_config([f"model.path={spec['model']}", "update=dpo", f"update.micro_batch_size={spec['micro_batch_size']}"])
+        self.cfg = main_config(
+            [
+                f"model.path={spec['model']}",
+                "update=dpo",
+                f"update.micro_batch_size={spec['micro_batch_size']}",
+            ]
+        )
         self.dev = models.device(str(self.cfg.device))
         self.path = spec["model"]
         self.tok = models.load_tokenizer(self.path)
@@ -47,7 +57,9 @@ class DpoStep:
         self.model.train()
 
     def reference(self) -> None:
-        common.reference_logps(self.cfg, self.model, self.tok, self.examples, self.path, self.path, self.dev)
+        common.reference_logps(
+            self.cfg, self.model, self.tok, self.examples, self.path, self.path, self.dev
+        )
         self.model.train()
 
     def __call__(self, recompute: bool) -> float:
@@ -55,7 +67,9 @@ class DpoStep:
         if recompute:
             self.reference()
         self.opt.zero_grad(set_to_none=True)
-        total, _ = common.accumulate(self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size)
+        total, _ = common.accumulate(
+            self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size
+        )
         common.apply_step(self.opt, self.params, 1.0, total)
         return time.perf_counter() - t
 
@@ -73,8 +87,13 @@ def dpo_timing(spec: dict) -> dict:
             times["cached"].append(step(False))
             times["recompute"].append(step(True))
     cached, recompute = statistics.median(times["cached"]), statistics.median(times["recompute"])
-    return {"cached_step_s": cached, "recompute_step_s": recompute, "ratio": cached / recompute,
-            "reference_once_s": reference_once, "steps_each": len(times["cached"])}  # fmt: skip
+    return {
+        "cached_step_s": cached,
+        "recompute_step_s": recompute,
+        "ratio": cached / recompute,
+        "reference_once_s": reference_once,
+        "steps_each": len(times["cached"]),
+    }
 
 
 def dpo_variant(spec: dict) -> dict:
@@ -86,8 +105,13 @@ def dpo_variant(spec: dict) -> dict:
     if not recompute:
         step.reference()
     times = [step(recompute) for _ in range(spec["steps"])]
-    return {"variant": spec["variant"], "step_s": statistics.median(times), "rss_before_model_mb": base,
-            "rss_after_load_mb": loaded, "peak_rss_mb": progress.peak_rss_mb()}  # fmt: skip
+    return {
+        "variant": spec["variant"],
+        "step_s": statistics.median(times),
+        "rss_before_model_mb": base,
+        "rss_after_load_mb": loaded,
+        "peak_rss_mb": progress.peak_rss_mb(),
+    }
 
 
 def rl_stage(spec: dict) -> dict:
@@ -98,14 +122,31 @@ def rl_stage(spec: dict) -> dict:
 
     base = bm.rss_mb()
     n = spec["prompts"]
-    cfg = main_config([
-        f"model.path={spec['model']}", f"update={spec['rule']}", "reward.train=false", f"reward.path={spec['reward']}",
-        f"prompts.per_iteration={n}", "update.epochs=1", f"update.micro_batch_size={n}", f"runs_dir={spec['workdir']}",
-    ])  # fmt: skip
-    paths = Paths(run=Path(spec["workdir"]) / spec["rule"], base_policy=spec["model"], reward_model=spec["reward"])
+    cfg = main_config(
+        [
+            f"model.path={spec['model']}",
+            f"update={spec['rule']}",
+            "reward.train=false",
+            f"reward.path={spec['reward']}",
+            f"prompts.per_iteration={n}",
+            "update.epochs=1",
+            f"update.micro_batch_size={n}",
+            f"runs_dir={spec['workdir']}",
+        ]
+    )
+    paths = Paths(
+        run=Path(spec["workdir"]) / spec["rule"],
+        base_policy=spec["model"],
+        reward_model=spec["reward"],
+    )
     prompts.run(cfg, paths, 0)
     t = time.perf_counter()
     done = RULES[spec["rule"]].run(cfg, paths, 0, spec["model"], spec["model"])
-    return {"rule": spec["rule"], "seconds": time.perf_counter() - t, "steps": done["steps"],
-            "rss_before_model_mb": base, "peak_rss_mb": progress.peak_rss_mb(),
-            "trainable_parameters": done["trainable_parameters"]}  # fmt: skip
+    return {
+        "rule": spec["rule"],
+        "seconds": time.perf_counter() - t,
+        "steps": done["steps"],
+        "rss_before_model_mb": base,
+        "peak_rss_mb": progress.peak_rss_mb(),
+        "trainable_parameters": done["trainable_parameters"],
+    }

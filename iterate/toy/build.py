@@ -73,7 +73,8 @@ def _summary(info: dict) -> str:
     ev = info["eval"]
     return (
         f"{info['parameters'] / 1e6:.2f}M parameters, SFT loss {info['sft_final_loss']:.3f}, "
-        f"held-out gold mean {ev['gold_mean']:.3f} (best-of-{ev['n']} {ev['gold_best_of_n_mean']:.3f})"
+        f"held-out gold mean {ev['gold_mean']:.3f} "
+        f"(best-of-{ev['n']} {ev['gold_best_of_n_mean']:.3f})"
     )
 
 
@@ -185,7 +186,9 @@ def collate(batch, pad_id: int):
     return ids, labels, mask
 
 
-def evaluate(model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, max_tokens: int = 48) -> dict:
+def evaluate(
+    model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, max_tokens: int = 48
+) -> dict:
     """Gold mean of one sample vs the gold judge's pick of best-of-n, on held-out prompts."""
     _, heldout = world.split(cfg.heldout_fraction)
     rng = random.Random(cfg.seed + 2)
@@ -193,7 +196,9 @@ def evaluate(model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, m
     sampler = sampling.TransformersSampler(sampling.Spec(batch_size=32))
     sampler.sync(model, tokenizer, "")
     params = sampling.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
-    samples = sampler.sample([models.prompt_ids(tokenizer, i.prompt) for i in chosen], params, cfg.seed)
+    samples = sampler.sample(
+        [models.prompt_ids(tokenizer, i.prompt) for i in chosen], params, cfg.seed
+    )
     texts = [[s.text for s in per_prompt] for per_prompt in samples]
     scores = [[world.gold_score(i.prompt, t) for t in ts] for i, ts in zip(chosen, texts)]
     return {
@@ -202,7 +207,9 @@ def evaluate(model, tokenizer, cfg: ToyConfig, n: int = 8, prompts: int = 128, m
         "max_tokens": max_tokens,
         "gold_mean": round(sum(s for ss in scores for s in ss) / (n * len(chosen)), 4),
         "gold_best_of_n_mean": round(sum(max(ss) for ss in scores) / len(chosen), 4),
-        "examples": [{"prompt": i.prompt, "response": ts[0]} for i, ts in zip(chosen[:4], texts[:4])],
+        "examples": [
+            {"prompt": i.prompt, "response": ts[0]} for i, ts in zip(chosen[:4], texts[:4])
+        ],
     }
 
 

@@ -1,9 +1,9 @@
 """The toy world's instructions, responses of mixed quality, and the gold judge.
 
-Five instruction families (arithmetic, greetings, short lists, counting, repeating a word). A response has
-three independent attributes: correct or wrong, polite / neutral / rude, concise / verbose /
-rambling. The SFT data mixes them, so a policy trained on it samples responses of varied
-quality and best-of-n has something to choose from.
+Five instruction families (arithmetic, greetings, short lists, counting, repeating a word).
+A response has three independent attributes: correct or wrong, polite / neutral / rude,
+concise / verbose / rambling. The SFT data mixes them, so a policy trained on it samples
+responses of varied quality and best-of-n has something to choose from.
 
 The gold judge (``gold_score``) is a deterministic function of (prompt, response). The loop
 never sees it: it only trains the learned reward model's labels and measures win rates, so
@@ -18,10 +18,43 @@ import re
 from dataclasses import dataclass
 
 NAMES = [
-    "Anna", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Ida", "Jon", "Kim", "Leo",
-    "Mia", "Nils", "Olga", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vik", "Wendy", "Xena",
-    "Yara", "Zoe", "Alex", "Bella", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivan", "Jade",
-]  # fmt: skip
+    "Anna",
+    "Ben",
+    "Cara",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gina",
+    "Hugo",
+    "Ida",
+    "Jon",
+    "Kim",
+    "Leo",
+    "Mia",
+    "Nils",
+    "Olga",
+    "Paul",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Vik",
+    "Wendy",
+    "Xena",
+    "Yara",
+    "Zoe",
+    "Alex",
+    "Bella",
+    "Carl",
+    "Dora",
+    "Emil",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+]
 CATEGORIES = {
     "colors": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"],
     "fruits": ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry"],
@@ -71,7 +104,11 @@ def _instructions() -> list[Instruction]:
     for a in range(0, 31):
         for length in range(3, 7):
             b = a + length - 1
-            out.append(Instruction("count", f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1)))))
+            out.append(
+                Instruction(
+                    "count", f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1)))
+                )
+            )
     words = [w for items in CATEGORIES.values() for w in items[:4]]
     for w in words:
         for k in range(2, 6):
@@ -137,7 +174,9 @@ def respond(ins: Instruction, correct: bool, tone: str, length: str, rng: random
         parts += [rng.choice(FILLER) for _ in range(rng.randint(3, 5))]
     parts.append(core)
     if length != "concise":
-        parts.append(FILLER[3] if length == "verbose" else " ".join(rng.choice(FILLER) for _ in range(3)))
+        parts.append(
+            FILLER[3] if length == "verbose" else " ".join(rng.choice(FILLER) for _ in range(3))
+        )
     if tone == "rude":
         parts.append(rng.choice(["Stop asking.", "Boring."]))
     return " ".join(parts)
@@ -175,7 +214,9 @@ def _correct(ins: Instruction, response: str) -> bool:
         return len(said) == len(items) and len(set(said)) == len(said)
     if ins.family == "repeat":
         word = ins.answer.split()[0]
-        return re.findall(r"[A-Za-z]+", text.replace("Sure", "")).count(word) == len(ins.answer.split())
+        return re.findall(r"[A-Za-z]+", text.replace("Sure", "")).count(word) == len(
+            ins.answer.split()
+        )
     nums = _NUM.findall(text)
     return nums == ins.answer.split(", ")
 

@@ -35,30 +35,62 @@ class Example:
     chosen: list[int]
     rejected: list[int] | None = None
     ref: dict[str, float] = field(default_factory=dict)  # reference log-probs, computed once
-    rollout: dict[str, Any] = field(default_factory=dict)  # on-policy rules: score, per-token tensors
+    rollout: dict[str, Any] = field(
+        default_factory=dict
+    )  # on-policy rules: score, per-token tensors
 
 
 # The update settings every rule reads (the training loop's); each rule names its own on top
 # (``keys``), so a knob added for one rule does not invalidate finished runs of the others.
-SHARED_KEYS = ("name", "lr", "epochs", "micro_batch_size", "grad_accum", "max_grad_norm", "weight_decay", "lora")
+SHARED_KEYS = (
+    "name",
+    "lr",
+    "epochs",
+    "micro_batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "weight_decay",
+    "lora",
+)
 
 
-def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str, keys: tuple[str, ...] = (),
-              inputs: tuple[str, ...] = ("pairs",), extra: dict | None = None) -> Stage:  # fmt: skip
+def stage_for(
+    cfg: Config,
+    paths: Paths,
+    i: int,
+    policy: str,
+    reference: str,
+    keys: tuple[str, ...] = (),
+    inputs: tuple[str, ...] = ("pairs",),
+    extra: dict | None = None,
+) -> Stage:
     """The update stage of iteration i; its identity is the settings the rule reads, the
     policy and reference, and the stages named in ``inputs``."""
     update = {k: v for k, v in plain(cfg.update).items() if k in SHARED_KEYS or k in keys}
-    conf = {"update": update, "policy": policy, "reference": reference, "seed": cfg.seed, "dtype": str(cfg.model.dtype)}
+    conf = {
+        "update": update,
+        "policy": policy,
+        "reference": reference,
+        "seed": cfg.seed,
+        "dtype": str(cfg.model.dtype),
+    }
     conf["max_length"], conf["chat_template"] = cfg.model.max_length, cfg.model.chat_template
     upstream = [paths.stage(i, s) for s in inputs]
-    return Stage(paths.stage(i, "update"), "update", {**conf, **(extra or {})}, inputs=[*upstream, *paths.previous(i)])
+    return Stage(
+        paths.stage(i, "update"),
+        "update",
+        {**conf, **(extra or {})},
+        inputs=[*upstream, *paths.previous(i)],
+    )
 
 
 def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
     pairs = read_shards(paths.stage(i, "pairs"), SCHEMAS["pairs"]).to_pylist()
     limit = cfg.model.max_length
     out = []
-    for p in pairs:  # the sampled token ids (EOS only where the sample ended), not re-tokenized text
+    for (
+        p
+    ) in pairs:  # the sampled token ids (EOS only where the sample ended), not re-tokenized text
         prompt = models.prompt_ids(tok, p["prompt"])
         room = max(1, limit - len(prompt))
         rejected = None if p["rejected_ids"] is None else list(p["rejected_ids"])[:room]
@@ -75,12 +107,20 @@ def policy_model(cfg: Config, path: str, dev: torch.device):
 
         model = get_peft_model(
             model,
-            LoraConfig(task_type=TaskType.CAUSAL_LM, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules),
+            LoraConfig(
+                task_type=TaskType.CAUSAL_LM,
+                r=lc.r,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=lc.target_modules,
+            ),
         )
     return model
 
 
-def logps(model, tok, examples: list[Example], which: str, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logps(
+    model, tok, examples: list[Example], which: str, dev
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs (B,), per-token log-probs (B, T-1) and their mask."""
     responses = [getattr(e, which) for e in examples]
     ids, mask, resp = models.sequence_batch(tok, [e.prompt for e in examples], responses, dev)
@@ -89,7 +129,9 @@ def logps(model, tok, examples: list[Example], which: str, dev) -> tuple[torch.T
 
 
 @torch.no_grad()
-def reference_logps(cfg: Config, model, tok, examples: list[Example], policy: str, reference: str, dev) -> None:
+def reference_logps(
+    cfg: Config, model, tok, examples: list[Example], policy: str, reference: str, dev
+) -> None:
     """Fill ``Example.ref`` once per pair, before any update.
 
     When the reference is the policy being trained, it is the same model with the LoRA
@@ -97,7 +139,10 @@ def reference_logps(cfg: Config, model, tok, examples: list[Example], policy: st
     copy in memory. Otherwise the reference is loaded, used and freed.
     """
     if reference == policy:
-        ref_model, ctx = model, (model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad())
+        ref_model, ctx = (
+            model,
+            (model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()),
+        )
     else:
         ref_model, ctx = models.load_policy(reference, str(cfg.model.dtype), dev), torch.no_grad()
     ref_model.eval()
@@ -131,12 +176,16 @@ def apply_step(opt, params, max_grad_norm: float, loss: float) -> tuple[bool, fl
 
 def log_step(logf, row: dict) -> dict:
     """One line of train_log.jsonl, flushed so a crash keeps the log so far."""
-    logf.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+    logf.write(
+        json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n"
+    )
     logf.flush()
     return row
 
 
-def accumulate(model, step: list[Example], loss_fn: LossFn, micro_batch_size: int) -> tuple[float, dict]:
+def accumulate(
+    model, step: list[Example], loss_fn: LossFn, micro_batch_size: int
+) -> tuple[float, dict]:
     """Backward over one optimiser step's examples in micro-batches; gradients add up to
     those of the whole step's mean loss, however it is split. Returns (loss, metrics)."""
     total, metrics = 0.0, {}
@@ -170,7 +219,16 @@ def steps_per_epoch(cfg: Config, n: int) -> int:
     return math.ceil(n / (cfg.update.micro_batch_size * cfg.update.grad_accum))
 
 
-def train(cfg: Config, model, params: list, steps: Iterable[Step], total: int, loss_fn: LossFn, stage: Stage, iteration: int) -> dict:
+def train(
+    cfg: Config,
+    model,
+    params: list,
+    steps: Iterable[Step],
+    total: int,
+    loss_fn: LossFn,
+    stage: Stage,
+    iteration: int,
+) -> dict:
     """The one training loop: AdamW over ``params``, one optimiser step per item of
     ``steps`` (accumulated over micro-batches), one JSON line per step in train_log.jsonl."""
     uc = cfg.update
@@ -188,7 +246,14 @@ def train(cfg: Config, model, params: list, steps: Iterable[Step], total: int, l
             ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, loss)
             skipped += not ok
             step += 1
-            row = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "skipped": not ok, **metrics}
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "skipped": not ok,
+                **metrics,
+            }
             last = log_step(logf, row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -210,14 +275,27 @@ def start(cfg: Config, i: int, policy: str) -> tuple[torch.device, object, progr
     """What every update stage does once it knows it has work: seed, device, the policy's
     tokenizer, and a timer for its sections."""
     torch.manual_seed(seeds.derive("update", cfg.seed, i))
-    return models.device(str(cfg.device)), models.load_tokenizer(policy, cfg.model.chat_template), progress.Timer()
+    return (
+        models.device(str(cfg.device)),
+        models.load_tokenizer(policy, cfg.model.chat_template),
+        progress.Timer(),
+    )
 
 
 def trainable(model, *extra: torch.nn.Module) -> list:
     return [p for m in (model, *extra) for p in m.parameters() if p.requires_grad]
 
 
-def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, loss_fn: LossFn, needs_ref: bool, keys: tuple[str, ...] = ()) -> dict:
+def run_rule(
+    cfg: Config,
+    paths: Paths,
+    i: int,
+    policy: str,
+    reference: str,
+    loss_fn: LossFn,
+    needs_ref: bool,
+    keys: tuple[str, ...] = (),
+) -> dict:
     """A pair rule's update stage (DPO, RAFT): the pairs, the policy, the one loop."""
     stage = stage_for(cfg, paths, i, policy, reference, keys)
     if stage.check(cfg.force):
@@ -225,7 +303,10 @@ def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, los
     dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
-        raise ValueError(f"{paths.stage(i, 'pairs')}: no pairs to train on (see its _DONE.json for the drop reasons)")
+        raise ValueError(
+            f"{paths.stage(i, 'pairs')}: no pairs to train on "
+            "(see its _DONE.json for the drop reasons)"
+        )
     with timer("load_s"):
         model = policy_model(cfg, policy, dev)
     if needs_ref:
@@ -234,13 +315,21 @@ def run_rule(cfg: Config, paths: Paths, i: int, policy: str, reference: str, los
     with timer("train_s"):
         total = cfg.update.epochs * steps_per_epoch(cfg, len(examples))
         fn = lambda m, b: loss_fn(m, tok, b, dev)  # noqa: E731
-        result = train(cfg, model, trainable(model), pair_steps(cfg, examples, i), total, fn, stage, i)
+        result = train(
+            cfg, model, trainable(model), pair_steps(cfg, examples, i), total, fn, stage, i
+        )
     with timer("save_s"):
         saved = save(model, tok, stage)
     return stage.finish(
-        rule=str(cfg.update.name), rows_in=len(examples), saved=saved, reference=reference, timings=timer.seconds,
-        trainable_parameters=len_params(trainable(model)), parameters=len_params(model.parameters()), **result,
-    )  # fmt: skip
+        rule=str(cfg.update.name),
+        rows_in=len(examples),
+        saved=saved,
+        reference=reference,
+        timings=timer.seconds,
+        trainable_parameters=len_params(trainable(model)),
+        parameters=len_params(model.parameters()),
+        **result,
+    )
 
 
 def len_params(params: Iterable) -> int:

@@ -9,7 +9,12 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update.common import Example, logps, run_rule
 
-KEYS = ("loss", "beta", "label_smoothing", "nll_coef")  # the update settings DPO reads beyond the shared ones
+KEYS = (
+    "loss",
+    "beta",
+    "label_smoothing",
+    "nll_coef",
+)  # the update settings DPO reads beyond the shared ones
 
 
 def loss_fn(cfg: Config):
@@ -20,7 +25,9 @@ def loss_fn(cfg: Config):
         rejected, _, _ = logps(model, tok, batch, "rejected", dev)
         ref_c = torch.tensor([e.ref["chosen"] for e in batch], device=chosen.device)
         ref_r = torch.tensor([e.ref["rejected"] for e in batch], device=chosen.device)
-        per_example, rc, rr = losses.dpo(chosen, rejected, ref_c, ref_r, uc.beta, str(uc.loss), uc.label_smoothing)
+        per_example, rc, rr = losses.dpo(
+            chosen, rejected, ref_c, ref_r, uc.beta, str(uc.loss), uc.label_smoothing
+        )
         if uc.nll_coef:
             per_example = per_example + uc.nll_coef * losses.nll(chosen_tokens, chosen_mask)
         return per_example, {

@@ -23,15 +23,33 @@ from iterate.paths import Paths
 from iterate.update import rl
 from iterate.update.common import Example
 
-KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg", "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma",
-        "lam", "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers", "sync_every")  # fmt: skip
+KEYS = (
+    "kl_coef",
+    "kl_estimator",
+    "reward_clip",
+    "loss_agg",
+    "ppo_epochs",
+    "clip_range",
+    "value_clip",
+    "vf_coef",
+    "gamma",
+    "lam",
+    "adaptive_kl",
+    "target_kl",
+    "kl_horizon",
+    "value_head",
+    "value_layers",
+    "sync_every",
+)
 
 
 def new_head(cfg: Config, model) -> torch.nn.Module:
     hidden = model.config.hidden_size
     if str(cfg.update.value_head) == "policy":
         return torch.nn.Linear(hidden, 1)
-    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
+    )
 
 
 def forward(ctx: rl.Context, model, ids, mask, resp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +63,17 @@ def forward(ctx: rl.Context, model, ids, mask, resp) -> tuple[torch.Tensor, torc
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         with torch.no_grad():
             if ctx.ref_model is not None:
-                states = ctx.ref_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+                states = ctx.ref_model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
+                )
             else:
                 with model.disable_adapter():
-                    states = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+                    states = model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=pos,
+                        output_hidden_states=True,
+                    )
         hidden = states.hidden_states[uc.value_layers][:, :-1].detach()
     logits = out.logits[:, :-1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -65,13 +90,22 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     for mb in rl.micro_batches(examples, uc.micro_batch_size):
         ids, mask, resp = ctx.batch(mb)
         old_logps, old_values = forward(ctx, ctx.model, ids, mask, resp)
-        kl = losses.kl_penalty(old_logps, ctx.ref_logps(ids, mask, resp), str(uc.kl_estimator)) * resp
-        scores = torch.tensor([e.rollout["score"] for e in mb], device=ctx.dev).clamp(-uc.reward_clip, uc.reward_clip)
+        kl = (
+            losses.kl_penalty(old_logps, ctx.ref_logps(ids, mask, resp), str(uc.kl_estimator))
+            * resp
+        )
+        scores = torch.tensor([e.rollout["score"] for e in mb], device=ctx.dev).clamp(
+            -uc.reward_clip, uc.reward_clip
+        )
         rewards = losses.shaped_rewards(scores, kl, resp, ctx.state["kl_coef"])
         adv, ret = losses.gae(rewards, old_values, resp, uc.gamma, uc.lam)
         seq_kl += kl.sum(-1).tolist()
-        for e, *values in zip(mb, *(rl.rows(x, resp) for x in (old_logps, old_values, adv, ret, kl))):
-            e.rollout.update(zip(("old_logps", "old_values", "advantages", "returns", "kl"), values))
+        for e, *values in zip(
+            mb, *(rl.rows(x, resp) for x in (old_logps, old_values, adv, ret, kl))
+        ):
+            e.rollout.update(
+                zip(("old_logps", "old_values", "advantages", "returns", "kl"), values)
+            )
     for e, a in zip(examples, rl.whiten([e.rollout["advantages"] for e in examples])):
         e.rollout["advantages"] = a
     if uc.adaptive_kl:  # Ziegler et al. 2019, section 2.2
@@ -84,15 +118,20 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     uc = ctx.cfg.update
     ids, mask, resp = ctx.batch(mb)
     logps, values = forward(ctx, model, ids, mask, resp)
-    old_logps, old_values, adv, ret, kl = (rl.grid([e.rollout[k] for e in mb], resp)
-                                           for k in ("old_logps", "old_values", "advantages", "returns", "kl"))  # fmt: skip
+    old_logps, old_values, adv, ret, kl = (
+        rl.grid([e.rollout[k] for e in mb], resp)
+        for k in ("old_logps", "old_values", "advantages", "returns", "kl")
+    )
     agg = str(uc.loss_agg)
     pg = losses.ppo_policy_loss(logps, old_logps, adv, resp, uc.clip_range, agg)
     vf = losses.value_loss(values, old_values, ret, resp, uc.value_clip, agg)
     return pg + uc.vf_coef * vf, {
-        "reward": sum(e.rollout["score"] for e in mb) / len(mb), "kl": kl.sum(-1).mean().item(),
-        "kl_coef": ctx.state["kl_coef"], "policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),
-    }  # fmt: skip
+        "reward": sum(e.rollout["score"] for e in mb) / len(mb),
+        "kl": kl.sum(-1).mean().item(),
+        "kl_coef": ctx.state["kl_coef"],
+        "policy_loss": pg.mean().item(),
+        "value_loss": vf.mean().item(),
+    }
 
 
 RULE = rl.Rule(KEYS, prepare, loss, passes=lambda cfg: cfg.update.ppo_epochs, new_head=new_head)
@@ -108,4 +147,6 @@ def previous_head(paths: Paths, i: int, policy: str) -> str | None:
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, RULE, head_init=previous_head(paths, i, policy))
+    return rl.run_on_policy(
+        cfg, paths, i, policy, reference, RULE, head_init=previous_head(paths, i, policy)
+    )

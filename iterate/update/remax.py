@@ -16,7 +16,13 @@ from iterate.paths import Paths
 from iterate.update import rl
 from iterate.update.common import Example
 
-KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg", "sync_every")  # beyond the shared ones
+KEYS = (
+    "kl_coef",
+    "kl_estimator",
+    "reward_clip",
+    "loss_agg",
+    "sync_every",
+)  # beyond the shared ones
 
 
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
@@ -39,7 +45,12 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     uc = ctx.cfg.update
     ids, mask, resp = ctx.batch(mb)
     lp = models.token_logps(model, ids, mask) * resp
-    kl = losses.kl_penalty(lp.detach(), rl.grid([e.rollout["ref_logps"] for e in mb], resp), str(uc.kl_estimator)) * resp
+    kl = (
+        losses.kl_penalty(
+            lp.detach(), rl.grid([e.rollout["ref_logps"] for e in mb], resp), str(uc.kl_estimator)
+        )
+        * resp
+    )
     adv = torch.tensor([e.rollout["advantage"] for e in mb], device=lp.device)
     kl_to_go = kl.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
     weight = (adv[:, None] - uc.kl_coef * kl_to_go) * resp
@@ -47,8 +58,9 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     return per_example, {
         "reward": sum(e.rollout["score"] for e in mb) / len(mb),
         "greedy_reward": sum(e.rollout["greedy_score"] for e in mb) / len(mb),
-        "advantage": adv.mean().item(), "kl": kl.sum(-1).mean().item(),
-    }  # fmt: skip
+        "advantage": adv.mean().item(),
+        "kl": kl.sum(-1).mean().item(),
+    }
 
 
 RULE = rl.Rule(KEYS, prepare, loss)

@@ -41,18 +41,31 @@ class Context:
     head: torch.nn.Module | None = None  # PPO's value head
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
 
-    def rollout(self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False) -> list[Example]:
+    def rollout(
+        self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False
+    ) -> list[Example]:
         """One response per prompt (sampled, or greedy), scored by the reward model."""
         gc = self.cfg.generate
-        params = sampling.Params(n=1, temperature=0.0 if greedy else gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens)
+        params = sampling.Params(
+            n=1,
+            temperature=0.0 if greedy else gc.temperature,
+            top_p=gc.top_p,
+            max_tokens=gc.max_tokens,
+        )
         samples = [s[0] for s in self.sampler.sample([ids for _, ids in prompts], params, seed)]
-        scores = self.scorer.score([p for p, _ in prompts], [s.text for s in samples], desc="rollout reward")
-        return [Example(ids, list(s.ids), rollout={"score": r, "stop": s.finish_reason == "stop"})
-                for (_, ids), s, r in zip(prompts, samples, scores, strict=True)]  # fmt: skip
+        scores = self.scorer.score(
+            [p for p, _ in prompts], [s.text for s in samples], desc="rollout reward"
+        )
+        return [
+            Example(ids, list(s.ids), rollout={"score": r, "stop": s.finish_reason == "stop"})
+            for (_, ids), s, r in zip(prompts, samples, scores, strict=True)
+        ]
 
     def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, attention mask) (B, T) and the response mask (B, T-1), right-padded."""
-        return models.sequence_batch(self.tok, [e.prompt for e in examples], [e.chosen for e in examples], self.dev)
+        return models.sequence_batch(
+            self.tok, [e.prompt for e in examples], [e.chosen for e in examples], self.dev
+        )
 
     @torch.no_grad()
     def ref_logps(self, ids: torch.Tensor, mask: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
@@ -107,7 +120,9 @@ class Rule:
     new_head: Callable | None = None
 
 
-def rollout_steps(ctx: Context, prompts: Prompts, i: int, prepare: Callable, passes: int, policy: str, stats: dict) -> Iterator[common.Step]:
+def rollout_steps(
+    ctx: Context, prompts: Prompts, i: int, prepare: Callable, passes: int, policy: str, stats: dict
+) -> Iterator[common.Step]:
     """The on-policy batch source: per ``micro_batch_size x grad_accum`` prompts, sync the
     policy into the sampler (every ``sync_every`` steps), roll out and prepare the step's
     examples (``prepare``, no gradients), then yield them for ``passes`` optimiser steps."""
@@ -123,7 +138,11 @@ def rollout_steps(ctx: Context, prompts: Prompts, i: int, prepare: Callable, pas
                 ctx.sampler.sync(ctx.model, ctx.tok, policy)
                 synced = step
             with torch.no_grad():
-                examples = prepare(ctx, [prompts[j] for j in order[b : b + per_step]], seeds.derive("rollout", cfg.seed, i, step))
+                examples = prepare(
+                    ctx,
+                    [prompts[j] for j in order[b : b + per_step]],
+                    seeds.derive("rollout", cfg.seed, i, step),
+                )
             for e in examples:
                 stats.setdefault("scores", []).append(e.rollout["score"])
                 stats.setdefault("stops", []).append(e.rollout["stop"])
@@ -137,34 +156,64 @@ def _mean(xs: list) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
-def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str, rule: Rule, head_init: str | None = None) -> dict:
+def run_on_policy(
+    cfg: Config,
+    paths: Paths,
+    i: int,
+    policy: str,
+    reference: str,
+    rule: Rule,
+    head_init: str | None = None,
+) -> dict:
     """An on-policy rule's update stage; ``head_init``: a saved value head to start from."""
     gc, rc = cfg.generate, cfg.reward
-    rollout = {"backend": str(gc.backend), "temperature": gc.temperature, "top_p": gc.top_p, "max_tokens": gc.max_tokens,
-               "reward_model": paths.reward_model, "reward_max_length": rc.max_length, "value_head_init": head_init}  # fmt: skip
-    stage = common.stage_for(cfg, paths, i, policy, reference, rule.keys, inputs=("prompts",), extra={"rollout": rollout})
+    rollout = {
+        "backend": str(gc.backend),
+        "temperature": gc.temperature,
+        "top_p": gc.top_p,
+        "max_tokens": gc.max_tokens,
+        "reward_model": paths.reward_model,
+        "reward_max_length": rc.max_length,
+        "value_head_init": head_init,
+    }
+    stage = common.stage_for(
+        cfg, paths, i, policy, reference, rule.keys, inputs=("prompts",), extra={"rollout": rollout}
+    )
     if stage.check(cfg.force):
         return stage.read_done()
     dev, tok, timer = common.start(cfg, i, policy)
     with timer("load_s"):
         model = common.policy_model(cfg, policy, dev)
         lora = hasattr(model, "disable_adapter")
-        ref_model = None if (reference == policy and lora) else models.load_policy(reference, str(cfg.model.dtype), dev)
-        scorer = Scorer.load(paths.reward_model, str(rc.dtype), rc.max_length, rc.score_batch_size, dev)
+        ref_model = (
+            None
+            if (reference == policy and lora)
+            else models.load_policy(reference, str(cfg.model.dtype), dev)
+        )
+        scorer = Scorer.load(
+            paths.reward_model, str(rc.dtype), rc.max_length, rc.score_batch_size, dev
+        )
     head = rule.new_head(cfg, model).to(dev) if rule.new_head else None
     if head is not None and head_init:
         head.load_state_dict(torch.load(head_init, map_location=dev))
     prompts = prompt_list(cfg, paths, i, tok)
     if not prompts:
-        raise ValueError(f"{paths.stage(i, 'prompts')}: no prompt leaves room for generate.max_tokens in model.max_length")
+        raise ValueError(
+            f"{paths.stage(i, 'prompts')}: no prompt leaves room for "
+            "generate.max_tokens within model.max_length"
+        )
     stats: dict = {}
     with sampling.session(cfg) as sampler, timer("train_s"):
-        ctx = Context(cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": cfg.update.kl_coef})
+        ctx = Context(
+            cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": cfg.update.kl_coef}
+        )
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
         source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)
         params = common.trainable(model, *([head] if head is not None else []))
-        result = common.train(cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i)
+        result = common.train(
+            cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i
+        )
         timings = sampler.timings
     with timer("save_s"):
         saved = common.save(model, tok, stage)
@@ -172,12 +221,20 @@ def run_on_policy(cfg: Config, paths: Paths, i: int, policy: str, reference: str
             torch.save(head.state_dict(), stage.path / "value_head.pt")
     scores = stats.get("scores", [])
     return stage.finish(
-        rule=str(cfg.update.name), rows_in=len(prompts), saved=saved, reference=reference, **result,
-        responses=len(scores), reward_mean=_mean(scores), eos_rate=_mean(stats.get("stops", [])),
-        response_tokens_mean=_mean(stats.get("tokens", [])), value_head_init=head_init,
-        trainable_parameters=common.len_params(params), peak_rss_mb=round(progress.peak_rss_mb(), 1),
+        rule=str(cfg.update.name),
+        rows_in=len(prompts),
+        saved=saved,
+        reference=reference,
+        **result,
+        responses=len(scores),
+        reward_mean=_mean(scores),
+        eos_rate=_mean(stats.get("stops", [])),
+        response_tokens_mean=_mean(stats.get("tokens", [])),
+        value_head_init=head_init,
+        trainable_parameters=common.len_params(params),
+        peak_rss_mb=round(progress.peak_rss_mb(), 1),
         timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
-    )  # fmt: skip
+    )
 
 
 def whiten(values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -186,4 +243,3 @@ def whiten(values: list[torch.Tensor]) -> list[torch.Tensor]:
     flat = torch.cat(values)
     mean, std = flat.mean(), flat.std(unbiased=False)
     return [(v - mean) / (std + 1e-8) for v in values]
-
