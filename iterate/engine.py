@@ -58,12 +58,12 @@ def start_llm(policy: str, engine: dict, seed: int):
 
 
 def load_weights(llm, request: dict) -> None:
-    """Replace the engine's weights in place: from the request's tensors (safetensors bytes,
-    every weight of the model) or from the policy's folder."""
-    if request.get("weights") is not None:
-        from safetensors.torch import load
+    """Replace the engine's weights in place: from the request's safetensors file (every
+    weight of the model, mapped, not read through the socket) or from the policy's folder."""
+    if request.get("weights_file"):
+        from safetensors.torch import load_file
 
-        kwargs = {"weights_iterator": list(load(request["weights"]).items())}
+        kwargs = {"weights_iterator": list(load_file(request["weights_file"]).items())}
     else:
         kwargs = {"weights_path": request["policy"]}
     llm.collective_rpc("reload_weights", kwargs=kwargs)

@@ -23,6 +23,7 @@ prompts alone: a shard or a rollout redone after a crash equals the uninterrupte
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -167,12 +168,21 @@ class VllmSampler:
 
     def sync(self, model, tokenizer, policy: str) -> None:
         """Load ``model``'s weights (a LoRA adapter merged into a copy) into the engine in
-        place; ``policy`` is a folder of the same architecture, where a new engine starts."""
-        from safetensors.torch import save
+        place; ``policy`` is a folder of the same architecture, where a new engine starts.
+        The weights travel as a safetensors file in shared memory (``/dev/shm`` when it has
+        room), which the engine maps: 8x faster than through the socket (29M model: 0.09
+        vs 0.77 s)."""
+        from safetensors.torch import save_file
 
         self.policy, self.synced = policy, self.synced + 1
         self.version = self.synced
-        self._request({"op": "weights", "weights": save(merged_state_dict(model))})
+        weights = merged_state_dict(model)
+        path = weights_file(sum(t.numel() * t.element_size() for t in weights.values()))
+        try:
+            save_file(weights, path)
+            self._request({"op": "weights", "weights_file": path})
+        finally:
+            Path(path).unlink(missing_ok=True)
 
     def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
         samples = self._request(
@@ -197,6 +207,26 @@ class VllmSampler:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def weights_file(size: int) -> str:
+    """A fresh file name for ``size`` bytes of weights: in shared memory when it has room
+    for them (often not in containers, whose /dev/shm is small), else the temp folder.
+    Files left by a killed process (its pid is in the name) are removed first."""
+    import os
+    import tempfile
+
+    shm = "/dev/shm"
+    folder = shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.5 * size else None
+    for old in Path(folder or tempfile.gettempdir()).glob("iterate-sync-*-*.safetensors"):
+        pid = int(old.name.split("-")[2])
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            old.unlink(missing_ok=True)
+    fd, path = tempfile.mkstemp(
+        suffix=".safetensors", prefix=f"iterate-sync-{os.getpid()}-", dir=folder
+    )
+    os.close(fd)
+    return path
 
 
 @torch.no_grad()
