@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from iterate import progress
@@ -132,6 +134,62 @@ def kill_with_parent() -> None:
     import signal
 
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+
+
+@contextmanager
+def weights_file(model):
+    """``model``'s weights (``merged_state_dict``) in a safetensors file for the engine to
+    map, removed afterwards: in shared memory when it has room for them (often not in
+    containers, whose /dev/shm is small), else the temp folder. 8x faster than through the
+    socket (29M model: 0.09 vs 0.77 s). Files left by a killed process (its pid is in the
+    name) are removed first."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    weights = merged_state_dict(model)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+
+    shm = "/dev/shm"
+    folder = shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.5 * size else None
+    for old in Path(folder or tempfile.gettempdir()).glob("iterate-sync-*-*.safetensors"):
+        pid = int(old.name.split("-")[2])
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            old.unlink(missing_ok=True)
+    fd, path = tempfile.mkstemp(
+        suffix=".safetensors", prefix=f"iterate-sync-{os.getpid()}-", dir=folder
+    )
+    os.close(fd)
+    try:
+        save_file(weights, path)
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def merged_state_dict(model) -> dict:
+    """Every weight of ``model`` under its checkpoint name; for a peft model, each LoRA
+    layer's base weight plus the adapter's delta, computed into a copy (the model under
+    training is left as it is: merging in place and back would drift in low precision)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    merged = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                delta = sum(module.get_delta_weight(a) for a in adapters)
+                merged[f"{name}.weight"] = module.base_layer.weight + delta
+    out, seen = {}, set()
+    for k, v in base.state_dict().items():
+        if "lora_" in k or v.data_ptr() in seen:  # adapter weights; a tied copy (lm_head)
+            continue
+        seen.add(v.data_ptr())
+        k = k.replace(".base_layer.", ".")
+        out[k] = merged.get(k, v).detach().contiguous()
+    return out
 
 
 class Engine:

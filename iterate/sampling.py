@@ -23,7 +23,6 @@ prompts alone: a shard or a rollout redone after a crash equals the uninterrupte
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from iterate import faults, models, progress
+from iterate import engine, faults, models, progress
 from iterate.config import Config
 from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
 
@@ -155,9 +154,7 @@ class VllmSampler:
     """A vLLM engine in its own process; see ``iterate.engine``."""
 
     def __init__(self, spec: Spec):
-        from iterate.engine import Engine
-
-        self.spec, self.engine = spec, Engine()
+        self.spec, self.engine = spec, engine.Engine()
         self.policy: str | None = None
         self.version = 0  # 0: the policy folder's weights; n: the n-th synced set
         self.synced = 0
@@ -168,21 +165,11 @@ class VllmSampler:
 
     def sync(self, model, tokenizer, policy: str) -> None:
         """Load ``model``'s weights (a LoRA adapter merged into a copy) into the engine in
-        place; ``policy`` is a folder of the same architecture, where a new engine starts.
-        The weights travel as a safetensors file in shared memory (``/dev/shm`` when it has
-        room), which the engine maps: 8x faster than through the socket (29M model: 0.09
-        vs 0.77 s)."""
-        from safetensors.torch import save_file
-
+        place; ``policy`` is a folder of the same architecture, where a new engine starts."""
         self.policy, self.synced = policy, self.synced + 1
         self.version = self.synced
-        weights = merged_state_dict(model)
-        path = weights_file(sum(t.numel() * t.element_size() for t in weights.values()))
-        try:
-            save_file(weights, path)
+        with engine.weights_file(model) as path:
             self._request({"op": "weights", "weights_file": path})
-        finally:
-            Path(path).unlink(missing_ok=True)
 
     def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
         samples = self._request(
@@ -207,51 +194,6 @@ class VllmSampler:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def weights_file(size: int) -> str:
-    """A fresh file name for ``size`` bytes of weights: in shared memory when it has room
-    for them (often not in containers, whose /dev/shm is small), else the temp folder.
-    Files left by a killed process (its pid is in the name) are removed first."""
-    import os
-    import tempfile
-
-    shm = "/dev/shm"
-    folder = shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.5 * size else None
-    for old in Path(folder or tempfile.gettempdir()).glob("iterate-sync-*-*.safetensors"):
-        pid = int(old.name.split("-")[2])
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-            old.unlink(missing_ok=True)
-    fd, path = tempfile.mkstemp(
-        suffix=".safetensors", prefix=f"iterate-sync-{os.getpid()}-", dir=folder
-    )
-    os.close(fd)
-    return path
-
-
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """Every weight of ``model`` under its checkpoint name; for a peft model, each LoRA
-    layer's base weight plus the adapter's delta, computed into a copy (the model under
-    training is left as it is: merging in place and back would drift in low precision)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    merged = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            delta = sum(
-                module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
-            )
-            merged[f"{name}.weight"] = module.base_layer.weight + delta
-    out, seen = {}, set()
-    for k, v in base.state_dict().items():
-        if "lora_" in k or v.data_ptr() in seen:  # adapter weights; a tied copy (lm_head)
-            continue
-        seen.add(v.data_ptr())
-        k = k.replace(".base_layer.", ".")
-        out[k] = merged.get(k, v).detach().contiguous()
-    return out
 
 
 Sampler = TransformersSampler | VllmSampler

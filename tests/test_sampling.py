@@ -179,7 +179,7 @@ def test_vllm_samples_the_synced_weights(tiny_cfg, tiny_world):
 
 def test_merged_state_dict_names_and_values(tiny_cfg, tiny_world):
     model = _perturbed_adapter(tiny_cfg, tiny_world)
-    merged = sampling.merged_state_dict(model)
+    merged = engine.merged_state_dict(model)
     plain = models.load_policy(str(tiny_world))
     assert set(merged) == set(plain.state_dict()), "checkpoint names, no adapter weights"
     x = torch.randint(5, 300, (2, 9))

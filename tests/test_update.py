@@ -10,6 +10,7 @@ import torch
 from iterate import models
 from iterate.shards import Stage
 from iterate.update import common, dpo, raft
+from iterate.update import steps as loop
 
 PAIRS = [
     ("Greet Anna.", "Hello Anna!", "Ugh, Hello Rosa! Stop asking."),
@@ -44,7 +45,7 @@ def _train(cfg, model, examples, loss_fn, stage):
     """The one training loop over the pair rules' batch source."""
     total = cfg.update.epochs * common.steps_per_epoch(cfg, len(examples))
     steps = common.pair_steps(cfg, examples, 0)
-    return common.train(cfg, model, common.trainable(model), steps, total, loss_fn, stage, 0)
+    return loop.train(cfg, model, loop.trainable(model), steps, total, loss_fn, stage, 0)
 
 
 def test_left_and_right_padding_give_equal_logps(setup):
@@ -101,7 +102,7 @@ def test_micro_batch_times_accumulation_equivalence(setup):
     grads, losses = [], []
     for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
         model.zero_grad(set_to_none=True)
-        loss, metrics = common.accumulate(
+        loss, metrics = loop.accumulate(
             model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro
         )
         losses.append((loss, metrics["policy_chosen_logps"]))

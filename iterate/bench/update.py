@@ -13,7 +13,7 @@ import torch
 from iterate import models, progress
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
-from iterate.update import common, dpo
+from iterate.update import common, dpo, steps
 
 
 def _examples(tok, spec: dict) -> list[common.Example]:
@@ -67,10 +67,10 @@ class DpoStep:
         if recompute:
             self.reference()
         self.opt.zero_grad(set_to_none=True)
-        total, _ = common.accumulate(
+        total, _ = steps.accumulate(
             self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size
         )
-        common.apply_step(self.opt, self.params, 1.0, total)
+        steps.apply_step(self.opt, self.params, 1.0, total)
         return time.perf_counter() - t
 
 

@@ -1,6 +1,6 @@
 """What the on-policy rules (PPO, ReMax) share: rollouts of the policy under training
 through the run's sampler, scored by the frozen reward model through the run's scorer, and
-their batch source for the one training loop (``common.train``).
+their batch source for the one training loop (``steps.train``).
 
 Before each rollout, once ``update.sync_every`` optimiser steps have passed since the last
 sync, the policy under training is put into the sampler (``Sampler.sync``): with vLLM its
@@ -23,7 +23,7 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.reward_model import Scorer
 from iterate.shards import read_shards
-from iterate.update import common
+from iterate.update import common, steps
 from iterate.update.common import Example
 
 
@@ -122,7 +122,7 @@ class Rule:
 
 def rollout_steps(
     ctx: Context, prompts: Prompts, i: int, prepare: Callable, passes: int, policy: str, stats: dict
-) -> Iterator[common.Step]:
+) -> Iterator[steps.Step]:
     """The on-policy batch source: per ``micro_batch_size x grad_accum`` prompts, sync the
     policy into the sampler (every ``sync_every`` steps), roll out and prepare the step's
     examples (``prepare``, no gradients), then yield them for ``passes`` optimiser steps."""
@@ -210,8 +210,8 @@ def run_on_policy(
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
         source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)
-        params = common.trainable(model, *([head] if head is not None else []))
-        result = common.train(
+        params = steps.trainable(model, *([head] if head is not None else []))
+        result = steps.train(
             cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i
         )
         timings = sampler.timings
@@ -231,7 +231,7 @@ def run_on_policy(
         eos_rate=_mean(stats.get("stops", [])),
         response_tokens_mean=_mean(stats.get("tokens", [])),
         value_head_init=head_init,
-        trainable_parameters=common.len_params(params),
+        trainable_parameters=steps.len_params(params),
         peak_rss_mb=round(progress.peak_rss_mb(), 1),
         timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
     )

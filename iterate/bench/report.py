@@ -1,0 +1,64 @@
+"""The benchmark's results as text: one line (or table) per section."""
+
+from __future__ import annotations
+
+
+def _generation_lines(rows: list[dict]) -> list[str]:
+    nan = float("nan")
+    head = ("model", "dtype", "N", "GEMM GF/s", "vLLM", "eff", "HF", "eff", "ratio")
+    lines = ["generation (tokens/s; FLOP efficiency = 2 N tokens/s / measured matmul rate)"]
+    lines.append("  {:10} {:9} {:>7} {:>9} {:>9} {:>6} {:>9} {:>6} {:>6}".format(*head))
+    for r in rows:
+        g = r.get
+        cells = [
+            f"{r['model']:10}", f"{r['dtype']:9}", f"{r['matmul_parameters'] / 1e6:6.1f}M",
+            f"{r['matmul_gflops']:9.1f}", f"{g('vllm_tokens_per_s', nan):9.0f}",
+            f"{g('vllm_flop_efficiency', nan):6.1%}", f"{g('transformers_tokens_per_s', nan):9.0f}",
+            f"{g('transformers_flop_efficiency', nan):6.1%}",
+            f"{g('vllm_over_transformers', nan):6.2f}x",
+        ]  # fmt: skip
+        lines.append("  " + " ".join(cells))
+    return lines
+
+
+def report(results: dict) -> str:
+    """The results as text."""
+    lines = _generation_lines(results["generation"]) if results.get("generation") else []
+    for r in results.get("labelling", []):
+        lines.append(
+            f"labelling {r['model']}: batched {r['batched_samples_per_s']:.0f}/s vs pipeline one "
+            f"at a time {r['pipeline_samples_per_s']:.0f}/s = {r['ratio']:.1f}x "
+            f"(rewards agree within {r['max_abs_reward_difference']:.1e})"
+        )
+    if u := results.get("update"):
+        d = u["dpo"]
+        lines.append(
+            f"update {u['model']}: DPO step cached {d['cached_step_s'] * 1e3:.0f} ms vs recompute "
+            f"{d['recompute_step_s'] * 1e3:.0f} ms = {d['ratio']:.2f}x; "
+            f"peak RSS {d['cached_peak_rss_mb']:.0f} vs {d['recompute_peak_rss_mb']:.0f} MB"
+        )
+        lines.append(
+            f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
+            f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x"
+        )
+    for kind, r in results.get("backends", {}).items():
+        if isinstance(r, dict):
+            lines.append(
+                f"{kind} {results['backends']['model']}: vLLM {r['vllm_s']:.2f} vs transformers "
+                f"{r['transformers_s']:.2f} {r['unit']} = {r['transformers_over_vllm']:.2f}x"
+            )
+    if sy := results.get("sync"):
+        m, lo = sy["merged"], sy["lora"]
+        lines.append(
+            f"sync {sy['model']}: merged weights in place {m['sync_s']:.3f} s/sync, "
+            f"{m['tokens_per_s']:.0f} tok/s vs LoRA adapter by id {lo['sync_s']:.3f} s/sync, "
+            f"{lo['tokens_per_s']:.0f} tok/s"
+        )
+    for name, b in results.get("iteration", {}).items():
+        stages = "  ".join(f"{k} {v:.1f}" for k, v in b["stage_seconds"].items())
+        fixed = ", ".join(f"{k} {v:.2f}" for k, v in b["fixed"].items())
+        lines.append(
+            f"iteration ({name}): {b['total_s']:.1f}s = {stages}; "
+            f"fixed overheads {b['fixed_s']:.1f}s = {b['fixed_share']:.0%} ({fixed})"
+        )
+    return "\n".join(lines)
