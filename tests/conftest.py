@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,17 @@ register()
 TINY = [
     "experiment=toy_tiny",
 ]
+
+
+def cli(
+    args: list[str], env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """``python -m iterate ARGS`` from the project root, in a process group of its own (the
+    crash tests kill it whole)."""
+    return subprocess.run(
+        [sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})}, start_new_session=True,
+    )  # fmt: skip
 
 
 def compose_cfg(overrides: list[str] = (), tmp: Path | None = None) -> Config:

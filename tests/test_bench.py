@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from iterate.report import STAGES
+
 from .conftest import ROOT
 
 
@@ -71,14 +73,6 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     sync = res["sync"]
     assert all(positive(sync[v][k]) for v in ("merged", "lora") for k in ("sync_s", "tokens_per_s"))
     it = res["iteration"]["kept_engine"]
-    assert set(it["stage_seconds"]) == {
-        "prompts",
-        "generate",
-        "label",
-        "pairs",
-        "update",
-        "evaluate",
-        "handoff",
-    }
+    assert set(it["stage_seconds"]) == set(STAGES)
     assert it["run_engine_starts_s"] > 0 and 0 < it["fixed_share"] < 1
     assert "generation (tokens/s" in proc.stderr + proc.stdout, "the table is printed"

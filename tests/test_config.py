@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -10,7 +9,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from iterate.config import Config
 
-from .conftest import CONF, ROOT, compose_cfg
+from .conftest import CONF, cli, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
@@ -120,13 +119,7 @@ def test_unknown_group_option_rejected():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "iterate", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return cli(list(args), timeout=120)
 
 
 def test_cli_help_and_cfg_job():

@@ -4,10 +4,7 @@ at three points, the KL gate, and a sweep. Runs the real CLI in subprocesses."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,8 +12,9 @@ import pytest
 
 from iterate import loop, reward_model
 from iterate.paths import Paths
+from iterate.report import STAGES
 
-from .conftest import ROOT, TINY, compose_cfg
+from .conftest import TINY, cli, compose_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +40,6 @@ def _args(tiny_cache, tiny_rm, runs_dir, *extra) -> list[str]:
         "generate.shard_size=4",
         *extra,
     ]
-
-
-def cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "iterate", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # its own process group: crash tests kill it whole
-    )
 
 
 def _tree(run: Path) -> set[str]:
@@ -142,15 +128,7 @@ def test_two_iterations_exact_run_tree(clean_run):
     }
     assert keys <= rows[0].keys()
     assert rows[0]["prompts"] == 16 and rows[0]["responses"] == 64
-    assert set(rows[0]["seconds"]) == {
-        "prompts",
-        "generate",
-        "label",
-        "pairs",
-        "update",
-        "evaluate",
-        "handoff",
-    }
+    assert set(rows[0]["seconds"]) == set(STAGES)
     card = (clean_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
     assert "base_model:" in card and "| iter |" in card and card.count("| dpo |") == 2
     # iteration 1 starts from iteration 0's handed-off policy
@@ -212,20 +190,15 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     ]
 
 
+REJECT_ALL = ("iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2")  # a budget nothing meets
+
+
 def _cfg(tiny_cache, tiny_rm, tmp_path, *extra):
     return compose_cfg(_args(tiny_cache, tiny_rm, tmp_path, *extra))
 
 
 def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
-    cfg = _cfg(
-        tiny_cache,
-        tiny_rm,
-        tmp_path,
-        "iteration=2",
-        "handoff.max_kl=1e-9",
-        "update.lr=2e-2",
-        "handoff.on_reject=stop",
-    )
+    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, *REJECT_ALL, "handoff.on_reject=stop")
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     kl = json.loads((run / "iter_000" / "handoff" / "kl.json").read_text())
@@ -237,15 +210,7 @@ def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
 
 
 def test_keep_previous_restarts_from_the_previous_policy(tiny_cache, tiny_rm, tiny_world, tmp_path):
-    cfg = _cfg(
-        tiny_cache,
-        tiny_rm,
-        tmp_path,
-        "iteration=2",
-        "handoff.max_kl=1e-9",
-        "update.lr=2e-2",
-        "handoff.on_reject=keep_previous",
-    )
+    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, *REJECT_ALL, "handoff.on_reject=keep_previous")
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     assert [r["accepted"] for r in rows] == [False, False]
     gen1 = json.loads((tmp_path / "toy_tiny" / "iter_001" / "generate" / "_DONE.json").read_text())
