@@ -23,8 +23,8 @@ class DType(StrEnum):
 
 
 class RewardSource(StrEnum):
-    toy = "toy"
-    hh = "hh"
+    toy = "toy"  # pairs of the toy world's responses, labelled by its gold judge
+    files = "files"  # preference files (iterate.preferences: HH-RLHF, conversational, ...)
 
 
 class PromptSource(StrEnum):
@@ -126,7 +126,17 @@ class ModelConfig:
     path: str | None = None  # local folder or hub id
     dtype: DType = DType.float32
     max_length: int = 256  # prompt + response tokens
-    chat_template: str | None = None  # overrides the tokenizer's template when set
+    # overrides the tokenizer's chat template: a shipped one's name (iterate/templates: zephyr,
+    # llama3, mistral_instruct, ultrarm, vicuna), a .jinja file, or the template itself
+    chat_template: str | None = None
+
+
+@dataclass
+class PreferenceFile:
+    """One source of preference pairs for reward-model training."""
+
+    path: str = MISSING  # jsonl / json / parquet, or a folder saved with datasets' save_to_disk
+    weight: float = 1.0  # times each usable pair is used: 0.25 a seeded quarter, 2 twice
 
 
 @dataclass
@@ -137,20 +147,22 @@ class RewardConfig:
     path: str | None = None  # a trained reward model to load when ``train: false``
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from
-    data_path: str | None = None  # HH-RLHF format jsonl/parquet (chosen / rejected)
+    data: list[PreferenceFile] = field(default_factory=list)  # source=files: a weighted mixture
     base: str | None = None  # model to start from; null: the policy
+    # the reward model's chat template, when its tokenizer's is not the one it was trained
+    # with: a shipped template's name (see ModelConfig.chat_template), a .jinja file, or text
+    chat_template: str | None = None
     num_pairs: int = 4000  # toy source: pairs to build
     label_noise: float = 0.1  # toy source: chance a gold label is flipped
     heldout_fraction: float = 0.1
     lora: LoraConfig = field(default_factory=LoraConfig)
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32  # pairs per forward pass
+    grad_accum: int = 1  # forward passes per optimiser step (global batch = batch_size x this)
     lr: float = 3e-3
     max_length: int = 256
     dtype: DType = DType.float32
-    score_batch_size: int = (
-        64  # sequences per forward pass when scoring (label, evaluate, rollouts)
-    )
+    score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, ...)
 
 
 @dataclass

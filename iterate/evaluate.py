@@ -153,9 +153,7 @@ def _mean(xs: list[float]) -> float:
 def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
     rc = cfg.reward
-    scorer = Scorer.load(
-        rm_path, str(rc.dtype), rc.max_length, rc.score_batch_size, models.device(str(cfg.device))
-    )
+    scorer = Scorer.of(rc, rm_path, models.device(str(cfg.device)))
     prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
     out = {"heldout_reward_mean": _mean(scorer.score(prompts, responses, desc="held-out reward"))}
     if gold := gold_scorer(cfg.prompts.source):
@@ -189,6 +187,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         "policy": policy,
         "reference": reference,
         "reward_model": paths.reward_model,
+        "reward_chat_template": cfg.reward.chat_template,
     }
     heldout = paths.run / "heldout"
     stage = Stage(

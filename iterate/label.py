@@ -61,18 +61,13 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     gen_dir = paths.stage(i, "generate")
     rm_stage = [paths.reward_model_dir] if (paths.reward_model_dir / "_DONE.json").exists() else []
     conf = {"reward_model": rm_path, "max_length": rc.max_length, "dtype": str(rc.dtype)}
+    conf["chat_template"] = rc.chat_template
     stage = Stage(paths.stage(i, "label"), "label", conf, inputs=[gen_dir, *rm_stage])
     if stage.check(cfg.force):
         return stage.read_done()
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
-        scorer = Scorer.load(
-            rm_path,
-            str(rc.dtype),
-            rc.max_length,
-            rc.score_batch_size,
-            models.device(str(cfg.device)),
-        )
+        scorer = Scorer.of(rc, rm_path, models.device(str(cfg.device)))
         gold = gold_scorer(cfg.prompts.source)
         for p in todo:
             k = shard_index(p)

@@ -86,45 +86,51 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     from iterate import report
 
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
+    metrics = run_dir / "metrics.jsonl"
     if is_finished(cfg, paths):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        log.info(
-            "nothing to do: %s already has iterations 0..%d\n%s",
-            run_dir,
-            cfg.iteration - 1,
-            report.table(rows),
+        rows = (
+            [json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.exists()
+            else []
         )
+        last = f"iterations 0..{cfg.iteration - 1}" if cfg.iteration else "its reward model"
+        log.info("nothing to do: %s already has %s\n%s", run_dir, last, report.table(rows))
         return rows
     t0 = time.time()
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
     paths.reward_model = rm
+    if cfg.iteration == 0:  # a reward-model recipe: the stage before iteration 0 only
+        _finish(cfg, paths, [])
+        log.info("%s: reward model only (iteration=0), %.0fs: %s", run_dir, time.time() - t0, rm)
+        return []
     from iterate import sampling
 
     try:
         rows = iterate(cfg, paths, rm)
     finally:
         sampling.close_kept()  # a kept vLLM engine lives for one run
-    report.write_metrics(run_dir / "metrics.jsonl", rows)
+    report.write_metrics(metrics, rows)
     report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
-    stopped = len(rows) < cfg.iteration
-    atomic_write_json(
-        run_dir / "_FINISHED.json",
-        {"config": _comparable(cfg), "iterations": len(rows), "stopped": stopped},
-    )
+    _finish(cfg, paths, rows)
     accepted = [r["iteration"] for r in rows if r["accepted"]]
     final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
     log.info(
         "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s",
-        run_dir,
-        len(rows),
-        time.time() - t0,
-        report.table(rows),
-        run_dir / "metrics.jsonl",
-        run_dir / "metrics.png",
-        final,
-    )
+        run_dir, len(rows), time.time() - t0, report.table(rows), metrics,
+        run_dir / "metrics.png", final,
+    )  # fmt: skip
     return rows
+
+
+def _finish(cfg: Config, paths: Paths, rows: list[dict]) -> None:
+    """``_FINISHED.json``: this config made the asked-for iterations (or stopped early)."""
+    fin = {
+        "config": _comparable(cfg),
+        "iterations": len(rows),
+        "stopped": len(rows) < cfg.iteration,
+    }
+    atomic_write_json(paths.run / "_FINISHED.json", fin)
 
 
 SUMMARY_KEYS = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -15,12 +16,32 @@ def device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str, chat_template: str | None = None):
+TEMPLATES = Path(__file__).parent / "templates"  # the public models' chat templates
+
+
+def chat_template(value: str | None) -> str | None:
+    """A chat template from config: the name of one shipped in ``iterate/templates`` (zephyr,
+    llama3, mistral_instruct, ultrarm, vicuna), a ``.jinja`` file, or the template itself."""
+    if not value or "{" in value:
+        return value
+    shipped = TEMPLATES / f"{value}.jinja"
+    path = shipped if shipped.exists() else Path(value)
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+        raise FileNotFoundError(
+            f"chat_template: {value!r} is neither a template file nor one of {names}"
+        )
+    return path.read_text()
+
+
+def load_tokenizer(path: str, template: str | None = None):
+    """A tokenizer with a pad token; ``template`` (see ``chat_template``) replaces its chat
+    template when given."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    if chat_template:
-        tok.chat_template = chat_template
+    if template:
+        tok.chat_template = chat_template(template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -38,19 +38,28 @@ def prompt_id(text: str) -> str:
 
 
 def _text(value, where: str, field: str) -> str:
+    """A stored prompt: plain text, or a JSON list of messages for a conversation (a list of
+    ``{"role", "content"}``, or an HH-RLHF transcript, whose final Assistant turn, if any,
+    is the response and is left out)."""
+    if isinstance(value, str) and value.lstrip(" ").startswith("\n\nHuman:"):
+        from iterate.preferences import MalformedRow, parse_hh
+
+        ends_with_human = value.rfind("\n\nHuman:") > value.rfind("\n\nAssistant:")
+        text = value + "\n\nAssistant: -" if ends_with_human else value
+        try:
+            value = parse_hh(text, where, field)[0]
+        except MalformedRow as e:
+            raise ValueError(str(e)) from None
     if isinstance(value, str):
-        text = value.strip()
-    elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return value.strip()
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         missing = [k for m in value for k in ("role", "content") if k not in m]
         if missing:
             raise ValueError(f"{where}: field '{field}': a message lacks '{missing[0]}'")
-        text = json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
-    else:
-        raise ValueError(
-            f"{where}: field '{field}': expected text or a list of messages, "
-            f"got {type(value).__name__}"
-        )
-    return text
+        return json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
+    raise ValueError(
+        f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}"
+    )
 
 
 def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
@@ -65,11 +74,11 @@ def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
     import datasets
 
     if pc.source == "file":
+        from iterate.preferences import read_rows
+
         if not pc.path or not Path(pc.path).exists():
             raise FileNotFoundError(f"prompts.path: no such file: {pc.path}")
-        kind = "parquet" if pc.path.endswith(".parquet") else "json"
-        ds = datasets.load_dataset(kind, data_files=pc.path, split="train")
-        where = pc.path
+        ds, where = read_rows(pc.path), pc.path  # jsonl / json / parquet, or a saved dataset
     else:
         ds = datasets.load_dataset(pc.path, split=pc.split)
         where = f"{pc.path}[{pc.split}]"

@@ -24,11 +24,11 @@ from collections import Counter
 
 import torch
 
-from iterate import losses, progress
+from iterate import losses, preferences, progress
 from iterate.config import Config, RewardConfig, plain
-from iterate.hh import Messages, Pair, load_hh
 from iterate.models import DTYPES, as_messages, load_tokenizer, pad
 from iterate.paths import Paths
+from iterate.preferences import Messages, Pair
 from iterate.shards import Stage
 from iterate.toy import world
 
@@ -83,14 +83,17 @@ def forward_rewards(model, seqs: list[list[int]], pad_id: int, dev=None) -> torc
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
-def load_model(path: str, dtype: str = "float32", new_head: bool = False):
-    """A reward model and its tokenizer, ready to score (pad token set). ``new_head``: the
-    path is a causal LM whose body gets a fresh scalar head (its LM head is dropped), so
-    transformers' load report of exactly that is not shown."""
+def load_model(
+    path: str, dtype: str = "float32", new_head: bool = False, template: str | None = None
+):
+    """A reward model and its tokenizer, ready to score (pad token set; ``template``
+    replaces its chat template). ``new_head``: the path is a causal LM whose body gets a
+    fresh scalar head (its LM head is dropped), so transformers' load report of exactly
+    that is not shown."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, template)
     report = hf_logging.get_logger("transformers.modeling_utils")  # its load report
     level = report.level
     if new_head:
@@ -115,11 +118,20 @@ class Scorer:
         self.max_length, self.batch_size = max_length, batch_size
 
     @classmethod
-    def load(cls, path: str, dtype: str, max_length: int, batch_size: int, device=None) -> Scorer:
-        model, tokenizer = load_model(path, dtype)
+    def load(
+        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None
+    ) -> Scorer:
+        model, tokenizer = load_model(path, dtype, template=template)
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model.to(device or "cpu"), tokenizer, max_length, batch_size)
+
+    @classmethod
+    def of(cls, rc: RewardConfig, path: str, device=None) -> Scorer:
+        """The run's scorer: the reward model at ``path`` with the settings of ``reward``."""
+        return cls.load(
+            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template
+        )
 
     def encode(self, prompt: str | Messages, response: str) -> list[int]:
         messages = as_messages(prompt) if isinstance(prompt, str) else prompt
@@ -154,42 +166,29 @@ def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dic
         heldout, d2 = toy_pairs(n_held, heldout_ins, 0.0, cfg.seed + 1)  # gold labels, no noise
         info["dropped"] = dict(d1 + d2)
         return train, heldout, info
-    if rc.source == "hh":
-        if not rc.data_path:
-            raise ValueError(
-                "reward.source=hh needs reward.data_path (an HH-RLHF format jsonl/parquet)"
-            )
-        pairs, dropped, examples = load_hh(rc.data_path)
-        for msg in examples:
-            log.warning("dropped: %s", msg)
-        info.update(
-            dropped=dict(dropped),
-            dropped_examples=examples,
-            rows=len(pairs) + sum(dropped.values()),
-        )
-        if len(pairs) < 2:
-            raise ValueError(
-                f"{rc.data_path}: {len(pairs)} usable pairs after dropping {dict(dropped)}"
-            )
-        held = [
-            world.is_heldout(json.dumps(p.messages) + p.chosen, rc.heldout_fraction) for p in pairs
-        ]
-        if all(held) or not any(held):  # tiny files: keep at least one pair on each side
-            held = [
-                i % max(2, round(1 / max(rc.heldout_fraction, 1e-3))) == 0
-                for i in range(len(pairs))
-            ]
-        return (
-            [p for p, h in zip(pairs, held) if not h],
-            [p for p, h in zip(pairs, held) if h],
-            info,
-        )
-    raise ValueError(f"reward.source must be toy or hh, got {rc.source!r}")
+    if not rc.data:
+        raise ValueError("reward.source=files needs reward.data: a list of {path, weight}")
+    pairs, sources, examples = preferences.load_mixture(rc.data, cfg.seed)
+    for msg in examples:
+        log.warning("dropped: %s", msg)
+    dropped = sum((Counter(s["dropped"]) for s in sources.values()), Counter())
+    rows = sum(s["rows"] for s in sources.values())
+    info.update(sources=sources, dropped=dict(dropped), dropped_examples=examples, rows=rows)
+    if len(pairs) < 2:
+        names = ", ".join(sources)
+        raise ValueError(f"{names}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
+    key = [json.dumps(p.messages) + p.chosen for p in pairs]  # copies of a pair stay together
+    held = [world.is_heldout(k, rc.heldout_fraction) for k in key]
+    if all(held) or not any(held):  # tiny files: keep at least one pair on each side
+        every = max(2, round(1 / max(rc.heldout_fraction, 1e-3)))
+        held = [i % every == 0 for i in range(len(pairs))]
+    train = [p for p, h in zip(pairs, held) if not h]
+    return train, [p for p, h in zip(pairs, held) if h], info
 
 
 def _new_model(rc: RewardConfig, base: str, seed: int):
     torch.manual_seed(seed)
-    model, tokenizer = load_model(base, rc.dtype, new_head=True)
+    model, tokenizer = load_model(base, rc.dtype, new_head=True, template=rc.chat_template)
     if rc.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -221,6 +220,28 @@ def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[floa
     return (rc > rr).float().mean().item(), losses.bradley_terry(rc, rr).mean().item()
 
 
+def encode_pairs(
+    tokenizer, pairs: list[Pair], max_length: int
+) -> tuple[list, list[Pair], Counter, list[str]]:
+    """Token ids of each pair's two conversations; a pair whose conversation the chat
+    template refuses (roles that do not alternate, a system turn it has no place for) is
+    dropped and counted, and the first one reported with its file and row."""
+    from jinja2.exceptions import TemplateError
+
+    enc, kept, dropped, examples = [], [], Counter(), []
+    for p in pairs:
+        try:
+            enc.append(
+                tuple(encode(tokenizer, p.messages, r, max_length) for r in (p.chosen, p.rejected))
+            )
+            kept.append(p)
+        except TemplateError as e:
+            dropped["template_refused"] += 1
+            if not examples:
+                examples.append(f"{p.where or 'a pair'}: the chat template refused it: {e}")
+    return enc, kept, dropped, examples
+
+
 def train(cfg: Config, paths: Paths) -> dict:
     """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
     rc = cfg.reward
@@ -232,52 +253,51 @@ def train(cfg: Config, paths: Paths) -> dict:
     train_pairs, heldout, info = _build_pairs(cfg, paths)
     base = rc.base or paths.base_policy
     model, tokenizer = _new_model(rc, base, cfg.seed)
+    enc, train_pairs, refused, examples = encode_pairs(tokenizer, train_pairs, rc.max_length)
+    _, heldout, refused_held, more = encode_pairs(tokenizer, heldout, rc.max_length)
+    for msg in (examples + more)[:1]:
+        log.warning("dropped: %s", msg)
+    info["dropped"] = dict(Counter(info.get("dropped", {})) + refused + refused_held)
+    if not enc or not heldout:
+        raise ValueError(f"reward model: no pairs left to train or evaluate on ({info['dropped']})")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rc.lr)
     g = torch.Generator().manual_seed(cfg.seed)
-    enc = [
-        (
-            encode(tokenizer, p.messages, p.chosen, rc.max_length),
-            encode(tokenizer, p.messages, p.rejected, rc.max_length),
-        )
-        for p in train_pairs
-    ]
-    steps = rc.epochs * -(-len(enc) // rc.batch_size)
+    per_step = rc.batch_size * rc.grad_accum
+    steps = rc.epochs * -(-len(enc) // per_step)
     warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        ),
-    )
+
+    def lr_at(s: int) -> float:
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     bar = progress.bar(steps, "reward model", "step")
     log_rows, step = [], 0
     for epoch in range(rc.epochs):
         model.train()
         order = torch.randperm(len(enc), generator=g).tolist()
-        for start in range(0, len(order), rc.batch_size):
-            batch = [enc[i] for i in order[start : start + rc.batch_size]]
-            r = forward_rewards(
-                model, [c for c, _ in batch] + [j for _, j in batch], tokenizer.pad_token_id
-            )
-            loss = losses.bradley_terry(r[: len(batch)], r[len(batch) :]).mean()
+        for start in range(0, len(order), per_step):
+            idx = order[start : start + per_step]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum, correct = 0.0, 0.0
+            for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
+                batch = [enc[i] for i in idx[m : m + rc.batch_size]]
+                seqs = [c for c, _ in batch] + [j for _, j in batch]
+                r = forward_rewards(model, seqs, tokenizer.pad_token_id)
+                per_pair = losses.bradley_terry(r[: len(batch)], r[len(batch) :])
+                (per_pair.sum() / len(idx)).backward()
+                loss_sum += per_pair.sum().item()
+                correct += (r[: len(batch)] > r[len(batch) :]).float().sum().item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
-            acc = (r[: len(batch)] > r[len(batch) :]).float().mean().item()
+            loss, acc = loss_sum / len(idx), correct / len(idx)
             log_rows.append(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": round(loss.item(), 5),
-                    "accuracy": round(acc, 4),
-                }
+                {"step": step, "epoch": epoch, "loss": round(loss, 5), "accuracy": round(acc, 4)}
             )
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
     held_acc, held_loss = accuracy(model, tokenizer, heldout, rc.max_length)
     out = paths.reward_model_dir / "model"
@@ -285,29 +305,19 @@ def train(cfg: Config, paths: Paths) -> dict:
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (paths.reward_model_dir / "train_log.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in log_rows)
-    )
+    lines = "".join(json.dumps(r) + "\n" for r in log_rows)
+    (paths.reward_model_dir / "train_log.jsonl").write_text(lines)
+    last = [r["loss"] for r in log_rows[-10:]]
     done = stage.finish(
-        **info,
-        base=str(base),
-        train_pairs=len(train_pairs),
-        heldout_pairs=len(heldout),
+        **info, base=str(base), train_pairs=len(train_pairs), heldout_pairs=len(heldout),
         parameters=sum(p.numel() for p in model.parameters()),
-        trainable_parameters=sum(p.numel() for p in params),
-        steps=step,
-        heldout_accuracy=round(held_acc, 4),
-        heldout_loss=round(held_loss, 4),
+        trainable_parameters=sum(p.numel() for p in params), steps=step,
+        heldout_accuracy=round(held_acc, 4), heldout_loss=round(held_loss, 4),
         loss_curve=[r["loss"] for r in log_rows[:: max(1, len(log_rows) // 50)]],
-        final_train_loss=round(
-            sum(r["loss"] for r in log_rows[-10:]) / max(1, len(log_rows[-10:])), 4
-        ),
-    )
+        final_train_loss=round(sum(last) / max(1, len(last)), 4),
+    )  # fmt: skip
     log.info(
         "reward model: %d train / %d held-out pairs, held-out accuracy %.3f, %.0fs",
-        len(train_pairs),
-        len(heldout),
-        held_acc,
-        done["seconds"],
-    )
+        len(train_pairs), len(heldout), held_acc, done["seconds"],
+    )  # fmt: skip
     return done

@@ -33,10 +33,59 @@ def test_every_group_option_composes(group, option):
         assert section.rule == option
 
 
+# what a recipe leaves to the user (its ??? values), supplied as a user would
+USER_PATHS = {
+    "reward.data": "reward.data=[{path:hh.jsonl},{path:uf.parquet,weight:0.5}]",
+    "prompts.path": "prompts.path=prompts.jsonl",
+}
+NEEDS = {
+    "mistral_ppo_hh": ["reward.data", "prompts.path"],
+    "rm_mistral": ["reward.data"],
+    "mistral_remax": ["prompts.path"],
+    "bloomz_rlhf": ["reward.data", "prompts.path"],
+}
+
+
+def _user_paths(experiment: str) -> list[str]:
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.count("???") == len(NEEDS.get(experiment, [])), "NEEDS lists every ??? value"
+    return [USER_PATHS[k] for k in NEEDS.get(experiment, [])]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
-    cfg = compose_cfg([f"experiment={experiment}"])
+    cfg = compose_cfg([f"experiment={experiment}", *_user_paths(experiment)])
     assert cfg.run_name == experiment
+    if cfg.reward.source == "files":
+        assert [d.path for d in cfg.reward.data] == ["hh.jsonl", "uf.parquet"]
+        assert cfg.reward.data[1].weight == 0.5
+
+
+@pytest.mark.parametrize("experiment", ["mistral_ppo_hh", "rm_mistral", "bloomz_rlhf"])
+def test_a_recipe_without_its_data_fails_naming_the_key(experiment):
+    with pytest.raises(Exception, match=r"reward\.data\[0\]\.path"):
+        compose_cfg([f"experiment={experiment}"])
+
+
+def test_recipe_values_and_templates():
+    from iterate import models
+
+    ppo = compose_cfg(["experiment=mistral_ppo_hh", *_user_paths("mistral_ppo_hh")])
+    assert ppo.reward.train and ppo.update.name == "ppo" and ppo.update.kl_coef == 0.05
+    assert (ppo.update.lr, ppo.generate.max_tokens, ppo.update.lora.r) == (1e-6, 128, 16)
+    rm = compose_cfg(["experiment=rm_mistral", *_user_paths("rm_mistral")])
+    assert rm.iteration == 0 and rm.reward.batch_size * rm.reward.grad_accum == 512
+    assert (rm.reward.lr, rm.reward.epochs, rm.reward.lora.enabled) == (5e-6, 1, False)
+    remax = compose_cfg(["experiment=mistral_remax", *_user_paths("mistral_remax")])
+    assert (remax.update.kl_coef, remax.update.reward_clip) == (0.1, 1.0)
+    assert (remax.generate.temperature, remax.generate.top_p) == (0.7, 0.9)
+    assert remax.reward.chat_template == "ultrarm"
+    bloom = compose_cfg(["experiment=bloomz_rlhf", *_user_paths("bloomz_rlhf")])
+    assert bloom.update.value_head == "reference_bottom" and bloom.model.chat_template == "vicuna"
+    for name in ("zephyr", "llama3", "mistral_instruct", "ultrarm", "vicuna"):
+        assert "{%" in models.chat_template(name)
+    with pytest.raises(FileNotFoundError, match="zephir"):
+        models.chat_template("zephir")
 
 
 def test_gshf_experiment_values():

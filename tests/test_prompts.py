@@ -106,3 +106,29 @@ def test_shrinking_the_source_keeps_what_was_used(tmp_path):
     second = _ids(prompts.run(cfg, paths, 1))
     assert _ids(prompts.heldout(cfg, paths)) == held
     assert not set(second) & (set(held) | set(first))
+
+
+def test_prompt_formats_hh_transcripts_messages_and_saved_datasets(tmp_path):
+    import datasets
+    import pandas as pd
+
+    hh = "\n\nHuman: What is 2 plus 3?\n\nAssistant: 5.\n\nHuman: And 3 plus 4?\n\nAssistant: 7."
+    texts = [hh, "\n\nHuman: Greet Anna.", "Count from 1 to 3."]  # a transcript may end either way
+    _write(tmp_path / "hh.jsonl", texts)
+    cfg = compose_cfg(["prompts=file", f"prompts.path={tmp_path / 'hh.jsonl'}"], tmp_path)
+    pool, _, dropped = prompts.load_pool(cfg)
+    assert json.loads(pool[0]) == [
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "5."},
+        {"role": "user", "content": "And 3 plus 4?"},
+    ], "every turn before the final response"
+    assert json.loads(pool[1]) == [{"role": "user", "content": "Greet Anna."}]
+    assert pool[2] == "Count from 1 to 3." and not dropped
+    # UltraFeedback-style message lists, in parquet and in a folder saved with save_to_disk
+    messages = [[{"role": "user", "content": "Name 2 fruits."}]]
+    pd.DataFrame({"context_messages": messages}).to_parquet(tmp_path / "uf.parquet")
+    datasets.Dataset.from_dict({"context_messages": messages}).save_to_disk(str(tmp_path / "saved"))
+    cfg.prompts.field = "context_messages"
+    for path in (tmp_path / "uf.parquet", tmp_path / "saved"):
+        cfg.prompts.path = str(path)
+        assert json.loads(prompts.load_pool(cfg)[0][0]) == messages[0]

@@ -84,7 +84,7 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
     from iterate import models
 
     policy_tok = models.load_tokenizer(str(tiny_world))
-    rm_tok = models.load_tokenizer(str(tiny_world), chat_template=RM_TEMPLATE)
+    rm_tok = models.load_tokenizer(str(tiny_world), template=RM_TEMPLATE)
     messages = [{"role": "user", "content": "Greet Anna."}]
     ids = reward_model.encode(rm_tok, messages, "Hello Anna!", 128)
     text = rm_tok.decode(ids)
@@ -143,8 +143,10 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
 
 
 def test_hh_reward_model_full_finetune_reports_dropped_rows(tiny_cfg, tiny_world):
-    tiny_cfg.reward.source = "hh"
-    tiny_cfg.reward.data_path = str(ROOT / "data" / "hh_fixture.jsonl")
+    from iterate.config import PreferenceFile
+
+    tiny_cfg.reward.source = "files"
+    tiny_cfg.reward.data = [PreferenceFile(path=str(ROOT / "data" / "hh_fixture.jsonl"))]
     tiny_cfg.reward.lora.enabled = False
     tiny_cfg.reward.heldout_fraction = 0.25
     tiny_cfg.reward.batch_size = 4

@@ -173,6 +173,7 @@ def run_on_policy(
         "top_p": gc.top_p,
         "max_tokens": gc.max_tokens,
         "reward_model": paths.reward_model,
+        "reward_chat_template": cfg.reward.chat_template,
         "reward_max_length": rc.max_length,
         "value_head_init": head_init,
     }
@@ -190,9 +191,7 @@ def run_on_policy(
             if (reference == policy and lora)
             else models.load_policy(reference, str(cfg.model.dtype), dev)
         )
-        scorer = Scorer.load(
-            paths.reward_model, str(rc.dtype), rc.max_length, rc.score_batch_size, dev
-        )
+        scorer = Scorer.of(rc, paths.reward_model, dev)
     head = rule.new_head(cfg, model).to(dev) if rule.new_head else None
     if head is not None and head_init:
         head.load_state_dict(torch.load(head_init, map_location=dev))

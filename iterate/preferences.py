@@ -1,0 +1,177 @@
+"""Preference data: a ``Pair`` (conversation, chosen response, rejected response) read from
+the formats preference datasets use, in jsonl / json / parquet files or ``datasets``
+folders saved with ``save_to_disk``, and mixtures of several such sources with weights.
+
+Formats, told apart row by row:
+
+- **HH-RLHF transcripts**: ``chosen`` / ``rejected`` strings of ``\\n\\nHuman:`` /
+  ``\\n\\nAssistant:`` turns; the prompt is every turn before the last, the response is the
+  final Assistant turn (both transcripts must agree before it).
+- **Conversational**: ``chosen`` / ``rejected`` lists of ``{"role", "content"}`` messages
+  (UltraFeedback-binarized style: the whole conversation, the last message the response),
+  optionally with a ``prompt`` (text or messages) and then only the response in each list
+  (TRL's conversational preference format).
+- **Prompt and completions**: ``prompt``, ``chosen`` and ``rejected`` strings.
+
+Rows that cannot be used are dropped and counted by reason, and the first of each reason is
+reported with its file, row and field.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Pair:
+    messages: Messages  # the conversation before the final response
+    chosen: str
+    rejected: str
+    where: str = ""  # file and row, for messages about this pair
+
+
+class MalformedRow(ValueError):
+    """A preference row that cannot be used; ``reason`` is the count key."""
+
+    def __init__(self, reason: str, where: str, field: str, detail: str = ""):
+        self.reason = reason
+        text = reason.replace("_", " ") + (f": {detail}" if detail else "")
+        super().__init__(f"{where}: field '{field}': {text}")
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def parse_hh(text: str, where: str = "", field: str = "chosen") -> tuple[Messages, str]:
+    """Split an HH-RLHF transcript into (prompt messages, final Assistant response)."""
+    if not isinstance(text, str):
+        raise MalformedRow("not_text", where, field, f"got {type(text).__name__}")
+    parts = _TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if parts[0].strip():
+        raise MalformedRow("text_before_first_turn", where, field, repr(parts[0][:40]))
+    turns = [(parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+    if not turns or turns[-1][0] != "Assistant":
+        detail = "the transcript must end with an Assistant turn"
+        raise MalformedRow("no_assistant_turn", where, field, detail)
+    response = turns[-1][1].strip()
+    if not response:
+        raise MalformedRow("empty_response", where, field)
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[r], "content": c.strip()} for r, c in turns[:-1]]
+    if not messages:
+        raise MalformedRow("no_human_turn", where, field)
+    return messages, response
+
+
+def _messages(value, where: str, field: str) -> Messages:
+    """A list of ``{"role", "content"}`` messages, checked."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise MalformedRow("not_messages", where, field, f"got {type(value).__name__}")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+            raise MalformedRow("not_messages", where, field, "a message lacks 'role' or 'content'")
+        if not isinstance(m["content"], str):
+            raise MalformedRow("not_messages", where, field, "a message's content is not text")
+        out.append({"role": str(m["role"]), "content": m["content"]})
+    return out
+
+
+def _response(messages: Messages, where: str, field: str) -> str:
+    if messages[-1]["role"] != "assistant":
+        detail = "the last message must be the assistant's"
+        raise MalformedRow("no_assistant_turn", where, field, detail)
+    if not messages[-1]["content"].strip():
+        raise MalformedRow("empty_response", where, field)
+    return messages[-1]["content"].strip()
+
+
+def parse_row(row: dict, where: str) -> Pair:
+    """One preference row in any of the formats above, as a ``Pair``."""
+    for field in ("chosen", "rejected"):
+        if row.get(field) is None:
+            raise MalformedRow("missing_field", where, field)
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str) and prompt is None:  # HH
+        messages, c = parse_hh(chosen, where, "chosen")
+        prompt_r, r = parse_hh(rejected, where, "rejected")
+        if messages != prompt_r:
+            detail = "chosen and rejected differ before the final turn"
+            raise MalformedRow("prompt_mismatch", where, "rejected", detail)
+    elif isinstance(chosen, str) and isinstance(rejected, str):  # prompt and completions
+        messages = _messages(prompt, where, "prompt")
+        c, r = chosen.strip(), rejected.strip()
+        for field, text in (("chosen", c), ("rejected", r)):
+            if not text:
+                raise MalformedRow("empty_response", where, field)
+    elif isinstance(chosen, list) and isinstance(rejected, list):  # conversational
+        cm, rm = _messages(chosen, where, "chosen"), _messages(rejected, where, "rejected")
+        c, r = _response(cm, where, "chosen"), _response(rm, where, "rejected")
+        if prompt is not None:
+            messages = _messages(prompt, where, "prompt")
+            before = [m for m in (cm[:-1], rm[:-1]) if m and m != messages]
+        else:
+            messages, before = cm[:-1], ([rm[:-1]] if rm[:-1] != cm[:-1] else [])
+        if before:
+            detail = "chosen and rejected differ before the final turn"
+            raise MalformedRow("prompt_mismatch", where, "rejected", detail)
+        if not messages:
+            raise MalformedRow("no_prompt", where, "chosen", "nothing before the response")
+    else:
+        kinds = f"chosen is {type(chosen).__name__}, rejected is {type(rejected).__name__}"
+        raise MalformedRow("unknown_format", where, "chosen", kinds)
+    if c == r:
+        raise MalformedRow("identical_responses", where, "rejected")
+    return Pair(messages, c, r, where)
+
+
+def read_rows(path: str):
+    """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train split)."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"preference data: no such file or folder: {path}")
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    kind = "parquet" if p.suffix == ".parquet" else "json"
+    return datasets.load_dataset(kind, data_files=str(p), split="train")
+
+
+def load(path: str, weight: float = 1.0, seed: int = 0) -> tuple[list[Pair], dict, list[str]]:
+    """The pairs of one source, what happened to its rows (``rows``, ``usable``, ``used``,
+    ``dropped`` by reason), and one message per drop reason naming the file, row and field
+    of its first occurrence. ``weight``: how many times each usable pair is used, whole
+    repeats plus a seeded sample for the fraction (0.25: a quarter of them; 2: each twice)."""
+    pairs, dropped, examples, rows = [], Counter(), {}, 0
+    for i, row in enumerate(read_rows(path)):
+        rows += 1
+        try:
+            pairs.append(parse_row(row, f"{path}: row {i}"))
+        except MalformedRow as e:
+            dropped[e.reason] += 1
+            examples.setdefault(e.reason, str(e))
+    whole, part = int(weight), weight - int(weight)
+    used = pairs * whole + random.Random(f"{seed}:{path}").sample(pairs, round(part * len(pairs)))
+    stats = {"rows": rows, "usable": len(pairs), "used": len(used), "dropped": dict(dropped)}
+    return used, stats, list(examples.values())
+
+
+def load_mixture(sources: list, seed: int = 0) -> tuple[list[Pair], dict, list[str]]:
+    """Several sources (each with ``path`` and ``weight``), their pairs together; what
+    happened to the rows, per source."""
+    pairs, stats, examples = [], {}, []
+    for src in sources:
+        got, stats[src.path], ex = load(src.path, src.weight, seed)
+        pairs += got
+        examples += ex
+    return pairs, stats, examples
