@@ -116,6 +116,9 @@ class ToyConfig:
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     heldout_fraction: float = 0.2  # share of each instruction family kept for evaluation
+    # the prompt writer (prompts=self_instruct), built on first use with the policy's sizes
+    writer_examples: int = 6000
+    writer_epochs: int = 2
 
 
 @dataclass
@@ -166,12 +169,33 @@ class RewardConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Synthetic prompts (``prompts=self_instruct``): a generator writes each iteration's
+    prompts from seed examples of the source; filtered (see iterate/synthetic.py)."""
+
+    enabled: bool = False
+    # null: the iteration's policy; toy_writer: the toy world's prompt writer; or a model
+    generator: str | None = None
+    examples: int = 3  # seed prompts shown per request
+    candidates: int = 8  # samples per request
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+    min_words: int = 2
+    max_words: int = 60
+    max_overlap: float = 0.7  # word 3-gram Jaccard above which a candidate is a near-duplicate
+    max_rounds: int = 10  # rounds of requests before the stage gives up
+
+
+@dataclass
 class PromptsConfig:
+    # (declared before ``field``, the column name, which hides dataclasses.field below it)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     source: PromptSource = PromptSource.toy
-    path: str | None = None  # file: jsonl/parquet; hub: dataset id
+    path: str | None = None  # file: jsonl / json / parquet or a saved dataset; hub: dataset id
     split: str = "train"
-    field: str = "prompt"  # column holding the prompt text
-    per_iteration: int = 120  # disjoint slice of prompts per iteration
+    field: str = "prompt"  # column holding the prompt: text, messages, or an HH transcript
+    per_iteration: int = 120  # prompts per iteration (disjoint slices, or written anew)
     heldout: int = 80  # prompts kept apart for evaluation (win rate, KL)
 
 

@@ -182,7 +182,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
     rows: list[dict] = []
     for i in range(cfg.iteration):
         t = time.time()
-        batch = prompts.run(cfg, paths, i)
+        batch = prompts.run(cfg, paths, i, policy)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
         for name in rule.stages:  # what the rule reads besides the prompts
             done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))

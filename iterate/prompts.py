@@ -156,45 +156,63 @@ def heldout(cfg: Config, paths: Paths) -> pa.Table:
     return read_shards(stage.path)
 
 
-def run(cfg: Config, paths: Paths, i: int) -> pa.Table:
-    """Write iteration ``i``'s slice of prompts to ``iter_i/prompts/`` and return it: the
-    first ``per_iteration`` prompts of the shuffled pool that the run has not used yet
-    (held out, or drawn by iterations ``0 .. i-1``)."""
-    stage = Stage(paths.stage(i, "prompts"), "prompts", _config(cfg))
+def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
+    """Write iteration ``i``'s prompts to ``iter_i/prompts/`` and return them: the first
+    ``per_iteration`` prompts of the shuffled pool that the run has not used yet (held out,
+    or drawn by iterations ``0 .. i-1``), or with ``prompts.synthetic`` new prompts written
+    from the pool's (``iterate.synthetic``) by ``policy`` or the configured generator."""
+    sc = cfg.prompts.synthetic
+    conf = _config(cfg) | ({"generator": sc.generator or policy} if sc.enabled else {})
+    stage = Stage(paths.stage(i, "prompts"), "prompts", conf)
     if not stage.check(cfg.force):
         heldout(cfg, paths)
         train, _, dropped, source = _pools(cfg)
         used = _ids(paths.run / "heldout")
         for j in range(i):
             used |= _ids(paths.stage(j, "prompts"))
-        fresh = [t for t in train if prompt_id(t) not in used]
-        k = cfg.prompts.per_iteration
-        if len(fresh) < k:
-            raise ValueError(
-                f"prompts: iteration {i} needs {k} prompts the run has not used yet, but the pool "
-                f"has {len(fresh)} ({len(train)} after deduplication, {len(used)} held out or "
-                f"drawn by iterations 0..{i - 1}); lower prompts.per_iteration or the number of "
-                f"iterations, or add prompts to the source (the held-out set and earlier "
-                f"iterations keep theirs)"
-            )
-        drawn = json.loads((paths.run / "heldout" / DONE).read_text()).get("source_hash")
-        if drawn not in (None, source["source_hash"]):
-            log.info(
-                "prompts: the source changed since the held-out set was drawn (now %d prompts); "
-                "the held-out set and iterations 0..%d keep their prompts, iteration %d draws "
-                "from the %d not used yet",
-                source["source_prompts"],
-                i - 1,
-                i,
-                len(fresh),
-            )
-        chunk = fresh[:k]
+        if sc.enabled:
+            chunk, info = _synthetic(cfg, paths, i, policy, train)
+        else:
+            chunk, info = _slice(cfg, paths, i, train, used, source)
         write_shard(_table(chunk), shard_path(stage.path, 0))
-        stage.finish(
-            rows_out=len(chunk),
-            pool=len(train),
-            unused=len(fresh) - k,
-            dropped=dict(dropped),
-            **source,
-        )
+        stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped), **info, **source)
     return read_shards(stage.path)
+
+
+def _slice(
+    cfg: Config, paths: Paths, i: int, train: list[str], used: set, source: dict
+) -> tuple[list[str], dict]:
+    fresh = [t for t in train if prompt_id(t) not in used]
+    k = cfg.prompts.per_iteration
+    if len(fresh) < k:
+        raise ValueError(
+            f"prompts: iteration {i} needs {k} prompts the run has not used yet, but the pool "
+            f"has {len(fresh)} ({len(train)} after deduplication, {len(used)} held out or "
+            f"drawn by iterations 0..{i - 1}); lower prompts.per_iteration or the number of "
+            f"iterations, or add prompts to the source (the held-out set and earlier "
+            f"iterations keep theirs)"
+        )
+    drawn = json.loads((paths.run / "heldout" / DONE).read_text()).get("source_hash")
+    if drawn not in (None, source["source_hash"]):
+        log.info(
+            "prompts: the source changed since the held-out set was drawn (now %d prompts); "
+            "the held-out set and iterations 0..%d keep their prompts, iteration %d draws "
+            "from the %d not used yet", source["source_prompts"], i - 1, i, len(fresh),
+        )  # fmt: skip
+    return fresh[:k], {"unused": len(fresh) - k}
+
+
+def _synthetic(
+    cfg: Config, paths: Paths, i: int, policy: str, train: list[str]
+) -> tuple[list[str], dict]:
+    """New prompts, none repeating or near-repeating the pool, the held-out set or an
+    earlier iteration's prompts."""
+    from iterate import synthetic
+
+    known = [*train, *read_shards(paths.run / "heldout")["prompt"].to_pylist()]
+    for j in range(i):
+        known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
+    chunk, info = synthetic.write(cfg, i, policy, train, synthetic.Known(known))
+    log.info("prompts (self_instruct): %d of %d candidates kept; dropped %s", len(chunk),
+             info["candidates"], info["dropped"])  # fmt: skip
+    return chunk, {"synthetic": info}

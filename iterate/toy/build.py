@@ -39,7 +39,8 @@ CHAT_TEMPLATE = (
 def config_hash(cfg: ToyConfig) -> str:
     """Hash of the config and of the world's source, so an edited recipe rebuilds."""
     d = dataclasses.asdict(cfg)
-    d.pop("cache_dir")
+    for key in ("cache_dir", "writer_examples", "writer_epochs"):  # the writer has its own folder
+        d.pop(key)
     d["source"] = [file_hash(Path(m.__file__)) for m in (world, _this_module())]
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -50,14 +51,19 @@ def world_dir(cfg: ToyConfig) -> Path:
 
 def ensure(cfg: ToyConfig) -> Path:
     """Return the folder of the built toy world, building it first if needed."""
-    out = world_dir(cfg)
+    return cached(world_dir(cfg), "the toy world", lambda tmp: build(cfg, tmp), _summary)
+
+
+def cached(out: Path, what: str, make, summary=lambda info: "") -> Path:
+    """``out``, made by ``make(folder) -> info`` once: built in a temporary folder, its
+    ``world.json`` written last, then renamed into place (a folder with it is complete)."""
     if (out / "world.json").exists():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    log.info("building the toy world into %s (once; later runs reuse it)", out)
-    info = build(cfg, tmp)
+    log.info("building %s into %s (once; later runs reuse it)", what, out)
+    info = make(tmp)
     info["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "world.json").write_text(json.dumps(info, indent=2))
     if out.exists():  # another process finished first
@@ -65,7 +71,7 @@ def ensure(cfg: ToyConfig) -> Path:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
-    log.info("toy world ready in %.0fs: %s", info["build_seconds"], _summary(info))
+    log.info("%s ready in %.0fs: %s", what, info["build_seconds"], summary(info))
     return out
 
 
@@ -225,7 +231,7 @@ def file_hash(path: Path) -> str:
 
 def build(cfg: ToyConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(cfg)
     model = new_policy(cfg, tokenizer)
     losses = sft(cfg, model, tokenizer, sft_data(cfg, tokenizer))

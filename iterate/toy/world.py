@@ -119,6 +119,68 @@ def _instructions() -> list[Instruction]:
 INSTRUCTIONS = _instructions()
 _BY_PROMPT = {ins.prompt: ins for ins in INSTRUCTIONS}
 
+# The families' grammar is wider than the instruction set above (larger numbers, longer
+# lists and counts, every word of a category): a prompt writer can compose instructions
+# nobody wrote, and the gold judge scores any prompt of the grammar.
+_WORDS = {w: cat for cat, items in CATEGORIES.items() for w in items}
+_GRAMMAR = {
+    "arithmetic": re.compile(r"What is (\d{1,2}) (plus|minus) (\d{1,2})\?"),
+    "greeting": re.compile(r"(?:Say hello to|Greet|Say hi to) ([A-Z][a-z]+)\."),
+    "list": re.compile(r"(?:Name|List) ([2-6]) (" + "|".join(CATEGORIES) + r")\."),
+    "count": re.compile(r"Count from (\d{1,2}) to (\d{1,2})\."),
+    "repeat": re.compile(r"Repeat ([a-zA-Z]+) ([2-6]) times\."),
+}
+
+
+def parse(prompt: str) -> Instruction | None:
+    """The instruction a prompt of the toy grammar asks for, or None."""
+    prompt = prompt.strip()
+    if prompt in _BY_PROMPT:
+        return _BY_PROMPT[prompt]
+    for family, pattern in _GRAMMAR.items():
+        m = pattern.fullmatch(prompt)
+        if not m:
+            continue
+        if family == "arithmetic":
+            a, op, b = int(m[1]), m[2], int(m[3])
+            if op == "minus" and a < b:
+                return None
+            return Instruction(family, prompt, str(a + b if op == "plus" else a - b))
+        if family == "greeting":
+            return Instruction(family, prompt, m[1]) if m[1] in NAMES else None
+        if family == "list":
+            return Instruction(family, prompt, ", ".join(CATEGORIES[m[2]][: int(m[1])]))
+        if family == "count":
+            a, b = int(m[1]), int(m[2])
+            ok = 3 <= b - a + 1 <= 7
+            return Instruction(family, prompt, ", ".join(map(str, range(a, b + 1)))) if ok else None
+        if m[1] in _WORDS:
+            return Instruction(family, prompt, " ".join([m[1]] * int(m[2])))
+    return None
+
+
+def random_instruction(family: str, rng: random.Random) -> Instruction:
+    """An instruction of ``family`` drawn from the whole grammar."""
+    if family == "arithmetic":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        text = (
+            f"What is {max(a, b)} minus {min(a, b)}?"
+            if rng.random() < 0.4
+            else f"What is {a} plus {b}?"
+        )
+    elif family == "greeting":
+        text = f"{rng.choice(['Say hello to', 'Greet', 'Say hi to'])} {rng.choice(NAMES)}."
+    elif family == "list":
+        text = f"{rng.choice(['Name', 'List'])} {rng.randint(2, 6)} {rng.choice(list(CATEGORIES))}."
+    elif family == "count":
+        a = rng.randint(0, 60)
+        text = f"Count from {a} to {a + rng.randint(2, 6)}."
+    else:
+        text = f"Repeat {rng.choice(list(_WORDS))} {rng.randint(2, 6)} times."
+    ins = parse(text)
+    assert ins is not None, text
+    return ins
+
 
 def stable_hash(text: str) -> int:
     """A hash of text that is the same on every machine and Python run."""
@@ -224,9 +286,9 @@ def _correct(ins: Instruction, response: str) -> bool:
 def gold_score(prompt: str, response: str) -> float:
     """The gold judge: correct (+1), polite (+0.25), rude (-0.5), concise (-0.02 a word over).
 
-    Deterministic and defined on the toy world's prompts only (ValueError otherwise).
+    Deterministic and defined on the toy world's grammar only (ValueError otherwise).
     """
-    ins = _BY_PROMPT.get(prompt.strip())
+    ins = parse(prompt)
     if ins is None:
         raise ValueError(f"gold_score: not a toy-world prompt: {prompt!r}")
     low = response.lower()
