@@ -83,6 +83,13 @@ class Reference(StrEnum):
     previous = "previous"
 
 
+class Strategy(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed_zero2 = "deepspeed_zero2"
+    deepspeed_zero3 = "deepspeed_zero3"
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -260,6 +267,10 @@ class UpdateConfig:
     # (as a LoRA adapter, or the whole model for full fine-tuning) before a rollout once this
     # many optimiser steps passed since the last sync; 1 samples every rollout on-policy
     sync_every: int = 1
+    # several processes (torch.distributed through accelerate; the pair rules): each rank
+    # takes its share of every optimiser step; the strategy names a shipped accelerate config
+    num_processes: int = 1
+    strategy: Strategy = Strategy.ddp
 
 
 @dataclass

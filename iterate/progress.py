@@ -7,9 +7,19 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+_QUIET = False  # ranks other than 0 of a multi-process update show no bars
+
+
+def disable() -> None:
+    global _QUIET
+    _QUIET = True
+
 
 def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, mininterval=0.5, leave=False, **kw)
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=True if _QUIET else None, mininterval=0.5,
+        leave=False, **kw,
+    )  # fmt: skip
 
 
 def peak_rss_mb() -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -188,6 +189,33 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     assert metrics == [
         strip(json.loads(line)) for line in (clean_run / "metrics.jsonl").read_text().splitlines()
     ]
+
+
+def test_killed_two_process_update_resumes(tiny_cache, tiny_rm, tmp_path):
+    """A multi-process update killed at its second step (every rank with it) starts again
+    on the rerun, as a single-process one does: a fresh log, rank 0's adapter, no rank left."""
+    args = _args(tiny_cache, tiny_rm, tmp_path, "iteration=1", "update.num_processes=2")
+    out = cli(args, env={"ITERATE_KILL_AT": "0:update:2"})
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    update = tmp_path / "toy_tiny" / "iter_000" / "update"
+    assert not (update / "_DONE.json").exists() and (update / "launch.json").exists()
+    time.sleep(1)  # the ranks die with their launcher (PR_SET_PDEATHSIG)
+    ranks = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _is_rank(p, update)]
+    assert not ranks, "a rank outlived the killed run"
+    out = cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = json.loads((update / "_DONE.json").read_text())
+    assert done["processes"] == 2 and done["steps"] >= 2
+    log = (update / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, done["steps"] + 1))
+    assert (update / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _is_rank(cmdline: Path, update: Path) -> bool:
+    try:
+        return str(update) in cmdline.read_bytes().decode(errors="ignore")
+    except OSError:  # the process ended meanwhile
+        return False
 
 
 REJECT_ALL = ("iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2")  # a budget nothing meets

@@ -70,7 +70,7 @@ class DpoStep:
         total, _ = steps.accumulate(
             self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size
         )
-        steps.apply_step(self.opt, self.params, 1.0, total)
+        steps.apply_step(self.opt, self.model, self.params, 1.0, total)
         return time.perf_counter() - t
 
 

@@ -18,6 +18,7 @@ from iterate import models, progress, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, Stage, read_shards
+from iterate.update import dist
 from iterate.update.steps import LossFn, Step, len_params, train, trainable
 
 log = logging.getLogger(__name__)
@@ -141,15 +142,19 @@ def reference_logps(
         ref_model, ctx = models.load_policy(reference, str(cfg.model.dtype), dev), torch.no_grad()
     ref_model.eval()
     fields = ["chosen"] + (["rejected"] if examples and examples[0].rejected is not None else [])
-    bar = progress.bar(len(examples), "reference log-probs", "pair")
+    mine = dist.share(list(range(len(examples))))  # under several processes: this rank's share
+    bar = progress.bar(len(mine), "reference log-probs", "pair")
+    found = []
     with ctx:
-        for b in range(0, len(examples), cfg.update.micro_batch_size):
-            batch = examples[b : b + cfg.update.micro_batch_size]
-            for f in fields:
-                for e, lp in zip(batch, logps(ref_model, tok, batch, f, dev)[0].tolist()):
-                    e.ref[f] = lp
+        for b in range(0, len(mine), cfg.update.micro_batch_size):
+            idx = mine[b : b + cfg.update.micro_batch_size]
+            batch = [examples[j] for j in idx]
+            lps = {f: logps(ref_model, tok, batch, f, dev)[0].tolist() for f in fields}
+            found += [(j, {f: lps[f][n] for f in fields}) for n, j in enumerate(idx)]
             bar.update(len(batch))
     bar.close()
+    for j, ref in dist.gather(found):
+        examples[j].ref.update(ref)
     if ref_model is not model:
         del ref_model
 
@@ -171,10 +176,13 @@ def steps_per_epoch(cfg: Config, n: int) -> int:
 
 
 def save(model, tok, stage: Stage) -> str:
-    """The adapter (LoRA) or the full model; the handoff merges and saves the policy."""
+    """The adapter (LoRA) or the full model; the handoff merges and saves the policy. Under
+    several processes every rank takes part in gathering the weights, rank 0 writes."""
     out = stage.path / ("adapter" if hasattr(model, "peft_config") else "model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    state = dist.state_dict(model)
+    if dist.is_main():
+        model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
+        tok.save_pretrained(out)
     return out.name
 
 
@@ -183,7 +191,7 @@ def start(cfg: Config, i: int, policy: str) -> tuple[torch.device, object, progr
     tokenizer, and a timer for its sections."""
     torch.manual_seed(seeds.derive("update", cfg.seed, i))
     return (
-        models.device(str(cfg.device)),
+        dist.device(models.device(str(cfg.device))),
         models.load_tokenizer(policy, cfg.model.chat_template),
         progress.Timer(),
     )
@@ -201,8 +209,11 @@ def run_rule(
 ) -> dict:
     """A pair rule's update stage (DPO, RAFT): the pairs, the policy, the one loop."""
     stage = stage_for(cfg, paths, i, policy, reference, keys)
-    if stage.check(cfg.force):
-        return stage.read_done()
+    if dist.world() == 1:  # the loop's process: skip a finished stage, or launch the ranks
+        if stage.check(cfg.force):
+            return stage.read_done()
+        if cfg.update.num_processes > 1:
+            return dist.launch(cfg, paths, i, policy, reference, stage)
     dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
@@ -223,6 +234,8 @@ def run_rule(
         )
     with timer("save_s"):
         saved = save(model, tok, stage)
+    if not dist.is_main():
+        return {}
     return stage.finish(
         rule=str(cfg.update.name),
         rows_in=len(examples),
@@ -231,5 +244,6 @@ def run_rule(
         timings=timer.seconds,
         trainable_parameters=len_params(trainable(model)),
         parameters=len_params(model.parameters()),
+        processes=dist.world(),
         **result,
     )

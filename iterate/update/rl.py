@@ -23,7 +23,7 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.reward_model import Scorer
 from iterate.shards import read_shards
-from iterate.update import common, steps
+from iterate.update import common, dist, steps
 from iterate.update.common import Example
 
 
@@ -182,6 +182,8 @@ def run_on_policy(
     )
     if stage.check(cfg.force):
         return stage.read_done()
+    if cfg.update.num_processes > 1:
+        raise ValueError(dist.ON_POLICY_MESSAGE.format(rule=cfg.update.name))
     dev, tok, timer = common.start(cfg, i, policy)
     with timer("load_s"):
         model = common.policy_model(cfg, policy, dev)

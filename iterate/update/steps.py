@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,15 +23,16 @@ import torch
 from iterate import faults, progress
 from iterate.config import Config
 from iterate.shards import Stage
+from iterate.update import dist
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
 LossFn = Callable[[object, list], tuple[torch.Tensor, dict[str, float]]]
 
 
-def apply_step(opt, params, max_grad_norm: float, loss: float) -> tuple[bool, float]:
+def apply_step(opt, model, params, max_grad_norm: float, loss: float) -> tuple[bool, float]:
     """Clip and step, unless the loss or the gradient is not finite: then skip (and clear
     the gradients). Returns (stepped, grad norm)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    grad_norm = dist.clip(model, params, max_grad_norm)
     ok = math.isfinite(loss) and math.isfinite(grad_norm)
     if ok:
         opt.step()
@@ -49,16 +51,26 @@ def log_step(logf, row: dict) -> dict:
 
 def accumulate(model, step: list, loss_fn: LossFn, micro_batch_size: int) -> tuple[float, dict]:
     """Backward over one optimiser step's examples in micro-batches; gradients add up to
-    those of the whole step's mean loss, however it is split. Returns (loss, metrics)."""
+    those of the whole step's mean loss, however it is split. Under several processes each
+    rank takes its share (``dist.share``) and the gradients are summed across ranks once,
+    at the step's last backward; a rank with no share backs a zero-weighted example so the
+    all-reduce still meets. Returns (loss, metrics) of the whole step."""
+    mine, weight = dist.share(step), 1.0
+    if not mine:
+        mine, weight = step[:1], 0.0
     total, metrics = 0.0, {}
-    for m in range(0, len(step), micro_batch_size):
-        batch = step[m : m + micro_batch_size]
-        per_example, mb_metrics = loss_fn(model, batch)
-        loss = per_example.sum() / len(step)
-        loss.backward()
+    for m in range(0, len(mine), micro_batch_size):
+        batch = mine[m : m + micro_batch_size]
+        with dist.no_sync(model, last=m + micro_batch_size >= len(mine)):
+            per_example, mb_metrics = loss_fn(model, batch)
+            loss = per_example.sum() * (weight / len(step))
+            dist.backward(loss)
         total += loss.item()
         for k, v in mb_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v * len(batch) / len(step)
+            metrics[k] = metrics.get(k, 0.0) + v * weight * len(batch) / len(step)
+    if dist.world() > 1:
+        total, *values = dist.sum_floats([total, *metrics.values()])
+        metrics = dict(zip(metrics, values))
     return total, metrics
 
 
@@ -76,17 +88,19 @@ def train(
     ``steps`` (accumulated over micro-batches), one JSON line per step in train_log.jsonl."""
     uc = cfg.update
     opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
+    model, opt = dist.prepare(model, opt)  # DDP / FSDP / DeepSpeed under several processes
     log_path = stage.path / "train_log.jsonl"
-    stage.path.mkdir(parents=True, exist_ok=True)
-    log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
+    if dist.is_main():
+        stage.path.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
     bar = progress.bar(total, f"update ({uc.name})", "step")
     step, skipped, last = 0, 0, {}
-    with open(log_path, "a") as logf:
+    with open(log_path if dist.is_main() else os.devnull, "a") as logf:
         for epoch, examples in steps:  # an on-policy source rolls out here, between steps
             model.train()
             opt.zero_grad(set_to_none=True)
             loss, metrics = accumulate(model, examples, loss_fn, uc.micro_batch_size)
-            ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, loss)
+            ok, grad_norm = apply_step(opt, model, params, uc.max_grad_norm, loss)
             skipped += not ok
             step += 1
             row = {

@@ -1,0 +1,41 @@
+"""One rank of a multi-process update (``iterate.update.dist.launch`` starts N of these
+through ``accelerate launch``): join the process group, run the iteration's update rule,
+rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from iterate import engine, models, progress
+from iterate.config import to_dataclass
+from iterate.paths import Paths
+from iterate.update import RULES, dist
+
+
+def main(spec_path: str) -> None:
+    engine.kill_with_parent()  # ranks run in sessions of their own: die with the launcher
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = to_dataclass(OmegaConf.create(spec["config"]))
+    p = spec["paths"]
+    paths = Paths(
+        run=Path(p["run"]),
+        base_policy=p["base_policy"],
+        toy=Path(p["toy"]) if p["toy"] else None,
+        reward_model=p["reward_model"],
+    )
+    acc = dist.init(cpu=models.device(str(cfg.device)).type == "cpu")
+    logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING)
+    if not acc.is_main_process:
+        progress.disable()
+    rule = RULES[str(cfg.update.name)]
+    rule.run(cfg, paths, spec["iteration"], spec["policy"], spec["reference"])
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
