@@ -173,6 +173,9 @@ class RewardConfig:
     max_length: int = 256
     dtype: DType = DType.float32
     score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, ...)
+    # label and evaluate: shards scored by this many processes (one per GPU, or CPU threads)
+    workers: int = 1
+    threads: int = 0  # CPU: threads per scoring worker (0: an equal share)
 
 
 @dataclass
@@ -217,9 +220,17 @@ class GenerateConfig:
     shard_size: int = 128  # prompts per Parquet shard
     gpu_memory_utilization: float = 0.25  # on CPU this is a share of host memory
     enforce_eager: bool = True  # skip torch.compile warm-up (start-up time on CPU)
-    # keep the vLLM engine alive across iterations and load each new policy into it (CPU;
-    # on CUDA each generate stage starts its own engine, which frees GPU memory for the update)
+    # CPU: keep the vLLM engine alive across iterations and load each new policy into it
+    # (on CUDA, sleep_level says what happens between stages)
     keep_engine: bool = True
+    # shards split among this many vLLM engine processes (one per GPU slice, or CPU cores)
+    workers: int = 1
+    threads: int = 0  # CPU: cores per worker (0: an equal share; 1 worker left to vLLM)
+    tensor_parallel_size: int = 1  # CUDA: GPUs per engine worker
+    # CUDA: keep the engines for the whole run, asleep between stages so the update has the
+    # GPU memory (1: weights offloaded to CPU memory; 2: dropped and reloaded on waking;
+    # 0: a new engine per stage)
+    sleep_level: int = 2
 
 
 @dataclass

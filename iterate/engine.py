@@ -56,6 +56,8 @@ def start_llm(policy: str, engine: dict, seed: int):
         max_model_len=engine["max_length"],
         gpu_memory_utilization=engine["gpu_memory_utilization"],
         enforce_eager=engine["enforce_eager"],
+        tensor_parallel_size=engine.get("tensor_parallel_size", 1),
+        enable_sleep_mode=engine.get("sleep_level", 0) > 0,  # CUDA only
     )
 
 
@@ -95,36 +97,66 @@ def sample(llm, request: dict) -> list[list[tuple[str, list[int], str]]]:
     ]
 
 
+class Server:
+    """What the engine process does with each request. ``start`` builds the engine (vLLM's
+    ``LLM``; the tests pass a stand-in to check the calls made around it)."""
+
+    def __init__(self, start=None):
+        self.start = start or start_llm
+        self.llm, self.loaded = None, None
+        self.asleep = 0  # the sleep level the engine is at (0: awake)
+
+    def handle(self, request: dict) -> tuple[list | None, dict]:
+        timer = progress.Timer()
+        if request["op"] == "sleep":  # CUDA: give the GPU memory back until the next request
+            if self.llm is not None and not self.asleep:
+                with timer("sleep_s"):
+                    self.llm.sleep(level=request["level"])
+                self.asleep = request["level"]
+            return None, timer.seconds
+        if self.llm is None:
+            with timer("engine_start_s"):
+                self.llm = self.start(request["policy"], request["engine"], request["seed"])
+            self.loaded = (request["policy"], 0)  # version 0: the folder's own weights
+        if self.asleep:
+            with timer("wake_s"):
+                self.llm.wake_up()
+            if self.asleep == 2:  # level 2 dropped the weights: load them again
+                self.loaded = None
+            self.asleep = 0
+        if self.loaded != (request["policy"], request["version"]):
+            if request["version"] and not request.get("weights_file"):
+                raise RuntimeError(
+                    f"synced weights (version {request['version']}) are not in the engine "
+                    "(dropped by sleep level 2): sync them again"
+                )
+            with timer("weights_load_s"):
+                load_weights(self.llm, request)
+            self.loaded = (request["policy"], request["version"])
+        samples = None
+        if request["op"] == "sample":
+            with timer("sample_s"):
+                samples = sample(self.llm, request)
+        return samples, timer.seconds
+
+
 def serve(fd: int) -> None:
     """The engine process: answer requests from the socket ``fd`` until it closes. Replies
     ``{"ok": True, "samples": [...] or None, "timings": {...}}`` or ``{"ok": False, "error"}``."""
     from multiprocessing.connection import Connection
 
-    conn = Connection(fd)
-    llm, loaded = None, None
+    conn, server = Connection(fd), Server()
     while True:
         try:
             request = conn.recv()
         except EOFError:
             return
-        timer = progress.Timer()
         try:
-            if llm is None:
-                with timer("engine_start_s"):
-                    llm = start_llm(request["policy"], request["engine"], request["seed"])
-                loaded = (request["policy"], 0)  # version 0: the folder's own weights
-            if loaded != (request["policy"], request["version"]):
-                with timer("weights_load_s"):
-                    load_weights(llm, request)
-                loaded = (request["policy"], request["version"])
-            samples = None
-            if request["op"] == "sample":
-                with timer("sample_s"):
-                    samples = sample(llm, request)
-            conn.send({"ok": True, "samples": samples, "timings": timer.seconds})
+            samples, timings = server.handle(request)
+            conn.send({"ok": True, "samples": samples, "timings": timings})
         except Exception as e:  # reported to the parent, which raises it with context
             log.exception("engine request failed")
-            conn.send({"ok": False, "timings": timer.seconds, "error": f"{type(e).__name__}: {e}"})
+            conn.send({"ok": False, "timings": {}, "error": f"{type(e).__name__}: {e}"})
             return
 
 
@@ -196,38 +228,47 @@ class Engine:
     """The client side: a vLLM engine process, started on the first request and restarted
     when a request needs another ``key``."""
 
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
+        self.env = env or {}  # this worker's devices or CPU cores (``workers.engine_env``)
         self.proc: subprocess.Popen | None = None
         self.conn = None
         self.key: dict | None = None
 
-    def request(self, request: dict) -> tuple[list, dict]:
-        """Send one request; returns (samples per prompt, timings)."""
+    def ensure(self, request: dict) -> None:
+        """Have a process for ``request``'s key running: start one, or restart it for another
+        key. Call it from the main thread: the process dies with the *thread* that started
+        it (``PR_SET_PDEATHSIG``), and worker threads end with their stage."""
         from multiprocessing.connection import Connection
 
         k = key(request)
         if self.proc is not None and (k != self.key or self.proc.poll() is not None):
             self.close()
-        if self.proc is None:
-            ours, theirs = socket.socketpair()
-            env = {
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_LOGGING_LEVEL": "ERROR",
-                **os.environ,
-            }
-            try:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
-                    env=env,
-                    pass_fds=[theirs.fileno()],
-                    preexec_fn=kill_with_parent,
-                )
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            self.conn, self.key = Connection(ours.detach()), k
+        if self.proc is not None:
+            return
+        ours, theirs = socket.socketpair()
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_LOGGING_LEVEL": "ERROR",
+            **os.environ,
+            **self.env,
+        }
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
+                env=env,
+                pass_fds=[theirs.fileno()],
+                preexec_fn=kill_with_parent,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.conn, self.key = Connection(ours.detach()), k
+
+    def request(self, request: dict) -> tuple[list, dict]:
+        """Send one request; returns (samples per prompt, timings)."""
+        self.ensure(request)
         try:
             self.conn.send(request)
             reply = self.conn.recv()
@@ -237,6 +278,10 @@ class Engine:
             self.close()
             raise RuntimeError(f"vLLM engine failed: {reply['error']}")
         return reply["samples"], reply["timings"]
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def pid(self) -> int | None:

@@ -28,7 +28,7 @@ import torch
 from iterate import losses, models, progress, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.reward_model import Scorer
+from iterate.reward_model import ScorerPool
 from iterate.shards import SCHEMAS, Stage, read_shards
 from iterate.toy.world import gold_scorer
 
@@ -152,10 +152,14 @@ def _mean(xs: list[float]) -> float:
 
 def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
-    rc = cfg.reward
-    scorer = Scorer.of(rc, rm_path, models.device(str(cfg.device)))
     prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
-    out = {"heldout_reward_mean": _mean(scorer.score(prompts, responses, desc="held-out reward"))}
+    rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
+    starts = range(0, len(prompts), rows)
+    jobs = {c: (prompts[s : s + rows], responses[s : s + rows]) for c, s in enumerate(starts)}
+    rewards: dict[int, list[float]] = {}
+    with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
+        pool.score_each(jobs, rewards.__setitem__, desc="held-out reward")
+    out = {"heldout_reward_mean": _mean([r for c in sorted(rewards) for r in rewards[c]])}
     if gold := gold_scorer(cfg.prompts.source):
         init = initial(cfg, paths)
         init_gold = {

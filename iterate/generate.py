@@ -22,7 +22,10 @@ from iterate.shards import SCHEMAS, Stage, read_shards
 log = logging.getLogger(__name__)
 
 # settings that change how generation runs, not what it writes
-NOT_HASHED = ("keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager")
+NOT_HASHED = (
+    "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers", "threads",
+    "tensor_parallel_size", "sleep_level",
+)  # fmt: skip
 
 
 def params(cfg: Config) -> sampling.Params:

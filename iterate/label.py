@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from iterate import faults, models
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.reward_model import Scorer
+from iterate.reward_model import ScorerPool
 from iterate.shards import (
     SCHEMAS,
     Stage,
@@ -37,9 +37,9 @@ from iterate.toy.world import gold_scorer
 log = logging.getLogger(__name__)
 
 
-def label_table(gen: pa.Table, scorer: Scorer, gold=None) -> tuple[pa.Table, Counter]:
+def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Table, Counter]:
+    """The label rows of generate shard ``gen`` given its rewards; non-finite ones dropped."""
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
-    rewards = scorer.score(prompts, responses, desc="label")
     keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]
     dropped = Counter(
         {"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {}
@@ -67,16 +67,18 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         return stage.read_done()
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
-        scorer = Scorer.of(rc, rm_path, models.device(str(cfg.device)))
         gold = gold_scorer(cfg.prompts.source)
-        for p in todo:
-            k = shard_index(p)
-            table, d = label_table(pq.read_table(p), scorer, gold)
+        gens = {shard_index(p): pq.read_table(p) for p in todo}
+
+        def write(k: int, rewards: list[float]) -> None:
+            table, d = label_table(gens[k], rewards, gold)
             write_shard(table, shard_path(stage.path, k))
-            _save_counts(
-                stage.path, k, d
-            )  # after the shard: a shard rewritten after a crash rewrites it
+            _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
+
+        jobs = {k: (g["prompt"].to_pylist(), g["response"].to_pylist()) for k, g in gens.items()}
+        with ScorerPool(rc, rm_path, models.device(str(cfg.device))) as pool:
+            pool.score_each(jobs, write, desc="label")
     dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])
     rewards = labels["reward"].to_pylist()

@@ -21,10 +21,11 @@ import logging
 import math
 import random
 from collections import Counter
+from functools import partial
 
 import torch
 
-from iterate import losses, preferences, progress
+from iterate import losses, preferences, progress, workers
 from iterate.config import Config, RewardConfig, plain
 from iterate.models import DTYPES, as_messages, load_tokenizer, pad
 from iterate.paths import Paths
@@ -154,6 +155,82 @@ class Scorer:
             bar.update(len(idx))
         bar.close()
         return out
+
+
+_WORKER_SCORER: Scorer | None = None  # in a scoring worker process
+
+
+def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> None:
+    global _WORKER_SCORER
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
+
+
+def _score_in_worker(prompts: list, responses: list[str], desc: str) -> list[float]:
+    return _WORKER_SCORER.score(prompts, responses, desc=desc)
+
+
+class ScorerPool:
+    """Rewards for many shards at once: ``score_each(jobs, done)`` scores each job (a
+    shard's prompts and responses) in one ``Scorer.score`` call and hands the rewards to
+    ``done(key, rewards)`` as each finishes. With ``reward.workers`` = 1 it scores in this
+    process; with N > 1 the jobs are dealt out among N processes (one per GPU, or each with
+    ``reward.threads`` CPU threads), each holding its own copy of the reward model. A job's
+    rewards are the same whichever worker scores it."""
+
+    def __init__(self, rc: RewardConfig, path: str, device: torch.device):
+        self.rc, self.path, self.device = rc, path, device
+        self.pools: list = []
+        self.scorer: Scorer | None = None
+
+    def _open(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.rc.workers == 1:
+            self.scorer = self.scorer or Scorer.of(self.rc, self.path, self.device)
+            return
+        if self.pools:
+            return
+        n_gpu = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        threads = self.rc.threads or max(1, len(workers.cores()) // self.rc.workers)
+        for w in range(self.rc.workers):
+            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
+            self.pools.append(
+                ProcessPoolExecutor(
+                    1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.rc, self.path, device, 0 if n_gpu else threads),
+                )
+            )
+
+    def score_each(self, jobs: dict, done, desc: str = "score") -> None:
+        """``jobs``: key -> (prompts, responses); ``done(key, rewards)`` per finished job."""
+        self._open()
+        if self.scorer is not None:
+            for k in sorted(jobs):
+                done(k, self.scorer.score(*jobs[k], desc=desc))
+            return
+
+        def work(w: int, keys: list) -> None:
+            for k in keys:
+                done(k, self.pools[w].submit(_score_in_worker, *jobs[k], desc).result())
+
+        groups = workers.deal(jobs, len(self.pools))
+        workers.run_each([partial(work, w, keys) for w, keys in enumerate(groups)])
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+        self.pools, self.scorer = [], None
+
+    def __enter__(self) -> ScorerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:

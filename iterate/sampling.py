@@ -23,16 +23,18 @@ prompts alone: a shard or a rollout redone after a crash equals the uninterrupte
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from iterate import engine, faults, models, progress
+from iterate import engine, faults, models, progress, workers
 from iterate.config import Config
 from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
 
@@ -63,10 +65,13 @@ class Spec:
     batch_size: int = 64  # transformers: prompts per generate() call
     gpu_memory_utilization: float = 0.25
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1  # vLLM: GPUs per engine
+    sleep_level: int = 0  # vLLM on CUDA: the kept engine sleeps between stages (1 or 2)
 
     @classmethod
     def of(cls, cfg: Config) -> Spec:
         gc = cfg.generate
+        cuda = models.device(str(cfg.device)).type == "cuda"
         return cls(
             dtype=str(cfg.model.dtype),
             max_length=cfg.model.max_length,
@@ -74,11 +79,15 @@ class Spec:
             batch_size=gc.batch_size,
             gpu_memory_utilization=gc.gpu_memory_utilization,
             enforce_eager=gc.enforce_eager,
+            tensor_parallel_size=gc.tensor_parallel_size,
+            sleep_level=gc.sleep_level if cuda and gc.backend == "vllm" else 0,
         )
 
 
 class TransformersSampler:
     """transformers ``generate`` in this process."""
+
+    workers = 1
 
     def __init__(self, spec: Spec):
         self.spec, self.dev = spec, models.device(spec.device)
@@ -93,12 +102,17 @@ class TransformersSampler:
                 self.model = models.load_policy(policy, self.spec.dtype, self.dev)
             self.source = policy
 
+    def ready(self) -> None:
+        """Nothing to start: sampling happens in this process."""
+
     def sync(self, model, tokenizer, policy: str) -> None:
         """Sample ``model`` itself from now on (no copy)."""
         self.model, self.tok, self.source = model, tokenizer, None
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
+    def sample(
+        self, prompts: list[list[int]], params: Params, seed: int, worker: int = 0
+    ) -> list[list[Sample]]:
         tok, model = self.tok, self.model
         was_training = model.training
         model.eval()
@@ -151,78 +165,128 @@ class TransformersSampler:
 
 
 class VllmSampler:
-    """A vLLM engine in its own process; see ``iterate.engine``."""
+    """vLLM engines, each in its own process (``iterate.engine``) with its own slice of the
+    machine (``workers.engine_env``): one for a single request, all of them for shards."""
 
-    def __init__(self, spec: Spec):
-        self.spec, self.engine = spec, engine.Engine()
+    def __init__(self, spec: Spec, envs: list[dict] | None = None):
+        self.spec, self.envs = spec, envs or [{}]
+        self.engines = [engine.Engine(env) for env in self.envs]
         self.policy: str | None = None
         self.version = 0  # 0: the policy folder's weights; n: the n-th synced set
         self.synced = 0
         self.timings: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def workers(self) -> int:
+        return len(self.engines)
 
     def load(self, policy: str) -> None:
         self.policy, self.version = policy, 0
 
     def sync(self, model, tokenizer, policy: str) -> None:
-        """Load ``model``'s weights (a LoRA adapter merged into a copy) into the engine in
+        """Load ``model``'s weights (a LoRA adapter merged into a copy) into every engine in
         place; ``policy`` is a folder of the same architecture, where a new engine starts."""
         self.policy, self.synced = policy, self.synced + 1
         self.version = self.synced
+        self.ready()
         with engine.weights_file(model) as path:
-            self._request({"op": "weights", "weights_file": path})
+            request = {"op": "weights", "weights_file": path}
+            workers.run_each([partial(self._request, request, w) for w in range(self.workers)])
 
-    def sample(self, prompts: list[list[int]], params: Params, seed: int) -> list[list[Sample]]:
+    def sample(
+        self, prompts: list[list[int]], params: Params, seed: int, worker: int = 0
+    ) -> list[list[Sample]]:
         samples = self._request(
-            {"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed}
+            {"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed}, worker
         )
         return [[Sample(t, ids, r) for t, ids, r in per_prompt] for per_prompt in samples]
 
-    def _request(self, request: dict):
+    def _envelope(self, request: dict) -> dict:
         engine = {k: v for k, v in asdict(self.spec).items() if k not in ("device", "batch_size")}
-        samples, timings = self.engine.request(
-            {
-                **request,
-                "policy": self.policy,
-                "version": self.version,
-                "engine": engine,
-                "seed": request.get("seed", 0),
-            }
-        )
-        for k, v in timings.items():  # engine start, weight loads, sampling
-            self.timings[k] = round(self.timings.get(k, 0.0) + v, 3)
+        return {
+            **request,
+            "policy": self.policy,
+            "version": self.version,
+            "engine": engine,
+            "seed": request.get("seed", 0),
+        }
+
+    def ready(self) -> None:
+        """Start (or restart) every engine's process from this thread before threads drive
+        them: a process dies with the thread that started it."""
+        for e in self.engines:
+            e.ensure(self._envelope({}))
+
+    def _request(self, request: dict, worker: int = 0):
+        samples, timings = self.engines[worker].request(self._envelope(request))
+        with self._lock:  # engine start, weight loads, sampling; summed over the workers
+            for k, v in timings.items():
+                self.timings[k] = round(self.timings.get(k, 0.0) + v, 3)
         return samples
 
+    def sleep(self) -> None:
+        """Release the engines' GPU memory (weights and KV cache) until the next request."""
+        jobs = [  # only running engines: sleeping must not start one
+            partial(self._request, {"op": "sleep", "level": self.spec.sleep_level}, w)
+            for w, e in enumerate(self.engines)
+            if e.running
+        ]
+        workers.run_each(jobs)
+
     def close(self) -> None:
-        self.engine.close()
+        for e in self.engines:
+            e.close()
 
 
 Sampler = TransformersSampler | VllmSampler
 _KEPT: dict[str, VllmSampler] = {}
 
 
-def make(backend: str, spec: Spec) -> Sampler:
-    return VllmSampler(spec) if backend == "vllm" else TransformersSampler(spec)
+def make(backend: str, spec: Spec, envs: list[dict] | None = None) -> Sampler:
+    return VllmSampler(spec, envs) if backend == "vllm" else TransformersSampler(spec)
+
+
+def engine_envs(cfg: Config) -> list[dict]:
+    """One environment per vLLM engine worker (``generate.workers``)."""
+    gc = cfg.generate
+    cuda = models.device(str(cfg.device)).type == "cuda"
+    return [
+        workers.engine_env(w, gc.workers, gc.threads, gc.tensor_parallel_size, cuda)
+        for w in range(gc.workers)
+    ]
 
 
 @contextmanager
 def session(cfg: Config):
-    """The sampler for one stage. The vLLM engine is kept for the whole run on CPU when
-    ``generate.keep_engine`` (``close_kept`` ends it); otherwise each stage starts its own
-    and returns its memory when the stage ends (on CUDA, the update needs that memory)."""
+    """The sampler for one stage. The vLLM engines are kept for the whole run
+    (``close_kept`` ends them): on CPU when ``generate.keep_engine``, and on CUDA when
+    ``generate.sleep_level`` > 0, where they sleep between stages so the update has the GPU
+    memory, and wake for the next (seconds, against a new engine's tens of seconds).
+    Otherwise each stage starts its own engines and ends them."""
     backend, spec = str(cfg.generate.backend), Spec.of(cfg)
-    keep = (
-        backend == "vllm" and cfg.generate.keep_engine and models.device(spec.device).type == "cpu"
-    )
+    if backend != "vllm" and cfg.generate.workers > 1:
+        raise ValueError(
+            "generate.workers > 1 needs generate.backend=vllm (engine processes); the "
+            "transformers backend samples in the stage's own process"
+        )
+    cpu = models.device(spec.device).type == "cpu"
+    keep = backend == "vllm" and (cfg.generate.keep_engine if cpu else spec.sleep_level > 0)
     if keep:
-        sampler = _KEPT.setdefault("vllm", VllmSampler(spec))
+        envs = engine_envs(cfg)
+        if "vllm" in _KEPT and _KEPT["vllm"].envs != envs:
+            _KEPT.pop("vllm").close()
+        sampler = _KEPT.setdefault("vllm", VllmSampler(spec, envs))
         sampler.spec, sampler.timings = spec, {}
     else:
-        sampler = make(backend, spec)
+        sampler = make(backend, spec, engine_envs(cfg))
     try:
         yield sampler
     finally:
         if not keep:
             sampler.close()
+        elif spec.sleep_level:
+            sampler.sleep()
 
 
 def close_kept() -> None:
@@ -296,14 +360,23 @@ def write_shards(
     desc: str,
 ) -> None:
     """Sample each shard (seeded by ``seed_of(shard)``) and write it atomically; a crash
-    costs at most the shard being sampled. ``fault``: (iteration, stage) for the crash tests."""
+    costs at most the shards being sampled. The shards are dealt out among the sampler's
+    workers (``workers.deal``), each sampling its own in turn. ``fault``: (iteration, stage)
+    for the crash tests."""
     bar = progress.bar(sum(len(v) for v in todo.values()), desc, "prompt")
-    for k, planned in sorted(todo.items()):
-        samples = sampler.sample([ids for _, _, ids in planned], params, seed_of(k))
-        write_shard(
-            pa.Table.from_pylist(shard_rows(planned, samples), schema=SCHEMAS["generate"]),
-            shard_path(out, k),
-        )
-        faults.point(*fault, k + 1)
-        bar.update(len(planned))
+
+    def work(w: int, keys: list[int]) -> None:
+        for k in keys:
+            planned = todo[k]
+            samples = sampler.sample([ids for _, _, ids in planned], params, seed_of(k), w)
+            write_shard(
+                pa.Table.from_pylist(shard_rows(planned, samples), schema=SCHEMAS["generate"]),
+                shard_path(out, k),
+            )
+            faults.point(*fault, k + 1)
+            bar.update(len(planned))
+
+    groups = workers.deal(todo, sampler.workers)
+    sampler.ready()
+    workers.run_each([partial(work, w, keys) for w, keys in enumerate(groups)])
     bar.close()

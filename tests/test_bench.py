@@ -38,6 +38,7 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
         "backends",
         "sync",
         "iteration",
+        "workers",
         "total",
     }
 
@@ -72,6 +73,9 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
         )
     sync = res["sync"]
     assert all(positive(sync[v][k]) for v in ("merged", "lora") for k in ("sync_s", "tokens_per_s"))
+    w = res["workers"]
+    assert positive(w["generation"]["ratio"]) and positive(w["update"]["step_ratio"])
+    assert all(positive(w["generation"][f"{k}_tokens_per_s"]) for k in ("1x2", "2x1"))
     it = res["iteration"]["kept_engine"]
     assert set(it["stage_seconds"]) == set(STAGES)
     assert it["run_engine_starts_s"] > 0 and 0 < it["fixed_share"] < 1

@@ -11,7 +11,9 @@ from iterate.config import Config
 
 from .conftest import CONF, cli, compose_cfg
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")
+)
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
@@ -355,3 +357,34 @@ def test_new_options_compose():
     assert cfg.update.sync_every == 4 and compose_cfg().update.sync_every == 1
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose_cfg(["handoff.kl_samples=4"])  # moved to evaluate.samples
+
+
+def test_the_shipped_slurm_launcher_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.max_num_timeout) == ("gpu", 8, 3)
+
+
+def test_scale_out_options_compose():
+    cfg = compose_cfg(
+        [
+            "generate.workers=2", "generate.threads=1", "generate.tensor_parallel_size=2",
+            "reward.workers=2", "reward.threads=1",
+            "update.num_processes=4", "update.strategy=deepspeed_zero3",
+        ]
+    )  # fmt: skip
+    assert (cfg.generate.workers, cfg.generate.threads, cfg.generate.tensor_parallel_size) == (
+        2, 1, 2,
+    )  # fmt: skip
+    assert (cfg.reward.workers, cfg.reward.threads) == (2, 1)
+    assert (cfg.update.num_processes, cfg.update.strategy) == (4, "deepspeed_zero3")
+    with pytest.raises(ConfigCompositionException, match="update.strategy=zero9"):
+        compose_cfg(["update.strategy=zero9"])

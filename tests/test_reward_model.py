@@ -133,9 +133,9 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
         },
         schema=SCHEMAS["generate"],
     )
-    table, dropped = label.label_table(
-        gen, reward_model.Scorer(model, tok, 128), gold=gold_scorer("toy")
-    )
+    texts = gen["prompt"].to_pylist(), gen["response"].to_pylist()
+    rewards = reward_model.Scorer(model, tok, 128).score(*texts)
+    table, dropped = label.label_table(gen, rewards, gold=gold_scorer("toy"))
     assert dict(dropped) == {"non_finite_reward": 1}
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
     assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0

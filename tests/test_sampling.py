@@ -116,10 +116,10 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
     try:
         kept.load(str(tiny_world))
         first = kept.sample(prompts, PARAMS, seed=5)
-        pid, start = kept.engine.pid, dict(kept.timings)
+        pid, start = kept.engines[0].pid, dict(kept.timings)
         kept.load(str(other))
         second = kept.sample(prompts, PARAMS, seed=5)
-        assert kept.engine.pid == pid, "the same engine process served both policies"
+        assert kept.engines[0].pid == pid, "the same engine process served both policies"
     finally:
         kept.close()
     assert "engine_start_s" in start and kept.timings["weights_load_s"] > 0
@@ -206,3 +206,56 @@ def test_engine_key_reads_the_architecture_and_accepts_hub_ids(tiny_world, tmp_p
     # a hub id is not a folder here: it is its own key (vLLM resolves it)
     hub = engine.key({**request, "policy": "HuggingFaceH4/mistral-7b-sft-beta"})
     assert hub["arch"] == {"policy": "HuggingFaceH4/mistral-7b-sft-beta"}
+
+
+class _FakeLLM:
+    """Stands in for vLLM's LLM to record what the engine process calls around it."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self) -> None:
+        self.calls.append(("wake",))
+
+    def collective_rpc(self, name: str, kwargs: dict) -> None:
+        self.calls.append(("reload", "file" if "weights_iterator" in kwargs else "folder"))
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def test_engine_sleeps_wakes_and_reloads_what_level_two_dropped(tiny_world, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "sample", lambda llm, request: [["sampled"]])
+    server = engine.Server(start=lambda policy, spec, seed: _FakeLLM(calls))
+    policy = str(tiny_world)
+    ask = lambda op, **kw: server.handle(  # noqa: E731
+        {"op": op, "policy": policy, "version": 0, "engine": {}, "seed": 0, **kw}
+    )
+    assert ask("sleep", level=1)[0] is None and calls == []  # no engine yet: nothing to do
+    assert ask("sample")[0] == [["sampled"]]
+    ask("sleep", level=1)
+    ask("sleep", level=1)  # asleep already: once
+    ask("sample")
+    assert calls == [("sleep", 1), ("wake",)]  # level 1 kept the weights
+    ask("sleep", level=2)
+    ask("sample")
+    assert calls[2:] == [("sleep", 2), ("wake",), ("reload", "folder")]  # level 2 dropped them
+    ask("sleep", level=2)
+    with pytest.raises(RuntimeError, match="sync them again"):
+        ask("sample", version=3)  # synced weights cannot come back from the folder
+
+
+def test_cuda_session_keeps_its_engine_asleep_between_stages(tiny_cfg):
+    tiny_cfg.device = "cuda"  # no GPU needed: no engine starts without a request
+    with sampling.session(tiny_cfg) as sampler:
+        assert sampler.spec.sleep_level == 2
+    assert sampling._KEPT["vllm"] is sampler  # asleep, kept for the next stage
+    sampling.close_kept()
+    tiny_cfg.generate.sleep_level = 0
+    with sampling.session(tiny_cfg) as sampler:
+        assert sampler.spec.sleep_level == 0
+    assert "vllm" not in sampling._KEPT  # a new engine per stage

@@ -208,6 +208,23 @@ def iteration(cfg: BenchConfig, out: Path) -> dict:
     return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
 
 
+def workers(cfg: BenchConfig, out: Path) -> dict:
+    from dataclasses import asdict
+
+    from iterate.bench import child
+    from iterate.bench import models as bm
+
+    w = cfg.workers
+    log.info("workers: 1x%d threads vs %dx1 (%s)", w.threads, w.threads, w.model)
+    spec = {
+        **asdict(w),
+        "model": bm.policy_path(w.model, cfg.toy),
+        "workdir": str(out / "work" / "workers"),
+        "seed": cfg.seed,
+    }
+    return {"model": w.model, **child.run("workers", spec, out / "work")}
+
+
 RUNNERS = {
     "generation": generation,
     "labelling": labelling,
@@ -215,6 +232,7 @@ RUNNERS = {
     "backends": backends,
     "sync": sync,
     "iteration": iteration,
+    "workers": workers,
 }
 
 

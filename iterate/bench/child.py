@@ -123,12 +123,18 @@ def sync(spec: dict) -> dict:
     return backends.sync_variant(spec)
 
 
+def workers(spec: dict) -> dict:
+    """1 worker x T threads against T workers x 1 thread: ``iterate.bench.workers``."""
+    from iterate.bench import workers
+
+    return workers.measure(spec)
+
+
 if __name__ == "__main__":
     kind, spec_file, out_file = sys.argv[1:4]
     spec = json.loads(Path(spec_file).read_text())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends, "sync": sync}[
-        kind
-    ](spec)
+    kinds = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends}
+    result = {**kinds, "sync": sync, "workers": workers}[kind](spec)
     Path(out_file).write_text(json.dumps(result, indent=2))

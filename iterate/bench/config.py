@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from iterate.config import ToyConfig
 
-SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration")
+SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration", "workers")
 
 
 @dataclass
@@ -75,6 +75,22 @@ class SyncBench:
 
 
 @dataclass
+class WorkersBench:
+    """1 worker x T threads against T workers x 1 thread, for generation and the update."""
+
+    model: str = "llama30m"
+    threads: int = 2  # T: the cores shared out
+    prompts: int = 32
+    shards: int = 8
+    n: int = 4
+    new_tokens: int = 32
+    pairs: int = 32  # DPO pairs, one epoch
+    micro_batch_size: int = 8
+    response_tokens: int = 48
+    rounds: int = 3
+
+
+@dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
     overrides: list[str] = field(
@@ -98,6 +114,7 @@ class BenchConfig:
     backends: BackendsBench = field(default_factory=BackendsBench)
     sync: SyncBench = field(default_factory=SyncBench)
     iteration: IterationBench = field(default_factory=IterationBench)
+    workers: WorkersBench = field(default_factory=WorkersBench)
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
@@ -139,6 +156,11 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
         4,
     )
     u.prompt_tokens, u.response_tokens = 8, 8
+    w = cfg.workers
+    w.model, w.prompts, w.shards, w.n, w.new_tokens, w.pairs, w.micro_batch_size = (
+        "toy", 4, 2, 2, 8, 4, 2,
+    )  # fmt: skip
+    w.response_tokens, w.rounds = 8, 1
     it = cfg.iteration
     it.iterations, it.compare_restart = 1, False
     it.overrides = ["experiment=toy_tiny", "reward.num_pairs=100"]

@@ -61,4 +61,12 @@ def report(results: dict) -> str:
             f"iteration ({name}): {b['total_s']:.1f}s = {stages}; "
             f"fixed overheads {b['fixed_s']:.1f}s = {b['fixed_share']:.0%} ({fixed})"
         )
+    if w := results.get("workers"):
+        t, g, u = w["threads"], w["generation"], w["update"]
+        lines.append(
+            f"workers {w['model']}: generation 1x{t} threads {g[f'1x{t}_tokens_per_s']:.0f} tok/s "
+            f"vs {t}x1 {g[f'{t}x1_tokens_per_s']:.0f} tok/s = {g['ratio']:.2f}x; DPO update "
+            f"1x{t} {u[f'1x{t}_step_s']:.3f} vs {t}x1 {u[f'{t}x1_step_s']:.3f} s/step = "
+            f"{u['step_ratio']:.2f}x (stage with launch: {u['stage_ratio']:.2f}x)"
+        )
     return "\n".join(lines)

@@ -9,9 +9,10 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from iterate import engine, models, progress
+from iterate import engine, models, progress, workers
 from iterate.config import to_dataclass
 from iterate.paths import Paths
 from iterate.update import RULES, dist
@@ -28,7 +29,10 @@ def main(spec_path: str) -> None:
         toy=Path(p["toy"]) if p["toy"] else None,
         reward_model=p["reward_model"],
     )
-    acc = dist.init(cpu=models.device(str(cfg.device)).type == "cpu")
+    cpu = models.device(str(cfg.device)).type == "cpu"
+    acc = dist.init(cpu=cpu)
+    if cpu:  # the ranks share the cores out
+        torch.set_num_threads(max(1, len(workers.cores()) // acc.num_processes))
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING)
     if not acc.is_main_process:
         progress.disable()
