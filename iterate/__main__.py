@@ -1,5 +1,6 @@
 """Entry point: ``python -m iterate iteration=3`` (Hydra; see conf/config.yaml)."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,12 +15,14 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from transformers.utils import logging as hf_logging
 
-    from iterate import loop
+    from iterate import cli, loop
     from iterate.config import to_dataclass
 
     hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
-
-    loop.run(to_dataclass(cfg), Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    status = cli.exit_status(lambda: loop.run(to_dataclass(cfg), run_dir))
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

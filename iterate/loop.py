@@ -83,6 +83,15 @@ def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -
 
 def run(cfg: Config, run_dir: Path) -> list[dict]:
     """Make iterations 0..cfg.iteration-1 exist; return the metrics rows."""
+    from iterate import validate
+    from iterate.runlock import RunLock
+
+    validate.check(cfg)  # every setting, before any work
+    with RunLock(run_dir):  # one writer per run folder
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: Config, run_dir: Path) -> list[dict]:
     from iterate import report
 
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")

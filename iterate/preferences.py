@@ -19,6 +19,7 @@ reported with its file, row and field.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
@@ -133,9 +134,47 @@ def parse_row(row: dict, where: str) -> Pair:
     return Pair(messages, c, r, where)
 
 
+def _json_rows(p: Path) -> list:
+    """The rows of a .jsonl (one object per line) or .json (a list of objects) file, read
+    here so that bad bytes or a broken line are reported with the file and line."""
+    from iterate.validate import BadInput
+
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BadInput(f"{p}: line {line}: not UTF-8 (byte {e.start}: {e.reason})") from None
+    if p.suffix == ".jsonl" or text.lstrip().startswith("{"):  # JSON lines
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadInput(
+                    f"{p}: line {n}: not valid JSON ({e.msg}, column {e.colno})"
+                ) from None
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(
+                f"{p}: line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+            ) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise BadInput(f"{p}: expected one JSON object per line, or a JSON list of objects")
+    if not rows:
+        raise BadInput(f"{p}: the file has no rows")
+    return rows
+
+
 def read_rows(path: str):
     """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train split)."""
     import datasets
+
+    from iterate.validate import BadInput
 
     p = Path(path)
     if not p.exists():
@@ -143,8 +182,13 @@ def read_rows(path: str):
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
         return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-    kind = "parquet" if p.suffix == ".parquet" else "json"
-    return datasets.load_dataset(kind, data_files=str(p), split="train")
+    if p.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    else:
+        ds = datasets.Dataset.from_list(_json_rows(p))
+    if len(ds) == 0:
+        raise BadInput(f"{p}: the file has no rows")
+    return ds
 
 
 def load(path: str, weight: float = 1.0, seed: int = 0) -> tuple[list[Pair], dict, list[str]]:

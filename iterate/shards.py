@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 DONE = "_DONE.json"
+
+log = logging.getLogger(__name__)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "generate": pa.schema(
@@ -151,6 +154,35 @@ def done_id(folder: Path) -> str | None:
     return f"{d['config_hash']}@{d['finished_unix']}"
 
 
+RUN = "${run}"  # how a stage config writes the run folder: a run folder can move
+
+
+def run_root(path: Path) -> Path | None:
+    """The run folder a stage folder is in: the nearest one above with a ``config.yaml``."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "config.yaml").exists():
+            return parent
+    return None
+
+
+def portable(obj: Any, root: Path | None) -> Any:
+    """``obj`` with every path inside ``root`` written relative to it (``${run}/...``), so
+    a copied or moved run resumes; paths outside it (a base model) stay as they are."""
+    if root is None:
+        return obj
+    if isinstance(obj, dict):
+        return {k: portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/"):
+        try:
+            rel = Path(obj).resolve().relative_to(root)
+        except ValueError:
+            return obj
+        return f"{RUN}/{rel}" if str(rel) != "." else RUN
+    return obj
+
+
 class Stage:
     """A stage's folder: ``<run>/iter_000/generate/`` or ``<run>/reward_model/``."""
 
@@ -159,7 +191,9 @@ class Stage:
         self.name = name
         # the part of the run config this stage's output depends on, and which run of each
         # upstream stage it read: an upstream stage that ran again invalidates this one
-        self.config = {**config, "inputs": {_input_key(Path(p)): done_id(p) for p in inputs}}
+        config = {**config, "inputs": {_input_key(Path(p)): done_id(p) for p in inputs}}
+        self.root = run_root(self.path)
+        self.config = portable(config, self.root)
         self.t0 = time.time()
 
     @property
@@ -182,8 +216,14 @@ class Stage:
         recorded = self.read_done()["config"] if self.is_done() else None
         if recorded is None and marker.exists():
             recorded = json.loads(marker.read_text())
+        recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         if recorded is not None and recorded != self.config:
             keys = diff_keys(recorded, self.config)
+            wrote = [p for p in self.path.iterdir() if p.name != "_CONFIG.json"]
+            if not wrote and not self.is_done():  # a start that failed before any output
+                log.info("%s: started with another config but wrote nothing: starting again "
+                         "(differing keys: %s)", self.path, ", ".join(keys))  # fmt: skip
+                force = True
             if not force:
                 raise StageConfigChanged(
                     f"{self.path}: the config of stage '{self.name}' changed since it ran "

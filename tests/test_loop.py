@@ -4,6 +4,7 @@ at three points, the KL gate, and a sweep. Runs the real CLI in subprocesses."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def _stage_files(i: int) -> set[str]:
 
 
 EXPECTED_TOP = {
+    ".lock",  # the run lock (runlock.py): held while a process writes here
     "config.yaml",
     "metrics.jsonl",
     "metrics.png",
@@ -141,7 +143,7 @@ def test_rerun_of_finished_run_does_nothing(clean_run, tiny_cache, tiny_rm):
     before = {
         p: p.stat().st_mtime_ns
         for p in clean_run.rglob("*")
-        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log" and p.name != ".lock"
     }
     out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2"))
     assert out.returncode == 0, out.stderr[-2000:]
@@ -243,6 +245,17 @@ def test_keep_previous_restarts_from_the_previous_policy(tiny_cache, tiny_rm, ti
     assert [r["accepted"] for r in rows] == [False, False]
     gen1 = json.loads((tmp_path / "toy_tiny" / "iter_001" / "generate" / "_DONE.json").read_text())
     assert gen1["config"]["policy"] == str(tiny_world)
+
+
+def test_a_moved_run_resumes_without_redoing_anything(clean_run, tiny_cache, tiny_rm, tmp_path):
+    moved = tmp_path / "elsewhere" / "toy_tiny"
+    shutil.copytree(clean_run, moved)
+    before = {p: p.read_text() for p in moved.rglob("_DONE.json")}
+    gen = json.loads((moved / "iter_001" / "generate" / "_DONE.json").read_text())
+    assert gen["config"]["policy"] == "${run}/iter_000/handoff/policy"  # not where it ran
+    out = cli(_args(tiny_cache, tiny_rm, moved.parent, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {p: p.read_text() for p in moved.rglob("_DONE.json")} == before, "nothing redone"
 
 
 def test_changed_config_is_refused_naming_the_key(clean_run, tiny_cache, tiny_rm):

@@ -1,0 +1,53 @@
+"""What the command line prints and returns when a run ends early: one line saying what
+went wrong and where, the traceback in the run's log file only, and an exit status a
+script can act on: 2 bad input (a setting, a path, a file's row, a run folder in use or
+changed), 1 a failure, 130 Ctrl-C. A rerun of the same command resumes after 1 and 130."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+
+from iterate.shards import StageConfigChanged
+from iterate.validate import BadInput
+
+log = logging.getLogger("iterate")
+
+BAD_INPUT = (BadInput, StageConfigChanged, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _to_log_file(text: str) -> str | None:
+    """Write ``text`` to the log files of the root logger (Hydra's ``<run>/__main__.log``);
+    returns the first one's path."""
+    paths = []
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.stream.write(text)
+            h.flush()
+            paths.append(h.baseFilename)
+    return paths[0] if paths else None
+
+
+def exit_status(fn: Callable[[], object]) -> int:
+    """Run ``fn``; 0 when it returns, else the status above, having said why in one line."""
+    try:
+        fn()
+        return 0
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C): the same command resumes where this stopped")
+        return 130
+    except BAD_INPUT as e:
+        where = _to_log_file(traceback.format_exc())
+        log.error("bad input: %s", e)
+        log.debug("traceback in %s", where)
+        return 2
+    except Exception as e:  # a failure: say what and where the traceback is
+        where = _to_log_file(traceback.format_exc())
+        log.error(
+            "failed: %s: %s%s",
+            type(e).__name__,
+            e,
+            f" (traceback in {where}; the same command resumes)" if where else "",
+        )
+        return 1

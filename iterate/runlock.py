@@ -1,0 +1,108 @@
+"""One writer per run folder: ``<run>/.lock``, held with ``flock`` for the whole run.
+
+The kernel drops the lock when its holder dies, however it dies, so a lock is never stale
+in fact; the file keeps the last holder's pid, host and start time, which the next process
+reports (taking over from a dead holder is logged; a live one is named in the refusal).
+Also cleans what dead writers left: temporary files and folders (``*.tmp<pid>``) of
+processes no longer running, which only the lock holder may do safely.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from iterate.validate import BadInput
+
+log = logging.getLogger(__name__)
+TMP = re.compile(r"\.tmp(\d+)$")
+
+
+class RunLocked(BadInput):
+    """Another process holds the run folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run: Path):
+        self.path = Path(run) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+                if holder
+                else "another process"
+            )
+            raise RunLocked(
+                f"{self.path.parent}: in use by {who}; wait for it to finish, stop it, or "
+                "use another run_name"
+            ) from None
+        old = self._holder(fd)
+        if old and old.get("pid") != os.getpid():
+            log.warning(
+                "%s: taking over the lock of pid %s on %s (since %s), which is no longer running",
+                self.path.parent, old.get("pid"), old.get("host"), old.get("since"),
+            )  # fmt: skip
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        clean_temporaries(self.path.parent)
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return {}
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean exit leaves no holder to report
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def clean_temporaries(run: Path) -> list[Path]:
+    """Remove ``*.tmp<pid>`` files and folders under ``run`` whose process is gone (an
+    atomic write or a handoff save cut short); returns what was removed."""
+    removed = []
+    for p in sorted(Path(run).rglob("*.tmp*")):
+        m = TMP.search(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d temporary file(s) left by dead processes: %s", len(removed),
+                    ", ".join(str(p.relative_to(run)) for p in removed[:5]))  # fmt: skip
+    return removed

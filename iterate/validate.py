@@ -1,0 +1,139 @@
+"""Every setting checked before any work starts: ranges, paths that must be loadable
+folders (or hub ids), and settings that only make sense together. A bad one raises
+``BadInput`` naming the key, its value and what to do. The command line turns it into one
+line and exit status 2 (``iterate.__main__``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from iterate.config import Config
+
+PAIR_RULES = ("dpo", "raft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+class BadInput(ValueError):
+    """Input the user can fix: a setting, a path, a file's row. Exit status 2."""
+
+
+def _need(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise BadInput(f"{key}={value!r}: {rule}")
+
+
+def _model_folder(key: str, path: str | None, what: str) -> None:
+    """A local folder with a config.json, or something shaped like a hub id."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise BadInput(
+                f"{key}={path!r}: the folder has no config.json; point it at a saved {what} "
+                "(save_pretrained) folder"
+            )
+        return
+    if p.exists() or not HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        raise BadInput(
+            f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"
+        )
+
+
+GE1 = (lambda v: v >= 1, "must be >= 1")
+GE0 = (lambda v: v >= 0, "must be >= 0")
+POS = (lambda v: v > 0, "must be > 0")
+FINITE_POS = (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+UNIT = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
+BELOW_HALF = (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+
+RANGES = {
+    "iteration": (GE0[0], "must be >= 0 (0 trains the reward model only)"),
+    "update.beta": POS,
+    "update.epochs": GE1,
+    "update.micro_batch_size": GE1,
+    "update.grad_accum": GE1,
+    "update.lr": FINITE_POS,
+    "update.label_smoothing": BELOW_HALF,
+    "update.max_grad_norm": POS,
+    "update.weight_decay": GE0,
+    "update.lora.r": GE1,
+    "update.lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "update.ppo_epochs": GE1,
+    "update.clip_range": POS,
+    "update.kl_coef": GE0,
+    "update.sync_every": GE1,
+    "update.num_processes": GE1,
+    "prompts.per_iteration": GE1,
+    "prompts.heldout": (GE1[0], "must be >= 1 (the KL gate and the win rate need them)"),
+    "evaluate.samples": (GE1[0], "must be >= 1 (the KL gate needs samples)"),
+    "evaluate.batch_size": GE1,
+    "handoff.max_kl": (POS[0], "must be > 0 (nats per sequence)"),
+    "generate.n": GE1,
+    "generate.temperature": (GE0[0], "must be >= 0 (0: greedy)"),
+    "generate.top_p": UNIT,
+    "generate.max_tokens": GE1,
+    "generate.shard_size": GE1,
+    "generate.batch_size": GE1,
+    "generate.workers": GE1,
+    "generate.threads": (GE0[0], "must be >= 0 (0: an equal share of the cores)"),
+    "generate.tensor_parallel_size": GE1,
+    "generate.sleep_level": (lambda v: v in (0, 1, 2), "must be 0, 1 or 2"),
+    "generate.gpu_memory_utilization": UNIT,
+    "model.max_length": (lambda v: v >= 2, "must be >= 2"),
+    "reward.epochs": GE1,
+    "reward.batch_size": GE1,
+    "reward.grad_accum": GE1,
+    "reward.score_batch_size": GE1,
+    "reward.lr": FINITE_POS,
+    "reward.workers": GE1,
+    "reward.threads": GE0,
+    "reward.max_length": (lambda v: v >= 2, "must be >= 2"),
+    "reward.heldout_fraction": OPEN_UNIT,
+    "reward.label_noise": BELOW_HALF,
+}
+
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check(cfg: Config) -> None:
+    """Raise ``BadInput`` for the first bad setting found."""
+    for key, (ok, rule) in RANGES.items():
+        value = _get(cfg, key)
+        _need(ok(value), key, value, rule)
+    uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
+    if str(uc.name) in PAIR_RULES:
+        _need(
+            gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
+        )
+    _need(
+        gc.max_tokens < cfg.model.max_length,
+        "generate.max_tokens",
+        gc.max_tokens,
+        f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
+    )
+    _model_folder("model.path", cfg.model.path, "model")
+    if not rc.train:
+        if not rc.path:
+            raise BadInput("reward.path is not set but reward.train is false: set one or the other")
+        _model_folder("reward.path", rc.path, "reward model")
+    if rc.base:
+        _model_folder("reward.base", rc.base, "model")
+    if str(pc.source) == "file":
+        if not pc.path:
+            raise BadInput("prompts.path is not set but prompts.source is file")
+        if not Path(pc.path).exists():
+            raise BadInput(f"prompts.path={pc.path!r}: no such file or folder")
+    if rc.train and str(rc.source) == "files":
+        for k, d in enumerate(rc.data):
+            if not Path(d.path).exists():
+                raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
+            _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")

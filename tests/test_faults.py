@@ -1,0 +1,164 @@
+"""Bad input is caught up front and named: a table of bad settings and paths (each: exit
+status 2, a message naming the key or file), one writer per run folder, temporary files of
+dead writers cleaned, a failed start that does not block the corrected command, and the
+command line's exit statuses (2 bad input, 130 Ctrl-C) with the traceback in the log file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iterate import cli, loop
+from iterate.runlock import RunLock, RunLocked
+from iterate.shards import Stage
+
+from .conftest import ROOT, TINY, compose_cfg
+
+MISSING = "/nowhere/at/all"
+BAD = [  # (overrides, what the message must name)
+    (["iteration=-1"], "iteration=-1"),
+    (["update.beta=0"], "update.beta"),
+    (["update.epochs=0"], "update.epochs"),
+    (["update.micro_batch_size=0"], "update.micro_batch_size"),
+    (["update.grad_accum=0"], "update.grad_accum"),
+    (["update.lr=nan"], "update.lr"),
+    (["update.lr=-1e-3"], "update.lr"),
+    (["update.label_smoothing=0.5"], "update.label_smoothing"),
+    (["update.lora.dropout=1.0"], "update.lora.dropout"),
+    (["update.num_processes=0"], "update.num_processes"),
+    (["prompts.per_iteration=0"], "prompts.per_iteration"),
+    (["prompts.heldout=0"], "prompts.heldout"),
+    (["evaluate.samples=0"], "evaluate.samples"),
+    (["evaluate.batch_size=0"], "evaluate.batch_size"),
+    (["handoff.max_kl=-1"], "handoff.max_kl"),
+    (["generate.n=1"], "generate.n"),  # dpo pairs need two samples
+    (["generate.max_tokens=300"], "model.max_length"),  # longer than the model holds
+    (["generate.top_p=0"], "generate.top_p"),
+    (["generate.temperature=-1"], "generate.temperature"),
+    (["generate.workers=0"], "generate.workers"),
+    (["generate.shard_size=0"], "generate.shard_size"),
+    (["generate.sleep_level=3"], "generate.sleep_level"),
+    (["reward.lr=inf"], "reward.lr"),
+    (["reward.train=false"], "reward.path"),
+    (["reward.train=false", f"reward.path={MISSING}"], MISSING),
+    ([f"model.path={MISSING}"], MISSING),
+    (["prompts=file", f"prompts.path={MISSING}.jsonl"], f"{MISSING}.jsonl"),
+    (["reward.source=files", f"reward.data=[{{path:{MISSING}.jsonl}}]"], "reward.data[0].path"),
+]
+
+
+def _status(cfg, run: Path, caplog) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="iterate"):
+        status = cli.exit_status(lambda: loop.run(cfg, run))
+    return status, caplog.text
+
+
+@pytest.mark.parametrize(("overrides", "named"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_input_exits_2_naming_it_before_any_work(overrides, named, tmp_path, caplog):
+    cfg = compose_cfg([*TINY, *overrides], tmp_path)
+    status, said = _status(cfg, tmp_path / "run", caplog)
+    assert status == 2, said
+    assert named in said and "bad input" in said
+    assert not (tmp_path / "toy").exists(), "nothing was built before the check"
+
+
+def test_a_model_folder_without_a_config_is_named(tmp_path, caplog):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    cfg = compose_cfg([*TINY, f"model.path={empty}"], tmp_path)
+    status, said = _status(cfg, tmp_path / "r", caplog)
+    assert status == 2 and str(empty) in said and "config.json" in said
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, caplog):
+    run = tmp_path / "run"
+    with RunLock(run):
+        status, said = _status(compose_cfg(TINY, tmp_path), run, caplog)
+        assert status == 2 and f"pid {os.getpid()}" in said and "in use by" in said
+        with pytest.raises(RunLocked):
+            RunLock(run).__enter__()
+    with RunLock(run):  # released on exit: the next writer gets it
+        pass
+
+
+def test_a_dead_holders_lock_is_taken_over_and_its_temporaries_cleaned(tmp_path, caplog):
+    run = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": int(dead), "host": "h", "since": "then"}))
+    stage = run / "iter_000" / "handoff"
+    (stage / f".policy.tmp{dead}").mkdir(parents=True)  # a handoff save cut short
+    (stage / f".kl.json.tmp{dead}").write_text("{")
+    (stage / f".kl.json.tmp{os.getpid()}").write_text("{")  # a live writer's: kept
+    with caplog.at_level(logging.WARNING), RunLock(run):
+        pass
+    assert f"lock of pid {dead}" in caplog.text and "no longer running" in caplog.text
+    assert sorted(p.name for p in stage.iterdir()) == [f".kl.json.tmp{os.getpid()}"]
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
+    folder = tmp_path / "iter_000" / "label"
+    assert not Stage(folder, "label", {"reward_model": "typo"}).check()  # then it failed
+    assert not Stage(folder, "label", {"reward_model": "right"}).check()  # the fix runs
+    assert json.loads((folder / "_CONFIG.json").read_text())["reward_model"] == "right"
+    (folder / "shard_00000.parquet").write_bytes(b"x")  # once it wrote something: refused
+    with pytest.raises(Exception, match="reward_model"):
+        Stage(folder, "label", {"reward_model": "other"}).check()
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "iterate", *TINY, f"runs_dir={tmp_path}",
+         f"toy.cache_dir={tmp_path / 'toy'}", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
+    proc = _cli(["update.beta=0"], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "update.beta=0.0: must be > 0" in out + err and "Traceback" not in out + err
+    assert "Traceback" in (tmp_path / "toy_tiny" / "__main__.log").read_text()
+    proc = _cli(["generate=transformers"], tmp_path)  # a real run, interrupted
+    lock = tmp_path / "toy_tiny" / ".lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (Ctrl-C)" in out + err and "Traceback" not in out + err
+
+
+DATA_FILES = [  # (file contents, what the message must say)
+    (b"", "has no rows"),
+    (b'{"prompt": "Greet Anna."}\n{"prompt": "Greet\n', "line 2: not valid JSON"),
+    (b'{"prompt": "Greet Anna."}\n{"prompt": "caf\xe9"}\n', "line 2: not UTF-8"),
+    (b'["Greet Anna."]', "one JSON object per line"),
+]
+
+
+@pytest.mark.parametrize(("content", "said"), DATA_FILES, ids=["empty", "json", "utf8", "shape"])
+def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, caplog):
+    f = tmp_path / "prompts.jsonl"
+    f.write_bytes(content)
+    cfg = compose_cfg([*TINY, "prompts=file", f"prompts.path={f}"], tmp_path)
+    from iterate import prompts
+
+    with pytest.raises(cli.BadInput, match=said) as e:
+        prompts.load_pool(cfg)
+    assert str(f) in str(e.value)
