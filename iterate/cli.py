@@ -9,12 +9,19 @@ import logging
 import traceback
 from collections.abc import Callable
 
-from iterate.shards import StageConfigChanged
+from iterate.shards import DamagedStage, StageConfigChanged
 from iterate.validate import BadInput
 
 log = logging.getLogger("iterate")
 
-BAD_INPUT = (BadInput, StageConfigChanged, ValueError, FileNotFoundError, NotADirectoryError)
+BAD_INPUT = (
+    BadInput,
+    StageConfigChanged,
+    DamagedStage,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+)
 
 
 def _to_log_file(text: str) -> str | None:

@@ -20,7 +20,7 @@ import yaml
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import atomic_write_json
+from iterate.shards import DONE, Stage, atomic_write_json
 
 log = logging.getLogger("iterate")
 
@@ -70,9 +70,17 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
     if not marker.exists():
         return False
     fin = json.loads(marker.read_text())
-    return fin["config"] == _comparable(cfg) and (
+    if fin["config"] != _comparable(cfg) or not (
         fin["iterations"] >= cfg.iteration or fin["stopped"]
-    )
+    ):
+        return False
+    for rel in fin.get("stages", []):  # each still there, its files of the recorded sizes
+        folder = paths.run / rel
+        if not (folder / DONE).exists():
+            log.warning("%s: its _DONE.json is gone: the stage runs again", folder)
+            return False
+        Stage(folder, folder.name, {}).verify(checksums=False)
+    return True
 
 
 def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -> str:
@@ -138,6 +146,7 @@ def _finish(cfg: Config, paths: Paths, rows: list[dict]) -> None:
         "config": _comparable(cfg),
         "iterations": len(rows),
         "stopped": len(rows) < cfg.iteration,
+        "stages": sorted(str(p.parent.relative_to(paths.run)) for p in paths.run.rglob(DONE)),
     }
     atomic_write_json(paths.run / "_FINISHED.json", fin)
 

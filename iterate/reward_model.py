@@ -322,7 +322,9 @@ def encode_pairs(
 def train(cfg: Config, paths: Paths) -> dict:
     """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
     rc = cfg.reward
-    conf = {"reward": plain(rc), "seed": cfg.seed, "base": rc.base or paths.base_policy}
+    how = ("workers", "threads")  # how scoring runs, not what the reward model learns
+    reward = {k: v for k, v in plain(rc).items() if k not in how}
+    conf = {"reward": reward, "seed": cfg.seed, "base": rc.base or paths.base_policy}
     stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):
         log.info("reward model: done already (%s)", stage.done_path)

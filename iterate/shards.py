@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -146,14 +147,52 @@ def _input_key(folder: Path) -> str:
 
 
 def done_id(folder: Path) -> str | None:
-    """Which run of a finished stage this is: its config hash and finish time."""
+    """Which output of a finished stage this is: its config hash and a hash of its files'
+    checksums, so a stage redone with the same output does not invalidate the ones after it
+    (stages finished before checksums were recorded: config hash and finish time)."""
     p = Path(folder) / DONE
     if not p.exists():
         return None
     d = json.loads(p.read_text())
+    if "files" in d:
+        return f"{d['config_hash']}:{config_hash(d['files'])}"
     return f"{d['config_hash']}@{d['finished_unix']}"
 
 
+NOT_OUTPUT = (DONE, "_CONFIG.json", "launch.json")
+FULL_HASH_BYTES = 64 << 20  # larger files (model weights) are hashed by their ends and size
+
+
+def file_sum(path: Path) -> str:
+    """SHA-256 of the file, or, above ``FULL_HASH_BYTES``, of its size and first and last MiB
+    (a 7B policy is hashed in milliseconds; a truncated or swapped file still shows)."""
+    h, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode() + f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def output_files(folder: Path) -> dict[str, dict]:
+    """Bytes and checksum of every file a stage wrote (model folders included)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and p.name not in NOT_OUTPUT and not TEMPORARY.search(p.name):
+            out[str(rel)] = {"bytes": p.stat().st_size, "sha256": file_sum(p)}
+    return out
+
+
+class DamagedStage(RuntimeError):
+    """A finished stage's file is missing or differs from what ``_DONE.json`` recorded."""
+
+
+TEMPORARY = re.compile(r"\.tmp\d+$")  # an atomic write's temporary name
 RUN = "${run}"  # how a stage config writes the run folder: a run folder can move
 
 
@@ -233,17 +272,45 @@ class Stage:
                 )
             shutil.rmtree(self.path)
         if self.is_done():
-            return True
+            try:
+                self.verify()
+                return True
+            except DamagedStage as e:
+                if not force:
+                    raise
+                log.warning("%s; force=true: redoing it", e)
+                shutil.rmtree(self.path)
         if not marker.exists():
             atomic_write_json(marker, self.config)
         return False
 
+    def verify(self, checksums: bool = True) -> None:
+        """Every file ``_DONE.json`` recorded is there with its bytes (and checksum); else
+        raise ``DamagedStage`` naming the file and what to do."""
+        recorded = self.read_done().get("files")
+        for name, want in (recorded or {}).items():  # none: finished before they were recorded
+            p = self.path / name
+            problem = None
+            if not p.exists():
+                problem = "is missing"
+            elif p.stat().st_size != want["bytes"]:
+                problem = f"has {p.stat().st_size} bytes, {want['bytes']} were written"
+            elif checksums and file_sum(p) != want["sha256"]:
+                problem = "differs from what was written (checksum)"
+            if problem:
+                raise DamagedStage(
+                    f"{p} {problem}: delete {self.path} (or pass force=true) to redo the "
+                    f"stage '{self.name}' and the ones after it"
+                )
+
     def finish(self, **info: Any) -> dict:
-        """Write ``_DONE.json`` last: config, its hash, wall time and what the stage reports."""
+        """Write ``_DONE.json`` last: config, its hash, wall time, what the stage reports
+        and the bytes and checksum of every file it wrote."""
         done = {
             "stage": self.name,
             "config_hash": config_hash(self.config),
             "config": self.config,
+            "files": output_files(self.path),
             "seconds": round(time.time() - self.t0, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "finished_unix": f"{time.time():.6f}",

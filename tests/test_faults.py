@@ -162,3 +162,23 @@ def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, capl
     with pytest.raises(cli.BadInput, match=said) as e:
         prompts.load_pool(cfg)
     assert str(f) in str(e.value)
+
+
+def test_stage_identity_is_its_content_and_a_changed_byte_is_caught(tmp_path):
+    from iterate.shards import DamagedStage, done_id
+
+    folder = tmp_path / "label"
+    ids = []
+    for _ in range(2):  # the stage done twice with the same output: the same identity
+        stage = Stage(folder, "label", {"k": 1})
+        stage.check(force=True)
+        (folder / "shard_00000.parquet").write_bytes(b"same bytes")
+        stage.finish(rows_out=1)
+        ids.append(done_id(folder))
+        (folder / "_DONE.json").unlink()
+    assert ids[0] == ids[1]
+    stage.finish(rows_out=1)
+    (folder / "shard_00000.parquet").write_bytes(b"same bytez")  # same size, one byte off
+    with pytest.raises(DamagedStage, match="shard_00000.parquet differs"):
+        Stage(folder, "label", {"k": 1}).check()
+    assert not Stage(folder, "label", {"k": 1}).check(force=True)  # force: redone

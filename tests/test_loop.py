@@ -258,6 +258,46 @@ def test_a_moved_run_resumes_without_redoing_anything(clean_run, tiny_cache, tin
     assert {p: p.read_text() for p in moved.rglob("_DONE.json")} == before, "nothing redone"
 
 
+def _done_files(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_text() for p in run.rglob("_DONE.json")}
+
+
+def test_a_damaged_shard_is_named_and_force_redoes_only_it(
+    clean_run, tiny_cache, tiny_rm, tmp_path
+):
+    run = tmp_path / "toy_tiny"
+    shutil.copytree(clean_run, run)
+    shard = run / "iter_001" / "label" / "shard_00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, after the stage finished
+    before = _done_files(run)
+    out = cli(_args(tiny_cache, tiny_rm, tmp_path, "iteration=2"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{shard} has 100 bytes" in out.stdout + out.stderr
+    out = cli(_args(tiny_cache, tiny_rm, tmp_path, "iteration=2", "force=true"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _rows(shard) == _rows(clean_run / shard.relative_to(run))
+    after = _done_files(run)
+    redone = {k for k in before if before[k] != after[k]}
+    assert redone == {"iter_001/label/_DONE.json"}, "the same labels: the stages after it stand"
+
+
+def test_a_deleted_done_file_is_not_hidden_by_nothing_to_do(
+    clean_run, tiny_cache, tiny_rm, tmp_path
+):
+    run = tmp_path / "toy_tiny"
+    shutil.copytree(clean_run, run)
+    (run / "iter_001" / "pairs" / "_DONE.json").unlink()
+    out = cli(_args(tiny_cache, tiny_rm, tmp_path, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to do" not in out.stdout + out.stderr
+    pairs = json.loads((run / "iter_001" / "pairs" / "_DONE.json").read_text())
+    assert (
+        pairs["files"]
+        and _done_files(run)["iter_001/update/_DONE.json"]
+        == _done_files(clean_run)["iter_001/update/_DONE.json"]
+    ), "the same pairs again: the update stands"
+
+
 def test_changed_config_is_refused_naming_the_key(clean_run, tiny_cache, tiny_rm):
     out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2", "update.beta=0.5"))
     assert out.returncode != 0
