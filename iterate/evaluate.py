@@ -159,7 +159,10 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     rewards: dict[int, list[float]] = {}
     with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
         pool.score_each(jobs, rewards.__setitem__, desc="held-out reward")
-    out = {"heldout_reward_mean": _mean([r for c in sorted(rewards) for r in rewards[c]])}
+    scored = [r for c in sorted(rewards) for r in rewards[c]]
+    out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
+    if refused := sum(r is None for r in scored):  # the reward model's template refused them
+        out["reward_template_refused"] = refused
     if gold := gold_scorer(cfg.prompts.source):
         init = initial(cfg, paths)
         init_gold = {

@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Table, Counter]:
     """The label rows of generate shard ``gen`` given its rewards; non-finite ones dropped."""
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
-    keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]
+    keep = [i for i, r in enumerate(rewards) if r is not None and math.isfinite(r)]
+    refused = sum(r is None for r in rewards)
     dropped = Counter(
-        {"non_finite_reward": len(rewards) - len(keep)} if len(keep) < len(rewards) else {}
+        {"template_refused": refused, "non_finite_reward": len(rewards) - len(keep) - refused}
     )
+    dropped = +dropped  # only the reasons that occurred
     table = pa.table(
         {
             "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],

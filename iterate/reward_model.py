@@ -139,10 +139,23 @@ class Scorer:
         return encode(self.tokenizer, messages, response, self.max_length)
 
     @torch.no_grad()
-    def score(self, prompts: list, responses: list[str], desc: str = "score") -> list[float]:
-        seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding
-        out = [0.0] * len(seqs)
+    def score(
+        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False
+    ) -> list[float | None]:
+        """Rewards in the order given. With ``refusals``, a conversation the reward model's
+        chat template refuses (e.g. turns that do not alternate) scores ``None`` instead of
+        raising, for the caller to count and drop."""
+        from jinja2.exceptions import TemplateError
+
+        seqs: dict[int, list[int]] = {}
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                seqs[i] = self.encode(p, r)
+            except TemplateError:
+                if not refusals:
+                    raise
+        order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
+        out: list[float | None] = [None] * len(prompts)
         dev = next(self.model.parameters()).device
         bar = progress.bar(len(seqs), desc, "seq")
         for start in range(0, len(order), self.batch_size):
@@ -167,14 +180,15 @@ def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> Non
     _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
 
 
-def _score_in_worker(prompts: list, responses: list[str], desc: str) -> list[float]:
-    return _WORKER_SCORER.score(prompts, responses, desc=desc)
+def _score_in_worker(prompts: list, responses: list[str], desc: str) -> list[float | None]:
+    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True)
 
 
 class ScorerPool:
     """Rewards for many shards at once: ``score_each(jobs, done)`` scores each job (a
     shard's prompts and responses) in one ``Scorer.score`` call and hands the rewards to
-    ``done(key, rewards)`` as each finishes. With ``reward.workers`` = 1 it scores in this
+    ``done(key, rewards)`` as each finishes (``None`` for a conversation the reward model's
+    chat template refuses). With ``reward.workers`` = 1 it scores in this
     process; with N > 1 the jobs are dealt out among N processes (one per GPU, or each with
     ``reward.threads`` CPU threads), each holding its own copy of the reward model. A job's
     rewards are the same whichever worker scores it."""
@@ -211,7 +225,7 @@ class ScorerPool:
         self._open()
         if self.scorer is not None:
             for k in sorted(jobs):
-                done(k, self.scorer.score(*jobs[k], desc=desc))
+                done(k, self.scorer.score(*jobs[k], desc=desc, refusals=True))
             return
 
         def work(w: int, keys: list) -> None:

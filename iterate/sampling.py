@@ -23,6 +23,7 @@ prompts alone: a shard or a rollout redone after a crash equals the uninterrupte
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +38,8 @@ import torch
 from iterate import engine, faults, models, progress, workers
 from iterate.config import Config
 from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -306,9 +309,17 @@ def plan(
 ) -> tuple[list[list[Planned]], Counter]:
     """Encode prompts in the policy's chat template, drop (and count) those that leave no
     room for the response, and cut the rest into shards of ``shard_size`` prompts."""
+    from jinja2.exceptions import TemplateError
+
     kept, dropped = [], Counter()
     for pid, text in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
-        ids = models.prompt_ids(tokenizer, text)
+        try:
+            ids = models.prompt_ids(tokenizer, text)
+        except TemplateError as e:  # e.g. turns that do not alternate
+            if not dropped["template_refused"]:
+                log.warning("prompt %s dropped: the chat template refused it: %s", pid, e)
+            dropped["template_refused"] += 1
+            continue
         if len(ids) > max_prompt:
             dropped["prompt_too_long"] += 1
             continue

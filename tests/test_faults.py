@@ -182,3 +182,37 @@ def test_stage_identity_is_its_content_and_a_changed_byte_is_caught(tmp_path):
     with pytest.raises(DamagedStage, match="shard_00000.parquet differs"):
         Stage(folder, "label", {"k": 1}).check()
     assert not Stage(folder, "label", {"k": 1}).check(force=True)  # force: redone
+
+
+def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
+    """Turns that do not alternate (real HH-RLHF has them) under a strict template: counted
+    and dropped in generation's plan and in labelling, never a crash and never trained on."""
+    import pyarrow as pa
+
+    from iterate import label, models, reward_model, sampling
+    from iterate.prompts import SCHEMA, prompt_id
+
+    tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
+    twice = json.dumps([{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hi?"}])
+    texts = ["Greet Anna.", twice, "Name 2 fruits."]
+    table = pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
+    shards, dropped = sampling.plan(tok, table, max_prompt=200, shard_size=8)
+    assert dict(dropped) == {"template_refused": 1}
+    assert [pid for pid, _, _ in shards[0]] == [prompt_id(texts[0]), prompt_id(texts[2])]
+
+    model, _ = reward_model.load_model(str(tiny_world), "float32", new_head=True)
+    scorer = reward_model.Scorer(model, tok, 128)
+    with pytest.raises(Exception, match="alternate"):
+        scorer.score(texts, ["Hello!"] * 3)  # the rollouts' default: a refusal is an error
+    rewards = scorer.score(texts, ["Hello!"] * 3, refusals=True)
+    assert rewards[1] is None and all(isinstance(r, float) for r in rewards[::2])
+    from iterate.shards import SCHEMAS
+
+    gen = pa.Table.from_pylist(
+        [{"prompt_id": prompt_id(t), "sample_idx": 0, "prompt": t, "response": "Hello!",
+          "prompt_tokens": 3, "response_tokens": 2, "finish_reason": "stop",
+          "response_ids": [5, 2]} for t in texts],
+        schema=SCHEMAS["generate"],
+    )  # fmt: skip
+    labels, dropped = label.label_table(gen, rewards)
+    assert dict(dropped) == {"template_refused": 1} and labels.num_rows == 2
