@@ -4,8 +4,12 @@ at three points, the KL gate, and a sweep. Runs the real CLI in subprocesses."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from iterate import loop, reward_model
 from iterate.paths import Paths
 from iterate.report import STAGES
 
-from .conftest import TINY, cli, compose_cfg
+from .conftest import ROOT, TINY, cli, compose_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -182,6 +186,11 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
             )
     out = cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
+    _assert_same_run(run, clean_run)
+
+
+def _assert_same_run(run: Path, clean_run: Path) -> None:
+    """The same shards, files and metrics as the uninterrupted run's."""
     for shard in sorted(clean_run.rglob("shard_*.parquet")):
         rel = shard.relative_to(clean_run)
         assert _rows(run / rel) == _rows(shard), rel
@@ -191,6 +200,27 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     assert metrics == [
         strip(json.loads(line)) for line in (clean_run / "metrics.jsonl").read_text().splitlines()
     ]
+
+
+def test_kills_at_seeded_random_moments_then_a_rerun_equal_the_clean_run(
+    clean_run, tiny_cache, tiny_rm, tmp_path
+):
+    """SIGKILL of the whole process group at three seeded random moments (wherever the run
+    is: an engine start, a shard, a step, a save), then the same command to the end."""
+    rng = random.Random(12)
+    args = [sys.executable, "-m", "iterate", *_args(tiny_cache, tiny_rm, tmp_path, "iteration=2")]
+    moments = [round(rng.uniform(2.0, 14.0), 2) for _ in range(3)]
+    for at in moments:
+        proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            proc.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = cli(args[3:])
+    assert out.returncode == 0, (moments, out.stderr[-2000:])
+    _assert_same_run(tmp_path / "toy_tiny", clean_run)
 
 
 def test_killed_two_process_update_resumes(tiny_cache, tiny_rm, tmp_path):
