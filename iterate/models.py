@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,12 +35,27 @@ def chat_template(value: str | None) -> str | None:
     return path.read_text()
 
 
+@contextmanager
+def named(path: str, what: str):
+    """Turn a failed load into ``BadInput`` naming the folder (an empty or truncated
+    checkpoint, a missing tokenizer file); running out of memory stays what it is."""
+    from iterate.validate import BadInput
+
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+            raise
+        raise BadInput(f"{path}: cannot load the {what} from it ({type(e).__name__}: {e})") from e
+
+
 def load_tokenizer(path: str, template: str | None = None):
     """A tokenizer with a pad token; ``template`` (see ``chat_template``) replaces its chat
     template when given."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with named(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path)
     if template:
         tok.chat_template = chat_template(template)
     if tok.pad_token is None:
@@ -54,11 +70,13 @@ def load_policy(
     so ``disable_adapter()`` gives the base policy back)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[str(dtype)])
+    with named(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[str(dtype)])
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with named(adapter, "LoRA adapter"):
+            model = PeftModel.from_pretrained(model, adapter)
     return model.to(dev or device()).eval()
 
 

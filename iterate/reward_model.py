@@ -27,7 +27,7 @@ import torch
 
 from iterate import losses, preferences, progress, workers
 from iterate.config import Config, RewardConfig, plain
-from iterate.models import DTYPES, as_messages, load_tokenizer, pad
+from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
 from iterate.paths import Paths
 from iterate.preferences import Messages, Pair
 from iterate.shards import Stage
@@ -100,9 +100,10 @@ def load_model(
     if new_head:
         report.setLevel(hf_logging.ERROR)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[str(dtype)]
-        )
+        with named(path, "reward model"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=DTYPES[str(dtype)]
+            )
     finally:
         report.setLevel(level)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -216,3 +216,16 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     )  # fmt: skip
     labels, dropped = label.label_table(gen, rewards)
     assert dict(dropped) == {"template_refused": 1} and labels.num_rows == 2
+
+
+def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
+    import shutil
+
+    from iterate import models
+
+    broken = tmp_path / "policy"
+    shutil.copytree(tiny_world, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(cli.BadInput, match=f"{broken}: cannot load the model"):
+        models.load_policy(str(broken))
