@@ -28,7 +28,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from iterate import progress
+from iterate import progress, workers
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def weights_file(model):
     folder = shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.5 * size else None
     for old in Path(folder or tempfile.gettempdir()).glob("iterate-sync-*-*.safetensors"):
         pid = int(old.name.split("-")[2])
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if pid != os.getpid() and not workers.alive(pid):
             old.unlink(missing_ok=True)
     fd, path = tempfile.mkstemp(
         suffix=".safetensors", prefix=f"iterate-sync-{os.getpid()}-", dir=folder

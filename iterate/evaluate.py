@@ -154,11 +154,11 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
     prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
-    starts = range(0, len(prompts), rows)
-    jobs = {c: (prompts[s : s + rows], responses[s : s + rows]) for c, s in enumerate(starts)}
+    chunks = list(range(0, len(prompts), rows))
+    texts = lambda s: (prompts[s : s + rows], responses[s : s + rows])  # noqa: E731
     rewards: dict[int, list[float]] = {}
     with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
-        pool.score_each(jobs, rewards.__setitem__, desc="held-out reward")
+        pool.score_each(chunks, texts, rewards.__setitem__, desc="held-out reward")
     scored = [r for c in sorted(rewards) for r in rewards[c]]
     out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
     if refused := sum(r is None for r in scored):  # the reward model's template refused them

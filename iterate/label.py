@@ -42,10 +42,9 @@ def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Tabl
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
     keep = [i for i, r in enumerate(rewards) if r is not None and math.isfinite(r)]
     refused = sum(r is None for r in rewards)
-    dropped = Counter(
+    dropped = +Counter(  # only the reasons that occurred
         {"template_refused": refused, "non_finite_reward": len(rewards) - len(keep) - refused}
     )
-    dropped = +dropped  # only the reasons that occurred
     table = pa.table(
         {
             "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],
@@ -70,17 +69,20 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     todo = [p for p in shard_paths(gen_dir) if not shard_path(stage.path, shard_index(p)).exists()]
     if todo:
         gold = gold_scorer(cfg.prompts.source)
-        gens = {shard_index(p): pq.read_table(p) for p in todo}
+        gens: dict[int, pa.Table] = {}  # the shards being scored: one per worker at a time
+
+        def texts(k: int) -> tuple[list, list]:
+            g = gens[k] = pq.read_table(shard_path(gen_dir, k))
+            return g["prompt"].to_pylist(), g["response"].to_pylist()
 
         def write(k: int, rewards: list[float]) -> None:
-            table, d = label_table(gens[k], rewards, gold)
+            table, d = label_table(gens.pop(k), rewards, gold)
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
 
-        jobs = {k: (g["prompt"].to_pylist(), g["response"].to_pylist()) for k, g in gens.items()}
         with ScorerPool(rc, rm_path, models.device(str(cfg.device))) as pool:
-            pool.score_each(jobs, write, desc="label")
+            pool.score_each([shard_index(p) for p in todo], texts, write, desc="label")
     dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])
     rewards = labels["reward"].to_pylist()

@@ -186,13 +186,14 @@ def _score_in_worker(prompts: list, responses: list[str], desc: str) -> list[flo
 
 
 class ScorerPool:
-    """Rewards for many shards at once: ``score_each(jobs, done)`` scores each job (a
-    shard's prompts and responses) in one ``Scorer.score`` call and hands the rewards to
-    ``done(key, rewards)`` as each finishes (``None`` for a conversation the reward model's
-    chat template refuses). With ``reward.workers`` = 1 it scores in this
-    process; with N > 1 the jobs are dealt out among N processes (one per GPU, or each with
-    ``reward.threads`` CPU threads), each holding its own copy of the reward model. A job's
-    rewards are the same whichever worker scores it."""
+    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
+    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
+    ``Scorer.score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
+    (``None`` for a conversation the reward model's chat template refuses). With
+    ``reward.workers`` = 1 it scores in this process; with N > 1 the jobs are dealt out
+    among N processes (one per GPU, or each with ``reward.threads`` CPU threads), each
+    holding its own copy of the reward model. A job's rewards are the same whichever worker
+    scores it."""
 
     def __init__(self, rc: RewardConfig, path: str, device: torch.device):
         self.rc, self.path, self.device = rc, path, device
@@ -209,7 +210,7 @@ class ScorerPool:
         if self.pools:
             return
         n_gpu = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        threads = self.rc.threads or max(1, len(workers.cores()) // self.rc.workers)
+        threads = workers.share(self.rc.workers, self.rc.threads)
         for w in range(self.rc.workers):
             device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
             self.pools.append(
@@ -221,20 +222,20 @@ class ScorerPool:
                 )
             )
 
-    def score_each(self, jobs: dict, done, desc: str = "score") -> None:
-        """``jobs``: key -> (prompts, responses); ``done(key, rewards)`` per finished job."""
+    def score_each(self, keys, texts, done, desc: str = "score") -> None:
+        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job.
+        Each worker holds one job's texts at a time."""
         self._open()
-        if self.scorer is not None:
-            for k in sorted(jobs):
-                done(k, self.scorer.score(*jobs[k], desc=desc, refusals=True))
-            return
 
-        def work(w: int, keys: list) -> None:
-            for k in keys:
-                done(k, self.pools[w].submit(_score_in_worker, *jobs[k], desc).result())
+        def work(w: int, mine: list) -> None:
+            for k in mine:
+                if self.scorer is not None:
+                    done(k, self.scorer.score(*texts(k), desc=desc, refusals=True))
+                else:
+                    done(k, self.pools[w].submit(_score_in_worker, *texts(k), desc).result())
 
-        groups = workers.deal(jobs, len(self.pools))
-        workers.run_each([partial(work, w, keys) for w, keys in enumerate(groups)])
+        groups = workers.deal(keys, max(1, len(self.pools)))
+        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
 
     def close(self) -> None:
         for pool in self.pools:

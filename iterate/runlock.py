@@ -13,30 +13,20 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
 from pathlib import Path
 
+from iterate import workers
+from iterate.shards import TEMPORARY
 from iterate.validate import BadInput
 
 log = logging.getLogger(__name__)
-TMP = re.compile(r"\.tmp(\d+)$")
 
 
 class RunLocked(BadInput):
     """Another process holds the run folder."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -94,8 +84,8 @@ def clean_temporaries(run: Path) -> list[Path]:
     atomic write or a handoff save cut short); returns what was removed."""
     removed = []
     for p in sorted(Path(run).rglob("*.tmp*")):
-        m = TMP.search(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        m = TEMPORARY.search(p.name)
+        if not m or int(m.group(1)) == os.getpid() or workers.alive(int(m.group(1))):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -192,7 +192,7 @@ class DamagedStage(RuntimeError):
     """A finished stage's file is missing or differs from what ``_DONE.json`` recorded."""
 
 
-TEMPORARY = re.compile(r"\.tmp\d+$")  # an atomic write's temporary name
+TEMPORARY = re.compile(r"\.tmp(\d+)$")  # an atomic write's temporary name (the writer's pid)
 RUN = "${run}"  # how a stage config writes the run folder: a run folder can move
 
 

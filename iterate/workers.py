@@ -22,14 +22,32 @@ def deal(keys: Iterable, workers: int) -> list[list]:
 
 
 def cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def share(workers: int, threads: int = 0) -> int:
+    """Threads per worker: ``threads``, or (0) an equal share of this process's cores."""
+    return threads or max(1, len(cores()) // workers)
 
 
 def cpu_slice(w: int, workers: int, threads: int = 0) -> list[int]:
-    """Worker w's CPU cores: ``threads`` of them (0: an equal share of this process's)."""
-    mine = cores() or list(range(os.cpu_count() or 1))
-    t = threads or max(1, len(mine) // workers)
+    """Worker w's CPU cores: ``share(workers, threads)`` of them."""
+    mine, t = cores(), share(workers, threads)
     return [mine[(w * t + j) % len(mine)] for j in range(t)]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the owner of a temporary file or a lock)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def gpu_slice(w: int, per_worker: int) -> list[str]:

@@ -75,7 +75,7 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
         rc.workers = n
         out = {}
         with reward_model.ScorerPool(rc, str(rm), models.device("cpu")) as pool:
-            pool.score_each(jobs, out.__setitem__)
+            pool.score_each(list(jobs), jobs.__getitem__, out.__setitem__)
         got[n] = out
     assert sorted(got[2]) == [0, 1, 2, 3] and got[2] == got[1]
     assert len({r for v in got[1].values() for r in v}) > 1  # real, differing rewards

@@ -112,6 +112,63 @@ def measure(spec: dict) -> dict:
     return out
 
 
+def _merged_sync(spec: dict, model, tok, prompts: list, cfg) -> tuple:
+    """(push, draw, close) through the run's sampler: merged weights loaded in place."""
+    policy = spec["model"]
+    sampler = sampling.VllmSampler(
+        sampling.Spec(
+            max_length=bm.max_length(policy),
+            gpu_memory_utilization=spec["gpu_memory_utilization"],
+        )
+    )
+    sampler.load(policy)
+    params = sampling.Params(
+        n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True
+    )
+    return (
+        lambda k: sampler.sync(model, tok, policy),
+        lambda seed: sampler.sample(prompts, params, seed),
+        sampler.close,
+    )
+
+
+def _lora_sync(spec: dict, model, tok, prompts: list, cfg) -> tuple:
+    """(push, draw, close) for the alternative: vLLM in this process, the adapter saved and
+    read by a new id (``enable_lora``)."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(
+        model=spec["model"],
+        dtype="float32",
+        max_model_len=bm.max_length(spec["model"]),
+        gpu_memory_utilization=spec["gpu_memory_utilization"],
+        enforce_eager=True,
+        enable_lora=True,
+        max_lora_rank=cfg.update.lora.r,
+        max_loras=1,
+    )
+    folder = Path(spec["workdir"]) / "sync_adapter"
+    request: list = [None]
+    new = spec["new_tokens"]
+    sp = SamplingParams(
+        n=spec["n"], temperature=1.0, max_tokens=new, min_tokens=new, ignore_eos=True
+    )
+
+    def push(k: int) -> None:
+        model.save_pretrained(folder)
+        request[0] = LoRARequest(f"step-{k}", k + 1, str(folder))
+        # the first request with a new id reads the adapter
+        first = [{"prompt_token_ids": prompts[0]}]
+        llm.generate(first, SamplingParams(max_tokens=1), lora_request=request[0], use_tqdm=False)
+
+    def draw(seed: int) -> None:
+        batch = [{"prompt_token_ids": p} for p in prompts]
+        llm.generate(batch, sp, lora_request=request[0], use_tqdm=False)
+
+    return push, draw, lambda: None
+
+
 def sync_variant(spec: dict) -> dict:
     """Sync the same LoRA-adapted policy ``syncs`` times and sample after each, one way:
     ``merged`` (``VllmSampler.sync``: merged weights loaded in place) or ``lora`` (the
@@ -119,86 +176,33 @@ def sync_variant(spec: dict) -> dict:
     sync and tokens/s of the sampling after it."""
     from iterate.update import common
 
-    variant, policy = spec["variant"], spec["model"]
+    policy = spec["model"]
     cfg = main_config([f"model.path={policy}", "update.lora.dropout=0.0"])
     tok = models.load_tokenizer(policy)
     model = common.policy_model(cfg, policy, torch.device("cpu"))
     torch.manual_seed(0)
     prompts = [models.prompt_ids(tok, p) for p in spec["texts"]]
-    params = sampling.Params(
-        n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True
-    )
+    way = _merged_sync if spec["variant"] == "merged" else _lora_sync
+    push, draw, close = way(spec, model, tok, prompts, cfg)
     tokens = len(prompts) * spec["n"] * spec["new_tokens"]
     sync_s, tps = [], []
-    if variant == "merged":
-        limit = bm.max_length(policy)
-        sampler = sampling.VllmSampler(
-            sampling.Spec(max_length=limit, gpu_memory_utilization=spec["gpu_memory_utilization"])
-        )
-        sampler.load(policy)
-
-        def push(k: int) -> None:
-            sampler.sync(model, tok, policy)
-
-        def draw(seed: int) -> None:
-            sampler.sample(prompts, params, seed)
-    else:  # the alternative: vLLM in this process, the adapter read from disk by a new id
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-
-        llm = LLM(
-            model=policy,
-            dtype="float32",
-            max_model_len=bm.max_length(policy),
-            gpu_memory_utilization=spec["gpu_memory_utilization"],
-            enforce_eager=True,
-            enable_lora=True,
-            max_lora_rank=cfg.update.lora.r,
-            max_loras=1,
-        )
-        folder = Path(spec["workdir"]) / "sync_adapter"
-        request: list = [None]
-        sp = SamplingParams(
-            n=spec["n"],
-            temperature=1.0,
-            max_tokens=spec["new_tokens"],
-            min_tokens=spec["new_tokens"],
-            ignore_eos=True,
-        )
-
-        def push(k: int) -> None:
-            model.save_pretrained(folder)
-            request[0] = LoRARequest(f"step-{k}", k + 1, str(folder))
-            # the first request with a new id reads the adapter
-            one = SamplingParams(max_tokens=1)
-            llm.generate(
-                [{"prompt_token_ids": prompts[0]}], one, lora_request=request[0], use_tqdm=False
-            )
-
-        def draw(seed: int) -> None:
-            llm.generate(
-                [{"prompt_token_ids": p} for p in prompts],
-                sp,
-                lora_request=request[0],
-                use_tqdm=False,
-            )
-
-    for k in range(spec["syncs"] + 1):  # the first round warms up (engine start, first load)
-        with torch.no_grad():
-            for n, p in model.named_parameters():  # a step's worth of change to the adapter
-                if "lora_B" in n:
-                    p.add_(torch.randn_like(p) * 0.01)
-        t = time.perf_counter()
-        push(k)
-        pushed = time.perf_counter()
-        draw(k)
-        if k:
-            sync_s.append(pushed - t)
-            tps.append(tokens / (time.perf_counter() - pushed))
-    if variant == "merged":
-        sampler.close()
+    try:
+        for k in range(spec["syncs"] + 1):  # the first round warms up (start, first load)
+            with torch.no_grad():
+                for n, p in model.named_parameters():  # a step's worth of change to the adapter
+                    if "lora_B" in n:
+                        p.add_(torch.randn_like(p) * 0.01)
+            t = time.perf_counter()
+            push(k)
+            pushed = time.perf_counter()
+            draw(k)
+            if k:
+                sync_s.append(pushed - t)
+                tps.append(tokens / (time.perf_counter() - pushed))
+    finally:
+        close()
     return {
-        "variant": variant,
+        "variant": spec["variant"],
         "sync_s": statistics.median(sync_s),
         "tokens_per_s": statistics.median(tps),
         "syncs": spec["syncs"],

@@ -32,7 +32,7 @@ def main(spec_path: str) -> None:
     cpu = models.device(str(cfg.device)).type == "cpu"
     acc = dist.init(cpu=cpu)
     if cpu:  # the ranks share the cores out
-        torch.set_num_threads(max(1, len(workers.cores()) // acc.num_processes))
+        torch.set_num_threads(workers.share(acc.num_processes))
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING)
     if not acc.is_main_process:
         progress.disable()
