@@ -38,8 +38,12 @@ def _to_log_file(text: str) -> str | None:
 
 def exit_status(fn: Callable[[], object]) -> int:
     """Run ``fn``; 0 when it returns, else the status above, having said why in one line."""
+    from iterate import faults
+
+    faults.catch_interrupts()
     try:
         fn()
+        faults.stop_if_interrupted()  # a Ctrl-C swallowed after the last stage boundary
         return 0
     except KeyboardInterrupt:
         log.error("interrupted (Ctrl-C): the same command resumes where this stopped")

@@ -27,6 +27,20 @@ class RewardSource(StrEnum):
     files = "files"  # preference files (iterate.preferences: HH-RLHF, conversational, ...)
 
 
+class Aggregate(StrEnum):
+    """How an ensemble's member rewards become one (Coste et al. 2023)."""
+
+    mean = "mean"
+    mean_minus_std = "mean_minus_std"  # mean - uncertainty_coef * std: pessimistic
+    min = "min"  # worst-case
+
+
+class Judge(StrEnum):
+    gold = "gold"  # the toy world's gold judge
+    model = "model"  # a judge model scored like a reward model (reward.refresh.judge_path)
+    file = "file"  # labelled pairs the user supplies per iteration (reward.refresh.path)
+
+
 class PromptSource(StrEnum):
     toy = "toy"
     file = "file"
@@ -150,6 +164,23 @@ class PreferenceFile:
 
 
 @dataclass
+class RefreshConfig:
+    """Reward-model refresh between iterations: pairs of the current policy's own samples,
+    labelled by a judge, update the reward model before it labels them (off at pairs=0)."""
+
+    pairs: int = 0  # the labelling budget: judged pairs per iteration
+    judge: Judge = Judge.gold
+    judge_path: str | None = None  # judge=model: a reward-model folder (or hub id)
+    # judge=file: preference pairs per iteration, ``{iteration}`` in the path replaced
+    path: str | None = None
+    # which two of a prompt's n samples the judge sees, ranked by the current reward model
+    rule: PairRule = PairRule.max_min
+    replay: float = 1.0  # earlier pairs (initial data, earlier refreshes) per new pair
+    epochs: int = 2
+    lr: float | None = None  # null: reward.lr
+
+
+@dataclass
 class RewardConfig:
     """The reward model: trained here before iteration 0 (``train: true``) or loaded."""
 
@@ -172,6 +203,16 @@ class RewardConfig:
     lr: float = 3e-3
     max_length: int = 256
     dtype: DType = DType.float32
+    # train: an ensemble of this many members (seeds, bootstrap samples of the pairs); its
+    # reward is the members' aggregate, and their disagreement (std) is recorded per row
+    # (a loaded ensemble folder, with its ensemble.json, is used as it is)
+    ensemble: int = 1
+    aggregate: Aggregate = Aggregate.mean
+    uncertainty_coef: float = 1.0  # aggregate=mean_minus_std: the std's weight
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    # toy world: keep a trained reward model beside the toy world's cache (hard links) and
+    # reuse it in any run of the same reward config and seed (a sweep's jobs, a new run_name)
+    cache: bool = True
     score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, ...)
     # label and evaluate: shards scored by this many processes (one per GPU, or CPU threads)
     workers: int = 1
@@ -328,8 +369,10 @@ def plain(obj) -> dict:
 
 
 def job_dirname(overrides: str) -> str:
-    """A sweep job's folder name from its overrides: one path component, at most 200 bytes."""
-    name = overrides.replace("/", "_") or "default"
+    """A sweep job's folder name from its overrides: one path component, at most 200 bytes,
+    without glob characters (libraries find weight files by globbing the folder: a job
+    folder ``lora.target_modules=[q_proj,v_proj]`` would match no file)."""
+    name = overrides.translate(str.maketrans("/[]*?", "_()__")) or "default"
     if len(name.encode()) > 200:
         import hashlib
 

@@ -151,31 +151,51 @@ def _mean(xs: list[float]) -> float:
 
 
 def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
-    """Reward and gold means of held-out samples, and the gold win rate vs the initial policy."""
-    prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
+    """Reward and gold means of held-out samples, and the win rates vs the initial policy's
+    samples of the same prompts under the reward model (proxy) and the gold judge. Their
+    difference, ``proxy_gold_gap``, is over-optimisation on one scale: the proxy says the
+    policy beats the initial one more often than the gold judge does."""
+    init = initial(cfg, paths)
+    tables = {"new": samples, "init": init}
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
-    chunks = list(range(0, len(prompts), rows))
-    texts = lambda s: (prompts[s : s + rows], responses[s : s + rows])  # noqa: E731
-    rewards: dict[int, list[float]] = {}
+    jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
+
+    def texts(job: tuple[str, int]) -> tuple[list, list]:
+        t = tables[job[0]].slice(job[1], rows)
+        return t["prompt"].to_pylist(), t["response"].to_pylist()
+
+    got: dict[tuple, tuple[list, list]] = {}
     with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
-        pool.score_each(chunks, texts, rewards.__setitem__, desc="held-out reward")
-    scored = [r for c in sorted(rewards) for r in rewards[c]]
+        pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", spread=True)
+    reward = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
+    spread = [x for j in jobs if j[0] == "new" for x in got[j][1] if x is not None]
+    scored = reward["new"]
     out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
+    if spread:
+        out["heldout_reward_std"] = _mean(spread)
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
         out["reward_template_refused"] = refused
+    key = lambda t: list(zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist()))  # noqa: E731
+    init_reward = dict(zip(key(init), reward["init"]))
+    both = [(r, init_reward.get(k)) for r, k in zip(scored, key(samples))]
+    both = [(a, b) for a, b in both if a is not None and b is not None]
+    out["proxy_win_rate"] = (
+        round(win_rate([a for a, _ in both], [b for _, b in both]), 4) if both else None
+    )
     if gold := gold_scorer(cfg.prompts.source):
-        init = initial(cfg, paths)
         init_gold = {
-            (pid, j): gold(p, r)
-            for pid, j, p, r in zip(
-                *(init[c].to_pylist() for c in ("prompt_id", "sample_idx", "prompt", "response"))
-            )
+            k: gold(p, r)
+            for k, p, r in zip(key(init), init["prompt"].to_pylist(), init["response"].to_pylist())
         }
-        keys = zip(samples["prompt_id"].to_pylist(), samples["sample_idx"].to_pylist())
+        prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
         new_gold = [gold(p, r) for p, r in zip(prompts, responses)]
         out["gold_mean"] = _mean(new_gold)
         out["initial_gold_mean"] = _mean(list(init_gold.values()))
-        out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in keys]), 4)
+        out["win_rate_vs_initial"] = round(
+            win_rate(new_gold, [init_gold[k] for k in key(samples)]), 4
+        )
+        if out["proxy_win_rate"] is not None:
+            out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
     return out
 
 
@@ -196,6 +216,8 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         "reward_model": paths.reward_model,
         "reward_chat_template": cfg.reward.chat_template,
     }
+    if cfg.reward.ensemble > 1:
+        conf["reward_aggregate"] = [str(cfg.reward.aggregate), cfg.reward.uncertainty_coef]
     heldout = paths.run / "heldout"
     stage = Stage(
         paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout]

@@ -37,8 +37,11 @@ from iterate.toy.world import gold_scorer
 log = logging.getLogger(__name__)
 
 
-def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Table, Counter]:
-    """The label rows of generate shard ``gen`` given its rewards; non-finite ones dropped."""
+def label_table(
+    gen: pa.Table, rewards: list[float], gold=None, spread: list | None = None
+) -> tuple[pa.Table, Counter]:
+    """The label rows of generate shard ``gen`` given its rewards (and an ensemble's
+    disagreement); non-finite ones dropped."""
     prompts, responses = gen["prompt"].to_pylist(), gen["response"].to_pylist()
     keep = [i for i, r in enumerate(rewards) if r is not None and math.isfinite(r)]
     refused = sum(r is None for r in rewards)
@@ -51,6 +54,7 @@ def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Tabl
             "sample_idx": [gen["sample_idx"][i].as_py() for i in keep],
             "reward": [rewards[i] for i in keep],
             "gold": [gold(prompts[i], responses[i]) if gold else None for i in keep],
+            "reward_std": [spread[i] if spread else None for i in keep],
         },
         schema=SCHEMAS["label"],
     )
@@ -60,9 +64,12 @@ def label_table(gen: pa.Table, rewards: list[float], gold=None) -> tuple[pa.Tabl
 def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     rc = cfg.reward
     gen_dir = paths.stage(i, "generate")
-    rm_stage = [paths.reward_model_dir] if (paths.reward_model_dir / "_DONE.json").exists() else []
+    made_by = Path(rm_path).parent  # the stage that trained or refreshed it, if any
+    rm_stage = [made_by] if (made_by / "_DONE.json").exists() else []
     conf = {"reward_model": rm_path, "max_length": rc.max_length, "dtype": str(rc.dtype)}
     conf["chat_template"] = rc.chat_template
+    if rc.ensemble > 1:  # how its members' rewards become one
+        conf["aggregate"] = [str(rc.aggregate), rc.uncertainty_coef]
     stage = Stage(paths.stage(i, "label"), "label", conf, inputs=[gen_dir, *rm_stage])
     if stage.check(cfg.force):
         return stage.read_done()
@@ -75,18 +82,21 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
             g = gens[k] = pq.read_table(shard_path(gen_dir, k))
             return g["prompt"].to_pylist(), g["response"].to_pylist()
 
-        def write(k: int, rewards: list[float]) -> None:
-            table, d = label_table(gens.pop(k), rewards, gold)
+        def write(k: int, scored: tuple[list, list]) -> None:
+            table, d = label_table(gens.pop(k), scored[0], gold, scored[1])
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
 
         with ScorerPool(rc, rm_path, models.device(str(cfg.device))) as pool:
-            pool.score_each([shard_index(p) for p in todo], texts, write, desc="label")
+            keys = [shard_index(p) for p in todo]
+            pool.score_each(keys, texts, write, desc="label", spread=True)
     dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])
     rewards = labels["reward"].to_pylist()
     gold = [g for g in labels["gold"].to_pylist() if g is not None]
+    stds = labels["reward_std"].to_pylist() if "reward_std" in labels.column_names else []
+    spread = [s for s in stds if s is not None]
     return stage.finish(
         reward_model=rm_path,
         rows_in=sum(pq.read_metadata(p).num_rows for p in shard_paths(gen_dir)),
@@ -94,6 +104,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         dropped=dict(dropped),
         reward_mean=round(sum(rewards) / max(1, len(rewards)), 4),
         gold_mean=round(sum(gold) / len(gold), 4) if gold else None,
+        reward_std_mean=round(sum(spread) / len(spread), 4) if spread else None,
     )
 
 

@@ -3,10 +3,10 @@
 ``run(cfg, run_dir)`` makes iterations ``0 .. cfg.iteration-1`` exist, like ``make``:
 the toy world (when in use), the reward model, the held-out prompts and the initial
 policy's samples of them first, then per iteration
-prompts -> [generate -> label -> pairs] -> update -> evaluate -> handoff, where the
-bracketed stages run only for the rules that read best-of-n pairs (DPO, RAFT; PPO and
-ReMax roll out inside their update). Every stage is a function of the config and the run
-folder; they talk through files only.
+prompts -> [generate -> (reward) -> label -> pairs] -> update -> evaluate -> handoff, where
+the bracketed stages run only for the rules that read best-of-n pairs (DPO, RAFT; PPO and
+ReMax roll out inside their update), and the reward model's refresh only when asked.
+Every stage is a function of the config and the run folder; they talk through files only.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def _finish(cfg: Config, paths: Paths, rows: list[dict]) -> None:
 
 
 SUMMARY_KEYS = (
+    "judged_pairs",
+    "rm_agreement_before",
+    "judged_heldout_accuracy_after",
     "rows_in",
     "rows_out",
     "responses",
@@ -190,7 +193,7 @@ def before_update(
 
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
-    from iterate import evaluate, handoff, prompts, report
+    from iterate import evaluate, handoff, prompts, refresh, report
     from iterate.update import RULES
 
     prompts.heldout(cfg, paths)
@@ -203,6 +206,9 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         batch = prompts.run(cfg, paths, i, policy)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
         for name in rule.stages:  # what the rule reads besides the prompts
+            if name == "label" and cfg.reward.refresh.pairs:  # the reward model learns them
+                done["reward"] = _log(i, refresh.run(cfg, paths, i, rm))
+                rm = paths.reward_model = done["reward"]["reward_model"]
             done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, rule.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))

@@ -15,7 +15,7 @@ from iterate.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
+STAGES = ("prompts", "generate", "reward", "label", "pairs", "update", "evaluate", "handoff")
 COLUMNS = [  # (key, header, format)
     ("iteration", "iter", "{}"),
     ("update", "update", "{}"),
@@ -25,6 +25,7 @@ COLUMNS = [  # (key, header, format)
     ("reward_best_mean", "best-of-n", "{:.3f}"),
     ("gold_mean", "gold", "{:.3f}"),
     ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
     ("response_tokens_mean", "tokens", "{:.1f}"),
     ("eos_rate", "EOS", "{:.2f}"),
@@ -62,6 +63,11 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "gold_mean": ev.get("gold_mean"),
         "heldout_reward_mean": ev.get("heldout_reward_mean"),
         "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
+        # the same comparison under the reward model; proxy up and gold down: over-optimisation
+        "proxy_win_rate": ev.get("proxy_win_rate"),
+        "proxy_gold_gap": ev.get("proxy_gold_gap"),
+        "heldout_reward_std": ev.get("heldout_reward_std"),  # an ensemble's disagreement
+        **_refresh(done.get("reward"), done.get("label")),
         "kl_to_reference": ho["kl"]["k1"],
         "kl_k3": ho["kl"]["k3"],
         "response_tokens_mean": ev.get("response_tokens_mean"),
@@ -69,6 +75,19 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "accepted": ho["kl"]["accepted"],
         "seconds": {s: done[s]["seconds"] for s in STAGES if s in done},
     }
+
+
+def _refresh(reward: dict | None, label: dict | None) -> dict:
+    """The reward model's side of a row: its disagreement on the training samples and, when
+    refreshed, how often it agreed with the judge on the new pairs before the refresh."""
+    out = {}
+    if label and label.get("reward_std_mean") is not None:
+        out["reward_std_mean"] = label["reward_std_mean"]
+    if reward:
+        out["judged_pairs"] = reward["judged_pairs"]
+        out["rm_agreement_before"] = reward["rm_agreement_before"]
+        out["judged_heldout_accuracy_after"] = reward["judged_heldout_accuracy_after"]
+    return out
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -113,7 +132,7 @@ def plot(
     from matplotlib.ticker import MaxNLocator
 
     panels = [
-        ("win_rate_vs_initial", "gold win rate vs initial"),
+        ("win_rate_vs_initial", "win rate vs initial: gold, proxy --"),
         ("reward_mean", "proxy reward (train samples)"),
         ("gold_mean", "gold score (held-out)"),
         ("kl_to_reference", "KL(new || ref), k1"),
@@ -126,8 +145,14 @@ def plot(
     for ax, (key, title) in zip(axes, panels):
         for name, rs in groups.items():
             pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
+            color = None
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name or None)
+                color = ax.plot(*zip(*pts), marker="o", label=name or None)[0].get_color()
+            proxy = [(r["iteration"], r.get("proxy_win_rate")) for r in rs]
+            proxy = [p for p in proxy if p[1] is not None]
+            if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
+                ax.plot(*zip(*proxy), linestyle="--", color=color, alpha=0.7,
+                        label="proxy (reward model)" if not label_key else None)  # fmt: skip
             bad = [
                 (r["iteration"], r[key])
                 for r in rs
@@ -152,7 +177,7 @@ def plot(
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if label_key or any(r.get("accepted") is False for r in rows):
+    if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +240,81 @@ def short_labels(names: list[str]) -> dict[str, str]:
     return {n: ",".join(x for x in p if x not in common) or n for n, p in parts.items()}
 
 
+SEED_KEYS = (  # (key, header): the columns averaged over seeds
+    ("win_rate_vs_initial", "win rate"),
+    ("gold_mean", "gold"),
+    ("proxy_gold_gap", "proxy-gold"),
+    ("kl_to_reference", "KL"),
+    ("reward_mean", "reward"),
+)
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Rows of jobs that differ only in ``seed=`` merged per iteration: each key's mean and
+    standard deviation (``{key: (mean, sd)}``), the seeds and how many were accepted. Empty
+    when no job was run with more than one seed."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        name = ",".join(x for x in r["job"].split(",") if not x.startswith("seed="))
+        groups.setdefault((name or "default", r["iteration"]), []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    out = []
+    for (name, i), g in groups.items():
+        row = {"job": name, "iteration": i, "seeds": len(g)}
+        row["accepted"] = sum(bool(r.get("accepted")) for r in g)
+        for key, _ in SEED_KEYS:
+            xs = [r[key] for r in g if r.get(key) is not None]
+            if xs:
+                row[key] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        out.append(row)
+    return out
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """The over-seeds rows as a markdown table, mean ± sd."""
+    head = ["job", "iter", "seeds", *(h for _, h in SEED_KEYS), "accepted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["job"], str(r["iteration"]), str(r["seeds"])]
+        for key, _ in SEED_KEYS:
+            cells.append("{:.3f} ± {:.3f}".format(*r[key]) if key in r else "-")
+        cells.append(f"{r['accepted']}/{r['seeds']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_seeds(rows: list[dict], path: Path) -> None:
+    """Gold win rate and proxy-gold gap per iteration, mean ± sd over seeds, a line a job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in zip(
+        axes, ("win_rate_vs_initial", "proxy_gold_gap"),
+        ("gold win rate vs initial (mean ± sd over seeds)", "proxy - gold win rate"),
+    ):  # fmt: skip
+        for name in dict.fromkeys(r["job"] for r in rows):
+            pts = [(r["iteration"], *r[key]) for r in rows if r["job"] == name and key in r]
+            if pts:
+                x, m, sd = zip(*pts)
+                ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=name)
+        ax.axhline(0.5 if key == "win_rate_vs_initial" else 0.0, color="grey", ls="--", lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def summarize_sweep(sweep_dir: Path) -> str | None:
     """Side-by-side table and plot of the jobs of a sweep (``<sweep>/summary.{md,png}``)."""
     rows = []
@@ -226,7 +326,12 @@ def summarize_sweep(sweep_dir: Path) -> str | None:
     if not rows:
         return None
     text = table(rows, extra=[("job", "job", "{}")])
-    (sweep_dir / "summary.md").write_text(table(rows, markdown=True, extra=[("job", "job", "{}")]))
+    md = table(rows, markdown=True, extra=[("job", "job", "{}")])
+    if seeds := over_seeds(rows):
+        text += "\n\nmean ± sd over seeds:\n" + seeds_table(seeds)
+        md += "\n## Mean ± sd over seeds\n\n" + seeds_table(seeds)
+        plot_seeds(seeds, sweep_dir / "summary_seeds.png")
+    (sweep_dir / "summary.md").write_text(md)
     plot(rows, sweep_dir / "summary.png", label_key="job")
     return text
 

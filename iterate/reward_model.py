@@ -19,18 +19,28 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
 from collections import Counter
 from functools import partial
+from pathlib import Path
 
 import torch
 
-from iterate import losses, preferences, progress, workers
+from iterate import faults, losses, preferences, progress, workers
 from iterate.config import Config, RewardConfig, plain
 from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
 from iterate.paths import Paths
 from iterate.preferences import Messages, Pair
-from iterate.shards import Stage
+from iterate.shards import (
+    DONE,
+    TEMPORARY,
+    DamagedStage,
+    Stage,
+    atomic_write_json,
+    config_hash,
+)
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -110,30 +120,72 @@ def load_model(
     return model.eval(), tokenizer
 
 
-class Scorer:
-    """Rewards for (prompt, response) pairs from one reward model: ``score(prompts,
-    responses)``. A prompt is a stored prompt (text, or a JSON list of messages) or a list
-    of messages; the template switch happens here, in ``encode``."""
+ENSEMBLE = "ensemble.json"  # in a reward-model folder that holds an ensemble's members
 
-    def __init__(self, model, tokenizer, max_length: int, batch_size: int = 64):
-        self.model, self.tokenizer = model, tokenizer
+
+def members(path: str) -> tuple[list[str], list[float]]:
+    """The model folders of a reward model and the offset subtracted from each member's
+    reward: ``[path], [0.0]`` for one model; an ensemble folder lists its members and
+    centres each on its mean reward over its held-out pairs, so their spread is
+    disagreement, not the arbitrary offset each Bradley–Terry model learns."""
+    index = Path(path) / ENSEMBLE
+    if not index.exists():
+        return [path], [0.0]
+    e = json.loads(index.read_text())
+    return [str(Path(path) / m) for m in e["members"]], [float(o) for o in e["offsets"]]
+
+
+def aggregate(r: torch.Tensor, how: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """One reward per column of the members' rewards ``r`` (k, B): their mean, the mean
+    minus ``coef`` times their standard deviation, or their minimum."""
+    if how == "mean":
+        return r.mean(0)
+    if how == "mean_minus_std":
+        return r.mean(0) - coef * r.std(0, unbiased=False)
+    if how == "min":
+        return r.min(0).values
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+class Scorer:
+    """Rewards for (prompt, response) pairs from one reward model or an ensemble of them:
+    ``score(prompts, responses)``. A prompt is a stored prompt (text, or a JSON list of
+    messages) or a list of messages; the template switch happens here, in ``encode``. An
+    ensemble's members (``model`` a list; one tokenizer) give (reward - offset) each, and
+    ``aggregate`` makes them one."""
+
+    def __init__(
+        self, model, tokenizer, max_length: int, batch_size: int = 64,
+        offsets: list[float] | None = None, how: str = "mean", coef: float = 1.0,
+    ):  # fmt: skip
+        self.models = model if isinstance(model, list) else [model]
+        self.model = self.models[0]
+        self.tokenizer = tokenizer
         self.max_length, self.batch_size = max_length, batch_size
+        self.offsets = torch.tensor(offsets or [0.0] * len(self.models))
+        self.how, self.coef = how, coef
 
     @classmethod
     def load(
-        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None
-    ) -> Scorer:
-        model, tokenizer = load_model(path, dtype, template=template)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return cls(model.to(device or "cpu"), tokenizer, max_length, batch_size)
+        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None,
+        how: str = "mean", coef: float = 1.0,
+    ) -> Scorer:  # fmt: skip
+        folders, offsets = members(path)
+        models = []
+        for folder in folders:
+            model, tokenizer = load_model(folder, dtype, template=template)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            models.append(model.to(device or "cpu"))
+        return cls(models, tokenizer, max_length, batch_size, offsets, how, coef)
 
     @classmethod
     def of(cls, rc: RewardConfig, path: str, device=None) -> Scorer:
         """The run's scorer: the reward model at ``path`` with the settings of ``reward``."""
         return cls.load(
-            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template
-        )
+            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template,
+            str(rc.aggregate), rc.uncertainty_coef,
+        )  # fmt: skip
 
     def encode(self, prompt: str | Messages, response: str) -> list[int]:
         messages = as_messages(prompt) if isinstance(prompt, str) else prompt
@@ -141,11 +193,14 @@ class Scorer:
 
     @torch.no_grad()
     def score(
-        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False
-    ) -> list[float | None]:
+        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
+        spread: bool = False,
+    ):  # fmt: skip
         """Rewards in the order given. With ``refusals``, a conversation the reward model's
         chat template refuses (e.g. turns that do not alternate) scores ``None`` instead of
-        raising, for the caller to count and drop."""
+        raising, for the caller to count and drop. With ``spread``, also the ensemble
+        members' standard deviation per conversation (``None`` for one model):
+        ``(rewards, spreads)``."""
         from jinja2.exceptions import TemplateError
 
         seqs: dict[int, list[int]] = {}
@@ -157,18 +212,29 @@ class Scorer:
                     raise
         order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
         out: list[float | None] = [None] * len(prompts)
+        std: list[float | None] = [None] * len(prompts)
         dev = next(self.model.parameters()).device
         bar = progress.bar(len(seqs), desc, "seq")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            rewards = forward_rewards(
-                self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, dev
+            batch = [seqs[i] for i in idx]
+            r = (
+                torch.stack(
+                    [
+                        forward_rewards(m, batch, self.tokenizer.pad_token_id, dev)
+                        for m in self.models
+                    ]
+                ).cpu()
+                - self.offsets[:, None]
             )
-            for i, r in zip(idx, rewards.tolist()):
-                out[i] = r
+            for i, v in zip(idx, aggregate(r, self.how, self.coef).tolist()):
+                out[i] = v
+            if len(self.models) > 1:
+                for i, v in zip(idx, r.std(0, unbiased=False).tolist()):
+                    std[i] = v
             bar.update(len(idx))
         bar.close()
-        return out
+        return (out, std) if spread else out
 
 
 _WORKER_SCORER: Scorer | None = None  # in a scoring worker process
@@ -181,8 +247,8 @@ def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> Non
     _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
 
 
-def _score_in_worker(prompts: list, responses: list[str], desc: str) -> list[float | None]:
-    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True)
+def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
+    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True, spread=spread)
 
 
 class ScorerPool:
@@ -222,17 +288,20 @@ class ScorerPool:
                 )
             )
 
-    def score_each(self, keys, texts, done, desc: str = "score") -> None:
-        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job.
+    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
+        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
+        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Scorer.score``).
         Each worker holds one job's texts at a time."""
         self._open()
 
         def work(w: int, mine: list) -> None:
             for k in mine:
                 if self.scorer is not None:
-                    done(k, self.scorer.score(*texts(k), desc=desc, refusals=True))
+                    got = self.scorer.score(*texts(k), desc=desc, refusals=True, spread=spread)
                 else:
-                    done(k, self.pools[w].submit(_score_in_worker, *texts(k), desc).result())
+                    job = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread)
+                    got = job.result()
+                done(k, got)
 
         groups = workers.deal(keys, max(1, len(self.pools)))
         workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
@@ -249,7 +318,7 @@ class ScorerPool:
         self.close()
 
 
-def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
+def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
     rc = cfg.reward
     info: dict = {"source": rc.source}
     if rc.source == "toy":
@@ -279,9 +348,11 @@ def _build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dic
     return train, [p for p, h in zip(pairs, held) if h], info
 
 
-def _new_model(rc: RewardConfig, base: str, seed: int):
+def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True):
+    """A reward model to train: ``start`` (a causal LM given a fresh scalar head, or with
+    ``new_head=False`` a reward model to go on training) with a fresh LoRA adapter."""
     torch.manual_seed(seed)
-    model, tokenizer = load_model(base, rc.dtype, new_head=True, template=rc.chat_template)
+    model, tokenizer = load_model(start, rc.dtype, new_head=new_head, template=rc.chat_template)
     if rc.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -298,10 +369,11 @@ def _new_model(rc: RewardConfig, base: str, seed: int):
     return model, tokenizer
 
 
-def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[float, float]:
-    """Share of pairs where r(chosen) > r(rejected), and the mean BT loss."""
-    model.eval()
-    scorer = Scorer(model, tokenizer, max_length)
+def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
+    """Share of pairs where r(chosen) > r(rejected), the mean BT loss, and the mean reward
+    over both responses (an ensemble member's offset)."""
+    for m in scorer.models:
+        m.eval()
     r = torch.tensor(
         scorer.score(
             [p.messages for p in pairs for _ in (0, 1)],
@@ -310,7 +382,11 @@ def accuracy(model, tokenizer, pairs: list[Pair], max_length: int) -> tuple[floa
         )
     )
     rc, rr = r[0::2], r[1::2]
-    return (rc > rr).float().mean().item(), losses.bradley_terry(rc, rr).mean().item()
+    return {
+        "accuracy": (rc > rr).float().mean().item(),
+        "loss": losses.bradley_terry(rc, rr).mean().item(),
+        "mean": r.mean().item(),
+    }
 
 
 def encode_pairs(
@@ -335,40 +411,26 @@ def encode_pairs(
     return enc, kept, dropped, examples
 
 
-def train(cfg: Config, paths: Paths) -> dict:
-    """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
-    rc = cfg.reward
-    how = ("workers", "threads")  # how scoring runs, not what the reward model learns
-    reward = {k: v for k, v in plain(rc).items() if k not in how}
-    conf = {"reward": reward, "seed": cfg.seed, "base": rc.base or paths.base_policy}
-    stage = Stage(paths.reward_model_dir, "reward_model", conf)
-    if stage.check(cfg.force):
-        log.info("reward model: done already (%s)", stage.done_path)
-        return stage.read_done()
-    train_pairs, heldout, info = _build_pairs(cfg, paths)
-    base = rc.base or paths.base_policy
-    model, tokenizer = _new_model(rc, base, cfg.seed)
-    enc, train_pairs, refused, examples = encode_pairs(tokenizer, train_pairs, rc.max_length)
-    _, heldout, refused_held, more = encode_pairs(tokenizer, heldout, rc.max_length)
-    for msg in (examples + more)[:1]:
-        log.warning("dropped: %s", msg)
-    info["dropped"] = dict(Counter(info.get("dropped", {})) + refused + refused_held)
-    if not enc or not heldout:
-        raise ValueError(f"reward model: no pairs left to train or evaluate on ({info['dropped']})")
+def fit(model, pad_id: int, enc: list, rc: RewardConfig, epochs: int, lr: float, seed: int,
+        desc: str = "reward model") -> list[dict]:  # fmt: skip
+    """The Bradley–Terry training loop (``-logsigmoid(r_chosen - r_rejected)``) over encoded
+    pairs ``enc`` [(chosen ids, rejected ids)]: AdamW, linear warm-up then cosine decay,
+    ``rc.batch_size`` pairs per forward pass, ``rc.grad_accum`` passes per step. Returns
+    the per-step log rows."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=rc.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
     per_step = rc.batch_size * rc.grad_accum
-    steps = rc.epochs * -(-len(enc) // per_step)
-    warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
+    steps = epochs * -(-len(enc) // per_step)
+    warmup = max(1, steps // 20)
 
     def lr_at(s: int) -> float:
         return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    bar = progress.bar(steps, "reward model", "step")
+    bar = progress.bar(steps, desc, "step")
     log_rows, step = [], 0
-    for epoch in range(rc.epochs):
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(enc), generator=g).tolist()
         for start in range(0, len(order), per_step):
@@ -378,7 +440,7 @@ def train(cfg: Config, paths: Paths) -> dict:
             for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
                 batch = [enc[i] for i in idx[m : m + rc.batch_size]]
                 seqs = [c for c, _ in batch] + [j for _, j in batch]
-                r = forward_rewards(model, seqs, tokenizer.pad_token_id)
+                r = forward_rewards(model, seqs, pad_id)
                 per_pair = losses.bradley_terry(r[: len(batch)], r[len(batch) :])
                 (per_pair.sum() / len(idx)).backward()
                 loss_sum += per_pair.sum().item()
@@ -394,25 +456,164 @@ def train(cfg: Config, paths: Paths) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
-    held_acc, held_loss = accuracy(model, tokenizer, heldout, rc.max_length)
+    return log_rows
+
+
+def bootstrap(n: int, seed: int) -> list[int]:
+    """n indices drawn with replacement: an ensemble member's sample of the pairs."""
+    rng = random.Random(seed)
+    return [rng.randrange(n) for _ in range(n)]
+
+
+def fit_members(
+    rc: RewardConfig, starts: list[str], out: Path, pairs: list[Pair], heldout: list[Pair],
+    seed: int, epochs: int, lr: float, new_head: bool,
+    stage: tuple[int, str] = (-1, "reward_model"),
+) -> dict:  # fmt: skip
+    """Train one reward model per start into ``out``: member j from ``starts[j]``, on a
+    bootstrap sample of ``pairs`` (all of them for one model), with its own seed. One model
+    is saved as ``out`` itself; an ensemble as ``out/member_j`` and ``out/ensemble.json``
+    (members and offsets). A member already saved (a resumed stage) is not trained again.
+    Returns the training report: held-out accuracy (the ensemble's), members, steps, dropped
+    pairs, and the loss curve."""
+    k = len(starts)
+    tokenizer = load_tokenizer(starts[0], rc.chat_template)
+    enc, pairs, refused, examples = encode_pairs(tokenizer, pairs, rc.max_length)
+    _, heldout, refused_held, more = encode_pairs(tokenizer, heldout, rc.max_length)
+    for msg in (examples + more)[:1]:
+        log.warning("dropped: %s", msg)
+    if not enc or not heldout:
+        raise ValueError(f"reward model: no pairs left to train or evaluate on ({refused})")
+    reports = []
+    for j in range(k):
+        folder = out if k == 1 else out / f"member_{j}"
+        marker = folder / "member.json"
+        if marker.exists():  # saved before an interruption
+            reports.append(json.loads(marker.read_text()))
+            continue
+        model, tok = _new_model(rc, starts[j], seed + j, new_head)
+        data = enc if k == 1 else [enc[i] for i in bootstrap(len(enc), seed * 1000 + j)]
+        name = "reward model" if k == 1 else f"reward model {j + 1}/{k}"
+        rows = fit(model, tok.pad_token_id, data, rc, epochs, lr, seed + j, name)
+        held = accuracy(Scorer(model, tok, rc.max_length, rc.score_batch_size), heldout)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if rc.lora.enabled:
+            model = model.merge_and_unload()
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        report = {
+            "member": j, "steps": len(rows), "heldout_accuracy": round(held["accuracy"], 4),
+            "heldout_loss": round(held["loss"], 4), "offset": held["mean"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": trainable, "log": rows,
+        }  # fmt: skip
+        atomic_write_json(tmp / "member.json", report)
+        if k == 1:
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        reports.append(report)
+        faults.point(*stage, j + 1)  # (iteration, stage name): -1 before iteration 0
+    if k > 1:
+        atomic_write_json(
+            out / ENSEMBLE,
+            {
+                "members": [f"member_{j}" for j in range(k)],
+                "offsets": [r["offset"] for r in reports],
+            },
+        )
+    held = reports[0]["heldout_accuracy"]
+    if k > 1:  # the ensemble's own: the mean of its members' centred rewards
+        ensemble = Scorer.load(str(out), str(rc.dtype), rc.max_length, rc.score_batch_size)
+        held = round(accuracy(ensemble, heldout)["accuracy"], 4)
+    logs = [{"member": r["member"], **row} for r in reports for row in r["log"]]
+    summaries = [{n: v for n, v in r.items() if n != "log"} for r in reports]
+    return {
+        "heldout_accuracy": held,
+        "members": summaries if k > 1 else [],
+        "heldout_loss": reports[0]["heldout_loss"],
+        "steps": sum(r["steps"] for r in reports),
+        "parameters": reports[0]["parameters"],
+        "trainable_parameters": reports[0]["trainable_parameters"],
+        "train_pairs": len(pairs), "heldout_pairs": len(heldout),
+        "refused": dict(refused + refused_held),
+        "log": logs,
+    }  # fmt: skip
+
+
+def train(cfg: Config, paths: Paths) -> dict:
+    """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
+    rc = cfg.reward
+    # how scoring runs and how an ensemble's rewards are combined: the stages that score
+    # record those; the refresh is a later stage's
+    how = ("workers", "threads", "aggregate", "uncertainty_coef", "refresh", "cache")
+    reward = {k: v for k, v in plain(rc).items() if k not in how}
+    conf = {"reward": reward, "seed": cfg.seed, "base": rc.base or paths.base_policy}
+    stage = Stage(paths.reward_model_dir, "reward_model", conf)
+    if stage.check(cfg.force):
+        log.info("reward model: done already (%s)", stage.done_path)
+        return stage.read_done()
+    cache = cache_dir(cfg, paths, stage)
+    if cache is not None and (cache / DONE).exists():
+        try:  # hard links share their bytes: a file changed in place changed the cache too
+            Stage(cache, "reward_model", {}).verify()
+        except DamagedStage as e:
+            log.warning("%s: the cached reward model is trained again", e)
+            shutil.rmtree(cache)
+    if cache is not None and (cache / DONE).exists():
+        link_tree(cache, stage.path)
+        log.info("reward model: trained before with this very config, reused: %s", cache)
+        return stage.read_done()
+    train_pairs, heldout, info = build_pairs(cfg, paths)
+    base = rc.base or paths.base_policy
     out = paths.reward_model_dir / "model"
-    if rc.lora.enabled:
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    lines = "".join(json.dumps(r) + "\n" for r in log_rows)
+    fitted = fit_members(
+        rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True
+    )
+    info["dropped"] = dict(Counter(info.get("dropped", {})) + Counter(fitted.pop("refused")))
+    rows = fitted.pop("log")
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
     (paths.reward_model_dir / "train_log.jsonl").write_text(lines)
-    last = [r["loss"] for r in log_rows[-10:]]
+    last = [r["loss"] for r in rows[-10:]]
     done = stage.finish(
-        **info, base=str(base), train_pairs=len(train_pairs), heldout_pairs=len(heldout),
-        parameters=sum(p.numel() for p in model.parameters()),
-        trainable_parameters=sum(p.numel() for p in params), steps=step,
-        heldout_accuracy=round(held_acc, 4), heldout_loss=round(held_loss, 4),
-        loss_curve=[r["loss"] for r in log_rows[:: max(1, len(log_rows) // 50)]],
+        **info, base=str(base), **fitted,
+        loss_curve=[r["loss"] for r in rows[:: max(1, len(rows) // 50)]],
         final_train_loss=round(sum(last) / max(1, len(last)), 4),
     )  # fmt: skip
     log.info(
         "reward model: %d train / %d held-out pairs, held-out accuracy %.3f, %.0fs",
-        len(train_pairs), len(heldout), held_acc, done["seconds"],
+        done["train_pairs"], done["heldout_pairs"], done["heldout_accuracy"], done["seconds"],
     )  # fmt: skip
+    if cache is not None and not cache.exists():  # for the next run with this config
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        link_tree(stage.path, tmp)
+        if not cache.exists():
+            os.replace(tmp, cache)
+        shutil.rmtree(tmp, ignore_errors=True)
     return done
+
+
+def cache_dir(cfg: Config, paths: Paths, stage: Stage) -> Path | None:
+    """Where a toy-world reward model of this config is kept for other runs (a sweep's jobs
+    with the same seed train the same one): beside the toy world's cache, named by the
+    stage config's hash. Only for the toy world, whose pairs are a function of the config;
+    a preference file can change under its name."""
+    if not cfg.reward.cache or str(cfg.reward.source) != "toy" or paths.toy is None:
+        return None
+    return Path(cfg.toy.cache_dir).parent / "reward_models" / config_hash(stage.config)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """``src``'s files at the same places under ``dst``: hard links (no second copy of the
+    weights), copies where the two are on different file systems."""
+    for f in sorted(src.rglob("*")):
+        if f.is_dir() or TEMPORARY.search(f.name):
+            continue
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)

@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iterate import faults
+
 DONE = "_DONE.json"
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("sample_idx", pa.int32()),
             ("reward", pa.float64()),
             ("gold", pa.float64()),  # the toy world's gold judge; null elsewhere
+            ("reward_std", pa.float64()),  # an ensemble's disagreement; null for one model
         ]
     ),
     "pairs": pa.schema(
@@ -115,7 +118,8 @@ def read_shards(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
         if schema is None:
             raise FileNotFoundError(f"no shards in {folder}")
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths])
+    # shards written before a column was added read it as nulls
+    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -251,6 +255,7 @@ class Stage:
         Raises ``StageConfigChanged`` when it finished or started with another config,
         unless ``force``, which clears the stage so it runs again.
         """
+        faults.stop_if_interrupted()
         marker = self.path / "_CONFIG.json"
         recorded = self.read_done()["config"] if self.is_done() else None
         if recorded is None and marker.exists():
@@ -306,6 +311,7 @@ class Stage:
     def finish(self, **info: Any) -> dict:
         """Write ``_DONE.json`` last: config, its hash, wall time, what the stage reports
         and the bytes and checksum of every file it wrote."""
+        faults.stop_if_interrupted()  # interrupted work is not finished work
         done = {
             "stage": self.name,
             "config_hash": config_hash(self.config),

@@ -30,7 +30,7 @@ def _model_folder(key: str, path: str | None, what: str) -> None:
         return
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").exists():
+        if not (p / "config.json").exists() and not (p / "ensemble.json").exists():
             raise BadInput(
                 f"{key}={path!r}: the folder has no config.json; point it at a saved {what} "
                 "(save_pretrained) folder"
@@ -94,6 +94,12 @@ RANGES = {
     "reward.max_length": (lambda v: v >= 2, "must be >= 2"),
     "reward.heldout_fraction": OPEN_UNIT,
     "reward.label_noise": BELOW_HALF,
+    "reward.ensemble": GE1,
+    "reward.uncertainty_coef": GE0,
+    "reward.refresh.pairs": (GE0[0], "must be >= 0 (0: no refresh)"),
+    "reward.refresh.epochs": GE1,
+    "reward.refresh.replay": GE0,
+    "reward.refresh.lr": (lambda v: v is None or (math.isfinite(v) and v > 0), "must be > 0"),
 }
 
 
@@ -127,6 +133,7 @@ def check(cfg: Config) -> None:
         _model_folder("reward.path", rc.path, "reward model")
     if rc.base:
         _model_folder("reward.base", rc.base, "model")
+    _refresh(cfg)
     if str(pc.source) == "file":
         if not pc.path:
             raise BadInput("prompts.path is not set but prompts.source is file")
@@ -137,3 +144,31 @@ def check(cfg: Config) -> None:
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
             _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
+
+
+def _refresh(cfg: Config) -> None:
+    fc = cfg.reward.refresh
+    if not fc.pairs:
+        return
+    if str(cfg.update.name) not in PAIR_RULES:
+        raise BadInput(
+            f"reward.refresh.pairs={fc.pairs}: the refresh learns from best-of-n samples, which "
+            f"update={cfg.update.name} does not draw (its rollouts are inside its update)"
+        )
+    _need(fc.pairs >= 2 or str(fc.judge) == "file", "reward.refresh.pairs", fc.pairs,
+          "must be >= 2 (a fifth of the judged pairs measures the refreshed model)")  # fmt: skip
+    judge = str(fc.judge)
+    if judge == "gold" and str(cfg.prompts.source) != "toy":
+        raise BadInput(
+            "reward.refresh.judge=gold: the gold judge knows only the toy world's prompts; "
+            "use judge=model with judge_path, or judge=file with path"
+        )
+    if judge == "model":
+        if not fc.judge_path:
+            raise BadInput("reward.refresh.judge=model needs reward.refresh.judge_path")
+        _model_folder("reward.refresh.judge_path", fc.judge_path, "reward model")
+    if judge == "file" and (not fc.path or "{iteration}" not in fc.path):
+        raise BadInput(
+            f"reward.refresh.path={fc.path!r}: judge=file needs a path with {{iteration}} "
+            "in it, e.g. labels/iter_{iteration}.jsonl"
+        )

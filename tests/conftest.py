@@ -61,3 +61,16 @@ def tiny_cfg(tmp_path, tiny_cache, tiny_world) -> Config:
     cfg.toy.cache_dir = str(tiny_cache)
     cfg.runs_dir = str(tmp_path / "runs")
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_cache, tiny_world, tmp_path_factory) -> Path:
+    """A tiny reward model trained once for every loop test."""
+    from iterate import reward_model
+    from iterate.paths import Paths
+
+    cfg = compose_cfg(TINY)
+    cfg.toy.cache_dir = str(tiny_cache)
+    run = tmp_path_factory.mktemp("rm_run")
+    reward_model.train(cfg, Paths(run=run, base_policy=str(tiny_world), toy=tiny_world))
+    return run / "reward_model" / "model"

@@ -11,8 +11,9 @@ from iterate.config import Config
 
 from .conftest import CONF, cli, compose_cfg
 
+# tuning/ holds settings for a (model, rule) pair, picked by interpolation: tested on its own
 GROUPS = sorted(
-    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")
+    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "tuning")
 )
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
@@ -103,6 +104,22 @@ def test_gshf_experiment_values():
     assert cfg.handoff.reference == "previous"
     assert cfg.model.max_length > cfg.generate.max_tokens, "prompts must fit beside the response"
     assert cfg.update.lora.enabled is False
+
+
+def test_tuning_is_picked_by_model_and_rule_and_the_command_line_wins():
+    dpo, raft, ppo = (compose_cfg([f"update={u}"]) for u in ("dpo", "raft", "ppo"))
+    assert (dpo.update.lora.enabled, dpo.update.lr, dpo.update.nll_coef) == (False, 2e-4, 1.0)
+    assert (raft.update.lora.enabled, raft.update.lr) == (False, 1e-3)
+    assert dpo.reward.refresh.pairs == raft.reward.refresh.pairs == 60
+    assert str(dpo.reward.refresh.judge) == "gold"
+    # no tuning file for these pairs: the groups' own values
+    assert (ppo.update.lora.enabled, ppo.reward.refresh.pairs) == (True, 0)
+    for untuned in (["experiment=toy_tiny"], ["model=zephyr_sft"]):
+        cfg = compose_cfg(untuned)
+        assert (cfg.update.lora.enabled, cfg.update.lr, cfg.reward.refresh.pairs) == (
+            True, 1e-3, 0,
+        )  # fmt: skip
+    assert compose_cfg(["update.lr=5e-4", "reward.refresh.pairs=0"]).update.lr == 5e-4
 
 
 def test_defaults():
@@ -207,6 +224,9 @@ def test_run_folders_are_deterministic():
     from iterate.config import job_dirname
 
     assert job_dirname("model.path=/data/m,update=dpo") == "model.path=_data_m,update=dpo"
+    assert (
+        job_dirname("lora.target_modules=[q_proj,v_proj]") == "lora.target_modules=(q_proj,v_proj)"
+    )
     long = job_dirname("reward.path=" + "/deep" * 100)
     assert len(long.encode()) <= 200 and "/" not in long
     # iteration is not part of a job's name, so `iteration=3` after `iteration=2` resumes it

@@ -14,7 +14,7 @@ from iterate.paths import Paths
 from iterate.shards import SCHEMAS, Stage, shard_path, write_shard
 from iterate.update import RULES, dist
 
-from .conftest import compose_cfg
+from .conftest import TINY, compose_cfg
 
 # 9 pairs in optimiser steps of 4: the last step has one example, so rank 1 has no share
 # of it and backs a zero-weighted one
@@ -65,7 +65,7 @@ def _rel(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("rule", ["dpo", "raft"])
 def test_two_processes_make_the_adapter_of_one(tiny_cfg, tiny_world, tmp_path, rule):
-    tiny_cfg.update = compose_cfg([f"update={rule}"]).update
+    tiny_cfg.update = compose_cfg([*TINY, f"update={rule}"]).update  # LoRA, untuned
     one, a1 = _update(tiny_cfg, tiny_world, tmp_path, "one", {"num_processes": 1})
     two, a2 = _update(tiny_cfg, tiny_world, tmp_path, "two", {"num_processes": 2})
     assert (one["processes"], two["processes"]) == (1, 2)

@@ -52,6 +52,33 @@ BAD = [  # (overrides, what the message must name)
     ([f"model.path={MISSING}"], MISSING),
     (["prompts=file", f"prompts.path={MISSING}.jsonl"], f"{MISSING}.jsonl"),
     (["reward.source=files", f"reward.data=[{{path:{MISSING}.jsonl}}]"], "reward.data[0].path"),
+    (["reward.ensemble=0"], "reward.ensemble"),
+    (["reward.uncertainty_coef=-1"], "reward.uncertainty_coef"),
+    (["reward.refresh.pairs=-1"], "reward.refresh.pairs"),
+    (["reward.refresh.pairs=1"], "reward.refresh.pairs"),
+    (["reward.refresh.pairs=8", "reward.refresh.epochs=0"], "reward.refresh.epochs"),
+    (["reward.refresh.pairs=8", "update=ppo"], "update=ppo does not draw"),
+    (["reward.refresh.pairs=8", "reward.refresh.judge=model"], "judge_path"),
+    (
+        [
+            "reward.refresh.pairs=8",
+            "reward.refresh.judge=model",
+            f"reward.refresh.judge_path={MISSING}",
+        ],
+        MISSING,
+    ),  # fmt: skip
+    (
+        ["reward.refresh.pairs=8", "reward.refresh.judge=file", "reward.refresh.path=labels.jsonl"],
+        "{iteration}",
+    ),  # fmt: skip
+    (
+        [
+            "reward.refresh.pairs=8",
+            "prompts=file",
+            f"prompts.path={ROOT / 'data' / 'prompts.jsonl'}",
+        ],
+        "gold judge knows only",
+    ),  # fmt: skip
 ]
 
 
@@ -142,6 +169,34 @@ def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted (Ctrl-C)" in out + err and "Traceback" not in out + err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_stage(tmp_path, caplog):
+    """Python ignores an exception raised in ``__del__`` ("Exception ignored"): a Ctrl-C
+    landing there would let the run finish with status 0. The next stage boundary stops it."""
+    from iterate import faults
+
+    class Finalizer:
+        def __del__(self):  # Ctrl-C arrives while this runs
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between these bytecodes
+                pass
+
+    def run() -> None:
+        obj = Finalizer()
+        del obj  # the interrupt is swallowed here
+        assert Stage(tmp_path / "stage", "stage", {}).check() is False  # raises first
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="iterate"):
+            assert cli.exit_status(run) == 130
+        assert "interrupted (Ctrl-C)" in caplog.text
+        assert not (tmp_path / "stage").exists(), "the stage did not start"
+        assert cli.exit_status(lambda: None) == 0, "the next command starts clean"
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    faults.stop_if_interrupted()  # cleared
 
 
 DATA_FILES = [  # (file contents, what the message must say)

@@ -173,13 +173,15 @@ def register() -> None:
 
 def main_config(overrides: list[str]):
     """The main ``iterate`` config composed with ``overrides``, exactly as ``python -m
-    iterate`` would (inside or outside a running Hydra app)."""
+    iterate`` would (inside or outside a running Hydra app), without the toy world's tuning
+    (conf/tuning): the benchmarks time the mechanisms with the groups' own settings (LoRA)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from iterate import config
 
     config.register()
+    overrides = ["~tuning", *overrides]
     if GlobalHydra.instance().is_initialized():
         return config.to_dataclass(compose("config", overrides=overrides))
     conf = Path(__file__).resolve().parents[2] / "conf"

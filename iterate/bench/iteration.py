@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 from iterate.bench.config import main_config
+from iterate.report import STAGES
 
-STAGES = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
 # section timings (seconds) that a stage spends on setting up, not on its work
 FIXED = {
     "update": ("load_s", "save_s"),
@@ -27,7 +27,10 @@ def breakdown(run: Path, i: int) -> dict:
     or the new weights' load, tokenizing and planning (``seconds - generate_s``)."""
     stages, fixed = {}, {}
     for s in STAGES:
-        done = json.loads((run / f"iter_{i:03d}" / s / "_DONE.json").read_text())
+        done_path = run / f"iter_{i:03d}" / s / "_DONE.json"
+        if not done_path.exists():  # a stage this run does not have (the reward refresh)
+            continue
+        done = json.loads(done_path.read_text())
         stages[s] = done["seconds"]
         timings = done.get("timings", {})
         if s == "generate":

@@ -1,0 +1,187 @@
+"""Reward-model refresh between iterations (``reward.refresh.pairs`` > 0): the reward model
+learns the current policy's own samples before it labels them.
+
+A reward model trained once, on another policy's responses, is wrong where the policy goes
+next; the policy then climbs its errors (reward over-optimisation). Per iteration, after
+generate and before label (``iter_i/reward/``):
+
+1. ``pairs`` prompts of the iteration are drawn (seeded); the current reward model ranks
+   each prompt's n samples and ``rule`` (``pairs.select``) picks the two the judge sees,
+   by default its best and its worst: the pair DPO would train on;
+2. a judge labels them: the toy world's gold judge, a judge model scored like a reward
+   model, or the user's own labels for the iteration (a preference file);
+3. every member of the reward model goes on training (a fresh LoRA adapter, merged) on
+   the new pairs with ``replay`` times as many earlier ones (the reward model's own
+   training pairs and earlier refreshes' pairs) mixed in, so it does not forget.
+
+Written: ``pairs.parquet`` (the judged pairs, read by later refreshes), ``model/``, and in
+``_DONE.json`` the agreement of the reward model with the judge on the new pairs before the
+refresh (its accuracy where the policy is now) and its held-out accuracy after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iterate import faults, models, pairs, preferences
+from iterate.config import Config, PreferenceFile, plain
+from iterate.models import as_messages
+from iterate.paths import Paths
+from iterate.preferences import Pair
+from iterate.reward_model import Scorer, accuracy, build_pairs, fit_members, members
+from iterate.shards import SCHEMAS, Stage, atomic_write_json, read_shards, write_shard
+from iterate.toy import world
+
+log = logging.getLogger(__name__)
+
+JUDGED = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("rm_agreed", pa.bool_()),  # the reward model before the refresh preferred `chosen`
+    ]
+)
+
+
+def judge_scores(cfg: Config, prompts: list[str], responses: list[str]) -> list[float]:
+    """The judge's score of each response (gold judge or judge model)."""
+    fc = cfg.reward.refresh
+    if str(fc.judge) == "gold":
+        return [world.gold_score(p, r) for p, r in zip(prompts, responses)]
+    judge = Scorer.load(fc.judge_path, str(cfg.reward.dtype), cfg.reward.max_length,
+                        cfg.reward.score_batch_size, models.device(str(cfg.device)))  # fmt: skip
+    return judge.score(prompts, responses, desc="judge")
+
+
+def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[dict], Counter]:
+    """The iteration's pairs the judge labelled: two samples of each drawn prompt, picked by
+    the current reward model under ``rule``, ordered by the judge; ties dropped, counted."""
+    fc, dropped = cfg.reward.refresh, Counter()
+    if str(fc.judge) == "file":
+        path = fc.path.format(iteration=i)
+        got, _, _ = preferences.load_mixture([PreferenceFile(path=path)], cfg.seed)
+        scorer = Scorer.of(cfg.reward, rm_path, models.device(str(cfg.device)))
+        r = scorer.score(
+            [p.messages for p in got for _ in (0, 1)],
+            [x for p in got for x in (p.chosen, p.rejected)],
+        )
+        rows = [
+            {"prompt": json.dumps(p.messages), "chosen": p.chosen,
+             "rejected": p.rejected, "rm_agreed": r[2 * k] > r[2 * k + 1]}
+            for k, p in enumerate(got)
+        ]  # fmt: skip
+        return rows[: fc.pairs], dropped
+    gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
+    ids = sorted(gen["prompt_id"].unique())
+    rng = random.Random(f"{cfg.seed}:refresh:{i}")
+    chosen_ids = set(rng.sample(ids, min(fc.pairs, len(ids))))
+    gen = gen[gen["prompt_id"].isin(chosen_ids)].sort_values(["prompt_id", "sample_idx"])
+    scorer = Scorer.of(cfg.reward, rm_path, models.device(str(cfg.device)))
+    gen["reward"] = scorer.score(gen["prompt"].tolist(), gen["response"].tolist(), "refresh rank")
+    picked = []
+    for _, g in gen.groupby("prompt_id", sort=True):
+        pick = pairs.select(g["reward"].tolist(), str(fc.rule), rng)
+        if isinstance(pick, str):
+            dropped[pick] += 1
+            continue
+        a, b = (g.iloc[k] for k in pick)  # a: the reward model's choice
+        picked.append((a["prompt"], a["response"], b["response"]))
+    scores = judge_scores(cfg, [p for p, _, _ in picked for _ in (0, 1)],
+                          [x for _, a, b in picked for x in (a, b)])  # fmt: skip
+    rows = []
+    for k, (prompt, a, b) in enumerate(picked):
+        sa, sb = scores[2 * k], scores[2 * k + 1]
+        if sa == sb:
+            dropped["judge_tie"] += 1
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        rows.append(
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rm_agreed": sa > sb}
+        )
+    return rows, dropped
+
+
+def as_pairs(rows: list[dict]) -> list[Pair]:
+    return [Pair(as_messages(r["prompt"]), r["chosen"], r["rejected"]) for r in rows]
+
+
+def replay_pool(cfg: Config, paths: Paths, i: int) -> list[Pair]:
+    """What the reward model learnt before: its training pairs (when trained here) and the
+    pairs of this run's earlier refreshes."""
+    old = build_pairs(cfg, paths)[0] if cfg.reward.train else []
+    for j in range(i):
+        f = paths.stage(j, "reward") / "pairs.parquet"
+        if f.exists():
+            old += as_pairs(pq.read_table(f).to_pylist())
+    return old
+
+
+def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
+    """Refresh the reward model on iteration i's samples; ``_DONE.json`` names the new one
+    (``reward_model``), which labels this iteration and is refreshed by the next."""
+    rc, fc = cfg.reward, cfg.reward.refresh
+    upstream = Path(rm_path).parent
+    conf = {
+        "refresh": plain(fc),
+        "reward_model": rm_path,
+        "train": {k: plain(rc)[k] for k in ("lora", "batch_size", "grad_accum", "lr", "ensemble")},
+        "aggregate": [str(rc.aggregate), rc.uncertainty_coef],  # the ranking of the samples
+        "seed": cfg.seed,
+    }
+    inputs = [
+        paths.stage(i, "generate"),
+        *([upstream] if (upstream / "_DONE.json").exists() else []),
+    ]
+    stage = Stage(paths.stage(i, "reward"), "reward", conf, inputs=inputs)
+    if stage.check(cfg.force):
+        return stage.read_done()
+    out = stage.path / "pairs.parquet"
+    if not out.exists():
+        rows, dropped = judged_pairs(cfg, paths, i, rm_path)
+        atomic_write_json(stage.path / "dropped.json", dict(dropped))
+        write_shard(pa.Table.from_pylist(rows, schema=JUDGED), out)  # last: the marker
+        faults.point(i, "reward", 1)  # the judged pairs are kept: a rerun does not judge again
+    rows = pq.read_table(out).to_pylist()
+    dropped = json.loads((stage.path / "dropped.json").read_text())
+    new = as_pairs(rows)
+    before = sum(r["rm_agreed"] for r in rows) / max(1, len(rows))
+    if len(new) < 2:  # nothing to learn from: the reward model stays as it is
+        log.warning("reward refresh %d: %d judged pairs (%s): the reward model is kept",
+                    i, len(new), dropped)  # fmt: skip
+        return stage.finish(
+            reward_model=rm_path, judged_pairs=len(rows), dropped=dropped, replayed_pairs=0,
+            rm_agreement_before=round(before, 4), judged_heldout_accuracy_before=None,
+            judged_heldout_accuracy_after=None, steps=0,
+        )  # fmt: skip
+    held_n = max(1, len(new) // 5)  # a fifth kept apart: the refreshed model's accuracy on them
+    train_new, held_new = new[held_n:], new[:held_n]
+    pool = replay_pool(cfg, paths, i)
+    rng = random.Random(f"{cfg.seed}:replay:{i}")
+    replay = rng.sample(pool, min(len(pool), round(fc.replay * len(train_new))))
+    starts, _ = members(rm_path)
+    fitted = fit_members(
+        rc, starts, stage.path / "model", train_new + replay, held_new, cfg.seed + 7919 * (i + 1),
+        fc.epochs, fc.lr or rc.lr, False, (i, "reward_member"),
+    )  # fmt: skip
+    held_before = accuracy(Scorer.of(rc, rm_path), held_new)["accuracy"]
+    done = stage.finish(
+        reward_model=str(stage.path / "model"),
+        judged_pairs=len(rows), dropped=dropped, replayed_pairs=len(replay),
+        rm_agreement_before=round(before, 4),
+        judged_heldout_accuracy_before=round(held_before, 4),
+        judged_heldout_accuracy_after=fitted["heldout_accuracy"],
+        steps=fitted["steps"],
+    )  # fmt: skip
+    log.info(
+        "reward refresh %d: %d judged pairs (reward model agreed on %.2f), held-out %.2f -> %.2f",
+        i, len(rows), before, held_before, fitted["heldout_accuracy"],
+    )  # fmt: skip
+    return done
