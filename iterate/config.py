@@ -210,8 +210,8 @@ class RewardConfig:
     aggregate: Aggregate = Aggregate.mean
     uncertainty_coef: float = 1.0  # aggregate=mean_minus_std: the std's weight
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
-    # toy world: keep a trained reward model beside the toy world's cache (hard links) and
-    # reuse it in any run of the same reward config and seed (a sweep's jobs, a new run_name)
+    # toy world: keep a copy of a trained reward model beside the toy world's cache and reuse
+    # it in any run of the same reward config and seed (a sweep's jobs, a new run_name)
     cache: bool = True
     score_batch_size: int = 64  # sequences per forward pass when scoring (label, evaluate, ...)
     # label and evaluate: shards scored by this many processes (one per GPU, or CPU threads)

@@ -14,9 +14,11 @@ generate and before label (``iter_i/reward/``):
    the new pairs with ``replay`` times as many earlier ones (the reward model's own
    training pairs and earlier refreshes' pairs) mixed in, so it does not forget.
 
-Written: ``pairs.parquet`` (the judged pairs, read by later refreshes), ``model/``, and in
-``_DONE.json`` the agreement of the reward model with the judge on the new pairs before the
-refresh (its accuracy where the policy is now) and its held-out accuracy after.
+A fifth of the judged pairs is kept apart to measure the model before and after. Written:
+``pairs.parquet`` (the judged pairs, read by later refreshes), ``model/``, and in
+``_DONE.json`` how often the reward model agreed with the judge on all the new pairs before
+the refresh (``rm_agreement_before``: its accuracy where the policy is now) and on the kept
+fifth before and after (``judged_heldout_accuracy_before`` / ``_after``).
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ def plot(
             pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
             color = None
             if pts:
-                color = ax.plot(*zip(*pts), marker="o", label=name or None)[0].get_color()
+                gold = "gold judge" if key == "win_rate_vs_initial" else None
+                color = ax.plot(*zip(*pts), marker="o", label=name or gold)[0].get_color()
             proxy = [(r["iteration"], r.get("proxy_win_rate")) for r in rs]
             proxy = [p for p in proxy if p[1] is not None]
             if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
@@ -270,7 +271,7 @@ def over_seeds(rows: list[dict]) -> list[dict]:
             if xs:
                 row[key] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
         out.append(row)
-    return out
+    return sorted(out, key=lambda r: (r["job"], r["iteration"]))
 
 
 def seeds_table(rows: list[dict]) -> str:

@@ -556,13 +556,13 @@ def train(cfg: Config, paths: Paths) -> dict:
         return stage.read_done()
     cache = cache_dir(cfg, paths, stage)
     if cache is not None and (cache / DONE).exists():
-        try:  # hard links share their bytes: a file changed in place changed the cache too
+        try:
             Stage(cache, "reward_model", {}).verify()
         except DamagedStage as e:
             log.warning("%s: the cached reward model is trained again", e)
             shutil.rmtree(cache)
     if cache is not None and (cache / DONE).exists():
-        link_tree(cache, stage.path)
+        copy_tree(cache, stage.path)
         log.info("reward model: trained before with this very config, reused: %s", cache)
         return stage.read_done()
     train_pairs, heldout, info = build_pairs(cfg, paths)
@@ -587,7 +587,7 @@ def train(cfg: Config, paths: Paths) -> dict:
     )  # fmt: skip
     if cache is not None and not cache.exists():  # for the next run with this config
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        link_tree(stage.path, tmp)
+        copy_tree(stage.path, tmp)
         if not cache.exists():
             os.replace(tmp, cache)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -597,23 +597,21 @@ def train(cfg: Config, paths: Paths) -> dict:
 def cache_dir(cfg: Config, paths: Paths, stage: Stage) -> Path | None:
     """Where a toy-world reward model of this config is kept for other runs (a sweep's jobs
     with the same seed train the same one): beside the toy world's cache, named by the
-    stage config's hash. Only for the toy world, whose pairs are a function of the config;
-    a preference file can change under its name."""
+    stage config's hash, verified (checksums) before each reuse. Only for the toy world,
+    whose pairs are a function of the config; a preference file can change under its name."""
     if not cfg.reward.cache or str(cfg.reward.source) != "toy" or paths.toy is None:
         return None
     return Path(cfg.toy.cache_dir).parent / "reward_models" / config_hash(stage.config)
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """``src``'s files at the same places under ``dst``: hard links (no second copy of the
-    weights), copies where the two are on different file systems."""
+def copy_tree(src: Path, dst: Path) -> None:
+    """``src``'s files at the same places under ``dst``. Copies, not links: a toy reward
+    model is a few MB, and a run's files must not share bytes with the cache or another
+    run (a file rewritten in place would change them all)."""
     for f in sorted(src.rglob("*")):
         if f.is_dir() or TEMPORARY.search(f.name):
             continue
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
-        try:
-            os.link(f, target)
-        except OSError:
-            shutil.copy2(f, target)
+        shutil.copy2(f, target)

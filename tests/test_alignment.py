@@ -205,7 +205,8 @@ def test_refresh_and_ensemble_options_compose():
 
 def test_a_toy_reward_model_is_trained_once_per_config(tiny_cfg, tiny_world):
     """A second run (another run_name, a sweep's next job) with the same reward config and
-    seed reuses the first one's model through hard links; a damaged cache is retrained."""
+    seed reuses the first one's model as a copy; a damaged cache is trained again."""
+    tiny_cfg.reward.num_pairs = 120  # a config of this test's own: its cache entry too
     run = lambda name: Paths(  # noqa: E731
         run=Path(tiny_cfg.runs_dir) / name, base_policy=str(tiny_world), toy=tiny_world
     )
@@ -213,11 +214,19 @@ def test_a_toy_reward_model_is_trained_once_per_config(tiny_cfg, tiny_world):
     weights = run("a").reward_model_dir / "model" / "model.safetensors"
     second = reward_model.train(tiny_cfg, run("b"))
     again = run("b").reward_model_dir / "model" / "model.safetensors"
-    assert second["finished_at"] == first["finished_at"] and second["files"] == first["files"]
-    assert again.stat().st_ino == weights.stat().st_ino, "a hard link, not a second copy"
-    with open(weights, "r+b") as f:  # damaged in place: the cache shares these bytes
+    assert second["finished_unix"] == first["finished_unix"] and second["files"] == first["files"]
+    assert again.read_bytes() == weights.read_bytes()
+    assert again.stat().st_ino != weights.stat().st_ino, "a copy: no bytes shared"
+    cached = [
+        p
+        for p in (Path(tiny_cfg.toy.cache_dir).parent / "reward_models").glob("*")
+        if json.loads((p / "_DONE.json").read_text())["finished_unix"] == first["finished_unix"]
+    ]
+    assert len(cached) == 1  # fmt: skip
+    with open(cached[0] / "model" / "model.safetensors", "r+b") as f:  # damaged in place
         f.write(b"x")
+    assert weights.read_bytes() == again.read_bytes(), "the runs' copies are untouched"
     third = reward_model.train(tiny_cfg, run("c"))
-    assert third["finished_at"] != first["finished_at"], "trained again"
+    assert third["finished_unix"] != first["finished_unix"], "trained again"
     tiny_cfg.seed = 1  # another seed: another reward model
-    assert reward_model.train(tiny_cfg, run("d"))["finished_at"] != third["finished_at"]
+    assert reward_model.train(tiny_cfg, run("d"))["finished_unix"] != third["finished_unix"]
