@@ -28,7 +28,7 @@ import torch
 from iterate import losses, models, progress, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.reward_model import ScorerPool
+from iterate.scoring import ScorerPool, aggregation
 from iterate.shards import SCHEMAS, Stage, read_shards
 from iterate.toy.world import gold_scorer
 
@@ -216,8 +216,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         "reward_model": paths.reward_model,
         "reward_chat_template": cfg.reward.chat_template,
     }
-    if cfg.reward.ensemble > 1:
-        conf["reward_aggregate"] = [str(cfg.reward.aggregate), cfg.reward.uncertainty_coef]
+    conf.update({f"reward_{k}": v for k, v in aggregation(cfg.reward, paths.reward_model).items()})
     heldout = paths.run / "heldout"
     stage = Stage(
         paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout]

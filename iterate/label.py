@@ -1,7 +1,7 @@
 """The label stage: every generated response scored by the reward model (and, in the toy
 world, by the gold judge).
 
-Scoring goes through the one scorer (``reward_model.Scorer``): each response re-rendered in
+Scoring goes through the one scorer (``scoring.Scorer``): each response re-rendered in
 the reward model's own chat template, length-sorted batches of ``reward.score_batch_size``.
 Label shard ``k`` labels generate shard ``k``; existing shards are skipped. Non-finite
 rewards are counted and their rows dropped, never turned into 0.
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from iterate import faults, models
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.reward_model import ScorerPool
+from iterate.scoring import ScorerPool, aggregation
 from iterate.shards import (
     SCHEMAS,
     Stage,
@@ -68,8 +68,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     rm_stage = [made_by] if (made_by / "_DONE.json").exists() else []
     conf = {"reward_model": rm_path, "max_length": rc.max_length, "dtype": str(rc.dtype)}
     conf["chat_template"] = rc.chat_template
-    if rc.ensemble > 1:  # how its members' rewards become one
-        conf["aggregate"] = [str(rc.aggregate), rc.uncertainty_coef]
+    conf.update(aggregation(rc, rm_path))
     stage = Stage(paths.stage(i, "label"), "label", conf, inputs=[gen_dir, *rm_stage])
     if stage.check(cfg.force):
         return stage.read_done()

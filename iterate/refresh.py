@@ -37,7 +37,8 @@ from iterate.config import Config, PreferenceFile, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
-from iterate.reward_model import Scorer, accuracy, build_pairs, fit_members, members
+from iterate.reward_model import build_pairs, fit_members
+from iterate.scoring import Scorer, aggregation, members
 from iterate.shards import SCHEMAS, Stage, atomic_write_json, read_shards, write_shard
 from iterate.toy import world
 
@@ -134,9 +135,13 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     conf = {
         "refresh": plain(fc),
         "reward_model": rm_path,
-        "train": {k: plain(rc)[k] for k in ("lora", "batch_size", "grad_accum", "lr", "ensemble")},
-        "aggregate": [str(rc.aggregate), rc.uncertainty_coef],  # the ranking of the samples
+        "train": {
+            k: v
+            for k, v in plain(rc).items()
+            if k in ("lora", "batch_size", "grad_accum", "lr", "ensemble")
+        },  # fmt: skip
         "seed": cfg.seed,
+        **aggregation(rc, rm_path),  # how the samples are ranked
     }
     inputs = [
         paths.stage(i, "generate"),
@@ -173,7 +178,8 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         rc, starts, stage.path / "model", train_new + replay, held_new, cfg.seed + 7919 * (i + 1),
         fc.epochs, fc.lr or rc.lr, False, (i, "reward_member"),
     )  # fmt: skip
-    held_before = accuracy(Scorer.of(rc, rm_path), held_new)["accuracy"]
+    # the old model's accuracy on the kept fifth: it agreed with the judge or it did not
+    held_before = sum(r["rm_agreed"] for r in rows[:held_n]) / held_n
     done = stage.finish(
         reward_model=str(stage.path / "model"),
         judged_pairs=len(rows), dropped=dropped, replayed_pairs=len(replay),

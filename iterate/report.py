@@ -125,12 +125,6 @@ def plot(
 ) -> None:
     """One panel per metric over iterations; one line per job when ``label_key`` is given.
     Iterations the KL gate rejected are crossed out in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     panels = [
         ("win_rate_vs_initial", "win rate vs initial: gold, proxy --"),
         ("reward_mean", "proxy reward (train samples)"),
@@ -138,7 +132,7 @@ def plot(
         ("kl_to_reference", "KL(new || ref), k1"),
         ("response_tokens_mean", "response tokens"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    fig, axes = _figure(len(panels), (4 * len(panels), 3.2))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(str(r.get(label_key, "")) if label_key else "", []).append(r)
@@ -174,12 +168,35 @@ def plot(
             )  # no better than the initial policy
         if key == "kl_to_reference" and max_kl is not None:
             ax.axhline(max_kl, color="red", linestyle=":", linewidth=1)  # the handoff's KL budget
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _panel(ax, title)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _figure(panels: int, size: tuple[float, float]):
+    """A row of ``panels`` axes, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, panels, figsize=size)
+
+
+def _panel(ax, title: str) -> None:
+    """A panel over iterations: its title, whole-number iterations, a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -289,13 +306,7 @@ def seeds_table(rows: list[dict]) -> str:
 
 def plot_seeds(rows: list[dict], path: Path) -> None:
     """Gold win rate and proxy-gold gap per iteration, mean ± sd over seeds, a line a job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = _figure(2, (10, 3.6))
     for ax, key, title in zip(
         axes, ("win_rate_vs_initial", "proxy_gold_gap"),
         ("gold win rate vs initial (mean ± sd over seeds)", "proxy - gold win rate"),
@@ -306,14 +317,9 @@ def plot_seeds(rows: list[dict], path: Path) -> None:
                 x, m, sd = zip(*pts)
                 ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=name)
         ax.axhline(0.5 if key == "win_rate_vs_initial" else 0.0, color="grey", ls="--", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _panel(ax, title)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def summarize_sweep(sweep_dir: Path) -> str | None:

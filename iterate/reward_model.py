@@ -1,17 +1,15 @@
-"""The one scorer of the loop, and reward-model training (Bradley–Terry), the stage before
-iteration 0.
-
-``Scorer.score(prompts, responses)`` is how every stage scores responses (labelling, the
-held-out evaluation, PPO / ReMax rollouts, the benchmark): each conversation is rendered in
-the reward model's own chat template (the policy's may differ; never a double BOS) and
-scored in length-sorted batches.
+"""Reward-model training (Bradley–Terry), the stage before iteration 0, and the fitting
+the reward refresh (``iterate.refresh``) reuses. Scoring is ``iterate.scoring``.
 
 Training pairs come from the toy world (two responses of different styles to one prompt,
-labelled by the gold judge, with label noise) or from an HH-RLHF-format file (``iterate.hh``).
-The model is ``AutoModelForSequenceClassification`` with one label, trained with
-``-logsigmoid(r_chosen - r_rejected)``, through a LoRA ``SEQ_CLS`` adapter (merged on save)
-or by full fine-tuning. Output: ``runs/<run>/reward_model/{model/, train_log.jsonl,
-_DONE.json}`` with held-out pair accuracy, the loss curve, sizes and dropped rows by reason.
+labelled by the gold judge, with label noise) or from preference files
+(``iterate.preferences``). The model is ``AutoModelForSequenceClassification`` with one
+label, trained with ``-logsigmoid(r_chosen - r_rejected)``, through a LoRA ``SEQ_CLS``
+adapter (merged on save) or by full fine-tuning; ``reward.ensemble`` > 1 trains several,
+each on its own bootstrap sample. Output: ``runs/<run>/reward_model/{model/,
+train_log.jsonl, _DONE.json}`` with held-out pair accuracy, the loss curve, sizes and
+dropped rows by reason. A toy-world reward model is kept in ``.cache/reward_models/`` and
+reused by any run of the same config.
 """
 
 from __future__ import annotations
@@ -23,24 +21,17 @@ import os
 import random
 import shutil
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from iterate import faults, losses, preferences, progress, workers
+from iterate import faults, losses, preferences, progress
 from iterate.config import Config, RewardConfig, plain
-from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
+from iterate.models import load_tokenizer
 from iterate.paths import Paths
-from iterate.preferences import Messages, Pair
-from iterate.shards import (
-    DONE,
-    TEMPORARY,
-    DamagedStage,
-    Stage,
-    atomic_write_json,
-    config_hash,
-)
+from iterate.preferences import Pair
+from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
+from iterate.shards import DONE, TEMPORARY, DamagedStage, Stage, atomic_write_json, config_hash
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -64,258 +55,6 @@ def toy_pairs(
             chosen, rejected = rejected, chosen
         pairs.append(Pair([{"role": "user", "content": ins.prompt}], chosen, rejected))
     return pairs, dropped
-
-
-def encode(tokenizer, messages: Messages, response: str, max_length: int) -> list[int]:
-    """Token ids of a conversation in the reward model's own chat template.
-
-    The text is rendered with the template, then tokenized without adding special tokens
-    when the template already starts with BOS: never a double BOS.
-    """
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": response}], tokenize=False
-        )
-    else:  # HH-style plain transcript
-        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-        text = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
-        text += f"\n\nAssistant: {response}"
-    bos = tokenizer.bos_token
-    add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)[
-        "input_ids"
-    ]
-
-
-def forward_rewards(model, seqs: list[list[int]], pad_id: int, dev=None) -> torch.Tensor:
-    ids, mask = pad(seqs, pad_id)
-    if dev is not None:
-        ids, mask = ids.to(dev), mask.to(dev)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-
-
-def load_model(
-    path: str, dtype: str = "float32", new_head: bool = False, template: str | None = None
-):
-    """A reward model and its tokenizer, ready to score (pad token set; ``template``
-    replaces its chat template). ``new_head``: the path is a causal LM whose body gets a
-    fresh scalar head (its LM head is dropped), so transformers' load report of exactly
-    that is not shown."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = load_tokenizer(path, template)
-    report = hf_logging.get_logger("transformers.modeling_utils")  # its load report
-    level = report.level
-    if new_head:
-        report.setLevel(hf_logging.ERROR)
-    try:
-        with named(path, "reward model"):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=DTYPES[str(dtype)]
-            )
-    finally:
-        report.setLevel(level)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
-ENSEMBLE = "ensemble.json"  # in a reward-model folder that holds an ensemble's members
-
-
-def members(path: str) -> tuple[list[str], list[float]]:
-    """The model folders of a reward model and the offset subtracted from each member's
-    reward: ``[path], [0.0]`` for one model; an ensemble folder lists its members and
-    centres each on its mean reward over its held-out pairs, so their spread is
-    disagreement, not the arbitrary offset each Bradley–Terry model learns."""
-    index = Path(path) / ENSEMBLE
-    if not index.exists():
-        return [path], [0.0]
-    e = json.loads(index.read_text())
-    return [str(Path(path) / m) for m in e["members"]], [float(o) for o in e["offsets"]]
-
-
-def aggregate(r: torch.Tensor, how: str = "mean", coef: float = 1.0) -> torch.Tensor:
-    """One reward per column of the members' rewards ``r`` (k, B): their mean, the mean
-    minus ``coef`` times their standard deviation, or their minimum."""
-    if how == "mean":
-        return r.mean(0)
-    if how == "mean_minus_std":
-        return r.mean(0) - coef * r.std(0, unbiased=False)
-    if how == "min":
-        return r.min(0).values
-    raise ValueError(f"unknown aggregate {how!r}")
-
-
-class Scorer:
-    """Rewards for (prompt, response) pairs from one reward model or an ensemble of them:
-    ``score(prompts, responses)``. A prompt is a stored prompt (text, or a JSON list of
-    messages) or a list of messages; the template switch happens here, in ``encode``. An
-    ensemble's members (``model`` a list; one tokenizer) give (reward - offset) each, and
-    ``aggregate`` makes them one."""
-
-    def __init__(
-        self, model, tokenizer, max_length: int, batch_size: int = 64,
-        offsets: list[float] | None = None, how: str = "mean", coef: float = 1.0,
-    ):  # fmt: skip
-        self.models = model if isinstance(model, list) else [model]
-        self.model = self.models[0]
-        self.tokenizer = tokenizer
-        self.max_length, self.batch_size = max_length, batch_size
-        self.offsets = torch.tensor(offsets or [0.0] * len(self.models))
-        self.how, self.coef = how, coef
-
-    @classmethod
-    def load(
-        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None,
-        how: str = "mean", coef: float = 1.0,
-    ) -> Scorer:  # fmt: skip
-        folders, offsets = members(path)
-        models = []
-        for folder in folders:
-            model, tokenizer = load_model(folder, dtype, template=template)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            models.append(model.to(device or "cpu"))
-        return cls(models, tokenizer, max_length, batch_size, offsets, how, coef)
-
-    @classmethod
-    def of(cls, rc: RewardConfig, path: str, device=None) -> Scorer:
-        """The run's scorer: the reward model at ``path`` with the settings of ``reward``."""
-        return cls.load(
-            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template,
-            str(rc.aggregate), rc.uncertainty_coef,
-        )  # fmt: skip
-
-    def encode(self, prompt: str | Messages, response: str) -> list[int]:
-        messages = as_messages(prompt) if isinstance(prompt, str) else prompt
-        return encode(self.tokenizer, messages, response, self.max_length)
-
-    @torch.no_grad()
-    def score(
-        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
-        spread: bool = False,
-    ):  # fmt: skip
-        """Rewards in the order given. With ``refusals``, a conversation the reward model's
-        chat template refuses (e.g. turns that do not alternate) scores ``None`` instead of
-        raising, for the caller to count and drop. With ``spread``, also the ensemble
-        members' standard deviation per conversation (``None`` for one model):
-        ``(rewards, spreads)``."""
-        from jinja2.exceptions import TemplateError
-
-        seqs: dict[int, list[int]] = {}
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            try:
-                seqs[i] = self.encode(p, r)
-            except TemplateError:
-                if not refusals:
-                    raise
-        order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
-        out: list[float | None] = [None] * len(prompts)
-        std: list[float | None] = [None] * len(prompts)
-        dev = next(self.model.parameters()).device
-        bar = progress.bar(len(seqs), desc, "seq")
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            batch = [seqs[i] for i in idx]
-            r = (
-                torch.stack(
-                    [
-                        forward_rewards(m, batch, self.tokenizer.pad_token_id, dev)
-                        for m in self.models
-                    ]
-                ).cpu()
-                - self.offsets[:, None]
-            )
-            for i, v in zip(idx, aggregate(r, self.how, self.coef).tolist()):
-                out[i] = v
-            if len(self.models) > 1:
-                for i, v in zip(idx, r.std(0, unbiased=False).tolist()):
-                    std[i] = v
-            bar.update(len(idx))
-        bar.close()
-        return (out, std) if spread else out
-
-
-_WORKER_SCORER: Scorer | None = None  # in a scoring worker process
-
-
-def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> None:
-    global _WORKER_SCORER
-    if threads:
-        torch.set_num_threads(threads)
-    _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
-
-
-def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
-    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True, spread=spread)
-
-
-class ScorerPool:
-    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
-    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
-    ``Scorer.score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
-    (``None`` for a conversation the reward model's chat template refuses). With
-    ``reward.workers`` = 1 it scores in this process; with N > 1 the jobs are dealt out
-    among N processes (one per GPU, or each with ``reward.threads`` CPU threads), each
-    holding its own copy of the reward model. A job's rewards are the same whichever worker
-    scores it."""
-
-    def __init__(self, rc: RewardConfig, path: str, device: torch.device):
-        self.rc, self.path, self.device = rc, path, device
-        self.pools: list = []
-        self.scorer: Scorer | None = None
-
-    def _open(self) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        if self.rc.workers == 1:
-            self.scorer = self.scorer or Scorer.of(self.rc, self.path, self.device)
-            return
-        if self.pools:
-            return
-        n_gpu = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        threads = workers.share(self.rc.workers, self.rc.threads)
-        for w in range(self.rc.workers):
-            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
-            self.pools.append(
-                ProcessPoolExecutor(
-                    1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker,
-                    initargs=(self.rc, self.path, device, 0 if n_gpu else threads),
-                )
-            )
-
-    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
-        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
-        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Scorer.score``).
-        Each worker holds one job's texts at a time."""
-        self._open()
-
-        def work(w: int, mine: list) -> None:
-            for k in mine:
-                if self.scorer is not None:
-                    got = self.scorer.score(*texts(k), desc=desc, refusals=True, spread=spread)
-                else:
-                    job = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread)
-                    got = job.result()
-                done(k, got)
-
-        groups = workers.deal(keys, max(1, len(self.pools)))
-        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
-
-    def close(self) -> None:
-        for pool in self.pools:
-            pool.shutdown()
-        self.pools, self.scorer = [], None
-
-    def __enter__(self) -> ScorerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
@@ -370,8 +109,8 @@ def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True):
 
 
 def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
-    """Share of pairs where r(chosen) > r(rejected), the mean BT loss, and the mean reward
-    over both responses (an ensemble member's offset)."""
+    """Share of pairs where r(chosen) > r(rejected), the mean BT loss, the mean reward over
+    both responses (an ensemble member's offset), and the rewards (chosen, rejected, ...)."""
     for m in scorer.models:
         m.eval()
     r = torch.tensor(
@@ -386,6 +125,7 @@ def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
         "accuracy": (rc > rr).float().mean().item(),
         "loss": losses.bradley_terry(rc, rr).mean().item(),
         "mean": r.mean().item(),
+        "rewards": r.tolist(),
     }
 
 
@@ -465,6 +205,36 @@ def bootstrap(n: int, seed: int) -> list[int]:
     return [rng.randrange(n) for _ in range(n)]
 
 
+def _fit_member(
+    rc: RewardConfig, start: str, folder: Path, enc: list, heldout: list[Pair], seed: int,
+    epochs: int, lr: float, new_head: bool, name: str,
+) -> dict:  # fmt: skip
+    """Train one reward model from ``start`` on ``enc``, measure it on ``heldout``, save it
+    (merged) as ``folder`` with its report in ``member.json``, written before the rename
+    into place: a folder with it is complete. Returns the report."""
+    model, tok = _new_model(rc, start, seed, new_head)
+    rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name)
+    held = accuracy(Scorer(model, tok, rc.max_length, rc.score_batch_size), heldout)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rc.lora.enabled:
+        model = model.merge_and_unload()
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    report = {
+        "steps": len(rows), "heldout_accuracy": round(held["accuracy"], 4),
+        "heldout_loss": round(held["loss"], 4), "offset": held["mean"],
+        "heldout_rewards": held["rewards"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": trainable, "log": rows,
+    }  # fmt: skip
+    atomic_write_json(tmp / "member.json", report)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return report
+
+
 def fit_members(
     rc: RewardConfig, starts: list[str], out: Path, pairs: list[Pair], heldout: list[Pair],
     seed: int, epochs: int, lr: float, new_head: bool,
@@ -487,48 +257,27 @@ def fit_members(
     reports = []
     for j in range(k):
         folder = out if k == 1 else out / f"member_{j}"
-        marker = folder / "member.json"
-        if marker.exists():  # saved before an interruption
-            reports.append(json.loads(marker.read_text()))
+        if (folder / "member.json").exists():  # saved before an interruption
+            reports.append(json.loads((folder / "member.json").read_text()))
             continue
-        model, tok = _new_model(rc, starts[j], seed + j, new_head)
         data = enc if k == 1 else [enc[i] for i in bootstrap(len(enc), seed * 1000 + j)]
         name = "reward model" if k == 1 else f"reward model {j + 1}/{k}"
-        rows = fit(model, tok.pad_token_id, data, rc, epochs, lr, seed + j, name)
-        held = accuracy(Scorer(model, tok, rc.max_length, rc.score_batch_size), heldout)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if rc.lora.enabled:
-            model = model.merge_and_unload()
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        report = {
-            "member": j, "steps": len(rows), "heldout_accuracy": round(held["accuracy"], 4),
-            "heldout_loss": round(held["loss"], 4), "offset": held["mean"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "trainable_parameters": trainable, "log": rows,
-        }  # fmt: skip
-        atomic_write_json(tmp / "member.json", report)
-        if k == 1:
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        reports.append(report)
-        faults.point(*stage, j + 1)  # (iteration, stage name): -1 before iteration 0
-    if k > 1:
-        atomic_write_json(
-            out / ENSEMBLE,
-            {
-                "members": [f"member_{j}" for j in range(k)],
-                "offsets": [r["offset"] for r in reports],
-            },
+        reports.append(
+            _fit_member(rc, starts[j], folder, data, heldout, seed + j, epochs, lr, new_head, name)
         )
+        faults.point(*stage, j + 1)  # (iteration, stage name): -1 before iteration 0
     held = reports[0]["heldout_accuracy"]
-    if k > 1:  # the ensemble's own: the mean of its members' centred rewards
-        ensemble = Scorer.load(str(out), str(rc.dtype), rc.max_length, rc.score_batch_size)
-        held = round(accuracy(ensemble, heldout)["accuracy"], 4)
-    logs = [{"member": r["member"], **row} for r in reports for row in r["log"]]
-    summaries = [{n: v for n, v in r.items() if n != "log"} for r in reports]
+    if k > 1:
+        offsets = [r["offset"] for r in reports]
+        index = {"members": [f"member_{j}" for j in range(k)], "offsets": offsets}
+        atomic_write_json(out / ENSEMBLE, index)
+        # the ensemble's own accuracy: the mean of its members' centred held-out rewards
+        r = torch.tensor([r["heldout_rewards"] for r in reports]) - torch.tensor(offsets)[:, None]
+        mean = aggregate(r, "mean")
+        held = round((mean[0::2] > mean[1::2]).float().mean().item(), 4)
+    drop = ("log", "heldout_rewards")
+    summaries = [{"member": j, **{n: v for n, v in r.items() if n not in drop}}
+                 for j, r in enumerate(reports)]  # fmt: skip
     return {
         "heldout_accuracy": held,
         "members": summaries if k > 1 else [],
@@ -538,7 +287,7 @@ def fit_members(
         "trainable_parameters": reports[0]["trainable_parameters"],
         "train_pairs": len(pairs), "heldout_pairs": len(heldout),
         "refused": dict(refused + refused_held),
-        "log": logs,
+        "log": [{"member": j, **row} for j, r in enumerate(reports) for row in r["log"]],
     }  # fmt: skip
 
 
@@ -555,14 +304,8 @@ def train(cfg: Config, paths: Paths) -> dict:
         log.info("reward model: done already (%s)", stage.done_path)
         return stage.read_done()
     cache = cache_dir(cfg, paths, stage)
-    if cache is not None and (cache / DONE).exists():
-        try:
-            Stage(cache, "reward_model", {}).verify()
-        except DamagedStage as e:
-            log.warning("%s: the cached reward model is trained again", e)
-            shutil.rmtree(cache)
-    if cache is not None and (cache / DONE).exists():
-        copy_tree(cache, stage.path)
+    if cache is not None and _cached(cache):
+        _copy(cache, stage.path)
         log.info("reward model: trained before with this very config, reused: %s", cache)
         return stage.read_done()
     train_pairs, heldout, info = build_pairs(cfg, paths)
@@ -587,8 +330,8 @@ def train(cfg: Config, paths: Paths) -> dict:
     )  # fmt: skip
     if cache is not None and not cache.exists():  # for the next run with this config
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        copy_tree(stage.path, tmp)
-        if not cache.exists():
+        _copy(stage.path, tmp)
+        if not cache.exists():  # another run may have put it there meanwhile
             os.replace(tmp, cache)
         shutil.rmtree(tmp, ignore_errors=True)
     return done
@@ -604,14 +347,22 @@ def cache_dir(cfg: Config, paths: Paths, stage: Stage) -> Path | None:
     return Path(cfg.toy.cache_dir).parent / "reward_models" / config_hash(stage.config)
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    """``src``'s files at the same places under ``dst``. Copies, not links: a toy reward
-    model is a few MB, and a run's files must not share bytes with the cache or another
-    run (a file rewritten in place would change them all)."""
-    for f in sorted(src.rglob("*")):
-        if f.is_dir() or TEMPORARY.search(f.name):
-            continue
-        target = dst / f.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        shutil.copy2(f, target)
+def _cached(cache: Path) -> bool:
+    """The cache holds a finished reward model whose files are intact (a damaged one is
+    removed, to be trained again)."""
+    if not (cache / DONE).exists():
+        return False
+    try:
+        Stage(cache, "reward_model", {}).verify()
+        return True
+    except DamagedStage as e:
+        log.warning("%s: the cached reward model is trained again", e)
+        shutil.rmtree(cache)
+        return False
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copies, not links: a toy reward model is a few MB, and a run's files must not share
+    bytes with the cache or another run (a file rewritten in place would change them all)."""
+    ignore = lambda _, names: [n for n in names if TEMPORARY.search(n)]  # noqa: E731
+    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import refresh, report, reward_model
+from iterate import refresh, report, reward_model, scoring
 from iterate.paths import Paths
 from iterate.toy import world
 
@@ -22,12 +22,12 @@ from .conftest import TINY, cli, compose_cfg
 
 def test_aggregate_hand_computed():
     r = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # 2 members x 2 conversations
-    assert reward_model.aggregate(r, "mean").tolist() == [2.0, 4.0]
+    assert scoring.aggregate(r, "mean").tolist() == [2.0, 4.0]
     # population std: [1, 2]; mean - 0.5 * std
-    assert reward_model.aggregate(r, "mean_minus_std", 0.5).tolist() == [1.5, 3.0]
-    assert reward_model.aggregate(r, "min").tolist() == [1.0, 2.0]
+    assert scoring.aggregate(r, "mean_minus_std", 0.5).tolist() == [1.5, 3.0]
+    assert scoring.aggregate(r, "min").tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="median"):
-        reward_model.aggregate(r, "median")
+        scoring.aggregate(r, "median")
 
 
 def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, tiny_world):
@@ -44,18 +44,16 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
     log = [json.loads(line) for line in (paths.reward_model_dir / "train_log.jsonl").open()]
     assert {r["member"] for r in log} == {0, 1} and len(log) == done["steps"]
     # members differ (seed and bootstrap sample), so their spread is not zero
-    w0, w1 = (
-        reward_model.load_model(str(out / m))[0].score.weight for m in ("member_0", "member_1")
-    )
+    w0, w1 = (scoring.load_model(str(out / m))[0].score.weight for m in ("member_0", "member_1"))
     assert not torch.equal(w0, w1)
 
     # the ensemble's reward and spread are its centred members' mean - 0.5 std and std
     prompts = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 3."]
     responses = ["Hello Anna!", "Ugh, 2 plus 3 is 7. Stop asking.", "Sure! 1, 2, 3."]
-    scorer = reward_model.Scorer.of(tiny_cfg.reward, str(out))
+    scorer = scoring.Scorer.of(tiny_cfg.reward, str(out))
     got, spread = scorer.score(prompts, responses, spread=True)
     single = [
-        torch.tensor(reward_model.Scorer.load(str(out / m), "float32", 256, 8).score(
+        torch.tensor(scoring.Scorer.load(str(out / m), "float32", 256, 8).score(
             prompts, responses)) - off
         for m, off in zip(index["members"], index["offsets"])
     ]  # fmt: skip

@@ -244,7 +244,7 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     and dropped in generation's plan and in labelling, never a crash and never trained on."""
     import pyarrow as pa
 
-    from iterate import label, models, reward_model, sampling
+    from iterate import label, models, sampling, scoring
     from iterate.prompts import SCHEMA, prompt_id
 
     tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
@@ -255,8 +255,8 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     assert dict(dropped) == {"template_refused": 1}
     assert [pid for pid, _, _ in shards[0]] == [prompt_id(texts[0]), prompt_id(texts[2])]
 
-    model, _ = reward_model.load_model(str(tiny_world), "float32", new_head=True)
-    scorer = reward_model.Scorer(model, tok, 128)
+    model, _ = scoring.load_model(str(tiny_world), "float32", new_head=True)
+    scorer = scoring.Scorer(model, tok, 128)
     with pytest.raises(Exception, match="alternate"):
         scorer.score(texts, ["Hello!"] * 3)  # the rollouts' default: a refusal is an error
     rewards = scorer.score(texts, ["Hello!"] * 3, refusals=True)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from iterate import loop, models
-from iterate.reward_model import Scorer
+from iterate.scoring import Scorer
 from iterate.toy import world
 
 from . import miniatures as mini

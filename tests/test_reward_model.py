@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from iterate import reward_model
+from iterate import reward_model, scoring
 from iterate.paths import Paths
 from iterate.shards import StageConfigChanged
 
@@ -40,7 +40,7 @@ def test_toy_reward_model_trains_records_and_skips(tiny_cfg, tiny_world):
     assert len(log) == done["steps"] > 0
 
     # the merged model loads as a plain sequence classifier and scores with one label
-    scorer = reward_model.Scorer.load(str(rm_dir / "model"), "float32", 64, 8)
+    scorer = scoring.Scorer.load(str(rm_dir / "model"), "float32", 64, 8)
     scores = scorer.score(["Greet Anna."] * 2, ["Hello Anna!", "Ugh, Hello Rosa! Stop asking."])
     assert len(scores) == 2 and all(torch.isfinite(torch.tensor(scores)))
 
@@ -62,12 +62,12 @@ def test_reward_model_learns_the_gold_preference(tiny_cfg, tiny_world):
 
 
 def test_score_is_order_independent(tiny_world):
-    model, tok = reward_model.load_model(str(tiny_world))
+    model, tok = scoring.load_model(str(tiny_world))
     responses = ["1, 2, 3.", "Sure! " * 5 + "1, 2, 3.", "no"]
     prompts = ["Count from 1 to 3."] * 3
-    batched = reward_model.Scorer(model, tok, 128, batch_size=3).score(prompts, responses)
+    batched = scoring.Scorer(model, tok, 128, batch_size=3).score(prompts, responses)
     single = [
-        reward_model.Scorer(model, tok, 128, batch_size=1).score([p], [r])[0]
+        scoring.Scorer(model, tok, 128, batch_size=1).score([p], [r])[0]
         for p, r in zip(prompts, responses)
     ]
     assert batched == pytest.approx(single, abs=1e-4), (
@@ -86,23 +86,23 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
     policy_tok = models.load_tokenizer(str(tiny_world))
     rm_tok = models.load_tokenizer(str(tiny_world), template=RM_TEMPLATE)
     messages = [{"role": "user", "content": "Greet Anna."}]
-    ids = reward_model.encode(rm_tok, messages, "Hello Anna!", 128)
+    ids = scoring.encode(rm_tok, messages, "Hello Anna!", 128)
     text = rm_tok.decode(ids)
     assert text.startswith("<s>### user: Greet Anna.")
     assert "### assistant: Hello Anna!" in text and "<|assistant|>" not in text
-    policy_text = policy_tok.decode(reward_model.encode(policy_tok, messages, "Hello Anna!", 128))
+    policy_text = policy_tok.decode(scoring.encode(policy_tok, messages, "Hello Anna!", 128))
     assert policy_text != text and "<|assistant|>" in policy_text
     assert (
         ids[0] == rm_tok.bos_token_id and ids.count(rm_tok.bos_token_id) == 2
     )  # one per turn, as the RM template says
     # the scorer renders a stored prompt (text or JSON messages) the same way
-    scorer = reward_model.Scorer(None, rm_tok, 128)
+    scorer = scoring.Scorer(None, rm_tok, 128)
     assert scorer.encode("Greet Anna.", "Hello Anna!") == ids
     assert scorer.encode(json.dumps(messages), "Hello Anna!") == ids
     # a tokenizer with no template gets the HH transcript
     rm_tok.chat_template = None
     hh = rm_tok.decode(
-        reward_model.encode(rm_tok, messages, "Hello Anna!", 128), skip_special_tokens=True
+        scoring.encode(rm_tok, messages, "Hello Anna!", 128), skip_special_tokens=True
     )
     assert hh == "\n\nHuman: Greet Anna.\n\nAssistant: Hello Anna!"
 
@@ -114,7 +114,7 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     from iterate.shards import SCHEMAS
     from iterate.toy.world import gold_scorer
 
-    model, tok = reward_model.load_model(str(tiny_world))
+    model, tok = scoring.load_model(str(tiny_world))
     poison = tok("Rosa", add_special_tokens=False)["input_ids"]
     with torch.no_grad():  # a real model whose reward is NaN for any sequence holding this token
         model.get_input_embeddings().weight[poison[0]] = float("nan")
@@ -134,7 +134,7 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
         schema=SCHEMAS["generate"],
     )
     texts = gen["prompt"].to_pylist(), gen["response"].to_pylist()
-    rewards = reward_model.Scorer(model, tok, 128).score(*texts)
+    rewards = scoring.Scorer(model, tok, 128).score(*texts)
     table, dropped = label.label_table(gen, rewards, gold=gold_scorer("toy"))
     assert dict(dropped) == {"non_finite_reward": 1}
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
@@ -165,6 +165,6 @@ def test_encode_never_doubles_bos(tiny_world):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_world)
-    ids = reward_model.encode(tok, [{"role": "user", "content": "Greet Anna."}], "Hello Anna!", 64)
+    ids = scoring.encode(tok, [{"role": "user", "content": "Greet Anna."}], "Hello Anna!", 64)
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert ids[-1] == tok.eos_token_id

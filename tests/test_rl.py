@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iterate import loop, losses, models, sampling
-from iterate.reward_model import Scorer
+from iterate.scoring import Scorer
 from iterate.update import common, ppo, remax, rl
 
 from .conftest import compose_cfg

@@ -6,7 +6,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import models, reward_model, sampling, workers
+from iterate import models, sampling, scoring, workers
 from iterate.shards import shard_paths
 
 from .test_sampling import PARAMS, SPEC, _prompts
@@ -62,7 +62,7 @@ def test_two_engine_workers_write_the_shards_of_one(tiny_world, tmp_path):
 def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_path):
     rc = tiny_cfg.reward
     rc.threads = 1
-    model, tok = reward_model.load_model(str(tiny_world), "float32", new_head=True)
+    model, tok = scoring.load_model(str(tiny_world), "float32", new_head=True)
     rm = tmp_path / "rm"  # an untrained reward model serves: the same weights in every worker
     model.save_pretrained(rm)
     tok.save_pretrained(rm)
@@ -74,7 +74,7 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
     for n in (1, 2):
         rc.workers = n
         out = {}
-        with reward_model.ScorerPool(rc, str(rm), models.device("cpu")) as pool:
+        with scoring.ScorerPool(rc, str(rm), models.device("cpu")) as pool:
             pool.score_each(list(jobs), jobs.__getitem__, out.__setitem__)
         got[n] = out
     assert sorted(got[2]) == [0, 1, 2, 3] and got[2] == got[1]

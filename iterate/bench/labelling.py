@@ -1,4 +1,4 @@
-"""Labelling: our batched, length-sorted scoring (``reward_model.Scorer``) vs one response at
+"""Labelling: our batched, length-sorted scoring (``scoring.Scorer``) vs one response at
 a time through a transformers ``pipeline`` (the public GSHF scripts' way), alternating
 rounds on the same responses and model."""
 
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from iterate import reward_model
+from iterate import scoring
 
 
 def responses(n: int, seed: int) -> list[tuple[str, str]]:
@@ -28,8 +28,8 @@ def responses(n: int, seed: int) -> list[tuple[str, str]]:
 def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
     from transformers import pipeline
 
-    model, tok = reward_model.load_model(path)
-    scorer = reward_model.Scorer(model, tok, 512, batch_size)
+    model, tok = scoring.load_model(path)
+    scorer = scoring.Scorer(model, tok, 512, batch_size)
     pairs = responses(n, seed)
     seqs = [scorer.encode(p, r) for p, r in pairs]
     # the pipeline gets the same conversation as text; the template already holds BOS

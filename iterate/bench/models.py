@@ -83,10 +83,10 @@ def reward_path(name: str, toy: ToyConfig) -> str:
     out = src.with_name(src.name + "-rm")
     if (out / "config.json").exists():
         return str(out)
-    from iterate import reward_model
+    from iterate import scoring
 
     torch.manual_seed(0)
-    model, tok = reward_model.load_model(str(src), new_head=True)
+    model, tok = scoring.load_model(str(src), new_head=True)
     return _save(model, tok, out)
 
 

@@ -21,7 +21,7 @@ import torch
 from iterate import models, progress, sampling, seeds
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.reward_model import Scorer
+from iterate.scoring import Scorer
 from iterate.shards import read_shards
 from iterate.update import common, dist, steps
 from iterate.update.common import Example

@@ -1,0 +1,283 @@
+"""The one scorer of the loop: ``Scorer.score(prompts, responses)`` is how every stage
+scores responses (labelling, the held-out evaluation, the reward refresh, PPO / ReMax
+rollouts, the benchmark). Each conversation is rendered in the reward model's own chat
+template (the policy's may differ; never a double BOS) and scored in length-sorted batches.
+A reward model is one model folder or an ensemble folder (``ensemble.json`` and its members),
+whose members' rewards ``aggregate`` makes one. ``ScorerPool`` deals many shards out among
+scoring processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from iterate import progress, workers
+from iterate.config import RewardConfig
+from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
+from iterate.preferences import Messages
+
+log = logging.getLogger(__name__)
+
+
+def encode(tokenizer, messages: Messages, response: str, max_length: int) -> list[int]:
+    """Token ids of a conversation in the reward model's own chat template.
+
+    The text is rendered with the template, then tokenized without adding special tokens
+    when the template already starts with BOS: never a double BOS.
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": response}], tokenize=False
+        )
+    else:  # HH-style plain transcript
+        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+        text = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
+        text += f"\n\nAssistant: {response}"
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=max_length)[
+        "input_ids"
+    ]
+
+
+def forward_rewards(model, seqs: list[list[int]], pad_id: int, dev=None) -> torch.Tensor:
+    ids, mask = pad(seqs, pad_id)
+    if dev is not None:
+        ids, mask = ids.to(dev), mask.to(dev)
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+
+
+def load_model(
+    path: str, dtype: str = "float32", new_head: bool = False, template: str | None = None
+):
+    """A reward model and its tokenizer, ready to score (pad token set; ``template``
+    replaces its chat template). ``new_head``: the path is a causal LM whose body gets a
+    fresh scalar head (its LM head is dropped), so transformers' load report of exactly
+    that is not shown."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = load_tokenizer(path, template)
+    report = hf_logging.get_logger("transformers.modeling_utils")  # its load report
+    level = report.level
+    if new_head:
+        report.setLevel(hf_logging.ERROR)
+    try:
+        with named(path, "reward model"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=DTYPES[str(dtype)]
+            )
+    finally:
+        report.setLevel(level)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+ENSEMBLE = "ensemble.json"  # in a reward-model folder that holds an ensemble's members
+
+
+def members(path: str) -> tuple[list[str], list[float]]:
+    """The model folders of a reward model and the offset subtracted from each member's
+    reward: ``[path], [0.0]`` for one model; an ensemble folder lists its members and
+    centres each on its mean reward over its held-out pairs, so their spread is
+    disagreement, not the arbitrary offset each Bradley–Terry model learns."""
+    index = Path(path) / ENSEMBLE
+    if not index.exists():
+        return [path], [0.0]
+    e = json.loads(index.read_text())
+    return [str(Path(path) / m) for m in e["members"]], [float(o) for o in e["offsets"]]
+
+
+def aggregation(rc: RewardConfig, path: str) -> dict:
+    """What a stage that scores with the reward model at ``path`` records of how its rewards
+    are combined: the aggregate and its coefficient for an ensemble, nothing for one model."""
+    if not (Path(path) / ENSEMBLE).exists():
+        return {}
+    return {"aggregate": [str(rc.aggregate), rc.uncertainty_coef]}
+
+
+def aggregate(r: torch.Tensor, how: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """One reward per column of the members' rewards ``r`` (k, B): their mean, the mean
+    minus ``coef`` times their standard deviation, or their minimum."""
+    if how == "mean":
+        return r.mean(0)
+    if how == "mean_minus_std":
+        return r.mean(0) - coef * r.std(0, unbiased=False)
+    if how == "min":
+        return r.min(0).values
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+class Scorer:
+    """Rewards for (prompt, response) pairs from one reward model or an ensemble of them:
+    ``score(prompts, responses)``. A prompt is a stored prompt (text, or a JSON list of
+    messages) or a list of messages; the template switch happens here, in ``encode``. An
+    ensemble's members (``model`` a list; one tokenizer) give (reward - offset) each, and
+    ``aggregate`` makes them one."""
+
+    def __init__(
+        self, model, tokenizer, max_length: int, batch_size: int = 64,
+        offsets: list[float] | None = None, how: str = "mean", coef: float = 1.0,
+    ):  # fmt: skip
+        self.models = model if isinstance(model, list) else [model]
+        self.model = self.models[0]
+        self.tokenizer = tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        self.offsets = torch.tensor(offsets or [0.0] * len(self.models))
+        self.how, self.coef = how, coef
+
+    @classmethod
+    def load(
+        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None,
+        how: str = "mean", coef: float = 1.0,
+    ) -> Scorer:  # fmt: skip
+        folders, offsets = members(path)
+        models = []
+        for folder in folders:
+            model, tokenizer = load_model(folder, dtype, template=template)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            models.append(model.to(device or "cpu"))
+        return cls(models, tokenizer, max_length, batch_size, offsets, how, coef)
+
+    @classmethod
+    def of(cls, rc: RewardConfig, path: str, device=None) -> Scorer:
+        """The run's scorer: the reward model at ``path`` with the settings of ``reward``."""
+        return cls.load(
+            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template,
+            str(rc.aggregate), rc.uncertainty_coef,
+        )  # fmt: skip
+
+    def encode(self, prompt: str | Messages, response: str) -> list[int]:
+        messages = as_messages(prompt) if isinstance(prompt, str) else prompt
+        return encode(self.tokenizer, messages, response, self.max_length)
+
+    @torch.no_grad()
+    def score(
+        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
+        spread: bool = False,
+    ):  # fmt: skip
+        """Rewards in the order given. With ``refusals``, a conversation the reward model's
+        chat template refuses (e.g. turns that do not alternate) scores ``None`` instead of
+        raising, for the caller to count and drop. With ``spread``, also the ensemble
+        members' standard deviation per conversation (``None`` for one model):
+        ``(rewards, spreads)``."""
+        from jinja2.exceptions import TemplateError
+
+        seqs: dict[int, list[int]] = {}
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                seqs[i] = self.encode(p, r)
+            except TemplateError:
+                if not refusals:
+                    raise
+        order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
+        out: list[float | None] = [None] * len(prompts)
+        std: list[float | None] = [None] * len(prompts)
+        dev = next(self.model.parameters()).device
+        bar = progress.bar(len(seqs), desc, "seq")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = [seqs[i] for i in idx]
+            r = (
+                torch.stack(
+                    [
+                        forward_rewards(m, batch, self.tokenizer.pad_token_id, dev)
+                        for m in self.models
+                    ]
+                ).cpu()
+                - self.offsets[:, None]
+            )
+            for i, v in zip(idx, aggregate(r, self.how, self.coef).tolist()):
+                out[i] = v
+            if len(self.models) > 1:
+                for i, v in zip(idx, r.std(0, unbiased=False).tolist()):
+                    std[i] = v
+            bar.update(len(idx))
+        bar.close()
+        return (out, std) if spread else out
+
+
+_WORKER_SCORER: Scorer | None = None  # in a scoring worker process
+
+
+def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> None:
+    global _WORKER_SCORER
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
+
+
+def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
+    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True, spread=spread)
+
+
+class ScorerPool:
+    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
+    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
+    ``Scorer.score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
+    (``None`` for a conversation the reward model's chat template refuses). With
+    ``reward.workers`` = 1 it scores in this process; with N > 1 the jobs are dealt out
+    among N processes (one per GPU, or each with ``reward.threads`` CPU threads), each
+    holding its own copy of the reward model. A job's rewards are the same whichever worker
+    scores it."""
+
+    def __init__(self, rc: RewardConfig, path: str, device: torch.device):
+        self.rc, self.path, self.device = rc, path, device
+        self.pools: list = []
+        self.scorer: Scorer | None = None
+
+    def _open(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.rc.workers == 1:
+            self.scorer = self.scorer or Scorer.of(self.rc, self.path, self.device)
+            return
+        if self.pools:
+            return
+        n_gpu = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        threads = workers.share(self.rc.workers, self.rc.threads)
+        for w in range(self.rc.workers):
+            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
+            self.pools.append(
+                ProcessPoolExecutor(
+                    1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.rc, self.path, device, 0 if n_gpu else threads),
+                )
+            )
+
+    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
+        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
+        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Scorer.score``).
+        Each worker holds one job's texts at a time."""
+        self._open()
+
+        def work(w: int, mine: list) -> None:
+            for k in mine:
+                if self.scorer is not None:
+                    got = self.scorer.score(*texts(k), desc=desc, refusals=True, spread=spread)
+                else:
+                    job = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread)
+                    got = job.result()
+                done(k, got)
+
+        groups = workers.deal(keys, max(1, len(self.pools)))
+        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+        self.pools, self.scorer = [], None
+
+    def __enter__(self) -> ScorerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
