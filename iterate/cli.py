@@ -62,3 +62,17 @@ def exit_status(fn: Callable[[], object]) -> int:
             f" (traceback in {where}; the same command resumes)" if where else "",
         )
         return 1
+
+
+def main() -> None:
+    """The ``iterate`` console script: ``iterate show RUN ...`` inspects a run folder
+    (``iterate.show``); anything else runs the loop, as ``python -m iterate`` does."""
+    import sys
+
+    if sys.argv[1:2] == ["show"]:
+        from iterate import show
+
+        sys.exit(show.main(sys.argv[2:]))
+    from iterate.__main__ import main as run
+
+    run()

@@ -104,6 +104,12 @@ class Strategy(StrEnum):
     deepspeed_zero3 = "deepspeed_zero3"
 
 
+class Tracker(StrEnum):
+    tensorboard = "tensorboard"  # event files in <run>/tensorboard/
+    wandb = "wandb"  # Weights & Biases (WANDB_MODE=offline writes <run>/wandb/ only)
+    trackio = "trackio"  # local-first (TRACKIO_DIR), or a Space with TRACKIO_SPACE_ID
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -343,6 +349,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackConfig:
+    """What the trackers named in ``report_to`` get besides the scalars."""
+
+    project: str = "iterate"  # wandb / trackio project; the tracker run is named after the run
+    samples: int = 3  # best and worst held-out responses per iteration in the samples table
+
+
+@dataclass
 class Config:
     run_name: str = "toy"
     runs_dir: str = "runs"
@@ -350,6 +364,10 @@ class Config:
     seed: int = 0
     force: bool = False  # re-run stages whose config changed instead of refusing
     device: Device = Device.auto
+    # experiment trackers: per optimiser step and per iteration (iterate/track.py); a resumed
+    # run continues the same tracker run (its id in <run>/tracker.json)
+    report_to: list[Tracker] = field(default_factory=list)
+    track: TrackConfig = field(default_factory=TrackConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     model: ModelConfig = MISSING
     reward: RewardConfig = MISSING

@@ -14,6 +14,8 @@ itself, not a sharpened or truncated version of it. Measured on them:
 - the reward model's mean reward; in the toy world, the gold judge's mean and the gold win
   rate against the initial policy's samples of the same prompts;
 - response length and EOS rate; prompts too long for the model dropped and counted.
+
+Each sample's reward (and gold) is kept in ``iter_i/evaluate/scores/`` beside the samples.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from iterate import losses, models, progress, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.scoring import ScorerPool, aggregation
-from iterate.shards import SCHEMAS, Stage, read_shards
+from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_shard
 from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)
@@ -150,11 +152,13 @@ def _mean(xs: list[float]) -> float:
     return round(sum(xs) / max(1, len(xs)), 5)
 
 
-def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
+def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[dict, pa.Table]:
     """Reward and gold means of held-out samples, and the win rates vs the initial policy's
     samples of the same prompts under the reward model (proxy) and the gold judge. Their
     difference, ``proxy_gold_gap``, is over-optimisation on one scale: the proxy says the
-    policy beats the initial one more often than the gold judge does."""
+    policy beats the initial one more often than the gold judge does. Also each sample's
+    reward, spread and gold, in the label stage's schema (what the run inspector and the
+    trackers' sample tables read)."""
     init = initial(cfg, paths)
     tables = {"new": samples, "init": init}
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
@@ -168,8 +172,10 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
     with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
         pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", spread=True)
     reward = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
-    spread = [x for j in jobs if j[0] == "new" for x in got[j][1] if x is not None]
+    per_row = [x for j in jobs if j[0] == "new" for x in got[j][1]]
+    spread = [x for x in per_row if x is not None]
     scored = reward["new"]
+    new_gold = None
     out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
     if spread:
         out["heldout_reward_std"] = _mean(spread)
@@ -196,7 +202,14 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> dict:
         )
         if out["proxy_win_rate"] is not None:
             out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
-    return out
+    each = {
+        "prompt_id": samples["prompt_id"],
+        "sample_idx": samples["sample_idx"],
+        "reward": scored,
+        "gold": new_gold or [None] * len(scored),
+        "reward_std": per_row,
+    }
+    return out, pa.table(each, schema=SCHEMAS["label"])
 
 
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
@@ -239,7 +252,8 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     with timer("kl_s"):
         per_seq = kl(cfg, tok, model, reference, policy, samples)
     with timer("score_s"):
-        measured = scores(cfg, paths, samples, paths.reward_model)
+        measured, each = scores(cfg, paths, samples, paths.reward_model)
+    write_shard(each, shard_path(stage.path / "scores", 0))
     kl_info = {
         "k1": _mean(per_seq["k1"]),
         "k3": _mean(per_seq["k3"]),

@@ -4,7 +4,10 @@
    tokenizer) into ``handoff/policy/`` (written under a temporary name, renamed when whole).
 2. Read KL(new || reference) from the evaluate stage and accept when its k1 is within
    ``handoff.max_kl``; write the decision to ``kl.json``.
-3. Write the model card (``policy/README.md``) with the per-iteration evaluation table.
+3. Keep the update's LoRA adapter beside it (``handoff/adapter/``), so either can be pushed.
+
+The model cards (``policy/README.md``, ``adapter/README.md``) are written by the loop once
+the iteration's metrics row is complete (``report.write_cards``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from iterate import models, progress, report
+from iterate import models, progress
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.shards import Stage, atomic_write_json
@@ -46,9 +49,7 @@ def gate(cfg: Config, evaluation: dict) -> dict:
     return kl
 
 
-def run(
-    cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict, history: list[dict]
-) -> dict:
+def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dict:
     hc = cfg.handoff
     conf = {"handoff": plain(hc), "policy": policy}
     stage = Stage(
@@ -67,9 +68,14 @@ def run(
         with timer("merge_save_s"):
             merge(cfg, policy, paths.stage(i, "update"), tmp)
         os.replace(tmp, out)
+    adapter = paths.stage(i, "update") / "adapter"
+    if adapter.exists() and not (stage.path / "adapter").exists():
+        tmp = stage.path / f".adapter.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(adapter, tmp, ignore=shutil.ignore_patterns("README.md"))
+        os.replace(tmp, stage.path / "adapter")
     kl = gate(cfg, evaluation)
     atomic_write_json(stage.path / "kl.json", kl)
-    report.write_card(out / "README.md", cfg, paths, i, history, {**evaluation, **kl})
     verb = "accepted" if kl["accepted"] else "REJECTED"
     log.info(
         "handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g): %s",

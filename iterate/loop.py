@@ -133,9 +133,10 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
     accepted = [r["iteration"] for r in rows if r["accepted"]]
     final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
     log.info(
-        "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s",
+        "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s (with its "
+        "model card)\ninspect: python -m iterate.show %s samples=3",
         run_dir, len(rows), time.time() - t0, report.table(rows), metrics,
-        run_dir / "metrics.png", final,
+        run_dir / "metrics.png", final, run_dir,
     )  # fmt: skip
     return rows
 
@@ -193,7 +194,7 @@ def before_update(
 
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
-    from iterate import evaluate, handoff, prompts, refresh, report
+    from iterate import evaluate, handoff, prompts, refresh, report, track
     from iterate.update import RULES
 
     prompts.heldout(cfg, paths)
@@ -212,9 +213,12 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
             done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, rule.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
-        done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"], rows))
+        done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(report.metrics_row(cfg, i, done))
         report.write_metrics(paths.run / "metrics.jsonl", rows)
+        report.write_cards(cfg, paths, rows)  # the row is complete: the cards can say it all
+        with track.Tracker(cfg, paths.run) as tracker:
+            tracker.iteration(paths, rows[-1])
         row = rows[-1]
         log.info(
             "iteration %d: %s responses, reward %s, KL %.4f, %s (%.0fs)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -203,16 +204,78 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def write_card(
-    path: Path, cfg: Config, paths: Paths, i: int, history: list[dict], now: dict
-) -> None:
-    """A model card in the form of the public cards this project follows."""
-    uc, gc, lora = cfg.update, cfg.generate, cfg.update.lora
-    # the settings this rule reads, as its update stage recorded them
-    done = json.loads((paths.stage(i, "update") / "_DONE.json").read_text())
-    hyper = {k: v for k, v in done["config"]["update"].items() if k != "lora"}
-    algo = f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout}, merged"
-    algo = algo if lora.enabled else "full fine-tuning"
+def hub_id(name: str | None) -> str | None:
+    """``name`` when it reads as a hub repository id (``org/model``) and is no local folder:
+    what a card's metadata may name; a local path is only described in the card's text."""
+    if not name or Path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    return name
+
+
+def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
+    """The YAML header the hub renders: base model, data set, tags, and a ``model-index``
+    with the held-out win rate vs the initial policy (gold judge, else the reward model's)
+    and KL to the reference."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    prompts = hub_id(cfg.prompts.path) if str(cfg.prompts.source) == "hub" else None
+    gold = row.get("win_rate_vs_initial") is not None
+    judged = [
+        ("win_rate", row["win_rate_vs_initial"] if gold else row.get("proxy_win_rate"),
+         f"win rate vs the initial policy ({'gold judge' if gold else cfg.reward.name})"),
+        ("kl", row.get("kl_to_reference"), "KL(policy || reference), nats per sequence"),
+        ("reward", row.get("heldout_reward_mean"), f"mean reward ({cfg.reward.name})"),
+    ]  # fmt: skip
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="preference alignment",
+            dataset_type=prompts or str(cfg.prompts.source),
+            dataset_name=f"held-out prompts ({prompts or cfg.prompts.source})",
+            metric_type=kind,
+            metric_value=value,
+            metric_name=name,
+        )  # fmt: skip
+        for kind, value, name in judged
+        if value is not None
+    ]
+    return ModelCardData(
+        base_model=hub_id(base), datasets=[prompts] if prompts else None,
+        library_name=library, model_name=f"{cfg.run_name}-iteration-{row['iteration']}",
+        tags=["iterate", "rlhf", str(cfg.update.name), "iterative-preference-learning"],
+        eval_results=results or None,
+    )  # fmt: skip
+
+
+def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
+    """The model cards of the last row's iteration, once its row is complete:
+    ``handoff/policy/README.md`` (the merged policy) and, when the rule trained a LoRA
+    adapter, ``handoff/adapter/README.md``; each can be pushed to the hub as it is."""
+    row = rows[-1]
+    i, handoff = row["iteration"], paths.stage(row["iteration"], "handoff")
+    # the settings this rule read, as its update stage recorded them
+    update = json.loads((paths.stage(i, "update") / "_DONE.json").read_text())["config"]
+    start = update["policy"].replace("${run}", str(paths.run))
+    written = []
+    for folder, library in (("policy", "transformers"), ("adapter", "peft")):
+        if not (handoff / folder).is_dir():
+            continue
+        base = paths.base_policy if folder == "policy" or i == 0 else start
+        meta = card_metadata(cfg, row, base, library)
+        text = f"---\n{meta.to_yaml()}\n---\n\n" + card_text(cfg, paths, rows, update, folder)
+        atomic_write_bytes(handoff / folder / "README.md", text.encode())
+        written.append(handoff / folder / "README.md")
+    return written
+
+
+def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder: str) -> str:
+    """The card's body: what this is, how it was made (the settings the rule read), how to
+    load it, and the held-out evaluation of every iteration up to it."""
+    uc, gc, i = cfg.update, cfg.generate, rows[-1]["iteration"]
+    hyper = {k: v for k, v in update["update"].items() if k not in ("name", "lora")}
+    lora = update["update"].get("lora", {})
+    how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
+           if lora.get("enabled") else "full fine-tuning")  # fmt: skip
     if uc.name in ("dpo", "raft"):
         samples = f"best-of-{gc.n} samples, pairs by `{cfg.pairs.rule}`"
     else:
@@ -220,34 +283,52 @@ def write_card(
             ", and a greedy one" if uc.name == "remax" else ""
         )
     source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
-    now = {k: v for k, v in now.items() if k not in ("seconds", "config")}  # the table's columns
-    rows = [
-        *history,
-        {"iteration": i, "update": str(uc.name), **now, "kl_to_reference": now.get("k1")},
+    refresh = cfg.reward.refresh
+    start = "the initial policy" if i == 0 else f"the policy of iteration {i - 1}"
+    start_at = update["policy"]
+    inside = lambda p: p.replace("${run}", "<run>")  # noqa: E731  a path in the run folder
+    verdict = "accepted" if rows[-1]["accepted"] else "rejected"
+    if folder == "policy":
+        what = f"The policy after iteration {i}: {start} with this iteration's update merged in."
+        use = 'AutoModelForCausalLM.from_pretrained("<this folder, or its hub repo>")'
+    else:
+        what = (
+            f"The LoRA adapter of iteration {i}'s update, to put on {start} (`{inside(start_at)}`)."
+        )
+        use = 'PeftModel.from_pretrained(base, "<this folder, or its hub repo>")'
+    lines = [
+        f"# {cfg.run_name}: iteration {i}",
+        "",
+        f"{what} Made with `iterate` (iterative online preference learning).",
+        "",
+        f"- **Base model:** {cfg.model.name} (`{paths.base_policy}`)",
+        f"- **Reward model:** {cfg.reward.name}"
+        + (
+            f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
+            if refresh.pairs and uc.name in ("dpo", "raft")
+            else ""
+        ),  # fmt: skip
+        f"- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}"
+        f" (temperature {gc.temperature}, top-p {gc.top_p}, at most {gc.max_tokens} new tokens)",
+        f"- **Update:** {uc.name}, {how}",
+        "- **Settings the update read:** " + ", ".join(f"{k}={v}" for k, v in hyper.items()),
+        f"- **KL reference:** `{inside(update['reference'])}`; the handoff's budget"
+        f" {cfg.handoff.max_kl} nats per sequence: {verdict}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM"
+        if folder == "policy"
+        else "from peft import PeftModel",  # fmt: skip
+        f"model = {use}",
+        "```",
+        "",
+        "## Held-out evaluation, iteration by iteration",
+        "",
+        table(rows, markdown=True),
     ]
-    text = f"""---
-base_model: {cfg.model.path or "toy-sft (built by iterate.toy)"}
-library_name: transformers
-tags: [iterate, rlhf, {uc.name}, iterative-preference-learning]
----
-
-# {cfg.run_name}: iteration {i}
-
-Policy after iteration {i} of iterative online preference learning with `iterate`.
-
-- **Base model:** {cfg.model.name} (`{paths.base_policy}`)
-- **Reward model:** {cfg.reward.name}
-- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}
-  (temperature {gc.temperature}, top-p {gc.top_p}, at most {gc.max_tokens} new tokens)
-- **Algorithm:** {uc.name}{f" ({uc.loss} loss, beta {uc.beta})" if uc.name == "dpo" else ""}, {algo}
-- **Reference for KL:** `{now.get("reference", "")}`; budget {cfg.handoff.max_kl} nats per sequence
-- **Hyperparameters:** {", ".join(f"{k}={v}" for k, v in hyper.items())}
-
-## Evaluation per iteration (held-out prompts)
-
-{table(rows, markdown=True)}
-"""
-    atomic_write_bytes(path, text.encode())
+    return "\n".join(lines)
 
 
 def short_labels(names: list[str]) -> dict[str, str]:

@@ -79,6 +79,20 @@ class RunLock:
             self.fd = None
 
 
+def holder(run: Path) -> dict | None:
+    """Who holds the run folder now, read without taking the lock (the run inspector): the
+    holder the lock file names, if its process still runs (on another host: as named)."""
+    try:
+        who = json.loads((Path(run) / ".lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    if not who.get("pid"):
+        return None
+    if who.get("host") == socket.gethostname() and not workers.alive(int(who["pid"])):
+        return None  # killed: the kernel dropped its lock, the file still names it
+    return who
+
+
 def clean_temporaries(run: Path) -> list[Path]:
     """Remove ``*.tmp<pid>`` files and folders under ``run`` whose process is gone (an
     atomic write or a handoff save cut short); returns what was removed."""

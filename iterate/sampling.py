@@ -37,7 +37,14 @@ import torch
 
 from iterate import engine, faults, models, progress, workers
 from iterate.config import Config
-from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
+from iterate.shards import (
+    SCHEMAS,
+    shard_index,
+    shard_path,
+    shard_paths,
+    write_plan,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +335,9 @@ def plan(
 
 
 def missing(shards: list[list[Planned]], folder: Path) -> dict[int, list[Planned]]:
-    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete)."""
+    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete);
+    records how many were planned (``shards.write_plan``)."""
+    write_plan(folder, "shards", len(shards))
     done = {shard_index(p) for p in shard_paths(folder)}
     return {k: s for k, s in enumerate(shards) if k not in done}
 

@@ -99,6 +99,11 @@ def write_shard(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_plan(folder: Path, unit: str, total: int) -> None:
+    """Record that a stage set out to write ``total`` ``unit`` (shards, steps) in ``folder``."""
+    atomic_write_json(Path(folder) / PLAN, {"unit": unit, "total": total})
+
+
 def shard_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"shard_{index:05d}.parquet"
 
@@ -163,7 +168,9 @@ def done_id(folder: Path) -> str | None:
     return f"{d['config_hash']}@{d['finished_unix']}"
 
 
-NOT_OUTPUT = (DONE, "_CONFIG.json", "launch.json")
+PLAN = "_PLAN.json"  # how much a stage set out to write: the run inspector's "k of n"
+# not outputs: bookkeeping, and model cards (README.md, rewritten once the row is complete)
+NOT_OUTPUT = (DONE, "_CONFIG.json", "launch.json", PLAN, "README.md")
 FULL_HASH_BYTES = 64 << 20  # larger files (model weights) are hashed by their ends and size
 
 
@@ -263,7 +270,7 @@ class Stage:
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         if recorded is not None and recorded != self.config:
             keys = diff_keys(recorded, self.config)
-            wrote = [p for p in self.path.iterdir() if p.name != "_CONFIG.json"]
+            wrote = [p for p in self.path.iterdir() if p.name not in NOT_OUTPUT]
             if not wrote and not self.is_done():  # a start that failed before any output
                 log.info("%s: started with another config but wrote nothing: starting again "
                          "(differing keys: %s)", self.path, ", ".join(keys))  # fmt: skip
@@ -295,6 +302,8 @@ class Stage:
         recorded = self.read_done().get("files")
         for name, want in (recorded or {}).items():  # none: finished before they were recorded
             p = self.path / name
+            if p.name in NOT_OUTPUT:  # recorded by an earlier version
+                continue
             problem = None
             if not p.exists():
                 problem = "is missing"

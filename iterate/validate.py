@@ -100,6 +100,7 @@ RANGES = {
     "reward.refresh.epochs": GE1,
     "reward.refresh.replay": GE0,
     "reward.refresh.lr": (lambda v: v is None or (math.isfinite(v) and v > 0), "must be > 0"),
+    "track.samples": (GE0[0], "must be >= 0 (responses per side in the samples table)"),
 }
 
 
@@ -134,6 +135,7 @@ def check(cfg: Config) -> None:
     if rc.base:
         _model_folder("reward.base", rc.base, "model")
     _refresh(cfg)
+    _trackers(cfg)
     if str(pc.source) == "file":
         if not pc.path:
             raise BadInput("prompts.path is not set but prompts.source is file")
@@ -144,6 +146,18 @@ def check(cfg: Config) -> None:
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
             _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
+
+
+def _trackers(cfg: Config) -> None:
+    """Each tracker of ``report_to`` importable: found at start-up, not at the first step."""
+    import importlib.util
+
+    for name in map(str, cfg.report_to):
+        if importlib.util.find_spec(name) is None:
+            raise BadInput(
+                f"report_to=[{name}]: the {name} package is not installed; "
+                'pip install -e ".[trackers]" installs every tracker'
+            )
 
 
 def _refresh(cfg: Config) -> None:

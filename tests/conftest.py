@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 register()
+
+# trackers stay on this machine: W&B offline (files under the run), trackio in a temporary
+# folder (it reads TRACKIO_DIR once, when first imported)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="iterate-tests-trackio-"))
 
 # The tiny world: seconds to build, still a real tokenizer, Llama and SFT.
 TINY = [
@@ -32,6 +39,21 @@ def cli(
         [sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})}, start_new_session=True,
     )  # fmt: skip
+
+
+def tensorboard_events(folder: Path) -> list[tuple[str, int, object]]:
+    """Every (tag, step, value) in a TensorBoard log folder as written, across its event
+    files (one a tracker session): scalars as floats, text as str."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = []
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                t = v.tensor
+                value = t.string_val[0].decode() if t.string_val else float(t.float_val[0])
+                out.append((v.tag, event.step, value))
+    return out
 
 
 def compose_cfg(overrides: list[str] = (), tmp: Path | None = None) -> Config:

@@ -379,6 +379,17 @@ def test_new_options_compose():
         compose_cfg(["handoff.kl_samples=4"])  # moved to evaluate.samples
 
 
+def test_tracking_options_compose():
+    cfg = compose_cfg(
+        ["report_to=[tensorboard,wandb,trackio]", "track.project=p", "track.samples=5"]
+    )
+    assert [str(t) for t in cfg.report_to] == ["tensorboard", "wandb", "trackio"]
+    assert (cfg.track.project, cfg.track.samples) == ("p", 5)
+    assert compose_cfg().report_to == []  # none by default
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg(["report_to=[tensorbord]"])
+
+
 def test_the_shipped_slurm_launcher_composes():
     from hydra import compose, initialize_config_dir
 

@@ -37,6 +37,7 @@ BAD = [  # (overrides, what the message must name)
     (["prompts.per_iteration=0"], "prompts.per_iteration"),
     (["prompts.heldout=0"], "prompts.heldout"),
     (["evaluate.samples=0"], "evaluate.samples"),
+    (["track.samples=-1"], "track.samples"),
     (["evaluate.batch_size=0"], "evaluate.batch_size"),
     (["handoff.max_kl=-1"], "handoff.max_kl"),
     (["generate.n=1"], "generate.n"),  # dpo pairs need two samples
@@ -96,6 +97,18 @@ def test_bad_input_exits_2_naming_it_before_any_work(overrides, named, tmp_path,
     assert status == 2, said
     assert named in said and "bad input" in said
     assert not (tmp_path / "toy").exists(), "nothing was built before the check"
+
+
+def test_a_tracker_not_installed_is_named_with_its_install(tmp_path, caplog, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a)
+    )
+    cfg = compose_cfg([*TINY, "report_to=[tensorboard,wandb]"], tmp_path)
+    status, said = _status(cfg, tmp_path / "run", caplog)
+    assert status == 2 and "report_to=[wandb]" in said and ".[trackers]" in said
 
 
 def test_a_model_folder_without_a_config_is_named(tmp_path, caplog):

@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import loop
+from iterate import loop, runinfo, show, track
 from iterate.paths import Paths
 from iterate.report import STAGES
 
-from .conftest import ROOT, TINY, cli, compose_cfg
+from .conftest import ROOT, TINY, cli, compose_cfg, tensorboard_events
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +34,7 @@ def _args(tiny_cache, tiny_rm, runs_dir, *extra, backend="transformers") -> list
         "reward.train=false",
         f"reward.path={tiny_rm}",
         "generate.shard_size=4",
+        "report_to=[tensorboard]",  # every loop test tracks: the kills and resumes too
         *extra,
     ]
 
@@ -44,7 +45,7 @@ def _tree(run: Path) -> set[str]:
     for p in run.rglob("*"):
         rel = p.relative_to(run)
         parts = rel.parts
-        for folder in ("policy", "adapter", "model", ".hydra"):
+        for folder in ("policy", "adapter", "model", ".hydra", "tensorboard"):
             if folder in parts:
                 out.add("/".join(parts[: parts.index(folder) + 1]) + "/")
                 break
@@ -63,18 +64,22 @@ def _stage_files(i: int) -> set[str]:
     }  # 16 held-out prompts
     stages = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
     done = {f"{it}/{s}/{f}" for s in stages for f in ("_DONE.json", "_CONFIG.json")}
+    plans = {f"{it}/{s}/_PLAN.json" for s in ("generate", "update", "evaluate/samples")}
     return (
         gen
         | lab
         | samples
         | done
+        | plans
         | {
             f"{it}/prompts/shard_00000.parquet",
             f"{it}/pairs/shard_00000.parquet",
             f"{it}/update/train_log.jsonl",
             f"{it}/update/adapter/",
             f"{it}/handoff/policy/",
+            f"{it}/handoff/adapter/",
             f"{it}/handoff/kl.json",
+            f"{it}/evaluate/scores/shard_00000.parquet",
         }
     )
 
@@ -87,7 +92,10 @@ EXPECTED_TOP = {
     ".hydra/",
     "__main__.log",
     "_FINISHED.json",
+    "tensorboard/",  # report_to=[tensorboard]
+    "tracker.json",
     "heldout/initial_samples/_DONE.json",
+    "heldout/initial_samples/_PLAN.json",
     "heldout/initial_samples/_CONFIG.json",
     "heldout/shard_00000.parquet",
     "heldout/_DONE.json",
@@ -128,11 +136,77 @@ def test_two_iterations_exact_run_tree(clean_run):
     assert keys <= rows[0].keys()
     assert rows[0]["prompts"] == 16 and rows[0]["responses"] == 64
     assert set(rows[0]["seconds"]) == set(STAGES) - {"reward"}  # no refresh asked
-    card = (clean_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
-    assert "base_model:" in card and "| iter |" in card and card.count("| dpo |") == 2
+    _assert_cards(clean_run, rows)
     # iteration 1 starts from iteration 0's handed-off policy
     gen1 = json.loads((clean_run / "iter_001" / "generate" / "_DONE.json").read_text())
     assert gen1["config"]["policy"].endswith("iter_000/handoff/policy")
+
+
+def _assert_cards(run: Path, rows: list[dict]) -> None:
+    """Each iteration's cards, for the policy and its adapter, parse as the hub parses them,
+    name the metrics of their own complete row and only the settings DPO reads."""
+    from huggingface_hub import ModelCard
+
+    for row in rows:
+        handoff = run / f"iter_{row['iteration']:03d}" / "handoff"
+        for folder in ("policy", "adapter"):
+            card = ModelCard.load(handoff / folder / "README.md")
+            got = {r.metric_type: r.metric_value for r in card.data.eval_results}
+            assert got["win_rate"] == row["win_rate_vs_initial"]
+            assert got["kl"] == row["kl_to_reference"]
+            assert card.data.library_name == ("transformers" if folder == "policy" else "peft")
+            assert "dpo" in card.data.tags and card.data.base_model is None  # a local base
+            assert f"| {row['iteration']} | dpo | 16 | 64 |" in card.text  # its own row, whole
+            assert "beta=0.1" in card.text and "clip_range" not in card.text
+
+
+def _assert_tracked(run: Path) -> None:
+    """The TensorBoard events say what the run's files say, each step once: every line of
+    every train_log.jsonl at the run's step, every metrics.jsonl number at its iteration,
+    and a samples table per iteration."""
+    events = tensorboard_events(run / "tensorboard")
+    keys = [(tag, step) for tag, step, _ in events]
+    assert len(keys) == len(set(keys)), "a step was logged twice"
+    got = {(tag, step): v for tag, step, v in events}
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        i = row["iteration"]
+        base = track.step_base(run, i)
+        log = (run / f"iter_{i:03d}" / "update" / "train_log.jsonl").read_text().splitlines()
+        assert len(log) == track.update_steps(run, i) > 0
+        for line in map(json.loads, log):
+            for k in ("loss", "grad_norm", "lr", "reward_margin", "reward_accuracy"):
+                want = pytest.approx(line[k], rel=1e-5, abs=1e-6)  # the log keeps 6 decimals
+                assert got[(f"train/{k}", base + line["step"])] == want
+        for k in ("win_rate_vs_initial", "kl_to_reference", "reward_mean", "gold_mean"):
+            assert got[(f"iteration/{k}", i)] == pytest.approx(row[k], 1e-6)
+        assert got[("iteration/accepted", i)] == float(row["accepted"])
+        assert got[("iteration/seconds/update", i)] == pytest.approx(row["seconds"]["update"])
+        assert "| best 1 |" in got[("iteration/samples/text_summary", i)]
+    assert max(step for tag, step in keys if tag == "train/loss") == track.step_base(run, 2)
+
+
+def test_tracked_run_reads_back_from_tensorboard(clean_run):
+    _assert_tracked(clean_run)
+    best = runinfo.extremes(runinfo.scored(clean_run, 1), 2)
+    assert [r["rank"] for r in best] == ["best 1", "best 2", "worst 2", "worst 1"]
+    assert best[0]["reward"] >= best[1]["reward"] >= best[2]["reward"] >= best[3]["reward"]
+    labels = pq.read_table(clean_run / "iter_001" / "label").to_pandas()
+    assert best[0]["reward"] == pytest.approx(labels["reward"].max(), abs=1e-4)
+
+
+def test_the_console_script_shows_a_run(clean_run):
+    """``iterate show RUN samples=K`` (the installed console script): the stages, the
+    metrics table and the ranked samples of the last iteration."""
+    script = Path(sys.executable).parent / "iterate"
+    out = subprocess.run([script, "show", clean_run, "samples=2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "finished" in out.stdout.splitlines()[0] and "iter 1:" in out.stdout
+    assert "handoff          done" in out.stdout and "win rate" in out.stdout
+    assert "iteration 1: the best and worst 2 best-of-n" in out.stdout
+    assert out.stdout.count("[best ") == 2 and out.stdout.count("[worst ") == 2
+    bad = subprocess.run([script, "show", clean_run, "sample=2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown argument 'sample=2'" in bad.stderr
 
 
 def test_rerun_of_finished_run_does_nothing(clean_run, tiny_cache, tiny_rm):
@@ -163,11 +237,18 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
         ("1:update:1", "update"),
         ("1:evaluate:2", "evaluate"),
     )
+    ident = None
     for point, partial in kills:
         out = cli(args, env={"ITERATE_KILL_AT": point})
         assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
         stage = run / "iter_001" / partial
         assert stage.exists() and not (stage / "_DONE.json").exists(), f"killed during {partial}"
+        # the inspector names the partial stage and how far it got
+        unit, total = ("steps", 3) if partial == "update" else ("shards", 4)
+        k = 1 if partial == "update" else 2
+        assert f"{partial:<17}partial ({unit} {k} of {total})" in show.status(run)
+        ident = ident or json.loads((run / "tracker.json").read_text())["id"]
+        assert json.loads((run / "tracker.json").read_text())["id"] == ident  # the same run
         if partial != "update":  # the shards written before the kill stay
             assert (
                 len(
@@ -179,6 +260,8 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     out = cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
     _assert_same_run(run, clean_run)
+    _assert_tracked(run)  # the steps logged before the kill of the update are not logged again
+    assert "finished" in show.status(run).splitlines()[0]
 
 
 def _assert_same_run(run: Path, clean_run: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from iterate import loop, losses, models, sampling
+from iterate import loop, losses, models, runinfo, sampling, show
 from iterate.scoring import Scorer
 from iterate.update import common, ppo, remax, rl
 
@@ -177,6 +177,14 @@ def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
     if rule == "ppo":  # the value head is carried to the next iteration
         nxt = json.loads((run / "iter_001" / "update" / "_DONE.json").read_text())
         assert nxt["value_head_init"] == str(run / "iter_000" / "update" / "value_head.pt")
+    # the card lists the settings this rule read, not another rule's
+    card = (run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
+    assert "kl_coef=" in card and "label_smoothing" not in card and "beta=" not in card
+    assert ("clip_range=" in card) == (rule == "ppo")
+    # no best-of-n samples: the inspector and the trackers read the held-out ones
+    best = runinfo.extremes(runinfo.scored(run, 1), 1)
+    assert [r["rank"] for r in best] == ["best 1", "worst 1"] and "gold" in best[0]
+    assert "generate" not in show.status(run) and "held-out" in show.samples(run, 1, 1, False)
 
 
 @pytest.mark.slow

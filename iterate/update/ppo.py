@@ -125,7 +125,10 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     agg = str(uc.loss_agg)
     pg = losses.ppo_policy_loss(logps, old_logps, adv, resp, uc.clip_range, agg)
     vf = losses.value_loss(values, old_values, ret, resp, uc.value_clip, agg)
+    ratio = (logps.detach() - old_logps).exp()
     return pg + uc.vf_coef * vf, {
+        "entropy": rl.token_mean(-logps, resp),
+        "clip_frac": rl.token_mean(((ratio - 1).abs() > uc.clip_range).float(), resp),
         "reward": sum(e.rollout["score"] for e in mb) / len(mb),
         "kl": kl.sum(-1).mean().item(),
         "kl_coef": ctx.state["kl_coef"],

@@ -56,6 +56,7 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     weight = (adv[:, None] - uc.kl_coef * kl_to_go) * resp
     per_example = losses.aggregate(-weight.detach() * lp, resp, str(uc.loss_agg))
     return per_example, {
+        "entropy": rl.token_mean(-lp, resp),
         "reward": sum(e.rollout["score"] for e in mb) / len(mb),
         "greedy_reward": sum(e.rollout["greedy_score"] for e in mb) / len(mb),
         "advantage": adv.mean().item(),

@@ -89,6 +89,12 @@ def rows(x: torch.Tensor, resp: torch.Tensor) -> list[torch.Tensor]:
     return [x[b][resp[b].bool()].detach() for b in range(x.shape[0])]
 
 
+def token_mean(x: torch.Tensor, resp: torch.Tensor) -> float:
+    """The mean of ``x`` over response tokens (``resp`` 1 on them), a float for the log; of
+    ``-logps``, the policy's entropy estimated on its own sampled tokens."""
+    return ((x.detach() * resp).sum() / resp.sum().clamp(min=1)).item()
+
+
 def micro_batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
     for m in range(0, len(examples), size):
         yield examples[m : m + size]

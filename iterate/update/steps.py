@@ -6,8 +6,8 @@ step (``rl.rollout_steps``). A rule supplies ``loss_fn(model, micro_batch) -> (p
 losses (B,), metrics)``; the loop accumulates gradients over micro-batches, normalised by
 the number of examples in the optimiser step, so ``micro_batch_size x grad_accum`` gives
 the same update however it is split. It clips, skips (and counts) a step whose loss or
-gradient is not finite, writes one line per step to ``train_log.jsonl`` and passes the
-crash points of the resume tests.
+gradient is not finite, writes one line per step to ``train_log.jsonl`` (and to the trackers
+of ``report_to``, from the main process) and passes the crash points of the resume tests.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from iterate import faults, progress
+from iterate import faults, progress, track
 from iterate.config import Config
-from iterate.shards import Stage
+from iterate.shards import Stage, write_plan
 from iterate.update import dist
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
@@ -93,9 +93,12 @@ def train(
     if dist.is_main():
         stage.path.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
+        write_plan(stage.path, "steps", total)
     bar = progress.bar(total, f"update ({uc.name})", "step")
     step, skipped, last = 0, 0, {}
-    with open(log_path if dist.is_main() else os.devnull, "a") as logf:
+    tracker = track.Tracker(cfg, stage.root, enabled=dist.is_main())
+    base = track.step_base(stage.root, iteration) if tracker.names else 0  # steps before these
+    with open(log_path if dist.is_main() else os.devnull, "a") as logf, tracker:
         for epoch, examples in steps:  # an on-policy source rolls out here, between steps
             model.train()
             opt.zero_grad(set_to_none=True)
@@ -108,10 +111,12 @@ def train(
                 "epoch": epoch,
                 "loss": loss,
                 "grad_norm": grad_norm,
+                "lr": opt.param_groups[0]["lr"],
                 "skipped": not ok,
                 **metrics,
             }
             last = log_step(logf, row)
+            tracker.steps(iteration, base, [last])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             faults.point(iteration, "update", step)

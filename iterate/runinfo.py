@@ -1,0 +1,150 @@
+"""What a run folder holds, read from its files alone: the state of each stage (done,
+partial with k of n shards or steps, missing), the metrics rows, and an iteration's
+responses ranked by reward. The run inspector (``iterate.show``) prints it; the trackers'
+sample tables read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from iterate.paths import Paths
+from iterate.report import STAGES
+from iterate.shards import DONE, PLAN, SCHEMAS, read_shards, shard_paths
+
+# the stages before iteration 0, where they are in the run folder
+BEFORE = (("reward_model", "reward_model"), ("heldout", "heldout"),
+          ("initial_samples", "heldout/initial_samples"))  # fmt: skip
+# what a finished stage's _DONE.json counts, by the name the inspector prints
+COUNTS = (("rows_out", "rows"), ("train_pairs", "pairs"), ("judged_pairs", "judged pairs"),
+          ("steps", "steps"))  # fmt: skip
+# where a stage's shards are, inside its folder, when not at its top
+SHARD_FOLDER = {"evaluate": "samples"}
+
+
+@dataclass
+class StageState:
+    name: str
+    state: str  # done | partial | missing
+    progress: tuple[int, int | None, str] | None = None  # (k, n or unknown, unit): partial only
+    counts: dict[str, int] = field(default_factory=dict)  # what a finished stage made
+    dropped: dict = field(default_factory=dict)
+    seconds: float | None = None
+
+    def describe(self) -> str:
+        if self.state == "partial" and self.progress:
+            k, n, unit = self.progress
+            return f"partial ({unit} {k} of {'?' if n is None else n})"
+        return self.state
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage_state(folder: Path, name: str, planned: int | None = None) -> StageState:
+    """A stage folder's state; ``planned`` is the number of shards it will write when the
+    folder does not say (label: one per generate shard)."""
+    if (done := read_json(folder / DONE)) is not None:
+        counts = {unit: done[k] for k, unit in COUNTS if done.get(k) is not None}
+        dropped = done.get("dropped") or {}
+        return StageState(name, "done", counts=counts, dropped=dropped, seconds=done.get("seconds"))
+    if not folder.exists():
+        return StageState(name, "missing")
+    plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}
+    unit = plan.get("unit", "steps" if name == "update" else "shards")
+    if unit == "steps":
+        log = folder / "train_log.jsonl"
+        k = len(log.read_text().splitlines()) if log.exists() else 0
+    else:
+        k = len(shard_paths(folder / SHARD_FOLDER.get(name, "")))
+    return StageState(name, "partial", progress=(k, plan.get("total", planned), unit))
+
+
+def iterations(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in Path(run).glob("iter_[0-9]*") if p.is_dir())
+
+
+def config(run: Path) -> dict:
+    """The resolved config of the run's first invocation (``<run>/config.yaml``)."""
+    path = Path(run) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def expected_stages(cfg: dict) -> set[str]:
+    """The stages an iteration of this config runs (the loop's)."""
+    pair_rule = cfg["update"]["name"] in ("dpo", "raft")
+    skip = set() if pair_rule else {"generate", "label", "pairs"}
+    if not (pair_rule and cfg["reward"].get("refresh", {}).get("pairs")):
+        skip.add("reward")
+    return set(STAGES) - skip
+
+
+def states(run: Path) -> dict[str, list[StageState]]:
+    """``{"before": [...], "iter 0": [...], ...}``: every stage the run has or will have,
+    for the iterations it has started, in the loop's order."""
+    run = Path(run)
+    expected, paths = expected_stages(config(run)), Paths(run=run, base_policy="")
+    out = {"before": [stage_state(run / rel, name) for name, rel in BEFORE]}
+    for i in iterations(run):
+        present = {p.name for p in paths.iteration(i).iterdir() if p.is_dir()}
+        row = []
+        for name in (s for s in STAGES if s in expected | present):
+            planned = None
+            if name == "label":  # one label shard per generate shard
+                planned = (read_json(paths.stage(i, "generate") / DONE) or {}).get("shards")
+            row.append(stage_state(paths.stage(i, name), name, planned))
+        out[f"iter {i}"] = row
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def scored(run: Path, i: int, heldout: bool = False):
+    """Iteration i's responses with their reward (and gold), a pandas DataFrame: the best-of-n
+    samples and their labels, or with ``heldout`` (or for the rules without labels) the
+    held-out samples the evaluation scored (``df.attrs["which"]`` says which). ``None``
+    when neither is on disk yet."""
+    paths = Paths(run=Path(run), base_policy="")
+    pick = [("evaluate/samples", "evaluate/scores", "held-out")]
+    if not heldout:
+        pick.insert(0, ("generate", "label", "best-of-n"))
+    for gen, lab, which in pick:
+        gen_dir, lab_dir = paths.iteration(i) / gen, paths.iteration(i) / lab
+        if shard_paths(gen_dir) and shard_paths(lab_dir):
+            keys = ["prompt_id", "sample_idx"]
+            texts = read_shards(gen_dir, SCHEMAS["generate"]).to_pandas()
+            texts = texts[[*keys, "prompt", "response", "response_tokens"]]
+            df = texts.merge(read_shards(lab_dir, SCHEMAS["label"]).to_pandas(), on=keys)
+            df.attrs["which"] = which  # best-of-n or held-out
+            return df
+    return None
+
+
+def extremes(df, k: int) -> list[dict]:
+    """The best and worst ``k`` responses of ``scored``'s table by reward, best first, as
+    rows (rank, reward, gold where there is one, prompt, response)."""
+    if df is None or not len(df) or k <= 0:
+        return []
+    df = df.sort_values("reward", ascending=False, kind="stable").reset_index(drop=True)
+    top = df.head(k).assign(rank=[f"best {j + 1}" for j in range(min(k, len(df)))])
+    rest = df.iloc[len(top) :]
+    bottom = rest.tail(k).assign(rank=[f"worst {len(rest.tail(k)) - j}"
+                                       for j in range(len(rest.tail(k)))])  # fmt: skip
+    cols = ["rank", "reward", *(["gold"] if df["gold"].notna().any() else []), "prompt",
+            "response"]  # fmt: skip
+    rows = [*top[cols].to_dict("records"), *bottom[cols].to_dict("records")]
+    for r in rows:
+        r["reward"] = round(float(r["reward"]), 4)
+        if "gold" in r:
+            r["gold"] = None if r["gold"] != r["gold"] else round(float(r["gold"]), 4)
+    return rows

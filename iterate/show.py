@@ -1,0 +1,101 @@
+"""The run inspector: ``python -m iterate.show runs/<run> [samples=K] [iteration=I]
+[heldout=true]`` (or ``iterate show ...``).
+
+Prints where a run is, from its files alone (it never takes the run's lock, so it can look
+at a run that is going): each iteration's stages as done / partial (k of n shards or
+steps) / missing, with rows and drops by reason; the metrics table; with ``samples=K``, the
+best and worst K responses of iteration I (default: the last with scored responses) by
+reward: the best-of-n samples, or the held-out ones with ``heldout=true`` (the only ones a
+PPO or ReMax iteration has).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+from iterate import report, runinfo, runlock
+
+USAGE = "usage: python -m iterate.show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
+
+
+def _stage_line(s: runinfo.StageState) -> str:
+    parts = [f"  {s.name:<17}{s.describe():<26}"]
+    parts += [f"{n} {unit}" for unit, n in s.counts.items()]
+    if s.dropped:
+        parts.append("dropped " + ", ".join(f"{k}={v}" for k, v in s.dropped.items()))
+    if s.seconds is not None:
+        parts.append(f"{s.seconds:.0f}s")
+    return "  ".join(parts).rstrip()
+
+
+def status(run: Path) -> str:
+    """The stage table and the metrics table of a run folder."""
+    cfg = runinfo.config(run)
+    finished = runinfo.read_json(run / "_FINISHED.json")
+    holder = runlock.holder(run)
+    where = (
+        f"running (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
+        if holder
+        else "finished"
+        if finished
+        else "not running, not finished: the same command resumes"
+    )
+    lines = [f"{run}: update={cfg['update']['name']}, model={cfg['model']['name']}; {where}"]
+    for group, stages in runinfo.states(run).items():
+        lines.append(f"{group}:" if group != "before" else "before iteration 0:")
+        lines += [_stage_line(s) for s in stages]
+    rows = runinfo.metrics(run)
+    lines += ["", "metrics (metrics.jsonl):", report.table(rows) if rows else "  (no row yet)"]
+    return "\n".join(lines)
+
+
+def samples(run: Path, i: int, k: int, heldout: bool) -> str:
+    df = runinfo.scored(run, i, heldout)
+    rows = runinfo.extremes(df, k)
+    if not rows:
+        return f"iteration {i}: no scored responses on disk yet"
+    out = [f"iteration {i}: the best and worst {k} {df.attrs['which']} responses by reward"]
+    for r in rows:
+        gold = f"  gold {r['gold']:+.3f}" if r.get("gold") is not None else ""
+        out.append(f"\n[{r['rank']}] reward {r['reward']:+.3f}{gold}")
+        out.append(textwrap.indent(f"prompt: {r['prompt']}\nresponse: {r['response']}", "  "))
+    return "\n".join(out)
+
+
+def parse(argv: list[str]) -> tuple[Path, dict]:
+    """``RUN key=value ...`` -> (run folder, options); a bad argument names itself."""
+    if not argv or argv[0] in ("-h", "--help"):
+        raise SystemExit(USAGE)
+    run, opts = Path(argv[0]), {"samples": 0, "iteration": None, "heldout": False}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in opts:
+            raise SystemExit(f"unknown argument {arg!r}\n{USAGE}")
+        try:
+            opts[key] = value.lower() in ("1", "true", "yes") if key == "heldout" else int(value)
+        except ValueError:
+            raise SystemExit(f"{key} must be a whole number, not {value!r}") from None
+    if not run.is_dir():
+        raise SystemExit(f"{run}: no such run folder")
+    return run, opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    run, opts = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        print(status(run))
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if opts["samples"]:
+        i = opts["iteration"]
+        if i is None:  # the last iteration with scored responses
+            have = [j for j in runinfo.iterations(run) if runinfo.scored(run, j) is not None]
+            i = have[-1] if have else 0
+        print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Experiment trackers: every backend resumes the same tracker run and logs a step once;
+an iteration's row and samples table are logged once; what the trackers get is read back
+(TensorBoard event files, trackio's store, W&B's offline run folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from iterate import track
+from iterate.paths import Paths
+
+from .conftest import compose_cfg, tensorboard_events
+
+
+def _run(tmp_path: Path, *overrides: str):
+    cfg = compose_cfg(["experiment=toy_tiny", *overrides])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run_name: toy_tiny\n")
+    return cfg, run
+
+
+def _steps(n: int) -> list[dict]:
+    return [{"step": s, "epoch": 0, "loss": 1.0 / s, "skipped": False} for s in range(1, n + 1)]
+
+
+def test_flat_keeps_numbers_joins_nesting_and_counts_booleans():
+    row = {"a": 1, "b": {"c": 2.5, "d": "x"}, "ok": True, "none": None, "name": "dpo"}
+    assert track.flat(row) == {"a": 1.0, "b/c": 2.5, "ok": 1.0}
+
+
+def test_no_tracker_asked_writes_nothing(tmp_path):
+    cfg, run = _run(tmp_path)
+    with track.Tracker(cfg, run) as tr:
+        assert tr.steps(0, 0, _steps(3)) == 0
+    assert not (run / track.STATE).exists() and not (run / "tensorboard").exists()
+
+
+def test_a_resumed_run_continues_each_tracker_run_and_logs_a_step_once(tmp_path):
+    """Two sessions, as a killed update and its rerun make: the second is handed steps the
+    first logged and logs only the new ones, into the same tracker run."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    cfg, run = _run(tmp_path, "report_to=[tensorboard,wandb,trackio]", "track.project=t1")
+    with track.Tracker(cfg, run) as tr:
+        assert tr.steps(1, 10, _steps(2)) == 2
+    ident = json.loads((run / track.STATE).read_text())["id"]
+    with track.Tracker(cfg, run) as tr:
+        assert tr.steps(1, 10, _steps(4)) == 2  # steps 3 and 4 only
+    assert json.loads((run / track.STATE).read_text()) == {
+        "id": ident, "steps": {"1": 4}, "iterations": [],
+    }  # fmt: skip
+    loss = [(s, v) for tag, s, v in tensorboard_events(run / "tensorboard") if tag == "train/loss"]
+    assert loss == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3)), (14, 0.25)]
+    logs = SQLiteStorage.get_logs("t1", ident)
+    assert [(r["step"], r["train/loss"]) for r in logs] == [(11, 1.0), (12, 0.5), (13, 1 / 3),
+                                                              (14, 0.25)]  # fmt: skip
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(f"-{ident}" in p.name for p in wandb_runs)
+
+
+def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
+    """The iteration's end logs the steps its update's log holds that were not logged live,
+    then the row and the samples table; a second call (a rerun) adds nothing."""
+    cfg, run = _run(tmp_path, "report_to=[tensorboard]")
+    paths = Paths(run=run, base_policy="")
+    for i, n in ((0, 3), (1, 2)):
+        update = paths.stage(i, "update")
+        update.mkdir(parents=True)
+        (update / "_DONE.json").write_text(json.dumps({"steps": n}))
+        (update / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _steps(n)))
+    with track.Tracker(cfg, run) as tr:
+        tr.steps(1, track.step_base(run, 1), _steps(1))  # logged live before a kill
+    row = {"iteration": 1, "update": "dpo", "win_rate_vs_initial": 0.75, "accepted": False,
+           "seconds": {"update": 2.0}}  # fmt: skip
+    for _ in range(2):
+        with track.Tracker(cfg, run) as tr:
+            tr.iteration(paths, row)
+    events = tensorboard_events(run / "tensorboard")
+    assert sorted(s for tag, s, _ in events if tag == "train/loss") == [4, 5]  # 3 + (1, 2)
+    got = {tag: (s, v) for tag, s, v in events if tag.startswith("iteration/")}
+    assert got["iteration/win_rate_vs_initial"] == (1, 0.75)
+    assert got["iteration/accepted"] == (1, 0.0) and got["iteration/seconds/update"] == (1, 2.0)
+    assert got["iteration/samples/text_summary"] == (1, "(no samples)")  # none on disk
+    assert len([e for e in events if e[0].startswith("iteration/")]) == len(got)
