@@ -5,7 +5,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # GPU=1: a CUDA machine (torch's CUDA build, vLLM, DeepSpeed) instead of the CPU build
-GPU ?=
+# (a .venv set up with GPU=1 stays a CUDA one: later make calls need not repeat it)
+GPU ?= $(if $(wildcard $(VENV)/.installed-gpu),1,)
 KIND := $(if $(GPU),gpu,cpu)
 STAMP := $(VENV)/.installed-$(KIND)
 EXTRAS := $(KIND),dev,cluster,trackers

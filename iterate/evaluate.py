@@ -31,7 +31,7 @@ from iterate import losses, models, progress, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.scoring import ScorerPool, aggregation
-from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_shard
+from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_plan, write_shard
 from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def sample_heldout(
         tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     timings = {}
+    write_plan(out, "shards", len(shards))
     if todo := sampling.missing(shards, out):
         with sampling.session(cfg) as sampler:
             put(sampler)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from iterate import models, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import SCHEMAS, Stage, read_shards
+from iterate.shards import SCHEMAS, Stage, read_shards, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             f"model.max_length ({cfg.model.max_length}) leaves no room for "
             f"generate.max_tokens ({gc.max_tokens}) after the prompt"
         )
+    write_plan(stage.path, "shards", len(shards))
     todo = sampling.missing(shards, stage.path)
     timings = {}
     if todo:

@@ -11,12 +11,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from iterate.config import Config
-from iterate.paths import Paths
+from iterate.paths import PAIR_RULES, STAGES, Paths
 from iterate.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prompts", "generate", "reward", "label", "pairs", "update", "evaluate", "handoff")
 COLUMNS = [  # (key, header, format)
     ("iteration", "iter", "{}"),
     ("update", "update", "{}"),
@@ -255,7 +254,7 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     i, handoff = row["iteration"], paths.stage(row["iteration"], "handoff")
     # the settings this rule read, as its update stage recorded them
     update = json.loads((paths.stage(i, "update") / "_DONE.json").read_text())["config"]
-    start = update["policy"].replace("${run}", str(paths.run))
+    start = update["policy"].replace("${run}", str(paths.run))  # the adapter's base
     written = []
     for folder, library in (("policy", "transformers"), ("adapter", "peft")):
         if not (handoff / folder).is_dir():
@@ -268,6 +267,15 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     return written
 
 
+def which_policy(path: str, paths: Paths) -> str:
+    """A policy the card names, by what it is rather than where it lies on this machine:
+    the initial policy (with its hub id, when it has one) or an iteration's."""
+    if m := re.search(r"iter_(\d+)/handoff/policy$", path):
+        return f"the policy of iteration {int(m.group(1))}"
+    hub = hub_id(paths.base_policy)
+    return "the initial policy" + (f" (`{hub}`)" if hub and path == paths.base_policy else "")
+
+
 def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder: str) -> str:
     """The card's body: what this is, how it was made (the settings the rule read), how to
     load it, and the held-out evaluation of every iteration up to it."""
@@ -276,7 +284,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
     lora = update["update"].get("lora", {})
     how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
            if lora.get("enabled") else "full fine-tuning")  # fmt: skip
-    if uc.name in ("dpo", "raft"):
+    if uc.name in PAIR_RULES:
         samples = f"best-of-{gc.n} samples, pairs by `{cfg.pairs.rule}`"
     else:
         samples = "one rollout per prompt and step" + (
@@ -284,35 +292,32 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         )
     source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
     refresh = cfg.reward.refresh
-    start = "the initial policy" if i == 0 else f"the policy of iteration {i - 1}"
-    start_at = update["policy"]
-    inside = lambda p: p.replace("${run}", "<run>")  # noqa: E731  a path in the run folder
+    start = which_policy(update["policy"], paths)  # after a rejection: not always i - 1's
     verdict = "accepted" if rows[-1]["accepted"] else "rejected"
     if folder == "policy":
         what = f"The policy after iteration {i}: {start} with this iteration's update merged in."
         use = 'AutoModelForCausalLM.from_pretrained("<this folder, or its hub repo>")'
     else:
-        what = (
-            f"The LoRA adapter of iteration {i}'s update, to put on {start} (`{inside(start_at)}`)."
-        )
+        what = f"The LoRA adapter of iteration {i}'s update, to put on {start}."
         use = 'PeftModel.from_pretrained(base, "<this folder, or its hub repo>")'
     lines = [
         f"# {cfg.run_name}: iteration {i}",
         "",
         f"{what} Made with `iterate` (iterative online preference learning).",
         "",
-        f"- **Base model:** {cfg.model.name} (`{paths.base_policy}`)",
+        f"- **Base model:** {cfg.model.name}"
+        + (f" (`{hub_id(paths.base_policy)}`)" if hub_id(paths.base_policy) else ""),
         f"- **Reward model:** {cfg.reward.name}"
         + (
             f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
-            if refresh.pairs and uc.name in ("dpo", "raft")
+            if refresh.pairs and uc.name in PAIR_RULES
             else ""
         ),  # fmt: skip
         f"- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}"
         f" (temperature {gc.temperature}, top-p {gc.top_p}, at most {gc.max_tokens} new tokens)",
         f"- **Update:** {uc.name}, {how}",
         "- **Settings the update read:** " + ", ".join(f"{k}={v}" for k, v in hyper.items()),
-        f"- **KL reference:** `{inside(update['reference'])}`; the handoff's budget"
+        f"- **KL reference:** {which_policy(update['reference'], paths)}; the handoff's budget"
         f" {cfg.handoff.max_kl} nats per sequence: {verdict}",
         "",
         "## Use",

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from iterate.paths import Paths
-from iterate.report import STAGES
+from iterate.paths import PAIR_RULES, PAIR_STAGES, STAGES, Paths
 from iterate.shards import DONE, PLAN, SCHEMAS, read_shards, shard_paths
 
 # the stages before iteration 0, where they are in the run folder
@@ -79,8 +78,8 @@ def config(run: Path) -> dict:
 
 def expected_stages(cfg: dict) -> set[str]:
     """The stages an iteration of this config runs (the loop's)."""
-    pair_rule = cfg["update"]["name"] in ("dpo", "raft")
-    skip = set() if pair_rule else {"generate", "label", "pairs"}
+    pair_rule = cfg["update"]["name"] in PAIR_RULES
+    skip = set() if pair_rule else set(PAIR_STAGES)
     if not (pair_rule and cfg["reward"].get("refresh", {}).get("pairs")):
         skip.add("reward")
     return set(STAGES) - skip
@@ -91,7 +90,9 @@ def states(run: Path) -> dict[str, list[StageState]]:
     for the iterations it has started, in the loop's order."""
     run = Path(run)
     expected, paths = expected_stages(config(run)), Paths(run=run, base_policy="")
-    out = {"before": [stage_state(run / rel, name) for name, rel in BEFORE]}
+    trained = config(run)["reward"].get("train", True)  # else loaded: no reward_model/
+    before = [(n, rel) for n, rel in BEFORE if trained or n != "reward_model"]
+    out = {"before": [stage_state(run / rel, name) for name, rel in before]}
     for i in iterations(run):
         present = {p.name for p in paths.iteration(i).iterdir() if p.is_dir()}
         row = []
@@ -133,6 +134,8 @@ def scored(run: Path, i: int, heldout: bool = False):
 def extremes(df, k: int) -> list[dict]:
     """The best and worst ``k`` responses of ``scored``'s table by reward, best first, as
     rows (rank, reward, gold where there is one, prompt, response)."""
+    if df is not None:
+        df = df[df["reward"].notna()]  # responses the reward model's template refused
     if df is None or not len(df) or k <= 0:
         return []
     df = df.sort_values("reward", ascending=False, kind="stable").reset_index(drop=True)

@@ -42,7 +42,6 @@ from iterate.shards import (
     shard_index,
     shard_path,
     shard_paths,
-    write_plan,
     write_shard,
 )
 
@@ -335,9 +334,7 @@ def plan(
 
 
 def missing(shards: list[list[Planned]], folder: Path) -> dict[int, list[Planned]]:
-    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete);
-    records how many were planned (``shards.write_plan``)."""
-    write_plan(folder, "shards", len(shards))
+    """The planned shards not yet on disk in ``folder`` (a shard that exists is complete)."""
     done = {shard_index(p) for p in shard_paths(folder)}
     return {k: s for k, s in enumerate(shards) if k not in done}
 

@@ -270,7 +270,7 @@ class Stage:
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         if recorded is not None and recorded != self.config:
             keys = diff_keys(recorded, self.config)
-            wrote = [p for p in self.path.iterdir() if p.name not in NOT_OUTPUT]
+            wrote = [p for p in self.path.rglob("*") if p.is_file() and p.name not in NOT_OUTPUT]
             if not wrote and not self.is_done():  # a start that failed before any output
                 log.info("%s: started with another config but wrote nothing: starting again "
                          "(differing keys: %s)", self.path, ", ".join(keys))  # fmt: skip

@@ -55,7 +55,8 @@ def samples(run: Path, i: int, k: int, heldout: bool) -> str:
     df = runinfo.scored(run, i, heldout)
     rows = runinfo.extremes(df, k)
     if not rows:
-        return f"iteration {i}: no scored responses on disk yet"
+        return (f"iteration {i}: no scored responses on disk yet (the held-out ones' rewards are "
+                "kept in evaluate/scores/, which runs made before it lack)")  # fmt: skip
     out = [f"iteration {i}: the best and worst {k} {df.attrs['which']} responses by reward"]
     for r in rows:
         gold = f"  gold {r['gold']:+.3f}" if r.get("gold") is not None else ""
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts["samples"]:
         i = opts["iteration"]
         if i is None:  # the last iteration with scored responses
-            have = [j for j in runinfo.iterations(run) if runinfo.scored(run, j) is not None]
+            have = [j for j in runinfo.iterations(run)
+                    if runinfo.scored(run, j, opts["heldout"]) is not None]  # fmt: skip
             i = have[-1] if have else 0
         print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
     return 0

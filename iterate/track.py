@@ -13,14 +13,15 @@ What they get:
 A tracker session is opened for one burst of logging (an update's training loop, an
 iteration's row) by whichever process does the work, and closed after it, so the run's own
 process and a launched training process log to the same tracker run in turn. The run
-folder keeps the tracker run's identity and what was logged (``tracker.json``): a resumed
-run continues the same tracker run, and a step already logged is not logged again, whether
-the training loop logged it live or the iteration's end caught it up from
+folder keeps the tracker run's identity and what each tracker logged (``tracker.json``): a
+resumed run continues the same tracker run, and a step already logged is not logged again,
+whether the training loop logged it live or the iteration's end caught it up from
 ``train_log.jsonl`` (a run that gains ``report_to`` later is caught up whole).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import secrets
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import atomic_write_json
+from iterate.shards import DONE, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def flat(row: dict, prefix: str = "") -> dict[str, float]:
 
 class _TensorBoard:
     one_axis = False  # each tag its own steps: an iteration's row at the iteration
+    flushes = True  # flush() puts what was logged on disk
 
     def __init__(self, run: Path, ident: str, config: dict) -> None:
         try:
@@ -80,6 +82,7 @@ class _Wandb:
     """One W&B run per iterate run, resumed by its id; each axis its own step metric."""
 
     one_axis = False
+    flushes = False  # the W&B service writes in the background; close() waits for it
     AXES = {"train": "train/step", "iteration": "iteration/iteration"}
 
     def __init__(self, run: Path, ident: str, config: dict) -> None:
@@ -103,9 +106,6 @@ class _Wandb:
             table = self.wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
             self.run.log({name: table, self.AXES["iteration"]: step})
 
-    def flush(self) -> None:
-        pass  # the W&B service writes as it receives
-
     def close(self) -> None:
         self.run.finish()
 
@@ -115,6 +115,7 @@ class _Trackio:
     so an iteration's row is logged at the run's optimiser step where its update ended."""
 
     one_axis = True
+    flushes = False  # sent from a background thread; close() waits for it
 
     def __init__(self, run: Path, ident: str, config: dict) -> None:
         import trackio
@@ -130,9 +131,6 @@ class _Trackio:
 
         if rows:
             self.trackio.log({name: self.trackio.Table(dataframe=pd.DataFrame(rows))}, step=step)
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         self.trackio.finish()
@@ -163,80 +161,110 @@ def step_base(run: Path, i: int) -> int:
 
 
 class Tracker:
-    """The trackers of ``cfg.report_to`` for a burst of logging (a context manager); does
-    nothing when none is asked for."""
+    """The trackers of ``cfg.report_to`` for a burst of logging (a context manager): each
+    opened when it first has something to log, closed at the end; nothing when none is
+    asked for.
+
+    ``tracker.json`` keeps, per tracker and iteration, the identity of the update it logged
+    (its stage config hash: a redone update is logged anew), the last step logged and
+    whether the iteration's row was. A tracker that flushes to disk (TensorBoard) has its
+    progress recorded after each flush; one that sends in the background (W&B, trackio)
+    after it closed. So a kill repeats at most what was logged since, and never loses a
+    step; a tracker added to a run later is caught up on its own.
+    """
 
     def __init__(self, cfg: Config, run: Path | None, enabled: bool = True) -> None:
         """``run`` None (a stage outside a run folder, as some tests train): no tracker."""
         self.cfg, self.run = cfg, Path(run or ".")
         self.names = [str(t) for t in cfg.report_to] if enabled and run is not None else []
-        self.backends: list = []
-        self.state: dict = {}
+        self.open: dict[str, object] = {}
+        self.state: dict = {}  # what was logged
+        self.saved: dict = {}  # what tracker.json says was logged
 
     def __enter__(self) -> Tracker:
-        if not self.names:
-            return self
-        path = self.run / STATE
-        self.state = json.loads(path.read_text()) if path.exists() else {}
-        if "id" not in self.state:  # the tracker run's identity: kept for the run's life
-            self.state = {"id": f"{self.cfg.run_name}-{secrets.token_hex(4)}", "steps": {},
-                          "iterations": []}  # fmt: skip
-            atomic_write_json(path, self.state)
-        config = plain(self.cfg)
-        self.backends = [BACKENDS[n](self.run, self.state["id"], config) for n in self.names]
+        if self.names:
+            path = self.run / STATE
+            self.saved = json.loads(path.read_text()) if path.exists() else {}
+            if "trackers" not in self.saved:  # the tracker run's identity, for the run's life
+                ident = self.saved.get("id") or f"{self.cfg.run_name}-{secrets.token_hex(4)}"
+                self.saved = {"id": ident, "trackers": {}}
+                atomic_write_json(path, self.saved)
+            self.state = copy.deepcopy(self.saved)
         return self
 
     def __exit__(self, *exc) -> None:
-        for b in self.backends:
+        for b in self.open.values():
             b.close()
-        self.backends = []
+        if self.open:
+            self._save(list(self.open))
+        self.open = {}
 
-    def _save(self) -> None:
-        """Flush every tracker, then record what was logged: a kill between the two logs
-        a step twice at most once, never loses one."""
-        for b in self.backends:
-            b.flush()
-        atomic_write_json(self.run / STATE, self.state)
+    def _backend(self, name: str):
+        if name not in self.open:
+            self.open[name] = BACKENDS[name](self.run, self.state["id"], plain(self.cfg))
+        return self.open[name]
 
-    def steps(self, i: int, base: int, rows: list[dict]) -> int:
-        """Log iteration i's training steps (``train_log.jsonl`` lines) not logged yet, at
-        ``base + step``; returns how many were logged."""
-        if not self.backends:
-            return 0
-        done = self.state["steps"].get(str(i), 0)
-        new = [r for r in rows if r["step"] > done]
-        for r in new:
-            values = {f"train/{k}": v for k, v in flat(r).items() if k != "step"}
-            for b in self.backends:
-                b.scalars({**values, "train/iteration": float(i)}, "train", base + r["step"])
-            self.state["steps"][str(i)] = r["step"]
-        if new:
-            self._save()
-        return len(new)
+    def _cursor(self, name: str, i: int, update: str) -> dict:
+        """What ``name`` logged of iteration i's update ``update`` (a config hash)."""
+        mine = self.state["trackers"].setdefault(name, {})
+        c = mine.get(str(i))
+        if c is None or c["update"] != update:  # a redone update is logged anew
+            c = mine[str(i)] = {"update": update, "step": 0, "row": False}
+        return c
+
+    def _save(self, names: list[str]) -> None:
+        """Record what ``names`` logged (they have flushed or closed)."""
+        for n in names:
+            self.saved["trackers"][n] = copy.deepcopy(self.state["trackers"].get(n, {}))
+        atomic_write_json(self.run / STATE, self.saved)
+
+    def steps(self, i: int, update: str, base: int, rows: list[dict]) -> int:
+        """Log iteration i's training steps (``train_log.jsonl`` lines of the update whose
+        config hash is ``update``) that each tracker has not logged, at ``base + step``;
+        returns how many lines were new to some tracker."""
+        logged, flushed = set(), []
+        for name in self.names:
+            c = self._cursor(name, i, update)
+            new = [r for r in rows if r["step"] > c["step"]]
+            for r in new:
+                values = {f"train/{k}": v for k, v in flat(r).items() if k != "step"}
+                values["train/iteration"] = float(i)
+                self._backend(name).scalars(values, "train", base + r["step"])
+                c["step"] = r["step"]
+                logged.add(r["step"])
+            if new and self.open[name].flushes:
+                self.open[name].flush()
+                flushed.append(name)
+        if flushed:
+            self._save(flushed)
+        return len(logged)
 
     def iteration(self, paths: Paths, row: dict) -> bool:
         """Catch up iteration ``row['iteration']``'s training steps from its
-        ``train_log.jsonl``, then log its metrics row and its samples table, once."""
-        if not self.backends:
+        ``train_log.jsonl``, then log its metrics row and samples table, once per tracker."""
+        if not self.names:
             return False
         from iterate import runinfo
 
-        i = row["iteration"]
-        log_path = paths.stage(i, "update") / "train_log.jsonl"
-        if log_path.exists():
-            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-            self.steps(i, step_base(paths.run, i), rows)
-        if i in self.state["iterations"]:
+        i, update = row["iteration"], paths.stage(row["iteration"], "update")
+        ident = json.loads((update / DONE).read_text())["config_hash"]
+        if (update / "train_log.jsonl").exists():
+            lines = (update / "train_log.jsonl").read_text().splitlines()
+            self.steps(i, ident, step_base(paths.run, i), [json.loads(x) for x in lines if x])
+        todo = [n for n in self.names if not self._cursor(n, i, ident)["row"]]
+        if not todo:
             return False
         values = {f"iteration/{k}": v for k, v in flat(row).items() if k != "iteration"}
         end = step_base(paths.run, i + 1)  # the run's step where this iteration's update ended
-        samples = runinfo.extremes(
-            runinfo.scored(paths.run, i, heldout=True), self.cfg.track.samples
-        )
-        for b in self.backends:
+        scored = runinfo.scored(paths.run, i, heldout=True)
+        samples = runinfo.extremes(scored, self.cfg.track.samples)
+        for name in todo:
+            b = self._backend(name)
             step = end if b.one_axis else i
             b.scalars(values, "iteration", step)
             b.table("iteration/samples", samples, step)
-        self.state["iterations"].append(i)
-        self._save()
+            self._cursor(name, i, ident)["row"] = True
+            if b.flushes:
+                b.flush()
+        self._save([n for n in todo if self.open[n].flushes])
         return True

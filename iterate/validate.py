@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 from iterate.config import Config
+from iterate.paths import PAIR_RULES
 
-PAIR_RULES = ("dpo", "raft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 

@@ -46,9 +46,13 @@ def tensorboard_events(folder: Path) -> list[tuple[str, int, object]]:
     files (one a tracker session): scalars as floats, text as str."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    files = []  # in the order they were written: a file's first event's time (its name's
+    for path in Path(folder).glob("events.out.tfevents.*"):  # counter is per process)
+        events = list(EventFileLoader(str(path)).Load())
+        files.append((events[0].wall_time if events else 0.0, events))
     out = []
-    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
+    for _, events in sorted(files, key=lambda f: f[0]):
+        for event in events:
             for v in event.summary.value:
                 t = v.tensor
                 value = t.string_val[0].decode() if t.string_val else float(t.float_val[0])

@@ -18,7 +18,7 @@ import pytest
 
 from iterate import cli, loop
 from iterate.runlock import RunLock, RunLocked
-from iterate.shards import Stage
+from iterate.shards import Stage, write_plan
 
 from .conftest import ROOT, TINY, compose_cfg
 
@@ -151,6 +151,8 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
     assert not Stage(folder, "label", {"reward_model": "typo"}).check()  # then it failed
     assert not Stage(folder, "label", {"reward_model": "right"}).check()  # the fix runs
     assert json.loads((folder / "_CONFIG.json").read_text())["reward_model"] == "right"
+    write_plan(folder / "samples", "shards", 4)  # a plan is not output (a subfolder's neither)
+    assert not Stage(folder, "label", {"reward_model": "again"}).check()
     (folder / "shard_00000.parquet").write_bytes(b"x")  # once it wrote something: refused
     with pytest.raises(Exception, match="reward_model"):
         Stage(folder, "label", {"reward_model": "other"}).check()

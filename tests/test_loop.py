@@ -396,6 +396,9 @@ def test_keep_previous_restarts_from_the_previous_policy(tiny_cache, tiny_rm, ti
     assert [r["accepted"] for r in rows] == [False, False]
     gen1 = json.loads((tmp_path / "toy_tiny" / "iter_001" / "generate" / "_DONE.json").read_text())
     assert gen1["config"]["policy"] == str(tiny_world)
+    card = (tmp_path / "toy_tiny" / "iter_001" / "handoff" / "adapter" / "README.md").read_text()
+    assert "to put on the initial policy" in card and "rejected" in card  # not iteration 0's
+    assert str(tiny_world) not in card  # no path of this machine in a card for the hub
 
 
 def test_a_moved_run_resumes_without_redoing_anything(clean_run, tiny_cache, tiny_rm, tmp_path):

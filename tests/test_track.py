@@ -1,6 +1,7 @@
 """Experiment trackers: every backend resumes the same tracker run and logs a step once;
-an iteration's row and samples table are logged once; what the trackers get is read back
-(TensorBoard event files, trackio's store, W&B's offline run folders)."""
+an iteration's row and samples table are logged once; a redone update is logged anew and a
+tracker added later is caught up; what the trackers get is read back (TensorBoard event
+files, trackio's store, W&B's offline run folders)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from .conftest import compose_cfg, tensorboard_events
 def _run(tmp_path: Path, *overrides: str):
     cfg = compose_cfg(["experiment=toy_tiny", *overrides])
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(exist_ok=True)
     (run / "config.yaml").write_text("run_name: toy_tiny\n")
     return cfg, run
 
 
 def _steps(n: int) -> list[dict]:
     return [{"step": s, "epoch": 0, "loss": 1.0 / s, "skipped": False} for s in range(1, n + 1)]
+
+
+def _loss(run: Path) -> list[tuple[int, float]]:
+    return [(s, v) for tag, s, v in tensorboard_events(run / "tensorboard") if tag == "train/loss"]
 
 
 def test_flat_keeps_numbers_joins_nesting_and_counts_booleans():
@@ -35,7 +40,7 @@ def test_flat_keeps_numbers_joins_nesting_and_counts_booleans():
 def test_no_tracker_asked_writes_nothing(tmp_path):
     cfg, run = _run(tmp_path)
     with track.Tracker(cfg, run) as tr:
-        assert tr.steps(0, 0, _steps(3)) == 0
+        assert tr.steps(0, "u", 0, _steps(3)) == 0
     assert not (run / track.STATE).exists() and not (run / "tensorboard").exists()
 
 
@@ -46,20 +51,37 @@ def test_a_resumed_run_continues_each_tracker_run_and_logs_a_step_once(tmp_path)
 
     cfg, run = _run(tmp_path, "report_to=[tensorboard,wandb,trackio]", "track.project=t1")
     with track.Tracker(cfg, run) as tr:
-        assert tr.steps(1, 10, _steps(2)) == 2
+        assert tr.steps(1, "u", 10, _steps(2)) == 2
     ident = json.loads((run / track.STATE).read_text())["id"]
     with track.Tracker(cfg, run) as tr:
-        assert tr.steps(1, 10, _steps(4)) == 2  # steps 3 and 4 only
+        assert tr.steps(1, "u", 10, _steps(4)) == 2  # steps 3 and 4 only
+    cursor = {"1": {"update": "u", "step": 4, "row": False}}
     assert json.loads((run / track.STATE).read_text()) == {
-        "id": ident, "steps": {"1": 4}, "iterations": [],
+        "id": ident, "trackers": {n: cursor for n in ("tensorboard", "wandb", "trackio")},
     }  # fmt: skip
-    loss = [(s, v) for tag, s, v in tensorboard_events(run / "tensorboard") if tag == "train/loss"]
-    assert loss == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3)), (14, 0.25)]
+    assert _loss(run) == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3)), (14, 0.25)]
     logs = SQLiteStorage.get_logs("t1", ident)
     assert [(r["step"], r["train/loss"]) for r in logs] == [(11, 1.0), (12, 0.5), (13, 1 / 3),
                                                               (14, 0.25)]  # fmt: skip
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(f"-{ident}" in p.name for p in wandb_runs)
+
+
+def test_a_redone_update_is_logged_anew_and_a_tracker_added_later_is_caught_up(tmp_path):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    cfg, run = _run(tmp_path, "report_to=[tensorboard]")
+    with track.Tracker(cfg, run) as tr:
+        tr.steps(0, "u", 0, _steps(2))
+    with track.Tracker(cfg, run) as tr:  # force=true redid the update: another config hash
+        assert tr.steps(0, "v", 0, _steps(1)) == 1
+    assert [s for s, _ in _loss(run)] == [1, 2, 1]
+    more, _ = _run(tmp_path, "report_to=[tensorboard,trackio]", "track.project=t2")
+    with track.Tracker(more, run) as tr:  # trackio joins: it gets what it missed, alone
+        assert tr.steps(0, "v", 0, _steps(2)) == 2
+    assert [s for s, _ in _loss(run)] == [1, 2, 1, 2]
+    ident = json.loads((run / track.STATE).read_text())["id"]
+    assert [r["step"] for r in SQLiteStorage.get_logs("t2", ident)] == [1, 2]
 
 
 def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
@@ -70,15 +92,15 @@ def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
     for i, n in ((0, 3), (1, 2)):
         update = paths.stage(i, "update")
         update.mkdir(parents=True)
-        (update / "_DONE.json").write_text(json.dumps({"steps": n}))
+        (update / "_DONE.json").write_text(json.dumps({"steps": n, "config_hash": f"h{i}"}))
         (update / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _steps(n)))
     with track.Tracker(cfg, run) as tr:
-        tr.steps(1, track.step_base(run, 1), _steps(1))  # logged live before a kill
+        tr.steps(1, "h1", track.step_base(run, 1), _steps(1))  # logged live before a kill
     row = {"iteration": 1, "update": "dpo", "win_rate_vs_initial": 0.75, "accepted": False,
            "seconds": {"update": 2.0}}  # fmt: skip
-    for _ in range(2):
+    for logged in (True, False):
         with track.Tracker(cfg, run) as tr:
-            tr.iteration(paths, row)
+            assert tr.iteration(paths, row) is logged
     events = tensorboard_events(run / "tensorboard")
     assert sorted(s for tag, s, _ in events if tag == "train/loss") == [4, 5]  # 3 + (1, 2)
     got = {tag: (s, v) for tag, s, v in events if tag.startswith("iteration/")}

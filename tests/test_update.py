@@ -164,3 +164,12 @@ def test_a_rule_stage_depends_only_on_the_settings_it_reads(tmp_path):
     assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config == base
     cfg.update.beta = 0.5
     assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config["update"]["beta"] == 0.5
+
+
+def test_the_stage_vocabulary_is_the_rules():
+    """The run inspector and the cards read which rules run the pair stages from
+    ``paths.PAIR_RULES`` (no torch to import); the rules' registry must agree."""
+    from iterate.paths import PAIR_RULES, PAIR_STAGES
+    from iterate.update import RULES
+
+    assert {n for n, r in RULES.items() if r.stages == PAIR_STAGES} == set(PAIR_RULES)

@@ -4,6 +4,7 @@ inside their update and need only the prompts."""
 
 from typing import NamedTuple
 
+from iterate.paths import PAIR_STAGES
 from iterate.update import dpo, ppo, raft, remax
 
 
@@ -12,7 +13,6 @@ class Rule(NamedTuple):
     stages: tuple[str, ...]  # the stages between prompts and update
 
 
-PAIR_STAGES = ("generate", "label", "pairs")
 RULES = {
     "dpo": Rule(dpo.run, PAIR_STAGES),
     "raft": Rule(raft.run, PAIR_STAGES),

@@ -22,7 +22,7 @@ import torch
 
 from iterate import faults, progress, track
 from iterate.config import Config
-from iterate.shards import Stage, write_plan
+from iterate.shards import Stage, config_hash, write_plan
 from iterate.update import dist
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
@@ -98,6 +98,7 @@ def train(
     step, skipped, last = 0, 0, {}
     tracker = track.Tracker(cfg, stage.root, enabled=dist.is_main())
     base = track.step_base(stage.root, iteration) if tracker.names else 0  # steps before these
+    update = config_hash(stage.config)  # the identity the trackers log these steps under
     with open(log_path if dist.is_main() else os.devnull, "a") as logf, tracker:
         for epoch, examples in steps:  # an on-policy source rolls out here, between steps
             model.train()
@@ -116,7 +117,7 @@ def train(
                 **metrics,
             }
             last = log_step(logf, row)
-            tracker.steps(iteration, base, [last])
+            tracker.steps(iteration, update, base, [last])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             faults.point(iteration, "update", step)
