@@ -13,14 +13,13 @@ the iteration's metrics row is complete (``report.write_cards``).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from iterate import models, progress
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import Stage, atomic_write_json
+from iterate.shards import Stage, atomic_write_json, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +60,14 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dic
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
-    out = stage.path / "policy"
-    if not out.exists():  # merged into a temporary folder, renamed into place when complete
-        tmp = stage.path / f".policy.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    update = paths.stage(i, "update")
+    if not (stage.path / "policy").exists():  # merged and saved, then renamed into place
         with timer("merge_save_s"):
-            merge(cfg, policy, paths.stage(i, "update"), tmp)
-        os.replace(tmp, out)
-    adapter = paths.stage(i, "update") / "adapter"
-    if adapter.exists() and not (stage.path / "adapter").exists():
-        tmp = stage.path / f".adapter.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(adapter, tmp, ignore=shutil.ignore_patterns("README.md"))
-        os.replace(tmp, stage.path / "adapter")
+            write_folder(stage.path / "policy", lambda tmp: merge(cfg, policy, update, tmp))
+    if (update / "adapter").exists() and not (stage.path / "adapter").exists():
+        no_card = shutil.ignore_patterns("README.md")  # peft's; ours follows with the row
+        copy = lambda tmp: shutil.copytree(update / "adapter", tmp, ignore=no_card)  # noqa: E731
+        write_folder(stage.path / "adapter", copy)
     kl = gate(cfg, evaluation)
     atomic_write_json(stage.path / "kl.json", kl)
     verb = "accepted" if kl["accepted"] else "REJECTED"

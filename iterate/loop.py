@@ -20,7 +20,7 @@ import yaml
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import DONE, Stage, atomic_write_json
+from iterate.shards import DONE, Stage, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("iterate")
 
@@ -52,8 +52,7 @@ def reward_model_path(cfg: Config, paths: Paths) -> str:
 
 
 def _done(path: Path) -> dict | None:
-    p = path / "_DONE.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    return read_json(path / DONE)
 
 
 def _comparable(cfg: Config) -> dict:
@@ -105,11 +104,7 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
     metrics = run_dir / "metrics.jsonl"
     if is_finished(cfg, paths):
-        rows = (
-            [json.loads(line) for line in metrics.read_text().splitlines()]
-            if metrics.exists()
-            else []
-        )
+        rows = read_jsonl(metrics)
         last = f"iterations 0..{cfg.iteration - 1}" if cfg.iteration else "its reward model"
         log.info("nothing to do: %s already has %s\n%s", run_dir, last, report.table(rows))
         return rows

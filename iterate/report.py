@@ -12,7 +12,8 @@ from hydra.experimental.callback import Callback
 
 from iterate.config import Config
 from iterate.paths import PAIR_RULES, STAGES, Paths
-from iterate.shards import atomic_write_bytes
+from iterate.shards import DONE, atomic_write_bytes, read_json, read_jsonl
+from iterate.validate import hub_id
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +204,6 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def hub_id(name: str | None) -> str | None:
-    """``name`` when it reads as a hub repository id (``org/model``) and is no local folder:
-    what a card's metadata may name; a local path is only described in the card's text."""
-    if not name or Path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return None
-    return name
-
-
 def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     """The YAML header the hub renders: base model, data set, tags, and a ``model-index``
     with the held-out win rate vs the initial policy (gold judge, else the reward model's)
@@ -253,7 +246,7 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     row = rows[-1]
     i, handoff = row["iteration"], paths.stage(row["iteration"], "handoff")
     # the settings this rule read, as its update stage recorded them
-    update = json.loads((paths.stage(i, "update") / "_DONE.json").read_text())["config"]
+    update = read_json(paths.stage(i, "update") / DONE)["config"]
     start = update["policy"].replace("${run}", str(paths.run))  # the adapter's base
     written = []
     for folder, library in (("policy", "transformers"), ("adapter", "peft")):
@@ -414,8 +407,7 @@ def summarize_sweep(sweep_dir: Path) -> str | None:
     files = sorted(sweep_dir.glob("*/metrics.jsonl"))
     label = short_labels([m.parent.name for m in files])
     for metrics in files:
-        for line in metrics.read_text().splitlines():
-            rows.append({"job": label[metrics.parent.name], **json.loads(line)})
+        rows += [{"job": label[metrics.parent.name], **r} for r in read_jsonl(metrics)]
     if not rows:
         return None
     text = table(rows, extra=[("job", "job", "{}")])

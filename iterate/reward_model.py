@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 from collections import Counter
@@ -31,7 +30,15 @@ from iterate.models import load_tokenizer
 from iterate.paths import Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
-from iterate.shards import DONE, TEMPORARY, DamagedStage, Stage, atomic_write_json, config_hash
+from iterate.shards import (
+    DONE,
+    TEMPORARY,
+    DamagedStage,
+    Stage,
+    atomic_write_json,
+    config_hash,
+    write_folder,
+)
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -218,10 +225,6 @@ def _fit_member(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rc.lora.enabled:
         model = model.merge_and_unload()
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     report = {
         "steps": len(rows), "heldout_accuracy": round(held["accuracy"], 4),
         "heldout_loss": round(held["loss"], 4), "offset": held["mean"],
@@ -229,9 +232,13 @@ def _fit_member(
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": trainable, "log": rows,
     }  # fmt: skip
-    atomic_write_json(tmp / "member.json", report)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "member.json", report)
+
+    write_folder(folder, save, replace=True)
     return report
 
 
@@ -329,11 +336,7 @@ def train(cfg: Config, paths: Paths) -> dict:
         done["train_pairs"], done["heldout_pairs"], done["heldout_accuracy"], done["seconds"],
     )  # fmt: skip
     if cache is not None and not cache.exists():  # for the next run with this config
-        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        _copy(stage.path, tmp)
-        if not cache.exists():  # another run may have put it there meanwhile
-            os.replace(tmp, cache)
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(cache, lambda tmp: _copy(stage.path, tmp))  # another run's is kept
     return done
 
 

@@ -6,14 +6,13 @@ sample tables read it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from iterate.paths import PAIR_RULES, PAIR_STAGES, STAGES, Paths
-from iterate.shards import DONE, PLAN, SCHEMAS, read_shards, shard_paths
+from iterate.shards import DONE, PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
 
 # the stages before iteration 0, where they are in the run folder
 BEFORE = (("reward_model", "reward_model"), ("heldout", "heldout"),
@@ -41,10 +40,6 @@ class StageState:
         return self.state
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def stage_state(folder: Path, name: str, planned: int | None = None) -> StageState:
     """A stage folder's state; ``planned`` is the number of shards it will write when the
     folder does not say (label: one per generate shard)."""
@@ -57,8 +52,7 @@ def stage_state(folder: Path, name: str, planned: int | None = None) -> StageSta
     plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}
     unit = plan.get("unit", "steps" if name == "update" else "shards")
     if unit == "steps":
-        log = folder / "train_log.jsonl"
-        k = len(log.read_text().splitlines()) if log.exists() else 0
+        k = len(read_jsonl(folder / "train_log.jsonl"))
     else:
         k = len(shard_paths(folder / SHARD_FOLDER.get(name, "")))
     return StageState(name, "partial", progress=(k, plan.get("total", planned), unit))
@@ -88,9 +82,9 @@ def expected_stages(cfg: dict) -> set[str]:
 def states(run: Path) -> dict[str, list[StageState]]:
     """``{"before": [...], "iter 0": [...], ...}``: every stage the run has or will have,
     for the iterations it has started, in the loop's order."""
-    run = Path(run)
-    expected, paths = expected_stages(config(run)), Paths(run=run, base_policy="")
-    trained = config(run)["reward"].get("train", True)  # else loaded: no reward_model/
+    run, cfg = Path(run), config(run)
+    expected, paths = expected_stages(cfg), Paths(run=run, base_policy="")
+    trained = cfg["reward"].get("train", True)  # else loaded: no reward_model/
     before = [(n, rel) for n, rel in BEFORE if trained or n != "reward_model"]
     out = {"before": [stage_state(run / rel, name) for name, rel in before]}
     for i in iterations(run):
@@ -99,15 +93,10 @@ def states(run: Path) -> dict[str, list[StageState]]:
         for name in (s for s in STAGES if s in expected | present):
             planned = None
             if name == "label":  # one label shard per generate shard
-                planned = (read_json(paths.stage(i, "generate") / DONE) or {}).get("shards")
+                planned = read_json(paths.stage(i, "generate") / DONE, {}).get("shards")
             row.append(stage_state(paths.stage(i, name), name, planned))
         out[f"iter {i}"] = row
     return out
-
-
-def metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
 
 
 def scored(run: Path, i: int, heldout: bool = False):
@@ -139,10 +128,10 @@ def extremes(df, k: int) -> list[dict]:
     if df is None or not len(df) or k <= 0:
         return []
     df = df.sort_values("reward", ascending=False, kind="stable").reset_index(drop=True)
-    top = df.head(k).assign(rank=[f"best {j + 1}" for j in range(min(k, len(df)))])
-    rest = df.iloc[len(top) :]
-    bottom = rest.tail(k).assign(rank=[f"worst {len(rest.tail(k)) - j}"
-                                       for j in range(len(rest.tail(k)))])  # fmt: skip
+    top = df.head(k)
+    top = top.assign(rank=[f"best {j + 1}" for j in range(len(top))])
+    bottom = df.iloc[len(top) :].tail(k)  # the worst last, each response once
+    bottom = bottom.assign(rank=[f"worst {len(bottom) - j}" for j in range(len(bottom))])
     cols = ["rank", "reward", *(["gold"] if df["gold"].notna().any() else []), "prompt",
             "response"]  # fmt: skip
     rows = [*top[cols].to_dict("records"), *bottom[cols].to_dict("records")]

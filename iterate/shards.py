@@ -88,6 +88,38 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     )
 
 
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content, or ``default`` when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """A JSON-lines file's objects (``metrics.jsonl``, ``train_log.jsonl``); none when the
+    file is not there."""
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def write_folder(out: Path, fill, replace: bool = False) -> Any:
+    """Make folder ``out`` whole or not at all: ``fill(tmp)`` writes it under a temporary
+    name (``TEMPORARY``: a dead writer's is cleaned by the next run), then it is renamed into
+    place. A folder already there (another writer's) is kept, unless ``replace``. Returns
+    what ``fill`` returned."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = fill(tmp)
+    if replace:
+        shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(tmp)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return result
+
+
 def write_shard(table: pa.Table, path: Path) -> None:
     """Write one Parquet shard atomically (temporary name, then ``os.replace``)."""
     path = Path(path)
@@ -127,12 +159,13 @@ def read_shards(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested keys joined by ``sep``: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, key + sep, sep))
         else:
             out[key] = v
     return out

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from iterate import report, runinfo, runlock
+from iterate.shards import read_jsonl
 
 USAGE = "usage: python -m iterate.show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
 
@@ -33,7 +34,7 @@ def _stage_line(s: runinfo.StageState) -> str:
 def status(run: Path) -> str:
     """The stage table and the metrics table of a run folder."""
     cfg = runinfo.config(run)
-    finished = runinfo.read_json(run / "_FINISHED.json")
+    finished = (run / "_FINISHED.json").exists()
     holder = runlock.holder(run)
     where = (
         f"running (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
@@ -46,7 +47,7 @@ def status(run: Path) -> str:
     for group, stages in runinfo.states(run).items():
         lines.append(f"{group}:" if group != "before" else "before iteration 0:")
         lines += [_stage_line(s) for s in stages]
-    rows = runinfo.metrics(run)
+    rows = read_jsonl(run / "metrics.jsonl")
     lines += ["", "metrics (metrics.jsonl):", report.table(rows) if rows else "  (no row yet)"]
     return "\n".join(lines)
 

@@ -22,32 +22,23 @@ whether the training loop logged it live or the iteration's end caught it up fro
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import secrets
 from pathlib import Path
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import DONE, atomic_write_json
+from iterate.shards import DONE, atomic_write_json, flatten, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
 STATE = "tracker.json"
 
 
-def flat(row: dict, prefix: str = "") -> dict[str, float]:
+def flat(row: dict) -> dict[str, float]:
     """The numbers of a row, nested keys joined by ``/`` (``seconds/update``); booleans as
     1 or 0; strings and missing values left out."""
-    out: dict[str, float] = {}
-    for k, v in row.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, bool):
-            out[prefix + k] = float(v)
-        elif isinstance(v, int | float):
-            out[prefix + k] = float(v)
-    return out
+    return {k: float(v) for k, v in flatten(row, sep="/").items() if isinstance(v, int | float)}
 
 
 class _TensorBoard:
@@ -151,8 +142,8 @@ def markdown(rows: list[dict]) -> str:
 
 def update_steps(run: Path, i: int) -> int:
     """Optimiser steps of iteration i's finished update (0 when it did not finish)."""
-    done = Paths(run=Path(run), base_policy="").stage(i, "update") / "_DONE.json"
-    return json.loads(done.read_text()).get("steps", 0) if done.exists() else 0
+    done = Paths(run=Path(run), base_policy="").stage(i, "update") / DONE
+    return read_json(done, {}).get("steps", 0)
 
 
 def step_base(run: Path, i: int) -> int:
@@ -183,12 +174,11 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         if self.names:
-            path = self.run / STATE
-            self.saved = json.loads(path.read_text()) if path.exists() else {}
+            self.saved = read_json(self.run / STATE, {})
             if "trackers" not in self.saved:  # the tracker run's identity, for the run's life
                 ident = self.saved.get("id") or f"{self.cfg.run_name}-{secrets.token_hex(4)}"
                 self.saved = {"id": ident, "trackers": {}}
-                atomic_write_json(path, self.saved)
+                atomic_write_json(self.run / STATE, self.saved)
             self.state = copy.deepcopy(self.saved)
         return self
 
@@ -247,10 +237,8 @@ class Tracker:
         from iterate import runinfo
 
         i, update = row["iteration"], paths.stage(row["iteration"], "update")
-        ident = json.loads((update / DONE).read_text())["config_hash"]
-        if (update / "train_log.jsonl").exists():
-            lines = (update / "train_log.jsonl").read_text().splitlines()
-            self.steps(i, ident, step_base(paths.run, i), [json.loads(x) for x in lines if x])
+        ident = read_json(update / DONE)["config_hash"]
+        self.steps(i, ident, step_base(paths.run, i), read_jsonl(update / "train_log.jsonl"))
         todo = [n for n in self.names if not self._cursor(n, i, ident)["row"]]
         if not todo:
             return False
@@ -266,5 +254,6 @@ class Tracker:
             self._cursor(name, i, ident)["row"] = True
             if b.flushes:
                 b.flush()
-        self._save([n for n in todo if self.open[n].flushes])
+        if flushed := [n for n in todo if self.open[n].flushes]:
+            self._save(flushed)
         return True

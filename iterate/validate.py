@@ -24,6 +24,14 @@ def _need(ok: bool, key: str, value, rule: str) -> None:
         raise BadInput(f"{key}={value!r}: {rule}")
 
 
+def hub_id(name: str | None) -> str | None:
+    """``name`` when it reads as a hub repository id (``org/name``) and is no local path;
+    else None."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")):
+        return None
+    return name if HUB_ID.match(name) else None
+
+
 def _model_folder(key: str, path: str | None, what: str) -> None:
     """A local folder with a config.json, or something shaped like a hub id."""
     if path is None:
@@ -36,7 +44,7 @@ def _model_folder(key: str, path: str | None, what: str) -> None:
                 "(save_pretrained) folder"
             )
         return
-    if p.exists() or not HUB_ID.match(path) or path.startswith((".", "/", "~")):
+    if not hub_id(path):
         raise BadInput(
             f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"
         )

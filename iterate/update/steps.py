@@ -41,10 +41,10 @@ def apply_step(opt, model, params, max_grad_norm: float, loss: float) -> tuple[b
 
 
 def log_step(logf, row: dict) -> dict:
-    """One line of train_log.jsonl, flushed so a crash keeps the log so far."""
-    logf.write(
-        json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n"
-    )
+    """One line of train_log.jsonl, flushed so a crash keeps the log so far; returns it as
+    written (floats to 6 decimals), which the trackers get too."""
+    row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+    logf.write(json.dumps(row) + "\n")
     logf.flush()
     return row
 
