@@ -6,7 +6,6 @@ changed), 1 a failure, 130 Ctrl-C. A rerun of the same command resumes after 1 a
 from __future__ import annotations
 
 import logging
-import signal
 import traceback
 from collections.abc import Callable
 
@@ -47,9 +46,7 @@ def exit_status(fn: Callable[[], object]) -> int:
         faults.stop_if_interrupted()  # a Ctrl-C swallowed after the last stage boundary
         return 0
     except KeyboardInterrupt:
-        # stopping now: another Ctrl-C (a second press, or one still on its way) would only
-        # turn this clean stop into an uncaught KeyboardInterrupt while it is reported
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        faults.ignore_interrupts()
         log.error("interrupted (Ctrl-C): the same command resumes where this stopped")
         return 130
     except BAD_INPUT as e:

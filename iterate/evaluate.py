@@ -183,8 +183,9 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
         out["reward_template_refused"] = refused
     key = lambda t: list(zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist()))  # noqa: E731
-    init_reward = dict(zip(key(init), reward["init"]))
-    both = [(r, init_reward.get(k)) for r, k in zip(scored, key(samples))]
+    new_keys, init_keys = key(samples), key(init)
+    init_reward = dict(zip(init_keys, reward["init"]))
+    both = [(r, init_reward.get(k)) for r, k in zip(scored, new_keys)]
     both = [(a, b) for a, b in both if a is not None and b is not None]
     out["proxy_win_rate"] = (
         round(win_rate([a for a, _ in both], [b for _, b in both]), 4) if both else None
@@ -192,15 +193,13 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
     if gold := gold_scorer(cfg.prompts.source):
         init_gold = {
             k: gold(p, r)
-            for k, p, r in zip(key(init), init["prompt"].to_pylist(), init["response"].to_pylist())
+            for k, p, r in zip(init_keys, init["prompt"].to_pylist(), init["response"].to_pylist())
         }
         prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
         new_gold = [gold(p, r) for p, r in zip(prompts, responses)]
         out["gold_mean"] = _mean(new_gold)
         out["initial_gold_mean"] = _mean(list(init_gold.values()))
-        out["win_rate_vs_initial"] = round(
-            win_rate(new_gold, [init_gold[k] for k in key(samples)]), 4
-        )
+        out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in new_keys]), 4)
         if out["proxy_win_rate"] is not None:
             out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
     each = {

@@ -38,6 +38,14 @@ def catch_interrupts() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+def ignore_interrupts() -> None:
+    """The run is stopping on a Ctrl-C: a further one (a second press, or one still on its
+    way) would only turn the clean stop into an uncaught KeyboardInterrupt while it is
+    reported, so SIGINT is ignored from here on (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def stop_if_interrupted() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C came and was swallowed on its way."""
     if _INTERRUPTED.is_set():

@@ -227,7 +227,7 @@ def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
             metric_type=kind,
             metric_value=value,
             metric_name=name,
-        )  # fmt: skip
+        )
         for kind, value, name in judged
         if value is not None
     ]
@@ -252,7 +252,7 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     for folder, library in (("policy", "transformers"), ("adapter", "peft")):
         if not (handoff / folder).is_dir():
             continue
-        base = paths.base_policy if folder == "policy" or i == 0 else start
+        base = paths.base_policy if folder == "policy" else start
         meta = card_metadata(cfg, row, base, library)
         text = f"---\n{meta.to_yaml()}\n---\n\n" + card_text(cfg, paths, rows, update, folder)
         atomic_write_bytes(handoff / folder / "README.md", text.encode())

@@ -99,25 +99,34 @@ def states(run: Path) -> dict[str, list[StageState]]:
     return out
 
 
-def scored(run: Path, i: int, heldout: bool = False):
-    """Iteration i's responses with their reward (and gold), a pandas DataFrame: the best-of-n
-    samples and their labels, or with ``heldout`` (or for the rules without labels) the
-    held-out samples the evaluation scored (``df.attrs["which"]`` says which). ``None``
-    when neither is on disk yet."""
-    paths = Paths(run=Path(run), base_policy="")
+def scored_source(run: Path, i: int, heldout: bool = False) -> tuple[Path, Path, str] | None:
+    """Where iteration i's scored responses are, without reading them: (samples folder,
+    their scores' folder, which), the best-of-n samples and their labels, or with
+    ``heldout`` (or for the rules without labels) the held-out samples the evaluation
+    scored. ``None`` when neither is on disk yet."""
+    it = Paths(run=Path(run), base_policy="").iteration(i)
     pick = [("evaluate/samples", "evaluate/scores", "held-out")]
     if not heldout:
         pick.insert(0, ("generate", "label", "best-of-n"))
     for gen, lab, which in pick:
-        gen_dir, lab_dir = paths.iteration(i) / gen, paths.iteration(i) / lab
-        if shard_paths(gen_dir) and shard_paths(lab_dir):
-            keys = ["prompt_id", "sample_idx"]
-            texts = read_shards(gen_dir, SCHEMAS["generate"]).to_pandas()
-            texts = texts[[*keys, "prompt", "response", "response_tokens"]]
-            df = texts.merge(read_shards(lab_dir, SCHEMAS["label"]).to_pandas(), on=keys)
-            df.attrs["which"] = which  # best-of-n or held-out
-            return df
+        if shard_paths(it / gen) and shard_paths(it / lab):
+            return it / gen, it / lab, which
     return None
+
+
+def scored(run: Path, i: int, heldout: bool = False):
+    """Iteration i's responses with their reward (and gold), a pandas DataFrame from the
+    shards ``scored_source`` names (``df.attrs["which"]`` says which); ``None`` when there
+    are none yet."""
+    if (source := scored_source(run, i, heldout)) is None:
+        return None
+    gen_dir, lab_dir, which = source
+    keys = ["prompt_id", "sample_idx"]
+    texts = read_shards(gen_dir, SCHEMAS["generate"]).to_pandas()
+    texts = texts[[*keys, "prompt", "response", "response_tokens"]]
+    df = texts.merge(read_shards(lab_dir, SCHEMAS["label"]).to_pandas(), on=keys)
+    df.attrs["which"] = which  # best-of-n or held-out
+    return df
 
 
 def extremes(df, k: int) -> list[dict]:

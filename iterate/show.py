@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         i = opts["iteration"]
         if i is None:  # the last iteration with scored responses
             have = [j for j in runinfo.iterations(run)
-                    if runinfo.scored(run, j, opts["heldout"]) is not None]  # fmt: skip
+                    if runinfo.scored_source(run, j, opts["heldout"])]  # fmt: skip
             i = have[-1] if have else 0
         print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
     return 0
