@@ -82,13 +82,12 @@ def _sample_conf(cfg: Config) -> dict:
 
 def initial(cfg: Config, paths: Paths) -> pa.Table:
     """The initial policy's held-out samples, drawn once per run (the win-rate baseline)."""
-    heldout = paths.run / "heldout"
     conf = {**_sample_conf(cfg), "policy": paths.base_policy}
-    stage = Stage(heldout / "initial_samples", "initial_samples", conf, inputs=[heldout])
+    stage = Stage(paths.initial_samples_dir, "initial_samples", conf, inputs=[paths.heldout_dir])
     if not stage.check(cfg.force):
         tok = models.load_tokenizer(paths.base_policy, cfg.model.chat_template)
         put = lambda sampler: sampler.load(paths.base_policy)  # noqa: E731
-        table, info = sample_heldout(cfg, tok, read_shards(heldout), stage.path, 0, put)
+        table, info = sample_heldout(cfg, tok, read_shards(paths.heldout_dir), stage.path, 0, put)
         stage.finish(rows_out=table.num_rows, **info, **sampling.summary(table))
     return read_shards(stage.path, SCHEMAS["generate"])
 
@@ -230,7 +229,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         "reward_chat_template": cfg.reward.chat_template,
     }
     conf.update({f"reward_{k}": v for k, v in aggregation(cfg.reward, paths.reward_model).items()})
-    heldout = paths.run / "heldout"
+    heldout = paths.heldout_dir
     stage = Stage(
         paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout]
     )

@@ -11,7 +11,6 @@ Every stage is a function of the config and the run folder; they talk through fi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from iterate.config import Config, plain
-from iterate.paths import Paths
+from iterate.paths import PAIR_RULES, PAIR_STAGES, Paths
 from iterate.shards import DONE, Stage, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("iterate")
@@ -62,23 +61,51 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
+def between(cfg: Config) -> tuple[str, ...]:
+    """The stages an iteration runs between its prompts and its update: the rule's (the pair
+    rules read best-of-n pairs), and the reward model's refresh before labelling, when
+    asked."""
+    names = PAIR_STAGES if str(cfg.update.name) in PAIR_RULES else ()
+    refresh = ("reward",) if cfg.reward.refresh.pairs else ()
+    return tuple(x for name in names for x in (refresh if name == "label" else ()) + (name,))
+
+
+def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
+    """Every stage folder a run of this config has once it made ``iterations`` iterations:
+    from the config and the rule table, not from what exists."""
+    out = [paths.reward_model_dir] if cfg.reward.train else []
+    if cfg.iteration == 0:
+        return out
+    out += [paths.heldout_dir, paths.initial_samples_dir]
+    each = ("prompts", *between(cfg), "update", "evaluate", "handoff")
+    return out + [paths.stage(i, name) for i in range(iterations) for name in each]
+
+
 def is_finished(cfg: Config, paths: Paths) -> bool:
     """True when a run with this very config already made the asked-for iterations (or
-    stopped on a rejection): ``_FINISHED.json`` is written at the end of every full run."""
-    marker = paths.run / "_FINISHED.json"
-    if not marker.exists():
+    stopped on a rejection): ``_FINISHED.json`` is written at the end of every full run; and
+    every stage such a run has is there with its files of the recorded sizes, and so are
+    what the end of a run writes (``metrics.jsonl``, its plot, the model cards), else the
+    loop goes through the stages again (skipping what is done) and rewrites them."""
+    fin = read_json(paths.run / "_FINISHED.json")
+    if fin is None:
         return False
-    fin = json.loads(marker.read_text())
     if fin["config"] != _comparable(cfg) or not (
         fin["iterations"] >= cfg.iteration or fin["stopped"]
     ):
         return False
-    for rel in fin.get("stages", []):  # each still there, its files of the recorded sizes
-        folder = paths.run / rel
+    for folder in expected_stages(cfg, paths, fin["iterations"]):
         if not (folder / DONE).exists():
-            log.warning("%s: its _DONE.json is gone: the stage runs again", folder)
+            log.warning("%s: its stage is not done (deleted?): it runs again", folder)
             return False
         Stage(folder, folder.name, {}).verify(checksums=False)
+    made = [paths.run / "metrics.jsonl"] if fin["iterations"] else []
+    made += [paths.run / "metrics.png"] if fin["iterations"] else []
+    made += [paths.stage(i, "handoff") / "policy" / "README.md" for i in range(fin["iterations"])]
+    rows = read_jsonl(paths.run / "metrics.jsonl")
+    if [p for p in made if not p.exists()] or len(rows) != fin["iterations"]:
+        log.warning("%s: metrics, plot or model cards missing: written again", paths.run)
+        return False
     return True
 
 
@@ -142,7 +169,7 @@ def _finish(cfg: Config, paths: Paths, rows: list[dict]) -> None:
         "config": _comparable(cfg),
         "iterations": len(rows),
         "stopped": len(rows) < cfg.iteration,
-        "stages": sorted(str(p.parent.relative_to(paths.run)) for p in paths.run.rglob(DONE)),
+        "stages": [str(p.relative_to(paths.run)) for p in expected_stages(cfg, paths, len(rows))],
     }
     atomic_write_json(paths.run / "_FINISHED.json", fin)
 
@@ -201,11 +228,12 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         t = time.time()
         batch = prompts.run(cfg, paths, i, policy)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
-        for name in rule.stages:  # what the rule reads besides the prompts
-            if name == "label" and cfg.reward.refresh.pairs:  # the reward model learns them
+        for name in between(cfg):  # what the rule reads besides the prompts
+            if name == "reward":  # the reward model learns the policy's samples
                 done["reward"] = _log(i, refresh.run(cfg, paths, i, rm))
                 rm = paths.reward_model = done["reward"]["reward_model"]
-            done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
+            else:
+                done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, rule.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))

@@ -25,6 +25,15 @@ class Paths:
     def reward_model_dir(self) -> Path:
         return self.run / "reward_model"
 
+    @property
+    def heldout_dir(self) -> Path:
+        return self.run / "heldout"
+
+    @property
+    def initial_samples_dir(self) -> Path:
+        """The initial policy's samples of the held-out prompts."""
+        return self.heldout_dir / "initial_samples"
+
     def iteration(self, i: int) -> Path:
         return self.run / f"iter_{i:03d}"
 

@@ -148,7 +148,7 @@ def _ids(folder: Path) -> set[str]:
 def heldout(cfg: Config, paths: Paths) -> pa.Table:
     """The held-out prompts of the run: drawn once, written to ``<run>/heldout/``, and from
     then on read from there whatever the source holds now."""
-    stage = Stage(paths.run / "heldout", "heldout", _config(cfg))
+    stage = Stage(paths.heldout_dir, "heldout", _config(cfg))
     if not stage.check(cfg.force):
         _, held, dropped, source = _pools(cfg)
         write_shard(_table(held), shard_path(stage.path, 0))
@@ -167,7 +167,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
     if not stage.check(cfg.force):
         heldout(cfg, paths)
         train, _, dropped, source = _pools(cfg)
-        used = _ids(paths.run / "heldout")
+        used = _ids(paths.heldout_dir)
         for j in range(i):
             used |= _ids(paths.stage(j, "prompts"))
         if sc.enabled:
@@ -192,7 +192,7 @@ def _slice(
             f"iterations, or add prompts to the source (the held-out set and earlier "
             f"iterations keep theirs)"
         )
-    drawn = json.loads((paths.run / "heldout" / DONE).read_text()).get("source_hash")
+    drawn = json.loads((paths.heldout_dir / DONE).read_text()).get("source_hash")
     if drawn not in (None, source["source_hash"]):
         log.info(
             "prompts: the source changed since the held-out set was drawn (now %d prompts); "
@@ -209,7 +209,7 @@ def _synthetic(
     earlier iteration's prompts."""
     from iterate import synthetic
 
-    known = [*train, *read_shards(paths.run / "heldout")["prompt"].to_pylist()]
+    known = [*train, *read_shards(paths.heldout_dir)["prompt"].to_pylist()]
     for j in range(i):
         known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
     chunk, info = synthetic.write(cfg, i, policy, train, synthetic.Known(known))

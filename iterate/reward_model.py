@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import faults, losses, preferences, progress
+from iterate import cachekey, faults, losses, preferences, progress
 from iterate.config import Config, RewardConfig, plain
 from iterate.models import load_tokenizer
 from iterate.paths import Paths
@@ -36,7 +36,6 @@ from iterate.shards import (
     DamagedStage,
     Stage,
     atomic_write_json,
-    config_hash,
     write_folder,
 )
 from iterate.toy import world
@@ -342,12 +341,14 @@ def train(cfg: Config, paths: Paths) -> dict:
 
 def cache_dir(cfg: Config, paths: Paths, stage: Stage) -> Path | None:
     """Where a toy-world reward model of this config is kept for other runs (a sweep's jobs
-    with the same seed train the same one): beside the toy world's cache, named by the
-    stage config's hash, verified (checksums) before each reuse. Only for the toy world,
-    whose pairs are a function of the config; a preference file can change under its name."""
+    with the same seed train the same one): beside the toy world's cache, named by the stage
+    config, the code that trains it and the libraries' versions (``cachekey.key``), verified
+    (checksums) before each reuse. Only for the toy world, whose pairs are a function of the
+    config; a preference file can change under its name."""
     if not cfg.reward.cache or str(cfg.reward.source) != "toy" or paths.toy is None:
         return None
-    return Path(cfg.toy.cache_dir).parent / "reward_models" / config_hash(stage.config)
+    key = cachekey.key(stage.config, __name__)
+    return Path(cfg.toy.cache_dir).parent / "reward_models" / key
 
 
 def _cached(cache: Path) -> bool:

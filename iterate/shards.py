@@ -190,15 +190,24 @@ def _input_key(folder: Path) -> str:
 
 def done_id(folder: Path) -> str | None:
     """Which output of a finished stage this is: its config hash and a hash of its files'
-    checksums, so a stage redone with the same output does not invalidate the ones after it
-    (stages finished before checksums were recorded: config hash and finish time)."""
+    checksums (``identity``), so a stage redone with the same output does not invalidate the
+    ones after it. Stages recorded by earlier versions: the hash of their files' sizes and
+    checksums, or, before checksums were recorded, their finish time."""
     p = Path(folder) / DONE
     if not p.exists():
         return None
     d = json.loads(p.read_text())
+    if "identity" in d:
+        return d["identity"]
     if "files" in d:
         return f"{d['config_hash']}:{config_hash(d['files'])}"
     return f"{d['config_hash']}@{d['finished_unix']}"
+
+
+def identity(config: dict, files: dict[str, dict]) -> str:
+    """A stage's identity from content only: its config and its files' checksums (canonical
+    ones, see ``CANONICAL``; not their sizes, which a canonical file's bytes need not keep)."""
+    return f"{config_hash(config)}:{config_hash({k: v['sha256'] for k, v in files.items()})}"
 
 
 PLAN = "_PLAN.json"  # how much a stage set out to write: the run inspector's "k of n"
@@ -207,9 +216,39 @@ NOT_OUTPUT = (DONE, "_CONFIG.json", "launch.json", PLAN, "README.md")
 FULL_HASH_BYTES = 64 << 20  # larger files (model weights) are hashed by their ends and size
 
 
-def file_sum(path: Path) -> str:
+def _peft_config(data: bytes) -> bytes:
+    """peft writes each set-valued setting (``target_modules``, ``modules_to_save``, ...) as
+    ``list(a_set)``, in an order that follows Python's hash seed; every list of names in an
+    adapter config is such a set, so the canonical form sorts them (and the keys). It leaves
+    out ``base_model_name_or_path``, the folder the base was in when the adapter was saved
+    (the stage's config names the policy; the run may have moved since)."""
+    obj = json.loads(data)
+    obj = {
+        k: sorted(v) if _names(v) else v for k, v in obj.items() if k != "base_model_name_or_path"
+    }
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+# Files whose bytes can vary while their meaning does not, by name: the checksum of a stage
+# output (and so the stage's identity for the stages after it) is taken over this canonical
+# form, so an identical redo under another hash seed invalidates nothing.
+CANONICAL = {"adapter_config.json": _peft_config}
+
+
+def file_sum(path: Path, canonical: bool = True) -> str:
     """SHA-256 of the file, or, above ``FULL_HASH_BYTES``, of its size and first and last MiB
-    (a 7B policy is hashed in milliseconds; a truncated or swapped file still shows)."""
+    (a 7B policy is hashed in milliseconds; a truncated or swapped file still shows); of its
+    canonical form for the files named in ``CANONICAL``."""
+    path = Path(path)
+    if canonical and path.name in CANONICAL:
+        try:
+            return hashlib.sha256(CANONICAL[path.name](path.read_bytes())).hexdigest()
+        except ValueError:  # not the JSON it should be: its bytes, so a damaged file shows
+            pass
     h, size = hashlib.sha256(), path.stat().st_size
     with open(path, "rb") as f:
         if size <= FULL_HASH_BYTES:
@@ -266,6 +305,20 @@ def portable(obj: Any, root: Path | None) -> Any:
     return obj
 
 
+def resolve(obj: Any, root: Path | None) -> Any:
+    """The inverse of ``portable``: ``${run}/...`` written as a path inside ``root``, where
+    the run is now."""
+    if root is None:
+        return obj
+    if isinstance(obj, dict):
+        return {k: resolve(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resolve(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == RUN or obj.startswith(RUN + "/")):
+        return str(root) + obj[len(RUN) :]
+    return obj
+
+
 class Stage:
     """A stage's folder: ``<run>/iter_000/generate/`` or ``<run>/reward_model/``."""
 
@@ -287,7 +340,12 @@ class Stage:
         return self.done_path.exists()
 
     def read_done(self) -> dict:
-        return json.loads(self.done_path.read_text())
+        """``_DONE.json``; paths inside the run in what the stage reports (a refreshed reward
+        model) as they are now (the record keeps them as ``${run}/...``: a run can move)."""
+        done = json.loads(self.done_path.read_text())
+        return {
+            k: v if k in ("config", "files") else resolve(v, self.root) for k, v in done.items()
+        }
 
     def check(self, force: bool = False) -> bool:
         """True when the stage is finished with this config (skip it).
@@ -342,7 +400,11 @@ class Stage:
                 problem = "is missing"
             elif p.stat().st_size != want["bytes"]:
                 problem = f"has {p.stat().st_size} bytes, {want['bytes']} were written"
-            elif checksums and file_sum(p) != want["sha256"]:
+            elif (
+                checksums
+                and file_sum(p) != want["sha256"]
+                and (p.name not in CANONICAL or file_sum(p, False) != want["sha256"])
+            ):  # (the raw bytes' checksum: a stage recorded before CANONICAL named the file)
                 problem = "differs from what was written (checksum)"
             if problem:
                 raise DamagedStage(
@@ -354,15 +416,17 @@ class Stage:
         """Write ``_DONE.json`` last: config, its hash, wall time, what the stage reports
         and the bytes and checksum of every file it wrote."""
         faults.stop_if_interrupted()  # interrupted work is not finished work
+        files = output_files(self.path)
         done = {
             "stage": self.name,
             "config_hash": config_hash(self.config),
+            "identity": identity(self.config, files),
             "config": self.config,
-            "files": output_files(self.path),
+            "files": files,
             "seconds": round(time.time() - self.t0, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "finished_unix": f"{time.time():.6f}",
-            **info,
+            **portable(info, self.root),
         }
         atomic_write_json(self.done_path, done)
-        return done
+        return self.read_done()

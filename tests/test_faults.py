@@ -130,6 +130,28 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, caplog):
         pass
 
 
+def test_a_lock_file_deleted_under_a_live_run_does_not_let_a_second_writer_in(tmp_path, caplog):
+    """The folder is what is locked: deleting ``.lock`` under a live holder (another
+    process) does not sidestep it."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from iterate.runlock import RunLock\n"
+         f"with RunLock({str(run)!r}):\n print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / ".lock").unlink()
+        status, said = _status(compose_cfg(TINY, tmp_path), run, caplog)
+        assert status == 2 and "in use by another process" in said, said
+        assert not (run / "config.yaml").exists(), "the second writer wrote nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run):  # its holder gone, the folder is free
+        pass
+
+
 def test_a_dead_holders_lock_is_taken_over_and_its_temporaries_cleaned(tmp_path, caplog):
     run = tmp_path / "run"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

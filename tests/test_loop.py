@@ -452,6 +452,56 @@ def test_a_deleted_done_file_is_not_hidden_by_nothing_to_do(
     ), "the same pairs again: the update stands"
 
 
+def _finished_here(clean_run: Path, runs: Path) -> Path:
+    """A copy of the clean run in ``runs``, recorded as finished there (so a rerun with
+    ``runs_dir`` = ``runs`` is one of the very config that finished it)."""
+    run = runs / "toy_tiny"
+    shutil.copytree(clean_run, run)
+    fin = json.loads((run / "_FINISHED.json").read_text())
+    fin["config"]["runs_dir"] = str(runs)
+    (run / "_FINISHED.json").write_text(json.dumps(fin))
+    return run
+
+
+def test_a_stage_folder_deleted_while_the_run_went_on_is_redone(
+    clean_run, tiny_cache, tiny_rm, tmp_path
+):
+    """The finished-run check knows the stages from the config, not from what was there at
+    the end: a folder deleted before the end (so not listed) is still missed and redone."""
+    run = _finished_here(clean_run, tmp_path)
+    shutil.rmtree(run / "iter_000" / "generate")
+    fin = json.loads((run / "_FINISHED.json").read_text())
+    fin["stages"] = [s for s in fin["stages"] if s != "iter_000/generate"]  # as it was listed
+    (run / "_FINISHED.json").write_text(json.dumps(fin))
+    out = cli(_args(tiny_cache, tiny_rm, tmp_path, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to do" not in out.stdout + out.stderr
+    assert _rows(run / "iter_000" / "generate" / "shard_00000.parquet") == _rows(
+        clean_run / "iter_000" / "generate" / "shard_00000.parquet"
+    )
+    after, clean = _done_files(run), _done_files(clean_run)
+    assert {k for k in clean if clean[k] != after[k]} == {"iter_000/generate/_DONE.json"}
+
+
+def test_deleted_metrics_plot_and_card_of_a_finished_run_are_written_again(
+    clean_run, tiny_cache, tiny_rm, tmp_path
+):
+    run = _finished_here(clean_run, tmp_path)
+    card = run / "iter_001" / "handoff" / "policy" / "README.md"
+    for made in (run / "metrics.jsonl", run / "metrics.png", card):
+        made.unlink()
+    out = cli(_args(tiny_cache, tiny_rm, tmp_path, "iteration=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to do" not in out.stdout + out.stderr
+    assert (run / "metrics.png").exists() and card.read_text() == (
+        clean_run / card.relative_to(run)
+    ).read_text()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    clean = [json.loads(x) for x in (clean_run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == clean, "the same rows, from the same stages"
+    assert _done_files(run) == _done_files(clean_run), "no stage redone"
+
+
 def test_changed_config_is_refused_naming_the_key(clean_run, tiny_cache, tiny_rm):
     out = cli(_args(tiny_cache, tiny_rm, clean_run.parent, "iteration=2", "update.beta=0.5"))
     assert out.returncode != 0

@@ -9,10 +9,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import loop, synthetic
+from iterate import synthetic
 from iterate.toy import world
 
-from .conftest import compose_cfg
+from .conftest import FULL, compose_cfg
 
 
 def test_the_grammar_is_wider_than_the_instruction_set():
@@ -78,19 +78,10 @@ def test_near_duplicate_threshold():
 
 
 @pytest.mark.slow
-def test_self_instruct_iterations_end_to_end(tiny_cache, tiny_world, tmp_path):
-    where = [f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"]
-    cfg = compose_cfg(
-        [
-            "experiment=toy_tiny",
-            "prompts=self_instruct",
-            "iteration=2",
-            "reward.num_pairs=100",
-            *where,
-        ]
-    )
-    rows = loop.run(cfg, tmp_path / "toy_tiny")
-    run = tmp_path / "toy_tiny"
+def test_self_instruct_iterations_end_to_end(full_run):
+    run = full_run
+    cfg = compose_cfg(FULL)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["prompts"] for r in rows] == [16, 16]
     held = set(pq.read_table(run / "heldout" / "shard_00000.parquet")["prompt"].to_pylist())
     train, _ = world.split(cfg.toy.heldout_fraction)

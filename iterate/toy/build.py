@@ -1,6 +1,7 @@
 """Build the toy world once: tokenizer, small Llama policy, short SFT on mixed-quality data.
 
-The result is cached under ``<cache_dir>/<hash of ToyConfig>/`` and reused, so the second
+The result is cached under ``<cache_dir>/<key>/`` (``iterate.cachekey``: the ToyConfig, the
+code that builds it, the libraries' versions) and reused, so the second
 run is instant. The build is deterministic: the same config gives byte-identical tokenizer
 and weights (``world.json`` records their hashes).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import models, progress, sampling
+from iterate import cachekey, models, progress, sampling
 from iterate.config import ToyConfig
 from iterate.toy import world
 
@@ -37,12 +38,12 @@ CHAT_TEMPLATE = (
 
 
 def config_hash(cfg: ToyConfig) -> str:
-    """Hash of the config and of the world's source, so an edited recipe rebuilds."""
+    """The world's cache key: its config, the code that builds it and the libraries', so an
+    edited recipe (or training loop, or library) rebuilds."""
     d = dataclasses.asdict(cfg)
     for key in ("cache_dir", "writer_examples", "writer_epochs"):  # the writer has its own folder
         d.pop(key)
-    d["source"] = [file_hash(Path(m.__file__)) for m in (world, _this_module())]
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return cachekey.key(d, __name__)
 
 
 def world_dir(cfg: ToyConfig) -> Path:
@@ -217,12 +218,6 @@ def evaluate(
             {"prompt": i.prompt, "response": ts[0]} for i, ts in zip(chosen[:4], texts[:4])
         ],
     }
-
-
-def _this_module():
-    import sys
-
-    return sys.modules[__name__]
 
 
 def file_hash(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import models
+from iterate import cachekey, models
 from iterate.config import ToyConfig
 from iterate.synthetic import request
 from iterate.toy import build, world
@@ -41,7 +41,7 @@ def data(cfg: ToyConfig, tokenizer, examples: int = 3) -> list[tuple[list[int], 
 def ensure(cfg: ToyConfig) -> Path:
     """The prompt writer's folder, built on first use (about as long as the toy policy)."""
     policy = build.ensure(cfg)
-    recipe = build.file_hash(Path(__file__))[:6]  # an edited recipe rebuilds
+    recipe = cachekey.code_hash(__name__)[:6]  # an edited recipe rebuilds
     out = policy.with_name(
         f"{policy.name}-writer-{cfg.writer_examples}x{cfg.writer_epochs}-{recipe}"
     )

@@ -1,0 +1,96 @@
+"""A stage's identity is its content: the same under any Python hash seed, in any folder the
+run is copied to. The checksum rule for files whose bytes vary without their meaning, then a
+run with every optional stage (self-instruct prompts, an ensemble reward model, its refresh)
+copied and resumed, and redone stage by stage under another hash seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from iterate.shards import CANONICAL, DONE, Stage, done_id, file_sum
+
+from .conftest import FULL, cli, hash_seeds
+
+
+def _adapter_config(path: Path, modules: list[str], base: str, r: int = 16) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    conf = {"base_model_name_or_path": base, "r": r, "target_modules": modules}
+    (path / "adapter_config.json").write_text(json.dumps(conf, indent=2))
+    return path / "adapter_config.json"
+
+
+def test_an_adapter_config_is_summed_by_its_meaning(tmp_path):
+    assert "adapter_config.json" in CANONICAL
+    a = _adapter_config(tmp_path / "a", ["q_proj", "v_proj"], "/one/place")
+    b = _adapter_config(tmp_path / "b", ["v_proj", "q_proj"], "/another/place")
+    c = _adapter_config(tmp_path / "c", ["q_proj", "v_proj"], "/one/place", r=8)
+    assert a.read_bytes() != b.read_bytes()
+    assert file_sum(a) == file_sum(b), "set order and where the base was are not content"
+    assert file_sum(a) != file_sum(c), "a setting is"
+    assert file_sum(a, canonical=False) != file_sum(b, canonical=False)
+
+
+def test_a_stage_recorded_with_raw_checksums_still_verifies(tmp_path):
+    """A stage finished by an earlier version recorded the adapter config's raw checksum;
+    it stays valid (no run is broken by the canonical rule)."""
+    folder = tmp_path / "update"
+    stage = Stage(folder, "update", {"k": 1})
+    stage.check()
+    conf = _adapter_config(folder / "adapter", ["v_proj", "q_proj"], "/base")
+    done = stage.finish()
+    done["files"]["adapter/adapter_config.json"]["sha256"] = file_sum(conf, canonical=False)
+    (folder / DONE).write_text(json.dumps(done))
+    assert Stage(folder, "update", {"k": 1}).check()  # verified: skipped
+    conf.write_text(conf.read_text().replace('"r": 16', '"r": 32'))
+    with pytest.raises(Exception, match="adapter_config.json"):
+        Stage(folder, "update", {"k": 1}).check()
+
+
+def _done_files(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): p.read_text() for p in run.rglob(DONE)}
+
+
+def _rerun(run: Path, tiny_cache: Path, seed: str):
+    return cli([*FULL, f"runs_dir={run.parent}", f"toy.cache_dir={tiny_cache}"],
+               env={"PYTHONHASHSEED": seed})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_copied_run_with_every_optional_stage_resumes(full_run, tiny_cache, tmp_path):
+    run = tmp_path / "elsewhere" / "toy_tiny"
+    shutil.copytree(full_run, run)
+    refreshed = json.loads((run / "iter_001" / "reward" / DONE).read_text())
+    assert refreshed["steps"] and refreshed["reward_model"] == "${run}/iter_001/reward/model"
+    records = [*run.rglob(DONE), *run.rglob("_CONFIG.json"), run / "_FINISHED.json"]
+    where = [p for p in records if str(full_run) in p.read_text()]
+    assert not where, f"a path of where the run was: {where}"
+    before = _done_files(run)
+    out = _rerun(run, tiny_cache, hash_seeds()[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _done_files(run) == before, "nothing redone"
+
+
+@pytest.mark.slow
+def test_a_stage_redone_under_another_hash_seed_keeps_its_identity(full_run, tiny_cache, tmp_path):
+    """Each kind of stage that writes a model (the reward model, its refresh, the update,
+    the handoff) redone under a hash seed that orders peft's target modules otherwise: the
+    same identities, so nothing after them is refused or redone."""
+    run = tmp_path / "toy_tiny"
+    shutil.copytree(full_run, run)
+    redo = ["reward_model", "iter_000/reward", "iter_000/update", "iter_000/handoff"]
+    ids = {rel: done_id(run / rel) for rel in redo}
+    adapter = "iter_000/update/adapter/adapter_config.json"
+    before = (run / adapter).read_bytes()
+    for rel in redo:
+        shutil.rmtree(run / rel)
+    kept = _done_files(run)
+    out = _rerun(run, tiny_cache, hash_seeds()[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / adapter).read_bytes() != before, "the hash seed changed the file's bytes"
+    assert {rel: done_id(run / rel) for rel in redo} == ids
+    after = _done_files(run)
+    assert {k: after[k] for k in kept} == kept, "the stages after them stand"
