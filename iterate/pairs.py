@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
+from iterate.rules import rule
 from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_shard
 
 
@@ -66,7 +67,7 @@ def select(
 def _config(cfg: Config) -> dict:
     return {
         "pairs": plain(cfg.pairs),
-        "mode": "best" if cfg.update.name == "raft" else "pairs",
+        "mode": "best" if rule(cfg.update.name).keep == "best" else "pairs",
         "seed": cfg.seed,
     }
 
@@ -78,18 +79,18 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
     gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
     lab = read_shards(paths.stage(i, "label"), SCHEMAS["label"]).to_pandas()
     df = gen.merge(lab, on=["prompt_id", "sample_idx"], how="left")
-    pc, raft = cfg.pairs, cfg.update.name == "raft"
+    pc, best_only = cfg.pairs, rule(cfg.update.name).keep == "best"
     df["score"] = df["reward"] - pc.length_penalty * df["response_tokens"]
     out, dropped = [], Counter()
     for pid, g in df.groupby("prompt_id", sort=False):
         g = g.sort_values("sample_idx")
         scores = [None if pd.isna(s) else float(s) for s in g["score"]]
         rng = random.Random(f"{cfg.seed}:{i}:{pid}")
-        pick = best(scores) if raft else select(scores, str(pc.rule), rng, pc.min_margin)
+        pick = best(scores) if best_only else select(scores, str(pc.rule), rng, pc.min_margin)
         if isinstance(pick, str):
             dropped[pick] += 1
             continue
-        c, r = (pick, None) if raft else pick
+        c, r = (pick, None) if best_only else pick
         rows = g.to_dict("records")
         out.append(
             {

@@ -6,12 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The stage vocabulary, in the loop's order (``loop.iterate`` runs them; the report, the run
-# inspector and the benchmarks name them). The pair rules read best-of-n pairs, so they run
-# the pair stages (and the reward model's refresh, when asked); the on-policy rules roll out
-# inside their update.
+# inspector and the benchmarks name them). Which of them a rule reads: ``iterate.rules``.
 STAGES = ("prompts", "generate", "reward", "label", "pairs", "update", "evaluate", "handoff")
-PAIR_STAGES = ("generate", "label", "pairs")
-PAIR_RULES = ("dpo", "raft")
 
 
 @dataclass

@@ -11,7 +11,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from iterate.config import Config
-from iterate.paths import PAIR_RULES, STAGES, Paths
+from iterate.paths import STAGES, Paths
+from iterate.rules import rule
 from iterate.shards import DONE, atomic_write_bytes, read_json, read_jsonl
 from iterate.validate import hub_id
 
@@ -277,12 +278,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
     lora = update["update"].get("lora", {})
     how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
            if lora.get("enabled") else "full fine-tuning")  # fmt: skip
-    if uc.name in PAIR_RULES:
-        samples = f"best-of-{gc.n} samples, pairs by `{cfg.pairs.rule}`"
-    else:
-        samples = "one rollout per prompt and step" + (
-            ", and a greedy one" if uc.name == "remax" else ""
-        )
+    samples = rule(uc.name).samples.format(n=gc.n, pairs=cfg.pairs.rule)
     source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
     refresh = cfg.reward.refresh
     start = which_policy(update["policy"], paths)  # after a rejection: not always i - 1's
@@ -303,7 +299,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         f"- **Reward model:** {cfg.reward.name}"
         + (
             f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
-            if refresh.pairs and uc.name in PAIR_RULES
+            if refresh.pairs and not rule(uc.name).on_policy
             else ""
         ),  # fmt: skip
         f"- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}"

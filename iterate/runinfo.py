@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from iterate.paths import PAIR_RULES, PAIR_STAGES, STAGES, Paths
+from iterate.paths import STAGES, Paths
+from iterate.rules import between
 from iterate.shards import DONE, PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
 
 # the stages before iteration 0, where they are in the run folder
@@ -72,11 +73,8 @@ def config(run: Path) -> dict:
 
 def expected_stages(cfg: dict) -> set[str]:
     """The stages an iteration of this config runs (the loop's)."""
-    pair_rule = cfg["update"]["name"] in PAIR_RULES
-    skip = set() if pair_rule else set(PAIR_STAGES)
-    if not (pair_rule and cfg["reward"].get("refresh", {}).get("pairs")):
-        skip.add("reward")
-    return set(STAGES) - skip
+    refresh = bool(cfg["reward"].get("refresh", {}).get("pairs"))
+    return {"prompts", *between(cfg["update"]["name"], refresh), "update", "evaluate", "handoff"}
 
 
 def states(run: Path) -> dict[str, list[StageState]]:

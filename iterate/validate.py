@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from iterate.config import Config
-from iterate.paths import PAIR_RULES
+from iterate.rules import rule
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
@@ -121,11 +121,11 @@ def _get(cfg: Config, key: str):
 
 def check(cfg: Config) -> None:
     """Raise ``BadInput`` for the first bad setting found."""
-    for key, (ok, rule) in RANGES.items():
+    for key, (ok, says) in RANGES.items():
         value = _get(cfg, key)
-        _need(ok(value), key, value, rule)
+        _need(ok(value), key, value, says)
     uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
-    if str(uc.name) in PAIR_RULES:
+    if not rule(uc.name).on_policy:
         _need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
         )
@@ -172,7 +172,7 @@ def _refresh(cfg: Config) -> None:
     fc = cfg.reward.refresh
     if not fc.pairs:
         return
-    if str(cfg.update.name) not in PAIR_RULES:
+    if rule(cfg.update.name).on_policy:
         raise BadInput(
             f"reward.refresh.pairs={fc.pairs}: the refresh learns from best-of-n samples, which "
             f"update={cfg.update.name} does not draw (its rollouts are inside its update)"

@@ -18,6 +18,19 @@ CONF = ROOT / "conf"
 
 register()
 
+# A test that builds or loads a model (the tiny world, the recipes' miniatures), trains, or
+# starts an engine is `slow`; the fast tier (make test-fast) runs the others. A test that
+# asks for one of these fixtures, directly or through another, is marked here; tests that
+# make their models themselves carry the mark in their module.
+MODEL_FIXTURES = {"tiny_world", "minis"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # trackers stay on this machine: W&B offline (files under the run), trackio in a temporary
 # folder (it reads TRACKIO_DIR once, when first imported)
 os.environ.setdefault("WANDB_MODE", "offline")

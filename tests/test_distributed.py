@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from iterate import models
 from iterate.paths import Paths
+from iterate.rules import rule
 from iterate.shards import SCHEMAS, Stage, shard_path, write_shard
-from iterate.update import RULES, dist
+from iterate.update import dist
 
 from .conftest import TINY, compose_cfg
 
@@ -54,7 +55,7 @@ def _update(tiny_cfg, tiny_world, tmp_path, name: str, overrides: dict) -> tuple
     run = tmp_path / name
     _pairs_stage(run, models.load_tokenizer(str(tiny_world)))
     paths = Paths(run=run, base_policy=str(tiny_world))
-    done = RULES[str(cfg.update.name)].run(cfg, paths, 0, str(tiny_world), str(tiny_world))
+    done = rule(cfg.update.name).run(cfg, paths, 0, str(tiny_world), str(tiny_world))
     return done, load_file(run / "iter_000" / "update" / "adapter" / "adapter_model.safetensors")
 
 
@@ -82,7 +83,7 @@ def test_two_processes_make_the_adapter_of_one(tiny_cfg, tiny_world, tmp_path, r
 def test_on_policy_rules_refuse_several_processes(tiny_cfg, tiny_world, tmp_path):
     tiny_cfg.update = compose_cfg(["update=ppo", "update.num_processes=2"]).update
     with pytest.raises(ValueError, match="num_processes"):
-        RULES["ppo"].run(tiny_cfg, Paths(tmp_path, str(tiny_world)), 0, "x", "x")
+        rule("ppo").run(tiny_cfg, Paths(tmp_path, str(tiny_world)), 0, "x", "x")
 
 
 @pytest.mark.parametrize("strategy", dist.STRATEGIES)

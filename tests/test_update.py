@@ -159,17 +159,37 @@ def test_a_rule_stage_depends_only_on_the_settings_it_reads(tmp_path):
 
     paths = Paths(run=tmp_path, base_policy="p")
     cfg = compose_cfg(["update=dpo"])
-    base = stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config
+    base = stage_for(cfg, paths, 0, "p", "p").config
     cfg.update.clip_range = 0.5  # a PPO knob: DPO's finished stages stay valid
-    assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config == base
+    assert stage_for(cfg, paths, 0, "p", "p").config == base
     cfg.update.beta = 0.5
-    assert stage_for(cfg, paths, 0, "p", "p", dpo.KEYS).config["update"]["beta"] == 0.5
+    assert stage_for(cfg, paths, 0, "p", "p").config["update"]["beta"] == 0.5
 
 
-def test_the_stage_vocabulary_is_the_rules():
-    """The run inspector and the cards read which rules run the pair stages from
-    ``paths.PAIR_RULES`` (no torch to import); the rules' registry must agree."""
-    from iterate.paths import PAIR_RULES, PAIR_STAGES
-    from iterate.update import RULES
+def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
+    """The loop, the validation, the report and the inspector read the table without
+    importing a rule's code; every configurable rule has a row, each row a module with a
+    ``run``, and every update setting is read by some rule (or by all)."""
+    import dataclasses
+    import subprocess
+    import sys
 
-    assert {n for n, r in RULES.items() if r.stages == PAIR_STAGES} == set(PAIR_RULES)
+    from iterate import rules
+    from iterate.config import UpdateConfig, UpdateRule
+    from iterate.update.common import SHARED_KEYS
+
+    code = (
+        "import sys, iterate.rules, iterate.loop, iterate.validate; print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"  # fmt: skip
+    assert set(rules.RULES) == {str(r) for r in UpdateRule}
+    for r in rules.RULES.values():
+        assert callable(__import__(f"iterate.update.{r.module}", fromlist=["run"]).run)
+        assert (r.keep is None) == r.on_policy and "{" not in r.samples.format(n=8, pairs="x")
+    read = {k for r in rules.RULES.values() for k in r.keys} | set(SHARED_KEYS)
+    settings = {f.name for f in dataclasses.fields(UpdateConfig)}
+    assert {k for r in rules.RULES.values() for k in r.keys} <= settings, "no unknown key"
+    assert settings - read <= {"num_processes", "strategy"}, "how it runs, not what it makes"
+    assert rules.between("dpo", True) == ("generate", "reward", "label", "pairs")
+    assert rules.between("ppo", False) == ()

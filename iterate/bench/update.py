@@ -118,7 +118,7 @@ def rl_stage(spec: dict) -> dict:
     """A real PPO or ReMax update stage on a mini run folder (prompts stage + update stage)."""
     from iterate import prompts
     from iterate.paths import Paths
-    from iterate.update import RULES
+    from iterate.rules import rule
 
     base = bm.rss_mb()
     n = spec["prompts"]
@@ -141,7 +141,7 @@ def rl_stage(spec: dict) -> dict:
     )
     prompts.run(cfg, paths, 0)
     t = time.perf_counter()
-    done = RULES[spec["rule"]].run(cfg, paths, 0, spec["model"], spec["model"])
+    done = rule(spec["rule"]).run(cfg, paths, 0, spec["model"], spec["model"])
     return {
         "rule": spec["rule"],
         "seconds": time.perf_counter() - t,

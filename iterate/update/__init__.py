@@ -1,21 +1,3 @@
-"""Update rules: one module each; this dict is the only registry. Each rule names the
-stages it needs before it: the pair rules read best-of-n pairs; PPO and ReMax roll out
-inside their update and need only the prompts."""
-
-from typing import NamedTuple
-
-from iterate.paths import PAIR_STAGES
-from iterate.update import dpo, ppo, raft, remax
-
-
-class Rule(NamedTuple):
-    run: object  # run(cfg, paths, i, policy, reference) -> the update stage's _DONE info
-    stages: tuple[str, ...]  # the stages between prompts and update
-
-
-RULES = {
-    "dpo": Rule(dpo.run, PAIR_STAGES),
-    "raft": Rule(raft.run, PAIR_STAGES),
-    "ppo": Rule(ppo.run, ()),
-    "remax": Rule(remax.run, ()),
-}
+"""Update rules: one module each (``run(cfg, paths, i, policy, reference)``), the one
+training loop (``steps``) and what the rules share (``common``, ``rl``). What a rule is (its
+stages, settings, card words) is its row in ``iterate.rules``."""

@@ -17,6 +17,7 @@ import torch
 from iterate import models, progress, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
+from iterate.rules import rule
 from iterate.shards import SCHEMAS, Stage, read_shards
 from iterate.update import dist
 from iterate.update.steps import LossFn, Step, len_params, train, trainable
@@ -35,8 +36,9 @@ class Example:
     )  # on-policy rules: score, per-token tensors
 
 
-# The update settings every rule reads (the training loop's); each rule names its own on top
-# (``keys``), so a knob added for one rule does not invalidate finished runs of the others.
+# The update settings every rule reads (the training loop's); each rule's row in
+# ``iterate.rules`` names its own on top, so a knob added for one rule does not invalidate
+# finished runs of the others.
 SHARED_KEYS = (
     "name",
     "lr",
@@ -55,13 +57,13 @@ def stage_for(
     i: int,
     policy: str,
     reference: str,
-    keys: tuple[str, ...] = (),
     inputs: tuple[str, ...] = ("pairs",),
     extra: dict | None = None,
 ) -> Stage:
     """The update stage of iteration i; its identity is the settings the rule reads, the
     policy and reference, and the stages named in ``inputs``."""
-    update = {k: v for k, v in plain(cfg.update).items() if k in SHARED_KEYS or k in keys}
+    keys = (*SHARED_KEYS, *rule(cfg.update.name).keys)
+    update = {k: v for k, v in plain(cfg.update).items() if k in keys}
     conf = {
         "update": update,
         "policy": policy,
@@ -205,10 +207,9 @@ def run_rule(
     reference: str,
     loss_fn: LossFn,
     needs_ref: bool,
-    keys: tuple[str, ...] = (),
 ) -> dict:
     """A pair rule's update stage (DPO, RAFT): the pairs, the policy, the one loop."""
-    stage = stage_for(cfg, paths, i, policy, reference, keys)
+    stage = stage_for(cfg, paths, i, policy, reference)
     if dist.world() == 1:  # the loop's process: skip a finished stage, or launch the ranks
         if stage.check(cfg.force):
             return stage.read_done()

@@ -9,13 +9,6 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.update.common import Example, logps, run_rule
 
-KEYS = (
-    "loss",
-    "beta",
-    "label_smoothing",
-    "nll_coef",
-)  # the update settings DPO reads beyond the shared ones
-
 
 def loss_fn(cfg: Config):
     uc = cfg.update
@@ -40,4 +33,4 @@ def loss_fn(cfg: Config):
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return run_rule(cfg, paths, i, policy, reference, loss_fn(cfg), needs_ref=True, keys=KEYS)
+    return run_rule(cfg, paths, i, policy, reference, loss_fn(cfg), needs_ref=True)

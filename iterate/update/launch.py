@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from iterate import engine, models, progress, workers
 from iterate.config import to_dataclass
 from iterate.paths import Paths
-from iterate.update import RULES, dist
+from iterate.rules import rule
+from iterate.update import dist
 
 
 def main(spec_path: str) -> None:
@@ -36,8 +37,7 @@ def main(spec_path: str) -> None:
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING)
     if not acc.is_main_process:
         progress.disable()
-    rule = RULES[str(cfg.update.name)]
-    rule.run(cfg, paths, spec["iteration"], spec["policy"], spec["reference"])
+    rule(cfg.update.name).run(cfg, paths, spec["iteration"], spec["policy"], spec["reference"])
     dist.barrier()
 
 

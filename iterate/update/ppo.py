@@ -23,25 +23,6 @@ from iterate.paths import Paths
 from iterate.update import rl
 from iterate.update.common import Example
 
-KEYS = (
-    "kl_coef",
-    "kl_estimator",
-    "reward_clip",
-    "loss_agg",
-    "ppo_epochs",
-    "clip_range",
-    "value_clip",
-    "vf_coef",
-    "gamma",
-    "lam",
-    "adaptive_kl",
-    "target_kl",
-    "kl_horizon",
-    "value_head",
-    "value_layers",
-    "sync_every",
-)
-
 
 def new_head(cfg: Config, model) -> torch.nn.Module:
     hidden = model.config.hidden_size
@@ -137,7 +118,7 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     }
 
 
-RULE = rl.Rule(KEYS, prepare, loss, passes=lambda cfg: cfg.update.ppo_epochs, new_head=new_head)
+ON_POLICY = rl.OnPolicy(prepare, loss, passes=lambda cfg: cfg.update.ppo_epochs, new_head=new_head)
 
 
 def previous_head(paths: Paths, i: int, policy: str) -> str | None:
@@ -151,5 +132,5 @@ def previous_head(paths: Paths, i: int, policy: str) -> str | None:
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     return rl.run_on_policy(
-        cfg, paths, i, policy, reference, RULE, head_init=previous_head(paths, i, policy)
+        cfg, paths, i, policy, reference, ON_POLICY, head_init=previous_head(paths, i, policy)
     )

@@ -16,14 +16,6 @@ from iterate.paths import Paths
 from iterate.update import rl
 from iterate.update.common import Example
 
-KEYS = (
-    "kl_coef",
-    "kl_estimator",
-    "reward_clip",
-    "loss_agg",
-    "sync_every",
-)  # beyond the shared ones
-
 
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     """The sampled and the greedy rollout, the advantage, and the reference's log-probs."""
@@ -64,8 +56,8 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     }
 
 
-RULE = rl.Rule(KEYS, prepare, loss)
+ON_POLICY = rl.OnPolicy(prepare, loss)
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    return rl.run_on_policy(cfg, paths, i, policy, reference, RULE)
+    return rl.run_on_policy(cfg, paths, i, policy, reference, ON_POLICY)

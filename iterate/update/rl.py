@@ -112,14 +112,13 @@ Prompts = list[tuple[str, list[int]]]
 
 
 @dataclass(frozen=True)
-class Rule:
-    """An on-policy update rule: the settings it reads beyond the shared ones (``keys``), how
+class OnPolicy:
+    """What an on-policy update rule adds to the shared rollout loop: how
     it turns a step's prompts into examples (``prepare(ctx, prompts, seed)``: rollouts and
     everything computed from them without gradients), its loss on a micro-batch
     (``loss(ctx, model, examples) -> (per-example losses, metrics)``), the optimiser steps per
     rollout (``passes``), and PPO's value head (``new_head(cfg, model)``)."""
 
-    keys: tuple[str, ...]
     prepare: Callable[[Context, Prompts, int], list[Example]]
     loss: Callable
     passes: Callable[[Config], int] = lambda cfg: 1
@@ -168,7 +167,7 @@ def run_on_policy(
     i: int,
     policy: str,
     reference: str,
-    rule: Rule,
+    rule: OnPolicy,
     head_init: str | None = None,
 ) -> dict:
     """An on-policy rule's update stage; ``head_init``: a saved value head to start from."""
@@ -184,7 +183,7 @@ def run_on_policy(
         "value_head_init": head_init,
     }
     stage = common.stage_for(
-        cfg, paths, i, policy, reference, rule.keys, inputs=("prompts",), extra={"rollout": rollout}
+        cfg, paths, i, policy, reference, inputs=("prompts",), extra={"rollout": rollout}
     )
     if stage.check(cfg.force):
         return stage.read_done()

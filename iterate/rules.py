@@ -1,0 +1,76 @@
+"""The update rules' table: the one place that says what a rule is. Torch-free, so the loop,
+the validation, the report and the run inspector read it without importing a rule's code.
+
+A row names the rule's module (``run(cfg, paths, i, policy, reference)`` -> the update
+stage's ``_DONE`` info), the stages it reads between the prompts and its update, the update
+settings it reads beyond the shared ones (its stage's identity: a knob added for one rule
+does not invalidate finished runs of the others), what its pairs stage keeps, and what its
+model card says of its samples. Adding a rule: one module in ``iterate/update/``, its
+settings in ``UpdateConfig``, one YAML in ``conf/update/`` and one row here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+# the stages between prompts and update of the rules that learn from best-of-n samples
+PAIR_STAGES = ("generate", "label", "pairs")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    module: str  # iterate.update.<module>: its run(...)
+    stages: tuple[str, ...] = ()  # () for the on-policy rules: they sample inside the update
+    keys: tuple[str, ...] = ()  # the update settings it reads beyond the shared ones
+    keep: str | None = None  # pair rules: "pair" (chosen and rejected) or "best" (one)
+    samples: str = ""  # the model card's words for its samples ({n}, {pairs} filled in)
+
+    @property
+    def on_policy(self) -> bool:
+        """It samples from the policy under training inside its update."""
+        return not self.stages
+
+    def run(self, *args, **kwargs) -> dict:
+        return importlib.import_module(f"iterate.update.{self.module}").run(*args, **kwargs)
+
+
+RL_KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # PPO's and ReMax's
+
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in (
+        Rule(
+            "dpo", "dpo", PAIR_STAGES, keys=("loss", "beta", "label_smoothing", "nll_coef"),
+            keep="pair", samples="best-of-{n} samples, pairs by `{pairs}`",
+        ),
+        Rule(
+            "raft", "raft", PAIR_STAGES, keep="best",
+            samples="best-of-{n} samples, the best response of each prompt",
+        ),
+        Rule(
+            "ppo", "ppo",
+            keys=(*RL_KEYS, "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma", "lam",
+                  "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers",
+                  "sync_every"),
+            samples="one rollout per prompt and step",
+        ),
+        Rule(
+            "remax", "remax", keys=(*RL_KEYS, "sync_every"),
+            samples="one rollout per prompt and step, and a greedy one",
+        ),
+    )
+}  # fmt: skip
+
+
+def rule(name: object) -> Rule:
+    """The row of ``update.name`` (an enum member or its string)."""
+    return RULES[str(name)]
+
+
+def between(name: object, refresh: bool) -> tuple[str, ...]:
+    """The stages an iteration runs between its prompts and its update: the rule's, with the
+    reward model's refresh (``reward``) before labelling when asked."""
+    extra = ("reward",) if refresh else ()
+    return tuple(x for s in rule(name).stages for x in (extra if s == "label" else ()) + (s,))
