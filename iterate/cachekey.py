@@ -1,5 +1,6 @@
 """Cache keys that name everything that makes an artefact: its config, the source of the code
-that makes it, and the versions of the libraries that compute it.
+that makes it, and the versions of the libraries that compute it (and the CPU's instruction
+set their kernels use).
 
 The code is a module and every ``iterate`` module it imports, transitively (read from the
 source, imports inside functions included), plus the shipped chat templates. So an edited
@@ -71,7 +72,11 @@ def code_hash(*modules: str) -> str:
 
 
 def versions() -> dict[str, str | None]:
-    out = {}
+    """The libraries' versions, and the instruction set torch's CPU kernels use: an AVX2 and
+    an AVX-512 machine round differently, and a long training amplifies it."""
+    import torch
+
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for lib in LIBRARIES:
         try:
             out[lib] = metadata.version(lib)

@@ -289,7 +289,7 @@ class PairsConfig:
 
 @dataclass
 class UpdateConfig:
-    name: UpdateRule = MISSING  # the key of iterate.update.RULES
+    name: UpdateRule = MISSING  # a row of iterate.rules.RULES
     loss: DpoLoss = DpoLoss.sigmoid  # dpo only
     beta: float = 0.1
     label_smoothing: float = 0.0  # cDPO

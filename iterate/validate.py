@@ -9,7 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from iterate.config import Config
+from iterate.config import Config, plain
 from iterate.rules import rule
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
@@ -19,9 +19,9 @@ class BadInput(ValueError):
     """Input the user can fix: a setting, a path, a file's row. Exit status 2."""
 
 
-def _need(ok: bool, key: str, value, rule: str) -> None:
+def _need(ok: bool, key: str, value, says: str) -> None:
     if not ok:
-        raise BadInput(f"{key}={value!r}: {rule}")
+        raise BadInput(f"{key}={value!r}: {says}")
 
 
 def hub_id(name: str | None) -> str | None:
@@ -57,6 +57,8 @@ FINITE_POS = (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0
 UNIT = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
 BELOW_HALF = (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+UNIT_CLOSED = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+ALLOW_INF = {"handoff.max_kl"}  # inf: no KL budget
 
 RANGES = {
     "iteration": (GE0[0], "must be >= 0 (0 trains the reward model only)"),
@@ -73,6 +75,26 @@ RANGES = {
     "update.ppo_epochs": GE1,
     "update.clip_range": POS,
     "update.kl_coef": GE0,
+    "update.nll_coef": GE0,
+    "update.reward_clip": POS,
+    "update.value_clip": POS,
+    "update.vf_coef": GE0,
+    "update.gamma": UNIT_CLOSED,
+    "update.lam": UNIT_CLOSED,
+    "update.target_kl": POS,  # a divisor of the adaptive KL controller
+    "update.kl_horizon": GE1,  # a divisor too
+    "update.value_layers": GE1,
+    "update.lora.alpha": POS,
+    "pairs.length_penalty": GE0,
+    "pairs.min_margin": GE0,
+    "prompts.synthetic.examples": GE1,
+    "prompts.synthetic.candidates": GE1,
+    "prompts.synthetic.temperature": (GE0[0], "must be >= 0 (0: greedy)"),
+    "prompts.synthetic.top_p": UNIT,
+    "prompts.synthetic.max_tokens": GE1,
+    "prompts.synthetic.min_words": GE1,
+    "prompts.synthetic.max_overlap": UNIT,
+    "prompts.synthetic.max_rounds": GE1,
     "update.sync_every": GE1,
     "update.num_processes": GE1,
     "prompts.per_iteration": GE1,
@@ -119,12 +141,33 @@ def _get(cfg: Config, key: str):
     return value
 
 
+def _numbers(obj, prefix: str = ""):
+    """(key, value) of every number in the config, lists' items named ``key[i]``."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix[:-1]}[{i}].")
+    elif isinstance(obj, float):
+        yield prefix[:-1], obj
+
+
 def check(cfg: Config) -> None:
     """Raise ``BadInput`` for the first bad setting found."""
+    for key, value in _numbers(plain(cfg)):  # nan (or inf) passes every comparison's test
+        _need(not math.isnan(value), key, value, "must be a number")
+        _need(math.isfinite(value) or key in ALLOW_INF, key, value, "must be finite")
+    runs, run = Path(cfg.runs_dir).resolve(), (Path(cfg.runs_dir) / cfg.run_name).resolve()
+    _need(run != runs and run.is_relative_to(runs), "run_name", cfg.run_name,
+          "must name a folder inside runs_dir")  # fmt: skip
     for key, (ok, says) in RANGES.items():
         value = _get(cfg, key)
         _need(ok(value), key, value, says)
     uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
+    sc = pc.synthetic
+    _need(sc.max_words >= sc.min_words, "prompts.synthetic.max_words", sc.max_words,
+          f"must be >= prompts.synthetic.min_words ({sc.min_words})")  # fmt: skip
     if not rule(uc.name).on_policy:
         _need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"

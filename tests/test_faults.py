@@ -30,6 +30,18 @@ BAD = [  # (overrides, what the message must name)
     (["update.micro_batch_size=0"], "update.micro_batch_size"),
     (["update.grad_accum=0"], "update.grad_accum"),
     (["update.lr=nan"], "update.lr"),
+    (["update.nll_coef=nan"], "update.nll_coef=nan: must be a number"),  # skipped every step
+    (["update.kl_coef=inf"], "update.kl_coef=inf: must be finite"),
+    (["update.target_kl=0"], "update.target_kl"),  # divisors
+    (["update.kl_horizon=0"], "update.kl_horizon"),
+    (["update.gamma=1.5"], "update.gamma"),
+    (["update.reward_clip=0"], "update.reward_clip"),
+    (["pairs.min_margin=-1"], "pairs.min_margin"),
+    (["pairs.length_penalty=nan"], "pairs.length_penalty"),
+    (["prompts.synthetic.max_overlap=0"], "prompts.synthetic.max_overlap"),
+    (["prompts.synthetic.min_words=5", "prompts.synthetic.max_words=4"], "max_words"),
+    (["run_name=.."], "run_name='..': must name a folder inside runs_dir"),
+    (["run_name=''"], "run_name=''"),
     (["update.lr=-1e-3"], "update.lr"),
     (["update.label_smoothing=0.5"], "update.label_smoothing"),
     (["update.lora.dropout=1.0"], "update.lora.dropout"),
@@ -321,3 +333,9 @@ def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(cli.BadInput, match=f"{broken}: cannot load the model"):
         models.load_policy(str(broken))
+
+
+def test_an_unlimited_kl_budget_and_a_nested_run_name_are_accepted(tmp_path):
+    from iterate import validate
+
+    validate.check(compose_cfg([*TINY, "handoff.max_kl=inf", "run_name=group/one"], tmp_path))
