@@ -95,11 +95,11 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
             log.warning("%s: its stage is not done (deleted?): it runs again", folder)
             return False
         Stage(folder, folder.name, {}).verify(checksums=False)
-    made = [paths.run / "metrics.jsonl"] if fin["iterations"] else []
-    made += [paths.run / "metrics.png"] if fin["iterations"] else []
-    made += [paths.stage(i, "handoff") / "policy" / "README.md" for i in range(fin["iterations"])]
+    n = fin["iterations"]
+    made = [paths.run / "metrics.jsonl", paths.run / "metrics.png"] if n else []
+    made += [paths.stage(i, "handoff") / "policy" / "README.md" for i in range(n)]
     rows = read_jsonl(paths.run / "metrics.jsonl")
-    if [p for p in made if not p.exists()] or len(rows) != fin["iterations"]:
+    if not all(p.exists() for p in made) or len(rows) != n:
         log.warning("%s: metrics, plot or model cards missing: written again", paths.run)
         return False
     return True

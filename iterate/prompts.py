@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import DONE, Stage, read_shards, shard_path, write_shard
+from iterate.shards import DONE, Stage, read_json, read_shards, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _slice(
             f"iterations, or add prompts to the source (the held-out set and earlier "
             f"iterations keep theirs)"
         )
-    drawn = json.loads((paths.heldout_dir / DONE).read_text()).get("source_hash")
+    drawn = read_json(paths.heldout_dir / DONE).get("source_hash")
     if drawn not in (None, source["source_hash"]):
         log.info(
             "prompts: the source changed since the held-out set was drawn (now %d prompts); "

@@ -287,36 +287,39 @@ def run_root(path: Path) -> Path | None:
     return None
 
 
+def _strings(obj: Any, fn) -> Any:
+    """``obj`` with ``fn`` applied to every string in it (dicts and lists walked)."""
+    if isinstance(obj, dict):
+        return {k: _strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strings(v, fn) for v in obj]
+    return fn(obj) if isinstance(obj, str) else obj
+
+
 def portable(obj: Any, root: Path | None) -> Any:
     """``obj`` with every path inside ``root`` written relative to it (``${run}/...``), so
     a copied or moved run resumes; paths outside it (a base model) stay as they are."""
-    if root is None:
-        return obj
-    if isinstance(obj, dict):
-        return {k: portable(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable(v, root) for v in obj]
-    if isinstance(obj, str) and obj.startswith("/"):
+
+    def rel(s: str) -> str:
+        if not s.startswith("/"):
+            return s
         try:
-            rel = Path(obj).resolve().relative_to(root)
+            r = Path(s).resolve().relative_to(root)
         except ValueError:
-            return obj
-        return f"{RUN}/{rel}" if str(rel) != "." else RUN
-    return obj
+            return s
+        return f"{RUN}/{r}" if str(r) != "." else RUN
+
+    return obj if root is None else _strings(obj, rel)
 
 
 def resolve(obj: Any, root: Path | None) -> Any:
     """The inverse of ``portable``: ``${run}/...`` written as a path inside ``root``, where
     the run is now."""
-    if root is None:
-        return obj
-    if isinstance(obj, dict):
-        return {k: resolve(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [resolve(v, root) for v in obj]
-    if isinstance(obj, str) and (obj == RUN or obj.startswith(RUN + "/")):
-        return str(root) + obj[len(RUN) :]
-    return obj
+
+    def where(s: str) -> str:
+        return str(root) + s[len(RUN) :] if s == RUN or s.startswith(RUN + "/") else s
+
+    return obj if root is None else _strings(obj, where)
 
 
 class Stage:
@@ -342,7 +345,7 @@ class Stage:
     def read_done(self) -> dict:
         """``_DONE.json``; paths inside the run in what the stage reports (a refreshed reward
         model) as they are now (the record keeps them as ``${run}/...``: a run can move)."""
-        done = json.loads(self.done_path.read_text())
+        done = json.loads(self.done_path.read_text())  # a missing one is an error here
         return {
             k: v if k in ("config", "files") else resolve(v, self.root) for k, v in done.items()
         }

@@ -338,4 +338,9 @@ def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
 def test_an_unlimited_kl_budget_and_a_nested_run_name_are_accepted(tmp_path):
     from iterate import validate
 
-    validate.check(compose_cfg([*TINY, "handoff.max_kl=inf", "run_name=group/one"], tmp_path))
+    cfg = compose_cfg([*TINY, "handoff.max_kl=inf", "run_name=group/one"], tmp_path)
+    assert cfg.handoff.max_kl == float("inf")
+    validate.check(cfg)  # raises BadInput on a refused setting
+    cfg.handoff.max_kl = float("nan")
+    with pytest.raises(validate.BadInput, match="handoff.max_kl=nan"):
+        validate.check(cfg)
