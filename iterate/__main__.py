@@ -1,4 +1,5 @@
-"""Entry point: ``python -m iterate iteration=3`` (Hydra; see conf/config.yaml)."""
+"""Entry point: ``python -m iterate iteration=3`` (Hydra; see conf/config.yaml), and
+``python -m iterate show runs/<run>`` (the run inspector)."""
 
 import sys
 from pathlib import Path
@@ -30,4 +31,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from iterate import cli
+
+    cli.main(main)

@@ -9,7 +9,7 @@ import logging
 import traceback
 from collections.abc import Callable
 
-from iterate.shards import DamagedStage, StageConfigChanged
+from iterate.stage import DamagedStage, StageConfigChanged
 from iterate.validate import BadInput
 
 log = logging.getLogger("iterate")
@@ -65,15 +65,16 @@ def exit_status(fn: Callable[[], object]) -> int:
         return 1
 
 
-def main() -> None:
-    """The ``iterate`` console script: ``iterate show RUN ...`` inspects a run folder
-    (``iterate.show``); anything else runs the loop, as ``python -m iterate`` does."""
+def main(run=None) -> None:
+    """``python -m iterate`` and the ``iterate`` console script: ``show RUN ...`` inspects a
+    run folder (``iterate.report.show``); anything else runs the loop (``run``: the Hydra
+    entry point of ``iterate.__main__``)."""
     import sys
 
     if sys.argv[1:2] == ["show"]:
-        from iterate import show
+        from iterate.report import show
 
         sys.exit(show.main(sys.argv[2:]))
-    from iterate.__main__ import main as run
-
+    if run is None:
+        from iterate.__main__ import main as run
     run()

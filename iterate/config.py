@@ -364,7 +364,7 @@ class Config:
     seed: int = 0
     force: bool = False  # re-run stages whose config changed instead of refusing
     device: Device = Device.auto
-    # experiment trackers: per optimiser step and per iteration (iterate/track.py); a resumed
+    # experiment trackers: per optimiser step and per iteration (iterate/report/track.py); a resumed
     # run continues the same tracker run (its id in <run>/tracker.json)
     report_to: list[Tracker] = field(default_factory=list)
     track: TrackConfig = field(default_factory=TrackConfig)

@@ -20,7 +20,8 @@ import yaml
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.rules import between, rule
-from iterate.shards import DONE, Stage, atomic_write_json, read_json, read_jsonl
+from iterate.shards import atomic_write_json, read_json, read_jsonl
+from iterate.stage import DONE, Stage
 
 log = logging.getLogger("iterate")
 
@@ -42,7 +43,7 @@ def prepare(cfg: Config, run_dir: Path) -> Paths:
 def reward_model_path(cfg: Config, paths: Paths) -> str:
     """Train the reward model here when asked (the stage before iteration 0)."""
     if cfg.reward.train:
-        from iterate import reward_model
+        from iterate.stages import reward_model
 
         reward_model.train(cfg, paths)
         return str(paths.reward_model_dir / "model")
@@ -122,14 +123,14 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
 
 
 def _run(cfg: Config, run_dir: Path) -> list[dict]:
-    from iterate import report
+    from iterate.report import metrics
 
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
-    metrics = run_dir / "metrics.jsonl"
+    metrics_file = run_dir / "metrics.jsonl"
     if is_finished(cfg, paths):
-        rows = read_jsonl(metrics)
+        rows = read_jsonl(metrics_file)
         last = f"iterations 0..{cfg.iteration - 1}" if cfg.iteration else "its reward model"
-        log.info("nothing to do: %s already has %s\n%s", run_dir, last, report.table(rows))
+        log.info("nothing to do: %s already has %s\n%s", run_dir, last, metrics.table(rows))
         return rows
     t0 = time.time()
     paths = prepare(cfg, run_dir)
@@ -145,15 +146,15 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
         rows = iterate(cfg, paths, rm)
     finally:
         sampling.close_kept()  # a kept vLLM engine lives for one run
-    report.write_metrics(metrics, rows)
-    report.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
+    metrics.write_metrics(metrics_file, rows)
+    metrics.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
     _finish(cfg, paths, rows)
     accepted = [r["iteration"] for r in rows if r["accepted"]]
     final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
     log.info(
         "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s (with its "
-        "model card)\ninspect: python -m iterate.show %s samples=3",
-        run_dir, len(rows), time.time() - t0, report.table(rows), metrics,
+        "model card)\ninspect: python -m iterate show %s samples=3",
+        run_dir, len(rows), time.time() - t0, metrics.table(rows), metrics_file,
         run_dir / "metrics.png", final, run_dir,
     )  # fmt: skip
     return rows
@@ -202,7 +203,7 @@ def before_update(
 ) -> dict:
     """A stage that a rule reads before its update (the pair rules': best-of-n samples, their
     labels, the pairs)."""
-    from iterate import generate, label, pairs
+    from iterate.stages import generate, label, pairs
 
     if name == "generate":
         return generate.run(cfg, paths, i, policy, batch)
@@ -212,10 +213,12 @@ def before_update(
 
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
-    from iterate import evaluate, handoff, prompts, refresh, report, track
+    from iterate.report import cards, metrics, track
+    from iterate.stages import evaluate, handoff, heldout, prompts
+    from iterate.stages import reward as refresh
 
-    prompts.heldout(cfg, paths)
-    evaluate.initial(cfg, paths)
+    heldout.prompts(cfg, paths)  # the held-out set and the initial policy's samples of it
+    heldout.initial_samples(cfg, paths)
     update = rule(cfg.update.name)
     policy = reference = paths.base_policy
     rows: list[dict] = []
@@ -232,9 +235,9 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         done["update"] = _log(i, update.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
-        rows.append(report.metrics_row(cfg, i, done))
-        report.write_metrics(paths.run / "metrics.jsonl", rows)
-        report.write_cards(cfg, paths, rows)  # the row is complete: the cards can say it all
+        rows.append(metrics.metrics_row(cfg, i, done))
+        metrics.write_metrics(paths.run / "metrics.jsonl", rows)
+        cards.write_cards(cfg, paths, rows)  # the row is complete: the cards can say it all
         with track.Tracker(cfg, paths.run) as tracker:
             tracker.iteration(paths, rows[-1])
         row = rows[-1]

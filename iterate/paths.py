@@ -1,4 +1,4 @@
-"""Where a run's files live (DESIGN §4). Built once by the loop, handed to every stage."""
+"""Where a run's files live. Built once by the loop, handed to every stage."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ A row names the rule's module (``run(cfg, paths, i, policy, reference)`` -> the 
 stage's ``_DONE`` info), the stages it reads between the prompts and its update, the update
 settings it reads beyond the shared ones (its stage's identity: a knob added for one rule
 does not invalidate finished runs of the others), what its pairs stage keeps, and what its
-model card says of its samples. Adding a rule: one module in ``iterate/update/``, its
+model card says of its samples. Adding a rule: one module in ``iterate/stages/update/``, its
 settings in ``UpdateConfig``, one YAML in ``conf/update/`` and one row here.
 """
 
@@ -21,7 +21,7 @@ PAIR_STAGES = ("generate", "label", "pairs")
 @dataclass(frozen=True)
 class Rule:
     name: str
-    module: str  # iterate.update.<module>: its run(...)
+    module: str  # iterate.stages.update.<module>: its run(...)
     stages: tuple[str, ...] = ()  # () for the on-policy rules: they sample inside the update
     keys: tuple[str, ...] = ()  # the update settings it reads beyond the shared ones
     keep: str | None = None  # pair rules: "pair" (chosen and rejected) or "best" (one)
@@ -33,7 +33,7 @@ class Rule:
         return not self.stages
 
     def run(self, *args, **kwargs) -> dict:
-        return importlib.import_module(f"iterate.update.{self.module}").run(*args, **kwargs)
+        return importlib.import_module(f"iterate.stages.update.{self.module}").run(*args, **kwargs)
 
 
 RL_KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # PPO's and ReMax's

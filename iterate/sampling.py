@@ -37,13 +37,7 @@ import torch
 
 from iterate import engine, faults, models, progress, workers
 from iterate.config import Config
-from iterate.shards import (
-    SCHEMAS,
-    shard_index,
-    shard_path,
-    shard_paths,
-    write_shard,
-)
+from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import refresh, report, reward_model, scoring
+from iterate import scoring
 from iterate.paths import Paths
+from iterate.report import sweep
+from iterate.stages import reward as refresh
+from iterate.stages import reward_model
 from iterate.toy import world
 
 from .conftest import TINY, cli, compose_cfg
@@ -169,8 +172,8 @@ def test_sweep_summary_over_seeds_mean_and_sd(tmp_path):
             row = {"iteration": seed_row, "update": rule, "win_rate_vs_initial": w,
                    "gold_mean": w - 1, "kl_to_reference": 2.0, "accepted": seed != 2}  # fmt: skip
             (job / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-    text = report.summarize_sweep(tmp_path)
-    seeds = {r["job"]: r for r in report.over_seeds(
+    text = sweep.summarize_sweep(tmp_path)
+    seeds = {r["job"]: r for r in sweep.over_seeds(
         [{"job": f"seed={s},update={u}", "iteration": 0, "win_rate_vs_initial": w}
          for (u, _), ws in wins.items() for s, w in enumerate(ws)])}  # fmt: skip
     assert seeds["update=dpo"]["win_rate_vs_initial"] == pytest.approx((0.7, 0.1))
@@ -179,7 +182,7 @@ def test_sweep_summary_over_seeds_mean_and_sd(tmp_path):
     assert "| update=dpo | 0 | 3 | 0.700 ± 0.100 |" in md and "2/3" in md
     assert "mean ± sd over seeds" in text and (tmp_path / "summary_seeds.png").stat().st_size
     # one seed per job: no such table
-    assert report.over_seeds([{"job": "update=dpo", "iteration": 0}]) == []
+    assert sweep.over_seeds([{"job": "update=dpo", "iteration": 0}]) == []
 
 
 def test_refresh_and_ensemble_options_compose():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from iterate.report import STAGES
+from iterate.paths import STAGES
 
 from .conftest import ROOT
 

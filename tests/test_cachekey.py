@@ -8,9 +8,12 @@ from iterate import cachekey
 
 
 def test_sources_follow_imports_into_functions_and_packages():
-    names = {str(p.relative_to(cachekey.PACKAGE)) for p in cachekey.sources("iterate.reward_model")}
+    names = {
+        str(p.relative_to(cachekey.PACKAGE))
+        for p in cachekey.sources("iterate.stages.reward_model")
+    }
     # imported directly (scoring), from a package (toy/world.py: `from iterate.toy import world`)
-    assert {"reward_model.py", "scoring.py", "losses.py", "toy/world.py"} <= names
+    assert {"stages/reward_model.py", "scoring.py", "losses.py", "toy/world.py"} <= names
     assert "loop.py" not in names, "only what it imports"
     toy = {str(p.relative_to(cachekey.PACKAGE)) for p in cachekey.sources("iterate.toy.build")}
     assert {"toy/build.py", "toy/world.py", "models.py"} <= toy
@@ -20,12 +23,12 @@ def test_a_key_changes_with_the_code_that_makes_the_artefact(tmp_path, monkeypat
     copy = tmp_path / "iterate"
     shutil.copytree(cachekey.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(cachekey, "PACKAGE", copy)
-    before = cachekey.key({"seed": 0}, "iterate.reward_model")
-    assert before == cachekey.key({"seed": 0}, "iterate.reward_model")
-    assert before != cachekey.key({"seed": 1}, "iterate.reward_model")
+    before = cachekey.key({"seed": 0}, "iterate.stages.reward_model")
+    assert before == cachekey.key({"seed": 0}, "iterate.stages.reward_model")
+    assert before != cachekey.key({"seed": 1}, "iterate.stages.reward_model")
     with open(copy / "loop.py", "a") as f:  # not imported by it: the same key
         f.write("\n# edited\n")
-    assert cachekey.key({"seed": 0}, "iterate.reward_model") == before
+    assert cachekey.key({"seed": 0}, "iterate.stages.reward_model") == before
     with open(copy / "losses.py", "a") as f:  # imported by it: another key
         f.write("\n# edited\n")
-    assert cachekey.key({"seed": 0}, "iterate.reward_model") != before
+    assert cachekey.key({"seed": 0}, "iterate.stages.reward_model") != before

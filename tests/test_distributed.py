@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from iterate import models
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.shards import SCHEMAS, Stage, shard_path, write_shard
-from iterate.update import dist
+from iterate.shards import SCHEMAS, shard_path, write_shard
+from iterate.stage import Stage
+from iterate.stages.update import dist
 
 from .conftest import TINY, compose_cfg
 

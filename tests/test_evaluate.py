@@ -7,9 +7,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from iterate import evaluate, models, sampling
+from iterate import models, sampling
 from iterate.shards import SCHEMAS
-from iterate.update import common
+from iterate.stages import evaluate
+from iterate.stages.update import common
 
 
 def test_sequence_kl_by_hand():

@@ -18,7 +18,8 @@ import pytest
 
 from iterate import cli, loop
 from iterate.runlock import RunLock, RunLocked
-from iterate.shards import Stage, write_plan
+from iterate.shards import write_plan
+from iterate.stage import Stage
 
 from .conftest import ROOT, TINY, compose_cfg
 
@@ -261,7 +262,7 @@ def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, capl
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(content)
     cfg = compose_cfg([*TINY, "prompts=file", f"prompts.path={f}"], tmp_path)
-    from iterate import prompts
+    from iterate.stages import prompts
 
     with pytest.raises(cli.BadInput, match=said) as e:
         prompts.load_pool(cfg)
@@ -269,7 +270,7 @@ def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, capl
 
 
 def test_stage_identity_is_its_content_and_a_changed_byte_is_caught(tmp_path):
-    from iterate.shards import DamagedStage, done_id
+    from iterate.stage import DamagedStage, done_id
 
     folder = tmp_path / "label"
     ids = []
@@ -293,8 +294,9 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     and dropped in generation's plan and in labelling, never a crash and never trained on."""
     import pyarrow as pa
 
-    from iterate import label, models, sampling, scoring
-    from iterate.prompts import SCHEMA, prompt_id
+    from iterate import models, sampling, scoring
+    from iterate.stages import label
+    from iterate.stages.prompts import SCHEMA, prompt_id
 
     tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
     twice = json.dumps([{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hi?"}])

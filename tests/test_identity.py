@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iterate.shards import CANONICAL, DONE, Stage, done_id, file_sum
+from iterate.stage import CANONICAL, DONE, Stage, done_id, file_sum
 
 from .conftest import FULL, cli, hash_seeds
 

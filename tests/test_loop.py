@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import loop, runinfo, show, track
-from iterate.paths import Paths
-from iterate.report import STAGES
+from iterate import loop
+from iterate.paths import STAGES, Paths
+from iterate.report import runinfo, show, track
 
 from .conftest import ROOT, TINY, cli, compose_cfg, tensorboard_events
 
@@ -541,7 +541,7 @@ def test_submitit_local_sweep_runs_both_jobs(tiny_cache, tiny_rm, tmp_path):
 
 
 def test_sweep_labels_keep_only_the_overrides_that_differ():
-    from iterate.report import short_labels
+    from iterate.report.sweep import short_labels
 
     names = ["reward.train=False,update=dpo", "reward.train=False,update=raft"]
     assert short_labels(names) == {names[0]: "update=dpo", names[1]: "update=raft"}

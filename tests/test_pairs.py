@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from iterate.pairs import best, select
+from iterate.stages.pairs import best, select
 
 NAN = float("nan")
 

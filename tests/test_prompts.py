@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from iterate import prompts
 from iterate.paths import Paths
+from iterate.stages import heldout, prompts
 
 from .conftest import compose_cfg
 
@@ -38,7 +38,7 @@ def _ids(table) -> list[str]:
 def test_dedupe_heldout_and_slices_are_disjoint(tmp_path):
     texts = [f"Question number {n}?" for n in range(30)]
     cfg, paths, _ = _setup(tmp_path, [*texts, texts[3], "  ", texts[7]])  # 2 duplicates, 1 empty
-    held = prompts.heldout(cfg, paths)
+    held = heldout.prompts(cfg, paths)
     slices = [prompts.run(cfg, paths, i) for i in range(4)]
     assert held.num_rows == 6 and all(s.num_rows == 5 for s in slices)
     every = _ids(held) + [pid for s in slices for pid in _ids(s)]
@@ -57,6 +57,7 @@ def test_dedupe_heldout_and_slices_are_disjoint(tmp_path):
 
 def test_too_few_prompts_names_what_is_used(tmp_path):
     cfg, paths, _ = _setup(tmp_path, [f"Q{n}?" for n in range(14)])
+    heldout.prompts(cfg, paths)
     prompts.run(cfg, paths, 0)
     try:
         prompts.run(cfg, paths, 1)
@@ -73,14 +74,14 @@ def test_growing_the_source_never_leaks_heldout_or_repeats(tmp_path):
     next iteration trained on held-out prompts)."""
     first = [f"Old question {n}?" for n in range(20)]
     cfg, paths, source = _setup(tmp_path, first)
-    held = _ids(prompts.heldout(cfg, paths))
+    held = _ids(heldout.prompts(cfg, paths))
     early = [_ids(prompts.run(cfg, paths, i)) for i in range(2)]
     shards = {i: (paths.stage(i, "prompts") / "shard_00000.parquet").read_bytes() for i in range(2)}
 
     _write(source, [*first, *(f"New question {n}?" for n in range(60))])
     later = [_ids(prompts.run(cfg, paths, i)) for i in range(2, 6)]
 
-    assert _ids(prompts.heldout(cfg, paths)) == held, "the held-out set is drawn once"
+    assert _ids(heldout.prompts(cfg, paths)) == held, "the held-out set is drawn once"
     for i in range(2):
         assert (paths.stage(i, "prompts") / "shard_00000.parquet").read_bytes() == shards[i]
     used = held + [p for s in early + later for p in s]
@@ -97,14 +98,14 @@ def test_growing_the_source_never_leaks_heldout_or_repeats(tmp_path):
 def test_shrinking_the_source_keeps_what_was_used(tmp_path):
     texts = [f"Question {n}?" for n in range(30)]
     cfg, paths, source = _setup(tmp_path, texts)
-    held = _ids(prompts.heldout(cfg, paths))
+    held = _ids(heldout.prompts(cfg, paths))
     first = _ids(prompts.run(cfg, paths, 0))
     kept = [
         t for t in texts if prompts.prompt_id(t) not in held[:3]
     ]  # three held-out prompts removed
     _write(source, kept)
     second = _ids(prompts.run(cfg, paths, 1))
-    assert _ids(prompts.heldout(cfg, paths)) == held
+    assert _ids(heldout.prompts(cfg, paths)) == held
     assert not set(second) & (set(held) | set(first))
 
 

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from iterate import reward_model, scoring
+from iterate import scoring
 from iterate.paths import Paths
-from iterate.shards import StageConfigChanged
+from iterate.stage import StageConfigChanged
+from iterate.stages import reward_model
 
 from .conftest import ROOT
 
@@ -110,8 +111,8 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
 def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     import pyarrow as pa
 
-    from iterate import label
     from iterate.shards import SCHEMAS
+    from iterate.stages import label
     from iterate.toy.world import gold_scorer
 
     model, tok = scoring.load_model(str(tiny_world))

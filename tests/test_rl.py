@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from iterate import loop, losses, models, runinfo, sampling, show
+from iterate import loop, losses, models, sampling
+from iterate.report import runinfo, show
 from iterate.scoring import Scorer
-from iterate.update import common, ppo, remax, rl
+from iterate.stages.update import common, ppo, remax, rl
 
 from .conftest import compose_cfg
 

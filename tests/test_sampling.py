@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from iterate import engine, models, sampling
-from iterate.prompts import SCHEMA, prompt_id
 from iterate.shards import SCHEMAS
+from iterate.stages.prompts import SCHEMA, prompt_id
 
 PROMPTS = [
     "Greet Anna.",
@@ -138,7 +138,7 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
 
 
 def _perturbed_adapter(cfg, world):
-    from iterate.update import common
+    from iterate.stages.update import common
 
     cfg.update.lora.dropout = 0.0
     model = common.policy_model(cfg, str(world), torch.device("cpu"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from iterate import track
 from iterate.paths import Paths
+from iterate.report import track
 
 from .conftest import compose_cfg, tensorboard_events
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from iterate import models
-from iterate.shards import Stage
-from iterate.update import common, dpo, raft
-from iterate.update import steps as loop
+from iterate.stage import Stage
+from iterate.stages.update import common, dpo, raft, training
 
 PAIRS = [
     ("Greet Anna.", "Hello Anna!", "Ugh, Hello Rosa! Stop asking."),
@@ -45,7 +44,7 @@ def _train(cfg, model, examples, loss_fn, stage):
     """The one training loop over the pair rules' batch source."""
     total = cfg.update.epochs * common.steps_per_epoch(cfg, len(examples))
     steps = common.pair_steps(cfg, examples, 0)
-    return loop.train(cfg, model, loop.trainable(model), steps, total, loss_fn, stage, 0)
+    return training.train(cfg, model, training.trainable(model), steps, total, loss_fn, stage, 0)
 
 
 def test_left_and_right_padding_give_equal_logps(setup):
@@ -102,7 +101,7 @@ def test_micro_batch_times_accumulation_equivalence(setup):
     grads, losses = [], []
     for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
         model.zero_grad(set_to_none=True)
-        loss, metrics = loop.accumulate(
+        loss, metrics = training.accumulate(
             model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro
         )
         losses.append((loss, metrics["policy_chosen_logps"]))
@@ -153,7 +152,7 @@ def test_raft_loss_lowers_nll_of_best(setup):
 
 def test_a_rule_stage_depends_only_on_the_settings_it_reads(tmp_path):
     from iterate.paths import Paths
-    from iterate.update.common import stage_for
+    from iterate.stages.update.common import stage_for
 
     from .conftest import compose_cfg
 
@@ -176,7 +175,7 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
 
     from iterate import rules
     from iterate.config import UpdateConfig, UpdateRule
-    from iterate.update.common import SHARED_KEYS
+    from iterate.stages.update.common import SHARED_KEYS
 
     code = (
         "import sys, iterate.rules, iterate.loop, iterate.validate; print('torch' in sys.modules)"
@@ -185,7 +184,7 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
                           check=True).stdout.strip() == "False"  # fmt: skip
     assert set(rules.RULES) == {str(r) for r in UpdateRule}
     for r in rules.RULES.values():
-        assert callable(__import__(f"iterate.update.{r.module}", fromlist=["run"]).run)
+        assert callable(__import__(f"iterate.stages.update.{r.module}", fromlist=["run"]).run)
         assert (r.keep is None) == r.on_policy and "{" not in r.samples.format(n=8, pairs="x")
     read = {k for r in rules.RULES.values() for k in r.keys} | set(SHARED_KEYS)
     settings = {f.name for f in dataclasses.fields(UpdateConfig)}

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from iterate import evaluate, models, prompts, sampling
+from iterate import models, sampling
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.paths import Paths
-from iterate.update import ppo
+from iterate.stages import evaluate, heldout, prompts
+from iterate.stages.update import ppo
 
 BACKENDS = ("vllm", "transformers")
 
@@ -46,7 +47,7 @@ def _cfg(spec: dict, backend: str, work: Path):
 
 def _adapter(cfg, policy: str, out: Path) -> None:
     """A LoRA adapter with non-zero weights: the 'updated' policy the evaluation samples."""
-    from iterate.update import common
+    from iterate.stages.update import common
 
     model = common.policy_model(cfg, policy, torch.device("cpu"))
     torch.manual_seed(0)
@@ -72,10 +73,11 @@ def measure(spec: dict) -> dict:
         cfg = _cfg(spec, b, work)
         paths = Paths(run=work / kind / b, base_policy=policy, reward_model=spec["reward"])
         shutil.rmtree(paths.run, ignore_errors=True)
+        heldout.prompts(cfg, paths)
         prompts.run(cfg, paths, 0)
         if kind == "evaluation":
             _adapter(cfg, policy, paths.stage(0, "update") / "adapter")
-            evaluate.initial(cfg, paths)  # the baseline the win rate needs: not part of the stage
+            heldout.initial_samples(cfg, paths)  # the win rate's baseline: not part of the stage
         runs[b] = (cfg, paths)
     folder = "update" if kind == "rollouts" else "evaluate"
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
@@ -174,7 +176,7 @@ def sync_variant(spec: dict) -> dict:
     ``merged`` (``VllmSampler.sync``: merged weights loaded in place) or ``lora`` (the
     adapter saved and served by a new id; vLLM started with ``enable_lora``). Seconds per
     sync and tokens/s of the sampling after it."""
-    from iterate.update import common
+    from iterate.stages.update import common
 
     policy = spec["model"]
     cfg = main_config([f"model.path={policy}", "update.lora.dropout=0.0"])

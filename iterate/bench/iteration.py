@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from iterate.bench.config import main_config
-from iterate.report import STAGES
+from iterate.paths import STAGES
 
 # section timings (seconds) that a stage spends on setting up, not on its work
 FIXED = {

@@ -13,7 +13,7 @@ import torch
 from iterate import models, progress
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
-from iterate.update import common, dpo, steps
+from iterate.stages.update import common, dpo, training
 
 
 def _examples(tok, spec: dict) -> list[common.Example]:
@@ -67,10 +67,10 @@ class DpoStep:
         if recompute:
             self.reference()
         self.opt.zero_grad(set_to_none=True)
-        total, _ = steps.accumulate(
+        total, _ = training.accumulate(
             self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size
         )
-        steps.apply_step(self.opt, self.model, self.params, 1.0, total)
+        training.apply_step(self.opt, self.model, self.params, 1.0, total)
         return time.perf_counter() - t
 
 
@@ -116,9 +116,9 @@ def dpo_variant(spec: dict) -> dict:
 
 def rl_stage(spec: dict) -> dict:
     """A real PPO or ReMax update stage on a mini run folder (prompts stage + update stage)."""
-    from iterate import prompts
     from iterate.paths import Paths
     from iterate.rules import rule
+    from iterate.stages import heldout, prompts
 
     base = bm.rss_mb()
     n = spec["prompts"]
@@ -139,6 +139,7 @@ def rl_stage(spec: dict) -> dict:
         base_policy=spec["model"],
         reward_model=spec["reward"],
     )
+    heldout.prompts(cfg, paths)
     prompts.run(cfg, paths, 0)
     t = time.perf_counter()
     done = rule(spec["rule"]).run(cfg, paths, 0, spec["model"], spec["model"])

@@ -22,9 +22,10 @@ from iterate import models, sampling, workers
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.paths import Paths
-from iterate.shards import SCHEMAS, Stage, shard_path, write_shard
+from iterate.shards import SCHEMAS, shard_path, write_shard
+from iterate.stage import Stage
+from iterate.stages.update import dpo
 from iterate.toy import world
-from iterate.update import dpo
 
 
 def _generation(spec: dict, work: Path) -> dict:

@@ -21,75 +21,20 @@ Each sample's reward (and gold) is kept in ``iter_i/evaluate/scores/`` beside th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from iterate import losses, models, progress, sampling, seeds
-from iterate.config import Config, plain
+from iterate import losses, models, progress, sampling
+from iterate.config import Config
 from iterate.paths import Paths
 from iterate.scoring import ScorerPool, aggregation
-from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_plan, write_shard
+from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
+from iterate.stage import Stage
+from iterate.stages import heldout
 from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)
-
-
-def params(cfg: Config) -> sampling.Params:
-    return sampling.Params(
-        n=cfg.evaluate.samples, temperature=1.0, top_p=1.0, max_tokens=cfg.generate.max_tokens
-    )
-
-
-def sample_heldout(
-    cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable
-) -> tuple[pa.Table, dict]:
-    """Samples of the held-out prompts as shards in ``out`` (resumable; a shard seeded from
-    (seed, unit, shard)), from the policy ``put(sampler)`` gives the sampler; returns them
-    and what was dropped."""
-    gc = cfg.generate
-    shards, dropped = sampling.plan(
-        tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size
-    )
-    timings = {}
-    write_plan(out, "shards", len(shards))
-    if todo := sampling.missing(shards, out):
-        with sampling.session(cfg) as sampler:
-            put(sampler)
-            sampling.write_shards(
-                sampler,
-                todo,
-                params(cfg),
-                lambda k: seeds.derive("heldout", cfg.seed, unit, k),
-                out,
-                (unit - 1, "evaluate"),
-                f"held-out samples ({gc.backend})",
-            )
-            timings = sampler.timings
-    return read_shards(out, SCHEMAS["generate"]), {"dropped": dict(dropped), "timings": timings}
-
-
-def _sample_conf(cfg: Config) -> dict:
-    return {
-        "evaluate": {"samples": cfg.evaluate.samples},
-        "max_tokens": cfg.generate.max_tokens,
-        "model": plain(cfg.model),
-        "seed": cfg.seed,
-    }
-
-
-def initial(cfg: Config, paths: Paths) -> pa.Table:
-    """The initial policy's held-out samples, drawn once per run (the win-rate baseline)."""
-    conf = {**_sample_conf(cfg), "policy": paths.base_policy}
-    stage = Stage(paths.initial_samples_dir, "initial_samples", conf, inputs=[paths.heldout_dir])
-    if not stage.check(cfg.force):
-        tok = models.load_tokenizer(paths.base_policy, cfg.model.chat_template)
-        put = lambda sampler: sampler.load(paths.base_policy)  # noqa: E731
-        table, info = sample_heldout(cfg, tok, read_shards(paths.heldout_dir), stage.path, 0, put)
-        stage.finish(rows_out=table.num_rows, **info, **sampling.summary(table))
-    return read_shards(stage.path, SCHEMAS["generate"])
 
 
 def sequence_kl(
@@ -159,7 +104,7 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
     policy beats the initial one more often than the gold judge does. Also each sample's
     reward, spread and gold, in the label stage's schema (what the run inspector and the
     trackers' sample tables read)."""
-    init = initial(cfg, paths)
+    init = read_shards(paths.initial_samples_dir, SCHEMAS["generate"])
     tables = {"new": samples, "init": init}
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
     jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
@@ -222,16 +167,18 @@ def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     conf = {
-        **_sample_conf(cfg),
+        **heldout.sample_conf(cfg),
         "policy": policy,
         "reference": reference,
         "reward_model": paths.reward_model,
         "reward_chat_template": cfg.reward.chat_template,
     }
     conf.update({f"reward_{k}": v for k, v in aggregation(cfg.reward, paths.reward_model).items()})
-    heldout = paths.heldout_dir
     stage = Stage(
-        paths.stage(i, "evaluate"), "evaluate", conf, inputs=[paths.stage(i, "update"), heldout]
+        paths.stage(i, "evaluate"),
+        "evaluate",
+        conf,
+        inputs=[paths.stage(i, "update"), paths.heldout_dir],
     )
     if stage.check(cfg.force):
         return stage.read_done()
@@ -241,8 +188,8 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         model = new_policy(cfg, paths, i, policy)
     with timer("sample_s"):
         put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
-        samples, info = sample_heldout(
-            cfg, tok, read_shards(heldout), stage.path / "samples", i + 1, put
+        samples, info = heldout.sample(
+            cfg, tok, read_shards(paths.heldout_dir), stage.path / "samples", i + 1, put
         )
     if samples.num_rows == 0:
         raise ValueError(

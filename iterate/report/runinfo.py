@@ -1,6 +1,6 @@
 """What a run folder holds, read from its files alone: the state of each stage (done,
 partial with k of n shards or steps, missing), the metrics rows, and an iteration's
-responses ranked by reward. The run inspector (``iterate.show``) prints it; the trackers'
+responses ranked by reward. The run inspector (``iterate.report.show``) prints it; the trackers'
 sample tables read it.
 """
 
@@ -13,7 +13,8 @@ import yaml
 
 from iterate.paths import STAGES, Paths
 from iterate.rules import between
-from iterate.shards import DONE, PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
+from iterate.shards import PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
+from iterate.stage import DONE
 
 # the stages before iteration 0, where they are in the run folder
 BEFORE = (("reward_model", "reward_model"), ("heldout", "heldout"),

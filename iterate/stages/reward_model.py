@@ -1,5 +1,5 @@
 """Reward-model training (Bradley–Terry), the stage before iteration 0, and the fitting
-the reward refresh (``iterate.refresh``) reuses. Scoring is ``iterate.scoring``.
+the reward refresh (``iterate.stages.reward``) reuses. Scoring is ``iterate.scoring``.
 
 Training pairs come from the toy world (two responses of different styles to one prompt,
 labelled by the gold judge, with label noise) or from preference files
@@ -30,14 +30,8 @@ from iterate.models import load_tokenizer
 from iterate.paths import Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
-from iterate.shards import (
-    DONE,
-    TEMPORARY,
-    DamagedStage,
-    Stage,
-    atomic_write_json,
-    write_folder,
-)
+from iterate.shards import TEMPORARY, atomic_write_json, write_folder
+from iterate.stage import DONE, DamagedStage, Stage
 from iterate.toy import world
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import torch
 from iterate import losses
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.update import rl
-from iterate.update.common import Example
+from iterate.stages.update import rl
+from iterate.stages.update.common import Example
 
 
 def new_head(cfg: Config, model) -> torch.nn.Module:

@@ -24,7 +24,6 @@ from iterate.paths import Paths
 from iterate.scoring import ScorerPool, aggregation
 from iterate.shards import (
     SCHEMAS,
-    Stage,
     atomic_write_json,
     read_shards,
     shard_index,
@@ -32,6 +31,7 @@ from iterate.shards import (
     shard_paths,
     write_shard,
 )
+from iterate.stage import Stage
 from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)

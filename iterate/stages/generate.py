@@ -17,7 +17,8 @@ import pyarrow as pa
 from iterate import models, sampling, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import SCHEMAS, Stage, read_shards, write_plan
+from iterate.shards import SCHEMAS, read_shards, write_plan
+from iterate.stage import Stage
 
 log = logging.getLogger(__name__)
 

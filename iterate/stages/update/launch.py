@@ -1,4 +1,4 @@
-"""One rank of a multi-process update (``iterate.update.dist.launch`` starts N of these
+"""One rank of a multi-process update (``iterate.stages.update.dist.launch`` starts N of these
 through ``accelerate launch``): join the process group, run the iteration's update rule,
 rank 0 writes."""
 
@@ -16,7 +16,7 @@ from iterate import engine, models, progress, workers
 from iterate.config import to_dataclass
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.update import dist
+from iterate.stages.update import dist
 
 
 def main(spec_path: str) -> None:

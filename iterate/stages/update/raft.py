@@ -7,7 +7,7 @@ import torch
 from iterate import losses
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.update.common import Example, logps, run_rule
+from iterate.stages.update.common import Example, logps, run_rule
 
 
 def loss_fn(model, tok, batch: list[Example], dev) -> tuple[torch.Tensor, dict[str, float]]:

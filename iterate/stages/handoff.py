@@ -7,7 +7,7 @@
 3. Keep the update's LoRA adapter beside it (``handoff/adapter/``), so either can be pushed.
 
 The model cards (``policy/README.md``, ``adapter/README.md``) are written by the loop once
-the iteration's metrics row is complete (``report.write_cards``).
+the iteration's metrics row is complete (``report.cards.write_cards``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 from iterate import models, progress
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import Stage, atomic_write_json, write_folder
+from iterate.shards import atomic_write_json, write_folder
+from iterate.stage import Stage
 
 log = logging.getLogger(__name__)
 

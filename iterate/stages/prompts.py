@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import DONE, Stage, read_json, read_shards, shard_path, write_shard
+from iterate.shards import read_json, read_shards, shard_path, write_shard
+from iterate.stage import DONE, Stage
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _dedupe_shuffle(texts: list[str], seed: int, dropped: Counter) -> list[str]:
     return sorted(out, key=lambda t: hashlib.sha1(f"{seed}:{prompt_id(t)}".encode()).digest())
 
 
-def _table(texts: list[str]) -> pa.Table:
+def table(texts: list[str]) -> pa.Table:
     return pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
 
 
@@ -118,7 +119,7 @@ def source_hash(train: list[str], heldout: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
+def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
     """(shuffled training pool, held-out candidates, dropped by reason, source info)."""
     train, heldout, dropped = load_pool(cfg)
     source = {
@@ -133,7 +134,7 @@ def _pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
     return train, heldout, dropped, source
 
 
-def _config(cfg: Config) -> dict:
+def config(cfg: Config) -> dict:
     return {
         "prompts": plain(cfg.prompts),
         "seed": cfg.seed,
@@ -145,28 +146,16 @@ def _ids(folder: Path) -> set[str]:
     return set(read_shards(folder)["prompt_id"].to_pylist())
 
 
-def heldout(cfg: Config, paths: Paths) -> pa.Table:
-    """The held-out prompts of the run: drawn once, written to ``<run>/heldout/``, and from
-    then on read from there whatever the source holds now."""
-    stage = Stage(paths.heldout_dir, "heldout", _config(cfg))
-    if not stage.check(cfg.force):
-        _, held, dropped, source = _pools(cfg)
-        write_shard(_table(held), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(held), dropped=dict(dropped), **source)
-    return read_shards(stage.path)
-
-
 def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
     """Write iteration ``i``'s prompts to ``iter_i/prompts/`` and return them: the first
     ``per_iteration`` prompts of the shuffled pool that the run has not used yet (held out,
     or drawn by iterations ``0 .. i-1``), or with ``prompts.synthetic`` new prompts written
     from the pool's (``iterate.synthetic``) by ``policy`` or the configured generator."""
     sc = cfg.prompts.synthetic
-    conf = _config(cfg) | ({"generator": sc.generator or policy} if sc.enabled else {})
+    conf = config(cfg) | ({"generator": sc.generator or policy} if sc.enabled else {})
     stage = Stage(paths.stage(i, "prompts"), "prompts", conf)
     if not stage.check(cfg.force):
-        heldout(cfg, paths)
-        train, _, dropped, source = _pools(cfg)
+        train, _, dropped, source = pools(cfg)
         used = _ids(paths.heldout_dir)
         for j in range(i):
             used |= _ids(paths.stage(j, "prompts"))
@@ -174,7 +163,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
             chunk, info = _synthetic(cfg, paths, i, policy, train)
         else:
             chunk, info = _slice(cfg, paths, i, train, used, source)
-        write_shard(_table(chunk), shard_path(stage.path, 0))
+        write_shard(table(chunk), shard_path(stage.path, 0))
         stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped), **info, **source)
     return read_shards(stage.path)
 

@@ -17,7 +17,8 @@ import pyarrow as pa
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.shards import SCHEMAS, Stage, read_shards, shard_path, write_shard
+from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
+from iterate.stage import Stage
 
 
 def _valid(rewards: list[float]) -> list[int]:

@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from iterate import faults, progress, track
+from iterate import faults, progress
 from iterate.config import Config
-from iterate.shards import Stage, config_hash, write_plan
-from iterate.update import dist
+from iterate.report import track
+from iterate.shards import write_plan
+from iterate.stage import Stage, config_hash
+from iterate.stages.update import dist
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
 LossFn = Callable[[object, list], tuple[torch.Tensor, dict[str, float]]]

@@ -32,14 +32,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterate import faults, models, pairs, preferences
+from iterate import faults, models, preferences
 from iterate.config import Config, PreferenceFile, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
-from iterate.reward_model import build_pairs, fit_members
 from iterate.scoring import Scorer, aggregation, members
-from iterate.shards import SCHEMAS, Stage, atomic_write_json, read_shards, write_shard
+from iterate.shards import SCHEMAS, atomic_write_json, read_shards, write_shard
+from iterate.stage import Stage
+from iterate.stages import pairs
+from iterate.stages.reward_model import build_pairs, fit_members
 from iterate.toy import world
 
 log = logging.getLogger(__name__)

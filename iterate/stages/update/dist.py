@@ -3,8 +3,8 @@
 With ``update.num_processes = N > 1`` the loop's process does not train. ``launch`` writes
 the config and the stage's arguments to ``<update stage>/launch.json`` and runs
 
-    accelerate launch --config_file <iterate/update/accelerate/STRATEGY.yaml>
-        --num_processes N -m iterate.update.launch <launch.json>
+    accelerate launch --config_file <iterate/stages/update/accelerate/STRATEGY.yaml>
+        --num_processes N -m iterate.stages.update.launch <launch.json>
 
 (``STRATEGY``: ``update.strategy``, one of ddp, fsdp, deepspeed_zero2, deepspeed_zero3).
 Every rank runs the same update rule over the same seeded batch source; each optimiser
@@ -164,7 +164,7 @@ def command(cfg: Config, spec: Path) -> list[str]:
         "--config_file", str(config_file(str(uc.strategy))),
         "--num_processes", str(uc.num_processes),
         "--main_process_port", str(_free_port()),
-        "--module", "iterate.update.launch", str(spec),
+        "--module", "iterate.stages.update.launch", str(spec),
     ]  # fmt: skip
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from iterate.config import Config, plain
 from iterate.paths import Paths
-from iterate.shards import DONE, atomic_write_json, flatten, read_json, read_jsonl
+from iterate.shards import atomic_write_json, read_json, read_jsonl
+from iterate.stage import DONE, flatten
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class Tracker:
         ``train_log.jsonl``, then log its metrics row and samples table, once per tracker."""
         if not self.names:
             return False
-        from iterate import runinfo
+        from iterate.report import runinfo
 
         i, update = row["iteration"], paths.stage(row["iteration"], "update")
         ident = read_json(update / DONE)["config_hash"]

@@ -1,6 +1,6 @@
 """What the on-policy rules (PPO, ReMax) share: rollouts of the policy under training
 through the run's sampler, scored by the frozen reward model through the run's scorer, and
-their batch source for the one training loop (``steps.train``).
+their batch source for the one training loop (``training.train``).
 
 Before each rollout, once ``update.sync_every`` optimiser steps have passed since the last
 sync, the policy under training is put into the sampler (``Sampler.sync``): with vLLM its
@@ -23,8 +23,8 @@ from iterate.config import Config
 from iterate.paths import Paths
 from iterate.scoring import Scorer
 from iterate.shards import read_shards
-from iterate.update import common, dist, steps
-from iterate.update.common import Example
+from iterate.stages.update import common, dist, training
+from iterate.stages.update.common import Example
 
 
 @dataclass
@@ -127,7 +127,7 @@ class OnPolicy:
 
 def rollout_steps(
     ctx: Context, prompts: Prompts, i: int, prepare: Callable, passes: int, policy: str, stats: dict
-) -> Iterator[steps.Step]:
+) -> Iterator[training.Step]:
     """The on-policy batch source: per ``micro_batch_size x grad_accum`` prompts, sync the
     policy into the sampler (every ``sync_every`` steps), roll out and prepare the step's
     examples (``prepare``, no gradients), then yield them for ``passes`` optimiser steps."""
@@ -216,8 +216,8 @@ def run_on_policy(
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
         source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)
-        params = steps.trainable(model, *([head] if head is not None else []))
-        result = steps.train(
+        params = training.trainable(model, *([head] if head is not None else []))
+        result = training.train(
             cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i
         )
         timings = sampler.timings
@@ -237,7 +237,7 @@ def run_on_policy(
         eos_rate=_mean(stats.get("stops", [])),
         response_tokens_mean=_mean(stats.get("tokens", [])),
         value_head_init=head_init,
-        trainable_parameters=steps.len_params(params),
+        trainable_parameters=training.len_params(params),
         peak_rss_mb=round(progress.peak_rss_mb(), 1),
         timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
     )

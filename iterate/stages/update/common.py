@@ -1,7 +1,7 @@
 """What every update rule shares: the policy to train (LoRA via peft, or the full model),
 the update stage's identity, sequence log-probs, and the pair rules' side: pairs as
 examples, reference log-probs computed once, their batch source (``pair_steps``) and their
-stage (``run_rule``). The training loop itself is ``iterate.update.steps``.
+stage (``run_rule``). The training loop itself is ``iterate.stages.update.training``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from iterate import models, progress, seeds
 from iterate.config import Config, plain
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.shards import SCHEMAS, Stage, read_shards
-from iterate.update import dist
-from iterate.update.steps import LossFn, Step, len_params, train, trainable
+from iterate.shards import SCHEMAS, read_shards
+from iterate.stage import Stage
+from iterate.stages.update import dist
+from iterate.stages.update.training import LossFn, Step, len_params, train, trainable
 
 log = logging.getLogger(__name__)
 

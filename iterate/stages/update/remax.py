@@ -13,8 +13,8 @@ import torch
 from iterate import losses, models
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.update import rl
-from iterate.update.common import Example
+from iterate.stages.update import rl
+from iterate.stages.update.common import Example
 
 
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:

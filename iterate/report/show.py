@@ -1,4 +1,4 @@
-"""The run inspector: ``python -m iterate.show runs/<run> [samples=K] [iteration=I]
+"""The run inspector: ``python -m iterate show runs/<run> [samples=K] [iteration=I]
 [heldout=true]`` (or ``iterate show ...``).
 
 Prints where a run is, from its files alone (it never takes the run's lock, so it can look
@@ -15,10 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from iterate import report, runinfo, runlock
+from iterate import runlock
+from iterate.report import metrics, runinfo
 from iterate.shards import read_jsonl
 
-USAGE = "usage: python -m iterate.show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
+USAGE = "usage: python -m iterate show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
 
 
 def _stage_line(s: runinfo.StageState) -> str:
@@ -48,7 +49,7 @@ def status(run: Path) -> str:
         lines.append(f"{group}:" if group != "before" else "before iteration 0:")
         lines += [_stage_line(s) for s in stages]
     rows = read_jsonl(run / "metrics.jsonl")
-    lines += ["", "metrics (metrics.jsonl):", report.table(rows) if rows else "  (no row yet)"]
+    lines += ["", "metrics (metrics.jsonl):", metrics.table(rows) if rows else "  (no row yet)"]
     return "\n".join(lines)
 
 

@@ -1,0 +1,201 @@
+"""What a user reads of a run: metrics.jsonl (one row per iteration from its stages'
+``_DONE.json``), the per-iteration table and metrics.png. The figure helpers are shared
+with the sweep summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from iterate.config import Config
+from iterate.paths import STAGES
+from iterate.shards import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [  # (key, header, format)
+    ("iteration", "iter", "{}"),
+    ("update", "update", "{}"),
+    ("prompts", "prompts", "{}"),
+    ("responses", "responses", "{}"),
+    ("reward_mean", "reward", "{:.3f}"),
+    ("reward_best_mean", "best-of-n", "{:.3f}"),
+    ("gold_mean", "gold", "{:.3f}"),
+    ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
+    ("kl_to_reference", "KL", "{:.4f}"),
+    ("response_tokens_mean", "tokens", "{:.1f}"),
+    ("eos_rate", "EOS", "{:.2f}"),
+    ("accepted", "accepted", "{}"),
+]
+
+
+def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
+    """One ``metrics.jsonl`` object from the ``_DONE.json`` of each stage of iteration i.
+    The training-side reward is the labelled best-of-n samples' (pair rules) or the
+    rollouts' (PPO, ReMax); the held-out figures are the evaluate stage's."""
+    upd, ev, ho = done["update"], done["evaluate"], done["handoff"]
+    if "label" in done:
+        train = {
+            "prompts": done["generate"]["prompts_out"],
+            "responses": done["label"]["rows_out"],
+            "pairs": done["pairs"]["rows_out"],
+            "reward_mean": done["label"]["reward_mean"],
+            "reward_best_mean": done["pairs"]["reward_best_mean"],
+            "gold_train_mean": done["label"].get("gold_mean"),
+        }
+    else:
+        train = {
+            "prompts": upd["rows_in"],
+            "responses": upd["responses"],
+            "pairs": None,
+            "reward_mean": upd["reward_mean"],
+            "reward_best_mean": None,
+            "gold_train_mean": None,
+        }
+    return {
+        "iteration": i,
+        "update": str(cfg.update.name),
+        **train,
+        "gold_mean": ev.get("gold_mean"),
+        "heldout_reward_mean": ev.get("heldout_reward_mean"),
+        "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
+        # the same comparison under the reward model; proxy up and gold down: over-optimisation
+        "proxy_win_rate": ev.get("proxy_win_rate"),
+        "proxy_gold_gap": ev.get("proxy_gold_gap"),
+        "heldout_reward_std": ev.get("heldout_reward_std"),  # an ensemble's disagreement
+        **_refresh(done.get("reward"), done.get("label")),
+        "kl_to_reference": ho["kl"]["k1"],
+        "kl_k3": ho["kl"]["k3"],
+        "response_tokens_mean": ev.get("response_tokens_mean"),
+        "eos_rate": ev.get("eos_rate"),
+        "accepted": ho["kl"]["accepted"],
+        "seconds": {s: done[s]["seconds"] for s in STAGES if s in done},
+    }
+
+
+def _refresh(reward: dict | None, label: dict | None) -> dict:
+    """The reward model's side of a row: its disagreement on the training samples and, when
+    refreshed, how often it agreed with the judge on the new pairs before the refresh."""
+    out = {}
+    if label and label.get("reward_std_mean") is not None:
+        out["reward_std_mean"] = label["reward_std_mean"]
+    if reward:
+        out["judged_pairs"] = reward["judged_pairs"]
+        out["rm_agreement_before"] = reward["rm_agreement_before"]
+        out["judged_heldout_accuracy_after"] = reward["judged_heldout_accuracy_after"]
+    return out
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    return "-" if v is None else fmt.format(v)
+
+
+def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, str]] = ()) -> str:
+    cols = [*extra, *COLUMNS]
+    cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
+    if any("seconds" in r for r in rows):
+        cells[0].append("seconds (gen/label/update/eval/handoff)")
+        for line, r in zip(cells[1:], rows):
+            s = r.get("seconds", {})
+            line.append(
+                "/".join(
+                    f"{s.get(k, 0):.0f}"
+                    for k in ("generate", "label", "update", "evaluate", "handoff")
+                )
+            )
+    if markdown:
+        head = "| " + " | ".join(cells[0]) + " |\n|" + "---|" * len(cells[0]) + "\n"
+        return head + "".join("| " + " | ".join(c) + " |\n" for c in cells[1:])
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cells[0]))]
+    lines = ["  ".join(c[j].rjust(widths[j]) for j in range(len(c))) for c in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def plot(
+    rows: list[dict], path: Path, label_key: str | None = None, max_kl: float | None = None
+) -> None:
+    """One panel per metric over iterations; one line per job when ``label_key`` is given.
+    Iterations the KL gate rejected are crossed out in red."""
+    panels = [
+        ("win_rate_vs_initial", "win rate vs initial: gold, proxy --"),
+        ("reward_mean", "proxy reward (train samples)"),
+        ("gold_mean", "gold score (held-out)"),
+        ("kl_to_reference", "KL(new || ref), k1"),
+        ("response_tokens_mean", "response tokens"),
+    ]
+    fig, axes = figure(len(panels), (4 * len(panels), 3.2))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(label_key, "")) if label_key else "", []).append(r)
+    for ax, (key, title) in zip(axes, panels):
+        for name, rs in groups.items():
+            pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
+            color = None
+            if pts:
+                gold = "gold judge" if key == "win_rate_vs_initial" else None
+                color = ax.plot(*zip(*pts), marker="o", label=name or gold)[0].get_color()
+            proxy = [(r["iteration"], r.get("proxy_win_rate")) for r in rs]
+            proxy = [p for p in proxy if p[1] is not None]
+            if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
+                ax.plot(*zip(*proxy), linestyle="--", color=color, alpha=0.7,
+                        label="proxy (reward model)" if not label_key else None)  # fmt: skip
+            bad = [
+                (r["iteration"], r[key])
+                for r in rs
+                if r.get(key) is not None and r.get("accepted") is False
+            ]
+            if bad:
+                ax.scatter(
+                    *zip(*bad),
+                    marker="x",
+                    color="red",
+                    s=80,
+                    zorder=3,
+                    label="rejected" if key == panels[0][0] else None,
+                )
+        if key == "win_rate_vs_initial":
+            ax.axhline(
+                0.5, color="grey", linestyle="--", linewidth=1
+            )  # no better than the initial policy
+        if key == "kl_to_reference" and max_kl is not None:
+            ax.axhline(max_kl, color="red", linestyle=":", linewidth=1)  # the handoff's KL budget
+        panel(ax, title)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def figure(panels: int, size: tuple[float, float]):
+    """A row of ``panels`` axes, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, panels, figsize=size)
+
+
+def panel(ax, title: str) -> None:
+    """A panel over iterations: its title, whole-number iterations, a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
