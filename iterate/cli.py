@@ -9,19 +9,13 @@ import logging
 import traceback
 from collections.abc import Callable
 
-from iterate.stage import DamagedStage, StageConfigChanged
-from iterate.validate import BadInput
+from iterate.errors import BadInput
 
 log = logging.getLogger("iterate")
 
-BAD_INPUT = (
-    BadInput,
-    StageConfigChanged,
-    DamagedStage,
-    ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
-)
+# BadInput (a changed or damaged stage included), and a path that is not there; any other
+# exception, an internal ValueError included, is a failure
+BAD_INPUT = (BadInput, FileNotFoundError, NotADirectoryError)
 
 
 def _to_log_file(text: str) -> str | None:

@@ -364,8 +364,8 @@ class Config:
     seed: int = 0
     force: bool = False  # re-run stages whose config changed instead of refusing
     device: Device = Device.auto
-    # experiment trackers: per optimiser step and per iteration (iterate/report/track.py); a resumed
-    # run continues the same tracker run (its id in <run>/tracker.json)
+    # experiment trackers: per optimiser step and per iteration (iterate/report/track.py); a
+    # resumed run continues the same tracker run (its id in <run>/tracker.json)
     report_to: list[Tracker] = field(default_factory=list)
     track: TrackConfig = field(default_factory=TrackConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
@@ -384,6 +384,50 @@ def plain(obj) -> dict:
     import json
 
     return json.loads(json.dumps(asdict(obj)))
+
+
+# What a stage's identity is built from, per config section a stage hashes: the settings
+# that decide what it writes (``COUNTED``), never the section whole. The others
+# (``NOT_COUNTED``) are names shown in cards and how the work is spread over the machine
+# (scoring settings are counted by the stages that score: ``rewards.Reward.identity``).
+# Every setting of these sections is in one list or the other (a test holds the lists to
+# the dataclasses), so a new setting is classified when it is added. The update section's
+# lists are the rule table's (``rules.Rule.keys``).
+NOT_COUNTED = {
+    "model": ("name",),
+    "generate": (
+        "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
+        "threads", "tensor_parallel_size", "sleep_level",
+    ),
+    "reward": ("name", "workers", "threads", "aggregate", "uncertainty_coef", "refresh", "cache"),
+    "reward.refresh": (),
+    "prompts": (),
+    "pairs": (),
+    "handoff": (),
+}  # fmt: skip
+COUNTED = {
+    "model": ("path", "dtype", "max_length", "chat_template"),
+    "generate": ("backend", "n", "temperature", "top_p", "max_tokens", "shard_size"),
+    "reward": (
+        "path", "train", "source", "data", "base", "chat_template", "num_pairs", "label_noise",
+        "heldout_fraction", "lora", "epochs", "batch_size", "grad_accum", "lr", "max_length",
+        "dtype", "ensemble", "score_batch_size",
+    ),
+    "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
+    "prompts": ("synthetic", "source", "path", "split", "field", "per_iteration", "heldout"),
+    "pairs": ("rule", "length_penalty", "min_margin"),
+    "handoff": ("max_kl", "on_reject", "reference"),
+}  # fmt: skip
+
+
+def counted(cfg: Config, section: str) -> dict:
+    """The settings of ``section`` (``model``, ``reward.refresh``, ...) that a stage's
+    identity is built from, as plain types."""
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    values = plain(obj)
+    return {k: values[k] for k in COUNTED[section]}
 
 
 def job_dirname(overrides: str) -> str:

@@ -18,7 +18,6 @@ dies with its parent (``PR_SET_PDEATHSIG``); in it the engine core runs in-proce
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from iterate import progress, workers
+from iterate.shards import read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def key(request: dict) -> dict:
     config = Path(request["policy"]) / "config.json"
     if config.exists():
         skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
-        arch = {k: v for k, v in json.loads(config.read_text()).items() if k not in skip}
+        arch = {k: v for k, v in read_json(config, must_exist=True).items() if k not in skip}
     else:
         arch = {"policy": request["policy"]}
     return {"arch": arch, **request["engine"]}
@@ -160,14 +160,6 @@ def serve(fd: int) -> None:
             return
 
 
-def kill_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
-
-
 @contextmanager
 def weights_file(model):
     """``model``'s weights (``merged_state_dict``) in a safetensors file for the engine to
@@ -257,7 +249,7 @@ class Engine:
                 [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
                 env=env,
                 pass_fds=[theirs.fileno()],
-                preexec_fn=kill_with_parent,
+                preexec_fn=workers.kill_with_parent,
             )
         except BaseException:
             ours.close()
@@ -300,5 +292,5 @@ class Engine:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    kill_with_parent()
+    workers.kill_with_parent()
     serve(int(sys.argv[2]))

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from iterate.config import Config, plain
-from iterate.paths import Paths
+from iterate.errors import BadInput
+from iterate.paths import CARD, Paths
 from iterate.rules import between, rule
 from iterate.shards import atomic_write_json, read_json, read_jsonl
 from iterate.stage import DONE, Stage
@@ -29,7 +30,7 @@ log = logging.getLogger("iterate")
 def prepare(cfg: Config, run_dir: Path) -> Paths:
     """Resolve the initial policy (building the toy world if needed) and the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    first = run_dir / "config.yaml"
+    first = Paths(run=run_dir, base_policy="").config
     if not first.exists():  # the resolved config of the first invocation
         first.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
     toy = None
@@ -46,9 +47,9 @@ def reward_model_path(cfg: Config, paths: Paths) -> str:
         from iterate.stages import reward_model
 
         reward_model.train(cfg, paths)
-        return str(paths.reward_model_dir / "model")
+        return str(paths.trained_reward_model)
     if not cfg.reward.path:
-        raise ValueError("reward.train is false but reward.path is not set")
+        raise BadInput("reward.train is false but reward.path is not set")
     return cfg.reward.path
 
 
@@ -84,7 +85,7 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
     every stage such a run has is there with its files of the recorded sizes, and so are
     what the end of a run writes (``metrics.jsonl``, its plot, the model cards), else the
     loop goes through the stages again (skipping what is done) and rewrites them."""
-    fin = read_json(paths.run / "_FINISHED.json")
+    fin = read_json(paths.finished)
     if fin is None:
         return False
     if fin["config"] != _comparable(cfg) or not (
@@ -97,9 +98,9 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
             return False
         Stage(folder, folder.name, {}).verify(checksums=False)
     n = fin["iterations"]
-    made = [paths.run / "metrics.jsonl", paths.run / "metrics.png"] if n else []
-    made += [paths.stage(i, "handoff") / "policy" / "README.md" for i in range(n)]
-    rows = read_jsonl(paths.run / "metrics.jsonl")
+    made = [paths.metrics, paths.plot] if n else []
+    made += [paths.handoff_policy(i) / CARD for i in range(n)]
+    rows = read_jsonl(paths.metrics)
     if not all(p.exists() for p in made) or len(rows) != n:
         log.warning("%s: metrics, plot or model cards missing: written again", paths.run)
         return False
@@ -108,7 +109,7 @@ def is_finished(cfg: Config, paths: Paths) -> bool:
 
 def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -> str:
     if handoff["kl"]["accepted"]:
-        return str(paths.stage(i, "handoff") / "policy")
+        return str(paths.handoff_policy(i))
     return policy  # keep_previous: the next iteration starts again from this one's policy
 
 
@@ -126,9 +127,8 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
     from iterate.report import metrics
 
     paths = Paths(run=run_dir, base_policy=cfg.model.path or "")
-    metrics_file = run_dir / "metrics.jsonl"
     if is_finished(cfg, paths):
-        rows = read_jsonl(metrics_file)
+        rows = read_jsonl(paths.metrics)
         last = f"iterations 0..{cfg.iteration - 1}" if cfg.iteration else "its reward model"
         log.info("nothing to do: %s already has %s\n%s", run_dir, last, metrics.table(rows))
         return rows
@@ -146,16 +146,16 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
         rows = iterate(cfg, paths, rm)
     finally:
         sampling.close_kept()  # a kept vLLM engine lives for one run
-    metrics.write_metrics(metrics_file, rows)
-    metrics.plot(rows, run_dir / "metrics.png", max_kl=cfg.handoff.max_kl)
+    metrics.write_metrics(paths.metrics, rows)
+    metrics.plot(rows, paths.plot, max_kl=cfg.handoff.max_kl)
     _finish(cfg, paths, rows)
     accepted = [r["iteration"] for r in rows if r["accepted"]]
-    final = paths.stage(accepted[-1], "handoff") / "policy" if accepted else paths.base_policy
+    final = paths.handoff_policy(accepted[-1]) if accepted else paths.base_policy
     log.info(
         "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s (with its "
         "model card)\ninspect: python -m iterate show %s samples=3",
-        run_dir, len(rows), time.time() - t0, metrics.table(rows), metrics_file,
-        run_dir / "metrics.png", final, run_dir,
+        run_dir, len(rows), time.time() - t0, metrics.table(rows), paths.metrics,
+        paths.plot, final, run_dir,
     )  # fmt: skip
     return rows
 
@@ -168,7 +168,7 @@ def _finish(cfg: Config, paths: Paths, rows: list[dict]) -> None:
         "stopped": len(rows) < cfg.iteration,
         "stages": [str(p.relative_to(paths.run)) for p in expected_stages(cfg, paths, len(rows))],
     }
-    atomic_write_json(paths.run / "_FINISHED.json", fin)
+    atomic_write_json(paths.finished, fin)
 
 
 SUMMARY_KEYS = (
@@ -236,7 +236,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(metrics.metrics_row(cfg, i, done))
-        metrics.write_metrics(paths.run / "metrics.jsonl", rows)
+        metrics.write_metrics(paths.metrics, rows)
         cards.write_cards(cfg, paths, rows)  # the row is complete: the cards can say it all
         with track.Tracker(cfg, paths.run) as tracker:
             tracker.iteration(paths, rows[-1])

@@ -1,7 +1,11 @@
-"""Losses as pure functions of rewards and log-probs. Each returns a per-example tensor.
+"""Losses and the quantities the update rules build them from, as pure functions of
+rewards, log-probs and values. Every function has a hand-computed test.
 
-Shapes: ``(B,)`` for sequence-level quantities; ``(B, T)`` for per-token ones with a
-``mask (B, T)`` of response tokens. Every function has a hand-computed test.
+Shapes: ``(B,)`` for sequence-level quantities, ``(B, T)`` for per-token ones with a
+``mask (B, T)`` of response tokens. The losses return one value per example ``(B,)``
+(``dpo`` also the implicit rewards of chosen and rejected); ``kl_penalty``,
+``shaped_rewards``, ``gae``, ``kl_to_go`` and ``remax_weights`` per-token ``(B, T)``
+tensors; ``whiten`` a list of 1-D tensors; ``adaptive_kl_coef`` a float.
 """
 
 from __future__ import annotations
@@ -160,3 +164,33 @@ def remax_advantage(
     """ReMax (Li et al. 2023, Algorithm 1): the greedy response's reward is the baseline;
     rewards are clipped to [-clip, clip] first. Shape (B,)."""
     return sample_rewards.clamp(-clip, clip) - greedy_rewards.clamp(-clip, clip)
+
+
+def kl_to_go(kl: torch.Tensor) -> torch.Tensor:
+    """Per-token KL summed from each token to the end of its response (ReMax's return-to-go
+    of the KL penalty): ``out[:, t] = sum_{t' >= t} kl[:, t']``. (B, T) -> (B, T)."""
+    return kl.flip(-1).cumsum(-1).flip(-1)
+
+
+def remax_weights(
+    adv: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """ReMax's per-token weight of a response's log-prob: its advantage (B,) less
+    ``kl_coef`` times the KL still to come from that token on (``kl_to_go``). (B, T)."""
+    return (adv[:, None] - kl_coef * kl_to_go(kl)) * mask
+
+
+def whiten(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-token values of a whole step (1-D tensors, one per example) shifted and scaled
+    to mean 0 and standard deviation 1 over all the step's tokens together."""
+    flat = torch.cat(values)
+    mean, std = flat.mean(), flat.std(unbiased=False)
+    return [(v - mean) / (std + 1e-8) for v in values]
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_steps: int, horizon: float) -> float:
+    """Ziegler et al. 2019, section 2.2: the KL coefficient after a batch of ``n_steps``
+    rollouts whose mean KL was ``kl``: ``coef * (1 + e * n_steps / horizon)`` with the
+    proportional error ``e = clip(kl / target - 1, -0.2, 0.2)``."""
+    err = max(-0.2, min(0.2, kl / target - 1))
+    return coef * (1 + err * n_steps / horizon)

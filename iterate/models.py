@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from iterate.errors import BadInput
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,8 +41,6 @@ def chat_template(value: str | None) -> str | None:
 def named(path: str, what: str):
     """Turn a failed load into ``BadInput`` naming the folder (an empty or truncated
     checkpoint, a missing tokenizer file); running out of memory stays what it is."""
-    from iterate.validate import BadInput
-
     try:
         yield
     except Exception as e:
@@ -128,17 +128,58 @@ def pad(
     return ids, mask
 
 
-def token_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def forward(model, ids: torch.Tensor, mask: torch.Tensor, hidden_states: bool = False):
+    """The model on a padded batch, its position ids from the attention mask, so left- and
+    right-padded rows are the same to it (``hidden_states``: keep every layer's)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=hidden_states
+    )
+
+
+def token_logps(model, ids: torch.Tensor, mask: torch.Tensor, out=None) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T-1); 0 where masked.
 
-    Position ids come from the attention mask, and a token counts only when the one before
-    it is real too (the first real token of a left-padded row has no context), so left- and
-    right-padded batches give the same log-probs.
+    A token counts only when the one before it is real too (the first real token of a
+    left-padded row has no context), so left- and right-padded batches give the same
+    log-probs. ``out``: the model's output on this batch when the caller has it already
+    (``forward``), so the model is not run twice.
     """
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+    logits = (out if out is not None else forward(model, ids, mask)).logits[:, :-1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return logps * (mask[:, 1:] * mask[:, :-1])
+
+
+@contextmanager
+def reference_of(model, ref_model=None):
+    """The model that gives the reference's log-probs (or hidden states), without gradients:
+    ``ref_model`` when the reference is a model of its own; else ``model`` with its LoRA
+    adapter disabled, which is the policy the adapter sits on (no second copy in memory);
+    else, for a fully fine-tuned ``model``, the model itself as it is now (before its first
+    step, that is the policy it started from)."""
+    with torch.no_grad():
+        if ref_model is not None:
+            yield ref_model
+        elif hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+        else:
+            yield model
+
+
+def with_lora(model, lc, task: str = "CAUSAL_LM"):
+    """``model`` with a fresh LoRA adapter of ``lc`` (a ``LoraConfig`` section) via peft, for
+    ``task`` (``CAUSAL_LM``: a policy; ``SEQ_CLS``: a reward model, whose scalar head
+    peft then trains in full); ``model`` itself when ``lc.enabled`` is false."""
+    if not lc.enabled:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType[task], r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+    )  # fmt: skip
+    return get_peft_model(model, config)
 
 
 def sequence_batch(tokenizer, prompts: list[list[int]], responses: list[list[int]], dev) -> tuple:

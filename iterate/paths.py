@@ -1,4 +1,9 @@
-"""Where a run's files live. Built once by the loop, handed to every stage."""
+"""Where a run's files live: every path of the run folder that more than one module reads
+is named here, so a reader finds the layout in one place (README "Outputs: the run
+directory" draws it). Built once by the loop, handed to every stage; the run inspector
+builds one from a run folder alone. A stage's own bookkeeping inside its folder
+(``_DONE.json``, ``_PLAN.json``: ``iterate.stage``, ``iterate.shards``) and files that
+only the stage writing them reads are named in that stage's module."""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from pathlib import Path
 # inspector and the benchmarks name them). Which of them a rule reads: ``iterate.rules``.
 STAGES = ("prompts", "generate", "reward", "label", "pairs", "update", "evaluate", "handoff")
 
+CONFIG = "config.yaml"  # the resolved config of a run's first invocation: marks a run folder
+TRAIN_LOG = "train_log.jsonl"  # one line per optimiser step, in a stage folder that trains
+CARD = "README.md"  # a model folder's card
+
 
 @dataclass
 class Paths:
@@ -17,9 +26,33 @@ class Paths:
     toy: Path | None = None  # the toy world's folder when it is in use
     reward_model: str = ""  # the reward model the loop uses (trained here or loaded)
 
+    # the run as a whole
+    @property
+    def config(self) -> Path:
+        return self.run / CONFIG
+
+    @property
+    def finished(self) -> Path:
+        """Written at the end of every full run: the config that made it, and how far."""
+        return self.run / "_FINISHED.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run / "metrics.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        return self.run / "metrics.png"
+
+    # before iteration 0
     @property
     def reward_model_dir(self) -> Path:
         return self.run / "reward_model"
+
+    @property
+    def trained_reward_model(self) -> Path:
+        """The reward model trained in the run (a model folder, or an ensemble's)."""
+        return self.reward_model_dir / "model"
 
     @property
     def heldout_dir(self) -> Path:
@@ -30,6 +63,7 @@ class Paths:
         """The initial policy's samples of the held-out prompts."""
         return self.heldout_dir / "initial_samples"
 
+    # per iteration
     def iteration(self, i: int) -> Path:
         return self.run / f"iter_{i:03d}"
 
@@ -39,3 +73,38 @@ class Paths:
     def previous(self, i: int) -> list[Path]:
         """The stage an iteration's starting policy comes from (none for iteration 0)."""
         return [self.stage(i - 1, "handoff")] if i > 0 else []
+
+    def refreshed_reward_model(self, i: int) -> Path:
+        return self.stage(i, "reward") / "model"
+
+    def judged_pairs(self, i: int) -> Path:
+        """The pairs the refresh of iteration i had judged (read by later refreshes)."""
+        return self.stage(i, "reward") / "pairs.parquet"
+
+    def update_output(self, i: int, adapter: bool) -> Path:
+        """Where the update of iteration i writes what it trained: its LoRA adapter, or with
+        full fine-tuning the whole model."""
+        return self.stage(i, "update") / ("adapter" if adapter else "model")
+
+    def trained_policy(self, i: int) -> tuple[Path, bool]:
+        """Where the update of iteration i left its policy, and whether that is a LoRA
+        adapter (to put on the iteration's starting policy) rather than a whole model."""
+        adapter = self.update_output(i, adapter=True)
+        return (adapter, True) if adapter.exists() else (self.update_output(i, False), False)
+
+    def value_head(self, i: int) -> Path:
+        """PPO's value head after the update of iteration i (carried to the next one)."""
+        return self.stage(i, "update") / "value_head.pt"
+
+    def evaluation_samples(self, i: int) -> Path:
+        return self.stage(i, "evaluate") / "samples"
+
+    def evaluation_scores(self, i: int) -> Path:
+        return self.stage(i, "evaluate") / "scores"
+
+    def handoff_policy(self, i: int) -> Path:
+        """The merged policy iteration i hands to the next (when accepted)."""
+        return self.stage(i, "handoff") / "policy"
+
+    def handoff_adapter(self, i: int) -> Path:
+        return self.stage(i, "handoff") / "adapter"

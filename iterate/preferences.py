@@ -26,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from iterate.errors import BadInput
+
 Messages = list[dict[str, str]]
 
 
@@ -137,7 +139,6 @@ def parse_row(row: dict, where: str) -> Pair:
 def _json_rows(p: Path) -> list:
     """The rows of a .jsonl (one object per line) or .json (a list of objects) file, read
     here so that bad bytes or a broken line are reported with the file and line."""
-    from iterate.validate import BadInput
 
     data = p.read_bytes()
     try:
@@ -173,8 +174,6 @@ def _json_rows(p: Path) -> list:
 def read_rows(path: str):
     """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train split)."""
     import datasets
-
-    from iterate.validate import BadInput
 
     p = Path(path)
     if not p.exists():

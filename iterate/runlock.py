@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from iterate import workers
+from iterate.errors import BadInput
 from iterate.shards import TEMPORARY
-from iterate.validate import BadInput
 
 log = logging.getLogger(__name__)
 

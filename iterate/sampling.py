@@ -268,11 +268,6 @@ def session(cfg: Config):
     memory, and wake for the next (seconds, against a new engine's tens of seconds).
     Otherwise each stage starts its own engines and ends them."""
     backend, spec = str(cfg.generate.backend), Spec.of(cfg)
-    if backend != "vllm" and cfg.generate.workers > 1:
-        raise ValueError(
-            "generate.workers > 1 needs generate.backend=vllm (engine processes); the "
-            "transformers backend samples in the stage's own process"
-        )
     cpu = models.device(spec.device).type == "cpu"
     keep = backend == "vllm" and (cfg.generate.keep_engine if cpu else spec.sleep_level > 0)
     if keep:

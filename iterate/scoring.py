@@ -1,24 +1,22 @@
-"""The one scorer of the loop: ``Scorer.score(prompts, responses)`` is how every stage
-scores responses (labelling, the held-out evaluation, the reward refresh, PPO / ReMax
-rollouts, the benchmark). Each conversation is rendered in the reward model's own chat
-template (the policy's may differ; never a double BOS) and scored in length-sorted batches.
-A reward model is one model folder or an ensemble folder (``ensemble.json`` and its members),
-whose members' rewards ``aggregate`` makes one. ``ScorerPool`` deals many shards out among
-scoring processes."""
+"""The one scorer of a reward model: ``Scorer.score(prompts, responses)`` is how every
+reward model scores responses, whichever stage asks (through ``rewards.ModelReward``: the
+label stage, the held-out evaluation, the reward refresh, PPO / ReMax rollouts; the reward
+model's own training measures its accuracy with it). Each conversation is rendered in the
+reward model's own chat template (the policy's may differ; never a double BOS) and scored
+in length-sorted batches. A reward model is one model folder or an ensemble folder
+(``ensemble.json`` and its members), whose members' rewards ``aggregate`` makes one."""
 
 from __future__ import annotations
 
-import json
 import logging
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from iterate import progress, workers
-from iterate.config import RewardConfig
+from iterate import progress
 from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
 from iterate.preferences import Messages
+from iterate.shards import read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +86,8 @@ def members(path: str) -> tuple[list[str], list[float]]:
     index = Path(path) / ENSEMBLE
     if not index.exists():
         return [path], [0.0]
-    e = json.loads(index.read_text())
+    e = read_json(index)
     return [str(Path(path) / m) for m in e["members"]], [float(o) for o in e["offsets"]]
-
-
-def aggregation(rc: RewardConfig, path: str) -> dict:
-    """What a stage that scores with the reward model at ``path`` records of how its rewards
-    are combined: the aggregate and its coefficient for an ensemble, nothing for one model."""
-    if not (Path(path) / ENSEMBLE).exists():
-        return {}
-    return {"aggregate": [str(rc.aggregate), rc.uncertainty_coef]}
 
 
 def aggregate(r: torch.Tensor, how: str = "mean", coef: float = 1.0) -> torch.Tensor:
@@ -143,14 +133,6 @@ class Scorer:
                 p.requires_grad_(False)
             models.append(model.to(device or "cpu"))
         return cls(models, tokenizer, max_length, batch_size, offsets, how, coef)
-
-    @classmethod
-    def of(cls, rc: RewardConfig, path: str, device=None) -> Scorer:
-        """The run's scorer: the reward model at ``path`` with the settings of ``reward``."""
-        return cls.load(
-            path, str(rc.dtype), rc.max_length, rc.score_batch_size, device, rc.chat_template,
-            str(rc.aggregate), rc.uncertainty_coef,
-        )  # fmt: skip
 
     def encode(self, prompt: str | Messages, response: str) -> list[int]:
         messages = as_messages(prompt) if isinstance(prompt, str) else prompt
@@ -200,84 +182,3 @@ class Scorer:
             bar.update(len(idx))
         bar.close()
         return (out, std) if spread else out
-
-
-_WORKER_SCORER: Scorer | None = None  # in a scoring worker process
-
-
-def _start_worker(rc: RewardConfig, path: str, device: str, threads: int) -> None:
-    global _WORKER_SCORER
-    if threads:
-        torch.set_num_threads(threads)
-    _WORKER_SCORER = Scorer.of(rc, path, torch.device(device))
-
-
-def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
-    return _WORKER_SCORER.score(prompts, responses, desc=desc, refusals=True, spread=spread)
-
-
-class ScorerPool:
-    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
-    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
-    ``Scorer.score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
-    (``None`` for a conversation the reward model's chat template refuses). With
-    ``reward.workers`` = 1 it scores in this process; with N > 1 the jobs are dealt out
-    among N processes (one per GPU, or each with ``reward.threads`` CPU threads), each
-    holding its own copy of the reward model. A job's rewards are the same whichever worker
-    scores it."""
-
-    def __init__(self, rc: RewardConfig, path: str, device: torch.device):
-        self.rc, self.path, self.device = rc, path, device
-        self.pools: list = []
-        self.scorer: Scorer | None = None
-
-    def _open(self) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        if self.rc.workers == 1:
-            self.scorer = self.scorer or Scorer.of(self.rc, self.path, self.device)
-            return
-        if self.pools:
-            return
-        n_gpu = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        threads = workers.share(self.rc.workers, self.rc.threads)
-        for w in range(self.rc.workers):
-            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
-            self.pools.append(
-                ProcessPoolExecutor(
-                    1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker,
-                    initargs=(self.rc, self.path, device, 0 if n_gpu else threads),
-                )
-            )
-
-    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
-        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
-        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Scorer.score``).
-        Each worker holds one job's texts at a time."""
-        self._open()
-
-        def work(w: int, mine: list) -> None:
-            for k in mine:
-                if self.scorer is not None:
-                    got = self.scorer.score(*texts(k), desc=desc, refusals=True, spread=spread)
-                else:
-                    job = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread)
-                    got = job.result()
-                done(k, got)
-
-        groups = workers.deal(keys, max(1, len(self.pools)))
-        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
-
-    def close(self) -> None:
-        for pool in self.pools:
-            pool.shutdown()
-        self.pools, self.scorer = [], None
-
-    def __enter__(self) -> ScorerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

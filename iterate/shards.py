@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iterate.errors import BadInput
+
 PLAN = "_PLAN.json"  # how much a stage set out to write: the run inspector's "k of n"
 TEMPORARY = re.compile(r"\.tmp(\d+)$")  # an atomic write's temporary name (the writer's pid)
 
@@ -79,17 +81,37 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     )
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """A JSON file's content, or ``default`` when there is no such file."""
+def read_json(path: Path, default: Any = None, must_exist: bool = False) -> Any:
+    """A JSON file's content, or ``default`` when there is no such file (with
+    ``must_exist``, a missing file is an error naming it). Every JSON file of a run is read
+    here: one that is not JSON (a damaged disk, a hand edit) is ``BadInput`` naming it."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else default
+    if not path.exists():
+        if must_exist:
+            raise FileNotFoundError(f"{path}: no such file")
+        return default
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise BadInput(f"{path} is damaged (not JSON: {e}); {_REDO}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """A JSON-lines file's objects (``metrics.jsonl``, ``train_log.jsonl``); none when the
-    file is not there."""
+    file is not there. A line that is not JSON is ``BadInput`` naming the file and line."""
     path = Path(path)
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            out += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise BadInput(f"{path}: line {n} is damaged (not JSON: {e}); {_REDO}") from None
+    return out
+
+
+_REDO = "delete it, or the stage folder it is in, to have it written again"
 
 
 def write_folder(out: Path, fill, replace: bool = False) -> Any:

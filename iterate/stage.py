@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from iterate import faults
-from iterate.shards import PLAN, TEMPORARY, atomic_write_json
+from iterate.errors import BadInput
+from iterate.paths import CONFIG
+from iterate.shards import PLAN, TEMPORARY, atomic_write_json, read_json
 
 DONE = "_DONE.json"
 
 log = logging.getLogger(__name__)
 
 
-class StageConfigChanged(RuntimeError):
-    pass
+class StageConfigChanged(BadInput):
+    """A finished (or started) stage's config differs from the run's now."""
 
 
 def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -70,7 +72,7 @@ def done_id(folder: Path) -> str | None:
     p = Path(folder) / DONE
     if not p.exists():
         return None
-    d = json.loads(p.read_text())
+    d = read_json(p)
     if "identity" in d:
         return d["identity"]
     if "files" in d:
@@ -144,7 +146,7 @@ def output_files(folder: Path) -> dict[str, dict]:
     return out
 
 
-class DamagedStage(RuntimeError):
+class DamagedStage(BadInput):
     """A finished stage's file is missing or differs from what ``_DONE.json`` recorded."""
 
 
@@ -154,7 +156,7 @@ RUN = "${run}"  # how a stage config writes the run folder: a run folder can mov
 def run_root(path: Path) -> Path | None:
     """The run folder a stage folder is in: the nearest one above with a ``config.yaml``."""
     for parent in Path(path).resolve().parents:
-        if (parent / "config.yaml").exists():
+        if (parent / CONFIG).exists():
             return parent
     return None
 
@@ -194,6 +196,11 @@ def resolve(obj: Any, root: Path | None) -> Any:
     return obj if root is None else _strings(obj, where)
 
 
+# Settings that earlier versions hashed and that no longer count (``config.NOT_COUNTED``): a
+# stage recorded with them is not a stage whose config changed.
+RETIRED = ("model.name", "reward.name")
+
+
 class Stage:
     """A stage's folder: ``<run>/iter_000/generate/`` or ``<run>/reward_model/``."""
 
@@ -217,7 +224,7 @@ class Stage:
     def read_done(self) -> dict:
         """``_DONE.json``; paths inside the run in what the stage reports (a refreshed reward
         model) as they are now (the record keeps them as ``${run}/...``: a run can move)."""
-        done = json.loads(self.done_path.read_text())  # a missing one is an error here
+        done = read_json(self.done_path, must_exist=True)
         return {
             k: v if k in ("config", "files") else resolve(v, self.root) for k, v in done.items()
         }
@@ -232,10 +239,13 @@ class Stage:
         marker = self.path / "_CONFIG.json"
         recorded = self.read_done()["config"] if self.is_done() else None
         if recorded is None and marker.exists():
-            recorded = json.loads(marker.read_text())
+            recorded = read_json(marker)
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
-        if recorded is not None and recorded != self.config:
-            keys = diff_keys(recorded, self.config)
+        keys = diff_keys(recorded, self.config) if recorded is not None else []
+        if keys and set(keys) <= set(RETIRED):  # hashed by an earlier version: no change
+            log.info("%s: recorded with settings that no longer count (%s)", self.path, keys)
+            keys = []
+        if keys:
             wrote = [p for p in self.path.rglob("*") if p.is_file() and p.name not in NOT_OUTPUT]
             if not wrote and not self.is_done():  # a start that failed before any output
                 log.info("%s: started with another config but wrote nothing: starting again "

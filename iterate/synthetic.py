@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 
 from iterate import models, sampling, seeds
 from iterate.config import Config, plain
+from iterate.errors import BadInput
 
 REQUEST = "Write a new instruction like these:\n{examples}"
 _REFUSAL = re.compile(r"\b(i can ?not|i can't|i'm sorry|i am sorry|as an ai|i am unable)\b")
@@ -145,7 +146,7 @@ def write(
     info = {"generator": model, "candidates": candidates, "rounds": rounds, "kept": len(kept),
             "spare": spare, "dropped": dict(dropped), "settings": plain(sc)}  # fmt: skip
     if len(kept) < k:
-        raise ValueError(
+        raise BadInput(
             f"prompts (self_instruct): iteration {i} needs {k} prompts but {len(kept)} of "
             f"{candidates} candidates survived {rounds} rounds (dropped: {dict(dropped)}); "
             f"raise prompts.synthetic.max_rounds, loosen its filters, or lower per_iteration"

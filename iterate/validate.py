@@ -10,13 +10,10 @@ import re
 from pathlib import Path
 
 from iterate.config import Config, plain
+from iterate.errors import BadInput
 from iterate.rules import rule
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
-
-
-class BadInput(ValueError):
-    """Input the user can fix: a setting, a path, a file's row. Exit status 2."""
 
 
 def _need(ok: bool, key: str, value, says: str) -> None:
@@ -178,6 +175,7 @@ def check(cfg: Config) -> None:
         gc.max_tokens,
         f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
     )
+    _together(cfg)
     _model_folder("model.path", cfg.model.path, "model")
     if not rc.train:
         if not rc.path:
@@ -197,6 +195,36 @@ def check(cfg: Config) -> None:
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
             _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
+
+
+def _together(cfg: Config) -> None:
+    """Settings that only make sense together, found at start-up rather than when their
+    stage is reached."""
+    uc, gc = cfg.update, cfg.generate
+    if str(gc.backend) != "vllm" and gc.workers > 1:
+        raise BadInput(
+            f"generate.workers={gc.workers} needs generate.backend=vllm (engine processes); "
+            "the transformers backend samples in the stage's own process"
+        )
+    if uc.num_processes > 1 and rule(uc.name).on_policy:
+        raise BadInput(
+            f"update.num_processes={uc.num_processes}: several processes run the pair rules; "
+            f"update={uc.name} rolls out inside its update and runs in one process (set "
+            "update.num_processes=1)"
+        )
+    if uc.num_processes > 1 and str(uc.strategy) != "ddp" and not _cuda(cfg):
+        raise BadInput(
+            f"update.strategy={uc.strategy} needs CUDA: accelerate applies FSDP and DeepSpeed "
+            "on an accelerator only; on CPU use update.strategy=ddp"
+        )
+
+
+def _cuda(cfg: Config) -> bool:
+    if str(cfg.device) == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return str(cfg.device).startswith("cuda")
 
 
 def _trackers(cfg: Config) -> None:
@@ -226,7 +254,8 @@ def _refresh(cfg: Config) -> None:
     if judge == "gold" and str(cfg.prompts.source) != "toy":
         raise BadInput(
             "reward.refresh.judge=gold: the gold judge knows only the toy world's prompts; "
-            "use judge=model with judge_path, or judge=file with path"
+            "use judge=model with judge_path, or judge=file with path, or turn the refresh "
+            "off with reward.refresh.pairs=0"
         )
     if judge == "model":
         if not fc.judge_path:

@@ -4,8 +4,8 @@ split their shards among workers, one per slice of the machine (a CPU core range
 workers write the shards one worker writes.
 
 This module only says which worker takes which shard and what each worker's slice is; the
-workers themselves are vLLM engine processes (``sampling.VllmPool``) or scoring processes
-(``scoring.ScorerPool``), driven from threads of the stage's process.
+workers themselves are vLLM engine processes (a ``sampling.VllmSampler``'s engines) or
+scoring processes (``rewards.RewardPool``), driven from threads of the stage's process.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+
+from iterate.errors import BadInput
 
 
 def deal(keys: Iterable, workers: int) -> list[list]:
@@ -61,7 +63,7 @@ def gpu_slice(w: int, per_worker: int) -> list[str]:
         ids = [str(d) for d in range(torch.cuda.device_count())]
     need = (w + 1) * per_worker
     if need > len(ids):
-        raise ValueError(
+        raise BadInput(
             f"worker {w} needs GPUs {w * per_worker}..{need - 1} but {len(ids)} are visible "
             "(fewer workers, or a smaller tensor_parallel_size)"
         )
@@ -95,3 +97,14 @@ def run_each(jobs: list[Callable[[], object]]) -> list:
         if e is not None:
             raise e
     return [f.result() for f in futures]
+
+
+def kill_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``): what
+    the engines and the update's ranks call it first, so none outlives a killed run. (It
+    fires when the *thread* that started the child ends: only for children started from a
+    thread that lives as long as they do.)"""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)

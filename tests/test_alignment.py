@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import scoring
+from iterate import rewards, scoring
 from iterate.paths import Paths
 from iterate.report import sweep
 from iterate.stages import reward as refresh
@@ -53,7 +53,7 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
     # the ensemble's reward and spread are its centred members' mean - 0.5 std and std
     prompts = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 3."]
     responses = ["Hello Anna!", "Ugh, 2 plus 3 is 7. Stop asking.", "Sure! 1, 2, 3."]
-    scorer = scoring.Scorer.of(tiny_cfg.reward, str(out))
+    scorer = rewards.of(tiny_cfg, path=str(out))
     got, spread = scorer.score(prompts, responses, spread=True)
     single = [
         torch.tensor(scoring.Scorer.load(str(out / m), "float32", 256, 8).score(

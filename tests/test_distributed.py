@@ -81,12 +81,6 @@ def test_two_processes_make_the_adapter_of_one(tiny_cfg, tiny_world, tmp_path, r
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_on_policy_rules_refuse_several_processes(tiny_cfg, tiny_world, tmp_path):
-    tiny_cfg.update = compose_cfg(["update=ppo", "update.num_processes=2"]).update
-    with pytest.raises(ValueError, match="num_processes"):
-        rule("ppo").run(tiny_cfg, Paths(tmp_path, str(tiny_world)), 0, "x", "x")
-
-
 @pytest.mark.parametrize("strategy", dist.STRATEGIES)
 def test_every_strategy_composes_to_a_shipped_accelerate_config(strategy):
     import yaml
@@ -102,8 +96,3 @@ def test_every_strategy_composes_to_a_shipped_accelerate_config(strategy):
         assert conf["deepspeed_config"]["zero_stage"] == int(strategy[-1])
     assert cmd[cmd.index("--num_processes") + 1] == "8"
     assert torch.distributed.is_available()
-
-
-def test_sharded_strategies_are_refused_on_cpu(tiny_cfg, tiny_world, tmp_path):
-    with pytest.raises(ValueError, match="update.strategy=fsdp needs CUDA"):
-        _update(tiny_cfg, tiny_world, tmp_path, "fsdp", {"num_processes": 2, "strategy": "fsdp"})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iterate.stage import CANONICAL, DONE, Stage, done_id, file_sum
+from iterate.stage import CANONICAL, DONE, Stage, StageConfigChanged, done_id, file_sum
 
 from .conftest import FULL, cli, hash_seeds
 
@@ -54,13 +54,15 @@ def _done_files(run: Path) -> dict[str, str]:
     return {str(p.relative_to(run)): p.read_text() for p in run.rglob(DONE)}
 
 
-def _rerun(run: Path, tiny_cache: Path, seed: str):
-    return cli([*FULL, f"runs_dir={run.parent}", f"toy.cache_dir={tiny_cache}"],
+def _rerun(run: Path, tiny_cache: Path, seed: str, *more: str):
+    return cli([*FULL, f"runs_dir={run.parent}", f"toy.cache_dir={tiny_cache}", *more],
                env={"PYTHONHASHSEED": seed})  # fmt: skip
 
 
 @pytest.mark.slow
 def test_a_copied_run_with_every_optional_stage_resumes(full_run, tiny_cache, tmp_path):
+    """... under another hash seed, and with the names shown in the cards changed: a name
+    is not a setting that decides a stage's output."""
     run = tmp_path / "elsewhere" / "toy_tiny"
     shutil.copytree(full_run, run)
     refreshed = json.loads((run / "iter_001" / "reward" / DONE).read_text())
@@ -69,9 +71,45 @@ def test_a_copied_run_with_every_optional_stage_resumes(full_run, tiny_cache, tm
     where = [p for p in records if str(full_run) in p.read_text()]
     assert not where, f"a path of where the run was: {where}"
     before = _done_files(run)
-    out = _rerun(run, tiny_cache, hash_seeds()[1])
+    out = _rerun(run, tiny_cache, hash_seeds()[1], "model.name=renamed", "reward.name=renamed")
     assert out.returncode == 0, out.stderr[-3000:]
     assert _done_files(run) == before, "nothing redone"
+    assert "renamed" in (run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
+
+
+def test_a_stage_recorded_with_a_setting_that_no_longer_counts_stands(tmp_path):
+    """Earlier versions hashed the display-only ``model.name`` (``stage.RETIRED``): such a
+    stage is not refused, while a setting that counts still is."""
+    folder = tmp_path / "generate"
+    old = {"model": {"name": "shown", "path": "p"}, "seed": 0}
+    stage = Stage(folder, "generate", old)
+    stage.check()
+    stage.finish()
+    assert Stage(folder, "generate", {"model": {"path": "p"}, "seed": 0}).check()
+    with pytest.raises(StageConfigChanged, match="model.path"):
+        Stage(folder, "generate", {"model": {"path": "q"}, "seed": 0}).check()
+
+
+def test_every_setting_a_stage_hashes_is_classified():
+    """Each section a stage hashes lists every setting once: counted (it decides what the
+    stage writes) or not (a name, how the work is spread). A new setting fails here until
+    it is classified, so it can never silently leave a stale stage standing."""
+    import dataclasses
+
+    from iterate import config
+
+    classes = {
+        "model": config.ModelConfig, "generate": config.GenerateConfig,
+        "reward": config.RewardConfig, "reward.refresh": config.RefreshConfig,
+        "prompts": config.PromptsConfig, "pairs": config.PairsConfig,
+        "handoff": config.HandoffConfig,
+    }  # fmt: skip
+    assert set(classes) == set(config.COUNTED) == set(config.NOT_COUNTED)
+    for section, cls in classes.items():
+        yes, no = config.COUNTED[section], config.NOT_COUNTED[section]
+        assert not set(yes) & set(no), section
+        assert sorted([*yes, *no]) == sorted(f.name for f in dataclasses.fields(cls)), section
+    assert "name" in config.NOT_COUNTED["model"] and "path" in config.COUNTED["model"]
 
 
 @pytest.mark.slow
@@ -94,3 +132,23 @@ def test_a_stage_redone_under_another_hash_seed_keeps_its_identity(full_run, tin
     assert {rel: done_id(run / rel) for rel in redo} == ids
     after = _done_files(run)
     assert {k: after[k] for k in kept} == kept, "the stages after them stand"
+
+
+def test_a_damaged_record_is_bad_input_naming_the_file(tmp_path):
+    """A ``_DONE.json`` cut short (a full disk, a hand edit) or a damaged metrics line is
+    named, with what to do; never a traceback from the JSON parser."""
+    from iterate.errors import BadInput
+    from iterate.shards import read_jsonl
+
+    folder = tmp_path / "label"
+    stage = Stage(folder, "label", {"k": 1})
+    stage.check()
+    stage.finish()
+    done = folder / DONE
+    done.write_text(done.read_text()[:40])
+    with pytest.raises(BadInput, match=f"{done}.* is damaged .*delete it"):
+        Stage(folder, "label", {"k": 1}).check()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iteration": 0}\n{"iteration": 1, "kl"\n')
+    with pytest.raises(BadInput, match="metrics.jsonl: line 2 is damaged"):
+        read_jsonl(metrics)

@@ -161,3 +161,42 @@ def test_remax_advantage_hand_values():
         torch.tensor([0.5, 3.0, -2.0]), torch.tensor([0.2, 0.9, 0.0]), clip=1.0
     )
     assert adv.tolist() == pytest.approx([0.3, 0.1, -1.0])
+
+
+def test_kl_to_go_sums_each_token_to_the_end_of_its_response():
+    kl = torch.tensor([[0.0, 0.5, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]])  # row 0: padded at the end
+    got = losses.kl_to_go(kl).tolist()
+    assert got[0] == pytest.approx([0.75, 0.75, 0.25, 0.0])
+    assert got[1] == pytest.approx([1.0, 0.9, 0.7, 0.4])
+
+
+def test_remax_weights_with_a_kl_coefficient_hand_values():
+    """ReMax's per-token weight ``A - kl_coef * KL-to-go`` with a non-zero coefficient: the
+    early tokens carry the KL of the tokens after them."""
+    adv = torch.tensor([1.0, -1.0])
+    kl = torch.tensor([[0.2, 0.4, 0.6], [0.3, 0.1, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1: two response tokens
+    weight = losses.remax_weights(adv, kl, 0.5, mask).tolist()
+    assert weight[0] == pytest.approx([1 - 0.5 * 1.2, 1 - 0.5 * 1.0, 1 - 0.5 * 0.6])
+    assert weight[1] == pytest.approx([-1 - 0.5 * 0.4, -1 - 0.5 * 0.1, 0.0])
+    assert losses.remax_weights(adv, kl, 0.0, mask)[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_whiten_over_every_token_of_the_step_hand_values():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    mean, sd = 3.0, math.sqrt(2.0)  # of 1..5, population standard deviation
+    out = losses.whiten([a, b])
+    assert [x.tolist() for x in out] == [
+        pytest.approx([(1 - mean) / sd, (2 - mean) / sd], abs=1e-6),
+        pytest.approx([0.0, (4 - mean) / sd, (5 - mean) / sd], abs=1e-6),
+    ]
+
+
+def test_adaptive_kl_coefficient_hand_values():
+    """Ziegler et al. 2019: the error is clipped to +-0.2 and scaled by steps / horizon."""
+    # KL 1.5 x the target: error clipped to 0.2; 100 rollouts of a 10,000 horizon
+    assert losses.adaptive_kl_coef(0.1, 3.0, 2.0, 100, 10_000) == pytest.approx(0.1 * 1.002)
+    # KL 0.9 x the target: error -0.1, not clipped
+    assert losses.adaptive_kl_coef(0.1, 1.8, 2.0, 100, 1_000) == pytest.approx(0.1 * 0.99)
+    assert losses.adaptive_kl_coef(0.1, 0.0, 2.0, 1_000, 1_000) == pytest.approx(0.1 * 0.8)
+    assert losses.adaptive_kl_coef(0.1, 2.0, 2.0, 5, 10) == pytest.approx(0.1)  # on target

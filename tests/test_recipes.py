@@ -11,8 +11,7 @@ import json
 import pandas as pd
 import pytest
 
-from iterate import loop, models
-from iterate.scoring import Scorer
+from iterate import loop, models, rewards
 from iterate.toy import world
 
 from . import miniatures as mini
@@ -98,7 +97,7 @@ def _reward_input(cfg, rm_path: str, run) -> tuple[str, str, str, int]:
     held-out sample of the new policy."""
     samples = run / "iter_000" / "evaluate" / "samples" / "shard_00000.parquet"
     sample = pd.read_parquet(samples).iloc[0]
-    scorer = Scorer.of(cfg.reward, rm_path)
+    scorer = rewards.of(cfg, path=rm_path).scorer()
     ids = scorer.encode(sample["prompt"], sample["response"])
     prompt = models.as_messages(sample["prompt"])[-1]["content"]
     seen = scorer.tokenizer.decode(ids)
@@ -188,7 +187,7 @@ def test_rm_mistral_trains_only_the_reward_model(minis, data, tmp_path):
     lines = (run / "reward_model" / "train_log.jsonl").read_text().splitlines()
     log = [json.loads(line) for line in lines]
     assert all(r["loss"] == r["loss"] for r in log) and len(log) == done["steps"] > 0
-    scorer = Scorer.of(cfg.reward, str(run / "reward_model" / "model"))
+    scorer = rewards.of(cfg, path=str(run / "reward_model" / "model")).scorer()
     seen = scorer.tokenizer.decode(scorer.encode("Name a fruit.", "Pear."))
     assert seen == "<s>[INST] Name a fruit. [/INST]Pear.</s>"
     assert _run("rm_mistral", tmp_path, overrides)[1] == [], "a finished run does nothing"

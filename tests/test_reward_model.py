@@ -111,9 +111,9 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
 def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     import pyarrow as pa
 
+    from iterate.rewards import GoldJudge
     from iterate.shards import SCHEMAS
     from iterate.stages import label
-    from iterate.toy.world import gold_scorer
 
     model, tok = scoring.load_model(str(tiny_world))
     poison = tok("Rosa", add_special_tokens=False)["input_ids"]
@@ -136,7 +136,7 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     )
     texts = gen["prompt"].to_pylist(), gen["response"].to_pylist()
     rewards = scoring.Scorer(model, tok, 128).score(*texts)
-    table, dropped = label.label_table(gen, rewards, gold=gold_scorer("toy"))
+    table, dropped = label.label_table(gen, rewards, gold=GoldJudge().score(*texts))
     assert dict(dropped) == {"non_finite_reward": 1}
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
     assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0

@@ -6,7 +6,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import models, sampling, scoring, workers
+from iterate import models, rewards, sampling, scoring, workers
 from iterate.shards import shard_paths
 
 from .test_sampling import PARAMS, SPEC, _prompts
@@ -74,7 +74,7 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
     for n in (1, 2):
         rc.workers = n
         out = {}
-        with scoring.ScorerPool(rc, str(rm), models.device("cpu")) as pool:
+        with rewards.RewardPool(rewards.of(tiny_cfg, path=str(rm)), n, rc.threads) as pool:
             pool.score_each(list(jobs), jobs.__getitem__, out.__setitem__)
         got[n] = out
     assert sorted(got[2]) == [0, 1, 2, 3] and got[2] == got[1]

@@ -22,7 +22,7 @@ def run(kind: str, spec: dict, workdir: Path) -> dict:
     """Run a measurement in a child process and return its results."""
     import os
 
-    from iterate.engine import kill_with_parent
+    from iterate.workers import kill_with_parent
 
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = workdir / f"{kind}_spec.json", workdir / f"{kind}_out.json"

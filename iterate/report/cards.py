@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from iterate.config import Config
-from iterate.paths import Paths
+from iterate.paths import CARD, Paths
 from iterate.report.metrics import table
 from iterate.rules import rule
 from iterate.shards import atomic_write_bytes, read_json
@@ -56,19 +56,20 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     ``handoff/policy/README.md`` (the merged policy) and, when the rule trained a LoRA
     adapter, ``handoff/adapter/README.md``; each can be pushed to the hub as it is."""
     row = rows[-1]
-    i, handoff = row["iteration"], paths.stage(row["iteration"], "handoff")
+    i = row["iteration"]
     # the settings this rule read, as its update stage recorded them
     update = read_json(paths.stage(i, "update") / DONE)["config"]
     start = update["policy"].replace("${run}", str(paths.run))  # the adapter's base
     written = []
-    for folder, library in (("policy", "transformers"), ("adapter", "peft")):
-        if not (handoff / folder).is_dir():
+    for folder, where, library in (("policy", paths.handoff_policy(i), "transformers"),
+                                   ("adapter", paths.handoff_adapter(i), "peft")):  # fmt: skip
+        if not where.is_dir():
             continue
         base = paths.base_policy if folder == "policy" else start
         meta = card_metadata(cfg, row, base, library)
         text = f"---\n{meta.to_yaml()}\n---\n\n" + card_text(cfg, paths, rows, update, folder)
-        atomic_write_bytes(handoff / folder / "README.md", text.encode())
-        written.append(handoff / folder / "README.md")
+        atomic_write_bytes(where / CARD, text.encode())
+        written.append(where / CARD)
     return written
 
 

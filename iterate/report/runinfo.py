@@ -11,18 +11,18 @@ from pathlib import Path
 
 import yaml
 
-from iterate.paths import STAGES, Paths
+from iterate.paths import STAGES, TRAIN_LOG, Paths
 from iterate.rules import between
 from iterate.shards import PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
 from iterate.stage import DONE
 
 # the stages before iteration 0, where they are in the run folder
-BEFORE = (("reward_model", "reward_model"), ("heldout", "heldout"),
-          ("initial_samples", "heldout/initial_samples"))  # fmt: skip
+BEFORE = (("reward_model", "reward_model_dir"), ("heldout", "heldout_dir"),
+          ("initial_samples", "initial_samples_dir"))  # fmt: skip
 # what a finished stage's _DONE.json counts, by the name the inspector prints
 COUNTS = (("rows_out", "rows"), ("train_pairs", "pairs"), ("judged_pairs", "judged pairs"),
           ("steps", "steps"))  # fmt: skip
-# where a stage's shards are, inside its folder, when not at its top
+# where a stage's shards are, inside its folder, when not at its top (Paths.evaluation_samples)
 SHARD_FOLDER = {"evaluate": "samples"}
 
 
@@ -54,7 +54,7 @@ def stage_state(folder: Path, name: str, planned: int | None = None) -> StageSta
     plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}
     unit = plan.get("unit", "steps" if name == "update" else "shards")
     if unit == "steps":
-        k = len(read_jsonl(folder / "train_log.jsonl"))
+        k = len(read_jsonl(folder / TRAIN_LOG))
     else:
         k = len(shard_paths(folder / SHARD_FOLDER.get(name, "")))
     return StageState(name, "partial", progress=(k, plan.get("total", planned), unit))
@@ -66,7 +66,7 @@ def iterations(run: Path) -> list[int]:
 
 def config(run: Path) -> dict:
     """The resolved config of the run's first invocation (``<run>/config.yaml``)."""
-    path = Path(run) / "config.yaml"
+    path = Paths(run=Path(run), base_policy="").config
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml")
     return yaml.safe_load(path.read_text())
@@ -85,7 +85,7 @@ def states(run: Path) -> dict[str, list[StageState]]:
     expected, paths = expected_stages(cfg), Paths(run=run, base_policy="")
     trained = cfg["reward"].get("train", True)  # else loaded: no reward_model/
     before = [(n, rel) for n, rel in BEFORE if trained or n != "reward_model"]
-    out = {"before": [stage_state(run / rel, name) for name, rel in before]}
+    out = {"before": [stage_state(getattr(paths, where), name) for name, where in before]}
     for i in iterations(run):
         present = {p.name for p in paths.iteration(i).iterdir() if p.is_dir()}
         row = []
@@ -103,13 +103,13 @@ def scored_source(run: Path, i: int, heldout: bool = False) -> tuple[Path, Path,
     their scores' folder, which), the best-of-n samples and their labels, or with
     ``heldout`` (or for the rules without labels) the held-out samples the evaluation
     scored. ``None`` when neither is on disk yet."""
-    it = Paths(run=Path(run), base_policy="").iteration(i)
-    pick = [("evaluate/samples", "evaluate/scores", "held-out")]
+    paths = Paths(run=Path(run), base_policy="")
+    pick = [(paths.evaluation_samples(i), paths.evaluation_scores(i), "held-out")]
     if not heldout:
-        pick.insert(0, ("generate", "label", "best-of-n"))
+        pick.insert(0, (paths.stage(i, "generate"), paths.stage(i, "label"), "best-of-n"))
     for gen, lab, which in pick:
-        if shard_paths(it / gen) and shard_paths(it / lab):
-            return it / gen, it / lab, which
+        if shard_paths(gen) and shard_paths(lab):
+            return gen, lab, which
     return None
 
 

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from iterate import runlock
+from iterate.paths import Paths
 from iterate.report import metrics, runinfo
 from iterate.shards import read_jsonl
 
@@ -35,7 +36,8 @@ def _stage_line(s: runinfo.StageState) -> str:
 def status(run: Path) -> str:
     """The stage table and the metrics table of a run folder."""
     cfg = runinfo.config(run)
-    finished = (run / "_FINISHED.json").exists()
+    paths = Paths(run=run, base_policy="")
+    finished = paths.finished.exists()
     holder = runlock.holder(run)
     where = (
         f"running (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
@@ -48,7 +50,7 @@ def status(run: Path) -> str:
     for group, stages in runinfo.states(run).items():
         lines.append(f"{group}:" if group != "before" else "before iteration 0:")
         lines += [_stage_line(s) for s in stages]
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(paths.metrics)
     lines += ["", "metrics (metrics.jsonl):", metrics.table(rows) if rows else "  (no row yet)"]
     return "\n".join(lines)
 

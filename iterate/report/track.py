@@ -27,7 +27,7 @@ import secrets
 from pathlib import Path
 
 from iterate.config import Config, plain
-from iterate.paths import Paths
+from iterate.paths import TRAIN_LOG, Paths
 from iterate.shards import atomic_write_json, read_json, read_jsonl
 from iterate.stage import DONE, flatten
 
@@ -239,7 +239,7 @@ class Tracker:
 
         i, update = row["iteration"], paths.stage(row["iteration"], "update")
         ident = read_json(update / DONE)["config_hash"]
-        self.steps(i, ident, step_base(paths.run, i), read_jsonl(update / "train_log.jsonl"))
+        self.steps(i, ident, step_base(paths.run, i), read_jsonl(update / TRAIN_LOG))
         todo = [n for n in self.names if not self._cursor(n, i, ident)["row"]]
         if not todo:
             return False

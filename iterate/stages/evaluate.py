@@ -25,14 +25,14 @@ import logging
 import pyarrow as pa
 import torch
 
-from iterate import losses, models, progress, sampling
+from iterate import losses, models, progress, rewards, sampling
 from iterate.config import Config
+from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.scoring import ScorerPool, aggregation
+from iterate.rewards import Reward, RewardPool
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
 from iterate.stage import Stage
 from iterate.stages import heldout
-from iterate.toy.world import gold_scorer
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,12 @@ def kl(
     responses = samples["response_ids"].to_pylist()  # the sampled tokens themselves
     bs = cfg.evaluate.batch_size
     new, mask = logps_of(model, tok, prompts, responses, bs, dev)
-    if hasattr(model, "disable_adapter") and reference == policy:
-        with model.disable_adapter():
-            ref, _ = logps_of(model, tok, prompts, responses, bs, dev)
-    else:
+    ref_model = None  # the new policy's own base, its adapter disabled
+    if not (hasattr(model, "disable_adapter") and reference == policy):
         ref_model = models.load_policy(reference, str(cfg.model.dtype), dev)
-        ref, _ = logps_of(ref_model, tok, prompts, responses, bs, dev)
-    return sequence_kl(new, ref, mask)
+    with models.reference_of(model, ref_model) as ref:
+        ref_lps, _ = logps_of(ref, tok, prompts, responses, bs, dev)
+    return sequence_kl(new, ref_lps, mask)
 
 
 def win_rate(new: list[float], old: list[float]) -> float:
@@ -97,7 +96,7 @@ def _mean(xs: list[float]) -> float:
     return round(sum(xs) / max(1, len(xs)), 5)
 
 
-def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[dict, pa.Table]:
+def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tuple[dict, pa.Table]:
     """Reward and gold means of held-out samples, and the win rates vs the initial policy's
     samples of the same prompts under the reward model (proxy) and the gold judge. Their
     difference, ``proxy_gold_gap``, is over-optimisation on one scale: the proxy says the
@@ -114,12 +113,12 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
         return t["prompt"].to_pylist(), t["response"].to_pylist()
 
     got: dict[tuple, tuple[list, list]] = {}
-    with ScorerPool(cfg.reward, rm_path, models.device(str(cfg.device))) as pool:
+    with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
         pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", spread=True)
-    reward = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
+    by_table = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
     per_row = [x for j in jobs if j[0] == "new" for x in got[j][1]]
     spread = [x for x in per_row if x is not None]
-    scored = reward["new"]
+    scored = by_table["new"]
     new_gold = None
     out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
     if spread:
@@ -128,19 +127,16 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
         out["reward_template_refused"] = refused
     key = lambda t: list(zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist()))  # noqa: E731
     new_keys, init_keys = key(samples), key(init)
-    init_reward = dict(zip(init_keys, reward["init"]))
+    init_reward = dict(zip(init_keys, by_table["init"]))
     both = [(r, init_reward.get(k)) for r, k in zip(scored, new_keys)]
     both = [(a, b) for a, b in both if a is not None and b is not None]
     out["proxy_win_rate"] = (
         round(win_rate([a for a, _ in both], [b for _, b in both]), 4) if both else None
     )
-    if gold := gold_scorer(cfg.prompts.source):
-        init_gold = {
-            k: gold(p, r)
-            for k, p, r in zip(init_keys, init["prompt"].to_pylist(), init["response"].to_pylist())
-        }
-        prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
-        new_gold = [gold(p, r) for p, r in zip(prompts, responses)]
+    if gold := rewards.of(cfg, "gold"):
+        text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
+        init_gold = dict(zip(init_keys, gold.score(*text(init), desc="held-out gold")))
+        new_gold = gold.score(*text(samples), desc="held-out gold")
         out["gold_mean"] = _mean(new_gold)
         out["initial_gold_mean"] = _mean(list(init_gold.values()))
         out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in new_keys]), 4)
@@ -159,21 +155,20 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, rm_path: str) -> tuple[
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
     """The policy the update of iteration i made: its starting policy with the LoRA adapter
     on top (not merged), or the update's full model."""
-    update, dev = paths.stage(i, "update"), models.device(str(cfg.device))
-    if (update / "adapter").exists():
-        return models.load_policy(policy, str(cfg.model.dtype), dev, str(update / "adapter"))
-    return models.load_policy(str(update / "model"), str(cfg.model.dtype), dev)
+    (trained, adapter), dev = paths.trained_policy(i), models.device(str(cfg.device))
+    if adapter:
+        return models.load_policy(policy, str(cfg.model.dtype), dev, str(trained))
+    return models.load_policy(str(trained), str(cfg.model.dtype), dev)
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    reward = rewards.of(cfg, path=paths.reward_model, device=models.device(str(cfg.device)))
     conf = {
         **heldout.sample_conf(cfg),
         "policy": policy,
         "reference": reference,
-        "reward_model": paths.reward_model,
-        "reward_chat_template": cfg.reward.chat_template,
+        "reward": reward.identity(),
     }
-    conf.update({f"reward_{k}": v for k, v in aggregation(cfg.reward, paths.reward_model).items()})
     stage = Stage(
         paths.stage(i, "evaluate"),
         "evaluate",
@@ -189,17 +184,17 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     with timer("sample_s"):
         put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
         samples, info = heldout.sample(
-            cfg, tok, read_shards(paths.heldout_dir), stage.path / "samples", i + 1, put
+            cfg, tok, read_shards(paths.heldout_dir), paths.evaluation_samples(i), i + 1, put
         )
     if samples.num_rows == 0:
-        raise ValueError(
+        raise BadInput(
             f"evaluate: every held-out prompt is too long for model.max_length ({info['dropped']})"
         )
     with timer("kl_s"):
         per_seq = kl(cfg, tok, model, reference, policy, samples)
     with timer("score_s"):
-        measured, each = scores(cfg, paths, samples, paths.reward_model)
-    write_shard(each, shard_path(stage.path / "scores", 0))
+        measured, each = scores(cfg, paths, samples, reward)
+    write_shard(each, shard_path(paths.evaluation_scores(i), 0))
     kl_info = {
         "k1": _mean(per_seq["k1"]),
         "k3": _mean(per_seq["k3"]),

@@ -15,18 +15,13 @@ import logging
 import pyarrow as pa
 
 from iterate import models, sampling, seeds
-from iterate.config import Config, plain
+from iterate.config import Config, counted
+from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, read_shards, write_plan
 from iterate.stage import Stage
 
 log = logging.getLogger(__name__)
-
-# settings that change how generation runs, not what it writes
-NOT_HASHED = (
-    "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers", "threads",
-    "tensor_parallel_size", "sleep_level",
-)  # fmt: skip
 
 
 def params(cfg: Config) -> sampling.Params:
@@ -38,8 +33,12 @@ def params(cfg: Config) -> sampling.Params:
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> dict:
     gc = cfg.generate
-    gen_conf = {k: v for k, v in plain(gc).items() if k not in NOT_HASHED}
-    conf = {"generate": gen_conf, "model": plain(cfg.model), "policy": policy, "seed": cfg.seed}
+    conf = {
+        "generate": counted(cfg, "generate"),
+        "model": counted(cfg, "model"),
+        "policy": policy,
+        "seed": cfg.seed,
+    }
     stage = Stage(
         paths.stage(i, "generate"),
         "generate",
@@ -53,7 +52,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
         tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     if not shards:
-        raise ValueError(
+        raise BadInput(
             f"generate: all {prompts.num_rows} prompts dropped ({dict(dropped)}): "
             f"model.max_length ({cfg.model.max_length}) leaves no room for "
             f"generate.max_tokens ({gc.max_tokens}) after the prompt"

@@ -17,27 +17,23 @@ import shutil
 from pathlib import Path
 
 from iterate import models, progress
-from iterate.config import Config, plain
-from iterate.paths import Paths
+from iterate.config import Config, counted
+from iterate.paths import CARD, Paths
 from iterate.shards import atomic_write_json, write_folder
 from iterate.stage import Stage
 
 log = logging.getLogger(__name__)
 
 
-def merge(cfg: Config, policy: str, update_dir: Path, out: Path) -> None:
+def merge(cfg: Config, policy: str, trained: Path, adapter: bool, out: Path) -> None:
     """The update's policy as one model folder: the adapter merged, or the full model."""
-    dev = models.device(str(cfg.device))
-    if (update_dir / "adapter").exists():
-        model = models.load_policy(
-            policy, str(cfg.model.dtype), dev, str(update_dir / "adapter")
-        ).merge_and_unload()
-        tok_dir = update_dir / "adapter"
+    dev, dtype = models.device(str(cfg.device)), str(cfg.model.dtype)
+    if adapter:
+        model = models.load_policy(policy, dtype, dev, str(trained)).merge_and_unload()
     else:
-        model = models.load_policy(str(update_dir / "model"), str(cfg.model.dtype), dev)
-        tok_dir = update_dir / "model"
+        model = models.load_policy(str(trained), dtype, dev)
     model.save_pretrained(out)
-    models.load_tokenizer(str(tok_dir)).save_pretrained(out)
+    models.load_tokenizer(str(trained)).save_pretrained(out)
 
 
 def gate(cfg: Config, evaluation: dict) -> dict:
@@ -51,7 +47,7 @@ def gate(cfg: Config, evaluation: dict) -> dict:
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dict:
     hc = cfg.handoff
-    conf = {"handoff": plain(hc), "policy": policy}
+    conf = {"handoff": counted(cfg, "handoff"), "policy": policy}
     stage = Stage(
         paths.stage(i, "handoff"),
         "handoff",
@@ -61,14 +57,15 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dic
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
-    update = paths.stage(i, "update")
-    if not (stage.path / "policy").exists():  # merged and saved, then renamed into place
+    trained, adapter = paths.trained_policy(i)
+    if not paths.handoff_policy(i).exists():  # merged and saved, then renamed into place
         with timer("merge_save_s"):
-            write_folder(stage.path / "policy", lambda tmp: merge(cfg, policy, update, tmp))
-    if (update / "adapter").exists() and not (stage.path / "adapter").exists():
-        no_card = shutil.ignore_patterns("README.md")  # peft's; ours follows with the row
-        copy = lambda tmp: shutil.copytree(update / "adapter", tmp, ignore=no_card)  # noqa: E731
-        write_folder(stage.path / "adapter", copy)
+            merged = lambda tmp: merge(cfg, policy, trained, adapter, tmp)  # noqa: E731
+            write_folder(paths.handoff_policy(i), merged)
+    if adapter and not paths.handoff_adapter(i).exists():
+        no_card = shutil.ignore_patterns(CARD)  # peft's; ours follows with the row
+        copy = lambda tmp: shutil.copytree(trained, tmp, ignore=no_card)  # noqa: E731
+        write_folder(paths.handoff_adapter(i), copy)
     kl = gate(cfg, evaluation)
     atomic_write_json(stage.path / "kl.json", kl)
     verb = "accepted" if kl["accepted"] else "REJECTED"

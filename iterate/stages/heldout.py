@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from iterate import models, sampling, seeds
-from iterate.config import Config, plain
+from iterate.config import Config, counted
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_plan, write_shard
 from iterate.stage import Stage
@@ -73,7 +73,7 @@ def sample_conf(cfg: Config) -> dict:
     return {
         "evaluate": {"samples": cfg.evaluate.samples},
         "max_tokens": cfg.generate.max_tokens,
-        "model": plain(cfg.model),
+        "model": counted(cfg, "model"),
         "seed": cfg.seed,
     }
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 
-from iterate.config import Config, plain
+from iterate.config import Config, counted
 from iterate.paths import Paths
 from iterate.rules import rule
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
@@ -67,7 +67,7 @@ def select(
 
 def _config(cfg: Config) -> dict:
     return {
-        "pairs": plain(cfg.pairs),
+        "pairs": counted(cfg, "pairs"),
         "mode": "best" if rule(cfg.update.name).keep == "best" else "pairs",
         "seed": cfg.seed,
     }

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from iterate.config import Config, plain
+from iterate.config import Config, counted
+from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.shards import read_json, read_shards, shard_path, write_shard
 from iterate.stage import DONE, Stage
@@ -50,15 +51,15 @@ def _text(value, where: str, field: str) -> str:
         try:
             value = parse_hh(text, where, field)[0]
         except MalformedRow as e:
-            raise ValueError(str(e)) from None
+            raise BadInput(str(e)) from None
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         missing = [k for m in value for k in ("role", "content") if k not in m]
         if missing:
-            raise ValueError(f"{where}: field '{field}': a message lacks '{missing[0]}'")
+            raise BadInput(f"{where}: field '{field}': a message lacks '{missing[0]}'")
         return json.dumps([{"role": m["role"], "content": m["content"]} for m in value])
-    raise ValueError(
+    raise BadInput(
         f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}"
     )
 
@@ -84,7 +85,7 @@ def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
         ds = datasets.load_dataset(pc.path, split=pc.split)
         where = f"{pc.path}[{pc.split}]"
     if pc.field not in ds.column_names:
-        raise ValueError(f"{where}: no field '{pc.field}' (columns: {', '.join(ds.column_names)})")
+        raise BadInput(f"{where}: no field '{pc.field}' (columns: {', '.join(ds.column_names)})")
     texts = []
     for i, value in enumerate(ds[pc.field]):
         text = _text(value, f"{where}: row {i}", pc.field) if value is not None else ""
@@ -136,7 +137,7 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
 
 def config(cfg: Config) -> dict:
     return {
-        "prompts": plain(cfg.prompts),
+        "prompts": counted(cfg, "prompts"),
         "seed": cfg.seed,
         "toy_heldout_fraction": cfg.toy.heldout_fraction,
     }
@@ -174,7 +175,7 @@ def _slice(
     fresh = [t for t in train if prompt_id(t) not in used]
     k = cfg.prompts.per_iteration
     if len(fresh) < k:
-        raise ValueError(
+        raise BadInput(
             f"prompts: iteration {i} needs {k} prompts the run has not used yet, but the pool "
             f"has {len(fresh)} ({len(train)} after deduplication, {len(used)} held out or "
             f"drawn by iterations 0..{i - 1}); lower prompts.per_iteration or the number of "

@@ -27,22 +27,20 @@ import json
 import logging
 import random
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterate import faults, models, preferences
-from iterate.config import Config, PreferenceFile, plain
+from iterate import faults, models, preferences, rewards
+from iterate.config import Config, PreferenceFile, counted, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
-from iterate.scoring import Scorer, aggregation, members
-from iterate.shards import SCHEMAS, atomic_write_json, read_shards, write_shard
+from iterate.scoring import members
+from iterate.shards import SCHEMAS, atomic_write_json, read_json, read_shards, write_shard
 from iterate.stage import Stage
 from iterate.stages import pairs
 from iterate.stages.reward_model import build_pairs, fit_members
-from iterate.toy import world
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +54,9 @@ JUDGED = pa.schema(
 )
 
 
-def judge_scores(cfg: Config, prompts: list[str], responses: list[str]) -> list[float]:
-    """The judge's score of each response (gold judge or judge model)."""
-    fc = cfg.reward.refresh
-    if str(fc.judge) == "gold":
-        return [world.gold_score(p, r) for p, r in zip(prompts, responses)]
-    judge = Scorer.load(fc.judge_path, str(cfg.reward.dtype), cfg.reward.max_length,
-                        cfg.reward.score_batch_size, models.device(str(cfg.device)))  # fmt: skip
-    return judge.score(prompts, responses, desc="judge")
+def ranker(cfg: Config, rm_path: str) -> rewards.Reward:
+    """The reward model being refreshed, as it ranks the samples before the refresh."""
+    return rewards.of(cfg, path=rm_path, device=models.device(str(cfg.device)))
 
 
 def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[dict], Counter]:
@@ -73,8 +66,7 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
     if str(fc.judge) == "file":
         path = fc.path.format(iteration=i)
         got, _, _ = preferences.load_mixture([PreferenceFile(path=path)], cfg.seed)
-        scorer = Scorer.of(cfg.reward, rm_path, models.device(str(cfg.device)))
-        r = scorer.score(
+        r = ranker(cfg, rm_path).score(
             [p.messages for p in got for _ in (0, 1)],
             [x for p in got for x in (p.chosen, p.rejected)],
         )
@@ -89,8 +81,8 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
     rng = random.Random(f"{cfg.seed}:refresh:{i}")
     chosen_ids = set(rng.sample(ids, min(fc.pairs, len(ids))))
     gen = gen[gen["prompt_id"].isin(chosen_ids)].sort_values(["prompt_id", "sample_idx"])
-    scorer = Scorer.of(cfg.reward, rm_path, models.device(str(cfg.device)))
-    gen["reward"] = scorer.score(gen["prompt"].tolist(), gen["response"].tolist(), "refresh rank")
+    ranks = ranker(cfg, rm_path).score(gen["prompt"].tolist(), gen["response"].tolist(), "rank")
+    gen["reward"] = ranks
     picked = []
     for _, g in gen.groupby("prompt_id", sort=True):
         pick = pairs.select(g["reward"].tolist(), str(fc.rule), rng)
@@ -99,8 +91,9 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
             continue
         a, b = (g.iloc[k] for k in pick)  # a: the reward model's choice
         picked.append((a["prompt"], a["response"], b["response"]))
-    scores = judge_scores(cfg, [p for p, _, _ in picked for _ in (0, 1)],
-                          [x for _, a, b in picked for x in (a, b)])  # fmt: skip
+    judge = rewards.of(cfg, "judge", device=models.device(str(cfg.device)))
+    scores = judge.score([p for p, _, _ in picked for _ in (0, 1)],
+                         [x for _, a, b in picked for x in (a, b)], desc="judge")  # fmt: skip
     rows = []
     for k, (prompt, a, b) in enumerate(picked):
         sa, sb = scores[2 * k], scores[2 * k + 1]
@@ -123,7 +116,7 @@ def replay_pool(cfg: Config, paths: Paths, i: int) -> list[Pair]:
     pairs of this run's earlier refreshes."""
     old = build_pairs(cfg, paths)[0] if cfg.reward.train else []
     for j in range(i):
-        f = paths.stage(j, "reward") / "pairs.parquet"
+        f = paths.judged_pairs(j)
         if f.exists():
             old += as_pairs(pq.read_table(f).to_pylist())
     return old
@@ -133,33 +126,28 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     """Refresh the reward model on iteration i's samples; ``_DONE.json`` names the new one
     (``reward_model``), which labels this iteration and is refreshed by the next."""
     rc, fc = cfg.reward, cfg.reward.refresh
-    upstream = Path(rm_path).parent
     conf = {
-        "refresh": plain(fc),
-        "reward_model": rm_path,
+        "refresh": counted(cfg, "reward.refresh"),
+        "reward": ranker(cfg, rm_path).identity(),  # how the samples are ranked
         "train": {
             k: v
             for k, v in plain(rc).items()
             if k in ("lora", "batch_size", "grad_accum", "lr", "ensemble")
         },  # fmt: skip
         "seed": cfg.seed,
-        **aggregation(rc, rm_path),  # how the samples are ranked
     }
-    inputs = [
-        paths.stage(i, "generate"),
-        *([upstream] if (upstream / "_DONE.json").exists() else []),
-    ]
+    inputs = [paths.stage(i, "generate"), *ranker(cfg, rm_path).inputs()]
     stage = Stage(paths.stage(i, "reward"), "reward", conf, inputs=inputs)
     if stage.check(cfg.force):
         return stage.read_done()
-    out = stage.path / "pairs.parquet"
+    out = paths.judged_pairs(i)
     if not out.exists():
         rows, dropped = judged_pairs(cfg, paths, i, rm_path)
         atomic_write_json(stage.path / "dropped.json", dict(dropped))
         write_shard(pa.Table.from_pylist(rows, schema=JUDGED), out)  # last: the marker
         faults.point(i, "reward", 1)  # the judged pairs are kept: a rerun does not judge again
     rows = pq.read_table(out).to_pylist()
-    dropped = json.loads((stage.path / "dropped.json").read_text())
+    dropped = read_json(stage.path / "dropped.json")
     new = as_pairs(rows)
     before = sum(r["rm_agreed"] for r in rows) / max(1, len(rows))
     if len(new) < 2:  # nothing to learn from: the reward model stays as it is
@@ -177,13 +165,13 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     replay = rng.sample(pool, min(len(pool), round(fc.replay * len(train_new))))
     starts, _ = members(rm_path)
     fitted = fit_members(
-        rc, starts, stage.path / "model", train_new + replay, held_new, cfg.seed + 7919 * (i + 1),
-        fc.epochs, fc.lr or rc.lr, False, (i, "reward_member"),
+        rc, starts, paths.refreshed_reward_model(i), train_new + replay, held_new,
+        cfg.seed + 7919 * (i + 1), fc.epochs, fc.lr or rc.lr, False, (i, "reward_member"),
     )  # fmt: skip
     # the old model's accuracy on the kept fifth: it agreed with the judge or it did not
     held_before = sum(r["rm_agreed"] for r in rows[:held_n]) / held_n
     done = stage.finish(
-        reward_model=str(stage.path / "model"),
+        reward_model=str(paths.refreshed_reward_model(i)),
         judged_pairs=len(rows), dropped=dropped, replayed_pairs=len(replay),
         rm_agreement_before=round(before, 4),
         judged_heldout_accuracy_before=round(held_before, 4),

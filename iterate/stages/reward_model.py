@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from iterate import cachekey, faults, losses, preferences, progress
-from iterate.config import Config, RewardConfig, plain
-from iterate.models import load_tokenizer
-from iterate.paths import Paths
+from iterate.config import Config, RewardConfig, counted
+from iterate.errors import BadInput
+from iterate.models import load_tokenizer, with_lora
+from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
-from iterate.shards import TEMPORARY, atomic_write_json, write_folder
+from iterate.shards import TEMPORARY, atomic_write_json, read_json, write_folder
 from iterate.stage import DONE, DamagedStage, Stage
 from iterate.toy import world
 
@@ -68,7 +69,7 @@ def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict
         info["dropped"] = dict(d1 + d2)
         return train, heldout, info
     if not rc.data:
-        raise ValueError("reward.source=files needs reward.data: a list of {path, weight}")
+        raise BadInput("reward.source=files needs reward.data: a list of {path, weight}")
     pairs, sources, examples = preferences.load_mixture(rc.data, cfg.seed)
     for msg in examples:
         log.warning("dropped: %s", msg)
@@ -77,7 +78,7 @@ def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict
     info.update(sources=sources, dropped=dict(dropped), dropped_examples=examples, rows=rows)
     if len(pairs) < 2:
         names = ", ".join(sources)
-        raise ValueError(f"{names}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
+        raise BadInput(f"{names}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
     key = [json.dumps(p.messages) + p.chosen for p in pairs]  # copies of a pair stay together
     held = [world.is_heldout(k, rc.heldout_fraction) for k in key]
     if all(held) or not any(held):  # tiny files: keep at least one pair on each side
@@ -92,20 +93,7 @@ def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True):
     ``new_head=False`` a reward model to go on training) with a fresh LoRA adapter."""
     torch.manual_seed(seed)
     model, tokenizer = load_model(start, rc.dtype, new_head=new_head, template=rc.chat_template)
-    if rc.lora.enabled:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                task_type=TaskType.SEQ_CLS,
-                r=rc.lora.r,
-                lora_alpha=rc.lora.alpha,
-                lora_dropout=rc.lora.dropout,
-                target_modules=rc.lora.target_modules,
-            ),
-        )
-    return model, tokenizer
+    return with_lora(model, rc.lora, "SEQ_CLS"), tokenizer
 
 
 def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
@@ -253,12 +241,12 @@ def fit_members(
     for msg in (examples + more)[:1]:
         log.warning("dropped: %s", msg)
     if not enc or not heldout:
-        raise ValueError(f"reward model: no pairs left to train or evaluate on ({refused})")
+        raise BadInput(f"reward model: no pairs left to train or evaluate on ({refused})")
     reports = []
     for j in range(k):
         folder = out if k == 1 else out / f"member_{j}"
         if (folder / "member.json").exists():  # saved before an interruption
-            reports.append(json.loads((folder / "member.json").read_text()))
+            reports.append(read_json(folder / "member.json", must_exist=True))
             continue
         data = enc if k == 1 else [enc[i] for i in bootstrap(len(enc), seed * 1000 + j)]
         name = "reward model" if k == 1 else f"reward model {j + 1}/{k}"
@@ -294,11 +282,8 @@ def fit_members(
 def train(cfg: Config, paths: Paths) -> dict:
     """Train the reward model into ``paths.reward_model_dir``; returns the ``_DONE`` info."""
     rc = cfg.reward
-    # how scoring runs and how an ensemble's rewards are combined: the stages that score
-    # record those; the refresh is a later stage's
-    how = ("workers", "threads", "aggregate", "uncertainty_coef", "refresh", "cache")
-    reward = {k: v for k, v in plain(rc).items() if k not in how}
-    conf = {"reward": reward, "seed": cfg.seed, "base": rc.base or paths.base_policy}
+    base = rc.base or paths.base_policy
+    conf = {"reward": counted(cfg, "reward"), "seed": cfg.seed, "base": base}
     stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):
         log.info("reward model: done already (%s)", stage.done_path)
@@ -309,15 +294,14 @@ def train(cfg: Config, paths: Paths) -> dict:
         log.info("reward model: trained before with this very config, reused: %s", cache)
         return stage.read_done()
     train_pairs, heldout, info = build_pairs(cfg, paths)
-    base = rc.base or paths.base_policy
-    out = paths.reward_model_dir / "model"
+    out = paths.trained_reward_model
     fitted = fit_members(
         rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True
     )
     info["dropped"] = dict(Counter(info.get("dropped", {})) + Counter(fitted.pop("refused")))
     rows = fitted.pop("log")
     lines = "".join(json.dumps(r) + "\n" for r in rows)
-    (paths.reward_model_dir / "train_log.jsonl").write_text(lines)
+    (paths.reward_model_dir / TRAIN_LOG).write_text(lines)
     last = [r["loss"] for r in rows[-10:]]
     done = stage.finish(
         **info, base=str(base), **fitted,

@@ -17,6 +17,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from iterate.errors import BadInput
+
 NAMES = [
     "Anna",
     "Ben",
@@ -290,7 +292,7 @@ def gold_score(prompt: str, response: str) -> float:
     """
     ins = parse(prompt)
     if ins is None:
-        raise ValueError(f"gold_score: not a toy-world prompt: {prompt!r}")
+        raise BadInput(f"gold_score: not a toy-world prompt: {prompt!r}")
     low = response.lower()
     score = 1.0 if _correct(ins, response) else 0.0
     score += 0.25 if any(p in low for p in POLITE) else 0.0
@@ -310,8 +312,3 @@ def corpus(rng: random.Random) -> list[str]:
                 for length in LENGTHS:
                     out.append(respond(ins, correct, tone, length, rng))
     return out
-
-
-def gold_scorer(prompts_source: str):
-    """The gold judge when the prompts are the toy world's (it knows no other), else None."""
-    return gold_score if str(prompts_source) == "toy" else None

@@ -10,12 +10,14 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from iterate import models, progress, seeds
 from iterate.config import Config, plain
+from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.rules import rule
 from iterate.shards import SCHEMAS, read_shards
@@ -60,9 +62,11 @@ def stage_for(
     reference: str,
     inputs: tuple[str, ...] = ("pairs",),
     extra: dict | None = None,
+    made_by: list[Path] = (),
 ) -> Stage:
     """The update stage of iteration i; its identity is the settings the rule reads, the
-    policy and reference, and the stages named in ``inputs``."""
+    policy and reference, the stages of the iteration named in ``inputs``, and ``made_by``
+    (the stages that made what it scores with)."""
     keys = (*SHARED_KEYS, *rule(cfg.update.name).keys)
     update = {k: v for k, v in plain(cfg.update).items() if k in keys}
     conf = {
@@ -78,7 +82,7 @@ def stage_for(
         paths.stage(i, "update"),
         "update",
         {**conf, **(extra or {})},
-        inputs=[*upstream, *paths.previous(i)],
+        inputs=[*upstream, *paths.previous(i), *made_by],
     )
 
 
@@ -98,22 +102,7 @@ def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
 
 def policy_model(cfg: Config, path: str, dev: torch.device):
     """The policy to train: LoRA adapter via peft (default) or the full model."""
-    model = models.load_policy(path, str(cfg.model.dtype), dev)
-    lc = cfg.update.lora
-    if lc.enabled:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                task_type=TaskType.CAUSAL_LM,
-                r=lc.r,
-                lora_alpha=lc.alpha,
-                lora_dropout=lc.dropout,
-                target_modules=lc.target_modules,
-            ),
-        )
-    return model
+    return models.with_lora(models.load_policy(path, str(cfg.model.dtype), dev), cfg.update.lora)
 
 
 def logps(
@@ -136,30 +125,25 @@ def reference_logps(
     adapter disabled (or, for full fine-tuning, the model before its first step): no second
     copy in memory. Otherwise the reference is loaded, used and freed.
     """
-    if reference == policy:
-        ref_model, ctx = (
-            model,
-            (model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()),
-        )
-    else:
-        ref_model, ctx = models.load_policy(reference, str(cfg.model.dtype), dev), torch.no_grad()
-    ref_model.eval()
+    ref_model = None
+    if reference != policy:
+        ref_model = models.load_policy(reference, str(cfg.model.dtype), dev)
     fields = ["chosen"] + (["rejected"] if examples and examples[0].rejected is not None else [])
     mine = dist.share(list(range(len(examples))))  # under several processes: this rank's share
     bar = progress.bar(len(mine), "reference log-probs", "pair")
     found = []
-    with ctx:
+    with models.reference_of(model, ref_model) as ref:
+        ref.eval()
         for b in range(0, len(mine), cfg.update.micro_batch_size):
             idx = mine[b : b + cfg.update.micro_batch_size]
             batch = [examples[j] for j in idx]
-            lps = {f: logps(ref_model, tok, batch, f, dev)[0].tolist() for f in fields}
+            lps = {f: logps(ref, tok, batch, f, dev)[0].tolist() for f in fields}
             found += [(j, {f: lps[f][n] for f in fields}) for n, j in enumerate(idx)]
             bar.update(len(batch))
     bar.close()
     for j, ref in dist.gather(found):
         examples[j].ref.update(ref)
-    if ref_model is not model:
-        del ref_model
+    del ref_model  # a reference of its own is freed here
 
 
 def pair_steps(cfg: Config, examples: list[Example], iteration: int) -> Iterator[Step]:
@@ -178,10 +162,11 @@ def steps_per_epoch(cfg: Config, n: int) -> int:
     return math.ceil(n / (cfg.update.micro_batch_size * cfg.update.grad_accum))
 
 
-def save(model, tok, stage: Stage) -> str:
-    """The adapter (LoRA) or the full model; the handoff merges and saves the policy. Under
-    several processes every rank takes part in gathering the weights, rank 0 writes."""
-    out = stage.path / ("adapter" if hasattr(model, "peft_config") else "model")
+def save(model, tok, paths: Paths, i: int) -> str:
+    """The adapter (LoRA) or the full model (``Paths.update_output``); the handoff merges
+    and saves the policy. Under several processes every rank takes part in gathering the
+    weights, rank 0 writes."""
+    out = paths.update_output(i, adapter=hasattr(model, "peft_config"))
     state = dist.state_dict(model)
     if dist.is_main():
         model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
@@ -219,7 +204,7 @@ def run_rule(
     dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
-        raise ValueError(
+        raise BadInput(
             f"{paths.stage(i, 'pairs')}: no pairs to train on "
             "(see its _DONE.json for the drop reasons)"
         )
@@ -235,7 +220,7 @@ def run_rule(
             cfg, model, trainable(model), pair_steps(cfg, examples, i), total, fn, stage, i
         )
     with timer("save_s"):
-        saved = save(model, tok, stage)
+        saved = save(model, tok, paths, i)
     if not dist.is_main():
         return {}
     return stage.finish(

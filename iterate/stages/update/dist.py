@@ -33,16 +33,12 @@ from pathlib import Path
 
 import torch
 
-from iterate import engine, models
+from iterate import workers
 from iterate.config import Config, plain
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
-ON_POLICY_MESSAGE = (
-    "update.num_processes > 1 runs the pair rules (dpo, raft); {rule} rolls out inside its "
-    "update and runs in one process (set update.num_processes=1)"
-)
 
 _ACC = None  # this rank's Accelerator, under a multi-process launch
 
@@ -172,11 +168,6 @@ def launch(cfg: Config, paths, i: int, policy: str, reference: str, stage) -> di
     """Run the update of iteration i on ``update.num_processes`` ranks; return its
     ``_DONE.json`` (written by rank 0)."""
     uc = cfg.update
-    if str(uc.strategy) != "ddp" and models.device(str(cfg.device)).type == "cpu":
-        raise ValueError(
-            f"update.strategy={uc.strategy} needs CUDA: accelerate applies FSDP and DeepSpeed "
-            "on an accelerator only; on CPU use update.strategy=ddp"
-        )
     spec = stage.path / "launch.json"
     stage.path.mkdir(parents=True, exist_ok=True)
     config = {**plain(cfg), "force": False}  # the loop's process already applied ``force``
@@ -194,7 +185,7 @@ def launch(cfg: Config, paths, i: int, policy: str, reference: str, stage) -> di
     log.info("update: %d processes (%s) via accelerate", uc.num_processes, uc.strategy)
     env = {**os.environ, "ACCELERATE_LOG_LEVEL": "error", "ITERATE_PGID": str(os.getpgid(0))}
     # the launcher dies with this process, and each rank with the launcher (launch.main)
-    proc = subprocess.run(command(cfg, spec), env=env, preexec_fn=engine.kill_with_parent)
+    proc = subprocess.run(command(cfg, spec), env=env, preexec_fn=workers.kill_with_parent)
     if proc.returncode != 0 or not stage.is_done():
         raise RuntimeError(
             f"{stage.path}: the {uc.num_processes}-process update failed (exit status "

@@ -4,7 +4,6 @@ rank 0 writes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,16 +11,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from iterate import engine, models, progress, workers
+from iterate import models, progress, workers
 from iterate.config import to_dataclass
 from iterate.paths import Paths
 from iterate.rules import rule
+from iterate.shards import read_json
 from iterate.stages.update import dist
 
 
 def main(spec_path: str) -> None:
-    engine.kill_with_parent()  # ranks run in sessions of their own: die with the launcher
-    spec = json.loads(Path(spec_path).read_text())
+    workers.kill_with_parent()  # ranks run in sessions of their own: die with the launcher
+    spec = read_json(spec_path, must_exist=True)
     cfg = to_dataclass(OmegaConf.create(spec["config"]))
     p = spec["paths"]
     paths = Paths(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from iterate import losses
+from iterate import losses, models
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.stages.update import rl
@@ -36,30 +36,16 @@ def new_head(cfg: Config, model) -> torch.nn.Module:
 def forward(ctx: rl.Context, model, ids, mask, resp) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and values, both (B, T-1) on the shifted response positions."""
     uc = ctx.cfg.update
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if str(uc.value_head) == "policy":
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    on_policy = str(uc.value_head) == "policy"
+    out = models.forward(model, ids, mask, hidden_states=on_policy)
+    if on_policy:
         hidden = out.hidden_states[-1][:, :-1]
     else:  # the frozen reference's bottom layers: its own model, or the adapter-disabled policy
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
-        with torch.no_grad():
-            if ctx.ref_model is not None:
-                states = ctx.ref_model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
-                )
-            else:
-                with model.disable_adapter():
-                    states = model(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        position_ids=pos,
-                        output_hidden_states=True,
-                    )
-        hidden = states.hidden_states[uc.value_layers][:, :-1].detach()
-    logits = out.logits[:, :-1].float()
-    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    real = mask[:, 1:] * mask[:, :-1]
-    return logps * real * resp, ctx.head(hidden.float()).squeeze(-1) * resp
+        with models.reference_of(model, ctx.ref_model) as ref:
+            states = models.forward(ref, ids, mask, hidden_states=True).hidden_states
+        hidden = states[uc.value_layers][:, :-1].detach()
+    logps = models.token_logps(model, ids, mask, out=out)
+    return logps * resp, ctx.head(hidden.float()).squeeze(-1) * resp
 
 
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
@@ -87,11 +73,13 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
             e.rollout.update(
                 zip(("old_logps", "old_values", "advantages", "returns", "kl"), values)
             )
-    for e, a in zip(examples, rl.whiten([e.rollout["advantages"] for e in examples])):
+    for e, a in zip(examples, losses.whiten([e.rollout["advantages"] for e in examples])):
         e.rollout["advantages"] = a
     if uc.adaptive_kl:  # Ziegler et al. 2019, section 2.2
-        err = max(-0.2, min(0.2, sum(seq_kl) / len(seq_kl) / uc.target_kl - 1))
-        ctx.state["kl_coef"] *= 1 + err * len(prompts) / uc.kl_horizon
+        ctx.state["kl_coef"] = losses.adaptive_kl_coef(
+            ctx.state["kl_coef"], sum(seq_kl) / len(seq_kl), uc.target_kl, len(prompts),
+            uc.kl_horizon,
+        )  # fmt: skip
     return examples
 
 
@@ -124,8 +112,8 @@ ON_POLICY = rl.OnPolicy(prepare, loss, passes=lambda cfg: cfg.update.ppo_epochs,
 def previous_head(paths: Paths, i: int, policy: str) -> str | None:
     """The value head saved by the update that made ``policy`` (None for the initial one)."""
     for j in reversed(range(i)):
-        if str(paths.stage(j, "handoff") / "policy") == policy:
-            head = paths.stage(j, "update") / "value_head.pt"
+        if str(paths.handoff_policy(j)) == policy:
+            head = paths.value_head(j)
             return str(head) if head.exists() else None
     return None
 

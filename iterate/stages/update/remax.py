@@ -44,8 +44,7 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         * resp
     )
     adv = torch.tensor([e.rollout["advantage"] for e in mb], device=lp.device)
-    kl_to_go = kl.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
-    weight = (adv[:, None] - uc.kl_coef * kl_to_go) * resp
+    weight = losses.remax_weights(adv, kl, uc.kl_coef, resp)
     per_example = losses.aggregate(-weight.detach() * lp, resp, str(uc.loss_agg))
     return per_example, {
         "entropy": rl.token_mean(-lp, resp),

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iterate import models, progress, sampling, seeds
+from iterate import models, progress, rewards, sampling, seeds
 from iterate.config import Config
+from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.scoring import Scorer
+from iterate.rewards import Reward
 from iterate.shards import read_shards
-from iterate.stages.update import common, dist, training
+from iterate.stages.update import common, training
 from iterate.stages.update.common import Example
 
 
@@ -37,7 +38,7 @@ class Context:
     dev: torch.device
     ref_model: torch.nn.Module | None  # None: the reference is the policy with its adapter disabled
     sampler: sampling.Sampler
-    scorer: Scorer
+    reward: Reward  # what scores the rollouts
     head: torch.nn.Module | None = None  # PPO's value head
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
 
@@ -53,7 +54,7 @@ class Context:
             max_tokens=gc.max_tokens,
         )
         samples = [s[0] for s in self.sampler.sample([ids for _, ids in prompts], params, seed)]
-        scores = self.scorer.score(
+        scores = self.reward.score(
             [p for p, _ in prompts], [s.text for s in samples], desc="rollout reward"
         )
         return [
@@ -71,10 +72,8 @@ class Context:
     def ref_logps(self, ids: torch.Tensor, mask: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
         """Reference log-probs (B, T-1): the frozen reference model when there is one, else the
         policy with its LoRA adapter disabled (no second copy)."""
-        if self.ref_model is not None:
-            return models.token_logps(self.ref_model, ids, mask) * resp
-        with self.model.disable_adapter():
-            return models.token_logps(self.model, ids, mask) * resp
+        with models.reference_of(self.model, self.ref_model) as ref:
+            return models.token_logps(ref, ids, mask) * resp
 
 
 def grid(values: list[torch.Tensor], resp: torch.Tensor) -> torch.Tensor:
@@ -171,24 +170,21 @@ def run_on_policy(
     head_init: str | None = None,
 ) -> dict:
     """An on-policy rule's update stage; ``head_init``: a saved value head to start from."""
-    gc, rc = cfg.generate, cfg.reward
+    gc = cfg.generate
+    reward = rewards.of(cfg, path=paths.reward_model, device=models.device(str(cfg.device)))
     rollout = {
         "backend": str(gc.backend),
         "temperature": gc.temperature,
         "top_p": gc.top_p,
         "max_tokens": gc.max_tokens,
-        "reward_model": paths.reward_model,
-        "reward_chat_template": cfg.reward.chat_template,
-        "reward_max_length": rc.max_length,
+        "reward": reward.identity(),
         "value_head_init": head_init,
     }
     stage = common.stage_for(
-        cfg, paths, i, policy, reference, inputs=("prompts",), extra={"rollout": rollout}
+        cfg, paths, i, policy, reference, ("prompts",), {"rollout": rollout}, reward.inputs()
     )
     if stage.check(cfg.force):
         return stage.read_done()
-    if cfg.update.num_processes > 1:
-        raise ValueError(dist.ON_POLICY_MESSAGE.format(rule=cfg.update.name))
     dev, tok, timer = common.start(cfg, i, policy)
     with timer("load_s"):
         model = common.policy_model(cfg, policy, dev)
@@ -198,20 +194,20 @@ def run_on_policy(
             if (reference == policy and lora)
             else models.load_policy(reference, str(cfg.model.dtype), dev)
         )
-        scorer = Scorer.of(rc, paths.reward_model, dev)
+        reward = reward.on(dev)
     head = rule.new_head(cfg, model).to(dev) if rule.new_head else None
     if head is not None and head_init:
         head.load_state_dict(torch.load(head_init, map_location=dev))
     prompts = prompt_list(cfg, paths, i, tok)
     if not prompts:
-        raise ValueError(
+        raise BadInput(
             f"{paths.stage(i, 'prompts')}: no prompt leaves room for "
             "generate.max_tokens within model.max_length"
         )
     stats: dict = {}
     with sampling.session(cfg) as sampler, timer("train_s"):
         ctx = Context(
-            cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": cfg.update.kl_coef}
+            cfg, model, tok, dev, ref_model, sampler, reward, head, {"kl_coef": cfg.update.kl_coef}
         )
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
@@ -222,9 +218,9 @@ def run_on_policy(
         )
         timings = sampler.timings
     with timer("save_s"):
-        saved = common.save(model, tok, stage)
+        saved = common.save(model, tok, paths, i)
         if head is not None:
-            torch.save(head.state_dict(), stage.path / "value_head.pt")
+            torch.save(head.state_dict(), paths.value_head(i))
     scores = stats.get("scores", [])
     return stage.finish(
         rule=str(cfg.update.name),
@@ -241,11 +237,3 @@ def run_on_policy(
         peak_rss_mb=round(progress.peak_rss_mb(), 1),
         timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
     )
-
-
-def whiten(values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-token values of a whole step (1-D tensors) shifted and scaled to mean 0, std 1
-    over all the step's tokens."""
-    flat = torch.cat(values)
-    mean, std = flat.mean(), flat.std(unbiased=False)
-    return [(v - mean) / (std + 1e-8) for v in values]

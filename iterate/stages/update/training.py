@@ -22,6 +22,7 @@ import torch
 
 from iterate import faults, progress
 from iterate.config import Config
+from iterate.paths import TRAIN_LOG
 from iterate.report import track
 from iterate.shards import write_plan
 from iterate.stage import Stage, config_hash
@@ -91,7 +92,7 @@ def train(
     uc = cfg.update
     opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
     model, opt = dist.prepare(model, opt)  # DDP / FSDP / DeepSpeed under several processes
-    log_path = stage.path / "train_log.jsonl"
+    log_path = stage.path / TRAIN_LOG
     if dist.is_main():
         stage.path.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning

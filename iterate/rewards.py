@@ -1,0 +1,235 @@
+"""Where rewards come from: one protocol (``Reward``) and one factory (``of``).
+
+A reward scores (prompt, response) pairs: ``score(prompts, responses)`` gives one float per
+pair in the order given. A prompt is a stored prompt (text, or a JSON list of messages) or
+a list of messages. ``identity()`` is what a stage that scores with the reward hashes, and
+``inputs()`` the stage folders that made it (a reward model trained or refreshed in the
+run), whose identity that stage records as well. A reward is cheap to make and to pickle:
+a model loads on the first ``score``. ``RewardPool`` deals many shards of scoring out among
+processes, each holding its own copy.
+
+What a stage asks the factory for is a role: ``reward`` (what the loop optimises: the
+reward model at a path, an ensemble folder included), ``gold`` (the run's reference judge
+when it has one: the toy world's gold judge on its own prompts), ``judge`` (the judge of
+the reward-model refresh). Adding a reward source is one class here and one line in
+``of``; the stages that score do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from iterate import workers
+from iterate.config import Config
+from iterate.stage import DONE
+
+
+class Reward(Protocol):
+    def identity(self) -> dict:
+        """What the stages that score with this reward hash (JSON-able)."""
+
+    def inputs(self) -> list[Path]:
+        """Stage folders that made this reward: their identity is part of the scoring
+        stage's."""
+
+    def on(self, device: str | torch.device) -> Reward:
+        """This reward, to score on ``device`` (a copy when that differs)."""
+
+    def score(
+        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
+        spread: bool = False,
+    ) -> Any:  # fmt: skip
+        """One reward per pair. With ``refusals``, a pair the reward cannot score (a chat
+        template that refuses the conversation) gets ``None`` instead of raising, for the
+        caller to count and drop. With ``spread``, ``(rewards, spreads)``: an ensemble's
+        disagreement per pair (``None`` for a single source)."""
+
+
+@dataclass
+class ModelReward:
+    """A Bradley–Terry reward model, or an ensemble folder of them, scored through the one
+    scorer (``scoring.Scorer``: each conversation in the reward model's own chat template,
+    length-sorted batches)."""
+
+    path: str
+    dtype: str = "float32"
+    max_length: int = 1024
+    batch_size: int = 64
+    chat_template: str | None = None
+    aggregate: str = "mean"  # how an ensemble's members' rewards make one
+    uncertainty_coef: float = 1.0
+    device: str = "cpu"
+    _scorer: Any = field(default=None, repr=False, compare=False)
+
+    def identity(self) -> dict:
+        from iterate.scoring import ENSEMBLE
+
+        out = {
+            "reward_model": self.path,
+            "max_length": self.max_length,
+            "dtype": self.dtype,
+            "chat_template": self.chat_template,
+        }
+        if (Path(self.path) / ENSEMBLE).exists():
+            out["aggregate"] = [self.aggregate, self.uncertainty_coef]
+        return out
+
+    def inputs(self) -> list[Path]:
+        made_by = Path(self.path).parent  # the stage that trained or refreshed it, if any
+        return [made_by] if (made_by / DONE).exists() else []
+
+    def on(self, device) -> ModelReward:
+        if str(device) == self.device:
+            return self
+        return dataclasses.replace(self, device=str(device), _scorer=None)
+
+    def scorer(self):
+        """The loaded ``scoring.Scorer`` (loaded on first use)."""
+        if self._scorer is None:
+            from iterate.scoring import Scorer
+
+            self._scorer = Scorer.load(
+                self.path, self.dtype, self.max_length, self.batch_size,
+                torch.device(self.device), self.chat_template, self.aggregate,
+                self.uncertainty_coef,
+            )  # fmt: skip
+        return self._scorer
+
+    def score(self, prompts, responses, desc="score", refusals=False, spread=False):
+        return self.scorer().score(prompts, responses, desc, refusals, spread)
+
+    def __getstate__(self) -> dict:  # what goes to a scoring process: never the loaded model
+        return {**self.__dict__, "_scorer": None}
+
+
+@dataclass
+class GoldJudge:
+    """The toy world's gold judge (``toy.world.gold_score``): it knows the toy world's
+    instruction families and no other prompt."""
+
+    def identity(self) -> dict:
+        return {"judge": "gold"}
+
+    def inputs(self) -> list[Path]:
+        return []
+
+    def on(self, device) -> GoldJudge:
+        return self
+
+    def score(self, prompts, responses, desc="score", refusals=False, spread=False):
+        from iterate.toy.world import gold_score
+
+        out = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return (out, [None] * len(out)) if spread else out
+
+
+def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward | None:
+    """The run's reward for ``role``:
+
+    - ``reward``: the reward model at ``path`` (trained here, refreshed, or loaded) with the
+      settings of ``cfg.reward``: what labels, ranks, rolls out and is evaluated;
+    - ``gold``: the reference judge of the run's prompts, or ``None`` when they have none
+      (the toy world's gold judge knows only toy prompts);
+    - ``judge``: the reward-model refresh's judge (``reward.refresh.judge``: the gold judge
+      or a judge model at ``judge_path``; a judge file is labels, not a reward: ``None``).
+    """
+    rc, dev = cfg.reward, str(device or "cpu")
+    model = partial(
+        ModelReward, dtype=str(rc.dtype), max_length=rc.max_length,
+        batch_size=rc.score_batch_size, device=dev,
+    )  # fmt: skip
+    if role == "reward":
+        return model(
+            path, chat_template=rc.chat_template, aggregate=str(rc.aggregate),
+            uncertainty_coef=rc.uncertainty_coef,
+        )  # fmt: skip
+    if role == "gold":
+        return GoldJudge() if str(cfg.prompts.source) == "toy" else None
+    if role == "judge":
+        judge = str(rc.refresh.judge)
+        if judge == "gold":
+            return GoldJudge()
+        return None if judge == "file" else model(rc.refresh.judge_path)
+    raise ValueError(f"unknown reward role {role!r}")
+
+
+_WORKER_REWARD: Reward | None = None  # in a scoring worker process
+
+
+def _start_worker(reward: Reward, device: str, threads: int) -> None:
+    global _WORKER_REWARD
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER_REWARD = reward.on(device)
+
+
+def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
+    return _WORKER_REWARD.score(prompts, responses, desc=desc, refusals=True, spread=spread)
+
+
+class RewardPool:
+    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
+    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
+    ``score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
+    (``None`` for a pair the reward refuses). With ``processes`` = 1 it scores in this
+    process; with N > 1 the jobs are dealt out among N processes (one per GPU, or each with
+    ``threads`` CPU threads), each holding its own copy of the reward. A job's rewards are
+    the same whichever process scores it."""
+
+    def __init__(self, reward: Reward, processes: int = 1, threads: int = 0):
+        self.reward, self.processes, self.threads = reward, processes, threads
+        self.pools: list = []
+
+    def _open(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.processes == 1 or self.pools:
+            return
+        cuda = str(getattr(self.reward, "device", "cpu")).startswith("cuda")
+        n_gpu = torch.cuda.device_count() if cuda else 0
+        threads = workers.share(self.processes, self.threads)
+        for w in range(self.processes):
+            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
+            self.pools.append(
+                ProcessPoolExecutor(
+                    1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.reward, device, 0 if n_gpu else threads),
+                )
+            )
+
+    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
+        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
+        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Reward.score``).
+        Each process holds one job's texts at a time."""
+        self._open()
+
+        def work(w: int, mine: list) -> None:
+            for k in mine:
+                if not self.pools:
+                    got = self.reward.score(*texts(k), desc=desc, refusals=True, spread=spread)
+                else:
+                    got = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread).result()
+                done(k, got)
+
+        groups = workers.deal(keys, max(1, len(self.pools)))
+        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+        self.pools = []
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
