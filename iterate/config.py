@@ -322,8 +322,9 @@ class UpdateConfig:
     value_head: ValueHead = ValueHead.policy
     value_layers: int = 2  # reference_bottom: how many bottom layers feed the head
     # ppo, remax with generate.backend=vllm: the policy under training is put into the engine
-    # (as a LoRA adapter, or the whole model for full fine-tuning) before a rollout once this
-    # many optimiser steps passed since the last sync; 1 samples every rollout on-policy
+    # (its weights, a LoRA adapter merged into a copy, loaded in place: Sampler.sync) before a
+    # rollout once this many optimiser steps passed since the last sync; 1 samples every
+    # rollout on-policy
     sync_every: int = 1
     # several processes (torch.distributed through accelerate; the pair rules): each rank
     # takes its share of every optimiser step; the strategy names a shipped accelerate config

@@ -43,7 +43,8 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
     index = json.loads((out / "ensemble.json").read_text())
     assert index["members"] == ["member_0", "member_1"] and len(index["offsets"]) == 2
     assert [m["member"] for m in done["members"]] == [0, 1]
-    assert all(0 <= m["heldout_accuracy"] <= 1 for m in done["members"])
+    # each member learnt the toy preferences (0.67 and 0.70 measured; a sign slip gives < 0.5)
+    assert all(m["heldout_accuracy"] > 0.55 for m in done["members"])
     log = [json.loads(line) for line in (paths.reward_model_dir / "train_log.jsonl").open()]
     assert {r["member"] for r in log} == {0, 1} and len(log) == done["steps"]
     # members differ (seed and bootstrap sample), so their spread is not zero
@@ -101,6 +102,28 @@ def refresh_run(tiny_cache, tiny_rm, tmp_path_factory) -> Path:
     return run
 
 
+def _proxy_win_rate(run: Path, i: int) -> float:
+    """The held-out win rate of iteration i's policy over the initial one by the reward
+    model that labelled it (the refreshed one), computed again from the stored samples."""
+    import yaml
+
+    from iterate.shards import read_shards
+    from iterate.stages.evaluate import win_rate
+
+    rc = yaml.safe_load((run / "config.yaml").read_text())["reward"]
+    label = json.loads((run / f"iter_00{i}" / "label" / "_DONE.json").read_text())
+    reward = rewards.ModelReward(
+        label["reward_model"].replace("${run}", str(run)), rc["dtype"], rc["max_length"],
+        rc["score_batch_size"], rc["chat_template"],
+    )  # fmt: skip
+    init = read_shards(run / "heldout" / "initial_samples").to_pandas()
+    init["reward"] = reward.score(init["prompt"].tolist(), init["response"].tolist())
+    new = read_shards(run / f"iter_00{i}" / "evaluate" / "scores").to_pandas()
+    both = new.merge(init, on=["prompt_id", "sample_idx"], suffixes=("", "_init"))
+    assert len(both) == len(new) == len(init)
+    return win_rate(both["reward"].tolist(), both["reward_init"].tolist())
+
+
 @pytest.mark.slow
 def test_refresh_learns_judged_pairs_and_labels_with_the_new_model(refresh_run, tiny_rm):
     run = refresh_run
@@ -116,8 +139,9 @@ def test_refresh_learns_judged_pairs_and_labels_with_the_new_model(refresh_run, 
     # iteration 0 refreshes the loaded model; iteration 1 refreshes iteration 0's
     trained = [d for d in done if d["steps"]]
     assert trained, "at least one iteration had pairs to learn"
-    assert done[0]["config"]["reward_model"] == str(tiny_rm)
-    assert done[1]["config"]["reward_model"] == done[0]["reward_model"].replace(str(run), "${run}")
+    assert done[0]["config"]["reward"]["reward_model"] == str(tiny_rm)
+    refreshed = done[0]["reward_model"].replace(str(run), "${run}")
+    assert done[1]["config"]["reward"]["reward_model"] == refreshed
     for i, d in enumerate(done):
         label = json.loads((run / f"iter_00{i}" / "label" / "_DONE.json").read_text())
         assert label["reward_model"] == d["reward_model"], "labelled by the refreshed model"
@@ -127,7 +151,7 @@ def test_refresh_learns_judged_pairs_and_labels_with_the_new_model(refresh_run, 
         assert row["rm_agreement_before"] == d["rm_agreement_before"]
         gap = row["proxy_win_rate"] - row["win_rate_vs_initial"]
         assert row["proxy_gold_gap"] == pytest.approx(gap, abs=1e-4)
-        assert 0 <= row["proxy_win_rate"] <= 1
+        assert row["proxy_win_rate"] == round(_proxy_win_rate(run, row["iteration"]), 4)
     assert set(rows[0]["seconds"]) >= {"reward", "label", "evaluate"}
 
 

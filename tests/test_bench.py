@@ -42,41 +42,52 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
         "total",
     }
 
+    # Figures are timings (never asserted: machines are noisy); what is asserted is that
+    # each is a measurement of the right kind and each ratio is its parts' ratio, which a
+    # broken harness (a swapped baseline, a unit slip, a ratio left uncomputed) would miss.
     def positive(x):
         return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
+    def ratio(r, a, b):
+        return r == pytest.approx(a / b, rel=1e-6)
+
+    def rss(mb):  # a process with torch in it: hundreds of MB, not KB, not TB
+        return positive(mb) and 100 < mb < 64_000
+
     (gen,) = res["generation"]
     assert gen["model"] == "toy" and gen["tokens_per_round"] == 4 * 4 * 8
-    for k in (
-        "vllm_tokens_per_s",
-        "transformers_tokens_per_s",
-        "matmul_gflops",
-        "vllm_over_transformers",
-    ):
+    for k in ("vllm_tokens_per_s", "transformers_tokens_per_s", "matmul_gflops"):
         assert positive(gen[k]), k
+    assert ratio(gen["vllm_over_transformers"], gen["vllm_tokens_per_s"],
+                 gen["transformers_tokens_per_s"])  # fmt: skip
     (lab,) = res["labelling"]
-    assert positive(lab["ratio"]) and lab["max_abs_reward_difference"] < 1e-3, (
-        "both scorers give the same rewards"
-    )
+    assert lab["max_abs_reward_difference"] < 1e-3, "both scorers give the same rewards"
+    assert ratio(lab["ratio"], lab["batched_samples_per_s"], lab["pipeline_samples_per_s"])
+    assert lab["mean_tokens"] > 1
     dpo = res["update"]["dpo"]
     assert positive(dpo["cached_step_s"]) and positive(dpo["recompute_step_s"])
-    assert positive(dpo["cached_peak_rss_mb"]) and positive(res["update"]["ppo"]["peak_rss_mb"])
+    assert ratio(dpo["ratio"], dpo["cached_step_s"], dpo["recompute_step_s"])
+    assert rss(dpo["cached_peak_rss_mb"]) and rss(res["update"]["ppo"]["peak_rss_mb"])
+    assert ratio(res["update"]["remax_over_ppo_peak_rss"], res["update"]["remax"]["peak_rss_mb"],
+                 res["update"]["ppo"]["peak_rss_mb"])  # fmt: skip
     for kind in ("rollouts", "evaluation"):
         r = res["backends"][kind]
-        assert (
-            positive(r["vllm_s"])
-            and positive(r["transformers_s"])
-            and positive(r["transformers_over_vllm"])
-        )
+        assert positive(r["vllm_s"]) and positive(r["transformers_s"])
+        assert ratio(r["transformers_over_vllm"], r["transformers_s"], r["vllm_s"])
         assert r["vllm_timings"]["sampler_sample_s" if kind == "rollouts" else "sample_s"] > 0, (
             "vLLM did the sampling"
         )
     sync = res["sync"]
     assert all(positive(sync[v][k]) for v in ("merged", "lora") for k in ("sync_s", "tokens_per_s"))
+    assert ratio(sync["lora_over_merged_tokens_per_s"], sync["lora"]["tokens_per_s"],
+                 sync["merged"]["tokens_per_s"])  # fmt: skip
     w = res["workers"]
-    assert positive(w["generation"]["ratio"]) and positive(w["update"]["step_ratio"])
-    assert all(positive(w["generation"][f"{k}_tokens_per_s"]) for k in ("1x2", "2x1"))
+    g = w["generation"]
+    (many,) = [k for k in g if k.endswith("x1_tokens_per_s")]
+    (one,) = [k for k in g if k.startswith("1x") and k.endswith("_tokens_per_s")]
+    assert ratio(g["ratio"], g[many], g[one]) and positive(w["update"]["step_ratio"])
     it = res["iteration"]["kept_engine"]
     assert set(it["stage_seconds"]) == set(STAGES) - {"reward"}  # the bench runs no refresh
     assert it["run_engine_starts_s"] > 0 and 0 < it["fixed_share"] < 1
+    assert it["fixed_share"] == pytest.approx(it["fixed_s"] / it["total_s"], abs=0.01)
     assert "generation (tokens/s" in proc.stderr + proc.stdout, "the table is printed"

@@ -2,6 +2,7 @@
 
 import math
 import random
+import shutil
 
 import pytest
 
@@ -77,3 +78,48 @@ def test_raft_best():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="unknown pair rule"):
         select([1.0, 0.0], "min_max", rng())
+
+
+def test_the_length_penalty_picks_by_reward_less_length_but_records_the_reward(tmp_path):
+    """``pairs.length_penalty``: the pair is chosen by reward - penalty x response tokens;
+    the rows keep the reward model's own rewards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iterate.paths import Paths
+    from iterate.shards import SCHEMAS, shard_path, write_shard
+    from iterate.stages import pairs
+
+    from .conftest import compose_cfg
+
+    paths = Paths(run=tmp_path, base_policy="p")
+    samples = [("long", 1.0, 20), ("short", 0.8, 5), ("mid", 0.0, 8)]  # (text, reward, tokens)
+    n = len(samples)
+    gen = {
+        "prompt_id": ["a"] * n, "sample_idx": list(range(n)), "prompt": ["Q?"] * n,
+        "response": [t for t, _, _ in samples], "prompt_tokens": [2] * n,
+        "response_tokens": [k for _, _, k in samples], "finish_reason": ["stop"] * n,
+        "response_ids": [[1] * k for _, _, k in samples],
+    }  # fmt: skip
+    write_shard(
+        pa.table(gen, schema=SCHEMAS["generate"]), shard_path(paths.stage(0, "generate"), 0)
+    )
+    lab = {
+        "prompt_id": ["a"] * n,
+        "sample_idx": list(range(n)),
+        "reward": [r for _, r, _ in samples],
+        "gold": [None] * n,
+        "reward_std": [None] * n,
+    }
+    write_shard(pa.table(lab, schema=SCHEMAS["label"]), shard_path(paths.stage(0, "label"), 0))
+    picked = {}
+    for penalty in (0.0, 0.1):
+        cfg = compose_cfg(["pairs=max_min", f"pairs.length_penalty={penalty}"])
+        folder = paths.stage(0, "pairs")
+        shutil.rmtree(folder, ignore_errors=True)
+        pairs.run(cfg, paths, 0)
+        (row,) = pq.read_table(shard_path(folder, 0)).to_pylist()
+        picked[penalty] = (row["chosen"], row["rejected"], row["chosen_reward"])
+    # no penalty: best 1.0 (long) vs worst 0.0 (mid); 0.1 per token: scores -1.0, 0.3, -0.8
+    assert picked[0.0] == ("long", "mid", 1.0)
+    assert picked[0.1] == ("short", "long", 0.8)

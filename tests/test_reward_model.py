@@ -1,6 +1,7 @@
 """Reward-model training end to end on tiny models: toy pairs and an HH-format file."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -169,3 +170,15 @@ def test_encode_never_doubles_bos(tiny_world):
     ids = scoring.encode(tok, [{"role": "user", "content": "Greet Anna."}], "Hello Anna!", 64)
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert ids[-1] == tok.eos_token_id
+
+
+def test_the_learning_rate_schedule_warms_up_then_decays_to_zero():
+    """``warmup_cosine`` by hand: 100 steps warm up over 5, then follow half a cosine."""
+    from iterate.stages.reward_model import warmup_cosine
+
+    assert warmup_cosine(0, 100) == pytest.approx(0.2)  # 1/5 of the way up, cos(0) = 1
+    assert warmup_cosine(4, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 100)))
+    assert warmup_cosine(50, 100) == pytest.approx(0.5)  # cos(pi/2) = 0
+    assert warmup_cosine(100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(150, 100) == pytest.approx(0.0, abs=1e-12)  # never below 0
+    assert warmup_cosine(0, 10) == pytest.approx(1.0)  # too few steps to warm up: 1 step

@@ -2,7 +2,6 @@
 
 import json
 import random
-import time
 
 import pytest
 
@@ -70,7 +69,7 @@ def test_split_is_disjoint_stable_and_covers_every_family():
     )
 
 
-def test_build_is_deterministic_and_cached(tmp_path, tiny_world):
+def test_build_is_deterministic_and_cached(tmp_path, tiny_world, monkeypatch):
     cfg = compose_cfg(TINY).toy
     cfg.cache_dir = str(tmp_path / "again")
     again = build.ensure(cfg)
@@ -78,9 +77,10 @@ def test_build_is_deterministic_and_cached(tmp_path, tiny_world):
     second = json.loads((again / "world.json").read_text())
     assert first["hashes"] == second["hashes"], "same seed -> identical tokenizer and weights"
     assert build.file_hash(again / "model.safetensors") == first["hashes"]["model.safetensors"]
-    t0 = time.time()
+    made = {p.name: p.stat().st_mtime_ns for p in again.iterdir()}
+    monkeypatch.setattr(build, "build", lambda *a: pytest.fail("the cached world was rebuilt"))
     assert build.ensure(cfg) == again  # cached: no rebuild
-    assert time.time() - t0 < 1.0
+    assert {p.name: p.stat().st_mtime_ns for p in again.iterdir()} == made
     other = ToyConfig(**{**cfg.__dict__, "seed": 1})
     assert build.config_hash(other) != build.config_hash(cfg)
 

@@ -139,23 +139,33 @@ def encode_pairs(
     return enc, kept, dropped, examples
 
 
+def warmup_cosine(s: int, steps: int) -> float:
+    """The learning-rate factor at optimiser step ``s`` (from 0) of ``steps``: a linear
+    warm-up over the first twentieth of the steps (at least one), then a cosine decay that
+    reaches 0 at ``steps``."""
+    warmup = max(1, steps // 20)
+    return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
 def fit(model, pad_id: int, enc: list, rc: RewardConfig, epochs: int, lr: float, seed: int,
         desc: str = "reward model") -> list[dict]:  # fmt: skip
     """The Bradley–Terry training loop (``-logsigmoid(r_chosen - r_rejected)``) over encoded
-    pairs ``enc`` [(chosen ids, rejected ids)]: AdamW, linear warm-up then cosine decay,
-    ``rc.batch_size`` pairs per forward pass, ``rc.grad_accum`` passes per step. Returns
-    the per-step log rows."""
+    pairs ``enc`` [(chosen ids, rejected ids)]: AdamW, linear warm-up then cosine decay
+    (``warmup_cosine``), ``rc.batch_size`` pairs per forward pass, ``rc.grad_accum`` passes
+    per step. Returns the per-step log rows.
+
+    Why not the update's loop (``stages.update.training.train``): that loop is a stage's
+    (its ``_PLAN.json`` and resume points, the trackers, distributed ranks, a constant
+    learning rate, skipping non-finite steps), while each member here trains in one call
+    that is redone whole after a crash, on a schedule fixed by its step count. The two
+    share the loss arithmetic (``losses``) and the gradient clipping; the reward model's
+    figures (the demo's held-out accuracy) come from this loop as it is."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     per_step = rc.batch_size * rc.grad_accum
     steps = epochs * -(-len(enc) // per_step)
-    warmup = max(1, steps // 20)
-
-    def lr_at(s: int) -> float:
-        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
     bar = progress.bar(steps, desc, "step")
     log_rows, step = [], 0
     for epoch in range(epochs):

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 
 from iterate import cachekey, models, progress, sampling
 from iterate.config import ToyConfig
+from iterate.shards import atomic_write_json, write_folder
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -56,22 +54,22 @@ def ensure(cfg: ToyConfig) -> Path:
 
 
 def cached(out: Path, what: str, make, summary=lambda info: "") -> Path:
-    """``out``, made by ``make(folder) -> info`` once: built in a temporary folder, its
-    ``world.json`` written last, then renamed into place (a folder with it is complete)."""
+    """``out``, made by ``make(folder) -> info`` once, whole or not at all (the one folder
+    writer, ``shards.write_folder``: built under a temporary name, ``world.json`` written
+    last, then renamed into place; another process's folder that got there first is
+    kept)."""
     if (out / "world.json").exists():
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     log.info("building %s into %s (once; later runs reuse it)", what, out)
-    info = make(tmp)
-    info["build_seconds"] = round(time.time() - t0, 1)
-    (tmp / "world.json").write_text(json.dumps(info, indent=2))
-    if out.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+
+    def fill(tmp: Path) -> dict:
+        info = make(tmp)
+        info["build_seconds"] = round(time.time() - t0, 1)
+        atomic_write_json(tmp / "world.json", info)
+        return info
+
+    info = write_folder(out, fill)
     log.info("%s ready in %.0fs: %s", what, info["build_seconds"], summary(info))
     return out
 
@@ -150,7 +148,11 @@ def sft_data(cfg: ToyConfig, tokenizer) -> list[tuple[list[int], int]]:
 
 
 def sft(cfg: ToyConfig, model, tokenizer, data) -> list[float]:
-    """Next-token loss on response tokens only; AdamW with cosine decay. Returns losses."""
+    """Next-token loss on response tokens only; AdamW with cosine decay. Returns losses.
+
+    Its own small loop rather than the update's (``stages.update.training.train``): the
+    toy world is built once, before any run, in no stage (no resume, no trackers, no
+    ranks), and its weights are what every toy figure starts from."""
     g = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(data) / cfg.sft_batch_size)
     total = steps_per_epoch * cfg.sft_epochs
