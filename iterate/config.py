@@ -35,6 +35,11 @@ class Aggregate(StrEnum):
     min = "min"  # worst-case
 
 
+class RewardKind(StrEnum):
+    model = "model"  # a Bradley-Terry reward model (or an ensemble): trained here or loaded
+    function = "function"  # a Python function of (prompts, responses): reward.function
+
+
 class Judge(StrEnum):
     gold = "gold"  # the toy world's gold judge
     model = "model"  # a judge model scored like a reward model (reward.refresh.judge_path)
@@ -188,9 +193,14 @@ class RefreshConfig:
 
 @dataclass
 class RewardConfig:
-    """The reward model: trained here before iteration 0 (``train: true``) or loaded."""
+    """The reward the loop optimises: a reward model, trained here before iteration 0
+    (``train: true``) or loaded, or a Python function (``kind: function``)."""
 
     name: str = MISSING
+    kind: RewardKind = RewardKind.model
+    # kind=function: package.module:function or path/to/file.py:function, called as
+    # f(prompts, responses) -> one float per response (None or NaN: that row is dropped)
+    function: str | None = None
     path: str | None = None  # a trained reward model to load when ``train: false``
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from
@@ -400,7 +410,10 @@ NOT_COUNTED = {
         "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
         "threads", "tensor_parallel_size", "sleep_level",
     ),
-    "reward": ("name", "workers", "threads", "aggregate", "uncertainty_coef", "refresh", "cache"),
+    "reward": (
+        "name", "kind", "function", "workers", "threads", "aggregate", "uncertainty_coef",
+        "refresh", "cache",
+    ),
     "reward.refresh": (),
     "prompts": (),
     "pairs": (),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from iterate import rewards
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import CARD, Paths
@@ -42,8 +43,11 @@ def prepare(cfg: Config, run_dir: Path) -> Paths:
 
 
 def reward_model_path(cfg: Config, paths: Paths) -> str:
-    """Train the reward model here when asked (the stage before iteration 0)."""
-    if cfg.reward.train:
+    """Train the reward model here when asked (the stage before iteration 0); a reward
+    function has none ("")."""
+    if not rewards.has_model(cfg):
+        return ""
+    if rewards.trains_model(cfg):
         from iterate.stages import reward_model
 
         reward_model.train(cfg, paths)
@@ -65,13 +69,13 @@ def _comparable(cfg: Config) -> dict:
 
 
 def _between(cfg: Config) -> tuple[str, ...]:
-    return between(cfg.update.name, bool(cfg.reward.refresh.pairs))
+    return between(cfg.update.name, rewards.refreshes(cfg))
 
 
 def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
     """Every stage folder a run of this config has once it made ``iterations`` iterations:
     from the config and the rule table, not from what exists."""
-    out = [paths.reward_model_dir] if cfg.reward.train else []
+    out = [paths.reward_model_dir] if rewards.trains_model(cfg) else []
     if cfg.iteration == 0:
         return out
     out += [paths.heldout_dir, paths.initial_samples_dir]

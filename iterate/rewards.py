@@ -9,25 +9,37 @@ a model loads on the first ``score``. ``RewardPool`` deals many shards of scorin
 processes, each holding its own copy.
 
 What a stage asks the factory for is a role: ``reward`` (what the loop optimises: the
-reward model at a path, an ensemble folder included), ``gold`` (the run's reference judge
-when it has one: the toy world's gold judge on its own prompts), ``judge`` (the judge of
-the reward-model refresh). Adding a reward source is one class here and one line in
-``of``; the stages that score do not change.
+reward model at a path, an ensemble folder included, or a Python function), ``gold`` (the
+run's reference judge when it has one: the toy world's gold judge on its own prompts),
+``judge`` (the judge of the reward-model refresh). Adding a reward source is one class
+here and one line in ``of``; the stages that score do not change.
+
+Sources: ``ModelReward`` (a Bradley–Terry reward model or an ensemble of them) and
+``FunctionReward`` (a Python function; the toy world's gold judge is one,
+``iterate.toy.world:gold_reward``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from numbers import Real
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from iterate import workers
 from iterate.config import Config
+from iterate.errors import BadInput
 from iterate.stage import DONE
+
+# (no torch at import: the loop and validation read this module without loading it)
 
 
 class Reward(Protocol):
@@ -38,7 +50,7 @@ class Reward(Protocol):
         """Stage folders that made this reward: their identity is part of the scoring
         stage's."""
 
-    def on(self, device: str | torch.device) -> Reward:
+    def on(self, device) -> Reward:
         """This reward, to score on ``device`` (a copy when that differs)."""
 
     def score(
@@ -51,8 +63,16 @@ class Reward(Protocol):
         disagreement per pair (``None`` for a single source)."""
 
 
+class _Loaded:
+    """A reward that loads what it scores with on first use (its ``_`` attributes): a copy
+    sent to a scoring process carries none of it, and loads its own."""
+
+    def __getstate__(self) -> dict:
+        return {k: None if k.startswith("_") else v for k, v in self.__dict__.items()}
+
+
 @dataclass
-class ModelReward:
+class ModelReward(_Loaded):
     """A Bradley–Terry reward model, or an ensemble folder of them, scored through the one
     scorer (``scoring.Scorer``: each conversation in the reward model's own chat template,
     length-sorted batches)."""
@@ -92,6 +112,8 @@ class ModelReward:
     def scorer(self):
         """The loaded ``scoring.Scorer`` (loaded on first use)."""
         if self._scorer is None:
+            import torch
+
             from iterate.scoring import Scorer
 
             self._scorer = Scorer.load(
@@ -104,29 +126,129 @@ class ModelReward:
     def score(self, prompts, responses, desc="score", refusals=False, spread=False):
         return self.scorer().score(prompts, responses, desc, refusals, spread)
 
-    def __getstate__(self) -> dict:  # what goes to a scoring process: never the loaded model
-        return {**self.__dict__, "_scorer": None}
+
+def load_function(spec: str) -> tuple[Callable, Path]:
+    """The function ``spec`` names (``package.module:function`` or
+    ``path/to/file.py:function``) and the file its source is in; ``BadInput`` naming what
+    is missing or what importing it raised."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise BadInput(f"reward.function={spec!r}: expected package.module:function or "
+                       "path/to/file.py:function")  # fmt: skip
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise BadInput(f"reward.function={spec!r}: no such file: {path}")
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            found = importlib.util.spec_from_file_location(f"iterate_reward_{digest}", path)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except BadInput:
+        raise
+    except ModuleNotFoundError as e:
+        raise BadInput(f"reward.function={spec!r}: no module named {e.name!r}") from None
+    except Exception as e:  # the user's module failed to import: say so, name it
+        raise BadInput(f"reward.function={spec!r}: importing {where} raised "
+                       f"{type(e).__name__}: {e}") from e  # fmt: skip
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise BadInput(f"reward.function={spec!r}: {where} has no function {name!r}")
+    return fn, Path(inspect.getsourcefile(fn) or module.__file__)
+
+
+def _as_prompt(stored: str):
+    """What a reward function gets for a prompt: its text, or for a conversation (a stored
+    JSON list of messages with more than one turn) the list of messages."""
+    from iterate.models import as_messages
+
+    messages = as_messages(stored) if isinstance(stored, str) else stored
+    return messages[0]["content"] if len(messages) == 1 else messages
 
 
 @dataclass
-class GoldJudge:
-    """The toy world's gold judge (``toy.world.gold_score``): it knows the toy world's
-    instruction families and no other prompt."""
+class FunctionReward(_Loaded):
+    """A Python function of a batch, ``f(prompts, responses) -> list[float]``, called with
+    ``batch_size`` rows at a time. Its identity names it and its source file's checksum, so
+    editing the function redoes the stages that used it. A row it scores ``None`` or NaN is
+    dropped and counted; raising, returning the wrong number of values or a value that is
+    not a number is ``BadInput`` naming the function, the row and the value."""
+
+    spec: str
+    batch_size: int = 64
+    _fn: Any = field(default=None, repr=False, compare=False)
+
+    def _load(self) -> Callable:
+        if self._fn is None:
+            self._fn = load_function(self.spec)[0]
+        return self._fn
 
     def identity(self) -> dict:
-        return {"judge": "gold"}
+        source = load_function(self.spec)[1]
+        return {
+            "reward_function": self.spec,
+            "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        }
 
     def inputs(self) -> list[Path]:
         return []
 
-    def on(self, device) -> GoldJudge:
+    def on(self, device) -> FunctionReward:
         return self
 
     def score(self, prompts, responses, desc="score", refusals=False, spread=False):
-        from iterate.toy.world import gold_score
+        from iterate import progress
 
-        out = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return (out, [None] * len(out)) if spread else out
+        fn, n = self._load(), len(responses)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} responses")
+        out: list[float] = []
+        bar = progress.bar(n, desc, "row")
+        for start in range(0, n, self.batch_size):
+            batch = [_as_prompt(p) for p in prompts[start : start + self.batch_size]]
+            said = f"reward.function={self.spec}"
+            try:
+                got = fn(batch, list(responses[start : start + self.batch_size]))
+            except Exception as e:
+                raise BadInput(f"{said} raised {type(e).__name__}: {e} (on rows {start}.."
+                               f"{start + len(batch) - 1} of this batch)") from e  # fmt: skip
+            got = list(got) if isinstance(got, (list, tuple)) or hasattr(got, "tolist") else got
+            if not isinstance(got, list) or len(got) != len(batch):
+                what = f"{len(got)} values" if isinstance(got, list) else f"a {type(got).__name__}"
+                raise BadInput(f"{said} returned {what} for {len(batch)} responses (one number "
+                               "per response, in order)")  # fmt: skip
+            for k, v in enumerate(got):
+                v = v.item() if hasattr(v, "item") else v
+                if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
+                    raise BadInput(f"{said}: row {start + k} ({responses[start + k]!r}): "
+                                   f"{v!r} is not a number")  # fmt: skip
+                out.append(float("nan") if v is None or math.isnan(v) else float(v))
+            bar.update(len(batch))
+        bar.close()
+        return (out, [None] * n) if spread else out
+
+
+GOLD = "iterate.toy.world:gold_reward"  # the toy world's gold judge as a reward function
+
+
+def has_model(cfg: Config) -> bool:
+    """Whether the run's reward is a reward model (a path the stages score with) rather
+    than a function."""
+    return str(cfg.reward.kind) == "model"
+
+
+def trains_model(cfg: Config) -> bool:
+    """Whether the run trains its reward model before iteration 0 (``reward_model/``)."""
+    return has_model(cfg) and cfg.reward.train
+
+
+def refreshes(cfg: Config) -> bool:
+    """Whether each iteration refreshes the reward model (``iter_i/reward/``): a reward
+    function has none to refresh, so ``reward.refresh`` (a tuning's default, say) does not
+    apply to it."""
+    return has_model(cfg) and cfg.reward.refresh.pairs > 0
 
 
 def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward | None:
@@ -144,17 +266,19 @@ def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward
         ModelReward, dtype=str(rc.dtype), max_length=rc.max_length,
         batch_size=rc.score_batch_size, device=dev,
     )  # fmt: skip
+    if role == "reward" and str(rc.kind) == "function":
+        return FunctionReward(rc.function, rc.score_batch_size)
     if role == "reward":
         return model(
             path, chat_template=rc.chat_template, aggregate=str(rc.aggregate),
             uncertainty_coef=rc.uncertainty_coef,
         )  # fmt: skip
     if role == "gold":
-        return GoldJudge() if str(cfg.prompts.source) == "toy" else None
+        return FunctionReward(GOLD) if str(cfg.prompts.source) == "toy" else None
     if role == "judge":
         judge = str(rc.refresh.judge)
         if judge == "gold":
-            return GoldJudge()
+            return FunctionReward(GOLD)
         return None if judge == "file" else model(rc.refresh.judge_path)
     raise ValueError(f"unknown reward role {role!r}")
 
@@ -163,6 +287,8 @@ _WORKER_REWARD: Reward | None = None  # in a scoring worker process
 
 
 def _start_worker(reward: Reward, device: str, threads: int) -> None:
+    import torch
+
     global _WORKER_REWARD
     if threads:
         torch.set_num_threads(threads)
@@ -189,6 +315,8 @@ class RewardPool:
     def _open(self) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+
+        import torch
 
         if self.processes == 1 or self.pools:
             return

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+from iterate import rewards
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.rules import rule
@@ -177,12 +178,7 @@ def check(cfg: Config) -> None:
     )
     _together(cfg)
     _model_folder("model.path", cfg.model.path, "model")
-    if not rc.train:
-        if not rc.path:
-            raise BadInput("reward.path is not set but reward.train is false: set one or the other")
-        _model_folder("reward.path", rc.path, "reward model")
-    if rc.base:
-        _model_folder("reward.base", rc.base, "model")
+    _reward(cfg)
     _refresh(cfg)
     _trackers(cfg)
     if str(pc.source) == "file":
@@ -190,7 +186,7 @@ def check(cfg: Config) -> None:
             raise BadInput("prompts.path is not set but prompts.source is file")
         if not Path(pc.path).exists():
             raise BadInput(f"prompts.path={pc.path!r}: no such file or folder")
-    if rc.train and str(rc.source) == "files":
+    if rewards.trains_model(cfg) and str(rc.source) == "files":
         for k, d in enumerate(rc.data):
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
@@ -239,9 +235,27 @@ def _trackers(cfg: Config) -> None:
             )
 
 
+def _reward(cfg: Config) -> None:
+    """The reward model's folders, or the reward function importable (its module loads and
+    has the function: found at start-up, not after generation)."""
+    rc = cfg.reward
+    if not rewards.has_model(cfg):
+        if not rc.function:
+            raise BadInput("reward.kind=function needs reward.function: package.module:function "
+                           "or path/to/file.py:function")  # fmt: skip
+        rewards.load_function(rc.function)
+        return
+    if not rc.train:
+        if not rc.path:
+            raise BadInput("reward.path is not set but reward.train is false: set one or the other")
+        _model_folder("reward.path", rc.path, "reward model")
+    if rc.base:
+        _model_folder("reward.base", rc.base, "model")
+
+
 def _refresh(cfg: Config) -> None:
     fc = cfg.reward.refresh
-    if not fc.pairs:
+    if not rewards.refreshes(cfg):
         return
     if rule(cfg.update.name).on_policy:
         raise BadInput(

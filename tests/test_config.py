@@ -281,6 +281,7 @@ def test_bench_config_composes_with_every_option():
         "iteration.iterations=1",
         "iteration.overrides=['experiment=toy_tiny']",
         "iteration.compare_restart=false",
+        "workers.warmup=false",
         "toy.hidden_size=64",
         "out_dir=elsewhere",
         "seed=3",
@@ -298,6 +299,7 @@ def test_bench_config_composes_with_every_option():
         "toy",
     )
     assert cfg.iteration.overrides == ["experiment=toy_tiny"] and cfg.toy.hidden_size == 64
+    assert not cfg.workers.warmup and default.workers.warmup
     assert default.sections == list(SECTIONS) and default.generation.models == [
         "toy",
         "llama30m",

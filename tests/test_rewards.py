@@ -4,7 +4,9 @@ reward, what travels to a scoring process. No model is loaded here."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 
 import pytest
 
@@ -40,24 +42,24 @@ def test_a_reward_names_the_stage_that_made_it_only_when_that_stage_finished(tmp
     assert reward.inputs() == [stage]
 
 
-def test_the_gold_judge_is_the_toy_worlds_and_only_for_its_prompts():
+def test_the_gold_judge_is_the_toy_worlds_reward_function_and_only_for_its_prompts():
     gold = rewards.of(compose_cfg([]), "gold")
     prompts, responses = ["Greet Anna.", "Greet Anna."], ["Hello Anna!", "Ugh. Hello Rosa."]
     assert gold.score(prompts, responses) == [world.gold_score(p, r) for p, r in
                                              zip(prompts, responses)]  # fmt: skip
     assert gold.score(prompts, responses)[0] > gold.score(prompts, responses)[1]
     scores, spread = gold.score(prompts, responses, spread=True)
-    assert spread == [None, None] and gold.identity() == {"judge": "gold"}
+    assert spread == [None, None] and gold.identity()["reward_function"] == rewards.GOLD
     assert gold.inputs() == [] and gold.on("cuda") is gold
     assert rewards.of(compose_cfg(["prompts=file", "prompts.path=x.jsonl"]), "gold") is None
-    with pytest.raises(ValueError, match="shorter"):  # never a silent truncation
+    with pytest.raises(ValueError, match="prompts for"):  # never a silent truncation
         gold.score(prompts, responses[:1])
 
 
 @pytest.mark.parametrize(
     "overrides, kind",
     [
-        ([], rewards.GoldJudge),
+        ([], rewards.FunctionReward),
         (["reward.refresh.judge=model", "reward.refresh.judge_path=judge"], rewards.ModelReward),
         (["reward.refresh.judge=file", "reward.refresh.path=p.jsonl"], type(None)),
     ],
@@ -84,3 +86,103 @@ def test_a_reward_travels_to_a_scoring_process_without_its_loaded_model(tmp_path
 def test_an_unknown_role_is_an_error():
     with pytest.raises(ValueError, match="role"):
         rewards.of(compose_cfg([]), "oracle")
+
+
+def _function(tmp_path, body: str, name: str = "reward.py") -> str:
+    f = tmp_path / name
+    f.write_text(body)
+    return f"{f}:score"
+
+
+def test_a_reward_function_scores_in_batches_and_drops_what_it_cannot_score(tmp_path):
+    spec = _function(
+        tmp_path,
+        """
+CALLS = []
+def score(prompts, responses):
+    CALLS.append(len(responses))
+    return [None if r == "?" else float("nan") if r == "nan" else len(r) for r in responses]
+""",
+    )
+    cfg = compose_cfg(["reward=gold", f"reward.function={spec}", "reward.score_batch_size=2"])
+    reward = rewards.of(cfg)
+    assert isinstance(reward, rewards.FunctionReward)
+    got = reward.score(["Q?"] * 5, ["ab", "?", "abcd", "nan", "a"])
+    assert got[0] == 2.0 and got[2] == 4.0 and got[4] == 1.0
+    assert math.isnan(got[1]) and math.isnan(got[3]), "None and NaN: rows the label drops"
+    assert reward._fn.__globals__["CALLS"] == [2, 2, 1]  # batches of score_batch_size
+    # a conversation reaches the function as its messages, a one-turn prompt as its text
+    seen = _function(tmp_path, "def score(p, r):\n    return [float(isinstance(x, list)) "
+                               "for x in p]\n", "seen.py")  # fmt: skip
+    turns = json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": "c"}])  # fmt: skip
+    assert rewards.FunctionReward(seen).score(["plain", turns], ["x", "y"]) == [0.0, 1.0]
+
+
+def test_editing_a_reward_function_changes_its_identity(tmp_path):
+    spec = _function(tmp_path, "def score(p, r):\n    return [1.0 for _ in r]\n")
+    before = rewards.FunctionReward(spec).identity()
+    assert before["reward_function"] == spec and len(before["source_sha256"]) == 64
+    _function(tmp_path, "def score(p, r):\n    return [2.0 for _ in r]\n")
+    assert rewards.FunctionReward(spec).identity() != before
+
+
+def test_the_toy_worlds_verifiable_reward_is_correctness_only():
+    from iterate.toy.world import correctness_reward
+
+    got = correctness_reward(["What is 2 plus 3?"] * 3, ["5.", "Sure! 2 plus 3 is 5.", "7."])
+    assert got == [1.0, 1.0, 0.0]  # politeness earns nothing; the gold judge's would
+    assert world.gold_score("What is 2 plus 3?", "Sure! 2 plus 3 is 5.") > 1.0
+
+
+BAD_FUNCTIONS = [  # (body or None for a missing file, function name, what the message names)
+    ("def score(p, r):\n    raise KeyError('answer')\n", "score", "raised KeyError: 'answer'"),
+    ("def score(p, r):\n    return [1.0]\n", "score", "returned 1 values for 2 responses"),
+    ("def score(p, r):\n    return 3.0\n", "score", "returned a float for 2 responses"),
+    ("def score(p, r):\n    return ['good', 1.0]\n", "score", "row 0 ('a'): 'good' is not a"),
+    ("def score(p, r):\n    return [True, 1.0]\n", "score", "True is not a number"),
+    ("def other(p, r):\n    return [1.0, 1.0]\n", "score", "has no function 'score'"),
+    ("import no_such_package_here\n", "score", "no module named 'no_such_package_here'"),
+    ("def score(p, r) return\n", "score", "raised SyntaxError"),
+    (None, "score", "no such file"),
+]
+
+
+@pytest.mark.parametrize(("body", "name", "said"), BAD_FUNCTIONS)
+def test_a_bad_reward_function_is_bad_input_naming_it(tmp_path, body, name, said):
+    from iterate.errors import BadInput
+
+    f = tmp_path / "bad.py"
+    if body is not None:
+        f.write_text(body)
+    spec = f"{f}:{name}"
+    with pytest.raises(BadInput, match=re.escape(said)) as e:
+        rewards.FunctionReward(spec).score(["Q?", "Q?"], ["a", "b"])
+    assert spec in str(e.value)
+
+
+def test_a_reward_function_is_checked_at_start_up(tmp_path):
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    with pytest.raises(BadInput, match="no module named 'nowhere'"):
+        validate.check(compose_cfg(["reward=gold", "reward.function=nowhere.mod:score"]))
+    with pytest.raises(BadInput, match="needs reward.function"):
+        validate.check(compose_cfg(["reward=gold", "reward.function=null"]))
+    validate.check(compose_cfg(["reward=gold"]))  # the tuning's refresh does not apply
+    cfg = compose_cfg(["reward=gold"])
+    assert cfg.reward.refresh.pairs > 0 and not rewards.refreshes(cfg)
+    assert not rewards.trains_model(cfg) and rewards.trains_model(compose_cfg([]))
+
+
+def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
+    """The verifiable reward the README shows, taken from the README itself."""
+    from .conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Rewards") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
+    (tmp_path / "my_rewards.py").write_text(code)
+    reward = rewards.FunctionReward(f"{tmp_path / 'my_rewards.py'}:exact_answer")
+    got = reward.score(["What is 2 plus 3?"] * 3, ["Sure! 2 plus 3 is 5.", "7.", "I don't know."])
+    assert got == [1.0, 0.0, 0.0]

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from iterate import loop, losses, models, sampling
+from iterate import loop, losses, models, rewards, sampling
 from iterate.report import runinfo, show
 from iterate.scoring import Scorer
+from iterate.shards import read_shards
 from iterate.stages.update import common, ppo, remax, rl
 
 from .conftest import compose_cfg
@@ -152,12 +153,14 @@ def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["ppo", "remax"])
-def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
+@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy"), ("remax", "gold")])
+def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_path):
+    """PPO against the reward model; ReMax against a reward function (the gold judge)."""
     cfg = compose_cfg(
         [
             "experiment=toy_tiny",
             f"update={rule}",
+            f"reward={reward}",
             "generate=transformers",
             "iteration=2",
             f"runs_dir={tmp_path}",
@@ -186,6 +189,11 @@ def test_on_policy_rule_end_to_end(rule, tiny_cache, tiny_world, tmp_path):
     best = runinfo.extremes(runinfo.scored(run, 1), 1)
     assert [r["rank"] for r in best] == ["best 1", "worst 1"] and "gold" in best[0]
     assert "generate" not in show.status(run) and "held-out" in show.samples(run, 1, 1, False)
+    if reward == "gold":  # the rollouts were scored by the function: no reward model at all
+        assert not (run / "reward_model").exists()
+        assert upd["config"]["rollout"]["reward"]["reward_function"] == rewards.GOLD
+        ev = json.loads((run / "iter_000" / "evaluate" / "_DONE.json").read_text())
+        assert ev["heldout_reward_mean"] == ev["gold_mean"] and ev["proxy_gold_gap"] == 0
 
 
 @pytest.mark.slow
@@ -194,7 +202,8 @@ def test_vllm_backend_never_calls_transformers_generate(
     rule, tiny_cache, tiny_world, tmp_path, monkeypatch
 ):
     """With generate.backend=vllm every sample comes from the engine: best-of-n, the
-    held-out evaluation and its baseline, and the on-policy rollouts."""
+    held-out evaluation and its baseline, and the on-policy rollouts. (DPO's run labels
+    with a reward function, the gold judge: its labels are the gold column.)"""
     from transformers import GenerationMixin
 
     def forbidden(*args, **kwargs):
@@ -211,6 +220,7 @@ def test_vllm_backend_never_calls_transformers_generate(
             f"toy.cache_dir={tiny_cache}",
             "reward.num_pairs=100",
             "update.epochs=1",
+            *(["reward=gold"] if rule == "dpo" else []),
         ]
     )
     try:
@@ -221,3 +231,7 @@ def test_vllm_backend_never_calls_transformers_generate(
     upd = json.loads((tmp_path / "toy_tiny" / "iter_000" / "update" / "_DONE.json").read_text())
     if rule == "ppo":
         assert upd["timings"]["sampler_sample_s"] > 0, "the rollouts came from the engine"
+    else:  # labelled by the reward function: each reward is the gold judge's score
+        labels = read_shards(tmp_path / "toy_tiny" / "iter_000" / "label").to_pylist()
+        assert labels and all(r["reward"] == r["gold"] for r in labels)
+        assert not (tmp_path / "toy_tiny" / "reward_model").exists()

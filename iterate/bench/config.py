@@ -88,6 +88,7 @@ class WorkersBench:
     micro_batch_size: int = 8
     response_tokens: int = 48
     rounds: int = 3
+    warmup: bool = True  # a round first that is not counted (engine starts, first launch)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     w.model, w.prompts, w.shards, w.n, w.new_tokens, w.pairs, w.micro_batch_size = (
         "toy", 4, 2, 2, 8, 4, 2,
     )  # fmt: skip
-    w.response_tokens, w.rounds = 8, 1
+    w.response_tokens, w.rounds, w.warmup = 8, 1, False
     it = cfg.iteration
     it.iterations, it.compare_restart = 1, False
     it.overrides = ["experiment=toy_tiny", "reward.num_pairs=100"]

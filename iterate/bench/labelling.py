@@ -1,6 +1,8 @@
 """Labelling: our batched, length-sorted scoring (``scoring.Scorer``) vs one response at
 a time through a transformers ``pipeline`` (the public GSHF scripts' way), alternating
-rounds on the same responses and model."""
+rounds on the same responses and model; and beside them, in the same rounds, a reward
+function (the toy world's gold judge through ``rewards.FunctionReward``), so a user can
+see whether a function reward is ever the bottleneck."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import time
 
 import torch
 
-from iterate import scoring
+from iterate import rewards, scoring
 
 
 def responses(n: int, seed: int) -> list[tuple[str, str]]:
@@ -49,11 +51,17 @@ def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
         with torch.no_grad():
             return [pipe(t, batch_size=1)[0]["score"] for t in texts]
 
+    gold = rewards.FunctionReward(rewards.GOLD, batch_size)
+
+    def function() -> list[float]:
+        return gold.score([p for p, _ in pairs], [r for _, r in pairs], desc="bench function")
+
     a, b = ours(), one_at_a_time()  # warm-up, and both must give the same rewards
     agree = max(abs(x - y) for x, y in zip(a, b))
-    times: dict[str, list[float]] = {"batched": [], "pipeline": []}
+    function()  # warm-up: imports the function's module
+    times: dict[str, list[float]] = {"batched": [], "pipeline": [], "function": []}
     for _ in range(rounds):
-        for name, fn in (("batched", ours), ("pipeline", one_at_a_time)):
+        for name, fn in (("batched", ours), ("pipeline", one_at_a_time), ("function", function)):
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -63,6 +71,7 @@ def measure(path: str, n: int, batch_size: int, rounds: int, seed: int) -> dict:
         "batched_samples_per_s": n / batched,
         "pipeline_samples_per_s": n / single,
         "ratio": single / batched,
+        "function_samples_per_s": n / statistics.median(times["function"]),
         "max_abs_reward_difference": agree,
         "mean_tokens": sum(map(len, seqs)) / n,
     }

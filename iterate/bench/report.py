@@ -28,7 +28,8 @@ def report(results: dict) -> str:
         lines.append(
             f"labelling {r['model']}: batched {r['batched_samples_per_s']:.0f}/s vs pipeline one "
             f"at a time {r['pipeline_samples_per_s']:.0f}/s = {r['ratio']:.1f}x "
-            f"(rewards agree within {r['max_abs_reward_difference']:.1e})"
+            f"(rewards agree within {r['max_abs_reward_difference']:.1e}); a reward function "
+            f"(the gold judge) {r['function_samples_per_s']:.0f}/s"
         )
     if u := results.get("update"):
         d = u["dpo"]

@@ -47,7 +47,7 @@ def _generation(spec: dict, work: Path) -> dict:
     try:
         for s in samplers.values():
             s.load(spec["model"])
-        for r in range(spec["rounds"] + 1):  # round 0 starts the engines
+        for r in range(0 if spec["warmup"] else 1, spec["rounds"] + 1):  # 0 starts engines
             for name, s in samplers.items():
                 out = work / "generate" / name
                 shutil.rmtree(out, ignore_errors=True)
@@ -91,7 +91,7 @@ def _update(spec: dict, work: Path) -> dict:
     tok = models.load_tokenizer(policy)
     torch.set_num_threads(t)
     res: dict[str, list] = {}
-    for r in range(spec["rounds"] + 1):
+    for r in range(0 if spec["warmup"] else 1, spec["rounds"] + 1):
         for procs in (1, t):
             name = f"{procs}x{t // procs}"
             cfg = main_config(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from iterate import rewards
 from iterate.config import Config
 from iterate.paths import CARD, Paths
 from iterate.report.metrics import table
@@ -108,10 +109,14 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         "",
         f"- **Base model:** {cfg.model.name}"
         + (f" (`{hub_id(paths.base_policy)}`)" if hub_id(paths.base_policy) else ""),
-        f"- **Reward model:** {cfg.reward.name}"
+        (
+            f"- **Reward model:** {cfg.reward.name}"
+            if rewards.has_model(cfg)
+            else f"- **Reward:** {cfg.reward.name}, the function `{cfg.reward.function}`"
+        )
         + (
             f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
-            if refresh.pairs and not rule(uc.name).on_policy
+            if rewards.refreshes(cfg) and not rule(uc.name).on_policy
             else ""
         ),  # fmt: skip
         f"- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}"

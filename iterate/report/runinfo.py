@@ -74,7 +74,8 @@ def config(run: Path) -> dict:
 
 def expected_stages(cfg: dict) -> set[str]:
     """The stages an iteration of this config runs (the loop's)."""
-    refresh = bool(cfg["reward"].get("refresh", {}).get("pairs"))
+    model = cfg["reward"].get("kind", "model") == "model"  # a reward function: no refresh
+    refresh = model and bool(cfg["reward"].get("refresh", {}).get("pairs"))
     return {"prompts", *between(cfg["update"]["name"], refresh), "update", "evaluate", "handoff"}
 
 
@@ -83,7 +84,8 @@ def states(run: Path) -> dict[str, list[StageState]]:
     for the iterations it has started, in the loop's order."""
     run, cfg = Path(run), config(run)
     expected, paths = expected_stages(cfg), Paths(run=run, base_policy="")
-    trained = cfg["reward"].get("train", True)  # else loaded: no reward_model/
+    # else loaded, or a reward function: no reward_model/
+    trained = cfg["reward"].get("train", True) and cfg["reward"].get("kind", "model") == "model"
     before = [(n, rel) for n, rel in BEFORE if trained or n != "reward_model"]
     out = {"before": [stage_state(getattr(paths, where), name) for name, where in before]}
     for i in iterations(run):

@@ -312,3 +312,21 @@ def corpus(rng: random.Random) -> list[str]:
                 for length in LENGTHS:
                     out.append(respond(ins, correct, tone, length, rng))
     return out
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold judge as a reward function (``reward=gold``: the oracle run, which
+    optimises the judge it is measured by)."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def correctness_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A verifiable reward (``reward=correct``): 1 if the answer is right, else 0; no credit
+    for tone or length, the kind of reward group rules are used with."""
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        ins = parse(p)
+        if ins is None:
+            raise BadInput(f"correctness_reward: not a toy-world prompt: {p!r}")
+        out.append(1.0 if _correct(ins, r) else 0.0)
+    return out
