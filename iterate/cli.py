@@ -1,7 +1,8 @@
 """What the command line prints and returns when a run ends early: one line saying what
 went wrong and where, the traceback in the run's log file only, and an exit status a
 script can act on: 2 bad input (a setting, a path, a file's row, a run folder in use or
-changed), 1 a failure, 130 Ctrl-C. A rerun of the same command resumes after 1 and 130."""
+changed; Hydra's own composition errors too), 1 a failure, 130 Ctrl-C. A rerun of the same
+command resumes after 1 and 130."""
 
 from __future__ import annotations
 
@@ -71,4 +72,14 @@ def main(run=None) -> None:
         sys.exit(show.main(sys.argv[2:]))
     if run is None:
         from iterate.__main__ import main as run
-    run()
+    try:
+        run()
+    except SystemExit as e:
+        # Hydra reports its own errors (a misspelled key, an unknown choice, a value of the
+        # wrong type) and exits 1 before the loop starts: bad input, status 2
+        if e.code == 1 and not STARTED:
+            sys.exit(2)
+        raise
+
+
+STARTED = False  # set once Hydra composed the config and the run begins

@@ -137,6 +137,10 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
         log.info("nothing to do: %s already has %s\n%s", run_dir, last, metrics.table(rows))
         return rows
     t0 = time.time()
+    if cfg.iteration:
+        from iterate.stages import prompts
+
+        prompts.check_pool(cfg, paths)  # before anything is built or trained
     paths = prepare(cfg, run_dir)
     rm = reward_model_path(cfg, paths)
     paths.reward_model = rm

@@ -17,14 +17,13 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 
 from iterate import workers
 from iterate.errors import BadInput
-from iterate.shards import TEMPORARY
+from iterate.shards import clean_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -113,22 +112,3 @@ def holder(run: Path) -> dict | None:
     if who.get("host") == socket.gethostname() and not workers.alive(int(who["pid"])):
         return None  # killed: the kernel dropped its lock, the file still names it
     return who
-
-
-def clean_temporaries(run: Path) -> list[Path]:
-    """Remove ``*.tmp<pid>`` files and folders under ``run`` whose process is gone (an
-    atomic write or a handoff save cut short); returns what was removed."""
-    removed = []
-    for p in sorted(Path(run).rglob("*.tmp*")):
-        m = TEMPORARY.search(p.name)
-        if not m or int(m.group(1)) == os.getpid() or workers.alive(int(m.group(1))):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    if removed:
-        log.warning("removed %d temporary file(s) left by dead processes: %s", len(removed),
-                    ", ".join(str(p.relative_to(run)) for p in removed[:5]))  # fmt: skip
-    return removed

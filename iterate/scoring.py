@@ -71,6 +71,10 @@ def load_model(
             )
     finally:
         report.setLevel(level)
+    if not new_head:
+        from iterate.validate import reward_head
+
+        reward_head("reward model", path, model.config.architectures)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

@@ -11,6 +11,7 @@ A stage folder's contract (``_DONE.json``, identity, verification) is ``iterate.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +21,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iterate import workers
 from iterate.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 PLAN = "_PLAN.json"  # how much a stage set out to write: the run inspector's "k of n"
 TEMPORARY = re.compile(r"\.tmp(\d+)$")  # an atomic write's temporary name (the writer's pid)
@@ -170,3 +174,23 @@ def read_shards(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
         return schema.empty_table()
     # shards written before a column was added read it as nulls
     return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+
+
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove ``*.tmp<pid>`` files and folders under ``folder`` whose process is gone (an
+    atomic write, a handoff save or a toy-world build cut short); returns what was
+    removed."""
+    removed = []
+    for p in sorted(Path(folder).rglob("*.tmp*")):
+        m = TEMPORARY.search(p.name)
+        if not m or int(m.group(1)) == os.getpid() or workers.alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d temporary file(s) left by dead processes: %s", len(removed),
+                    ", ".join(str(p.relative_to(folder)) for p in removed[:5]))  # fmt: skip
+    return removed

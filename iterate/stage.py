@@ -196,9 +196,18 @@ def resolve(obj: Any, root: Path | None) -> Any:
     return obj if root is None else _strings(obj, where)
 
 
-# Settings that earlier versions hashed and that no longer count (``config.NOT_COUNTED``): a
-# stage recorded with them is not a stage whose config changed.
-RETIRED = ("model.name", "reward.name")
+# Settings that earlier versions hashed and that no longer count (``config.NOT_COUNTED``), by
+# stage ("*": every stage; a key names itself and what is under it): a stage recorded with
+# them is not a stage whose config changed.
+RETIRED = {
+    "*": ("model.name", "reward.name"),
+    "heldout": ("prompts.per_iteration", "prompts.synthetic"),  # the draw does not read them
+}
+
+
+def retired(stage: str, key: str) -> bool:
+    return any(key == r or key.startswith(r + ".")
+               for r in (*RETIRED["*"], *RETIRED.get(stage, ())))  # fmt: skip
 
 
 class Stage:
@@ -242,7 +251,7 @@ class Stage:
             recorded = read_json(marker)
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         keys = diff_keys(recorded, self.config) if recorded is not None else []
-        if keys and set(keys) <= set(RETIRED):  # hashed by an earlier version: no change
+        if keys and all(retired(self.name, k) for k in keys):  # an earlier version's hash
             log.info("%s: recorded with settings that no longer count (%s)", self.path, keys)
             keys = []
         if keys:

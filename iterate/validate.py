@@ -5,6 +5,7 @@ line and exit status 2 (``iterate.__main__``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -46,6 +47,31 @@ def _model_folder(key: str, path: str | None, what: str) -> None:
         raise BadInput(
             f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"
         )
+
+
+def reward_head(key: str, path: str, architectures: list[str] | None) -> None:
+    """A checkpoint used as a reward model must have a score head: a causal LM (or any
+    other head) loaded as one would get a random head, and its rewards would be noise that
+    a run optimises without a word. (Training a reward model here starts from a causal LM
+    on purpose: ``reward.base``.)"""
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise BadInput(
+            f"{key}={path!r}: a {architectures[0]} checkpoint, not a reward model (it has no "
+            "score head: its rewards would be random); point it at a sequence-classification "
+            f"checkpoint, or train one here from it (reward.train=true reward.base={path})"
+        )
+
+
+def _reward_folder(key: str, path: str | None) -> None:
+    """A reward model's folder: loadable, and with a score head when its config says."""
+    _model_folder(key, path, "reward model")
+    config = Path(path or "") / "config.json"
+    if path and config.is_file():
+        try:
+            architectures = json.loads(config.read_text()).get("architectures")
+        except ValueError:
+            return  # the load names the damaged file
+        reward_head(key, path, architectures)
 
 
 GE1 = (lambda v: v >= 1, "must be >= 1")
@@ -170,6 +196,9 @@ def check(cfg: Config) -> None:
         _need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
         )
+        _need(gc.temperature > 0, "generate.temperature", gc.temperature,
+              f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
+              "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)")  # fmt: skip
     _need(
         gc.max_tokens < cfg.model.max_length,
         "generate.max_tokens",
@@ -177,6 +206,7 @@ def check(cfg: Config) -> None:
         f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
     )
     _together(cfg)
+    _device(cfg)
     _model_folder("model.path", cfg.model.path, "model")
     _reward(cfg)
     _refresh(cfg)
@@ -215,6 +245,18 @@ def _together(cfg: Config) -> None:
         )
 
 
+def _device(cfg: Config) -> None:
+    if str(cfg.device) != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BadInput(
+            f"device={cfg.device}: no CUDA device is visible here (torch.cuda.is_available() is "
+            "false); use device=cpu, or device=auto to take a GPU when there is one"
+        )
+
+
 def _cuda(cfg: Config) -> bool:
     if str(cfg.device) == "auto":
         import torch
@@ -248,7 +290,7 @@ def _reward(cfg: Config) -> None:
     if not rc.train:
         if not rc.path:
             raise BadInput("reward.path is not set but reward.train is false: set one or the other")
-        _model_folder("reward.path", rc.path, "reward model")
+        _reward_folder("reward.path", rc.path)
     if rc.base:
         _model_folder("reward.base", rc.base, "model")
 
@@ -274,7 +316,7 @@ def _refresh(cfg: Config) -> None:
     if judge == "model":
         if not fc.judge_path:
             raise BadInput("reward.refresh.judge=model needs reward.refresh.judge_path")
-        _model_folder("reward.refresh.judge_path", fc.judge_path, "reward model")
+        _reward_folder("reward.refresh.judge_path", fc.judge_path)
     if judge == "file" and (not fc.path or "{iteration}" not in fc.path):
         raise BadInput(
             f"reward.refresh.path={fc.path!r}: judge=file needs a path with {{iteration}} "

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from iterate import cli, loop
 from iterate.runlock import RunLock, RunLocked
@@ -47,6 +48,10 @@ BAD = [  # (overrides, what the message must name)
     (["update.label_smoothing=0.5"], "update.label_smoothing"),
     (["update.lora.dropout=1.0"], "update.lora.dropout"),
     (["update.num_processes=0"], "update.num_processes"),
+    (["generate.temperature=0"], "greedy sampling gives the n samples of a prompt all alike"),
+    # a pool too small for the iterations asked for: before the toy world and reward model
+    (["prompts.per_iteration=1000"], "lower prompts.per_iteration to"),
+    (["iteration=1000"], "ask for iteration="),
     # settings that only make sense together: refused at start-up, not when the stage comes
     (["update=ppo", "update.num_processes=2"], "update=ppo rolls out inside its update"),
     (["device=cpu", "update.num_processes=2", "update.strategy=fsdp"], "fsdp needs CUDA"),
@@ -114,6 +119,12 @@ def test_bad_input_exits_2_naming_it_before_any_work(overrides, named, tmp_path,
     assert status == 2, said
     assert named in said and "bad input" in said
     assert not (tmp_path / "toy").exists(), "nothing was built before the check"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_asked_for_without_one_is_bad_input(tmp_path, caplog):
+    status, said = _status(compose_cfg([*TINY, "device=cuda"], tmp_path), tmp_path / "r", caplog)
+    assert status == 2 and "device=cuda: no CUDA device is visible" in said
 
 
 def test_bad_input_is_a_type_and_an_internal_value_error_is_a_failure(caplog):
@@ -223,6 +234,9 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
+    proc = _cli(["update=nosuchrule"], tmp_path)  # Hydra's own error: bad input too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "nosuchrule" in out + err
     proc = _cli(["update.beta=0"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2

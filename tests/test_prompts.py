@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from iterate.paths import Paths
 from iterate.stages import heldout, prompts
 
@@ -133,3 +135,26 @@ def test_prompt_formats_hh_transcripts_messages_and_saved_datasets(tmp_path):
     for path in (tmp_path / "uf.parquet", tmp_path / "saved"):
         cfg.prompts.path = str(path)
         assert json.loads(prompts.load_pool(cfg)[0][0]) == messages[0]
+
+
+def test_the_held_out_draw_is_not_refused_for_a_share_it_does_not_read(tmp_path):
+    """The held-out stage hashes what decides the draw: a run told to lower
+    prompts.per_iteration (a shortfall's advice) keeps its held-out set; a stage recorded
+    by an earlier version with the share in its config stands too (``stage.RETIRED``)."""
+    from iterate.stage import DONE, Stage
+
+    cfg, paths, _ = _setup(tmp_path, [f"Q{n}?" for n in range(30)])
+    held = _ids(heldout.prompts(cfg, paths))
+    before = (paths.heldout_dir / DONE).read_text()
+    cfg.prompts.per_iteration = 3
+    assert _ids(heldout.prompts(cfg, paths)) == held
+    assert (paths.heldout_dir / DONE).read_text() == before, "not redone"
+    old = tmp_path / "old_heldout"  # as an earlier version recorded it
+    stage = Stage(old, "heldout", prompts.config(cfg))
+    stage.check()
+    stage.finish()
+    cfg.prompts.per_iteration = 7
+    assert Stage(old, "heldout", prompts.heldout_config(cfg)).check()
+    cfg.prompts.heldout = 3  # what the draw reads still counts
+    with pytest.raises(Exception, match="prompts.heldout"):
+        Stage(old, "heldout", prompts.heldout_config(cfg)).check()

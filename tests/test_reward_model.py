@@ -64,7 +64,11 @@ def test_reward_model_learns_the_gold_preference(tiny_cfg, tiny_world):
 
 
 def test_score_is_order_independent(tiny_world):
-    model, tok = scoring.load_model(str(tiny_world))
+    from iterate.errors import BadInput
+
+    with pytest.raises(BadInput, match="not a reward model"):  # a causal LM: no score head
+        scoring.load_model(str(tiny_world))
+    model, tok = scoring.load_model(str(tiny_world), new_head=True)  # a random head, asked for
     responses = ["1, 2, 3.", "Sure! " * 5 + "1, 2, 3.", "no"]
     prompts = ["Count from 1 to 3."] * 3
     batched = scoring.Scorer(model, tok, 128, batch_size=3).score(prompts, responses)
@@ -112,11 +116,11 @@ def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
 def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     import pyarrow as pa
 
-    from iterate.rewards import GoldJudge
+    from iterate.rewards import GOLD, FunctionReward
     from iterate.shards import SCHEMAS
     from iterate.stages import label
 
-    model, tok = scoring.load_model(str(tiny_world))
+    model, tok = scoring.load_model(str(tiny_world), new_head=True)  # a random head
     poison = tok("Rosa", add_special_tokens=False)["input_ids"]
     with torch.no_grad():  # a real model whose reward is NaN for any sequence holding this token
         model.get_input_embeddings().weight[poison[0]] = float("nan")
@@ -137,7 +141,7 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     )
     texts = gen["prompt"].to_pylist(), gen["response"].to_pylist()
     rewards = scoring.Scorer(model, tok, 128).score(*texts)
-    table, dropped = label.label_table(gen, rewards, gold=GoldJudge().score(*texts))
+    table, dropped = label.label_table(gen, rewards, gold=FunctionReward(GOLD).score(*texts))
     assert dict(dropped) == {"non_finite_reward": 1}
     assert table["prompt_id"].to_pylist() == ["p0", "p2"]
     assert all(r == r for r in table["reward"].to_pylist())  # no NaN kept, none turned into 0

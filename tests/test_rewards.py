@@ -186,3 +186,23 @@ def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
     reward = rewards.FunctionReward(f"{tmp_path / 'my_rewards.py'}:exact_answer")
     got = reward.score(["What is 2 plus 3?"] * 3, ["Sure! 2 plus 3 is 5.", "7.", "I don't know."])
     assert got == [1.0, 0.0, 0.0]
+
+
+def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
+    """Loaded as a reward model, a causal LM gets a random score head; its rewards would
+    be noise a run optimises without a word. Refused at start-up and at load."""
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    cfg = compose_cfg(["reward.train=false", f"reward.path={lm}"])
+    with pytest.raises(BadInput, match="LlamaForCausalLM checkpoint, not a reward model"):
+        validate.check(cfg)
+    (lm / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForSequenceClassification"]})
+    )
+    validate._reward_folder("reward.path", str(lm))  # a score head: accepted
+    with pytest.raises(BadInput, match="reward.base="):
+        validate.reward_head("reward.path", "x", ["GPT2LMHeadModel"])

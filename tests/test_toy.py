@@ -99,3 +99,29 @@ def test_built_world_has_chat_template_and_mixed_quality(tiny_world):
     assert info["sft_steps"] > 0 and info["sft_losses"][0] > info["sft_final_loss"]
     ev = info["eval"]
     assert ev["gold_best_of_n_mean"] >= ev["gold_mean"]
+
+
+def test_a_damaged_cached_world_is_built_again_and_a_dead_builds_folder_cleaned(
+    tmp_path, tiny_world, caplog
+):
+    """A cached world whose files differ from the checksums it recorded is built again
+    (every run would fail on it otherwise), and the temporary folder of a build killed
+    half-way is removed by the next build."""
+    import logging
+    import shutil
+
+    cfg = compose_cfg(TINY).toy
+    cfg.cache_dir = str(tmp_path / "cache")
+    world_dir = build.world_dir(cfg)
+    shutil.copytree(tiny_world, world_dir)
+    want = build.file_hash(world_dir / "model.safetensors")
+    dead = world_dir.parent / f".{world_dir.name}.tmp999999"  # a build killed half-way
+    dead.mkdir()
+    weights = world_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated on disk
+    with caplog.at_level(logging.WARNING):
+        assert build.ensure(cfg) == world_dir
+    assert "model.safetensors differs from what was built" in caplog.text
+    assert build.file_hash(weights) == want, "rebuilt: the same weights (a seeded build)"
+    assert not dead.exists()
+    assert build._damaged(world_dir) is None

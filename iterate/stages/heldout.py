@@ -27,7 +27,7 @@ from iterate.stages import prompts as sources
 def prompts(cfg: Config, paths: Paths) -> pa.Table:
     """The held-out prompts of the run: drawn once, written to ``<run>/heldout/``, and from
     then on read from there whatever the source holds now."""
-    stage = Stage(paths.heldout_dir, "heldout", sources.config(cfg))
+    stage = Stage(paths.heldout_dir, "heldout", sources.heldout_config(cfg))
     if not stage.check(cfg.force):
         _, held, dropped, source = sources.pools(cfg)
         write_shard(sources.table(held), shard_path(stage.path, 0))

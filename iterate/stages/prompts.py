@@ -27,7 +27,7 @@ import pyarrow as pa
 from iterate.config import Config, counted
 from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.shards import read_json, read_shards, shard_path, write_shard
+from iterate.shards import read_json, read_shards, shard_path, shard_paths, write_shard
 from iterate.stage import DONE, Stage
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,49 @@ def config(cfg: Config) -> dict:
         "seed": cfg.seed,
         "toy_heldout_fraction": cfg.toy.heldout_fraction,
     }
+
+
+# what decides the held-out draw: the source and how many (not each iteration's share, nor
+# the synthetic prompts' settings, so the smaller share a shortfall asks for is accepted)
+DRAW = ("source", "path", "split", "field", "heldout")
+
+
+def heldout_config(cfg: Config) -> dict:
+    conf = config(cfg)
+    return {**conf, "prompts": {k: v for k, v in conf["prompts"].items() if k in DRAW}}
+
+
+def check_pool(cfg: Config, paths: Paths) -> None:
+    """Bad input found before any work: a source drawn from (not ``prompts.synthetic``)
+    must hold the prompts of every iteration still to draw, besides the held-out set and
+    what earlier iterations drew. Found here, before the toy world, the reward model and
+    the held-out samples, not when the short iteration comes."""
+    pc = cfg.prompts
+    if pc.synthetic.enabled:
+        return
+    todo = [i for i in range(cfg.iteration) if not (paths.stage(i, "prompts") / DONE).exists()]
+    if not todo:
+        return
+    train, held, _, _ = pools(cfg)
+    used = _ids(paths.heldout_dir) if shard_paths(paths.heldout_dir) else _texts_ids(held)
+    for i in range(cfg.iteration):
+        if i not in todo:
+            used |= _ids(paths.stage(i, "prompts"))
+    fresh = sum(prompt_id(t) not in used for t in train)
+    need = pc.per_iteration * len(todo)
+    if fresh < need:
+        can = fresh // pc.per_iteration
+        raise BadInput(
+            f"prompts: iterations {todo[0]}..{todo[-1]} need {need} prompts the run has not "
+            f"used yet ({len(todo)} x prompts.per_iteration={pc.per_iteration}), but the "
+            f"pool has {fresh} ({len(train)} after deduplication, {len(used)} held out or "
+            f"drawn); ask for iteration={cfg.iteration - len(todo) + can}, lower "
+            f"prompts.per_iteration to {fresh // len(todo)}, or add prompts to the source"
+        )
+
+
+def _texts_ids(texts: list[str]) -> set[str]:
+    return {prompt_id(t) for t in texts}
 
 
 def _ids(folder: Path) -> set[str]:

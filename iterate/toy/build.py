@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 
 from iterate import cachekey, models, progress, sampling
 from iterate.config import ToyConfig
-from iterate.shards import atomic_write_json, write_folder
+from iterate.errors import BadInput
+from iterate.shards import atomic_write_json, clean_temporaries, read_json, write_folder
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -56,16 +58,26 @@ def ensure(cfg: ToyConfig) -> Path:
 def cached(out: Path, what: str, make, summary=lambda info: "") -> Path:
     """``out``, made by ``make(folder) -> info`` once, whole or not at all (the one folder
     writer, ``shards.write_folder``: built under a temporary name, ``world.json`` written
-    last, then renamed into place; another process's folder that got there first is
-    kept)."""
+    last with every file's checksum, then renamed into place; another process's folder
+    that got there first is kept). A cached folder is checked against those checksums
+    before each reuse and built again when damaged; a build cut short (its temporary
+    folder) is cleaned by the next."""
     if (out / "world.json").exists():
-        return out
+        problem = _damaged(out)
+        if problem is None:
+            return out
+        log.warning("%s: %s: building it again", out, problem)
+        shutil.rmtree(out, ignore_errors=True)
+    clean_temporaries(out.parent)
     t0 = time.time()
     log.info("building %s into %s (once; later runs reuse it)", what, out)
 
     def fill(tmp: Path) -> dict:
         info = make(tmp)
         info["build_seconds"] = round(time.time() - t0, 1)
+        info["files"] = {
+            str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         atomic_write_json(tmp / "world.json", info)
         return info
 
@@ -220,6 +232,22 @@ def evaluate(
             {"prompt": i.prompt, "response": ts[0]} for i, ts in zip(chosen[:4], texts[:4])
         ],
     }
+
+
+def _damaged(out: Path) -> str | None:
+    """What is wrong with a cached folder, checked against the checksums its ``world.json``
+    recorded (``files``; the model's and tokenizer's alone in folders built before), or
+    ``None``."""
+    try:
+        info = read_json(out / "world.json")
+    except BadInput:
+        return "its world.json is damaged"
+    for name, want in (info.get("files") or info.get("hashes") or {}).items():
+        if not (out / name).is_file():
+            return f"{name} is missing"
+        if file_hash(out / name) != want:
+            return f"{name} differs from what was built (checksum)"
+    return None
 
 
 def file_hash(path: Path) -> str:
