@@ -41,6 +41,16 @@ def _stage(tmp_path, name="update"):
     return Stage(tmp_path / name, "update", {})
 
 
+def _with_reference(cfg, tok, policy):
+    """The policy to train (LoRA), its pairs, and their reference log-probs (the policy
+    itself before any step)."""
+    dev = torch.device("cpu")
+    model = common.policy_model(cfg, policy, dev)
+    ex = _examples(tok)
+    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    return model, ex, dev
+
+
 def _train(cfg, model, examples, loss_fn, stage):
     """The one training loop over the pair rules' batch source."""
     total = cfg.update.epochs * common.steps_per_epoch(cfg, len(examples))
@@ -94,10 +104,7 @@ def test_reference_is_the_adapter_disabled_policy(setup):
 
 def test_micro_batch_times_accumulation_equivalence(setup):
     cfg, tok, policy, _ = setup
-    dev = torch.device("cpu")
-    model = common.policy_model(cfg, policy, dev)
-    ex = _examples(tok)
-    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    model, ex, dev = _with_reference(cfg, tok, policy)
     model.train()
     grads, losses = [], []
     for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
@@ -201,11 +208,8 @@ def test_dpo_lowers_its_loss_on_its_pairs(setup):
     first. A sign or reference slip in the loss sends it the other way."""
     cfg, tok, policy, tmp_path = setup
     cfg.update.lr, cfg.update.epochs, cfg.update.micro_batch_size = 1e-2, 8, 4
-    dev = torch.device("cpu")
     torch.manual_seed(0)  # the LoRA initialisation (seeds 0-2 all pass)
-    model = common.policy_model(cfg, policy, dev)
-    ex = _examples(tok)
-    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    model, ex, dev = _with_reference(cfg, tok, policy)
     fn = dpo.loss_fn(cfg)
     first, stats = fn(model, tok, ex, dev)
     assert first.mean().item() == pytest.approx(math.log(2), abs=1e-5)
@@ -219,10 +223,7 @@ def test_dpo_lowers_its_loss_on_its_pairs(setup):
 def test_the_nll_term_adds_the_chosen_responses_mean_nll(setup):
     """``update.nll_coef``: DPO's loss plus coef x the chosen response's per-token NLL."""
     cfg, tok, policy, _ = setup
-    dev = torch.device("cpu")
-    model = common.policy_model(cfg, policy, dev)
-    ex = _examples(tok)
-    common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+    model, ex, dev = _with_reference(cfg, tok, policy)
     cfg.update.nll_coef = 0.0
     plain, _ = dpo.loss_fn(cfg)(model, tok, ex, dev)
     cfg.update.nll_coef = 0.5
