@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from iterate import loop, losses, models, rewards, sampling
+from iterate import loop, losses, models, rewards, sampling, scoring
 from iterate.report import runinfo, show
 from iterate.scoring import Scorer
 from iterate.shards import read_shards
@@ -27,9 +27,8 @@ def _ctx(tiny_cfg, tiny_world, ref_model=None, **update) -> rl.Context:
     model = common.policy_model(cfg, str(tiny_world), dev)
     sampler = sampling.make("transformers", sampling.Spec(max_length=cfg.model.max_length))
     sampler.sync(model, tok, str(tiny_world))
-    scorer = Scorer.load(
-        str(tiny_world), "float32", 128, 8
-    )  # an untrained head: any real scores do
+    rm, rm_tok = scoring.load_model(str(tiny_world), new_head=True)
+    scorer = Scorer(rm, rm_tok, 128, 8)  # an untrained head, asked for: any real scores do
     head = ppo.new_head(cfg, model) if cfg.update.name == "ppo" else None
     return rl.Context(cfg, model, tok, dev, ref_model, sampler, scorer, head, {"kl_coef": 0.05})
 
