@@ -526,17 +526,17 @@ def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
     assert raft_pairs.num_rows > 0 and set(raft_pairs["rejected"].to_pylist()) == {None}
 
 
-def test_submitit_local_sweep_runs_both_jobs(tiny_cache, tiny_rm, tmp_path):
-    """The cluster path on this machine: hydra-submitit-launcher's local executor runs each
-    job of the sweep in a process of its own, as SLURM would on a node."""
-    args = _args(tiny_cache, tiny_rm, tmp_path, "update=dpo,raft", "iteration=1")
+def test_submitit_local_launcher_runs_a_sweeps_job(tiny_cache, tiny_rm, tmp_path):
+    """The cluster path on this machine: hydra-submitit-launcher's local executor runs the
+    sweep's job in a process of its own, as SLURM would on a node. (One job: that a sweep's
+    jobs each get their folder and the summary is test_multirun_sweeps_update_rules'.)"""
+    args = _args(tiny_cache, tiny_rm, tmp_path, "update=raft", "iteration=1")
     out = cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30", *args])
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "toy_tiny"
     finished = [json.loads(p.read_text()) for p in sweep.glob("*/_FINISHED.json")]
-    assert sorted(f["config"]["update"]["name"] for f in finished) == ["dpo", "raft"]
-    assert all(f["iterations"] == 1 for f in finished)
-    assert list((sweep / ".submitit").glob("*/*_result.pkl")), "submitit ran the jobs"
+    assert [(f["config"]["update"]["name"], f["iterations"]) for f in finished] == [("raft", 1)]
+    assert list((sweep / ".submitit").glob("*/*_result.pkl")), "submitit ran the job"
     assert "| raft |" in (sweep / "summary.md").read_text()
 
 
