@@ -20,8 +20,8 @@ from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.shards import SCHEMAS, read_shards
-from iterate.stage import Stage
+from iterate.shards import SCHEMAS, read_json, read_shards
+from iterate.stage import DONE, Stage
 from iterate.stages.update import dist
 from iterate.stages.update.training import LossFn, Step, len_params, train, trainable
 
@@ -204,9 +204,11 @@ def run_rule(
     dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
+        dropped = read_json(paths.stage(i, "pairs") / DONE, {}).get("dropped", {})
         raise BadInput(
-            f"{paths.stage(i, 'pairs')}: no pairs to train on "
-            "(see its _DONE.json for the drop reasons)"
+            f"{paths.stage(i, 'pairs')}: no pairs to train on (dropped: {dropped}); when the "
+            "reward scores a prompt's samples alike (tie), more samples (generate.n) or a "
+            "reward that tells them apart gives pairs"
         )
     with timer("load_s"):
         model = policy_model(cfg, policy, dev)
