@@ -397,53 +397,6 @@ def plain(obj) -> dict:
     return json.loads(json.dumps(asdict(obj)))
 
 
-# What a stage's identity is built from, per config section a stage hashes: the settings
-# that decide what it writes (``COUNTED``), never the section whole. The others
-# (``NOT_COUNTED``) are names shown in cards and how the work is spread over the machine
-# (scoring settings are counted by the stages that score: ``rewards.Reward.identity``).
-# Every setting of these sections is in one list or the other (a test holds the lists to
-# the dataclasses), so a new setting is classified when it is added. The update section's
-# lists are the rule table's (``rules.Rule.keys``).
-NOT_COUNTED = {
-    "model": ("name",),
-    "generate": (
-        "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
-        "threads", "tensor_parallel_size", "sleep_level",
-    ),
-    "reward": (
-        "name", "kind", "function", "workers", "threads", "aggregate", "uncertainty_coef",
-        "refresh", "cache",
-    ),
-    "reward.refresh": (),
-    "prompts": (),
-    "pairs": (),
-    "handoff": (),
-}  # fmt: skip
-COUNTED = {
-    "model": ("path", "dtype", "max_length", "chat_template"),
-    "generate": ("backend", "n", "temperature", "top_p", "max_tokens", "shard_size"),
-    "reward": (
-        "path", "train", "source", "data", "base", "chat_template", "num_pairs", "label_noise",
-        "heldout_fraction", "lora", "epochs", "batch_size", "grad_accum", "lr", "max_length",
-        "dtype", "ensemble", "score_batch_size",
-    ),
-    "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
-    "prompts": ("synthetic", "source", "path", "split", "field", "per_iteration", "heldout"),
-    "pairs": ("rule", "length_penalty", "min_margin"),
-    "handoff": ("max_kl", "on_reject", "reference"),
-}  # fmt: skip
-
-
-def counted(cfg: Config, section: str) -> dict:
-    """The settings of ``section`` (``model``, ``reward.refresh``, ...) that a stage's
-    identity is built from, as plain types."""
-    obj = cfg
-    for part in section.split("."):
-        obj = getattr(obj, part)
-    values = plain(obj)
-    return {k: values[k] for k in COUNTED[section]}
-
-
 def job_dirname(overrides: str) -> str:
     """A sweep job's folder name from its overrides: one path component, at most 200 bytes,
     without glob characters (libraries find weight files by globbing the folder: a job

@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -140,10 +141,14 @@ def load_function(spec: str) -> tuple[Callable, Path]:
             path = Path(where)
             if not path.is_file():
                 raise BadInput(f"reward.function={spec!r}: no such file: {path}")
-            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-            found = importlib.util.spec_from_file_location(f"iterate_reward_{digest}", path)
-            module = importlib.util.module_from_spec(found)
-            found.loader.exec_module(module)
+            # one module per file and content: loaded once a process, an edit loads anew
+            key = hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()
+            module = sys.modules.get(f"iterate_reward_{key[:16]}")
+            if module is None:
+                found = importlib.util.spec_from_file_location(f"iterate_reward_{key[:16]}", path)
+                module = importlib.util.module_from_spec(found)
+                found.loader.exec_module(module)
+                sys.modules[found.name] = module
         else:
             module = importlib.import_module(where)
     except BadInput:
@@ -179,17 +184,18 @@ class FunctionReward(_Loaded):
     spec: str
     batch_size: int = 64
     _fn: Any = field(default=None, repr=False, compare=False)
+    _source: Any = field(default=None, repr=False, compare=False)  # the function's file
 
     def _load(self) -> Callable:
         if self._fn is None:
-            self._fn = load_function(self.spec)[0]
+            self._fn, self._source = load_function(self.spec)
         return self._fn
 
     def identity(self) -> dict:
-        source = load_function(self.spec)[1]
+        self._load()
         return {
             "reward_function": self.spec,
-            "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+            "source_sha256": hashlib.sha256(self._source.read_bytes()).hexdigest(),
         }
 
     def inputs(self) -> list[Path]:
@@ -205,10 +211,10 @@ class FunctionReward(_Loaded):
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} responses")
         out: list[float] = []
+        said = f"reward.function={self.spec}"
         bar = progress.bar(n, desc, "row")
         for start in range(0, n, self.batch_size):
             batch = [_as_prompt(p) for p in prompts[start : start + self.batch_size]]
-            said = f"reward.function={self.spec}"
             try:
                 got = fn(batch, list(responses[start : start + self.batch_size]))
             except Exception as e:
@@ -266,7 +272,7 @@ def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward
         ModelReward, dtype=str(rc.dtype), max_length=rc.max_length,
         batch_size=rc.score_batch_size, device=dev,
     )  # fmt: skip
-    if role == "reward" and str(rc.kind) == "function":
+    if role == "reward" and not has_model(cfg):
         return FunctionReward(rc.function, rc.score_batch_size)
     if role == "reward":
         return model(

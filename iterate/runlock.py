@@ -23,7 +23,7 @@ from pathlib import Path
 
 from iterate import workers
 from iterate.errors import BadInput
-from iterate.shards import clean_temporaries
+from iterate.shards import clean_temporaries, read_json
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def holder(run: Path) -> dict | None:
     """Who holds the run folder now, read without taking the lock (the run inspector): the
     holder the lock file names, if its process still runs (on another host: as named)."""
     try:
-        who = json.loads((Path(run) / ".lock").read_text() or "{}")
-    except (OSError, ValueError):
+        who = read_json(Path(run) / ".lock") or {}
+    except (OSError, BadInput):  # unreadable, or empty while its holder writes it
         return None
     if not who.get("pid"):
         return None

@@ -7,7 +7,8 @@ finished stage, and its verification.
   record is damaged.
 - A stage's identity (what the stages after it hash as their input) is built from content
   only: its config and its files' checksums, canonical where a file's bytes may vary while
-  its meaning does not (``CANONICAL``).
+  its meaning does not (``CANONICAL``). Its config holds only the settings that decide
+  what it writes (``COUNTED``, ``counted``).
 - Paths inside the run folder are written ``${run}/...``: a run folder can move.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from iterate import faults
+from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import CONFIG
 from iterate.shards import PLAN, TEMPORARY, atomic_write_json, read_json
@@ -196,7 +198,54 @@ def resolve(obj: Any, root: Path | None) -> Any:
     return obj if root is None else _strings(obj, where)
 
 
-# Settings that earlier versions hashed and that no longer count (``config.NOT_COUNTED``), by
+# What a stage's identity is built from, per config section a stage hashes: the settings
+# that decide what it writes (``COUNTED``), never the section whole. The others
+# (``NOT_COUNTED``) are names shown in cards and how the work is spread over the machine
+# (scoring settings are counted by the stages that score: ``rewards.Reward.identity``).
+# Every setting of these sections is in one list or the other (a test holds the lists to
+# the dataclasses), so a new setting is classified when it is added. The update section's
+# lists are the rule table's (``rules.Rule.keys``).
+NOT_COUNTED = {
+    "model": ("name",),
+    "generate": (
+        "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
+        "threads", "tensor_parallel_size", "sleep_level",
+    ),
+    "reward": (
+        "name", "kind", "function", "workers", "threads", "aggregate", "uncertainty_coef",
+        "refresh", "cache",
+    ),
+    "reward.refresh": (),
+    "prompts": (),
+    "pairs": (),
+    "handoff": (),
+}  # fmt: skip
+COUNTED = {
+    "model": ("path", "dtype", "max_length", "chat_template"),
+    "generate": ("backend", "n", "temperature", "top_p", "max_tokens", "shard_size"),
+    "reward": (
+        "path", "train", "source", "data", "base", "chat_template", "num_pairs", "label_noise",
+        "heldout_fraction", "lora", "epochs", "batch_size", "grad_accum", "lr", "max_length",
+        "dtype", "ensemble", "score_batch_size",
+    ),
+    "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
+    "prompts": ("synthetic", "source", "path", "split", "field", "per_iteration", "heldout"),
+    "pairs": ("rule", "length_penalty", "min_margin"),
+    "handoff": ("max_kl", "on_reject", "reference"),
+}  # fmt: skip
+
+
+def counted(cfg: Config, section: str) -> dict:
+    """The settings of ``section`` (``model``, ``reward.refresh``, ...) that a stage's
+    identity is built from, as plain types."""
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    values = plain(obj)
+    return {k: values[k] for k in COUNTED[section]}
+
+
+# Settings that earlier versions hashed and that no longer count (``NOT_COUNTED``), by
 # stage ("*": every stage; a key names itself and what is under it): a stage recorded with
 # them is not a stage whose config changed.
 RETIRED = {

@@ -5,7 +5,6 @@ line and exit status 2 (``iterate.__main__``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ from iterate import rewards
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.rules import rule
+from iterate.shards import read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
@@ -65,13 +65,13 @@ def reward_head(key: str, path: str, architectures: list[str] | None) -> None:
 def _reward_folder(key: str, path: str | None) -> None:
     """A reward model's folder: loadable, and with a score head when its config says."""
     _model_folder(key, path, "reward model")
-    config = Path(path or "") / "config.json"
-    if path and config.is_file():
-        try:
-            architectures = json.loads(config.read_text()).get("architectures")
-        except ValueError:
-            return  # the load names the damaged file
-        reward_head(key, path, architectures)
+    if not path:
+        return
+    try:
+        config = read_json(Path(path) / "config.json") or {}
+    except BadInput:
+        return  # the load names the damaged file
+    reward_head(key, path, config.get("architectures"))
 
 
 GE1 = (lambda v: v >= 1, "must be >= 1")
@@ -246,11 +246,7 @@ def _together(cfg: Config) -> None:
 
 
 def _device(cfg: Config) -> None:
-    if str(cfg.device) != "cuda":
-        return
-    import torch
-
-    if not torch.cuda.is_available():
+    if str(cfg.device) == "cuda" and not _cuda_visible():
         raise BadInput(
             f"device={cfg.device}: no CUDA device is visible here (torch.cuda.is_available() is "
             "false); use device=cpu, or device=auto to take a GPU when there is one"
@@ -258,11 +254,14 @@ def _device(cfg: Config) -> None:
 
 
 def _cuda(cfg: Config) -> bool:
-    if str(cfg.device) == "auto":
-        import torch
+    """Whether the run will use CUDA."""
+    return str(cfg.device) == "cuda" or (str(cfg.device) == "auto" and _cuda_visible())
 
-        return torch.cuda.is_available()
-    return str(cfg.device).startswith("cuda")
+
+def _cuda_visible() -> bool:
+    import torch  # here, not at import: validation is read without torch
+
+    return torch.cuda.is_available()
 
 
 def _trackers(cfg: Config) -> None:

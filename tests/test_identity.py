@@ -96,7 +96,7 @@ def test_every_setting_a_stage_hashes_is_classified():
     it is classified, so it can never silently leave a stale stage standing."""
     import dataclasses
 
-    from iterate import config
+    from iterate import config, stage
 
     classes = {
         "model": config.ModelConfig, "generate": config.GenerateConfig,
@@ -104,12 +104,12 @@ def test_every_setting_a_stage_hashes_is_classified():
         "prompts": config.PromptsConfig, "pairs": config.PairsConfig,
         "handoff": config.HandoffConfig,
     }  # fmt: skip
-    assert set(classes) == set(config.COUNTED) == set(config.NOT_COUNTED)
+    assert set(classes) == set(stage.COUNTED) == set(stage.NOT_COUNTED)
     for section, cls in classes.items():
-        yes, no = config.COUNTED[section], config.NOT_COUNTED[section]
+        yes, no = stage.COUNTED[section], stage.NOT_COUNTED[section]
         assert not set(yes) & set(no), section
         assert sorted([*yes, *no]) == sorted(f.name for f in dataclasses.fields(cls)), section
-    assert "name" in config.NOT_COUNTED["model"] and "path" in config.COUNTED["model"]
+    assert "name" in stage.NOT_COUNTED["model"] and "path" in stage.COUNTED["model"]
 
 
 @pytest.mark.slow

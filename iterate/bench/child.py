@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from iterate.bench import models as bm
+from iterate.shards import read_json
 
 
 def run(kind: str, spec: dict, workdir: Path) -> dict:
@@ -33,7 +34,7 @@ def run(kind: str, spec: dict, workdir: Path) -> dict:
     proc = subprocess.run(cmd, env=env, preexec_fn=kill_with_parent)
     if proc.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"bench {kind} child failed (exit {proc.returncode}); spec: {spec_path}")
-    return json.loads(out_path.read_text())
+    return read_json(out_path, must_exist=True)
 
 
 def generation(spec: dict) -> dict:
@@ -132,7 +133,7 @@ def workers(spec: dict) -> dict:
 
 if __name__ == "__main__":
     kind, spec_file, out_file = sys.argv[1:4]
-    spec = json.loads(Path(spec_file).read_text())
+    spec = read_json(spec_file, must_exist=True)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     kinds = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends}

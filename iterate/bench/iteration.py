@@ -6,12 +6,13 @@ one after the other, not alternating rounds: their ratio is as noisy as the mach
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from iterate.bench.config import main_config
 from iterate.paths import STAGES
+from iterate.shards import read_json
+from iterate.stage import DONE
 
 # section timings (seconds) that a stage spends on setting up, not on its work
 FIXED = {
@@ -27,10 +28,9 @@ def breakdown(run: Path, i: int) -> dict:
     or the new weights' load, tokenizing and planning (``seconds - generate_s``)."""
     stages, fixed = {}, {}
     for s in STAGES:
-        done_path = run / f"iter_{i:03d}" / s / "_DONE.json"
-        if not done_path.exists():  # a stage this run does not have (the reward refresh)
+        done = read_json(run / f"iter_{i:03d}" / s / DONE)
+        if done is None:  # a stage this run does not have (the reward refresh)
             continue
-        done = json.loads(done_path.read_text())
         stages[s] = done["seconds"]
         timings = done.get("timings", {})
         if s == "generate":
@@ -49,8 +49,7 @@ def breakdown(run: Path, i: int) -> dict:
     total = sum(stages.values())
     # every engine start of the run (a kept engine starts once, in the first stage that samples)
     starts = sum(
-        json.loads(p.read_text()).get("timings", {}).get("engine_start_s", 0.0)
-        for p in run.rglob("_DONE.json")
+        read_json(p).get("timings", {}).get("engine_start_s", 0.0) for p in run.rglob(DONE)
     )
     return {
         "iteration": i,

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from iterate.config import ToyConfig
+from iterate.shards import read_json
 
 # name -> LlamaConfig fields; head_dim 64 (vLLM's CPU attention wants >= 32)
 SPECS = {
@@ -92,7 +93,7 @@ def reward_path(name: str, toy: ToyConfig) -> str:
 
 def max_length(path: str) -> int:
     """The longest sequence the model at ``path`` takes (its position embeddings)."""
-    return json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+    return read_json(Path(path) / "config.json", must_exist=True)["max_position_embeddings"]
 
 
 def matmul_parameters(model) -> int:

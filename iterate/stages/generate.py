@@ -15,11 +15,11 @@ import logging
 import pyarrow as pa
 
 from iterate import models, sampling, seeds
-from iterate.config import Config, counted
+from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, read_shards, write_plan
-from iterate.stage import Stage
+from iterate.stage import Stage, counted
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 
 from iterate import models, progress
-from iterate.config import Config, counted
+from iterate.config import Config
 from iterate.paths import CARD, Paths
 from iterate.shards import atomic_write_json, write_folder
-from iterate.stage import Stage
+from iterate.stage import Stage, counted
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from iterate import models, sampling, seeds
-from iterate.config import Config, counted
+from iterate.config import Config
 from iterate.paths import Paths
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_plan, write_shard
-from iterate.stage import Stage
+from iterate.stage import Stage, counted
 from iterate.stages import prompts as sources
 
 

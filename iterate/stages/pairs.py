@@ -14,11 +14,11 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 
-from iterate.config import Config, counted
+from iterate.config import Config
 from iterate.paths import Paths
 from iterate.rules import rule
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
-from iterate.stage import Stage
+from iterate.stage import Stage, counted
 
 
 def _valid(rewards: list[float]) -> list[int]:

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from iterate.config import Config, counted
+from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.shards import read_json, read_shards, shard_path, shard_paths, write_shard
-from iterate.stage import DONE, Stage
+from iterate.stage import DONE, Stage, counted
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,11 @@ def check_pool(cfg: Config, paths: Paths) -> None:
     if not todo:
         return
     train, held, _, _ = pools(cfg)
-    used = _ids(paths.heldout_dir) if shard_paths(paths.heldout_dir) else _texts_ids(held)
-    for i in range(cfg.iteration):
-        if i not in todo:
-            used |= _ids(paths.stage(i, "prompts"))
+    drawn = [i for i in range(cfg.iteration) if i not in todo]
+    if shard_paths(paths.heldout_dir):  # drawn already: it is what counts
+        used = _used(paths, drawn)
+    else:
+        used = {prompt_id(t) for t in held} | _used(paths, drawn, heldout=False)
     fresh = sum(prompt_id(t) not in used for t in train)
     need = pc.per_iteration * len(todo)
     if fresh < need:
@@ -182,12 +183,17 @@ def check_pool(cfg: Config, paths: Paths) -> None:
         )
 
 
-def _texts_ids(texts: list[str]) -> set[str]:
-    return {prompt_id(t) for t in texts}
-
-
 def _ids(folder: Path) -> set[str]:
     return set(read_shards(folder)["prompt_id"].to_pylist())
+
+
+def _used(paths: Paths, iterations, heldout: bool = True) -> set[str]:
+    """The ids of the prompts the run used: held out (when ``heldout``) and drawn by
+    ``iterations``."""
+    used = _ids(paths.heldout_dir) if heldout else set()
+    for j in iterations:
+        used |= _ids(paths.stage(j, "prompts"))
+    return used
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
@@ -200,9 +206,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
     stage = Stage(paths.stage(i, "prompts"), "prompts", conf)
     if not stage.check(cfg.force):
         train, _, dropped, source = pools(cfg)
-        used = _ids(paths.heldout_dir)
-        for j in range(i):
-            used |= _ids(paths.stage(j, "prompts"))
+        used = _used(paths, range(i))
         if sc.enabled:
             chunk, info = _synthetic(cfg, paths, i, policy, train)
         else:

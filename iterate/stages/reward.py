@@ -32,13 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iterate import faults, models, preferences, rewards
-from iterate.config import Config, PreferenceFile, counted, plain
+from iterate.config import Config, PreferenceFile, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
 from iterate.scoring import members
 from iterate.shards import SCHEMAS, atomic_write_json, read_json, read_shards, write_shard
-from iterate.stage import Stage
+from iterate.stage import Stage, counted
 from iterate.stages import pairs
 from iterate.stages.reward_model import build_pairs, fit_members
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from iterate import cachekey, faults, losses, preferences, progress
-from iterate.config import Config, RewardConfig, counted
+from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
 from iterate.models import load_tokenizer, with_lora
 from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
 from iterate.shards import TEMPORARY, atomic_write_json, read_json, write_folder
-from iterate.stage import DONE, DamagedStage, Stage
+from iterate.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
