@@ -23,7 +23,7 @@ def main(cfg) -> None:
     from iterate import cli, loop
     from iterate.config import to_dataclass
 
-    cli.STARTED = True  # an exit from here on is the run's own status
+    cli.started()  # an exit from here on is the run's own status
     hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     status = cli.exit_status(lambda: loop.run(to_dataclass(cfg), run_dir))

@@ -1,8 +1,8 @@
 """What the command line prints and returns when a run ends early: one line saying what
 went wrong and where, the traceback in the run's log file only, and an exit status a
 script can act on: 2 bad input (a setting, a path, a file's row, a run folder in use or
-changed; Hydra's own composition errors too), 1 a failure, 130 Ctrl-C. A rerun of the same
-command resumes after 1 and 130."""
+changed; Hydra's own composition errors too), 1 a failure, 130 Ctrl-C, 143 SIGTERM
+(``errors.status_of``). A rerun of the same command resumes after 1, 130 and 143."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ import logging
 import traceback
 from collections.abc import Callable
 
-from iterate.errors import BadInput
+from iterate import errors
 
 log = logging.getLogger("iterate")
-
-# BadInput (a changed or damaged stage included), and a path that is not there; any other
-# exception, an internal ValueError included, is a failure
-BAD_INPUT = (BadInput, FileNotFoundError, NotADirectoryError)
 
 
 def _to_log_file(text: str) -> str | None:
@@ -40,30 +36,65 @@ def exit_status(fn: Callable[[], object]) -> int:
         fn()
         faults.stop_if_interrupted()  # a Ctrl-C swallowed after the last stage boundary
         return 0
-    except KeyboardInterrupt:
-        faults.ignore_interrupts()
-        log.error("interrupted (Ctrl-C): the same command resumes where this stopped")
-        return 130
-    except BAD_INPUT as e:
+    except BaseException as e:
+        if not isinstance(e, Exception | KeyboardInterrupt):
+            raise  # SystemExit and the like: not ours to report
+        status = errors.status_of(e)
+        if isinstance(e, KeyboardInterrupt):
+            faults.ignore_interrupts()
+            log.error("%s: %s", errors.WORDS[status], errors.resumes(status))
+            return status
         where = _to_log_file(traceback.format_exc())
-        log.error("bad input: %s", e)
-        log.debug("traceback in %s", where)
-        return 2
-    except Exception as e:  # a failure: say what and where the traceback is
-        where = _to_log_file(traceback.format_exc())
-        log.error(
-            "failed: %s: %s%s",
-            type(e).__name__,
-            e,
-            f" (traceback in {where}; the same command resumes)" if where else "",
-        )
-        return 1
+        if status == 2:
+            log.error("bad input: %s", e)
+            log.debug("traceback in %s", where)
+        else:  # a failure: say what and where the traceback is
+            said = f" (traceback in {where}; the same command resumes)" if where else ""
+            log.error("failed: %s: %s%s", type(e).__name__, e, said)
+        return status
+    finally:
+        faults.restore_interrupts()
+
+
+class _Held:
+    """``sys.stderr`` until the run starts: what Hydra writes there is kept, so that an error
+    of its own (a traceback from creating a run folder in a file's place, say) can be said
+    in one line; from ``release`` on, everything goes straight through."""
+
+    def __init__(self, real):
+        self.real, self.kept, self.held = real, [], True
+
+    def write(self, text: str) -> int:
+        if self.held:
+            self.kept.append(text)
+            return len(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        if not self.held:
+            self.real.flush()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.real.write("".join(self.kept))
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the real stream's
+        return getattr(self.real, name)
+
+
+def _one_line(kept: str) -> str:
+    """Hydra's report of an error before the run starts: as it is, or, when it is a
+    traceback, its last line."""
+    lines = [ln for ln in kept.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+    if "Traceback (most recent call last)" not in kept:
+        return "\n".join(lines) + "\n"
+    return f"bad input: {lines[-1]} (the run folder is runs_dir/run_name)\n"
 
 
 def main(run=None) -> None:
-    """``python -m iterate`` and the ``iterate`` console script: ``show RUN ...`` inspects a
-    run folder (``iterate.report.show``); anything else runs the loop (``run``: the Hydra
-    entry point of ``iterate.__main__``)."""
+    """``python -m iterate show RUN ...`` inspects a run folder (``iterate.report.show``);
+    anything else runs the loop (``run``: the Hydra entry point of ``iterate.__main__``)."""
     import sys
 
     if sys.argv[1:2] == ["show"]:
@@ -72,14 +103,32 @@ def main(run=None) -> None:
         sys.exit(show.main(sys.argv[2:]))
     if run is None:
         from iterate.__main__ import main as run
+    real = sys.stderr
+    sys.stderr = held = _Held(real)
     try:
         run()
     except SystemExit as e:
         # Hydra reports its own errors (a misspelled key, an unknown choice, a value of the
-        # wrong type) and exits 1 before the loop starts: bad input, status 2
+        # wrong type, a run folder it cannot make) and exits 1 before the loop starts: bad
+        # input, status 2
         if e.code == 1 and not STARTED:
+            held.held = False
+            real.write(_one_line("".join(held.kept)))
             sys.exit(2)
         raise
+    finally:
+        held.release()
+        sys.stderr = real
 
 
 STARTED = False  # set once Hydra composed the config and the run begins
+
+
+def started() -> None:
+    """The run begins: its exits are its own, and what was held of stderr goes out."""
+    import sys
+
+    global STARTED
+    STARTED = True
+    if isinstance(sys.stderr, _Held):
+        sys.stderr.release()

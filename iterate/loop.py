@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from iterate import rewards
+from iterate import errors, rewards
 from iterate.config import Config, plain
-from iterate.errors import BadInput
 from iterate.paths import CARD, Paths
 from iterate.rules import between, rule
 from iterate.shards import atomic_write_json, read_json, read_jsonl
@@ -53,7 +52,7 @@ def reward_model_path(cfg: Config, paths: Paths) -> str:
         reward_model.train(cfg, paths)
         return str(paths.trained_reward_model)
     if not cfg.reward.path:
-        raise BadInput("reward.train is false but reward.path is not set")
+        raise errors.BadInput("reward.train is false but reward.path is not set")
     return cfg.reward.path
 
 
@@ -124,7 +123,18 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
 
     validate.check(cfg)  # every setting, before any work
     with RunLock(run_dir):  # one writer per run folder
-        return _run(cfg, run_dir)
+        stopped = Paths(run=run_dir, base_policy="").stopped
+        try:
+            rows = _run(cfg, run_dir)
+        except (Exception, KeyboardInterrupt) as e:  # what stopped it, for the inspector
+            status = errors.status_of(e)
+            atomic_write_json(stopped, {
+                "status": status, "says": errors.WORDS[status], "error": f"{e}"[:2000],
+                "type": type(e).__name__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })  # fmt: skip
+            raise
+        stopped.unlink(missing_ok=True)
+        return rows
 
 
 def _run(cfg: Config, run_dir: Path) -> list[dict]:

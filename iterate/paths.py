@@ -37,6 +37,12 @@ class Paths:
         return self.run / "_FINISHED.json"
 
     @property
+    def stopped(self) -> Path:
+        """Written when a run stops early (its exit status and why); removed when one ends
+        well: what the inspector says of a run that is neither running nor finished."""
+        return self.run / "_STOPPED.json"
+
+    @property
     def metrics(self) -> Path:
         return self.run / "metrics.jsonl"
 

@@ -208,6 +208,8 @@ def check(cfg: Config) -> None:
     _together(cfg)
     _device(cfg)
     _model_folder("model.path", cfg.model.path, "model")
+    _positions("model.max_length", cfg.model.max_length, cfg.model.path, cfg)
+    _memory(cfg)
     _reward(cfg)
     _refresh(cfg)
     _trackers(cfg)
@@ -264,6 +266,63 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+POSITIONS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _positions(key: str, max_length: int, path: str | None, cfg: Config) -> None:
+    """``max_length`` within the positions the model at ``path`` (the toy world's when
+    ``None``) has: vLLM refuses a longer ``max_model_len`` when its engine starts, and a
+    model with learned positions fails on the first longer sequence."""
+    if path is None:
+        have, name = cfg.toy.max_position_embeddings, "the toy world's model"
+    else:
+        try:
+            config = read_json(Path(path) / "config.json") or {}
+        except BadInput:
+            return  # the load names the damaged file
+        config = {**config.get("text_config", {}), **config}
+        have = next((config[k] for k in POSITIONS if isinstance(config.get(k), int)), None)
+        name = path
+    _need(have is None or max_length <= have, key, max_length,
+          f"{name} has {have} positions: at most {have} tokens of prompt and response "
+          f"(lower {key})")  # fmt: skip
+
+
+# what one row (a response and its prompt) of a shard costs in memory, per token, held in
+# Python lists and strings: ids (a list of ints: ~36 bytes each), text and the Arrow copy
+BYTES_PER_TOKEN = 64
+
+
+def _total_memory() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _memory(cfg: Config) -> None:
+    """Upper bounds sized to the machine: the rows a stage holds at once (a shard of
+    ``generate.shard_size`` prompts × ``generate.n`` samples; the held-out prompts ×
+    ``evaluate.samples``), each up to ``model.max_length`` tokens, must fit in half of its
+    memory, or the run would be killed for memory, maybe hours in."""
+    total = _total_memory()
+    if not total:
+        return
+    tokens, gc = cfg.model.max_length * BYTES_PER_TOKEN, cfg.generate
+    for key, rows, what in (
+        ("generate.n", gc.shard_size * gc.n, f"a shard of {gc.shard_size} prompts"),
+        ("evaluate.samples", cfg.prompts.heldout * cfg.evaluate.samples,
+         f"{cfg.prompts.heldout} held-out prompts"),
+    ):  # fmt: skip
+        need, gib = rows * tokens, 2**30
+        _need(need <= total // 2, key, _get(cfg, key),
+              f"{what} with this many samples each, of up to {cfg.model.max_length} tokens, "
+              f"hold ~{need / gib:.0f} GiB at once; this machine has {total / gib:.0f} GiB "
+              "(fewer samples, or a smaller generate.shard_size)")  # fmt: skip
+
+
 def _trackers(cfg: Config) -> None:
     """Each tracker of ``report_to`` importable: found at start-up, not at the first step."""
     import importlib.util
@@ -290,6 +349,8 @@ def _reward(cfg: Config) -> None:
         if not rc.path:
             raise BadInput("reward.path is not set but reward.train is false: set one or the other")
         _reward_folder("reward.path", rc.path)
+    base = (rc.base or cfg.model.path) if rc.train else rc.path
+    _positions("reward.max_length", rc.max_length, base, cfg)
     if rc.base:
         _model_folder("reward.base", rc.base, "model")
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from iterate import cli, loop
+from iterate.errors import BadInput
 from iterate.runlock import RunLock, RunLocked
 from iterate.shards import write_plan
 from iterate.stage import Stage
@@ -64,6 +66,12 @@ BAD = [  # (overrides, what the message must name)
     (["handoff.max_kl=-1"], "handoff.max_kl"),
     (["generate.n=1"], "generate.n"),  # dpo pairs need two samples
     (["generate.max_tokens=300"], "model.max_length"),  # longer than the model holds
+    # longer than the model's positions (vLLM refuses such a max_model_len)
+    (["model.max_length=1000"], "model.max_length=1000: the toy world's model has 256 positions"),
+    (["reward.max_length=1000"], "reward.max_length=1000: the toy world's model has 256"),
+    # more rows at once than the machine's memory holds
+    (["generate.n=100000000"], "generate.n=100000000: a shard of"),
+    (["evaluate.samples=100000000"], "evaluate.samples=100000000:"),
     (["generate.top_p=0"], "generate.top_p"),
     (["generate.temperature=-1"], "generate.temperature"),
     (["generate.workers=0"], "generate.workers"),
@@ -128,7 +136,6 @@ def test_cuda_asked_for_without_one_is_bad_input(tmp_path, caplog):
 
 
 def test_bad_input_is_a_type_and_an_internal_value_error_is_a_failure(caplog):
-    from iterate.errors import BadInput
     from iterate.stage import DamagedStage, StageConfigChanged
 
     def raise_(e):
@@ -139,7 +146,34 @@ def test_bad_input_is_a_type_and_an_internal_value_error_is_a_failure(caplog):
         assert cli.exit_status(lambda: raise_(StageConfigChanged("changed"))) == 2
         assert cli.exit_status(lambda: raise_(DamagedStage("damaged"))) == 2
         assert cli.exit_status(lambda: raise_(ValueError("a bug of ours"))) == 1
+        # a run folder (or a file in it) the run may not write: the same on every rerun
+        assert cli.exit_status(lambda: raise_(PermissionError(13, "denied", "runs/x"))) == 2
     assert "failed: ValueError: a bug of ours" in caplog.text
+    assert "bad input: [Errno 13] denied: 'runs/x'" in caplog.text
+
+
+def test_a_stop_is_recorded_and_the_inspector_says_what_a_rerun_does(tmp_path, caplog, capsys):
+    """A run stopped by bad input found under the lock (here: a pool too small) records why;
+    the inspector says a rerun stops the same way, not that it resumes; a damaged
+    metrics.jsonl is named by the inspector (exit 2), without a traceback."""
+    from iterate.report import show
+
+    run, cfg = tmp_path / "run", compose_cfg([*TINY, "iteration=1000"], tmp_path)
+    status, said = _status(cfg, run, caplog)
+    assert status == 2 and "ask for iteration=" in said
+    stopped = json.loads((run / "_STOPPED.json").read_text())
+    assert stopped["status"] == 2 and "ask for iteration=" in stopped["error"]
+    assert show.main([str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "bad input (exit 2)" in shown and "stops the same way until the input is fixed" in shown
+    assert "the same command resumes" not in shown
+    from iterate.config import plain
+
+    (run / "config.yaml").write_text(yaml.safe_dump(plain(cfg)))
+    (run / "metrics.jsonl").write_text('{"iteration": 0, "reward_m')
+    assert show.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "line 1" in err and "Traceback" not in err
 
 
 def test_a_tracker_not_installed_is_named_with_its_install(tmp_path, caplog, monkeypatch):
@@ -237,6 +271,11 @@ def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
     proc = _cli(["update=nosuchrule"], tmp_path)  # Hydra's own error: bad input too
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "nosuchrule" in out + err
+    (tmp_path / "afile").write_text("")  # a run folder Hydra cannot make: one line, no traceback
+    proc = _cli([f"runs_dir={tmp_path / 'afile'}"], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in out + err, err
+    assert err.startswith("bad input: NotADirectoryError") and "afile" in err, err
     proc = _cli(["update.beta=0"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
@@ -300,7 +339,7 @@ def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, capl
     cfg = compose_cfg([*TINY, "prompts=file", f"prompts.path={f}"], tmp_path)
     from iterate.stages import prompts
 
-    with pytest.raises(cli.BadInput, match=said) as e:
+    with pytest.raises(BadInput, match=said) as e:
         prompts.load_pool(cfg)
     assert str(f) in str(e.value)
 
@@ -369,7 +408,7 @@ def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
     shutil.copytree(tiny_world, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(cli.BadInput, match=f"{broken}: cannot load the model"):
+    with pytest.raises(BadInput, match=f"{broken}: cannot load the model"):
         models.load_policy(str(broken))
 
 

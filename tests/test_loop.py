@@ -234,29 +234,32 @@ def test_crash_and_rerun_gives_the_same_shards(clean_run, tiny_cache, tiny_rm, t
     kills = (
         ("1:generate:2", "generate"),
         ("1:label:2", "label"),
+        ("1:label:3:TERM", "label"),  # SIGTERM (a scheduler's): a clean stop, status 143
         ("1:update:1", "update"),
         ("1:evaluate:2", "evaluate"),
     )
     ident = None
     for point, partial in kills:
         out = cli(args, env={"ITERATE_KILL_AT": point})
-        assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
+        term = point.endswith(":TERM")
+        assert out.returncode == (143 if term else -signal.SIGKILL), (point, out.stderr[-2000:])
+        if term:
+            said = out.stdout + out.stderr
+            assert "terminated (SIGTERM): the same command resumes" in said
+            assert "Traceback" not in said
+            assert json.loads((run / "_STOPPED.json").read_text())["status"] == 143
+            assert "terminated (SIGTERM) (exit 143)" in show.status(run)
         stage = run / "iter_001" / partial
         assert stage.exists() and not (stage / "_DONE.json").exists(), f"killed during {partial}"
         # the inspector names the partial stage and how far it got
+        k = int(point.split(":")[2])
         unit, total = ("steps", 3) if partial == "update" else ("shards", 4)
-        k = 1 if partial == "update" else 2
         assert f"{partial:<17}partial ({unit} {k} of {total})" in show.status(run)
         ident = ident or json.loads((run / "tracker.json").read_text())["id"]
         assert json.loads((run / "tracker.json").read_text())["id"] == ident  # the same run
         if partial != "update":  # the shards written before the kill stay
-            assert (
-                len(
-                    list(stage.glob("shard_*.parquet"))
-                    or list(stage.glob("samples/shard_*.parquet"))
-                )
-                == 2
-            )
+            shards = list(stage.glob("shard_*.parquet")) or list(stage.glob("samples/shard_*"))
+            assert len(shards) == k
     out = cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
     _assert_same_run(run, clean_run)

@@ -15,10 +15,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from iterate import runlock
+from iterate import errors, runlock
 from iterate.paths import Paths
 from iterate.report import metrics, runinfo
-from iterate.shards import read_jsonl
+from iterate.shards import read_json, read_jsonl
 
 USAGE = "usage: python -m iterate show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
 
@@ -33,19 +33,29 @@ def _stage_line(s: runinfo.StageState) -> str:
     return "  ".join(parts).rstrip()
 
 
+def _stopped(stopped: dict) -> str:
+    """What ``_STOPPED.json`` says: when, why, and what a rerun of the command does."""
+    return (f"stopped {stopped['at']}, {stopped['says']} (exit {stopped['status']}): "
+            f"{stopped['error']}\n  {errors.resumes(stopped['status'])}")  # fmt: skip
+
+
 def status(run: Path) -> str:
     """The stage table and the metrics table of a run folder."""
-    cfg = runinfo.config(run)
     paths = Paths(run=run, base_policy="")
+    holder, stopped = runlock.holder(run), read_json(paths.stopped)
+    if stopped and not paths.config.exists():  # stopped before the run folder was made
+        return f"{run}: {_stopped(stopped)}"
+    cfg = runinfo.config(run)
     finished = paths.finished.exists()
-    holder = runlock.holder(run)
-    where = (
-        f"running (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
-        if holder
-        else "finished"
-        if finished
-        else "not running, not finished: the same command resumes"
-    )
+    if holder:
+        where = f"running (pid {holder.get('pid')} on {holder.get('host')} since " \
+                f"{holder.get('since')})"  # fmt: skip
+    elif stopped:
+        where = _stopped(stopped)
+    elif finished:
+        where = "finished"
+    else:
+        where = "not running, not finished (killed?): the same command resumes"
     lines = [f"{run}: update={cfg['update']['name']}, model={cfg['model']['name']}; {where}"]
     for group, stages in runinfo.states(run).items():
         lines.append(f"{group}:" if group != "before" else "before iteration 0:")
@@ -91,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     run, opts = parse(sys.argv[1:] if argv is None else argv)
     try:
         print(status(run))
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
-    if opts["samples"]:
-        i = opts["iteration"]
-        if i is None:  # the last iteration with scored responses
-            have = [j for j in runinfo.iterations(run)
-                    if runinfo.scored_source(run, j, opts["heldout"])]  # fmt: skip
-            i = have[-1] if have else 0
-        print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
+        if opts["samples"]:
+            i = opts["iteration"]
+            if i is None:  # the last iteration with scored responses
+                have = [j for j in runinfo.iterations(run)
+                        if runinfo.scored_source(run, j, opts["heldout"])]  # fmt: skip
+                i = have[-1] if have else 0
+            print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
+    except (FileNotFoundError, errors.BadInput) as e:  # a damaged file is named, no traceback
+        print(f"{run}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

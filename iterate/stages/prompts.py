@@ -173,13 +173,14 @@ def check_pool(cfg: Config, paths: Paths) -> None:
     fresh = sum(prompt_id(t) not in used for t in train)
     need = pc.per_iteration * len(todo)
     if fresh < need:
-        can = fresh // pc.per_iteration
+        can, each = fresh // pc.per_iteration, fresh // len(todo)
+        lower = f"lower prompts.per_iteration to {each}, " if each else ""
         raise BadInput(
             f"prompts: iterations {todo[0]}..{todo[-1]} need {need} prompts the run has not "
             f"used yet ({len(todo)} x prompts.per_iteration={pc.per_iteration}), but the "
             f"pool has {fresh} ({len(train)} after deduplication, {len(used)} held out or "
-            f"drawn); ask for iteration={cfg.iteration - len(todo) + can}, lower "
-            f"prompts.per_iteration to {fresh // len(todo)}, or add prompts to the source"
+            f"drawn); ask for iteration={cfg.iteration - len(todo) + can}, "
+            f"{lower}or add prompts to the source"
         )
 
 
