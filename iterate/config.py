@@ -288,6 +288,9 @@ class GenerateConfig:
     # GPU memory (1: weights offloaded to CPU memory; 2: dropped and reloaded on waking;
     # 0: a new engine per stage)
     sleep_level: int = 2
+    # an engine that uses no CPU for this long while a request waits on it (stopped, hung)
+    # is killed and the stage fails, naming it, rather than waiting forever (0: forever)
+    engine_stall_s: float = 600
 
 
 @dataclass

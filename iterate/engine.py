@@ -216,12 +216,31 @@ def merged_state_dict(model) -> dict:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` (all its threads) has used, from /proc; None where there is
+    no /proc or no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class EngineStalled(RuntimeError):
+    """The engine process used no CPU for ``stall_s`` while a request waited on it."""
+
+
 class Engine:
     """The client side: a vLLM engine process, started on the first request and restarted
-    when a request needs another ``key``."""
+    when a request needs another ``key``. A request waits as long as the engine works; an
+    engine that uses no CPU at all for ``stall_s`` seconds (stopped, or hung) is killed and
+    the request fails naming it, instead of waiting forever (0: wait forever)."""
 
-    def __init__(self, env: dict | None = None):
+    POLL_S = 5.0
+
+    def __init__(self, env: dict | None = None, stall_s: float = 600):
         self.env = env or {}  # this worker's devices or CPU cores (``workers.engine_env``)
+        self.stall_s = stall_s
         self.proc: subprocess.Popen | None = None
         self.conn = None
         self.key: dict | None = None
@@ -263,6 +282,7 @@ class Engine:
         self.ensure(request)
         try:
             self.conn.send(request)
+            self._wait()
             reply = self.conn.recv()
         except (EOFError, OSError):
             reply = {"ok": False, "error": f"engine process ended (exit status {self.proc.poll()})"}
@@ -270,6 +290,32 @@ class Engine:
             self.close()
             raise RuntimeError(f"vLLM engine failed: {reply['error']}")
         return reply["samples"], reply["timings"]
+
+    def _wait(self) -> None:
+        """Until the reply is there: raise ``EngineStalled`` (killing the engine) when its
+        process used no CPU for ``stall_s`` seconds, and say so once at a tenth of that."""
+        used, idle, warned = cpu_seconds(self.proc.pid), 0.0, False
+        while not self.conn.poll(self.POLL_S):
+            if not self.stall_s or self.proc.poll() is not None:
+                continue  # wait forever, or an ended process: the recv says so
+            now = cpu_seconds(self.proc.pid)
+            idle = idle + self.POLL_S if now is not None and now == used else 0.0
+            used = now
+            if idle >= self.stall_s / 10 and not warned:
+                warned = True
+                log.warning("the vLLM engine (pid %d) has used no CPU for %.0fs (stopped? "
+                            "hung?); it is killed after %.0fs of that (generate.engine_stall_s)",
+                            self.proc.pid, idle, self.stall_s)  # fmt: skip
+            if idle >= self.stall_s:
+                pid = self.proc.pid
+                self.proc.kill()
+                self.close()
+                raise EngineStalled(
+                    f"the vLLM engine (pid {pid}) used no CPU for {idle:.0f}s while a request "
+                    f"waited on it (stopped or hung): killed; the same command resumes "
+                    f"(generate.engine_stall_s={self.stall_s:g} sets how long to wait; 0: "
+                    "forever)"
+                )
 
     @property
     def running(self) -> bool:

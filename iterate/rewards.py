@@ -99,6 +99,8 @@ class ModelReward(_Loaded):
         }
         if (Path(self.path) / ENSEMBLE).exists():
             out["aggregate"] = [self.aggregate, self.uncertainty_coef]
+        if not self.inputs() and Path(self.path).is_dir():  # a folder from outside the run:
+            out["reward_weights"] = weights_sum(Path(self.path))  # its weights, not its name
         return out
 
     def inputs(self) -> list[Path]:
@@ -126,6 +128,17 @@ class ModelReward(_Loaded):
 
     def score(self, prompts, responses, desc="score", refusals=False, spread=False):
         return self.scorer().score(prompts, responses, desc, refusals, spread)
+
+
+def weights_sum(folder: Path) -> str:
+    """A checksum of every file in a model folder (an ensemble's members included; large
+    weight files by their size and ends, ``stage.file_sum``): a reward model whose weights
+    changed since a stage scored with it is a changed input of that stage, not the same
+    reward under the same name."""
+    from iterate.stage import config_hash, file_sum
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return config_hash({str(p.relative_to(folder)): file_sum(p) for p in files})
 
 
 def load_function(spec: str) -> tuple[Callable, Path]:
@@ -296,6 +309,7 @@ def _start_worker(reward: Reward, device: str, threads: int) -> None:
     import torch
 
     global _WORKER_REWARD
+    workers.kill_with_parent()  # a scoring process holds a model (a GPU): none outlives a run
     if threads:
         torch.set_num_threads(threads)
     _WORKER_REWARD = reward.on(device)
@@ -339,6 +353,11 @@ class RewardPool:
                     initargs=(self.reward, device, 0 if n_gpu else threads),
                 )
             )
+        # start them all now, from this thread: a process dies with the thread that started
+        # it (``workers.kill_with_parent``), and the executor starts one on the first
+        # ``submit``, which ``score_each`` makes from threads that end with the stage
+        for pool in self.pools:
+            pool.submit(int).result()
 
     def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
         """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job

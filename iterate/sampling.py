@@ -70,6 +70,7 @@ class Spec:
     enforce_eager: bool = True
     tensor_parallel_size: int = 1  # vLLM: GPUs per engine
     sleep_level: int = 0  # vLLM on CUDA: the kept engine sleeps between stages (1 or 2)
+    engine_stall_s: float = 600  # vLLM: an engine idle this long on a request is killed
 
     @classmethod
     def of(cls, cfg: Config) -> Spec:
@@ -84,6 +85,7 @@ class Spec:
             enforce_eager=gc.enforce_eager,
             tensor_parallel_size=gc.tensor_parallel_size,
             sleep_level=gc.sleep_level if cuda and gc.backend == "vllm" else 0,
+            engine_stall_s=gc.engine_stall_s,
         )
 
 
@@ -173,7 +175,7 @@ class VllmSampler:
 
     def __init__(self, spec: Spec, envs: list[dict] | None = None):
         self.spec, self.envs = spec, envs or [{}]
-        self.engines = [engine.Engine(env) for env in self.envs]
+        self.engines = [engine.Engine(env, spec.engine_stall_s) for env in self.envs]
         self.policy: str | None = None
         self.version = 0  # 0: the policy folder's weights; n: the n-th synced set
         self.synced = 0
@@ -206,7 +208,8 @@ class VllmSampler:
         return [[Sample(t, ids, r) for t, ids, r in per_prompt] for per_prompt in samples]
 
     def _envelope(self, request: dict) -> dict:
-        engine = {k: v for k, v in asdict(self.spec).items() if k not in ("device", "batch_size")}
+        skip = ("device", "batch_size", "engine_stall_s")  # not what an engine is built for
+        engine = {k: v for k, v in asdict(self.spec).items() if k not in skip}
         return {
             **request,
             "policy": self.policy,

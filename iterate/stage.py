@@ -209,7 +209,7 @@ NOT_COUNTED = {
     "model": ("name",),
     "generate": (
         "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
-        "threads", "tensor_parallel_size", "sleep_level",
+        "threads", "tensor_parallel_size", "sleep_level", "engine_stall_s",
     ),
     "reward": (
         "name", "kind", "function", "workers", "threads", "aggregate", "uncertainty_coef",
@@ -254,9 +254,19 @@ RETIRED = {
 }
 
 
+# What later versions record that earlier ones did not (by the key's last part): a stage
+# recorded without it resumes as it was; once recorded, a change of it counts.
+ADDED = ("reward_weights",)  # an outside reward model's checksum (rewards.weights_sum)
+
+
 def retired(stage: str, key: str) -> bool:
     return any(key == r or key.startswith(r + ".")
                for r in (*RETIRED["*"], *RETIRED.get(stage, ())))  # fmt: skip
+
+
+def _added(recorded: dict, key: str) -> bool:
+    """Whether ``key`` is one that ``recorded`` (a stage config) predates."""
+    return key.rsplit(".", 1)[-1] in ADDED and key not in flatten(recorded)
 
 
 class Stage:
@@ -300,7 +310,7 @@ class Stage:
             recorded = read_json(marker)
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         keys = diff_keys(recorded, self.config) if recorded is not None else []
-        if keys and all(retired(self.name, k) for k in keys):  # an earlier version's hash
+        if keys and all(retired(self.name, k) or _added(recorded, k) for k in keys):
             log.info("%s: recorded with settings that no longer count (%s)", self.path, keys)
             keys = []
         if keys:

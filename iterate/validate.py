@@ -137,6 +137,7 @@ RANGES = {
     "generate.tensor_parallel_size": GE1,
     "generate.sleep_level": (lambda v: v in (0, 1, 2), "must be 0, 1 or 2"),
     "generate.gpu_memory_utilization": UNIT,
+    "generate.engine_stall_s": (GE0[0], "must be >= 0 (0: wait forever)"),
     "model.max_length": (lambda v: v >= 2, "must be >= 2"),
     "reward.epochs": GE1,
     "reward.batch_size": GE1,

@@ -152,3 +152,27 @@ def test_a_damaged_record_is_bad_input_naming_the_file(tmp_path):
     metrics.write_text('{"iteration": 0}\n{"iteration": 1, "kl"\n')
     with pytest.raises(BadInput, match="metrics.jsonl: line 2 is damaged"):
         read_jsonl(metrics)
+
+
+def test_an_outside_reward_models_weights_are_part_of_what_scored(tmp_path):
+    """A reward model from outside the run is hashed by its files, not its name: new
+    weights under the same folder name are a changed input of the stages that scored with
+    it (refused, naming the key); a stage recorded before the weights were hashed resumes."""
+    from iterate.rewards import ModelReward
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+    (rm / "model.safetensors").write_bytes(b"weights" * 100)
+    now = ModelReward(str(rm)).identity()
+    assert "reward_weights" in now
+    earlier = {k: v for k, v in now.items() if k != "reward_weights"}
+    Stage(tmp_path / "label", "label", earlier).finish()  # recorded by an earlier version
+    assert Stage(tmp_path / "label", "label", now).check() is True
+    shutil.rmtree(tmp_path / "label")
+    Stage(tmp_path / "label", "label", now).finish()
+    (rm / "model.safetensors").write_bytes(b"other weights" * 100)
+    changed = ModelReward(str(rm)).identity()
+    assert changed["reward_weights"] != now["reward_weights"]
+    with pytest.raises(StageConfigChanged, match="reward_weights"):
+        Stage(tmp_path / "label", "label", changed).check()

@@ -280,18 +280,20 @@ def _assert_same_run(run: Path, clean_run: Path) -> None:
     ]
 
 
-# The kill campaign: each trial SIGKILLs the whole process group of a 2-iteration run at a
-# seeded random moment of its uninterrupted duration (wherever it is: engine start, a shard,
-# a step, a save), checks that no process of the group survives, reruns the same command to
-# the end and compares shards, files and metrics with the uninterrupted run's.
-# `make test` runs one transformers trial; ITERATE_KILL_TRIALS=N runs N, alternating the
-# transformers and vLLM backends (the campaign reported in the notes).
+# The kill campaign: each trial stops a 2-iteration run at a seeded random moment of its
+# uninterrupted duration (wherever it is: engine start, a shard, a step, a save) in one of
+# three ways: SIGKILL to the whole process group, SIGTERM to it (a scheduler's: a clean
+# stop, 143), or SIGKILL to the vLLM engine process alone (the run fails, 1, or restarts
+# the engine if it was between requests). It checks that no process of the group survives,
+# reruns the same command to the end and compares shards, files and metrics with the
+# uninterrupted run's. `make test` runs one transformers SIGKILL trial;
+# ITERATE_KILL_TRIALS=N runs N, cycling through the backends and ways (the campaign
+# reported in the notes).
 CAMPAIGN = int(os.environ.get("ITERATE_KILL_TRIALS", "0"))
-TRIALS = (
-    [(t, ("transformers", "vllm")[t % 2]) for t in range(CAMPAIGN)]
-    if CAMPAIGN
-    else [(0, "transformers")]
-)
+WAYS = [("transformers", "kill"), ("vllm", "kill"), ("transformers", "term"), ("vllm", "term"),
+        ("vllm", "engine")]  # fmt: skip
+TRIALS = [(t, *WAYS[t % len(WAYS)]) for t in range(CAMPAIGN)] if CAMPAIGN else [(0, *WAYS[0])]
+STATUS = {"kill": {-signal.SIGKILL}, "term": {143, -signal.SIGTERM}, "engine": {1, 0}}
 _CLEAN: dict[str, tuple[Path, float]] = {}
 
 
@@ -320,9 +322,23 @@ def _group(pgid: int) -> list[int]:
     return alive
 
 
-@pytest.mark.parametrize(("trial", "backend"), TRIALS, ids=[f"{b}-{t}" for t, b in TRIALS])
+def _engines(pgid: int) -> list[int]:
+    """The vLLM engine processes in process group ``pgid``."""
+    found = []
+    for pid in _group(pgid):
+        try:
+            if b"iterate.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize(
+    ("trial", "backend", "way"), TRIALS, ids=[f"{b}-{w}-{t}" for t, b, w in TRIALS]
+)
 def test_kill_at_a_seeded_random_moment_then_rerun(
-    trial, backend, clean_run, tiny_cache, tiny_rm, tmp_path, tmp_path_factory
+    trial, backend, way, clean_run, tiny_cache, tiny_rm, tmp_path, tmp_path_factory
 ):
     reference, duration = _clean(backend, tiny_cache, tiny_rm, tmp_path_factory)
     at = round(random.Random(trial).uniform(0.5, duration), 2)
@@ -333,8 +349,13 @@ def test_kill_at_a_seeded_random_moment_then_rerun(
     try:
         proc.wait(timeout=at)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if way == "engine":
+            for pid in _engines(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL if way == "kill" else signal.SIGTERM)
+        proc.wait(timeout=300)
+        assert proc.returncode in STATUS[way], (at, proc.returncode)
     deadline = time.time() + 20  # a killed engine with a large KV cache takes a while to go
     while _group(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -343,8 +364,9 @@ def test_kill_at_a_seeded_random_moment_then_rerun(
     assert out.returncode == 0, (at, out.stderr[-2000:])
     _assert_same_run(tmp_path / "toy_tiny", reference)
     with open(os.environ.get("ITERATE_KILL_TALLY", os.devnull), "a") as tally:
-        tally.write(json.dumps({"trial": trial, "backend": backend, "at_s": at,
-                                "of_s": round(duration, 1), "ok": True}) + "\n")  # fmt: skip
+        tally.write(json.dumps({"trial": trial, "backend": backend, "way": way, "at_s": at,
+                                "of_s": round(duration, 1), "status": proc.returncode,
+                                "ok": True}) + "\n")  # fmt: skip
 
 
 def test_killed_two_process_update_resumes(tiny_cache, tiny_rm, tmp_path):

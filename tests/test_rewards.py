@@ -24,8 +24,8 @@ def test_the_reward_models_identity_is_what_the_label_stage_always_hashed(tmp_pa
     got = rewards.of(cfg, path=str(one)).identity()
     assert got == {
         "reward_model": str(one), "max_length": 77, "dtype": str(cfg.reward.dtype),
-        "chat_template": "zephyr",
-    }  # fmt: skip
+        "chat_template": "zephyr", "reward_weights": rewards.weights_sum(one),
+    }  # fmt: skip  (a folder from outside the run: its files too)
     # an ensemble folder: how its members' rewards are combined counts too
     (one / "ensemble.json").write_text(json.dumps({"members": [], "offsets": []}))
     cfg.reward.aggregate, cfg.reward.uncertainty_coef = "mean_minus_std", 0.5

@@ -259,3 +259,56 @@ def test_cuda_session_keeps_its_engine_asleep_between_stages(tiny_cfg):
     with sampling.session(tiny_cfg) as sampler:
         assert sampler.spec.sleep_level == 0
     assert "vllm" not in sampling._KEPT  # a new engine per stage
+
+
+# a stand-in engine process: it reads a request and then spins (works) or sleeps (hangs)
+STAND_IN = """
+import sys, time
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+conn.recv()
+if sys.argv[2] == "spin":
+    t = time.time()
+    while time.time() - t < 3:
+        pass
+    conn.send({"ok": True, "samples": [], "timings": {}})
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["spin", "stop", "hang"])
+def test_an_engine_that_does_nothing_fails_the_request_instead_of_waiting_forever(how):
+    """An engine process that works is waited for however long it takes; one stopped
+    (SIGSTOP) or hung (no CPU at all) for engine_stall_s is killed and the request fails
+    naming it (a failure: the same command resumes)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from multiprocessing.connection import Connection
+
+    client = engine.Engine(stall_s=2)
+    client.POLL_S = 0.5
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(theirs.fileno()), how],
+                            pass_fds=[theirs.fileno()])  # fmt: skip
+    theirs.close()
+    request = {"policy": "nowhere/model", "engine": {}}
+    client.proc, client.conn, client.key = proc, Connection(ours.detach()), engine.key(request)
+    if how == "stop":
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGSTOP)
+    t = time.time()
+    try:
+        if how == "spin":  # 3 s of work outlasts stall_s, and is waited for
+            assert client.request(request) == ([], {})
+            assert time.time() - t >= 2.5
+            return
+        with pytest.raises(engine.EngineStalled, match=f"pid {proc.pid}.* used no CPU for"):
+            client.request(request)
+        assert time.time() - t < 10 and proc.poll() is not None, "the engine was killed"
+    finally:
+        proc.kill()
+        proc.wait()

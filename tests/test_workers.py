@@ -1,7 +1,11 @@
 """Shards split among workers: 2 vLLM engine processes of 1 thread each write the shards
 1 engine writes, and 2 scoring processes give the rewards 1 gives; plus who takes what."""
 
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from iterate import models, rewards, sampling, scoring, workers
 from iterate.shards import shard_paths
 
+from .conftest import ROOT
 from .test_sampling import PARAMS, SPEC, _prompts
 
 pytestmark = pytest.mark.slow
@@ -79,3 +84,44 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
         got[n] = out
     assert sorted(got[2]) == [0, 1, 2, 3] and got[2] == got[1]
     assert len({r for v in got[1].values() for r in v}) > 1  # real, differing rewards
+
+
+WORKERS_OF_A_KILLED_RUN = """
+import os, signal, sys, time
+from iterate import rewards
+
+pool = rewards.RewardPool(rewards.FunctionReward(sys.argv[1]), 2, 1)
+jobs = {k: (["Hi."], ["Hello!" * (k + 1)]) for k in range(4)}
+pool.score_each(list(jobs), jobs.__getitem__, lambda k, r: None)  # from threads, which end
+pids = [pid for p in pool.pools for pid in p._processes]
+print(" ".join(map(str, pids)), flush=True)
+time.sleep(1)
+print("alive" if all(os.path.exists(f"/proc/{pid}") for pid in pids) else "gone", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # only this process: its scoring workers must follow
+"""
+
+
+def test_scoring_workers_die_with_a_killed_run(tmp_path):
+    """A run killed alone (not its process group) leaves no scoring process behind (one
+    would hold a GPU), and the workers outlive the threads that handed them their jobs."""
+    fn = tmp_path / "length.py"
+    fn.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+    out = subprocess.run(
+        [sys.executable, "-c", WORKERS_OF_A_KILLED_RUN, f"{fn}:length"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    pids, alive = out.stdout.splitlines()
+    pids = [int(p) for p in pids.split()]
+    assert len(pids) == 2 and alive == "alive", "the workers outlive the threads that used them"
+    deadline = time.time() + 20
+    while any(workers.alive(p) and not _zombie(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if workers.alive(p) and not _zombie(p)], "a worker outlived it"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
