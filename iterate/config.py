@@ -258,6 +258,9 @@ class SyntheticConfig:
 class PromptsConfig:
     # (declared before ``field``, the column name, which hides dataclasses.field below it)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # fields of each prompt row kept with the prompt (a reference answer, a test) and passed
+    # to a reward function that takes them by name: f(prompts, responses, answer=[...])
+    fields: list[str] = field(default_factory=list)
     source: PromptSource = PromptSource.toy
     path: str | None = None  # file: jsonl / json / parquet or a saved dataset; hub: dataset id
     split: str = "train"

@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -186,18 +187,51 @@ def _as_prompt(stored: str):
     return messages[0]["content"] if len(messages) == 1 else messages
 
 
+def takes(fn: Callable) -> tuple[set[str], set[str], bool]:
+    """(the names a reward function takes after prompts and responses, those of them it
+    needs (no default), whether it takes ``**kwargs``)."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    needed = {p.name for p in params if p.name in named and p.default is p.empty}
+    return named, needed, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def row_fields(run: Path) -> dict[str, dict]:
+    """prompt id -> the fields of its prompt row (``prompts.fields``), for every prompt the
+    run holds: held out, and drawn by each iteration so far."""
+    import pyarrow.parquet as pq
+
+    from iterate.paths import Paths
+    from iterate.shards import FIELDS, shard_paths
+
+    paths, out = Paths(run=Path(run), base_policy=""), {}
+    for folder in [paths.heldout_dir, *sorted(Path(run).glob("iter_*/prompts"))]:
+        for shard in shard_paths(folder):
+            t = pq.read_table(shard)
+            if FIELDS in t.column_names:
+                ids, said = t["prompt_id"].to_pylist(), t[FIELDS].to_pylist()
+                out.update(zip(ids, map(json.loads, said)))
+    return out
+
+
 @dataclass
 class FunctionReward(_Loaded):
     """A Python function of a batch, ``f(prompts, responses) -> list[float]``, called with
-    ``batch_size`` rows at a time. Its identity names it and its source file's checksum, so
+    ``batch_size`` rows at a time; with ``fields`` (``prompts.fields``) the function also
+    gets, by name, each field it takes of the prompts' rows, one value per row (``None``
+    for a prompt whose row has none: a synthetic one), read from the run folder ``run``'s
+    prompt shards. Its identity names it, its source file's checksum and the fields, so
     editing the function redoes the stages that used it. A row it scores ``None`` or NaN is
     dropped and counted; raising, returning the wrong number of values or a value that is
     not a number is ``BadInput`` naming the function, the row and the value."""
 
     spec: str
     batch_size: int = 64
+    fields: tuple[str, ...] = ()
+    run: str | None = None
     _fn: Any = field(default=None, repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # the function's file
+    _rows: Any = field(default=None, repr=False, compare=False)  # prompt id -> fields
 
     def _load(self) -> Callable:
         if self._fn is None:
@@ -206,10 +240,25 @@ class FunctionReward(_Loaded):
 
     def identity(self) -> dict:
         self._load()
-        return {
+        out = {
             "reward_function": self.spec,
             "source_sha256": hashlib.sha256(self._source.read_bytes()).hexdigest(),
         }
+        return out | ({"fields": list(self.fields)} if self.fields else {})
+
+    def _kwargs(self, prompts: list) -> dict[str, list]:
+        """The fields the function takes, of these prompts' rows."""
+        named, _, any_name = takes(self._load())
+        names = [n for n in self.fields if any_name or n in named]
+        if not names:
+            return {}
+        from iterate.shards import prompt_id
+
+        ids = [prompt_id(p) if isinstance(p, str) else None for p in prompts]
+        if self._rows is None or any(i not in self._rows for i in ids if i):
+            self._rows = row_fields(Path(self.run)) if self.run else {}  # a new iteration's
+        rows = [self._rows.get(i) or {} for i in ids]
+        return {n: [r.get(n) for r in rows] for n in names}
 
     def inputs(self) -> list[Path]:
         return []
@@ -227,9 +276,11 @@ class FunctionReward(_Loaded):
         said = f"reward.function={self.spec}"
         bar = progress.bar(n, desc, "row")
         for start in range(0, n, self.batch_size):
-            batch = [_as_prompt(p) for p in prompts[start : start + self.batch_size]]
+            stored = prompts[start : start + self.batch_size]
+            batch = [_as_prompt(p) for p in stored]
             try:
-                got = fn(batch, list(responses[start : start + self.batch_size]))
+                got = fn(batch, list(responses[start : start + self.batch_size]),
+                         **self._kwargs(stored))  # fmt: skip
             except Exception as e:
                 raise BadInput(f"{said} raised {type(e).__name__}: {e} (on rows {start}.."
                                f"{start + len(batch) - 1} of this batch)") from e  # fmt: skip
@@ -270,8 +321,11 @@ def refreshes(cfg: Config) -> bool:
     return has_model(cfg) and cfg.reward.refresh.pairs > 0
 
 
-def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward | None:
-    """The run's reward for ``role``:
+def of(
+    cfg: Config, role: str = "reward", path: str = "", device=None, run: Path | None = None
+) -> Reward | None:
+    """The run's reward for ``role`` in the run folder ``run`` (where a reward function
+    reads its prompts' row fields):
 
     - ``reward``: the reward model at ``path`` (trained here, refreshed, or loaded) with the
       settings of ``cfg.reward``: what labels, ranks, rolls out and is evaluated;
@@ -286,7 +340,8 @@ def of(cfg: Config, role: str = "reward", path: str = "", device=None) -> Reward
         batch_size=rc.score_batch_size, device=dev,
     )  # fmt: skip
     if role == "reward" and not has_model(cfg):
-        return FunctionReward(rc.function, rc.score_batch_size)
+        fields = tuple(cfg.prompts.fields)
+        return FunctionReward(rc.function, rc.score_batch_size, fields, str(run) if run else None)
     if role == "reward":
         return model(
             path, chat_template=rc.chat_template, aggregate=str(rc.aggregate),

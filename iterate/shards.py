@@ -10,6 +10,7 @@ A stage folder's contract (``_DONE.json``, identity, verification) is ``iterate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,14 @@ log = logging.getLogger(__name__)
 
 PLAN = "_PLAN.json"  # how much a stage set out to write: the run inspector's "k of n"
 TEMPORARY = re.compile(r"\.tmp(\d+)$")  # an atomic write's temporary name (the writer's pid)
+
+FIELDS = "fields"  # a prompts shard's column: each row's ``prompts.fields``, as a JSON object
+
+
+def prompt_id(text: str) -> str:
+    """A stored prompt's id: a stable hash of its text (or its JSON list of messages)."""
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
 
 SCHEMAS: dict[str, pa.Schema] = {
     "generate": pa.schema(

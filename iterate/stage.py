@@ -229,7 +229,9 @@ COUNTED = {
         "dtype", "ensemble", "score_batch_size",
     ),
     "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
-    "prompts": ("synthetic", "source", "path", "split", "field", "per_iteration", "heldout"),
+    "prompts": (
+        "synthetic", "source", "path", "split", "field", "fields", "per_iteration", "heldout",
+    ),
     "pairs": ("rule", "length_penalty", "min_margin"),
     "handoff": ("max_kl", "on_reject", "reference"),
 }  # fmt: skip

@@ -344,7 +344,15 @@ def _reward(cfg: Config) -> None:
         if not rc.function:
             raise BadInput("reward.kind=function needs reward.function: package.module:function "
                            "or path/to/file.py:function")  # fmt: skip
-        rewards.load_function(rc.function)
+        fn, _ = rewards.load_function(rc.function)
+        _, needed, _ = rewards.takes(fn)
+        if missing := sorted(needed - set(cfg.prompts.fields)):
+            raise BadInput(
+                f"reward.function={rc.function}: it takes {', '.join(map(repr, missing))}, "
+                f"not a setting but a field of the prompt rows: name it in prompts.fields "
+                f"(prompts.fields=[{','.join(sorted(needed))}]; the prompts' source needs that "
+                "column), or give the parameter a default"
+            )
         return
     if not rc.train:
         if not rc.path:

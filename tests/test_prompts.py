@@ -158,3 +158,54 @@ def test_the_held_out_draw_is_not_refused_for_a_share_it_does_not_read(tmp_path)
     cfg.prompts.heldout = 3  # what the draw reads still counts
     with pytest.raises(Exception, match="prompts.heldout"):
         Stage(old, "heldout", prompts.heldout_config(cfg)).check()
+
+
+def test_prompt_row_fields_travel_with_their_prompts_to_a_reward_function(tmp_path):
+    """``prompts.fields`` keeps named fields of each prompt row (a reference answer) in the
+    held-out and per-iteration shards; a reward function that takes them by name gets one
+    value per row, read back from the run folder, whatever order the rows come in."""
+    from iterate import rewards
+
+    source = tmp_path / "math.jsonl"
+    rows = [{"prompt": f"What is {a} plus 1?", "answer": a + 1, "note": "x"} for a in range(12)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_cfg(["prompts=file", f"prompts.path={source}", "prompts.fields=[answer]",
+                       "prompts.per_iteration=4", "prompts.heldout=4"], tmp_path)  # fmt: skip
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    held, drawn = heldout.prompts(cfg, paths), prompts.run(cfg, paths, 0)
+    for table in (held, drawn):
+        for text, said in zip(table["prompt"].to_pylist(), table["fields"].to_pylist()):
+            assert json.loads(said) == {"answer": int(text.split()[2]) + 1}
+    seen = {}
+
+    def fn(prompts_, responses, answer):
+        seen.update(zip(prompts_, answer))
+        return [float(r == str(a)) for r, a in zip(responses, answer)]
+
+    (tmp_path / "f.py").write_text("")  # the function is given directly below
+    reward = rewards.FunctionReward("x.py:fn", 3, ("answer",), str(paths.run))
+    reward._fn, reward._source = fn, tmp_path / "f.py"
+    texts = [*reversed(drawn["prompt"].to_pylist()), *held["prompt"].to_pylist(), "Unseen?"]
+    answers = [str(int(t.split()[2]) + 1) if t != "Unseen?" else "?" for t in texts]
+    assert reward.score(texts, answers) == [1.0] * 8 + [0.0]
+    assert seen["Unseen?"] is None, "a prompt without a row gets None"
+    assert reward.identity()["fields"] == ["answer"]
+    # no fields named: the shards are as before (no column), and the identity too
+    plain = compose_cfg(["prompts=file", f"prompts.path={source}"], tmp_path)
+    assert "fields" not in prompts.table(["a"]).column_names
+    assert "fields" not in prompts.config(plain)["prompts"]
+
+
+def test_a_prompt_field_the_source_lacks_is_named(tmp_path):
+    from iterate.errors import BadInput
+
+    source = tmp_path / "p.jsonl"
+    _write(source, ["What is 1 plus 2?"])
+    cfg = compose_cfg(["prompts=file", f"prompts.path={source}", "prompts.fields=[answer]"])
+    with pytest.raises(BadInput, match=r"p.jsonl: no field 'answer' \(prompts.fields; columns"):
+        prompts.load_pool(cfg)
+    toy = compose_cfg(["prompts.fields=[answer,family]"])
+    fields = prompts.source_fields(toy)
+    assert fields[prompts.prompt_id("What is 3 plus 4?")] == {"answer": "7", "family": "arithmetic"}
+    with pytest.raises(BadInput, match="the toy world's prompts have no field 'solution'"):
+        prompts.load_pool(compose_cfg(["prompts.fields=[solution]"]))

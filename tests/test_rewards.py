@@ -23,8 +23,11 @@ def test_the_reward_models_identity_is_what_the_label_stage_always_hashed(tmp_pa
     one.mkdir()
     got = rewards.of(cfg, path=str(one)).identity()
     assert got == {
-        "reward_model": str(one), "max_length": 77, "dtype": str(cfg.reward.dtype),
-        "chat_template": "zephyr", "reward_weights": rewards.weights_sum(one),
+        "reward_model": str(one),
+        "max_length": 77,
+        "dtype": str(cfg.reward.dtype),
+        "chat_template": "zephyr",
+        "reward_weights": rewards.weights_sum(one),
     }  # fmt: skip  (a folder from outside the run: its files too)
     # an ensemble folder: how its members' rewards are combined counts too
     (one / "ensemble.json").write_text(json.dumps({"members": [], "offsets": []}))
@@ -175,17 +178,33 @@ def test_a_reward_function_is_checked_at_start_up(tmp_path):
     assert not rewards.trains_model(cfg) and rewards.trains_model(compose_cfg([]))
 
 
-def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
-    """The verifiable reward the README shows, taken from the README itself."""
+def _readme_rewards() -> str:
     from .conftest import ROOT
 
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Rewards") :]
+    return text[text.index("## Rewards") :]
+
+
+def readme_reward(folder) -> str:
+    """The verifiable reward the README shows, taken from the README itself into a file in
+    ``folder``: its ``reward.function``."""
+    section = _readme_rewards()
     code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
-    (tmp_path / "my_rewards.py").write_text(code)
-    reward = rewards.FunctionReward(f"{tmp_path / 'my_rewards.py'}:exact_answer")
-    got = reward.score(["What is 2 plus 3?"] * 3, ["Sure! 2 plus 3 is 5.", "7.", "I don't know."])
-    assert got == [1.0, 0.0, 0.0]
+    (folder / "my_rewards.py").write_text(code)
+    return f"{folder / 'my_rewards.py'}:exact_answer"
+
+
+def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
+    section = _readme_rewards()
+    fn, _ = rewards.load_function(readme_reward(tmp_path))
+    said = ["Sure! 2 plus 3 is 5.", "7.", "I don't know."]
+    assert fn(["What is 2 plus 3?"] * 3, said, answer=["5", 5, "5"]) == [1.0, 0.0, 0.0]
+    cmd = section[
+        section.index("```bash") + len("```bash") : section.index(
+            "```", section.index("```bash") + 3
+        )
+    ]
+    assert "reward.function=my_rewards.py:exact_answer 'prompts.fields=[answer]'" in cmd
 
 
 def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
@@ -206,3 +225,24 @@ def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
     validate._reward_folder("reward.path", str(lm))  # a score head: accepted
     with pytest.raises(BadInput, match="reward.base="):
         validate.reward_head("reward.path", "x", ["GPT2LMHeadModel"])
+
+
+def test_a_reward_function_that_takes_a_row_field_needs_it_named(tmp_path):
+    """A parameter beyond (prompts, responses) is a field of the prompt rows: refused at
+    start-up unless prompts.fields names it (or it has a default)."""
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    f = tmp_path / "v.py"
+    f.write_text(
+        "def check(prompts, responses, answer, tests=None):\n    return [0.0] * len(responses)\n"
+    )
+    args = ["reward=gold", f"reward.function={f}:check"]
+    with pytest.raises(BadInput, match="it takes 'answer', not a setting but a field of the"):
+        validate.check(compose_cfg(args))
+    validate.check(compose_cfg([*args, "prompts.fields=[answer]"]))
+    assert rewards.takes(rewards.load_function(f"{f}:check")[0]) == (
+        {"answer", "tests"},
+        {"answer"},
+        False,
+    )

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from iterate import loop, losses, models, rewards, sampling, scoring
+from iterate import loop, losses, models, sampling, scoring
 from iterate.report import runinfo, show
 from iterate.scoring import Scorer
 from iterate.shards import read_shards
@@ -151,15 +151,28 @@ def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
     assert all(torch.equal(a, b) for a, b in zip(values, back))
 
 
+# a reward of each row's reference answer (its length, less a length penalty): rewards that
+# differ by row only when each row's own answer reaches the function
+BY_ANSWER = """
+def by_answer(prompts, responses, answer):
+    return [len(a) - 0.01 * len(r) for r, a in zip(responses, answer)]
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy"), ("remax", "gold")])
+@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy"), ("remax", "answer")])
 def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_path):
-    """PPO against the reward model; ReMax against a reward function (the gold judge)."""
+    """PPO against the reward model; ReMax against a reward function that reads each prompt
+    row's reference answer (prompts.fields)."""
+    (tmp_path / "by_answer.py").write_text(BY_ANSWER)
+    fn = f"{tmp_path / 'by_answer.py'}:by_answer"
+    answer = ["reward.kind=function", "reward.train=false", f"reward.function={fn}",
+              "prompts.fields=[answer]"]  # fmt: skip
     cfg = compose_cfg(
         [
             "experiment=toy_tiny",
             f"update={rule}",
-            f"reward={reward}",
+            *(answer if reward == "answer" else [f"reward={reward}"]),
             "generate=transformers",
             "iteration=2",
             f"runs_dir={tmp_path}",
@@ -188,11 +201,17 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
     best = runinfo.extremes(runinfo.scored(run, 1), 1)
     assert [r["rank"] for r in best] == ["best 1", "worst 1"] and "gold" in best[0]
     assert "generate" not in show.status(run) and "held-out" in show.samples(run, 1, 1, False)
-    if reward == "gold":  # the rollouts were scored by the function: no reward model at all
+    if reward == "answer":  # the rollouts were scored by the function: no reward model at all
         assert not (run / "reward_model").exists()
-        assert upd["config"]["rollout"]["reward"]["reward_function"] == rewards.GOLD
-        ev = json.loads((run / "iter_000" / "evaluate" / "_DONE.json").read_text())
-        assert ev["heldout_reward_mean"] == ev["gold_mean"] and ev["proxy_gold_gap"] == 0
+        said = upd["config"]["rollout"]["reward"]
+        assert said["reward_function"] == fn and said["fields"] == ["answer"]
+        # the held-out rewards are the function's, from each row's own reference answer
+        scored = runinfo.scored(run, 0, True).to_dict("records")
+        answers = {r["prompt_id"]: json.loads(r["fields"])["answer"]
+                   for r in read_shards(run / "heldout").to_pylist()}  # fmt: skip
+        want = [len(answers[r["prompt_id"]]) - 0.01 * len(r["response"]) for r in scored]
+        assert scored and [r["reward"] for r in scored] == pytest.approx(want)
+        assert len({len(a) for a in answers.values()}) > 1, "rewards that tell rows apart"
 
 
 @pytest.mark.slow

@@ -162,7 +162,8 @@ def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
 
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    reward = rewards.of(cfg, path=paths.reward_model, device=models.device(str(cfg.device)))
+    dev = models.device(str(cfg.device))
+    reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
     conf = {
         **heldout.sample_conf(cfg),
         "policy": policy,

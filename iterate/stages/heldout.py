@@ -30,7 +30,7 @@ def prompts(cfg: Config, paths: Paths) -> pa.Table:
     stage = Stage(paths.heldout_dir, "heldout", sources.heldout_config(cfg))
     if not stage.check(cfg.force):
         _, held, dropped, source = sources.pools(cfg)
-        write_shard(sources.table(held), shard_path(stage.path, 0))
+        write_shard(sources.with_fields(cfg, held), shard_path(stage.path, 0))
         stage.finish(rows_out=len(held), dropped=dict(dropped), **source)
     return read_shards(stage.path)
 

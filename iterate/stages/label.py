@@ -61,7 +61,7 @@ def label_table(
 
 def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     gen_dir = paths.stage(i, "generate")
-    reward = rewards.of(cfg, path=rm_path, device=models.device(str(cfg.device)))
+    reward = rewards.of(cfg, path=rm_path, device=models.device(str(cfg.device)), run=paths.run)
     gold = rewards.of(cfg, "gold")
     stage = Stage(
         paths.stage(i, "label"), "label", reward.identity(), inputs=[gen_dir, *reward.inputs()]

@@ -27,16 +27,20 @@ import pyarrow as pa
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.shards import read_json, read_shards, shard_path, shard_paths, write_shard
+from iterate.shards import (
+    FIELDS,
+    prompt_id,
+    read_json,
+    read_shards,
+    shard_path,
+    shard_paths,
+    write_shard,
+)
 from iterate.stage import DONE, Stage, counted
 
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
-
-
-def prompt_id(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _text(value, where: str, field: str) -> str:
@@ -64,15 +68,23 @@ def _text(value, where: str, field: str) -> str:
     )
 
 
-def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
-    """(training pool, held-out pool, dropped by reason) before shuffling."""
-    pc = cfg.prompts
+Row = tuple[str, dict]  # a prompt's text and its row's fields named by prompts.fields
+TOY_FIELDS = ("answer", "family")  # what a toy-world prompt row has besides its text
+
+
+def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
+    """(training rows, held-out rows, dropped by reason) of the source, before shuffling."""
+    pc, names = cfg.prompts, list(cfg.prompts.fields)
     dropped: Counter = Counter()
     if pc.source == "toy":
         from iterate.toy import world
 
+        if unknown := [n for n in names if n not in TOY_FIELDS]:
+            raise BadInput(f"prompts.fields: the toy world's prompts have no field "
+                           f"{unknown[0]!r} (they have {', '.join(TOY_FIELDS)})")  # fmt: skip
         train, heldout = world.split(cfg.toy.heldout_fraction)
-        return [i.prompt for i in train], [i.prompt for i in heldout], dropped
+        row = lambda i: (i.prompt, {n: getattr(i, n) for n in names})  # noqa: E731
+        return [row(i) for i in train], [row(i) for i in heldout], dropped
     import datasets
 
     if pc.source == "file":
@@ -84,16 +96,35 @@ def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
     else:
         ds = datasets.load_dataset(pc.path, split=pc.split)
         where = f"{pc.path}[{pc.split}]"
-    if pc.field not in ds.column_names:
-        raise BadInput(f"{where}: no field '{pc.field}' (columns: {', '.join(ds.column_names)})")
-    texts = []
+    for name, key in ((pc.field, "prompts.field"), *((n, "prompts.fields") for n in names)):
+        if name not in ds.column_names:
+            raise BadInput(f"{where}: no field '{name}' ({key}; columns: "
+                           f"{', '.join(ds.column_names)})")  # fmt: skip
+    extra = {n: ds[n] for n in names}
+    rows = []
     for i, value in enumerate(ds[pc.field]):
         text = _text(value, f"{where}: row {i}", pc.field) if value is not None else ""
         if not text:
             dropped["empty"] += 1
             continue
-        texts.append(text)
-    return texts, [], dropped
+        rows.append((text, {n: extra[n][i] for n in names}))
+    return rows, [], dropped
+
+
+def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
+    """(training pool, held-out pool, dropped by reason) before shuffling."""
+    train, heldout, dropped = _rows(cfg)
+    return [t for t, _ in train], [t for t, _ in heldout], dropped
+
+
+def source_fields(cfg: Config) -> dict[str, dict]:
+    """prompt id -> the fields ``prompts.fields`` names of its row (the first row of a
+    prompt that appears twice)."""
+    train, heldout, _ = _rows(cfg)
+    out: dict[str, dict] = {}
+    for text, fields in [*train, *heldout]:
+        out.setdefault(prompt_id(text), fields)
+    return out
 
 
 def _dedupe_shuffle(texts: list[str], seed: int, dropped: Counter) -> list[str]:
@@ -108,8 +139,21 @@ def _dedupe_shuffle(texts: list[str], seed: int, dropped: Counter) -> list[str]:
     return sorted(out, key=lambda t: hashlib.sha1(f"{seed}:{prompt_id(t)}".encode()).digest())
 
 
-def table(texts: list[str]) -> pa.Table:
-    return pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
+def table(texts: list[str], fields: dict[str, dict] | None = None) -> pa.Table:
+    """A prompts shard; with ``fields`` (prompt id -> fields), each row's fields as a JSON
+    object in the ``fields`` column (a prompt without a row there, a synthetic one: {})."""
+    ids = [prompt_id(t) for t in texts]
+    if fields is None:
+        return pa.table({"prompt_id": ids, "prompt": texts}, schema=SCHEMA)
+    said = [json.dumps(fields.get(i, {}), sort_keys=True, default=str) for i in ids]
+    schema = SCHEMA.append(pa.field(FIELDS, pa.string()))
+    return pa.table({"prompt_id": ids, "prompt": texts, FIELDS: said}, schema=schema)
+
+
+def with_fields(cfg: Config, texts: list[str]) -> pa.Table:
+    """``texts`` as a prompts shard, with their rows' fields when ``prompts.fields`` names
+    some."""
+    return table(texts, source_fields(cfg) if cfg.prompts.fields else None)
 
 
 def source_hash(train: list[str], heldout: list[str]) -> str:
@@ -136,8 +180,11 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
 
 
 def config(cfg: Config) -> dict:
+    prompts = counted(cfg, "prompts")
+    if not prompts["fields"]:  # none: what runs before prompts.fields recorded
+        del prompts["fields"]
     return {
-        "prompts": counted(cfg, "prompts"),
+        "prompts": prompts,
         "seed": cfg.seed,
         "toy_heldout_fraction": cfg.toy.heldout_fraction,
     }
@@ -145,7 +192,7 @@ def config(cfg: Config) -> dict:
 
 # what decides the held-out draw: the source and how many (not each iteration's share, nor
 # the synthetic prompts' settings, so the smaller share a shortfall asks for is accepted)
-DRAW = ("source", "path", "split", "field", "heldout")
+DRAW = ("source", "path", "split", "field", "fields", "heldout")
 
 
 def heldout_config(cfg: Config) -> dict:
@@ -212,7 +259,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
             chunk, info = _synthetic(cfg, paths, i, policy, train)
         else:
             chunk, info = _slice(cfg, paths, i, train, used, source)
-        write_shard(table(chunk), shard_path(stage.path, 0))
+        write_shard(with_fields(cfg, chunk), shard_path(stage.path, 0))
         stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped), **info, **source)
     return read_shards(stage.path)
 

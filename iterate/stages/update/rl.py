@@ -171,7 +171,8 @@ def run_on_policy(
 ) -> dict:
     """An on-policy rule's update stage; ``head_init``: a saved value head to start from."""
     gc = cfg.generate
-    reward = rewards.of(cfg, path=paths.reward_model, device=models.device(str(cfg.device)))
+    dev = models.device(str(cfg.device))
+    reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
     rollout = {
         "backend": str(gc.backend),
         "temperature": gc.temperature,
