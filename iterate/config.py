@@ -38,6 +38,7 @@ class Aggregate(StrEnum):
 class RewardKind(StrEnum):
     model = "model"  # a Bradley-Terry reward model (or an ensemble): trained here or loaded
     function = "function"  # a Python function of (prompts, responses): reward.function
+    mixture = "mixture"  # a weighted sum of sources: reward.sources
 
 
 class Judge(StrEnum):
@@ -175,6 +176,20 @@ class PreferenceFile:
 
 
 @dataclass
+class RewardSourceConfig:
+    """One source of a mixture (``reward.kind: mixture``): its values are kept in a column of
+    their own (``reward_<name>``) beside the weighted sum, the reward."""
+
+    kind: RewardKind = RewardKind.function  # model or function
+    function: str | None = None  # kind=function: as reward.function
+    # kind=model: a reward model folder; null: the run's own (trained here, or reward.path;
+    # the one the refresh updates). Scored with reward.max_length, dtype, chat_template
+    path: str | None = None
+    weight: float = 1.0
+    name: str | None = None  # its column: reward_<name>; null: the function's name, or "model"
+
+
+@dataclass
 class RefreshConfig:
     """Reward-model refresh between iterations: pairs of the current policy's own samples,
     labelled by a judge, update the reward model before it labels them (off at pairs=0)."""
@@ -201,6 +216,8 @@ class RewardConfig:
     # kind=function: package.module:function or path/to/file.py:function, called as
     # f(prompts, responses) -> one float per response (None or NaN: that row is dropped)
     function: str | None = None
+    # kind=mixture: the reward is the weighted sum of these sources' rewards
+    sources: list[RewardSourceConfig] = field(default_factory=list)
     path: str | None = None  # a trained reward model to load when ``train: false``
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from

@@ -57,12 +57,13 @@ class Reward(Protocol):
 
     def score(
         self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
-        spread: bool = False,
+        detail: bool = False,
     ) -> Any:  # fmt: skip
         """One reward per pair. With ``refusals``, a pair the reward cannot score (a chat
         template that refuses the conversation) gets ``None`` instead of raising, for the
-        caller to count and drop. With ``spread``, ``(rewards, spreads)``: an ensemble's
-        disagreement per pair (``None`` for a single source)."""
+        caller to count and drop. With ``detail``, ``(rewards, spreads, parts)``: an
+        ensemble's disagreement per pair (``None`` for a single model), and a mixture's
+        sources' rewards per pair by name (``{}`` for a single source)."""
 
 
 class _Loaded:
@@ -127,8 +128,9 @@ class ModelReward(_Loaded):
             )  # fmt: skip
         return self._scorer
 
-    def score(self, prompts, responses, desc="score", refusals=False, spread=False):
-        return self.scorer().score(prompts, responses, desc, refusals, spread)
+    def score(self, prompts, responses, desc="score", refusals=False, detail=False):
+        got = self.scorer().score(prompts, responses, desc, refusals, detail)
+        return (*got, {}) if detail else got
 
 
 def weights_sum(folder: Path) -> str:
@@ -266,7 +268,7 @@ class FunctionReward(_Loaded):
     def on(self, device) -> FunctionReward:
         return self
 
-    def score(self, prompts, responses, desc="score", refusals=False, spread=False):
+    def score(self, prompts, responses, desc="score", refusals=False, detail=False):
         from iterate import progress
 
         fn, n = self._load(), len(responses)
@@ -297,16 +299,65 @@ class FunctionReward(_Loaded):
                 out.append(float("nan") if v is None or math.isnan(v) else float(v))
             bar.update(len(batch))
         bar.close()
-        return (out, [None] * n) if spread else out
+        return (out, [None] * n, {}) if detail else out
+
+
+@dataclass
+class MixtureReward:
+    """A weighted sum of sources (``reward.kind=mixture``): each source scores every pair,
+    and the reward is ``sum(weight * reward)``; a pair any source cannot score (``None``,
+    NaN) is dropped. With ``detail`` each source's rewards come by name (the label stage
+    keeps them in columns ``reward_<name>``), and the spread is the model source's."""
+
+    parts: list[tuple[str, Any, float]]  # (name, reward, weight)
+
+    def identity(self) -> dict:
+        return {"mixture": [{"name": n, "weight": w, **r.identity()} for n, r, w in self.parts]}
+
+    @property
+    def device(self) -> str:  # where its model sources score (RewardPool places them by it)
+        return next((r.device for _, r, _ in self.parts if hasattr(r, "device")), "cpu")
+
+    def inputs(self) -> list[Path]:
+        return [p for _, r, _ in self.parts for p in r.inputs()]
+
+    def on(self, device) -> MixtureReward:
+        return MixtureReward([(n, r.on(device), w) for n, r, w in self.parts])
+
+    def score(self, prompts, responses, desc="score", refusals=False, detail=False):
+        parts, spreads = {}, [None] * len(responses)
+        for name, reward, _ in self.parts:
+            got, spread, _ = reward.score(prompts, responses, f"{desc} ({name})", refusals, True)
+            parts[name] = got
+            spreads = spread if any(x is not None for x in spread) else spreads
+        total = []
+        for k in range(len(responses)):
+            each = [(parts[n][k], w) for n, _, w in self.parts]
+            if any(v is None for v, _ in each):
+                total.append(None)  # refused by a source's template: counted and dropped
+            else:
+                total.append(sum(w * v for v, w in each))  # NaN stays NaN: dropped
+        return (total, spreads, parts) if detail else total
+
+
+def source_name(part) -> str:
+    """A mixture source's name: its own, or its function's, or "model"."""
+    if part.name:
+        return str(part.name)
+    return str(part.function).rpartition(":")[2] if str(part.kind) == "function" else "model"
 
 
 GOLD = "iterate.toy.world:gold_reward"  # the toy world's gold judge as a reward function
 
 
 def has_model(cfg: Config) -> bool:
-    """Whether the run's reward is a reward model (a path the stages score with) rather
-    than a function."""
-    return str(cfg.reward.kind) == "model"
+    """Whether the run has a reward model of its own (trained here or ``reward.path``; what
+    the refresh updates): its reward is one, or a mixture has a model source without a
+    path of its own."""
+    rc = cfg.reward
+    if str(rc.kind) == "mixture":
+        return any(str(p.kind) == "model" and not p.path for p in rc.sources)
+    return str(rc.kind) == "model"
 
 
 def trains_model(cfg: Config) -> bool:
@@ -328,7 +379,9 @@ def of(
     reads its prompts' row fields):
 
     - ``reward``: the reward model at ``path`` (trained here, refreshed, or loaded) with the
-      settings of ``cfg.reward``: what labels, ranks, rolls out and is evaluated;
+      settings of ``cfg.reward``, a function, or a mixture of them: what labels, rolls out
+      and is evaluated;
+    - ``model``: the run's reward model at ``path`` alone (what the refresh ranks with);
     - ``gold``: the reference judge of the run's prompts, or ``None`` when they have none
       (the toy world's gold judge knows only toy prompts);
     - ``judge``: the reward-model refresh's judge (``reward.refresh.judge``: the gold judge
@@ -339,14 +392,23 @@ def of(
         ModelReward, dtype=str(rc.dtype), max_length=rc.max_length,
         batch_size=rc.score_batch_size, device=dev,
     )  # fmt: skip
-    if role == "reward" and not has_model(cfg):
-        fields = tuple(cfg.prompts.fields)
-        return FunctionReward(rc.function, rc.score_batch_size, fields, str(run) if run else None)
-    if role == "reward":
-        return model(
-            path, chat_template=rc.chat_template, aggregate=str(rc.aggregate),
-            uncertainty_coef=rc.uncertainty_coef,
-        )  # fmt: skip
+    function = partial(
+        FunctionReward, batch_size=rc.score_batch_size, fields=tuple(cfg.prompts.fields),
+        run=str(run) if run else None,
+    )  # fmt: skip
+    own = partial(
+        model, chat_template=rc.chat_template, aggregate=str(rc.aggregate),
+        uncertainty_coef=rc.uncertainty_coef,
+    )  # fmt: skip
+    if role == "reward" and str(rc.kind) == "mixture":
+        return MixtureReward([
+            (source_name(p), function(p.function) if str(p.kind) == "function"
+             else own(p.path or path), p.weight) for p in rc.sources
+        ])  # fmt: skip
+    if role == "reward" and str(rc.kind) == "function":
+        return function(rc.function)
+    if role in ("reward", "model"):
+        return own(path)
     if role == "gold":
         return FunctionReward(GOLD) if str(cfg.prompts.source) == "toy" else None
     if role == "judge":
@@ -370,8 +432,8 @@ def _start_worker(reward: Reward, device: str, threads: int) -> None:
     _WORKER_REWARD = reward.on(device)
 
 
-def _score_in_worker(prompts: list, responses: list[str], desc: str, spread: bool):
-    return _WORKER_REWARD.score(prompts, responses, desc=desc, refusals=True, spread=spread)
+def _score_in_worker(prompts: list, responses: list[str], desc: str, detail: bool):
+    return _WORKER_REWARD.score(prompts, responses, desc=desc, refusals=True, detail=detail)
 
 
 class RewardPool:
@@ -414,18 +476,18 @@ class RewardPool:
         for pool in self.pools:
             pool.submit(int).result()
 
-    def score_each(self, keys, texts, done, desc: str = "score", spread: bool = False) -> None:
+    def score_each(self, keys, texts, done, desc: str = "score", detail: bool = False) -> None:
         """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
-        (``rewards`` is ``(rewards, spreads)`` with ``spread``, see ``Reward.score``).
+        (``rewards`` is ``(rewards, spreads, parts)`` with ``detail``, see ``Reward.score``).
         Each process holds one job's texts at a time."""
         self._open()
 
         def work(w: int, mine: list) -> None:
             for k in mine:
                 if not self.pools:
-                    got = self.reward.score(*texts(k), desc=desc, refusals=True, spread=spread)
+                    got = self.reward.score(*texts(k), desc=desc, refusals=True, detail=detail)
                 else:
-                    got = self.pools[w].submit(_score_in_worker, *texts(k), desc, spread).result()
+                    got = self.pools[w].submit(_score_in_worker, *texts(k), desc, detail).result()
                 done(k, got)
 
         groups = workers.deal(keys, max(1, len(self.pools)))

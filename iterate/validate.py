@@ -336,23 +336,50 @@ def _trackers(cfg: Config) -> None:
             )
 
 
+def _function(key: str, spec: str | None, cfg: Config) -> None:
+    """A reward function importable (its module loads and has the function), and every
+    prompt-row field it needs named in ``prompts.fields``."""
+    if not spec:
+        raise BadInput(f"{key} is not set: package.module:function or path/to/file.py:function")
+    fn, _ = rewards.load_function(spec)
+    _, needed, _ = rewards.takes(fn)
+    if missing := sorted(needed - set(cfg.prompts.fields)):
+        raise BadInput(
+            f"{key}={spec}: it takes {', '.join(map(repr, missing))}, not a setting but a "
+            f"field of the prompt rows: name it in prompts.fields (prompts.fields="
+            f"[{','.join(sorted(needed))}]; the prompts' source needs that column), or give "
+            "the parameter a default"
+        )
+
+
+def _mixture(cfg: Config) -> None:
+    """Each source of a mixture: a function or a model, named once."""
+    sources = cfg.reward.sources
+    _need(bool(sources), "reward.sources", [], "reward.kind=mixture needs sources: "
+          "[{kind: model, weight: 1}, {kind: function, function: ..., weight: -0.01}]")  # fmt: skip
+    names = [rewards.source_name(p) for p in sources]
+    for k, (part, name) in enumerate(zip(sources, names, strict=True)):
+        key = f"reward.sources[{k}]"
+        _need(str(part.kind) in ("model", "function"), f"{key}.kind", str(part.kind),
+              "must be model or function")  # fmt: skip
+        _need(re.fullmatch(r"\w+", name) is not None and names.count(name) == 1, f"{key}.name",
+              name, "must be a word (letters, digits, _) that no other source has: it names "
+              "the source's column, source_<name>")  # fmt: skip
+        if str(part.kind) == "function":
+            _function(f"{key}.function", part.function, cfg)
+        elif part.path:
+            _reward_folder(f"{key}.path", part.path)
+
+
 def _reward(cfg: Config) -> None:
-    """The reward model's folders, or the reward function importable (its module loads and
-    has the function: found at start-up, not after generation)."""
+    """The reward model's folders, the reward function importable, or a mixture's sources:
+    found at start-up, not after generation."""
     rc = cfg.reward
+    if str(rc.kind) == "function":
+        _function("reward.function", rc.function, cfg)
+    if str(rc.kind) == "mixture":
+        _mixture(cfg)
     if not rewards.has_model(cfg):
-        if not rc.function:
-            raise BadInput("reward.kind=function needs reward.function: package.module:function "
-                           "or path/to/file.py:function")  # fmt: skip
-        fn, _ = rewards.load_function(rc.function)
-        _, needed, _ = rewards.takes(fn)
-        if missing := sorted(needed - set(cfg.prompts.fields)):
-            raise BadInput(
-                f"reward.function={rc.function}: it takes {', '.join(map(repr, missing))}, "
-                f"not a setting but a field of the prompt rows: name it in prompts.fields "
-                f"(prompts.fields=[{','.join(sorted(needed))}]; the prompts' source needs that "
-                "column), or give the parameter a default"
-            )
         return
     if not rc.train:
         if not rc.path:

@@ -131,7 +131,9 @@ def hash_seeds(names=("q_proj", "v_proj")) -> tuple[str, str]:
 
 
 FULL = [  # every optional stage on: self-instruct prompts, an ensemble reward model trained
-    *TINY,  # here and refreshed on each iteration's samples
+    *TINY,  # here and refreshed on each iteration's samples, in a mixture with a length term
+    "reward=toy_length",
+    "reward.sources.1.weight=0.02",  # (this weight: iteration 1's refresh has pairs to learn)
     "prompts=self_instruct",
     "iteration=2",
     "reward.num_pairs=100",

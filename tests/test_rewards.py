@@ -51,8 +51,12 @@ def test_the_gold_judge_is_the_toy_worlds_reward_function_and_only_for_its_promp
     assert gold.score(prompts, responses) == [world.gold_score(p, r) for p, r in
                                              zip(prompts, responses)]  # fmt: skip
     assert gold.score(prompts, responses)[0] > gold.score(prompts, responses)[1]
-    scores, spread = gold.score(prompts, responses, spread=True)
-    assert spread == [None, None] and gold.identity()["reward_function"] == rewards.GOLD
+    scores, spread, parts = gold.score(prompts, responses, detail=True)
+    assert (
+        spread == [None, None]
+        and parts == {}
+        and gold.identity()["reward_function"] == rewards.GOLD
+    )
     assert gold.inputs() == [] and gold.on("cuda") is gold
     assert rewards.of(compose_cfg(["prompts=file", "prompts.path=x.jsonl"]), "gold") is None
     with pytest.raises(ValueError, match="prompts for"):  # never a silent truncation
@@ -170,7 +174,7 @@ def test_a_reward_function_is_checked_at_start_up(tmp_path):
 
     with pytest.raises(BadInput, match="no module named 'nowhere'"):
         validate.check(compose_cfg(["reward=gold", "reward.function=nowhere.mod:score"]))
-    with pytest.raises(BadInput, match="needs reward.function"):
+    with pytest.raises(BadInput, match="reward.function is not set"):
         validate.check(compose_cfg(["reward=gold", "reward.function=null"]))
     validate.check(compose_cfg(["reward=gold"]))  # the tuning's refresh does not apply
     cfg = compose_cfg(["reward=gold"])
@@ -246,3 +250,100 @@ def test_a_reward_function_that_takes_a_row_field_needs_it_named(tmp_path):
         {"answer"},
         False,
     )
+
+
+def _fn_file(tmp_path, name: str, body: str) -> str:
+    f = tmp_path / f"{name}.py"
+    f.write_text(f"def {name}(prompts, responses):\n    {body}\n")
+    return f"{f}:{name}"
+
+
+def test_a_mixture_is_the_weighted_sum_of_its_sources_each_kept(tmp_path):
+    """Hand-computed: a mixture's reward is sum(weight * source); a row one source cannot
+    score (None, NaN) is dropped, counted under that source's name; each source's rewards
+    are kept in a column of its own beside the sum."""
+    from iterate.stages.label import label_table, source_stats
+
+    a = rewards.FunctionReward(_fn_file(tmp_path, "a", "return [1.0, 2.0, None, 4.0]"))
+    b = rewards.FunctionReward(_fn_file(tmp_path, "b", "return [10.0, 20.0, 30.0, float('nan')]"))
+    mix = rewards.MixtureReward([("a", a, 2.0), ("b", b, -0.5)])
+    prompts, responses = ["p"] * 4, ["r1", "r2", "r3", "r4"]
+    total, spread, parts = mix.score(prompts, responses, detail=True)
+    assert total[:2] == [2 * 1 - 0.5 * 10, 2 * 2 - 0.5 * 20]
+    assert (
+        math.isnan(total[2])
+        and math.isnan(total[3])
+        and parts["a"][:2] == [1.0, 2.0]
+        and parts["b"][2] == 30.0
+    )
+    assert mix.score(prompts, responses)[:2] == total[:2] and spread == [None] * 4
+    ident = mix.identity()["mixture"]
+    assert [(p["name"], p["weight"], p["reward_function"]) for p in ident] == [
+        ("a", 2.0, a.spec),
+        ("b", -0.5, b.spec),
+    ]
+    import pyarrow as pa
+
+    gen = pa.table({"prompt_id": ["x"] * 4, "sample_idx": [0, 1, 2, 3]})
+    table, dropped = label_table(gen, total, [0.1, 0.2, 0.3, 0.4], spread, parts)
+    assert table["reward"].to_pylist() == total[:2]
+    assert table["source_a"].to_pylist() == [1.0, 2.0] and table["source_b"].to_pylist() == [10, 20]
+    assert dropped == {"non_finite_reward_a": 1, "non_finite_reward_b": 1}
+    stats = source_stats(table, {"a": 2.0, "b": -0.5})
+    assert stats["a"] == {"weight": 2.0, "mean": 1.5, "std": 0.5, "gold_agreement": 1.0}
+    assert stats["b"]["mean"] == 15.0 and stats["reward"]["gold_agreement"] == 0.0  # -3 < -6
+
+
+def test_a_mixture_is_composed_from_config_and_checked_at_start_up(tmp_path):
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    cfg = compose_cfg(["reward=toy_length"])
+    assert rewards.has_model(cfg) and rewards.trains_model(cfg) and rewards.refreshes(cfg)
+    mix = rewards.of(cfg, path=str(tmp_path))
+    assert [(n, type(r).__name__, w) for n, r, w in mix.parts] == [
+        ("model", "ModelReward", 1.0),
+        ("words", "FunctionReward", -0.02),
+    ]
+    assert rewards.of(cfg, "model", path="rm").path == "rm", "the refresh ranks by the model"
+    validate.check(cfg)
+    fn = _fn_file(tmp_path, "f", "return [0.0] * len(responses)")
+    only = ["reward.kind=mixture", "reward.train=false"]
+    assert not rewards.has_model(compose_cfg([*only, f"reward.sources=[{{function: '{fn}'}}]"]))
+    bad = [
+        ("reward.sources=[]", "reward.kind=mixture needs sources"),
+        (f"reward.sources=[{{function: '{fn}'}}, {{function: '{fn}'}}]", "that no other source"),
+        (f"reward.sources=[{{function: '{fn}', name: 'a b'}}]", "must be a word"),
+        ("reward.sources=[{function: 'nowhere.py:f'}]", "no such file"),
+        ("reward.sources=[{kind: mixture}]", "must be model or function"),
+    ]
+    for override, said in bad:
+        with pytest.raises(BadInput, match=said):
+            validate.check(compose_cfg([*only, override]))
+    cfg = compose_cfg([*only, f"reward.sources=[{{function: '{fn}'}}]"])
+    cfg.reward.sources[0].weight = float("inf")  # (Hydra refuses inf in a list's dict itself)
+    with pytest.raises(BadInput, match=r"reward.sources\[0\].weight=inf: must be finite"):
+        validate.check(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
+    """The full run's reward is the toy reward model (an ensemble, refreshed) plus 0.02 a
+    word: its label shards keep both sources beside their sum, the stage and the metrics
+    report each source, and the inspector prints them."""
+    from iterate.report import show
+    from iterate.shards import read_shards
+
+    for i in (0, 1):
+        labels = read_shards(full_run / f"iter_{i:03d}" / "label").to_pylist()
+        assert labels and all(
+            r["reward"] == pytest.approx(r["source_model"] + 0.02 * r["source_words"])
+            for r in labels
+        )
+        done = json.loads((full_run / f"iter_{i:03d}" / "label" / "_DONE.json").read_text())
+        assert done["sources"]["words"]["weight"] == 0.02
+        assert 0 <= done["sources"]["model"]["gold_agreement"] <= 1
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(r["source_means"]) == {"model", "words"} for r in rows)
+    assert all(0 <= r["reward_gold_agreement"] <= 1 for r in rows)
+    assert "words x 0.02: mean" in show.status(full_run)

@@ -160,10 +160,10 @@ def by_answer(prompts, responses, answer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy"), ("remax", "answer")])
+@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy_length"), ("remax", "answer")])
 def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_path):
-    """PPO against the reward model; ReMax against a reward function that reads each prompt
-    row's reference answer (prompts.fields)."""
+    """PPO against a mixture (the reward model and a length penalty); ReMax against a
+    reward function that reads each prompt row's reference answer (prompts.fields)."""
     (tmp_path / "by_answer.py").write_text(BY_ANSWER)
     fn = f"{tmp_path / 'by_answer.py'}:by_answer"
     answer = ["reward.kind=function", "reward.train=false", f"reward.function={fn}",
@@ -201,6 +201,9 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
     best = runinfo.extremes(runinfo.scored(run, 1), 1)
     assert [r["rank"] for r in best] == ["best 1", "worst 1"] and "gold" in best[0]
     assert "generate" not in show.status(run) and "held-out" in show.samples(run, 1, 1, False)
+    if reward == "toy_length":  # the rollouts were scored by both sources
+        said = upd["config"]["rollout"]["reward"]["mixture"]
+        assert [(p["name"], p["weight"]) for p in said] == [("model", 1.0), ("words", -0.02)]
     if reward == "answer":  # the rollouts were scored by the function: no reward model at all
         assert not (run / "reward_model").exists()
         said = upd["config"]["rollout"]["reward"]

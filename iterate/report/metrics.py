@@ -65,7 +65,7 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "proxy_win_rate": ev.get("proxy_win_rate"),
         "proxy_gold_gap": ev.get("proxy_gold_gap"),
         "heldout_reward_std": ev.get("heldout_reward_std"),  # an ensemble's disagreement
-        **_refresh(done.get("reward"), done.get("label")),
+        **_reward_side(done.get("reward"), done.get("label")),
         "kl_to_reference": ho["kl"]["k1"],
         "kl_k3": ho["kl"]["k3"],
         "response_tokens_mean": ev.get("response_tokens_mean"),
@@ -75,10 +75,16 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
     }
 
 
-def _refresh(reward: dict | None, label: dict | None) -> dict:
-    """The reward model's side of a row: its disagreement on the training samples and, when
-    refreshed, how often it agreed with the judge on the new pairs before the refresh."""
+def _reward_side(reward: dict | None, label: dict | None) -> dict:
+    """The reward's side of a row: how often it ordered the training samples as the gold
+    judge does, a mixture's sources' means, an ensemble's disagreement and, when refreshed,
+    how often the reward model agreed with the judge on the new pairs before the refresh."""
     out = {}
+    sources = (label or {}).get("sources") or {}
+    if sources.get("reward", {}).get("gold_agreement") is not None:
+        out["reward_gold_agreement"] = sources["reward"]["gold_agreement"]
+    if parts := {n: s["mean"] for n, s in sources.items() if n != "reward"}:
+        out["source_means"] = parts
     if label and label.get("reward_std_mean") is not None:
         out["reward_std_mean"] = label["reward_std_mean"]
     if reward:

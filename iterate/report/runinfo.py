@@ -34,6 +34,7 @@ class StageState:
     counts: dict[str, int] = field(default_factory=dict)  # what a finished stage made
     dropped: dict = field(default_factory=dict)
     seconds: float | None = None
+    sources: dict = field(default_factory=dict)  # label: the reward's and its sources' stats
 
     def describe(self) -> str:
         if self.state == "partial" and self.progress:
@@ -48,7 +49,10 @@ def stage_state(folder: Path, name: str, planned: int | None = None) -> StageSta
     if (done := read_json(folder / DONE)) is not None:
         counts = {unit: done[k] for k, unit in COUNTS if done.get(k) is not None}
         dropped = done.get("dropped") or {}
-        return StageState(name, "done", counts=counts, dropped=dropped, seconds=done.get("seconds"))
+        seconds, sources = done.get("seconds"), done.get("sources") or {}
+        return StageState(
+            name, "done", counts=counts, dropped=dropped, seconds=seconds, sources=sources
+        )
     if not folder.exists():
         return StageState(name, "missing")
     plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}

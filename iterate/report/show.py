@@ -30,7 +30,13 @@ def _stage_line(s: runinfo.StageState) -> str:
         parts.append("dropped " + ", ".join(f"{k}={v}" for k, v in s.dropped.items()))
     if s.seconds is not None:
         parts.append(f"{s.seconds:.0f}s")
-    return "  ".join(parts).rstrip()
+    line = "  ".join(parts).rstrip()
+    for name, st in s.sources.items():  # the reward and a mixture's sources, one line each
+        weight = f" x {st['weight']:g}" if "weight" in st else ""
+        agree = st.get("gold_agreement")
+        agree = f", agrees with gold on {agree:.1%} of pairs" if agree is not None else ""
+        line += f"\n{'':21}{name}{weight}: mean {st['mean']:+.4f}, std {st['std']:.4f}{agree}"
+    return line
 
 
 def _stopped(stopped: dict) -> str:

@@ -114,7 +114,7 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
 
     got: dict[tuple, tuple[list, list]] = {}
     with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
-        pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", spread=True)
+        pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", detail=True)
     by_table = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
     per_row = [x for j in jobs if j[0] == "new" for x in got[j][1]]
     spread = [x for x in per_row if x is not None]

@@ -1,5 +1,6 @@
 """The label stage: every generated response scored by the run's reward (``rewards.of``:
-the reward model), and by its gold judge when it has one (the toy world's).
+a reward model, a function or a mixture, whose sources' rewards get columns of their own),
+and by its gold judge when it has one (the toy world's).
 
 A reward model scores through the one scorer (``scoring.Scorer``): each response
 re-rendered in the reward model's own chat template, length-sorted batches of
@@ -37,26 +38,74 @@ log = logging.getLogger(__name__)
 
 
 def label_table(
-    gen: pa.Table, rewards: list[float], gold: list | None = None, spread: list | None = None
-) -> tuple[pa.Table, Counter]:
+    gen: pa.Table, rewards: list[float], gold: list | None = None, spread: list | None = None,
+    parts: dict[str, list] | None = None,
+) -> tuple[pa.Table, Counter]:  # fmt: skip
     """The label rows of generate shard ``gen`` given its rewards (and the gold judge's
-    scores, an ensemble's disagreement); non-finite rewards dropped."""
-    keep = [i for i, r in enumerate(rewards) if r is not None and math.isfinite(r)]
-    refused = sum(r is None for r in rewards)
-    dropped = +Counter(  # only the reasons that occurred
-        {"template_refused": refused, "non_finite_reward": len(rewards) - len(keep) - refused}
-    )
-    table = pa.table(
-        {
-            "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],
-            "sample_idx": [gen["sample_idx"][i].as_py() for i in keep],
-            "reward": [rewards[i] for i in keep],
-            "gold": [gold[i] if gold else None for i in keep],
-            "reward_std": [spread[i] if spread else None for i in keep],
-        },
-        schema=SCHEMAS["label"],
-    )
-    return table, dropped
+    scores, an ensemble's disagreement, a mixture's sources' rewards in columns
+    ``source_<name>``); rows without a finite reward dropped, counted by reason (for a
+    mixture, naming the first source that gave none)."""
+    parts, keep, dropped = parts or {}, [], Counter()
+    for i, r in enumerate(rewards):
+        if r is None:
+            dropped["template_refused"] += 1
+        elif not math.isfinite(r):
+            bad = [n for n, v in parts.items() if v[i] is None or not math.isfinite(v[i])]
+            dropped["non_finite_reward" + (f"_{bad[0]}" if bad else "")] += 1
+        else:
+            keep.append(i)
+    columns = {
+        "prompt_id": [gen["prompt_id"][i].as_py() for i in keep],
+        "sample_idx": [gen["sample_idx"][i].as_py() for i in keep],
+        "reward": [rewards[i] for i in keep],
+        "gold": [gold[i] if gold else None for i in keep],
+        "reward_std": [spread[i] if spread else None for i in keep],
+    }
+    schema = SCHEMAS["label"]
+    for name, values in parts.items():
+        columns[f"{SOURCE}{name}"] = [values[i] for i in keep]
+        schema = schema.append(pa.field(f"{SOURCE}{name}", pa.float64()))
+    return pa.table(columns, schema=schema), dropped
+
+
+SOURCE = "source_"  # a mixture source's column in the label shards: source_<name>
+
+
+def gold_agreement(labels: pa.Table, column: str) -> float | None:
+    """How often ``column`` orders two samples of a prompt as the gold judge does, over the
+    pairs the gold judge tells apart (None without gold scores)."""
+    by_prompt: dict[str, list] = {}
+    for pid, v, g in zip(labels["prompt_id"].to_pylist(), labels[column].to_pylist(),
+                         labels["gold"].to_pylist()):  # fmt: skip
+        if g is not None and v is not None:
+            by_prompt.setdefault(pid, []).append((v, g))
+    agree = total = 0
+    for rows in by_prompt.values():
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                (va, ga), (vb, gb) = rows[a], rows[b]
+                if ga != gb:
+                    total += 1
+                    agree += (va - vb) * (ga - gb) > 0
+    return round(agree / total, 4) if total else None
+
+
+def source_stats(labels: pa.Table, weights: dict[str, float]) -> dict[str, dict]:
+    """Per source of a mixture (and for the reward itself, ``reward``): weight, mean and
+    std of its rewards on the kept rows, and its agreement with the gold judge."""
+    out = {}
+    for name, w in {"reward": None, **weights}.items():
+        column = "reward" if w is None else f"{SOURCE}{name}"
+        values = [v for v in labels[column].to_pylist() if v is not None]
+        n = max(1, len(values))
+        mean = sum(values) / n
+        out[name] = {
+            **({"weight": w} if w is not None else {}),
+            "mean": round(mean, 4),
+            "std": round((sum((v - mean) ** 2 for v in values) / n) ** 0.5, 4),
+            "gold_agreement": gold_agreement(labels, column),
+        }
+    return out
 
 
 def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
@@ -79,20 +128,22 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         def write(k: int, scored: tuple[list, list]) -> None:
             gen = gens.pop(k)
             judged = gold.score(*texts_of(gen)) if gold else None
-            table, d = label_table(gen, scored[0], judged, scored[1])
+            got, spread, parts = scored
+            table, d = label_table(gen, got, judged, spread, parts)
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
 
         with rewards.RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
             keys = [shard_index(p) for p in todo]
-            pool.score_each(keys, texts, write, desc="label", spread=True)
+            pool.score_each(keys, texts, write, desc="label", detail=True)
     dropped = json_counts(stage.path)
     labels = read_shards(stage.path, SCHEMAS["label"])
     scores = labels["reward"].to_pylist()
     golds = [g for g in labels["gold"].to_pylist() if g is not None]
     stds = labels["reward_std"].to_pylist() if "reward_std" in labels.column_names else []
     spread = [s for s in stds if s is not None]
+    weights = {n: w for n, _, w in getattr(reward, "parts", [])}
     return stage.finish(
         reward_model=rm_path,
         rows_in=sum(pq.read_metadata(p).num_rows for p in shard_paths(gen_dir)),
@@ -101,6 +152,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         reward_mean=round(sum(scores) / max(1, len(scores)), 4),
         gold_mean=round(sum(golds) / len(golds), 4) if golds else None,
         reward_std_mean=round(sum(spread) / len(spread), 4) if spread else None,
+        sources=source_stats(labels, weights) if labels.num_rows else {},
     )
 
 

@@ -56,7 +56,7 @@ JUDGED = pa.schema(
 
 def ranker(cfg: Config, rm_path: str) -> rewards.Reward:
     """The reward model being refreshed, as it ranks the samples before the refresh."""
-    return rewards.of(cfg, path=rm_path, device=models.device(str(cfg.device)))
+    return rewards.of(cfg, "model", path=rm_path, device=models.device(str(cfg.device)))
 
 
 def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[dict], Counter]:
