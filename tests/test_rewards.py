@@ -347,3 +347,5 @@ def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
     assert all(set(r["source_means"]) == {"model", "words"} for r in rows)
     assert all(0 <= r["reward_gold_agreement"] <= 1 for r in rows)
     assert "words x 0.02: mean" in show.status(full_run)
+    card = (full_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
+    assert "the sum of 1 x model, mean" in card and "0.02 x words (`iterate.reward_fun" in card

@@ -83,6 +83,29 @@ def which_policy(path: str, paths: Paths) -> str:
     return "the initial policy" + (f" (`{hub}`)" if hub and path == paths.base_policy else "")
 
 
+def _reward_line(cfg: Config, row: dict) -> str:
+    """What the reward was: a model, a function, or a mixture's sources with their weights
+    and this iteration's means; and how often it ordered samples as the gold judge does."""
+    rc = cfg.reward
+    if str(rc.kind) == "mixture":
+        means = row.get("source_means") or {}
+        parts = [
+            f"{p.weight:g} x {rewards.source_name(p)}"
+            + (f" (`{p.function}`)" if str(p.kind) == "function" else "")
+            + (f", mean {means[rewards.source_name(p)]:+.4f}" if rewards.source_name(p) in means
+               else "")
+            for p in rc.sources
+        ]  # fmt: skip
+        line = f"- **Reward:** {rc.name}, the sum of " + "; ".join(parts)
+    elif rewards.has_model(cfg):
+        line = f"- **Reward model:** {rc.name}"
+    else:
+        line = f"- **Reward:** {rc.name}, the function `{rc.function}`"
+    if (agree := row.get("reward_gold_agreement")) is not None:
+        line += f" (orders {agree:.1%} of sample pairs as the gold judge does)"
+    return line
+
+
 def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder: str) -> str:
     """The card's body: what this is, how it was made (the settings the rule read), how to
     load it, and the held-out evaluation of every iteration up to it."""
@@ -109,11 +132,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         "",
         f"- **Base model:** {cfg.model.name}"
         + (f" (`{hub_id(paths.base_policy)}`)" if hub_id(paths.base_policy) else ""),
-        (
-            f"- **Reward model:** {cfg.reward.name}"
-            if rewards.has_model(cfg)
-            else f"- **Reward:** {cfg.reward.name}, the function `{cfg.reward.function}`"
-        )
+        _reward_line(cfg, rows[-1])
         + (
             f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
             if rewards.refreshes(cfg) and not rule(uc.name).on_policy
