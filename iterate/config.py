@@ -39,6 +39,8 @@ class RewardKind(StrEnum):
     model = "model"  # a Bradley-Terry reward model (or an ensemble): trained here or loaded
     function = "function"  # a Python function of (prompts, responses): reward.function
     mixture = "mixture"  # a weighted sum of sources: reward.sources
+    # a pairwise preference model (a causal LM answering "A" or "B"), trained here or loaded
+    pairwise = "pairwise"
 
 
 class Judge(StrEnum):
@@ -218,6 +220,9 @@ class RewardConfig:
     function: str | None = None
     # kind=mixture: the reward is the weighted sum of these sources' rewards
     sources: list[RewardSourceConfig] = field(default_factory=list)
+    # kind=pairwise: what the model is shown, with {context}, {a} and {b} (a file or the
+    # text; null: iterate/templates/pairwise.txt)
+    pairwise_template: str | None = None
     path: str | None = None  # a trained reward model to load when ``train: false``
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from

@@ -133,6 +133,43 @@ class ModelReward(_Loaded):
         return (*got, {}) if detail else got
 
 
+@dataclass
+class PairwiseReward(ModelReward):
+    """A pairwise preference model (``iterate.pairwise``): ``prefer(prompts, a, b)`` is
+    P(a ≻ b), and as a reward each response gets its expected share of wins against the
+    other responses to the same prompt in the call (a tournament: best-of-n pairs are
+    picked by win counts). ``template``: what the model is shown (None: the shipped
+    one)."""
+
+    template: str | None = None
+
+    def identity(self) -> dict:
+        from iterate import pairwise
+
+        text = pairwise.template(self.template)
+        return super().identity() | {"pairwise_template": text}
+
+    def scorer(self):
+        if self._scorer is None:
+            import torch
+
+            from iterate.pairwise import PairwiseScorer
+
+            self._scorer = PairwiseScorer.load(
+                self.path, self.dtype, self.max_length, self.batch_size,
+                torch.device(self.device), self.template, self.chat_template,
+            )  # fmt: skip
+        return self._scorer
+
+    def score(self, prompts, responses, desc="score", refusals=False, detail=False):
+        got = self.scorer().score(prompts, responses, desc)
+        return (got, [None] * len(got), {}) if detail else got
+
+    def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
+        """P(a ≻ b) per row, both orders averaged."""
+        return self.scorer().prefer(prompts, a, b, desc)
+
+
 def weights_sum(folder: Path) -> str:
     """A checksum of every file in a model folder (an ensemble's members included; large
     weight files by their size and ends, ``stage.file_sum``): a reward model whose weights
@@ -357,7 +394,7 @@ def has_model(cfg: Config) -> bool:
     rc = cfg.reward
     if str(rc.kind) == "mixture":
         return any(str(p.kind) == "model" and not p.path for p in rc.sources)
-    return str(rc.kind) == "model"
+    return str(rc.kind) in ("model", "pairwise")
 
 
 def trains_model(cfg: Config) -> bool:
@@ -367,9 +404,9 @@ def trains_model(cfg: Config) -> bool:
 
 def refreshes(cfg: Config) -> bool:
     """Whether each iteration refreshes the reward model (``iter_i/reward/``): a reward
-    function has none to refresh, so ``reward.refresh`` (a tuning's default, say) does not
-    apply to it."""
-    return has_model(cfg) and cfg.reward.refresh.pairs > 0
+    function has none to refresh, and the refresh fits Bradley–Terry models, not pairwise
+    ones, so ``reward.refresh`` (a tuning's default, say) does not apply to them."""
+    return has_model(cfg) and str(cfg.reward.kind) != "pairwise" and cfg.reward.refresh.pairs > 0
 
 
 def of(
@@ -388,10 +425,11 @@ def of(
       or a judge model at ``judge_path``; a judge file is labels, not a reward: ``None``).
     """
     rc, dev = cfg.reward, str(device or "cpu")
-    model = partial(
-        ModelReward, dtype=str(rc.dtype), max_length=rc.max_length,
-        batch_size=rc.score_batch_size, device=dev,
-    )  # fmt: skip
+
+    def model(path, cls=ModelReward, **kw) -> ModelReward:
+        return cls(path, dtype=str(rc.dtype), max_length=rc.max_length,
+                   batch_size=rc.score_batch_size, device=dev, **kw)  # fmt: skip
+
     function = partial(
         FunctionReward, batch_size=rc.score_batch_size, fields=tuple(cfg.prompts.fields),
         run=str(run) if run else None,
@@ -407,6 +445,9 @@ def of(
         ])  # fmt: skip
     if role == "reward" and str(rc.kind) == "function":
         return function(rc.function)
+    if role in ("reward", "model") and str(rc.kind) == "pairwise":
+        return model(path, chat_template=rc.chat_template, cls=PairwiseReward,
+                     template=rc.pairwise_template)  # fmt: skip
     if role in ("reward", "model"):
         return own(path)
     if role == "gold":

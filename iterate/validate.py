@@ -371,6 +371,32 @@ def _mixture(cfg: Config) -> None:
             _reward_folder(f"{key}.path", part.path)
 
 
+def _pairwise(cfg: Config) -> None:
+    """A pairwise model compares the responses to a prompt: for the pair rules' best-of-n
+    samples, one model (not an ensemble), a template it can be shown."""
+    from iterate import pairwise
+
+    rc = cfg.reward
+    if rule(cfg.update.name).on_policy:
+        raise BadInput(
+            f"reward.kind=pairwise: a pairwise model compares responses to a prompt, and "
+            f"update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, raft) "
+            "or a pointwise reward"
+        )
+    _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
+          "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
+    pairwise.template(rc.pairwise_template)  # names what the template lacks
+    if rc.path and not rc.train:
+        try:
+            config = read_json(Path(rc.path) / "config.json") or {}
+        except BadInput:
+            return
+        arch = config.get("architectures") or []
+        _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
+              f"a {arch[0] if arch else '?'} checkpoint: a pairwise model is a causal LM that "
+              "answers A or B")  # fmt: skip
+
+
 def _reward(cfg: Config) -> None:
     """The reward model's folders, the reward function importable, or a mixture's sources:
     found at start-up, not after generation."""
@@ -379,12 +405,17 @@ def _reward(cfg: Config) -> None:
         _function("reward.function", rc.function, cfg)
     if str(rc.kind) == "mixture":
         _mixture(cfg)
+    if str(rc.kind) == "pairwise":
+        _pairwise(cfg)
     if not rewards.has_model(cfg):
         return
     if not rc.train:
         if not rc.path:
             raise BadInput("reward.path is not set but reward.train is false: set one or the other")
-        _reward_folder("reward.path", rc.path)
+        if str(rc.kind) == "pairwise":
+            _model_folder("reward.path", rc.path, "pairwise model")
+        else:
+            _reward_folder("reward.path", rc.path)
     base = (rc.base or cfg.model.path) if rc.train else rc.path
     _positions("reward.max_length", rc.max_length, base, cfg)
     if rc.base:

@@ -1,5 +1,6 @@
-"""Reward-model training (Bradley–Terry), the stage before iteration 0, and the fitting
-the reward refresh (``iterate.stages.reward``) reuses. Scoring is ``iterate.scoring``.
+"""Reward-model training (Bradley–Terry, or a pairwise preference model), the stage before
+iteration 0, and the fitting the reward refresh (``iterate.stages.reward``) reuses.
+Scoring is ``iterate.scoring`` (a pairwise model's, ``iterate.pairwise``).
 
 Training pairs come from the toy world (two responses of different styles to one prompt,
 labelled by the gold judge, with label noise) or from preference files
@@ -20,14 +21,15 @@ import math
 import random
 import shutil
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from iterate import cachekey, faults, losses, preferences, progress
+from iterate import cachekey, faults, losses, pairwise, preferences, progress
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
-from iterate.models import load_tokenizer, with_lora
+from iterate.models import load_policy, load_tokenizer, with_lora
 from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
@@ -88,12 +90,27 @@ def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict
     return train, [p for p, h in zip(pairs, held) if h], info
 
 
-def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True):
+def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True, pair=None):
     """A reward model to train: ``start`` (a causal LM given a fresh scalar head, or with
-    ``new_head=False`` a reward model to go on training) with a fresh LoRA adapter."""
+    ``new_head=False`` a reward model to go on training) with a fresh LoRA adapter; with
+    ``pair`` (a comparison template), ``start`` as the causal LM of a pairwise model."""
     torch.manual_seed(seed)
+    if pair is not None:
+        model = load_policy(start, str(rc.dtype))
+        return with_lora(model.train(), rc.lora), load_tokenizer(start, rc.chat_template)
     model, tokenizer = load_model(start, rc.dtype, new_head=new_head, template=rc.chat_template)
     return with_lora(model, rc.lora, "SEQ_CLS"), tokenizer
+
+
+def pairwise_accuracy(scorer: pairwise.PairwiseScorer, pairs: list[Pair]) -> dict:
+    """A pairwise model on pairs: the share it prefers the chosen response (both orders
+    averaged), the mean cross-entropy of that preference, and the preferences."""
+    scorer.model.eval()
+    p = scorer.prefer([x.messages for x in pairs], [x.chosen for x in pairs],
+                      [x.rejected for x in pairs], "pairwise eval")  # fmt: skip
+    loss = [-math.log(max(v, 1e-12)) for v in p]
+    return {"accuracy": sum(v > 0.5 for v in p) / len(p), "loss": sum(loss) / len(p),
+            "mean": 0.0, "rewards": p}  # fmt: skip
 
 
 def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
@@ -118,19 +135,25 @@ def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
 
 
 def encode_pairs(
-    tokenizer, pairs: list[Pair], max_length: int
+    tokenizer, pairs: list[Pair], max_length: int, pair: str | None = None
 ) -> tuple[list, list[Pair], Counter, list[str]]:
-    """Token ids of each pair's two conversations; a pair whose conversation the chat
-    template refuses (roles that do not alternate, a system turn it has no place for) is
-    dropped and counted, and the first one reported with its file and row."""
+    """Token ids of each pair's two conversations (with ``pair``, a comparison template:
+    the pairwise model's two comparisons, the chosen response first and second); a pair
+    whose conversation the chat template refuses (roles that do not alternate, a system
+    turn it has no place for) is dropped and counted, and the first one reported with its
+    file and row."""
     from jinja2.exceptions import TemplateError
 
     enc, kept, dropped, examples = [], [], Counter(), []
     for p in pairs:
         try:
-            enc.append(
-                tuple(encode(tokenizer, p.messages, r, max_length) for r in (p.chosen, p.rejected))
-            )
+            if pair is not None:
+                c, r = p.chosen, p.rejected
+                enc.append(tuple(pairwise.encode(tokenizer, pair, p.messages, x, y, max_length)
+                                 for x, y in ((c, r), (r, c))))  # fmt: skip
+            else:
+                enc.append(tuple(encode(tokenizer, p.messages, r, max_length)
+                                 for r in (p.chosen, p.rejected)))  # fmt: skip
             kept.append(p)
         except TemplateError as e:
             dropped["template_refused"] += 1
@@ -147,12 +170,21 @@ def warmup_cosine(s: int, steps: int) -> float:
     return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
+def bradley_terry(model, batch: list, pad_id: int):
+    """Per pair ``-logsigmoid(r_chosen - r_rejected)`` and whether r_chosen > r_rejected;
+    ``batch``: (chosen ids, rejected ids)."""
+    n = len(batch)
+    r = forward_rewards(model, [c for c, _ in batch] + [j for _, j in batch], pad_id)
+    return losses.bradley_terry(r[:n], r[n:]), (r[:n] > r[n:]).float()
+
+
 def fit(model, pad_id: int, enc: list, rc: RewardConfig, epochs: int, lr: float, seed: int,
-        desc: str = "reward model") -> list[dict]:  # fmt: skip
-    """The Bradley–Terry training loop (``-logsigmoid(r_chosen - r_rejected)``) over encoded
-    pairs ``enc`` [(chosen ids, rejected ids)]: AdamW, linear warm-up then cosine decay
-    (``warmup_cosine``), ``rc.batch_size`` pairs per forward pass, ``rc.grad_accum`` passes
-    per step. Returns the per-step log rows.
+        desc: str = "reward model", objective=bradley_terry) -> list[dict]:  # fmt: skip
+    """The reward model's training loop over encoded pairs ``enc``: the Bradley–Terry loss
+    (``-logsigmoid(r_chosen - r_rejected)``; or ``objective(model, batch, pad_id)`` -> (per
+    pair, correct per pair): a pairwise model's ``pairwise.pair_loss``), AdamW, linear
+    warm-up then cosine decay (``warmup_cosine``), ``rc.batch_size`` pairs per forward
+    pass, ``rc.grad_accum`` passes per step. Returns the per-step log rows.
 
     Why not the update's loop (``stages.update.training.train``): that loop is a stage's
     (its ``_PLAN.json`` and resume points, the trackers, distributed ranks, a constant
@@ -177,12 +209,10 @@ def fit(model, pad_id: int, enc: list, rc: RewardConfig, epochs: int, lr: float,
             loss_sum, correct = 0.0, 0.0
             for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
                 batch = [enc[i] for i in idx[m : m + rc.batch_size]]
-                seqs = [c for c, _ in batch] + [j for _, j in batch]
-                r = forward_rewards(model, seqs, pad_id)
-                per_pair = losses.bradley_terry(r[: len(batch)], r[len(batch) :])
+                per_pair, right = objective(model, batch, pad_id)
                 (per_pair.sum() / len(idx)).backward()
                 loss_sum += per_pair.sum().item()
-                correct += (r[: len(batch)] > r[len(batch) :]).float().sum().item()
+                correct += right.sum().item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -205,14 +235,21 @@ def bootstrap(n: int, seed: int) -> list[int]:
 
 def _fit_member(
     rc: RewardConfig, start: str, folder: Path, enc: list, heldout: list[Pair], seed: int,
-    epochs: int, lr: float, new_head: bool, name: str,
+    epochs: int, lr: float, new_head: bool, name: str, pair: str | None = None,
 ) -> dict:  # fmt: skip
-    """Train one reward model from ``start`` on ``enc``, measure it on ``heldout``, save it
-    (merged) as ``folder`` with its report in ``member.json``, written before the rename
-    into place: a folder with it is complete. Returns the report."""
-    model, tok = _new_model(rc, start, seed, new_head)
-    rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name)
-    held = accuracy(Scorer(model, tok, rc.max_length, rc.score_batch_size), heldout)
+    """Train one reward model (with ``pair``, a pairwise model) from ``start`` on ``enc``,
+    measure it on ``heldout``, save it (merged) as ``folder`` with its report in
+    ``member.json``, written before the rename into place: a folder with it is complete.
+    Returns the report."""
+    model, tok = _new_model(rc, start, seed, new_head, pair)
+    if pair is not None:
+        scorer = pairwise.PairwiseScorer(model, tok, rc.max_length, rc.score_batch_size, pair)
+        objective = partial(pairwise.pair_loss, answers=scorer.answers)
+        rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name, objective)
+        held = pairwise_accuracy(scorer, heldout)
+    else:
+        rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name)
+        held = accuracy(Scorer(model, tok, rc.max_length, rc.score_batch_size), heldout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rc.lora.enabled:
         model = model.merge_and_unload()
@@ -236,7 +273,7 @@ def _fit_member(
 def fit_members(
     rc: RewardConfig, starts: list[str], out: Path, pairs: list[Pair], heldout: list[Pair],
     seed: int, epochs: int, lr: float, new_head: bool,
-    stage: tuple[int, str] = (-1, "reward_model"),
+    stage: tuple[int, str] = (-1, "reward_model"), pair: str | None = None,
 ) -> dict:  # fmt: skip
     """Train one reward model per start into ``out``: member j from ``starts[j]``, on a
     bootstrap sample of ``pairs`` (all of them for one model), with its own seed. One model
@@ -246,8 +283,8 @@ def fit_members(
     pairs, and the loss curve."""
     k = len(starts)
     tokenizer = load_tokenizer(starts[0], rc.chat_template)
-    enc, pairs, refused, examples = encode_pairs(tokenizer, pairs, rc.max_length)
-    _, heldout, refused_held, more = encode_pairs(tokenizer, heldout, rc.max_length)
+    enc, pairs, refused, examples = encode_pairs(tokenizer, pairs, rc.max_length, pair)
+    _, heldout, refused_held, more = encode_pairs(tokenizer, heldout, rc.max_length, pair)
     for msg in (examples + more)[:1]:
         log.warning("dropped: %s", msg)
     if not enc or not heldout:
@@ -261,7 +298,9 @@ def fit_members(
         data = enc if k == 1 else [enc[i] for i in bootstrap(len(enc), seed * 1000 + j)]
         name = "reward model" if k == 1 else f"reward model {j + 1}/{k}"
         reports.append(
-            _fit_member(rc, starts[j], folder, data, heldout, seed + j, epochs, lr, new_head, name)
+            _fit_member(
+                rc, starts[j], folder, data, heldout, seed + j, epochs, lr, new_head, name, pair
+            )
         )
         faults.point(*stage, j + 1)  # (iteration, stage name): -1 before iteration 0
     held = reports[0]["heldout_accuracy"]
@@ -294,6 +333,9 @@ def train(cfg: Config, paths: Paths) -> dict:
     rc = cfg.reward
     base = rc.base or paths.base_policy
     conf = {"reward": counted(cfg, "reward"), "seed": cfg.seed, "base": base}
+    pair = pairwise.template(rc.pairwise_template) if str(rc.kind) == "pairwise" else None
+    if pair is not None:  # a pairwise model: what it is shown (none for a Bradley-Terry one)
+        conf["pairwise_template"] = pair
     stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):
         log.info("reward model: done already (%s)", stage.done_path)
@@ -306,8 +348,9 @@ def train(cfg: Config, paths: Paths) -> dict:
     train_pairs, heldout, info = build_pairs(cfg, paths)
     out = paths.trained_reward_model
     fitted = fit_members(
-        rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True
-    )
+        rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True,
+        pair=pair,
+    )  # fmt: skip
     info["dropped"] = dict(Counter(info.get("dropped", {})) + Counter(fitted.pop("refused")))
     rows = fitted.pop("log")
     lines = "".join(json.dumps(r) + "\n" for r in rows)

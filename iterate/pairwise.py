@@ -1,0 +1,154 @@
+"""A pairwise preference model: a causal LM shown a prompt and two responses that answers
+"A" or "B" (RLHFlow's pair-preference recipe). ``PairwiseScorer.prefer`` reads the
+probability of "A" against "B" at the answer's position for both orders of the two
+responses and averages them, so neither position is favoured; ``score`` turns preferences
+into one reward per response by a tournament: each response's share of wins (expected,
+from the probabilities) against the other responses to the same prompt in the call.
+
+The comparison is the user turn of a conversation in the model's own chat template
+(``iterate/templates/pairwise.txt``, or ``reward.pairwise_template``: a file or text with
+``{context}``, ``{a}`` and ``{b}``), followed by the generation prompt; the answer tokens
+are "A" and "B", single tokens in the tokenizer's vocabulary. ``pair_loss`` trains one
+(``stages.reward_model``) as next-token A/B classification on both orders of each pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from iterate import progress
+from iterate.errors import BadInput
+from iterate.models import as_messages, forward, pad
+from iterate.preferences import Messages
+
+TEMPLATE = Path(__file__).parent / "templates" / "pairwise.txt"
+ANSWERS = ("A", "B")
+
+
+def template(spec: str | None) -> str:
+    """The comparison template: the shipped one (None), a file, or the text itself."""
+    if spec is None:
+        return TEMPLATE.read_text().rstrip("\n")
+    path = Path(spec)
+    text = path.read_text() if path.suffix in (".txt", ".jinja") and path.is_file() else spec
+    for field in ("{context}", "{a}", "{b}"):
+        if field not in text:
+            raise BadInput(f"reward.pairwise_template: no {field} in {spec!r}")
+    return text
+
+
+def context(messages: Messages) -> str:
+    """The prompt as the template shows it: its text, or a conversation's turns."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def answer_ids(tokenizer) -> list[int]:
+    """The token ids of "A" and "B"; ``BadInput`` when either is not a single token."""
+    ids = [tokenizer.encode(a, add_special_tokens=False) for a in ANSWERS]
+    if any(len(i) != 1 for i in ids):
+        raise BadInput(f"a pairwise model's tokenizer must spell 'A' and 'B' as one token each "
+                       f"(got {ids})")  # fmt: skip
+    return [i[0] for i in ids]
+
+
+def encode(tokenizer, text: str, messages: Messages, a: str, b: str, max_length: int) -> list[int]:
+    """Token ids of the comparison of ``a`` (shown first) and ``b``, up to where the answer
+    goes; the context is cut from the left when it does not fit (the answer position must
+    stay)."""
+    user = text.format(context=context(messages), a=a, b=b)
+    chat = [{"role": "user", "content": user}]
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    else:
+        rendered = f"\n\nHuman: {user}\n\nAssistant:"
+    bos = tokenizer.bos_token
+    ids = tokenizer(rendered, add_special_tokens=not (bos and rendered.startswith(bos)))
+    return ids["input_ids"][-max_length:]
+
+
+def ab_logits(model, seqs: list[list[int]], pad_id: int, answers: list[int]) -> torch.Tensor:
+    """(B, 2): the logits of "A" and "B" after each sequence (left-padded, so the answer
+    position is the last for all)."""
+    dev = next(model.parameters()).device
+    ids, mask = pad(seqs, pad_id, side="left")
+    logits = forward(model, ids.to(dev), mask.to(dev)).logits[:, -1, :]
+    return logits[:, answers].float()
+
+
+def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answers: list[int]):
+    """Per pair, the cross-entropy of the right answer for both orders: "A" with the chosen
+    response shown first, "B" with it second; and whether the averaged preference is for
+    the chosen one. ``batch``: (ids with chosen first, ids with chosen second)."""
+    logits = ab_logits(model, [x for x, _ in batch] + [y for _, y in batch], pad_id, answers)
+    n = len(batch)
+    target = torch.tensor([0] * n + [1] * n, device=logits.device)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    p = logits.softmax(-1)
+    prefer = 0.5 * (p[:n, 0] + p[n:, 1])
+    return ce[:n] + ce[n:], (prefer > 0.5).float()
+
+
+class PairwiseScorer:
+    """Preferences and tournament rewards from one pairwise model."""
+
+    def __init__(self, model, tokenizer, max_length: int, batch_size: int = 64, text=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        self.text = text or template(None)
+        self.answers = answer_ids(tokenizer)
+
+    @classmethod
+    def load(cls, path, dtype, max_length, batch_size, device=None, text=None, chat=None):
+        """The pairwise model at ``path``; ``text``: the comparison template (None: the
+        shipped one), ``chat``: a chat template replacing the tokenizer's."""
+        from iterate.models import load_policy, load_tokenizer
+
+        model = load_policy(path, dtype, device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tok = load_tokenizer(path, chat)
+        return cls(model, tok, max_length, batch_size, template(text))
+
+    def encode(self, prompt, a: str, b: str) -> list[int]:
+        messages = as_messages(prompt) if isinstance(prompt, str) else prompt
+        return encode(self.tokenizer, self.text, messages, a, b, self.max_length)
+
+    @torch.no_grad()
+    def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
+        """P(a ≻ b) per row: the probability of "A" with ``a`` first and of "B" with ``a``
+        second, averaged."""
+        seqs = [self.encode(p, x, y) for p, x, y in zip(prompts, a, b, strict=True)]
+        seqs += [self.encode(p, y, x) for p, x, y in zip(prompts, a, b, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        first = [0.0] * len(seqs)  # P(the response shown first is better)
+        bar = progress.bar(len(seqs), desc, "seq")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            p = ab_logits(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id,
+                          self.answers).softmax(-1)[:, 0]  # fmt: skip
+            for i, v in zip(idx, p.tolist()):
+                first[i] = v
+            bar.update(len(idx))
+        bar.close()
+        n = len(a)
+        return [0.5 * (first[k] + 1 - first[n + k]) for k in range(n)]
+
+    def score(self, prompts: list, responses: list[str], desc: str = "score") -> list[float]:
+        """A tournament among the responses to each prompt: each one's expected share of wins
+        against the others (0.5 for a prompt with one response: nothing to compare)."""
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p if isinstance(p, str) else repr(p), []).append(i)
+        pairs = [(g[x], g[y]) for g in groups.values()
+                 for x in range(len(g)) for y in range(x + 1, len(g))]  # fmt: skip
+        p = self.prefer([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
+                        [responses[j] for _, j in pairs], desc) if pairs else []  # fmt: skip
+        wins, games = [0.0] * len(prompts), [0] * len(prompts)
+        for (i, j), pij in zip(pairs, p):
+            wins[i], wins[j] = wins[i] + pij, wins[j] + 1 - pij
+            games[i], games[j] = games[i] + 1, games[j] + 1
+        return [w / g if g else 0.5 for w, g in zip(wins, games)]
