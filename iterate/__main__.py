@@ -17,13 +17,15 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg) -> None:
+    from iterate import cli
+
+    cli.started()  # an exit from here on is the run's own status
     from hydra.core.hydra_config import HydraConfig
     from transformers.utils import logging as hf_logging
 
-    from iterate import cli, loop
+    from iterate import loop
     from iterate.config import to_dataclass
 
-    cli.started()  # an exit from here on is the run's own status
     hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     status = cli.exit_status(lambda: loop.run(to_dataclass(cfg), run_dir))

@@ -32,6 +32,7 @@ def exit_status(fn: Callable[[], object]) -> int:
     from iterate import faults
 
     faults.catch_interrupts()
+    interrupted = False
     try:
         fn()
         faults.stop_if_interrupted()  # a Ctrl-C swallowed after the last stage boundary
@@ -41,6 +42,9 @@ def exit_status(fn: Callable[[], object]) -> int:
             raise  # SystemExit and the like: not ours to report
         status = errors.status_of(e)
         if isinstance(e, KeyboardInterrupt):
+            # a second one, while the stop is reported and the process shuts down, is
+            # ignored (the next ``exit_status`` in this process, a test's, catches again)
+            interrupted = True
             faults.ignore_interrupts()
             log.error("%s: %s", errors.WORDS[status], errors.resumes(status))
             return status
@@ -53,7 +57,8 @@ def exit_status(fn: Callable[[], object]) -> int:
             log.error("failed: %s: %s%s", type(e).__name__, e, said)
         return status
     finally:
-        faults.restore_interrupts()
+        if not interrupted:
+            faults.restore_interrupts()
 
 
 class _Held:
@@ -85,11 +90,13 @@ class _Held:
 
 def _one_line(kept: str) -> str:
     """Hydra's report of an error before the run starts: as it is, or, when it is a
-    traceback, its last line."""
+    traceback, its last line (naming the run folder when it is one of a path's errors)."""
     lines = [ln for ln in kept.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
     if "Traceback (most recent call last)" not in kept:
         return "\n".join(lines) + "\n"
-    return f"bad input: {lines[-1]} (the run folder is runs_dir/run_name)\n"
+    paths = ("NotADirectoryError", "PermissionError", "FileExistsError", "FileNotFoundError")
+    hint = " (the run folder is runs_dir/run_name)" if lines[-1].startswith(paths) else ""
+    return f"bad input: {lines[-1]}{hint}\n"
 
 
 def main(run=None) -> None:

@@ -180,7 +180,7 @@ class PreferenceFile:
 @dataclass
 class RewardSourceConfig:
     """One source of a mixture (``reward.kind: mixture``): its values are kept in a column of
-    their own (``reward_<name>``) beside the weighted sum, the reward."""
+    their own (``source_<name>``) beside the weighted sum, the reward."""
 
     kind: RewardKind = RewardKind.function  # model or function
     function: str | None = None  # kind=function: as reward.function
@@ -188,7 +188,7 @@ class RewardSourceConfig:
     # the one the refresh updates). Scored with reward.max_length, dtype, chat_template
     path: str | None = None
     weight: float = 1.0
-    name: str | None = None  # its column: reward_<name>; null: the function's name, or "model"
+    name: str | None = None  # its column: source_<name>; null: the function's name, or "model"
 
 
 @dataclass

@@ -216,14 +216,24 @@ def merged_state_dict(model) -> dict:
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time process ``pid`` (all its threads) has used, from /proc; None where there is
-    no /proc or no such process."""
+def _stat(pid) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` and its children (a tensor-parallel engine's workers) have
+    used, all their threads, from /proc; None where there is no /proc or no such process."""
+    own = _stat(pid)
+    if own is None:
+        return None
+    ticks = 0
+    for stat in [own, *(_stat(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat"))]:
+        if stat is not None and (stat is own or stat[1] == str(pid)):  # itself, or a child
+            ticks += int(stat[11]) + int(stat[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class EngineStalled(RuntimeError):
@@ -296,8 +306,10 @@ class Engine:
         process used no CPU for ``stall_s`` seconds, and say so once at a tenth of that."""
         used, idle, warned = cpu_seconds(self.proc.pid), 0.0, False
         while not self.conn.poll(self.POLL_S):
-            if not self.stall_s or self.proc.poll() is not None:
-                continue  # wait forever, or an ended process: the recv says so
+            if self.proc.poll() is not None:
+                raise EOFError  # it ended without a reply (``request`` says so)
+            if not self.stall_s:
+                continue  # wait forever
             now = cpu_seconds(self.proc.pid)
             idle = idle + self.POLL_S if now is not None and now == used else 0.0
             used = now

@@ -124,17 +124,25 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     validate.check(cfg)  # every setting, before any work
     with RunLock(run_dir):  # one writer per run folder
         stopped = Paths(run=run_dir, base_policy="").stopped
+        stopped.unlink(missing_ok=True)  # this run's stop, if any, is what it will say
         try:
-            rows = _run(cfg, run_dir)
-        except (Exception, KeyboardInterrupt) as e:  # what stopped it, for the inspector
-            status = errors.status_of(e)
-            atomic_write_json(stopped, {
-                "status": status, "says": errors.WORDS[status], "error": f"{e}"[:2000],
-                "type": type(e).__name__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })  # fmt: skip
+            return _run(cfg, run_dir)
+        except (Exception, KeyboardInterrupt) as e:
+            _record_stop(stopped, e)
             raise
-        stopped.unlink(missing_ok=True)
-        return rows
+
+
+def _record_stop(path: Path, e: BaseException) -> None:
+    """``_STOPPED.json``: what stopped the run, for the inspector (a record that cannot be
+    written, a full disk say, is left out: the error that stopped the run is reported)."""
+    status = errors.status_of(e)
+    try:
+        atomic_write_json(path, {
+            "status": status, "says": errors.WORDS[status], "error": f"{e}"[:2000],
+            "type": type(e).__name__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })  # fmt: skip
+    except OSError as failed:
+        log.warning("%s: not written (%s)", path, failed)
 
 
 def _run(cfg: Config, run_dir: Path) -> list[dict]:

@@ -57,17 +57,38 @@ def answer_ids(tokenizer) -> list[int]:
 
 def encode(tokenizer, text: str, messages: Messages, a: str, b: str, max_length: int) -> list[int]:
     """Token ids of the comparison of ``a`` (shown first) and ``b``, up to where the answer
-    goes; the context is cut from the left when it does not fit (the answer position must
-    stay)."""
-    user = text.format(context=context(messages), a=a, b=b)
-    chat = [{"role": "user", "content": user}]
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    else:
-        rendered = f"\n\nHuman: {user}\n\nAssistant:"
-    bos = tokenizer.bos_token
-    ids = tokenizer(rendered, add_special_tokens=not (bos and rendered.startswith(bos)))
-    return ids["input_ids"][-max_length:]
+    goes. When it is longer than ``max_length``, the context is cut from its start, then
+    each response from its end, to an equal share: both orders of a pair are cut alike."""
+
+    def ids(ctx: str, x: str, y: str) -> list[int]:
+        user = text.format(context=ctx, a=x, b=y)
+        chat = [{"role": "user", "content": user}]
+        if tokenizer.chat_template:
+            shown = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        else:
+            shown = f"\n\nHuman: {user}\n\nAssistant:"
+        bos = tokenizer.bos_token
+        return tokenizer(shown, add_special_tokens=not (bos and shown.startswith(bos)))["input_ids"]
+
+    def cut(s: str, keep: int, end: bool) -> str:
+        toks = tokenizer.encode(s, add_special_tokens=False)
+        toks = toks[-keep:] if end and keep > 0 else toks[:keep] if keep > 0 else []
+        return tokenizer.decode(toks)
+
+    ctx = context(messages)
+    out = ids(ctx, a, b)
+    if len(out) <= max_length:
+        return out
+    fixed = len(ids("", "", ""))  # the template and the chat format
+    lens = [len(tokenizer.encode(s, add_special_tokens=False)) for s in (a, b)]
+    room = max_length - fixed - sum(lens)
+    # (a few tokens spare: text cut and joined again may tokenize a little longer; at worst
+    # the start goes, never the answer's position)
+    if room > 4:  # the responses fit: the context's end is kept
+        return ids(cut(ctx, room - 4, end=True), a, b)[-max_length:]
+    share = max(1, (max_length - fixed) // 2 - 2)
+    x, y = (cut(r, share, end=False) if n > share else r for r, n in zip((a, b), lens))
+    return ids("", x, y)[-max_length:]
 
 
 def ab_logits(model, seqs: list[list[int]], pad_id: int, answers: list[int]) -> torch.Tensor:

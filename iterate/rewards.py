@@ -177,7 +177,10 @@ def weights_sum(folder: Path) -> str:
     reward under the same name."""
     from iterate.stage import config_hash, file_sum
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    def part(p: Path) -> bool:  # not a download cache, nor a trainer's checkpoint in it
+        return not any(x.startswith((".", "checkpoint-")) for x in p.relative_to(folder).parts)
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and part(p))
     return config_hash({str(p.relative_to(folder)): file_sum(p) for p in files})
 
 
@@ -344,7 +347,7 @@ class MixtureReward:
     """A weighted sum of sources (``reward.kind=mixture``): each source scores every pair,
     and the reward is ``sum(weight * reward)``; a pair any source cannot score (``None``,
     NaN) is dropped. With ``detail`` each source's rewards come by name (the label stage
-    keeps them in columns ``reward_<name>``), and the spread is the model source's."""
+    keeps them in columns ``source_<name>``), and the spread is the model source's."""
 
     parts: list[tuple[str, Any, float]]  # (name, reward, weight)
 
@@ -524,7 +527,7 @@ class RewardPool:
         self._open()
 
         def work(w: int, mine: list) -> None:
-            for k in mine:
+            for k in workers.each(mine):
                 if not self.pools:
                     got = self.reward.score(*texts(k), desc=desc, refusals=True, detail=detail)
                 else:

@@ -375,7 +375,7 @@ def write_shards(
     bar = progress.bar(sum(len(v) for v in todo.values()), desc, "prompt")
 
     def work(w: int, keys: list[int]) -> None:
-        for k in keys:
+        for k in workers.each(keys):
             planned = todo[k]
             samples = sampler.sample([ids for _, _, ids in planned], params, seed_of(k), w)
             write_shard(

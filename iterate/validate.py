@@ -62,16 +62,22 @@ def reward_head(key: str, path: str, architectures: list[str] | None) -> None:
         )
 
 
+def _model_config(path: str | None) -> dict:
+    """A local model folder's config.json ({} for a hub id, or a damaged file, which the
+    load names)."""
+    if not path:
+        return {}
+    try:
+        return read_json(Path(path) / "config.json") or {}
+    except BadInput:
+        return {}
+
+
 def _reward_folder(key: str, path: str | None) -> None:
     """A reward model's folder: loadable, and with a score head when its config says."""
     _model_folder(key, path, "reward model")
-    if not path:
-        return
-    try:
-        config = read_json(Path(path) / "config.json") or {}
-    except BadInput:
-        return  # the load names the damaged file
-    reward_head(key, path, config.get("architectures"))
+    if path:
+        reward_head(key, path, _model_config(path).get("architectures"))
 
 
 GE1 = (lambda v: v >= 1, "must be >= 1")
@@ -277,10 +283,7 @@ def _positions(key: str, max_length: int, path: str | None, cfg: Config) -> None
     if path is None:
         have, name = cfg.toy.max_position_embeddings, "the toy world's model"
     else:
-        try:
-            config = read_json(Path(path) / "config.json") or {}
-        except BadInput:
-            return  # the load names the damaged file
+        config = _model_config(path)
         config = {**config.get("text_config", {}), **config}
         have = next((config[k] for k in POSITIONS if isinstance(config.get(k), int)), None)
         name = path
@@ -362,9 +365,10 @@ def _mixture(cfg: Config) -> None:
         key = f"reward.sources[{k}]"
         _need(str(part.kind) in ("model", "function"), f"{key}.kind", str(part.kind),
               "must be model or function")  # fmt: skip
-        _need(re.fullmatch(r"\w+", name) is not None and names.count(name) == 1, f"{key}.name",
-              name, "must be a word (letters, digits, _) that no other source has: it names "
-              "the source's column, source_<name>")  # fmt: skip
+        _need(re.fullmatch(r"\w+", name) is not None and names.count(name) == 1
+              and name != "reward", f"{key}.name", name, "must be a word (letters, digits, _) "
+              "that no other source has, not 'reward' (the sum's): it names the source's "
+              "column, source_<name>")  # fmt: skip
         if str(part.kind) == "function":
             _function(f"{key}.function", part.function, cfg)
         elif part.path:
@@ -387,11 +391,7 @@ def _pairwise(cfg: Config) -> None:
           "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
     pairwise.template(rc.pairwise_template)  # names what the template lacks
     if rc.path and not rc.train:
-        try:
-            config = read_json(Path(rc.path) / "config.json") or {}
-        except BadInput:
-            return
-        arch = config.get("architectures") or []
+        arch = _model_config(rc.path).get("architectures") or []
         _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
               f"a {arch[0] if arch else '?'} checkpoint: a pairwise model is a causal LM that "
               "answers A or B")  # fmt: skip

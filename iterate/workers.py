@@ -85,6 +85,18 @@ def engine_env(w: int, workers: int, threads: int, per_worker: int, cuda: bool) 
     }
 
 
+def each(keys: Iterable):
+    """The keys of a worker thread's jobs, one at a time, stopping before the next once a
+    Ctrl-C or SIGTERM came (it reaches the main thread only, which waits on these threads:
+    a SIGTERM to the main process alone would otherwise let every worker finish its
+    shards)."""
+    from iterate import faults
+
+    for k in keys:
+        faults.stop_if_interrupted()
+        yield k
+
+
 def run_each(jobs: list[Callable[[], object]]) -> list:
     """Run the jobs (one per worker) in threads, each driving its worker process; their
     results in order. The first error is raised once every job has ended."""

@@ -62,6 +62,21 @@ def test_the_loss_is_the_answer_tokens_cross_entropy_in_both_orders(tiny_world):
     assert right.item() == float(prefer > 0.5)
 
 
+def test_a_long_comparison_is_cut_in_its_context_and_responses_never_its_answer(tiny_world):
+    scorer = _scorer(tiny_world)
+    tok, text = scorer.tokenizer, scorer.text
+    msgs = [{"role": "user", "content": "Greet Anna. " * 40}]
+    a, b = "Hello Anna! " * 30, "Hi Anna. " * 5
+    whole = pairwise.encode(tok, text, msgs, a, b, 10_000)
+    tail = whole[-4:]  # the end of the user turn and the generation prompt
+    for limit in (len(whole) - 50, 120):
+        for x, y in ((a, b), (b, a)):
+            ids = pairwise.encode(tok, text, msgs, x, y, limit)
+            assert len(ids) <= limit and ids[-4:] == tail, limit
+    shown = tok.decode(pairwise.encode(tok, text, msgs, a, b, len(whole) - 50))
+    assert "Hi Anna. " * 5 in shown and "[RESPONSE A]" in shown, "the responses stay whole"
+
+
 def test_a_tournament_gives_each_response_its_share_of_wins(monkeypatch):
     """Hand-computed: three responses to one prompt with P(0≻1)=0.9, P(0≻2)=0.6,
     P(1≻2)=0.2, and a prompt with one response (0.5: nothing to compare)."""

@@ -316,6 +316,7 @@ def test_a_mixture_is_composed_from_config_and_checked_at_start_up(tmp_path):
         (f"reward.sources=[{{function: '{fn}', name: 'a b'}}]", "must be a word"),
         ("reward.sources=[{function: 'nowhere.py:f'}]", "no such file"),
         ("reward.sources=[{kind: mixture}]", "must be model or function"),
+        (f"reward.sources=[{{function: '{fn}', name: reward}}]", "not 'reward'"),
     ]
     for override, said in bad:
         with pytest.raises(BadInput, match=said):

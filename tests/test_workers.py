@@ -19,6 +19,23 @@ from .test_sampling import PARAMS, SPEC, _prompts
 pytestmark = pytest.mark.slow
 
 
+def test_a_worker_thread_stops_at_its_next_job_once_a_stop_came():
+    from iterate import faults
+
+    got = []
+    faults._INTERRUPTED.clear()
+    try:
+        for k in workers.each([1, 2, 3]):
+            got.append(k)
+            if k == 2:
+                faults._INTERRUPTED.set()  # a SIGTERM reached the main thread meanwhile
+        raise AssertionError("not stopped")
+    except KeyboardInterrupt:
+        assert got == [1, 2]
+    finally:
+        faults._INTERRUPTED.clear()
+
+
 def test_deal_is_round_robin_over_sorted_keys():
     assert workers.deal([3, 0, 2, 1, 4], 2) == [[0, 2, 4], [1, 3]]
     assert workers.deal([0], 3) == [[0], [], []]

@@ -137,9 +137,10 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
         init_rows = dict(zip(init_keys, init["response"].to_pylist()))
         matched = [(p, r, init_rows[k]) for p, r, k in zip(samples["prompt"].to_pylist(),
                    samples["response"].to_pylist(), new_keys) if k in init_rows]  # fmt: skip
-        if matched:
+        if matched:  # (its tournament rewards average one half: its mean preference instead)
             prefs = reward.prefer(*map(list, zip(*matched)), desc="held-out preference")
             out["proxy_win_rate"] = round(win_rate(prefs, [0.5] * len(prefs)), 4)
+            out["heldout_reward_mean"] = _mean(prefs)
     if gold := rewards.of(cfg, "gold"):
         text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
         init_gold = dict(zip(init_keys, gold.score(*text(init), desc="held-out gold")))
