@@ -38,8 +38,8 @@ class Paths:
 
     @property
     def stopped(self) -> Path:
-        """Written when a run stops early (its exit status and why); removed when one ends
-        well: what the inspector says of a run that is neither running nor finished."""
+        """Written when a run stops early (its exit status and why); removed when the next
+        one starts: what the inspector says of a run that is neither running nor finished."""
         return self.run / "_STOPPED.json"
 
     @property
