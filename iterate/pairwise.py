@@ -100,6 +100,12 @@ def ab_logits(model, seqs: list[list[int]], pad_id: int, answers: list[int]) -> 
     return logits[:, answers].float()
 
 
+def both_orders(first_shown_first, first_shown_second):
+    """P(a ≻ b) from P("A") with ``a`` shown first and P("A") with ``a`` shown second:
+    their average, the second as the probability that ``a`` (then "B") wins."""
+    return 0.5 * (first_shown_first + 1 - first_shown_second)
+
+
 def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answers: list[int]):
     """Per pair, the cross-entropy of the right answer for both orders: "A" with the chosen
     response shown first, "B" with it second; and whether the averaged preference is for
@@ -108,9 +114,8 @@ def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answ
     n = len(batch)
     target = torch.tensor([0] * n + [1] * n, device=logits.device)
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    p = logits.softmax(-1)
-    prefer = 0.5 * (p[:n, 0] + p[n:, 1])
-    return ce[:n] + ce[n:], (prefer > 0.5).float()
+    p = logits.softmax(-1)[:, 0]
+    return ce[:n] + ce[n:], (both_orders(p[:n], p[n:]) > 0.5).float()
 
 
 class PairwiseScorer:
@@ -156,7 +161,7 @@ class PairwiseScorer:
             bar.update(len(idx))
         bar.close()
         n = len(a)
-        return [0.5 * (first[k] + 1 - first[n + k]) for k in range(n)]
+        return [both_orders(first[k], first[n + k]) for k in range(n)]
 
     def score(self, prompts: list, responses: list[str], desc: str = "score") -> list[float]:
         """A tournament among the responses to each prompt: each one's expected share of wins

@@ -5,8 +5,8 @@ pair in the order given. A prompt is a stored prompt (text, or a JSON list of me
 a list of messages. ``identity()`` is what a stage that scores with the reward hashes, and
 ``inputs()`` the stage folders that made it (a reward model trained or refreshed in the
 run), whose identity that stage records as well. A reward is cheap to make and to pickle:
-a model loads on the first ``score``. ``RewardPool`` deals many shards of scoring out among
-processes, each holding its own copy.
+a model loads on the first ``score``. ``reward_pool.RewardPool`` deals many shards of
+scoring out among processes, each holding its own copy.
 
 What a stage asks the factory for is a role: ``reward`` (what the loop optimises: the
 reward model at a path, an ensemble folder included, or a Python function), ``gold`` (the
@@ -36,7 +36,6 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Protocol
 
-from iterate import workers
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.stage import DONE
@@ -274,6 +273,7 @@ class FunctionReward(_Loaded):
     _fn: Any = field(default=None, repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # the function's file
     _rows: Any = field(default=None, repr=False, compare=False)  # prompt id -> fields
+    _absent: Any = field(default_factory=set, repr=False, compare=False)  # ids without a row
 
     def _load(self) -> Callable:
         if self._fn is None:
@@ -297,8 +297,10 @@ class FunctionReward(_Loaded):
         from iterate.shards import prompt_id
 
         ids = [prompt_id(p) if isinstance(p, str) else None for p in prompts]
-        if self._rows is None or any(i not in self._rows for i in ids if i):
-            self._rows = row_fields(Path(self.run)) if self.run else {}  # a new iteration's
+        new = set(ids) - {None} - (self._rows or {}).keys() - self._absent
+        if self._rows is None or new:  # a new iteration's prompts: read the run's rows again
+            self._rows = row_fields(Path(self.run)) if self.run else {}
+            self._absent |= new - self._rows.keys()  # not in the run: not read again for them
         rows = [self._rows.get(i) or {} for i in ids]
         return {n: [r.get(n) for r in rows] for n in names}
 
@@ -461,89 +463,3 @@ def of(
             return FunctionReward(GOLD)
         return None if judge == "file" else model(rc.refresh.judge_path)
     raise ValueError(f"unknown reward role {role!r}")
-
-
-_WORKER_REWARD: Reward | None = None  # in a scoring worker process
-
-
-def _start_worker(reward: Reward, device: str, threads: int) -> None:
-    import torch
-
-    global _WORKER_REWARD
-    workers.kill_with_parent()  # a scoring process holds a model (a GPU): none outlives a run
-    if threads:
-        torch.set_num_threads(threads)
-    _WORKER_REWARD = reward.on(device)
-
-
-def _score_in_worker(prompts: list, responses: list[str], desc: str, detail: bool):
-    return _WORKER_REWARD.score(prompts, responses, desc=desc, refusals=True, detail=detail)
-
-
-class RewardPool:
-    """Rewards for many shards at once: ``score_each(keys, texts, done)`` scores each job (a
-    shard's prompts and responses, ``texts(key)``, read when its turn comes) in one
-    ``score`` call and hands the rewards to ``done(key, rewards)`` as each finishes
-    (``None`` for a pair the reward refuses). With ``processes`` = 1 it scores in this
-    process; with N > 1 the jobs are dealt out among N processes (one per GPU, or each with
-    ``threads`` CPU threads), each holding its own copy of the reward. A job's rewards are
-    the same whichever process scores it."""
-
-    def __init__(self, reward: Reward, processes: int = 1, threads: int = 0):
-        self.reward, self.processes, self.threads = reward, processes, threads
-        self.pools: list = []
-
-    def _open(self) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        import torch
-
-        if self.processes == 1 or self.pools:
-            return
-        cuda = str(getattr(self.reward, "device", "cpu")).startswith("cuda")
-        n_gpu = torch.cuda.device_count() if cuda else 0
-        threads = workers.share(self.processes, self.threads)
-        for w in range(self.processes):
-            device = f"cuda:{w % n_gpu}" if n_gpu else "cpu"
-            self.pools.append(
-                ProcessPoolExecutor(
-                    1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker,
-                    initargs=(self.reward, device, 0 if n_gpu else threads),
-                )
-            )
-        # start them all now, from this thread: a process dies with the thread that started
-        # it (``workers.kill_with_parent``), and the executor starts one on the first
-        # ``submit``, which ``score_each`` makes from threads that end with the stage
-        for pool in self.pools:
-            pool.submit(int).result()
-
-    def score_each(self, keys, texts, done, desc: str = "score", detail: bool = False) -> None:
-        """``texts(key)`` -> (prompts, responses); ``done(key, rewards)`` per finished job
-        (``rewards`` is ``(rewards, spreads, parts)`` with ``detail``, see ``Reward.score``).
-        Each process holds one job's texts at a time."""
-        self._open()
-
-        def work(w: int, mine: list) -> None:
-            for k in workers.each(mine):
-                if not self.pools:
-                    got = self.reward.score(*texts(k), desc=desc, refusals=True, detail=detail)
-                else:
-                    got = self.pools[w].submit(_score_in_worker, *texts(k), desc, detail).result()
-                done(k, got)
-
-        groups = workers.deal(keys, max(1, len(self.pools)))
-        workers.run_each([partial(work, w, mine) for w, mine in enumerate(groups)])
-
-    def close(self) -> None:
-        for pool in self.pools:
-            pool.shutdown()
-        self.pools = []
-
-    def __enter__(self) -> RewardPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -5,7 +5,7 @@ workers write the shards one worker writes.
 
 This module only says which worker takes which shard and what each worker's slice is; the
 workers themselves are vLLM engine processes (a ``sampling.VllmSampler``'s engines) or
-scoring processes (``rewards.RewardPool``), driven from threads of the stage's process.
+scoring processes (``reward_pool.RewardPool``), driven from threads of the stage's process.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_prompt_formats_hh_transcripts_messages_and_saved_datasets(tmp_path):
     texts = [hh, "\n\nHuman: Greet Anna.", "Count from 1 to 3."]  # a transcript may end either way
     _write(tmp_path / "hh.jsonl", texts)
     cfg = compose_cfg(["prompts=file", f"prompts.path={tmp_path / 'hh.jsonl'}"], tmp_path)
-    pool, _, dropped = prompts.load_pool(cfg)
+    pool, _, dropped, _ = prompts.load_pool(cfg)
     assert json.loads(pool[0]) == [
         {"role": "user", "content": "What is 2 plus 3?"},
         {"role": "assistant", "content": "5."},
@@ -205,7 +205,7 @@ def test_a_prompt_field_the_source_lacks_is_named(tmp_path):
     with pytest.raises(BadInput, match=r"p.jsonl: no field 'answer' \(prompts.fields; columns"):
         prompts.load_pool(cfg)
     toy = compose_cfg(["prompts.fields=[answer,family]"])
-    fields = prompts.source_fields(toy)
+    fields = prompts.load_pool(toy)[3]
     assert fields[prompts.prompt_id("What is 3 plus 4?")] == {"answer": "7", "family": "arithmetic"}
     with pytest.raises(BadInput, match="the toy world's prompts have no field 'solution'"):
         prompts.load_pool(compose_cfg(["prompts.fields=[solution]"]))

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iterate import models, rewards, sampling, scoring, workers
+from iterate.reward_pool import RewardPool
 from iterate.shards import shard_paths
 
 from .conftest import ROOT
@@ -96,7 +97,7 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
     for n in (1, 2):
         rc.workers = n
         out = {}
-        with rewards.RewardPool(rewards.of(tiny_cfg, path=str(rm)), n, rc.threads) as pool:
+        with RewardPool(rewards.of(tiny_cfg, path=str(rm)), n, rc.threads) as pool:
             pool.score_each(list(jobs), jobs.__getitem__, out.__setitem__)
         got[n] = out
     assert sorted(got[2]) == [0, 1, 2, 3] and got[2] == got[1]
@@ -106,8 +107,9 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
 WORKERS_OF_A_KILLED_RUN = """
 import os, signal, sys, time
 from iterate import rewards
+from iterate.reward_pool import RewardPool
 
-pool = rewards.RewardPool(rewards.FunctionReward(sys.argv[1]), 2, 1)
+pool = RewardPool(rewards.FunctionReward(sys.argv[1]), 2, 1)
 jobs = {k: (["Hi."], ["Hello!" * (k + 1)]) for k in range(4)}
 pool.score_each(list(jobs), jobs.__getitem__, lambda k, r: None)  # from threads, which end
 pids = [pid for p in pool.pools for pid in p._processes]

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
 from iterate.bench.report import report
+from iterate.rules import RULES
 
 log = logging.getLogger("iterate.bench")
 
@@ -130,7 +131,7 @@ def update(cfg: BenchConfig, out: Path) -> dict:
         )["peak_rss_mb"]
     res["rl_model"] = u.rl_model
     policy, reward = bm.policy_path(u.rl_model, cfg.toy), bm.reward_path(u.rl_model, cfg.toy)
-    for rule in ("ppo", "remax"):
+    for rule in [name for name, r in RULES.items() if r.on_policy]:  # the rules that roll out
         log.info("update: %s stage peak memory (%s)", rule, u.rl_model)
         work = out / "work" / "rl"
         shutil.rmtree(work / rule, ignore_errors=True)

@@ -29,7 +29,8 @@ from iterate import losses, models, progress, rewards, sampling
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.rewards import Reward, RewardPool
+from iterate.reward_pool import RewardPool
+from iterate.rewards import Reward
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
 from iterate.stage import Stage
 from iterate.stages import heldout

@@ -29,8 +29,8 @@ def prompts(cfg: Config, paths: Paths) -> pa.Table:
     then on read from there whatever the source holds now."""
     stage = Stage(paths.heldout_dir, "heldout", sources.heldout_config(cfg))
     if not stage.check(cfg.force):
-        _, held, dropped, source = sources.pools(cfg)
-        write_shard(sources.with_fields(cfg, held), shard_path(stage.path, 0))
+        _, held, dropped, source, fields = sources.pools(cfg)
+        write_shard(sources.table(held, fields), shard_path(stage.path, 0))
         stage.finish(rows_out=len(held), dropped=dict(dropped), **source)
     return read_shards(stage.path)
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from iterate import faults, models, rewards
 from iterate.config import Config
 from iterate.paths import Paths
+from iterate.reward_pool import RewardPool
 from iterate.shards import (
     SCHEMAS,
     atomic_write_json,
@@ -134,7 +135,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
 
-        with rewards.RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
+        with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
             keys = [shard_index(p) for p in todo]
             pool.score_each(keys, texts, write, desc="label", detail=True)
     dropped = json_counts(stage.path)

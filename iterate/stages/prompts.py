@@ -111,20 +111,16 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
     return rows, [], dropped
 
 
-def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter]:
-    """(training pool, held-out pool, dropped by reason) before shuffling."""
+def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter, dict | None]:
+    """(training pool, held-out pool, dropped by reason) before shuffling, and prompt id ->
+    the fields ``prompts.fields`` names of its row (the first row of a prompt that appears
+    twice; None when it names none), from one read of the source."""
     train, heldout, dropped = _rows(cfg)
-    return [t for t, _ in train], [t for t, _ in heldout], dropped
-
-
-def source_fields(cfg: Config) -> dict[str, dict]:
-    """prompt id -> the fields ``prompts.fields`` names of its row (the first row of a
-    prompt that appears twice)."""
-    train, heldout, _ = _rows(cfg)
-    out: dict[str, dict] = {}
-    for text, fields in [*train, *heldout]:
-        out.setdefault(prompt_id(text), fields)
-    return out
+    fields: dict[str, dict] | None = {} if cfg.prompts.fields else None
+    if fields is not None:
+        for text, row in [*train, *heldout]:
+            fields.setdefault(prompt_id(text), row)
+    return [t for t, _ in train], [t for t, _ in heldout], dropped, fields
 
 
 def _dedupe_shuffle(texts: list[str], seed: int, dropped: Counter) -> list[str]:
@@ -150,12 +146,6 @@ def table(texts: list[str], fields: dict[str, dict] | None = None) -> pa.Table:
     return pa.table({"prompt_id": ids, "prompt": texts, FIELDS: said}, schema=schema)
 
 
-def with_fields(cfg: Config, texts: list[str]) -> pa.Table:
-    """``texts`` as a prompts shard, with their rows' fields when ``prompts.fields`` names
-    some."""
-    return table(texts, source_fields(cfg) if cfg.prompts.fields else None)
-
-
 def source_hash(train: list[str], heldout: list[str]) -> str:
     """The content of a prompts source: a hash of its prompts, in order."""
     h = hashlib.sha256()
@@ -164,9 +154,10 @@ def source_hash(train: list[str], heldout: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
-    """(shuffled training pool, held-out candidates, dropped by reason, source info)."""
-    train, heldout, dropped = load_pool(cfg)
+def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict, dict | None]:
+    """(shuffled training pool, held-out candidates, dropped by reason, source info, the
+    rows' fields as ``load_pool`` gives them)."""
+    train, heldout, dropped, fields = load_pool(cfg)
     source = {
         "source_hash": source_hash(train, heldout),
         "source_prompts": len(train) + len(heldout),
@@ -176,7 +167,7 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict]:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
     else:  # one pool: the first prompts of the shuffled order are held out
         heldout = train[: cfg.prompts.heldout]
-    return train, heldout, dropped, source
+    return train, heldout, dropped, source, fields
 
 
 def config(cfg: Config) -> dict:
@@ -211,7 +202,7 @@ def check_pool(cfg: Config, paths: Paths) -> None:
     todo = [i for i in range(cfg.iteration) if not (paths.stage(i, "prompts") / DONE).exists()]
     if not todo:
         return
-    train, held, _, _ = pools(cfg)
+    train, held, _, _, _ = pools(cfg)
     drawn = [i for i in range(cfg.iteration) if i not in todo]
     if shard_paths(paths.heldout_dir):  # drawn already: it is what counts
         used = _used(paths, drawn)
@@ -253,13 +244,13 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
     conf = config(cfg) | ({"generator": sc.generator or policy} if sc.enabled else {})
     stage = Stage(paths.stage(i, "prompts"), "prompts", conf)
     if not stage.check(cfg.force):
-        train, _, dropped, source = pools(cfg)
+        train, _, dropped, source, fields = pools(cfg)
         used = _used(paths, range(i))
         if sc.enabled:
             chunk, info = _synthetic(cfg, paths, i, policy, train)
         else:
             chunk, info = _slice(cfg, paths, i, train, used, source)
-        write_shard(with_fields(cfg, chunk), shard_path(stage.path, 0))
+        write_shard(table(chunk, fields), shard_path(stage.path, 0))
         stage.finish(rows_out=len(chunk), pool=len(train), dropped=dict(dropped), **info, **source)
     return read_shards(stage.path)
 
