@@ -41,6 +41,13 @@ class RewardKind(StrEnum):
     mixture = "mixture"  # a weighted sum of sources: reward.sources
     # a pairwise preference model (a causal LM answering "A" or "B"), trained here or loaded
     pairwise = "pairwise"
+    # a generative judge: a causal LM prompted to compare or score, sampled, its answer parsed
+    judge = "judge"
+
+
+class JudgeMode(StrEnum):
+    compare = "compare"  # which of two responses is better (A, B or C for a tie), both orders
+    score = "score"  # a number for one response
 
 
 class Judge(StrEnum):
@@ -192,6 +199,28 @@ class RewardSourceConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """A generative judge (``reward.kind: judge``; ``iterate.judge``): the model at
+    ``reward.path`` (or trained here like a pairwise model, mode=compare) is shown a prompt in
+    its chat template, sampled through the run's sampler, and its answer parsed. An answer
+    the pattern does not find is sampled again (``retries``), then dropped and counted;
+    every answer is kept in the label stage's ``judgements/`` shards."""
+
+    mode: JudgeMode = JudgeMode.compare
+    # what the judge is shown: a file or the text, with {context} and {a}, {b} (compare) or
+    # {response} (score); null: iterate/templates/pairwise.txt or judge_score.txt
+    template: str | None = None
+    # a regular expression whose first group is the verdict (A, B or C) or the score; the
+    # first match counts; null: the mode's default (iterate.judge.PATTERNS)
+    pattern: str | None = None
+    max_tokens: int = 8  # tokens the judge may write per answer
+    temperature: float = 0.0  # 0: greedy; retries then sample at temperature 1
+    retries: int = 2  # further samples of an answer the pattern does not find
+    low: float = 1.0  # mode=score: the lowest score a judge may give (outside: unparsed)
+    high: float = 10.0  # mode=score: the highest
+
+
+@dataclass
 class RefreshConfig:
     """Reward-model refresh between iterations: pairs of the current policy's own samples,
     labelled by a judge, update the reward model before it labels them (off at pairs=0)."""
@@ -211,7 +240,8 @@ class RefreshConfig:
 @dataclass
 class RewardConfig:
     """The reward the loop optimises: a reward model, trained here before iteration 0
-    (``train: true``) or loaded, or a Python function (``kind: function``)."""
+    (``train: true``) or loaded, a Python function (``kind: function``), a mixture of them,
+    a pairwise preference model or a generative judge."""
 
     name: str = MISSING
     kind: RewardKind = RewardKind.model
@@ -223,6 +253,7 @@ class RewardConfig:
     # kind=pairwise: what the model is shown, with {context}, {a} and {b} (a file or the
     # text; null: iterate/templates/pairwise.txt)
     pairwise_template: str | None = None
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # kind=judge: how it is asked
     path: str | None = None  # a trained reward model to load when ``train: false``
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from

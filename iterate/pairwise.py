@@ -55,20 +55,22 @@ def answer_ids(tokenizer) -> list[int]:
     return [i[0] for i in ids]
 
 
-def encode(tokenizer, text: str, messages: Messages, a: str, b: str, max_length: int) -> list[int]:
-    """Token ids of the comparison of ``a`` (shown first) and ``b``, up to where the answer
-    goes. When it is longer than ``max_length``, the context is cut from its start, then
-    each response from its end, to an equal share: both orders of a pair are cut alike."""
+def encode(tokenizer, text: str, messages: Messages, max_length: int, **shown: str) -> list[int]:
+    """Token ids of ``text`` filled with the prompt (``{context}``) and the responses shown
+    (``a=``, ``b=`` for a comparison, ``response=`` for a judge's score), up to where the
+    answer goes. When it is longer than ``max_length``, the context is cut from its start,
+    then each response from its end, to an equal share: both orders of a pair are cut
+    alike."""
 
-    def ids(ctx: str, x: str, y: str) -> list[int]:
-        user = text.format(context=ctx, a=x, b=y)
+    def ids(ctx: str, **fields: str) -> list[int]:
+        user = text.format(context=ctx, **fields)
         chat = [{"role": "user", "content": user}]
         if tokenizer.chat_template:
-            shown = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            out = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         else:
-            shown = f"\n\nHuman: {user}\n\nAssistant:"
+            out = f"\n\nHuman: {user}\n\nAssistant:"
         bos = tokenizer.bos_token
-        return tokenizer(shown, add_special_tokens=not (bos and shown.startswith(bos)))["input_ids"]
+        return tokenizer(out, add_special_tokens=not (bos and out.startswith(bos)))["input_ids"]
 
     def cut(s: str, keep: int, end: bool) -> str:
         toks = tokenizer.encode(s, add_special_tokens=False)
@@ -76,28 +78,32 @@ def encode(tokenizer, text: str, messages: Messages, a: str, b: str, max_length:
         return tokenizer.decode(toks)
 
     ctx = context(messages)
-    out = ids(ctx, a, b)
+    out = ids(ctx, **shown)
     if len(out) <= max_length:
         return out
-    fixed = len(ids("", "", ""))  # the template and the chat format
-    lens = [len(tokenizer.encode(s, add_special_tokens=False)) for s in (a, b)]
-    room = max_length - fixed - sum(lens)
+    fixed = len(ids("", **{k: "" for k in shown}))  # the template and the chat format
+    lens = {k: len(tokenizer.encode(s, add_special_tokens=False)) for k, s in shown.items()}
+    room = max_length - fixed - sum(lens.values())
     # (a few tokens spare: text cut and joined again may tokenize a little longer; at worst
     # the start goes, never the answer's position)
     if room > 4:  # the responses fit: the context's end is kept
-        return ids(cut(ctx, room - 4, end=True), a, b)[-max_length:]
-    share = max(1, (max_length - fixed) // 2 - 2)
-    x, y = (cut(r, share, end=False) if n > share else r for r, n in zip((a, b), lens))
-    return ids("", x, y)[-max_length:]
+        return ids(cut(ctx, room - 4, end=True), **shown)[-max_length:]
+    share = max(1, (max_length - fixed) // len(shown) - 2)
+    cuts = {k: cut(s, share, end=False) if lens[k] > share else s for k, s in shown.items()}
+    return ids("", **cuts)[-max_length:]
+
+
+def last_logits(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(B, V): the next-token logits after each sequence (left-padded, so the answer position
+    is the last for all)."""
+    dev = next(model.parameters()).device
+    ids, mask = pad(seqs, pad_id, side="left")
+    return forward(model, ids.to(dev), mask.to(dev)).logits[:, -1, :].float()
 
 
 def ab_logits(model, seqs: list[list[int]], pad_id: int, answers: list[int]) -> torch.Tensor:
-    """(B, 2): the logits of "A" and "B" after each sequence (left-padded, so the answer
-    position is the last for all)."""
-    dev = next(model.parameters()).device
-    ids, mask = pad(seqs, pad_id, side="left")
-    logits = forward(model, ids.to(dev), mask.to(dev)).logits[:, -1, :]
-    return logits[:, answers].float()
+    """(B, 2): the logits of "A" and "B" after each sequence."""
+    return last_logits(model, seqs, pad_id)[:, answers]
 
 
 def both_orders(first_shown_first, first_shown_second):
@@ -106,15 +112,23 @@ def both_orders(first_shown_first, first_shown_second):
     return 0.5 * (first_shown_first + 1 - first_shown_second)
 
 
-def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answers: list[int]):
+def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answers: list[int],
+              whole_vocab: bool = False):  # fmt: skip
     """Per pair, the cross-entropy of the right answer for both orders: "A" with the chosen
     response shown first, "B" with it second; and whether the averaged preference is for
-    the chosen one. ``batch``: (ids with chosen first, ids with chosen second)."""
-    logits = ab_logits(model, [x for x, _ in batch] + [y for _, y in batch], pad_id, answers)
-    n = len(batch)
+    the chosen one. ``batch``: (ids with chosen first, ids with chosen second). The
+    cross-entropy is over the two answers (a pairwise model, read by its A/B logits), or
+    with ``whole_vocab`` over every token (a judge, which writes its answer: the answer must
+    be its likeliest next token, not only the likelier of the two)."""
+    logits = last_logits(model, [x for x, _ in batch] + [y for _, y in batch], pad_id)
+    two, n = logits[:, answers], len(batch)
     target = torch.tensor([0] * n + [1] * n, device=logits.device)
-    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    p = logits.softmax(-1)[:, 0]
+    if whole_vocab:
+        said = torch.tensor(answers, device=logits.device)[target]
+        ce = torch.nn.functional.cross_entropy(logits, said, reduction="none")
+    else:
+        ce = torch.nn.functional.cross_entropy(two, target, reduction="none")
+    p = two.softmax(-1)[:, 0]
     return ce[:n] + ce[n:], (both_orders(p[:n], p[n:]) > 0.5).float()
 
 
@@ -141,7 +155,7 @@ class PairwiseScorer:
 
     def encode(self, prompt, a: str, b: str) -> list[int]:
         messages = as_messages(prompt) if isinstance(prompt, str) else prompt
-        return encode(self.tokenizer, self.text, messages, a, b, self.max_length)
+        return encode(self.tokenizer, self.text, messages, self.max_length, a=a, b=b)
 
     @torch.no_grad()
     def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
@@ -164,17 +178,30 @@ class PairwiseScorer:
         return [both_orders(first[k], first[n + k]) for k in range(n)]
 
     def score(self, prompts: list, responses: list[str], desc: str = "score") -> list[float]:
-        """A tournament among the responses to each prompt: each one's expected share of wins
-        against the others (0.5 for a prompt with one response: nothing to compare)."""
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p if isinstance(p, str) else repr(p), []).append(i)
-        pairs = [(g[x], g[y]) for g in groups.values()
-                 for x in range(len(g)) for y in range(x + 1, len(g))]  # fmt: skip
-        p = self.prefer([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
-                        [responses[j] for _, j in pairs], desc) if pairs else []  # fmt: skip
-        wins, games = [0.0] * len(prompts), [0] * len(prompts)
-        for (i, j), pij in zip(pairs, p):
+        """A tournament among the responses to each prompt (``tournament``)."""
+
+        def prefer(pairs: list[tuple[int, int]]) -> list[float]:
+            return self.prefer([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
+                               [responses[j] for _, j in pairs], desc)  # fmt: skip
+
+        return tournament(prompts, prefer)
+
+
+def tournament(prompts: list, prefer) -> list[float]:
+    """Each response's expected share of wins against the other responses to the same prompt
+    in the call (0.5 for a prompt with one response: nothing to compare). ``prefer(pairs)``:
+    P(i ≻ j) for each pair of row indices (i, j), NaN for a pair it could not judge (left
+    out; a response with no game judged gets NaN)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p if isinstance(p, str) else repr(p), []).append(i)
+    pairs = [(g[x], g[y]) for g in groups.values()
+             for x in range(len(g)) for y in range(x + 1, len(g))]  # fmt: skip
+    wins, games = [0.0] * len(prompts), [0] * len(prompts)
+    for (i, j), pij in zip(pairs, prefer(pairs) if pairs else [], strict=True):
+        if pij == pij:  # not NaN
             wins[i], wins[j] = wins[i] + pij, wins[j] + 1 - pij
             games[i], games[j] = games[i] + 1, games[j] + 1
-        return [w / g if g else 0.5 for w, g in zip(wins, games)]
+    alone = {g[0] for g in groups.values() if len(g) == 1}
+    return [w / g if g else 0.5 if i in alone else float("nan")
+            for i, (w, g) in enumerate(zip(wins, games))]  # fmt: skip

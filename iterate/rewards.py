@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from numbers import Real
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from iterate.config import Config
 from iterate.errors import BadInput
@@ -60,9 +60,20 @@ class Reward(Protocol):
     ) -> Any:  # fmt: skip
         """One reward per pair. With ``refusals``, a pair the reward cannot score (a chat
         template that refuses the conversation) gets ``None`` instead of raising, for the
-        caller to count and drop. With ``detail``, ``(rewards, spreads, parts)``: an
-        ensemble's disagreement per pair (``None`` for a single model), and a mixture's
-        sources' rewards per pair by name (``{}`` for a single source)."""
+        caller to count and drop. With ``detail``, a ``Scored``: the rewards with what else
+        the reward can say about them."""
+
+
+class Scored(NamedTuple):
+    """What ``score(..., detail=True)`` gives: one reward per pair (None: refused), an
+    ensemble's disagreement per pair (None for a single model), a mixture's sources'
+    rewards per pair by name ({} for a single source), and a generative judge's answers
+    (``judge.Judgement``; [] for any other reward)."""
+
+    rewards: list
+    spreads: list
+    parts: dict
+    judgements: list
 
 
 class _Loaded:
@@ -129,7 +140,7 @@ class ModelReward(_Loaded):
 
     def score(self, prompts, responses, desc="score", refusals=False, detail=False):
         got = self.scorer().score(prompts, responses, desc, refusals, detail)
-        return (*got, {}) if detail else got
+        return Scored(*got, {}, []) if detail else got
 
 
 @dataclass
@@ -141,6 +152,7 @@ class PairwiseReward(ModelReward):
     one)."""
 
     template: str | None = None
+    compares = True  # the held-out evaluation asks it directly (``prefer``)
 
     def identity(self) -> dict:
         from iterate import pairwise
@@ -162,11 +174,60 @@ class PairwiseReward(ModelReward):
 
     def score(self, prompts, responses, desc="score", refusals=False, detail=False):
         got = self.scorer().score(prompts, responses, desc)
-        return (got, [None] * len(got), {}) if detail else got
+        return Scored(got, [None] * len(got), {}, []) if detail else got
 
     def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
         """P(a ≻ b) per row, both orders averaged."""
         return self.scorer().prefer(prompts, a, b, desc)
+
+
+@dataclass
+class JudgeReward(ModelReward):
+    """A generative judge (``iterate.judge``): the causal LM at ``path`` sampled through the
+    run's sampler (``how``: ``sampling.How``) and its answers parsed; ``settings``: the
+    ``reward.judge`` section. Compare mode rewards by tournament and has ``prefer``, like a
+    pairwise model; score mode rewards each response by the number the judge gives it."""
+
+    how: Any = None
+    settings: Any = None  # config.JudgeConfig
+
+    def judge(self):
+        """The loaded ``judge.Judge``."""
+        if self._scorer is None:
+            from iterate import judge
+
+            js, mode = self.settings, str(self.settings.mode)
+            self._scorer = judge.Judge(
+                self.path, self.how, mode, judge.template(mode, js.template),
+                judge.pattern(mode, js.pattern), js.max_tokens, js.temperature, js.retries,
+                js.low, js.high, self.max_length, self.chat_template,
+            )  # fmt: skip
+        return self._scorer
+
+    def identity(self) -> dict:
+        j = self.judge()
+        asked = {"mode": j.mode, "template": j.text, "pattern": j.rx.pattern,
+                 "max_tokens": j.max_tokens, "temperature": j.temperature, "retries": j.retries,
+                 "backend": self.how.backend}  # fmt: skip
+        if j.mode == "score":
+            asked["range"] = [j.low, j.high]
+        out = {k: v for k, v in super().identity().items() if k != "aggregate"}
+        return out | {"judge": asked}
+
+    @property
+    def compares(self) -> bool:
+        return str(self.settings.mode) == "compare"
+
+    def on(self, device) -> JudgeReward:
+        return self  # it samples on the run's engines, wherever it is asked from
+
+    def score(self, prompts, responses, desc="score", refusals=False, detail=False):
+        got, said = self.judge().score(prompts, responses, desc)
+        return Scored(got, [None] * len(got), {}, said) if detail else got
+
+    def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
+        """P(a ≻ b) per row, both orders averaged (NaN: neither order judged); compare mode."""
+        return self.judge().prefer(prompts, a, b, desc)[0]
 
 
 def weights_sum(folder: Path) -> str:
@@ -341,7 +402,7 @@ class FunctionReward(_Loaded):
                 out.append(float("nan") if v is None or math.isnan(v) else float(v))
             bar.update(len(batch))
         bar.close()
-        return (out, [None] * n, {}) if detail else out
+        return Scored(out, [None] * n, {}, []) if detail else out
 
 
 @dataclass
@@ -369,7 +430,7 @@ class MixtureReward:
     def score(self, prompts, responses, desc="score", refusals=False, detail=False):
         parts, spreads = {}, [None] * len(responses)
         for name, reward, _ in self.parts:
-            got, spread, _ = reward.score(prompts, responses, f"{desc} ({name})", refusals, True)
+            got, spread, *_ = reward.score(prompts, responses, f"{desc} ({name})", refusals, True)
             parts[name] = got
             spreads = spread if any(x is not None for x in spread) else spreads
         total = []
@@ -379,7 +440,7 @@ class MixtureReward:
                 total.append(None)  # refused by a source's template: counted and dropped
             else:
                 total.append(sum(w * v for v, w in each))  # NaN stays NaN: dropped
-        return (total, spreads, parts) if detail else total
+        return Scored(total, spreads, parts, []) if detail else total
 
 
 def source_name(part) -> str:
@@ -399,7 +460,7 @@ def has_model(cfg: Config) -> bool:
     rc = cfg.reward
     if str(rc.kind) == "mixture":
         return any(str(p.kind) == "model" and not p.path for p in rc.sources)
-    return str(rc.kind) in ("model", "pairwise")
+    return str(rc.kind) in ("model", "pairwise", "judge")
 
 
 def trains_model(cfg: Config) -> bool:
@@ -410,8 +471,25 @@ def trains_model(cfg: Config) -> bool:
 def refreshes(cfg: Config) -> bool:
     """Whether each iteration refreshes the reward model (``iter_i/reward/``): a reward
     function has none to refresh, and the refresh fits Bradley–Terry models, not pairwise
-    ones, so ``reward.refresh`` (a tuning's default, say) does not apply to them."""
-    return has_model(cfg) and str(cfg.reward.kind) != "pairwise" and cfg.reward.refresh.pairs > 0
+    models or judges, so ``reward.refresh`` (a tuning's default, say) does not apply to
+    them."""
+    kind = str(cfg.reward.kind)
+    return has_model(cfg) and kind not in ("pairwise", "judge") and cfg.reward.refresh.pairs > 0
+
+
+def comparison(cfg: Config) -> str | None:
+    """The comparison template of a reward model that answers "A" or "B" (a pairwise model,
+    a comparing judge): what it is trained on here and asked with; None for any other."""
+    rc = cfg.reward
+    if str(rc.kind) == "pairwise":
+        from iterate import pairwise
+
+        return pairwise.template(rc.pairwise_template)
+    if str(rc.kind) == "judge" and str(rc.judge.mode) == "compare":
+        from iterate import judge
+
+        return judge.template("compare", rc.judge.template)
+    return None
 
 
 def of(
@@ -450,6 +528,13 @@ def of(
         ])  # fmt: skip
     if role == "reward" and str(rc.kind) == "function":
         return function(rc.function)
+    if role in ("reward", "model") and str(rc.kind) == "judge":
+        from iterate import sampling
+
+        spec = sampling.Spec.of(cfg)
+        spec = dataclasses.replace(spec, dtype=str(rc.dtype), max_length=rc.max_length)
+        return model(path, chat_template=rc.chat_template, cls=JudgeReward,
+                     how=sampling.How.of(cfg, spec), settings=rc.judge)  # fmt: skip
     if role in ("reward", "model") and str(rc.kind) == "pairwise":
         return model(path, chat_template=rc.chat_template, cls=PairwiseReward,
                      template=rc.pairwise_template)  # fmt: skip

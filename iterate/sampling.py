@@ -263,28 +263,52 @@ def engine_envs(cfg: Config) -> list[dict]:
     ]
 
 
+@dataclass(frozen=True)
+class How:
+    """How a stage samples (what ``session`` opens; picklable, so a reward that samples, a
+    generative judge, carries it to its scoring process): the backend, the engine settings,
+    one environment per vLLM engine, and whether the engines are kept for the whole run."""
+
+    backend: str
+    spec: Spec
+    envs: tuple
+    keep: bool
+
+    @classmethod
+    def of(cls, cfg: Config, spec: Spec | None = None) -> How:
+        backend, spec = str(cfg.generate.backend), spec or Spec.of(cfg)
+        cpu = models.device(spec.device).type == "cpu"
+        keep = backend == "vllm" and (cfg.generate.keep_engine if cpu else spec.sleep_level > 0)
+        return cls(backend, spec, tuple(engine_envs(cfg)), keep)
+
+
 @contextmanager
 def session(cfg: Config):
+    """The sampler of the run's policies for one stage (``opened``)."""
+    with opened(How.of(cfg)) as sampler:
+        yield sampler
+
+
+@contextmanager
+def opened(how: How, name: str = "policy"):
     """The sampler for one stage. The vLLM engines are kept for the whole run
     (``close_kept`` ends them): on CPU when ``generate.keep_engine``, and on CUDA when
     ``generate.sleep_level`` > 0, where they sleep between stages so the update has the GPU
     memory, and wake for the next (seconds, against a new engine's tens of seconds).
-    Otherwise each stage starts its own engines and ends them."""
-    backend, spec = str(cfg.generate.backend), Spec.of(cfg)
-    cpu = models.device(spec.device).type == "cpu"
-    keep = backend == "vllm" and (cfg.generate.keep_engine if cpu else spec.sleep_level > 0)
-    if keep:
-        envs = engine_envs(cfg)
-        if "vllm" in _KEPT and _KEPT["vllm"].envs != envs:
-            _KEPT.pop("vllm").close()
-        sampler = _KEPT.setdefault("vllm", VllmSampler(spec, envs))
+    Otherwise each stage starts its own engines and ends them. ``name``: whose engines they
+    are (the policies', a judge's): each keeps its own, never loading the other's model."""
+    spec, envs = how.spec, list(how.envs)
+    if how.keep:
+        if name in _KEPT and _KEPT[name].envs != envs:
+            _KEPT.pop(name).close()
+        sampler = _KEPT.setdefault(name, VllmSampler(spec, envs))
         sampler.spec, sampler.timings = spec, {}
     else:
-        sampler = make(backend, spec, engine_envs(cfg))
+        sampler = make(how.backend, spec, envs)
     try:
         yield sampler
     finally:
-        if not keep:
+        if not how.keep:
             sampler.close()
         elif spec.sleep_level:
             sampler.sleep()

@@ -60,6 +60,16 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("reward_std", pa.float64()),  # an ensemble's disagreement; null for one model
         ]
     ),
+    "judgement": pa.schema(  # a generative judge's answers (the label stage's judgements/)
+        [
+            ("prompt_id", pa.string()),
+            ("first_idx", pa.int32()),  # the sample shown first (the one scored)
+            ("second_idx", pa.int32()),  # the sample shown second; -1: none
+            ("attempt", pa.int32()),  # 0: the first answer; n: the n-th retry
+            ("text", pa.string()),  # what the judge said
+            ("verdict", pa.float64()),  # what it parsed to; null: nothing
+        ]
+    ),
     "pairs": pa.schema(
         [
             ("prompt_id", pa.string()),

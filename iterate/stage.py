@@ -212,8 +212,8 @@ NOT_COUNTED = {
         "threads", "tensor_parallel_size", "sleep_level", "engine_stall_s",
     ),
     "reward": (
-        "name", "kind", "function", "sources", "pairwise_template", "workers", "threads",
-        "aggregate", "uncertainty_coef", "refresh", "cache",
+        "name", "kind", "function", "sources", "pairwise_template", "judge", "workers",
+        "threads", "aggregate", "uncertainty_coef", "refresh", "cache",
     ),
     "reward.refresh": (),
     "prompts": (),

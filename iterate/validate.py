@@ -397,6 +397,43 @@ def _pairwise(cfg: Config) -> None:
               "answers A or B")  # fmt: skip
 
 
+def _judge(cfg: Config) -> None:
+    """A generative judge: a template and a parser it can use, room for its answer, one
+    model; a comparing judge only for the pair rules, a scoring one only loaded."""
+    from iterate import judge
+
+    rc, js = cfg.reward, cfg.reward.judge
+    mode = str(js.mode)
+    if mode == "compare" and rule(cfg.update.name).on_policy:
+        raise BadInput(
+            f"reward.judge.mode=compare: a comparing judge compares responses to a prompt, "
+            f"and update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, "
+            "raft) or reward.judge.mode=score"
+        )
+    if mode == "score" and rc.train:
+        raise BadInput("reward.kind=judge with reward.judge.mode=score: a scoring judge is "
+                       "not trained here; set reward.path to the judge model and "
+                       "reward.train=false")  # fmt: skip
+    _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
+          "must be 1 for reward.kind=judge (one judge model)")  # fmt: skip
+    _need(rc.workers == 1, "reward.workers", rc.workers, "must be 1 for reward.kind=judge: "
+          "the judge samples on the run's engines (generate.workers)")  # fmt: skip
+    judge.template(mode, js.template)  # names what the template lacks
+    judge.pattern(mode, js.pattern)  # names a parser that is no regular expression
+    _need(0 < js.max_tokens < rc.max_length // 2, "reward.judge.max_tokens", js.max_tokens,
+          f"must be above 0 and leave reward.max_length={rc.max_length} room for what the "
+          "judge is shown (at most half of it)")  # fmt: skip
+    _need(js.retries >= 0, "reward.judge.retries", js.retries, "must be 0 or more")
+    _need(js.temperature >= 0, "reward.judge.temperature", js.temperature, "must be 0 or more")
+    _need(js.low < js.high, "reward.judge.low", js.low, f"must be below reward.judge.high="
+          f"{js.high}")  # fmt: skip
+    if rc.path and not rc.train:
+        arch = _model_config(rc.path).get("architectures") or []
+        _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
+              f"a {arch[0] if arch else '?'} checkpoint: a judge is a causal LM that writes "
+              "its answer")  # fmt: skip
+
+
 def _reward(cfg: Config) -> None:
     """The reward model's folders, the reward function importable, or a mixture's sources:
     found at start-up, not after generation."""
@@ -407,13 +444,15 @@ def _reward(cfg: Config) -> None:
         _mixture(cfg)
     if str(rc.kind) == "pairwise":
         _pairwise(cfg)
+    if str(rc.kind) == "judge":
+        _judge(cfg)
     if not rewards.has_model(cfg):
         return
     if not rc.train:
         if not rc.path:
             raise BadInput("reward.path is not set but reward.train is false: set one or the other")
-        if str(rc.kind) == "pairwise":
-            _model_folder("reward.path", rc.path, "pairwise model")
+        if str(rc.kind) in ("pairwise", "judge"):
+            _model_folder("reward.path", rc.path, f"{rc.kind} model")
         else:
             _reward_folder("reward.path", rc.path)
     base = (rc.base or cfg.model.path) if rc.train else rc.path

@@ -50,7 +50,7 @@ def test_the_loss_is_the_answer_tokens_cross_entropy_in_both_orders(tiny_world):
     tok = scorer.tokenizer
     msgs = [{"role": "user", "content": "Greet Anna."}]
     orders = (("Hello Anna!", "Ugh."), ("Ugh.", "Hello Anna!"))
-    enc = [pairwise.encode(tok, scorer.text, msgs, x, y, 256) for x, y in orders]
+    enc = [pairwise.encode(tok, scorer.text, msgs, 256, a=x, b=y) for x, y in orders]
     per_pair, right = pairwise.pair_loss(scorer.model, [tuple(enc)], tok.pad_token_id,
                                          scorer.answers)  # fmt: skip
     with torch.no_grad():
@@ -67,13 +67,13 @@ def test_a_long_comparison_is_cut_in_its_context_and_responses_never_its_answer(
     tok, text = scorer.tokenizer, scorer.text
     msgs = [{"role": "user", "content": "Greet Anna. " * 40}]
     a, b = "Hello Anna! " * 30, "Hi Anna. " * 5
-    whole = pairwise.encode(tok, text, msgs, a, b, 10_000)
+    whole = pairwise.encode(tok, text, msgs, 10_000, a=a, b=b)
     tail = whole[-4:]  # the end of the user turn and the generation prompt
     for limit in (len(whole) - 50, 120):
         for x, y in ((a, b), (b, a)):
-            ids = pairwise.encode(tok, text, msgs, x, y, limit)
+            ids = pairwise.encode(tok, text, msgs, limit, a=x, b=y)
             assert len(ids) <= limit and ids[-4:] == tail, limit
-    shown = tok.decode(pairwise.encode(tok, text, msgs, a, b, len(whole) - 50))
+    shown = tok.decode(pairwise.encode(tok, text, msgs, len(whole) - 50, a=a, b=b))
     assert "Hi Anna. " * 5 in shown and "[RESPONSE A]" in shown, "the responses stay whole"
 
 

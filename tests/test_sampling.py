@@ -253,12 +253,12 @@ def test_cuda_session_keeps_its_engine_asleep_between_stages(tiny_cfg):
     tiny_cfg.device = "cuda"  # no GPU needed: no engine starts without a request
     with sampling.session(tiny_cfg) as sampler:
         assert sampler.spec.sleep_level == 2
-    assert sampling._KEPT["vllm"] is sampler  # asleep, kept for the next stage
+    assert sampling._KEPT["policy"] is sampler  # asleep, kept for the next stage
     sampling.close_kept()
     tiny_cfg.generate.sleep_level = 0
     with sampling.session(tiny_cfg) as sampler:
         assert sampler.spec.sleep_level == 0
-    assert "vllm" not in sampling._KEPT  # a new engine per stage
+    assert "policy" not in sampling._KEPT  # a new engine per stage
 
 
 # a stand-in engine process: it reads a request and then spins (works) or sleeps (hangs)

@@ -84,8 +84,9 @@ def which_policy(path: str, paths: Paths) -> str:
 
 
 def _reward_line(cfg: Config, row: dict) -> str:
-    """What the reward was: a model, a function, or a mixture's sources with their weights
-    and this iteration's means; and how often it ordered samples as the gold judge does."""
+    """What the reward was: a model, a judge, a function, or a mixture's sources with their
+    weights and this iteration's means; and how often it ordered samples as the gold judge
+    does."""
     rc = cfg.reward
     if str(rc.kind) == "mixture":
         means = row.get("source_means") or {}
@@ -97,6 +98,14 @@ def _reward_line(cfg: Config, row: dict) -> str:
             for p in rc.sources
         ]  # fmt: skip
         line = f"- **Reward:** {rc.name}, the sum of " + "; ".join(parts)
+    elif str(rc.kind) == "judge":
+        js = rc.judge
+        line = (
+            f"- **Reward:** {rc.name}, a generative judge ({js.mode} mode, {js.max_tokens} "
+            f"tokens per answer at temperature {js.temperature:g}, {js.retries} retries)"
+        )
+        if (parsed := row.get("judge_parsed_first_try")) is not None:
+            line += f"; {parsed:.1%} of its answers parsed at the first try"
     elif rewards.has_model(cfg):
         line = f"- **Reward model:** {rc.name}"
     else:

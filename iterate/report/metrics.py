@@ -77,7 +77,8 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
 
 def _reward_side(reward: dict | None, label: dict | None) -> dict:
     """The reward's side of a row: how often it ordered the training samples as the gold
-    judge does, a mixture's sources' means, an ensemble's disagreement and, when refreshed,
+    judge does, a mixture's sources' means, how a generative judge's answers parsed, an
+    ensemble's disagreement and, when refreshed,
     how often the reward model agreed with the judge on the new pairs before the refresh."""
     out = {}
     sources = (label or {}).get("sources") or {}
@@ -85,6 +86,9 @@ def _reward_side(reward: dict | None, label: dict | None) -> dict:
         out["reward_gold_agreement"] = sources["reward"]["gold_agreement"]
     if parts := {n: s["mean"] for n, s in sources.items() if n != "reward"}:
         out["source_means"] = parts
+    if judge := (label or {}).get("judge"):  # a generative judge: how its answers went
+        out["judge_parsed_first_try"] = judge["parsed_first_try"]
+        out["judge_unjudged"] = judge["unjudged"]
     if label and label.get("reward_std_mean") is not None:
         out["reward_std_mean"] = label["reward_std_mean"]
     if reward:

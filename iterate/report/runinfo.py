@@ -35,6 +35,7 @@ class StageState:
     dropped: dict = field(default_factory=dict)
     seconds: float | None = None
     sources: dict = field(default_factory=dict)  # label: the reward's and its sources' stats
+    judge: dict = field(default_factory=dict)  # label: how a generative judge's answers went
 
     def describe(self) -> str:
         if self.state == "partial" and self.progress:
@@ -51,8 +52,9 @@ def stage_state(folder: Path, name: str, planned: int | None = None) -> StageSta
         dropped = done.get("dropped") or {}
         seconds, sources = done.get("seconds"), done.get("sources") or {}
         return StageState(
-            name, "done", counts=counts, dropped=dropped, seconds=seconds, sources=sources
-        )
+            name, "done", counts=counts, dropped=dropped, seconds=seconds, sources=sources,
+            judge=done.get("judge") or {},
+        )  # fmt: skip
     if not folder.exists():
         return StageState(name, "missing")
     plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}

@@ -36,6 +36,10 @@ def _stage_line(s: runinfo.StageState) -> str:
         agree = st.get("gold_agreement")
         agree = f", agrees with gold on {agree:.1%} of pairs" if agree is not None else ""
         line += f"\n{'':21}{name}{weight}: mean {st['mean']:+.4f}, std {st['std']:.4f}{agree}"
+    if j := s.judge:  # a generative judge's answers: label/judgements/
+        line += (f"\n{'':21}judge: {j['questions']} questions, {j['answers']} answers, "
+                 f"{j['parsed_first_try']:.1%} parsed at the first try, {j['unjudged']} "
+                 "left unjudged (in judgements/)")  # fmt: skip
     return line
 
 

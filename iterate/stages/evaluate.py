@@ -121,7 +121,7 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
     spread = [x for x in per_row if x is not None]
     scored = by_table["new"]
     new_gold = None
-    out = {"heldout_reward_mean": _mean([r for r in scored if r is not None])}
+    out = {"heldout_reward_mean": _mean([r for r in scored if r is not None and r == r])}
     if spread:
         out["heldout_reward_std"] = _mean(spread)
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
@@ -130,16 +130,18 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
     new_keys, init_keys = key(samples), key(init)
     init_reward = dict(zip(init_keys, by_table["init"]))
     both = [(r, init_reward.get(k)) for r, k in zip(scored, new_keys)]
-    both = [(a, b) for a, b in both if a is not None and b is not None]
+    both = [(a, b) for a, b in both if a is not None and b is not None and a == a and b == b]
     out["proxy_win_rate"] = (
         round(win_rate([a for a, _ in both], [b for _, b in both]), 4) if both else None
     )
-    if hasattr(reward, "prefer"):  # a pairwise model is asked directly: new or initial?
+    if getattr(reward, "compares", False):  # a pairwise model or judge is asked: new or old?
         init_rows = dict(zip(init_keys, init["response"].to_pylist()))
         matched = [(p, r, init_rows[k]) for p, r, k in zip(samples["prompt"].to_pylist(),
                    samples["response"].to_pylist(), new_keys) if k in init_rows]  # fmt: skip
         if matched:  # (its tournament rewards average one half: its mean preference instead)
             prefs = reward.prefer(*map(list, zip(*matched)), desc="held-out preference")
+            if unjudged := sum(p != p for p in prefs):  # a judge that never answered: NaN
+                out["judge_unjudged"], prefs = unjudged, [p for p in prefs if p == p]
             out["proxy_win_rate"] = round(win_rate(prefs, [0.5] * len(prefs)), 4)
             out["heldout_reward_mean"] = _mean(prefs)
     if gold := rewards.of(cfg, "gold"):

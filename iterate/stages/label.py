@@ -1,6 +1,7 @@
 """The label stage: every generated response scored by the run's reward (``rewards.of``:
-a reward model, a function or a mixture, whose sources' rewards get columns of their own),
-and by its gold judge when it has one (the toy world's).
+a reward model, a function, a mixture, whose sources' rewards get columns of their own, a
+pairwise model or a generative judge, whose every answer is kept in ``judgements/``), and
+by its gold judge when it has one (the toy world's).
 
 A reward model scores through the one scorer (``scoring.Scorer``): each response
 re-rendered in the reward model's own chat template, length-sorted batches of
@@ -40,19 +41,19 @@ log = logging.getLogger(__name__)
 
 def label_table(
     gen: pa.Table, rewards: list[float], gold: list | None = None, spread: list | None = None,
-    parts: dict[str, list] | None = None,
+    parts: dict[str, list] | None = None, unscored: str = "non_finite_reward",
 ) -> tuple[pa.Table, Counter]:  # fmt: skip
     """The label rows of generate shard ``gen`` given its rewards (and the gold judge's
     scores, an ensemble's disagreement, a mixture's sources' rewards in columns
-    ``source_<name>``); rows without a finite reward dropped, counted by reason (for a
-    mixture, naming the first source that gave none)."""
+    ``source_<name>``); rows without a finite reward dropped, counted by reason
+    (``unscored``; for a mixture, naming the first source that gave none)."""
     parts, keep, dropped = parts or {}, [], Counter()
     for i, r in enumerate(rewards):
         if r is None:
             dropped["template_refused"] += 1
         elif not math.isfinite(r):
             bad = [n for n, v in parts.items() if v[i] is None or not math.isfinite(v[i])]
-            dropped["non_finite_reward" + (f"_{bad[0]}" if bad else "")] += 1
+            dropped[unscored + (f"_{bad[0]}" if bad else "")] += 1
         else:
             keep.append(i)
     columns = {
@@ -109,6 +110,43 @@ def source_stats(labels: pa.Table, weights: dict[str, float]) -> dict[str, dict]
     return out
 
 
+JUDGEMENTS = "judgements"  # a generative judge's answers: label/judgements/shard_k.parquet
+
+
+def judgement_table(gen: pa.Table, said: list) -> pa.Table:
+    """A generative judge's answers on generate shard ``gen`` (``judge.Judgement``: the rows
+    it was shown by index), one row per answer: the prompt, the samples shown first and
+    second (-1: none, a score), the attempt, the text and what it parsed to (null: nothing;
+    compare: 1 when the sample shown first won, 0 when the second did, 0.5 a tie)."""
+    ids, idx = gen["prompt_id"].to_pylist(), gen["sample_idx"].to_pylist()
+    return pa.table({
+        "prompt_id": [ids[j.first] for j in said],
+        "first_idx": [idx[j.first] for j in said],
+        "second_idx": [idx[j.second] if j.second >= 0 else -1 for j in said],
+        "attempt": [j.attempt for j in said],
+        "text": [j.text for j in said],
+        "verdict": [j.verdict for j in said],
+    }, schema=SCHEMAS["judgement"])  # fmt: skip
+
+
+def judge_stats(folder: Path) -> dict:
+    """How a generative judge's answers went: questions asked, answers sampled, the share
+    parsed at the first attempt, and the questions left unjudged after every retry."""
+    t = read_shards(folder, SCHEMAS["judgement"])
+    first = [v for a, v in zip(t["attempt"].to_pylist(), t["verdict"].to_pylist()) if a == 0]
+    last: dict[tuple, float | None] = {}  # each question's final answer
+    for q in zip(t["prompt_id"].to_pylist(), t["first_idx"].to_pylist(),
+                 t["second_idx"].to_pylist(), t["verdict"].to_pylist()):  # fmt: skip
+        last[q[:3]] = q[3]
+    unjudged = sum(v is None for v in last.values())
+    return {
+        "questions": len(last),
+        "answers": t.num_rows,
+        "parsed_first_try": round(sum(v is not None for v in first) / max(1, len(first)), 4),
+        "unjudged": unjudged,
+    }
+
+
 def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     gen_dir = paths.stage(i, "generate")
     reward = rewards.of(cfg, path=rm_path, device=models.device(str(cfg.device)), run=paths.run)
@@ -126,11 +164,20 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
             gens[k] = pq.read_table(shard_path(gen_dir, k))
             return texts_of(gens[k])
 
-        def write(k: int, scored: tuple[list, list]) -> None:
+        def write(k: int, scored: rewards.Scored) -> None:
             gen = gens.pop(k)
             judged = gold.score(*texts_of(gen)) if gold else None
-            got, spread, parts = scored
-            table, d = label_table(gen, got, judged, spread, parts)
+            table, d = label_table(
+                gen,
+                scored.rewards,
+                judged,
+                scored.spreads,
+                scored.parts,
+                "unjudged" if scored.judgements else "non_finite_reward",
+            )
+            if scored.judgements:  # before the label shard: its existence is the shard's end
+                write_shard(judgement_table(gen, scored.judgements),
+                            shard_path(stage.path / JUDGEMENTS, k))  # fmt: skip
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)
@@ -145,6 +192,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     stds = labels["reward_std"].to_pylist() if "reward_std" in labels.column_names else []
     spread = [s for s in stds if s is not None]
     weights = {n: w for n, _, w in getattr(reward, "parts", [])}
+    said = stage.path / JUDGEMENTS
     return stage.finish(
         reward_model=rm_path,
         rows_in=sum(pq.read_metadata(p).num_rows for p in shard_paths(gen_dir)),
@@ -154,6 +202,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         gold_mean=round(sum(golds) / len(golds), 4) if golds else None,
         reward_std_mean=round(sum(spread) / len(spread), 4) if spread else None,
         sources=source_stats(labels, weights) if labels.num_rows else {},
+        **({"judge": judge_stats(said)} if shard_paths(said) else {}),
     )
 
 

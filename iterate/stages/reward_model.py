@@ -1,6 +1,7 @@
-"""Reward-model training (Bradley–Terry, or a pairwise preference model), the stage before
-iteration 0, and the fitting the reward refresh (``iterate.stages.reward``) reuses.
-Scoring is ``iterate.scoring`` (a pairwise model's, ``iterate.pairwise``).
+"""Reward-model training (Bradley–Terry, or a pairwise preference model: also what a
+comparing judge is trained as here), the stage before iteration 0, and the fitting the
+reward refresh (``iterate.stages.reward``) reuses. Scoring is ``iterate.scoring`` (a
+pairwise model's, ``iterate.pairwise``).
 
 Training pairs come from the toy world (two responses of different styles to one prompt,
 labelled by the gold judge, with label noise) or from preference files
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import cachekey, faults, losses, pairwise, preferences, progress
+from iterate import cachekey, faults, losses, pairwise, preferences, progress, rewards
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
 from iterate.models import load_policy, load_tokenizer, with_lora
@@ -149,7 +150,7 @@ def encode_pairs(
         try:
             if pair is not None:
                 c, r = p.chosen, p.rejected
-                enc.append(tuple(pairwise.encode(tokenizer, pair, p.messages, x, y, max_length)
+                enc.append(tuple(pairwise.encode(tokenizer, pair, p.messages, max_length, a=x, b=y)
                                  for x, y in ((c, r), (r, c))))  # fmt: skip
             else:
                 enc.append(tuple(encode(tokenizer, p.messages, r, max_length)
@@ -244,7 +245,8 @@ def _fit_member(
     model, tok = _new_model(rc, start, seed, new_head, pair)
     if pair is not None:
         scorer = pairwise.PairwiseScorer(model, tok, rc.max_length, rc.score_batch_size, pair)
-        objective = partial(pairwise.pair_loss, answers=scorer.answers)
+        objective = partial(pairwise.pair_loss, answers=scorer.answers,
+                            whole_vocab=str(rc.kind) == "judge")  # fmt: skip
         rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name, objective)
         held = pairwise_accuracy(scorer, heldout)
     else:
@@ -333,9 +335,11 @@ def train(cfg: Config, paths: Paths) -> dict:
     rc = cfg.reward
     base = rc.base or paths.base_policy
     conf = {"reward": counted(cfg, "reward"), "seed": cfg.seed, "base": base}
-    pair = pairwise.template(rc.pairwise_template) if str(rc.kind) == "pairwise" else None
-    if pair is not None:  # a pairwise model: what it is shown (none for a Bradley-Terry one)
+    pair = rewards.comparison(cfg)
+    if pair is not None:  # a model answering A or B: what it is shown (a Bradley-Terry one: none)
         conf["pairwise_template"] = pair
+        if str(rc.kind) == "judge":  # trained to write its answer (``pairwise.pair_loss``)
+            conf["objective"] = "whole_vocab"
     stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):
         log.info("reward model: done already (%s)", stage.done_path)
