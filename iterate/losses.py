@@ -4,8 +4,10 @@ rewards, log-probs and values. Every function has a hand-computed test.
 Shapes: ``(B,)`` for sequence-level quantities, ``(B, T)`` for per-token ones with a
 ``mask (B, T)`` of response tokens. The losses return one value per example ``(B,)``
 (``dpo`` also the implicit rewards of chosen and rejected); ``kl_penalty``,
-``shaped_rewards``, ``gae``, ``kl_to_go`` and ``remax_weights`` per-token ``(B, T)``
-tensors; ``whiten`` a list of 1-D tensors; ``adaptive_kl_coef`` a float.
+``shaped_rewards``, ``gae``, ``kl_to_go``, ``remax_weights``, ``clipped_surrogate``,
+``returns_to_go``, ``masked_whiten``, ``reinforce_pp_advantages`` and ``rollout_weights``
+per-token ``(B, T)`` tensors; ``group_advantages`` and ``rloo_advantages`` ``(G, n)`` for G
+groups of n samples; ``whiten`` a list of 1-D tensors; ``adaptive_kl_coef`` a float.
 """
 
 from __future__ import annotations
@@ -128,24 +130,131 @@ def batch_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) * x.shape[0] / mask.sum().clamp(min=1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, how: str, norm: float | None = None
+) -> torch.Tensor:
     """Per-token losses to per-sequence ones (B,) whose mean is the batch loss:
-    ``token_mean`` (``batch_token_mean``) or ``sequence_mean`` (each sequence's own mean)."""
+    ``token_mean`` (``batch_token_mean``: every token of the batch weighs the same, DAPO),
+    ``sequence_mean`` (each sequence's own mean, then the mean: the original GRPO) or
+    ``token_sum_norm`` (each sequence's sum over a constant ``norm``, such as the most
+    tokens a response may have: Dr. GRPO, no length in any denominator)."""
     if how == "token_mean":
         return batch_token_mean(per_token, mask)
     if how == "sequence_mean":
         return _masked_mean(per_token, mask)
-    raise ValueError(f"unknown loss aggregation {how!r}")
+    if how == "token_sum_norm":
+        if not norm:
+            raise ValueError("token_sum_norm needs its constant norm (the most response tokens)")
+        return (per_token * mask).sum(-1) / norm
+    raise ValueError(f"unknown loss aggregation {how!r}: token_mean | sequence_mean | "
+                     "token_sum_norm")  # fmt: skip
+
+
+def clipped_surrogate(
+    logps, old_logps, advantages, clip_low: float, clip_high: float
+) -> torch.Tensor:
+    """The clipped ratio objective per token (B, T), as a loss:
+    ``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)``;
+    ``advantages`` per token (B, T) or per sequence (B,). Equal ranges are PPO's
+    (Schulman et al. 2017, eq. 7); a wider upper one is DAPO's clip-higher (Yu et al. 2025),
+    which leaves more room to raise unlikely tokens."""
+    adv = advantages if advantages.dim() == logps.dim() else advantages[:, None]
+    ratio = (logps - old_logps).exp()
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
 
 
 def ppo_policy_loss(
     logps, old_logps, advantages, mask, clip: float, agg: str = "token_mean"
 ) -> torch.Tensor:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), per token, then ``aggregate`` (B,):
-    ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``."""
-    ratio = (logps - old_logps).exp()
-    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    return aggregate(per_token, mask, agg)
+    """PPO's clipped surrogate (``clipped_surrogate`` with one range), then ``aggregate``
+    (B,)."""
+    return aggregate(clipped_surrogate(logps, old_logps, advantages, clip, clip), mask, agg)
+
+
+# ---- group rules (GRPO, RLOO, REINFORCE++) ------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024): each reward less its group's mean, for rewards
+    (G, n) of G groups of n samples of one prompt, scaled by the group's standard deviation
+    (``group``: the original), the whole batch's (``batch``: less noise from small groups),
+    or not at all (``none``: Dr. GRPO, Liu et al. 2025, whose point is that dividing by a
+    group's std favours the prompts that are too easy or too hard). Standard deviations are
+    unbiased (n - 1), as TRL's and verl's are; ``eps`` keeps a group of equal rewards at 0.
+    (G, n)."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(-1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"unknown advantage scaling {scale!r}: group | batch | none")
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO's advantages (Ahmadian et al. 2024): each reward less the mean of the other
+    n - 1 rewards of its group, for rewards (G, n) (n >= 2). (G, n)."""
+    n = rewards.shape[-1]
+    if n < 2:
+        raise ValueError("RLOO needs at least two samples per prompt")
+    others = (rewards.sum(-1, keepdim=True) - rewards) / (n - 1)
+    return rewards - others
+
+
+def returns_to_go(per_token: torch.Tensor) -> torch.Tensor:
+    """Undiscounted returns: ``out[:, t] = sum_{t' >= t} x[:, t']``. (B, T)."""
+    return per_token.flip(-1).cumsum(-1).flip(-1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` shifted and scaled to mean 0 and standard deviation 1 over the masked tokens of
+    the whole batch (the variance over tokens, not unbiased); 0 outside ``mask``. (B, T)."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def reinforce_pp_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): per-token rewards, the KL penalty on every token and the
+    score on the last (``shaped_rewards``), summed to the end (``returns_to_go``), whitened
+    over the batch's tokens (``masked_whiten``): no critic, no group baseline. (B, T)."""
+    return masked_whiten(returns_to_go(shaped_rewards(scores, kl, mask, kl_coef)), mask)
+
+
+# ---- the sampler/trainer mismatch ----------------------------------------------------------
+
+
+def rollout_weights(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, how: str,
+    cap: float,
+) -> torch.Tensor:  # fmt: skip
+    """Per-token weights (B, T) correcting for sampling with other numerics than the
+    trainer's (vLLM's kernels, precision): ``tis``, truncated importance sampling, the
+    ratio ``pi_trainer / pi_sampler`` of each sampled token capped at ``cap`` (Yao et al.
+    2025); ``mask``, 1 where that ratio is within ``cap`` and its inverse, else 0; ``none``,
+    1. Constants (no gradient); 0 outside ``mask``."""
+    if how == "none":
+        return mask.clone()
+    ratio = (trainer_logps - sampler_logps).detach().exp()
+    if how == "tis":
+        return ratio.clamp(max=cap) * mask
+    if how == "mask":
+        return ((ratio <= cap) & (ratio >= 1 / cap)).to(mask.dtype) * mask
+    raise ValueError(f"unknown rollout correction {how!r}: none | tis | mask")
+
+
+def mismatch(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor):
+    """How far the sampler's log-probs of its own tokens are from the trainer's: the mean
+    k3 estimate of KL(sampler || trainer) per token, and the largest ratio either way
+    (``max(p/q, q/p)``), over the masked tokens. (float, float)."""
+    log_ratio = (trainer_logps - sampler_logps).detach()
+    k3 = (log_ratio.exp() - 1 - log_ratio) * mask
+    worst = (log_ratio.abs() * mask).max().exp()
+    return float(k3.sum() / mask.sum().clamp(min=1)), float(worst)
 
 
 def value_loss(
@@ -168,8 +277,8 @@ def remax_advantage(
 
 def kl_to_go(kl: torch.Tensor) -> torch.Tensor:
     """Per-token KL summed from each token to the end of its response (ReMax's return-to-go
-    of the KL penalty): ``out[:, t] = sum_{t' >= t} kl[:, t']``. (B, T) -> (B, T)."""
-    return kl.flip(-1).cumsum(-1).flip(-1)
+    of the KL penalty, ``returns_to_go``). (B, T) -> (B, T)."""
+    return returns_to_go(kl)
 
 
 def remax_weights(

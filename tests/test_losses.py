@@ -200,3 +200,91 @@ def test_adaptive_kl_coefficient_hand_values():
     assert losses.adaptive_kl_coef(0.1, 1.8, 2.0, 100, 1_000) == pytest.approx(0.1 * 0.99)
     assert losses.adaptive_kl_coef(0.1, 0.0, 2.0, 1_000, 1_000) == pytest.approx(0.1 * 0.8)
     assert losses.adaptive_kl_coef(0.1, 2.0, 2.0, 5, 10) == pytest.approx(0.1)  # on target
+
+
+# ---- group rules and the sampler/trainer mismatch ----------------------------------------
+
+
+def test_group_advantages_in_each_scaling_hand_values():
+    r = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    # group 1: mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1; group 2: all equal, std 0
+    got = losses.group_advantages(r, "group")
+    assert got[0].tolist() == pytest.approx([-1 / 1.0001, 0.0, 1 / 1.0001])
+    assert got[1].tolist() == [0.0, 0.0, 0.0]
+    # the batch's six rewards: mean 3.5, squared deviations 6.25 2.25 0.25 2.25 2.25 2.25
+    batch_std = math.sqrt(15.5 / 5)
+    got = losses.group_advantages(r, "batch")
+    assert got[0].tolist() == pytest.approx([-1 / (batch_std + 1e-4), 0, 1 / (batch_std + 1e-4)])
+    assert losses.group_advantages(r, "none").tolist() == [[-1, 0, 1], [0, 0, 0]]
+    with pytest.raises(ValueError, match="group | batch | none"):
+        losses.group_advantages(r, "prompt")
+
+
+def test_rloo_baseline_is_the_other_samples_mean():
+    got = losses.rloo_advantages(torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 2.0]]))
+    # 1 - (2+3)/2, 2 - (1+3)/2, 3 - (1+2)/2; 4 - 1, 0 - 3, 2 - 2
+    assert got.tolist() == [[-1.5, 0.0, 1.5], [3.0, -3.0, 0.0]]
+    with pytest.raises(ValueError, match="at least two"):
+        losses.rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_clip_higher_leaves_more_room_above_than_below():
+    """Ratios 1.5, 0.5, 1.25 for advantages +1 and -1, clip_low 0.2, clip_high 0.28."""
+    ratio = torch.tensor([[1.5, 0.5, 1.25], [1.5, 0.5, 1.25]])
+    adv = torch.tensor([1.0, -1.0])
+    got = losses.clipped_surrogate(ratio.log(), torch.zeros(2, 3), adv, 0.2, 0.28)
+    # A=+1: max(-r, -clip(r, 0.8, 1.28)): -1.28, -0.5, -1.25 (PPO's 0.2 would give -1.2)
+    # A=-1: max(r, clip(r, 0.8, 1.28)): 1.5, 0.8, 1.25
+    assert got.flatten().tolist() == pytest.approx([-1.28, -0.5, -1.25, 1.5, 0.8, 1.25])
+    same = losses.clipped_surrogate(ratio.log(), torch.zeros(2, 3), adv, 0.2, 0.2)
+    assert same[0, 2].item() == pytest.approx(-1.2)
+    ppo = losses.ppo_policy_loss(ratio.log(), torch.zeros(2, 3), adv, torch.ones(2, 3), 0.2)
+    assert ppo.tolist() == pytest.approx(losses.aggregate(same, torch.ones(2, 3), "token_mean"))
+
+
+def test_token_sum_norm_divides_by_a_constant_not_a_length():
+    per_token = torch.tensor([[1.0, 2.0, 7.0], [3.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert losses.aggregate(per_token, mask, "token_sum_norm", norm=4).tolist() == [0.75, 0.75]
+    assert losses.aggregate(per_token, mask, "sequence_mean").tolist() == [1.5, 3.0]
+    with pytest.raises(ValueError, match="needs its constant"):
+        losses.aggregate(per_token, mask, "token_sum_norm")
+
+
+def test_masked_whiten_over_the_batchs_tokens():
+    x = torch.tensor([[1.0, 3.0, 99.0]])
+    got = losses.masked_whiten(x, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert got[0].tolist() == pytest.approx([-1.0, 1.0, 0.0], abs=1e-6)  # mean 2, var 1
+
+
+def test_reinforce_pp_advantages_hand_values():
+    """Scores 1 and 0; KL 0.1, 0.2 and 0.0 (second sequence one token long), coefficient
+    0.5: per-token rewards -0.05, -0.1 + 1 and 0; returns to go 0.85, 0.9 and 0; whitened
+    over the three tokens."""
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.1, 0.2], [0.0, 0.2]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    got = losses.reinforce_pp_advantages(scores, kl, mask, 0.5)
+    rtg = [0.85, 0.9, 0.0]
+    mean = sum(rtg) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in rtg) / 3)
+    want = [(v - mean) / std for v in rtg]
+    assert got.flatten().tolist() == pytest.approx([want[0], want[1], want[2], 0.0], abs=1e-6)
+    assert losses.returns_to_go(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[6.0, 5.0, 3.0]]
+
+
+def test_rollout_weights_truncate_or_mask_the_trainer_sampler_ratio():
+    """Trainer/sampler probabilities 0.5/0.25, 0.2/0.4, 0.6/0.5: ratios 2, 0.5, 1.2; cap 1.5
+    (the mask keeps ratios within [1/1.5, 1.5])."""
+    trainer = torch.tensor([[0.5, 0.2, 0.6, 0.9]]).log()
+    sampler = torch.tensor([[0.25, 0.4, 0.5, 0.1]]).log()
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    tis = losses.rollout_weights(trainer, sampler, mask, "tis", 1.5)
+    assert tis[0].tolist() == pytest.approx([1.5, 0.5, 1.2, 0.0])
+    kept = losses.rollout_weights(trainer, sampler, mask, "mask", 1.5)
+    assert kept.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    assert losses.rollout_weights(trainer, sampler, mask, "none", 1.5).tolist() == mask.tolist()
+    k3, worst = losses.mismatch(trainer, sampler, mask)
+    # r - 1 - log r for r = 2, 0.5, 1.2 (the masked 9x ratio left out)
+    each = [r - 1 - math.log(r) for r in (2.0, 0.5, 1.2)]
+    assert k3 == pytest.approx(sum(each) / 3) and worst == pytest.approx(2.0)
