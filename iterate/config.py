@@ -79,6 +79,17 @@ class UpdateRule(StrEnum):
     raft = "raft"
     ppo = "ppo"
     remax = "remax"
+    grpo = "grpo"
+    rloo = "rloo"
+    reinforce_pp = "reinforce_pp"
+
+
+class ScaleRewards(StrEnum):
+    """How GRPO scales a group's centred rewards (``losses.group_advantages``)."""
+
+    group = "group"  # by the group's std: the original GRPO
+    batch = "batch"  # by the whole batch's std
+    none = "none"  # not at all: Dr. GRPO
 
 
 class KLEstimator(StrEnum):
@@ -94,6 +105,7 @@ class ValueHead(StrEnum):
 class LossAgg(StrEnum):
     token_mean = "token_mean"  # every response token in the batch weighs the same
     sequence_mean = "sequence_mean"  # mean over each sequence's tokens, then over sequences
+    token_sum_norm = "token_sum_norm"  # each sequence's sum over generate.max_tokens (Dr. GRPO)
 
 
 class DpoLoss(StrEnum):
@@ -390,6 +402,22 @@ class UpdateConfig:
     kl_horizon: int = 10000
     value_head: ValueHead = ValueHead.policy
     value_layers: int = 2  # reference_bottom: how many bottom layers feed the head
+    # group rules (grpo, rloo, reinforce_pp): group_size samples per prompt in each rollout
+    # (one request with n), their rewards compared within the group; the clipped ratio
+    # objective with its own lower and upper ranges (clip_high > clip_low: DAPO's
+    # clip-higher), num_iterations optimiser passes per rollout (GRPO's mu)
+    group_size: int = 4
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    num_iterations: int = 1
+    scale_rewards: ScaleRewards = ScaleRewards.group  # grpo
+    # grpo: a k3 KL to the reference in the loss with this coefficient (0: no reference
+    # forward pass at all); rloo and reinforce_pp fold kl_coef's KL into the reward instead
+    kl_loss_coef: float = 0.0
+    # grpo (DAPO's guards): drop the groups whose rewards are all equal (no signal; counted),
+    # and leave responses cut at generate.max_tokens out of the loss
+    drop_equal_groups: bool = False
+    mask_truncated: bool = False
     # ppo, remax with generate.backend=vllm: the policy under training is put into the engine
     # (its weights, a LoRA adapter merged into a copy, loaded in place: Sampler.sync) before a
     # rollout once this many optimiser steps passed since the last sync; 1 samples every

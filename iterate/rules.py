@@ -25,7 +25,8 @@ class Rule:
     stages: tuple[str, ...] = ()  # () for the on-policy rules: they sample inside the update
     keys: tuple[str, ...] = ()  # the update settings it reads beyond the shared ones
     keep: str | None = None  # pair rules: "pair" (chosen and rejected) or "best" (one)
-    samples: str = ""  # the model card's words for its samples ({n}, {pairs} filled in)
+    samples: str = ""  # the model card's words for its samples ({n}, {pairs}, {group} filled in)
+    groups: bool = False  # an on-policy rule that compares a group of samples per prompt
 
     @property
     def on_policy(self) -> bool:
@@ -37,6 +38,11 @@ class Rule:
 
 
 RL_KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # PPO's and ReMax's
+# the group rules' (iterate.stages.update.group)
+GROUP_KEYS = (
+    "group_size", "clip_low", "clip_high", "num_iterations", "reward_clip", "loss_agg",
+    "drop_equal_groups", "mask_truncated", "sync_every",
+)  # fmt: skip
 
 RULES: dict[str, Rule] = {
     r.name: r
@@ -59,6 +65,18 @@ RULES: dict[str, Rule] = {
         Rule(
             "remax", "remax", keys=(*RL_KEYS, "sync_every"),
             samples="one rollout per prompt and step, and a greedy one",
+        ),
+        Rule(
+            "grpo", "group", keys=(*GROUP_KEYS, "scale_rewards", "kl_loss_coef"), groups=True,
+            samples="a group of {group} rollouts per prompt and step",
+        ),
+        Rule(
+            "rloo", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
+            samples="a group of {group} rollouts per prompt and step",
+        ),
+        Rule(
+            "reinforce_pp", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
+            samples="a group of {group} rollouts per prompt and step",
         ),
     )
 }  # fmt: skip

@@ -103,6 +103,11 @@ RANGES = {
     "update.lora.r": GE1,
     "update.lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "update.ppo_epochs": GE1,
+    "update.group_size": (lambda v: v >= 2, "must be >= 2: a group rule compares its samples"),
+    "update.clip_low": (lambda v: 0 < v < 1, "must be in (0, 1): the ratio's floor is 1 - it"),
+    "update.clip_high": POS,
+    "update.num_iterations": GE1,
+    "update.kl_loss_coef": GE0,
     "update.clip_range": POS,
     "update.kl_coef": GE0,
     "update.nll_coef": GE0,
@@ -206,6 +211,10 @@ def check(cfg: Config) -> None:
         _need(gc.temperature > 0, "generate.temperature", gc.temperature,
               f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
               "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)")  # fmt: skip
+    if rule(uc.name).groups:
+        _need(gc.temperature > 0, "generate.temperature", gc.temperature,
+              f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
+              "alike, so every advantage is 0")  # fmt: skip
     _need(
         gc.max_tokens < cfg.model.max_length,
         "generate.max_tokens",

@@ -195,7 +195,7 @@ def test_cli_help_and_cfg_job():
     assert (
         out.returncode == 0
         and "Configuration groups" in out.stdout
-        and "update: dpo, ppo, raft, remax" in out.stdout
+        and "update: dpo, grpo, ppo, raft, reinforce_pp, remax, rloo" in out.stdout
     )
     out = _cli("--cfg", "job", "update=raft", "generate.n=4")
     assert out.returncode == 0

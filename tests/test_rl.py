@@ -1,6 +1,6 @@
-"""PPO and ReMax on the tiny policy: which parameters get gradients, the value head on the
-configured reference, hand-checked loss aggregation, and tiny end-to-end iterations (one
-with vLLM and transformers' ``generate`` forbidden)."""
+"""PPO, ReMax and the group rules on the tiny policy: which parameters get gradients, the
+value head on the configured reference, hand-checked advantages and loss aggregation, and
+tiny end-to-end iterations (one with vLLM and transformers' ``generate`` forbidden)."""
 
 import json
 
@@ -11,7 +11,7 @@ from iterate import loop, losses, models, sampling, scoring
 from iterate.report import runinfo, show
 from iterate.scoring import Scorer
 from iterate.shards import read_shards
-from iterate.stages.update import common, ppo, remax, rl
+from iterate.stages.update import common, group, ppo, remax, rl
 
 from .conftest import compose_cfg
 
@@ -142,6 +142,41 @@ def test_remax_gradients_reach_only_lora_and_its_loss_weighs_every_token_alike(
     assert losses.remax_advantage(torch.tensor([2.0]), torch.tensor([-3.0]), 1.0).item() == 2.0
 
 
+@pytest.mark.parametrize("rule", ["grpo", "rloo", "reinforce_pp"])
+def test_group_rules_advantages_and_loss_by_hand(tiny_cfg, tiny_world, rule):
+    """A group per prompt, consecutive; advantages from the group's rewards (GRPO: centred
+    and scaled by the group's std; RLOO without a KL: less the others' mean; REINFORCE++:
+    whitened over the batch's tokens); with one pass the ratio is 1 and the loss is
+    -A averaged over the batch's tokens; gradients reach only LoRA."""
+    ctx = _ctx(tiny_cfg, tiny_world, name=rule, group_size=3, kl_coef=0.0, reward_clip=100.0)
+    examples = group.prepare(ctx, _prompts(ctx), seed=0)
+    assert len(examples) == 3 * len(PROMPTS)
+    assert [e.prompt for e in examples] == [ids for _, ids in _prompts(ctx) for _ in range(3)]
+    scores = torch.tensor([e.rollout["score"] for e in examples], dtype=torch.float64).view(-1, 3)
+    adv = [float(e.rollout["advantages"][0]) for e in examples]
+    if rule == "grpo":
+        want = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)
+        assert adv == pytest.approx(want.flatten().tolist(), abs=1e-5)
+    elif rule == "rloo":
+        want = scores - (scores.sum(-1, keepdim=True) - scores) / 2
+        assert adv == pytest.approx(want.flatten().tolist(), abs=1e-5)
+    else:  # every token's advantage: its return (the score, no KL), whitened over all tokens
+        flat = torch.cat([e.rollout["advantages"] for e in examples])
+        assert flat.mean().item() == pytest.approx(0, abs=1e-5)
+        assert flat.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+        assert all(len(e.rollout["advantages"]) == len(e.chosen) for e in examples)
+    _nonzero_adapter(ctx.model)
+    ctx.model.train()
+    per_example, metrics = group.loss(ctx, ctx.model, examples)
+    per_example.mean().backward()
+    touched = _grads(ctx.model.named_parameters())
+    assert touched and all("lora_" in n for n in touched) and metrics["clip_frac"] == 0
+    ids, mask, resp = ctx.batch(examples)
+    a = rl.grid([e.rollout["advantages"] for e in examples], resp)
+    expected = -(a * resp).sum() / resp.sum()
+    assert per_example.mean().item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
 def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
     ctx = _ctx(tiny_cfg, tiny_world, name="ppo")
     examples = ctx.rollout(_prompts(ctx), seed=0)
@@ -160,10 +195,13 @@ def by_answer(prompts, responses, answer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rule", "reward"), [("ppo", "toy_length"), ("remax", "answer")])
+@pytest.mark.parametrize(
+    ("rule", "reward"), [("ppo", "toy_length"), ("remax", "answer"), ("grpo", "answer")]
+)
 def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_path):
-    """PPO against a mixture (the reward model and a length penalty); ReMax against a
-    reward function that reads each prompt row's reference answer (prompts.fields)."""
+    """PPO against a mixture (the reward model and a length penalty); ReMax and GRPO
+    against a reward function that reads each prompt row's reference answer
+    (prompts.fields)."""
     (tmp_path / "by_answer.py").write_text(BY_ANSWER)
     fn = f"{tmp_path / 'by_answer.py'}:by_answer"
     answer = ["reward.kind=function", "reward.train=false", f"reward.function={fn}",
@@ -186,7 +224,8 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
     assert upd["rule"] == rule and upd["steps"] > 0 and upd["skipped_steps"] == 0
     assert (run / "iter_000" / "update" / "adapter").exists()
     assert (run / "iter_000" / "update" / "value_head.pt").exists() == (rule == "ppo")
-    assert upd["peak_rss_mb"] > 0 and upd["responses"] == 16 * cfg.update.epochs
+    per_prompt = cfg.update.group_size if rule == "grpo" else 1
+    assert upd["peak_rss_mb"] > 0 and upd["responses"] == 16 * cfg.update.epochs * per_prompt
     assert not (run / "iter_000" / "generate").exists(), "on-policy rules run no best-of-n stages"
     assert rows[0]["update"] == rule and rows[0]["reward_mean"] == upd["reward_mean"]
     assert rows[0]["responses"] == upd["responses"] and rows[0]["kl_to_reference"] is not None
@@ -195,8 +234,10 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
         assert nxt["value_head_init"] == "${run}/iter_000/update/value_head.pt"  # can move
     # the card lists the settings this rule read, not another rule's
     card = (run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
-    assert "kl_coef=" in card and "label_smoothing" not in card and "beta=" not in card
+    assert ("kl_coef=" in card) == (rule != "grpo") and "label_smoothing" not in card
+    assert "beta=" not in card
     assert ("clip_range=" in card) == (rule == "ppo")
+    assert ("scale_rewards=" in card) == (rule == "grpo")
     # no best-of-n samples: the inspector and the trackers read the held-out ones
     best = runinfo.extremes(runinfo.scored(run, 1), 1)
     assert [r["rank"] for r in best] == ["best 1", "worst 1"] and "gold" in best[0]

@@ -123,7 +123,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
     lora = update["update"].get("lora", {})
     how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
            if lora.get("enabled") else "full fine-tuning")  # fmt: skip
-    samples = rule(uc.name).samples.format(n=gc.n, pairs=cfg.pairs.rule)
+    samples = rule(uc.name).samples.format(n=gc.n, pairs=cfg.pairs.rule, group=uc.group_size)
     source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
     refresh = cfg.reward.refresh
     start = which_policy(update["policy"], paths)  # after a rejection: not always i - 1's

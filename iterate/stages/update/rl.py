@@ -1,6 +1,6 @@
-"""What the on-policy rules (PPO, ReMax) share: rollouts of the policy under training
-through the run's sampler, scored by the frozen reward model through the run's scorer, and
-their batch source for the one training loop (``training.train``).
+"""What the on-policy rules (PPO, ReMax, the group rules) share: rollouts of the policy
+under training through the run's sampler, scored by the run's reward, and their batch
+source for the one training loop (``training.train``).
 
 Before each rollout, once ``update.sync_every`` optimiser steps have passed since the last
 sync, the policy under training is put into the sampler (``Sampler.sync``): with vLLM its
@@ -43,23 +43,25 @@ class Context:
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
 
     def rollout(
-        self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False
+        self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False, n: int = 1
     ) -> list[Example]:
-        """One response per prompt (sampled, or greedy), scored by the reward model."""
+        """``n`` responses per prompt (sampled in one request, or greedy), scored by the run's
+        reward; a prompt's ``n`` examples are consecutive (a group rule's group)."""
         gc = self.cfg.generate
         params = sampling.Params(
-            n=1,
+            n=n,
             temperature=0.0 if greedy else gc.temperature,
             top_p=gc.top_p,
             max_tokens=gc.max_tokens,
         )
-        samples = [s[0] for s in self.sampler.sample([ids for _, ids in prompts], params, seed)]
+        got = self.sampler.sample([ids for _, ids in prompts], params, seed)
+        flat = [(p, ids, s) for (p, ids), group in zip(prompts, got, strict=True) for s in group]
         scores = self.reward.score(
-            [p for p, _ in prompts], [s.text for s in samples], desc="rollout reward"
+            [p for p, _, _ in flat], [s.text for _, _, s in flat], desc="rollout reward"
         )
         return [
             Example(ids, list(s.ids), rollout={"score": r, "stop": s.finish_reason == "stop"})
-            for (_, ids), s, r in zip(prompts, samples, scores, strict=True)
+            for (_, ids, s), r in zip(flat, scores, strict=True)
         ]
 
     def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

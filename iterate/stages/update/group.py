@@ -1,0 +1,138 @@
+"""The group rules: GRPO (Shao et al. 2024, with DAPO's and Dr. GRPO's fixes), RLOO
+(Ahmadian et al. 2024) and REINFORCE++ (Hu 2025). One rollout and one loss, the rules
+differing only in their advantages (``losses``):
+
+- per prompt, ``update.group_size`` responses from the policy under training (one request
+  with n, through the run's sampler), scored by the run's reward;
+- ``grpo``: each reward less its group's mean, scaled by the group's std, the batch's, or
+  not at all (``scale_rewards``); a k3 KL to the reference in the loss
+  (``kl_loss_coef``; 0: no reference pass);
+- ``rloo``: the sequence's KL to the reference (``kl_coef``) taken from its reward, then
+  each reward less the mean of the other samples of its group;
+- ``reinforce_pp``: the per-token KL penalty in the reward (``kl_coef``), returns to go,
+  whitened over the batch's tokens;
+- the loss: the clipped ratio objective with its own lower and upper ranges (``clip_low``,
+  ``clip_high``), aggregated over tokens as ``loss_agg`` says (``token_sum_norm`` divides
+  by ``generate.max_tokens``), for ``num_iterations`` optimiser passes per rollout; the
+  ratio's old log-probs are the trainer's, taken before the first pass.
+
+Groups whose rewards are all equal carry no signal: they are counted, and with
+``drop_equal_groups`` left out of the step. A group with a reward the reward could not give
+(None, NaN) is left out and counted. With ``mask_truncated`` a response cut at
+``generate.max_tokens`` is left out of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from iterate import losses, models
+from iterate.config import Config
+from iterate.paths import Paths
+from iterate.stages.update import rl
+from iterate.stages.update.common import Example
+
+
+def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
+    """Each example's advantage (``rollout["advantages"]``: per token), by its rule."""
+    uc, rule = ctx.cfg.update, str(ctx.cfg.update.name)
+    scores = torch.tensor([e.rollout["score"] for e in examples], dtype=torch.float64)
+    scores = scores.clamp(-uc.reward_clip, uc.reward_clip)
+    kl = [e.rollout.get("kl") for e in examples]  # per token, for rloo and reinforce_pp
+    if rule == "reinforce_pp":
+        resp = torch.nn.utils.rnn.pad_sequence([torch.ones(len(k)) for k in kl], batch_first=True)
+        grid = torch.nn.utils.rnn.pad_sequence(kl, batch_first=True).to(torch.float64)
+        adv = losses.reinforce_pp_advantages(scores, grid, resp.to(torch.float64), uc.kl_coef)
+        for e, a, m in zip(examples, adv, resp, strict=True):
+            e.rollout["advantages"] = a[m.bool()].float()
+        return
+    if rule == "rloo":
+        scores = scores - uc.kl_coef * torch.tensor(
+            [float(k.sum()) for k in kl], dtype=scores.dtype
+        )
+        adv = losses.rloo_advantages(scores.view(-1, n)).flatten()
+    else:
+        adv = losses.group_advantages(scores.view(-1, n), str(uc.scale_rewards)).flatten()
+    for e, a in zip(examples, adv.tolist(), strict=True):
+        e.rollout["advantages"] = torch.full((len(e.chosen),), a)
+
+
+def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
+    """Roll out a group per prompt; leave out (and count) the groups without a reward for
+    every sample, and the groups of equal rewards when asked; with the policy as it is now,
+    the old log-probs (several passes) and the reference's (a KL), then the advantages."""
+    uc, rule = ctx.cfg.update, str(ctx.cfg.update.name)
+    n = uc.group_size
+    examples = ctx.rollout(prompts, seed, n=n)
+    groups = [examples[g : g + n] for g in range(0, len(examples), n)]
+    unscored = [g for g in groups if not all(math.isfinite(e.rollout["score"]) for e in g)]
+    equal = [g for g in groups if g not in unscored and len({e.rollout["score"] for e in g}) == 1]
+    drop = unscored + (equal if uc.drop_equal_groups else [])
+    kept = [e for g in groups if not any(g is d for d in drop) for e in g]
+    for e in kept:
+        e.rollout.update(groups=len(groups), unscored_groups=len(unscored),
+                         equal_groups=len(equal))  # fmt: skip
+    needs_ref = (rule == "grpo" and uc.kl_loss_coef > 0) or rule in ("rloo", "reinforce_pp")
+    for mb in rl.micro_batches(kept, uc.micro_batch_size):
+        ids, mask, resp = ctx.batch(mb)
+        old = models.token_logps(ctx.model, ids, mask) * resp if uc.num_iterations > 1 else None
+        ref = ctx.ref_logps(ids, mask, resp) if needs_ref else None
+        if old is not None:
+            for e, x in zip(mb, rl.rows(old, resp), strict=True):
+                e.rollout["old_logps"] = x
+        if ref is not None:
+            for e, x in zip(mb, rl.rows(ref, resp), strict=True):
+                e.rollout["ref_logps"] = x
+            if rule != "grpo":  # the KL of the reward: the policy now against the reference
+                now = old if old is not None else models.token_logps(ctx.model, ids, mask) * resp
+                kl = losses.kl_penalty(now, ref, str(uc.kl_estimator)) * resp
+                for e, x in zip(mb, rl.rows(kl, resp), strict=True):
+                    e.rollout["kl"] = x
+    if kept:
+        advantages(ctx, kept, n)
+    return kept
+
+
+def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]:
+    uc, gc = ctx.cfg.update, ctx.cfg.generate
+    ids, mask, resp = ctx.batch(mb)
+    logps = models.token_logps(model, ids, mask) * resp
+    adv = rl.grid([e.rollout["advantages"] for e in mb], resp)
+    has_old = "old_logps" in mb[0].rollout
+    old = rl.grid([e.rollout["old_logps"] for e in mb], resp) if has_old else logps.detach()
+    ref = rl.grid([e.rollout["ref_logps"] for e in mb], resp) if "ref_logps" in mb[0].rollout \
+        else None  # fmt: skip
+    if uc.mask_truncated:  # DAPO's overlong filtering: a cut response teaches nothing
+        keep = torch.tensor([float(e.rollout["stop"]) for e in mb], device=resp.device)
+        resp = resp * keep[:, None]
+    per_token = losses.clipped_surrogate(logps, old, adv, uc.clip_low, uc.clip_high)
+    metrics = {}
+    if str(uc.name) == "grpo" and uc.kl_loss_coef > 0:
+        kl = losses.kl_penalty(logps, ref, "k3") * resp
+        per_token = per_token + uc.kl_loss_coef * kl
+        metrics["kl"] = rl.token_mean(kl, resp)
+    elif "kl" in mb[0].rollout:
+        metrics["kl"] = sum(float(e.rollout["kl"].sum()) for e in mb) / len(mb)
+    agg = str(uc.loss_agg)
+    per_example = losses.aggregate(per_token, resp, agg, norm=gc.max_tokens)
+    ratio = (logps.detach() - old).exp()
+    low, high = ratio < 1 - uc.clip_low, ratio > 1 + uc.clip_high
+    first = mb[0].rollout
+    return per_example, {
+        **metrics,
+        "entropy": rl.token_mean(-logps, resp),
+        "clip_frac": rl.token_mean((low | high).float(), resp),
+        "reward": sum(e.rollout["score"] for e in mb) / len(mb),
+        "advantage_abs": rl.token_mean(adv.abs(), resp),
+        "equal_groups": first["equal_groups"] / max(1, first["groups"]),
+        "unscored_groups": first["unscored_groups"],
+    }
+
+
+ON_POLICY = rl.OnPolicy(prepare, loss, passes=lambda cfg: cfg.update.num_iterations)
+
+
+def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    return rl.run_on_policy(cfg, paths, i, policy, reference, ON_POLICY)
