@@ -84,6 +84,14 @@ class UpdateRule(StrEnum):
     reinforce_pp = "reinforce_pp"
 
 
+class RolloutCorrection(StrEnum):
+    """How the on-policy rules correct for the sampler's numerics (``losses.rollout_weights``)."""
+
+    none = "none"
+    tis = "tis"  # truncated importance sampling
+    mask = "mask"  # tokens whose ratio is past the cap left out
+
+
 class ScaleRewards(StrEnum):
     """How GRPO scales a group's centred rewards (``losses.group_advantages``)."""
 
@@ -418,6 +426,12 @@ class UpdateConfig:
     # and leave responses cut at generate.max_tokens out of the loss
     drop_equal_groups: bool = False
     mask_truncated: bool = False
+    # on-policy rules: the sampler's log-probs of its own tokens against the trainer's (the
+    # mismatch, logged per step: mismatch_k3, mismatch_max_ratio); tis weighs each token's
+    # policy-gradient term by their ratio capped at tis_cap, mask leaves out the tokens whose
+    # ratio is beyond tis_cap either way; none logs the mismatch only
+    rollout_correction: RolloutCorrection = RolloutCorrection.none
+    tis_cap: float = 2.0
     # ppo, remax with generate.backend=vllm: the policy under training is put into the engine
     # (its weights, a LoRA adapter merged into a copy, loaded in place: Sampler.sync) before a
     # rollout once this many optimiser steps passed since the last sync; 1 samples every

@@ -74,8 +74,9 @@ def load_weights(llm, request: dict) -> None:
     llm.reset_prefix_cache()
 
 
-def sample(llm, request: dict) -> list[list[tuple[str, list[int], str]]]:
-    """(text, token ids, finish reason) of ``n`` samples per prompt."""
+def sample(llm, request: dict) -> list[list[tuple]]:
+    """(text, token ids, finish reason, the tokens' log-probs or None) of ``n`` samples per
+    prompt."""
     from vllm import SamplingParams
     from vllm.utils.torch_utils import set_random_seed
 
@@ -86,15 +87,23 @@ def sample(llm, request: dict) -> list[list[tuple[str, list[int], str]]]:
         top_p=p["top_p"],
         max_tokens=p["max_tokens"],
         **({"min_tokens": p["max_tokens"], "ignore_eos": True} if p.get("ignore_eos") else {}),
+        **({"logprobs": 0} if p.get("logprobs") else {}),  # the sampled token's, raw logits
     )
     set_random_seed(request["seed"])
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
     outs = llm.generate(prompts, params, use_tqdm=False)
     reason = {"stop": "stop"}
+
+    def logps(c) -> list[float] | None:  # each sampled token's log-prob, as the engine saw it
+        if not p.get("logprobs") or c.logprobs is None:
+            return None
+        return [float(step[t].logprob) for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+
     return [
-        [(c.text, list(c.token_ids), reason.get(c.finish_reason, "length")) for c in o.outputs]
+        [(c.text, list(c.token_ids), reason.get(c.finish_reason, "length"), logps(c))
+         for c in o.outputs]
         for o in outs
-    ]
+    ]  # fmt: skip
 
 
 class Server:

@@ -163,14 +163,6 @@ def clipped_surrogate(
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
 
 
-def ppo_policy_loss(
-    logps, old_logps, advantages, mask, clip: float, agg: str = "token_mean"
-) -> torch.Tensor:
-    """PPO's clipped surrogate (``clipped_surrogate`` with one range), then ``aggregate``
-    (B,)."""
-    return aggregate(clipped_surrogate(logps, old_logps, advantages, clip, clip), mask, agg)
-
-
 # ---- group rules (GRPO, RLOO, REINFORCE++) ------------------------------------------------
 
 

@@ -37,11 +37,13 @@ class Rule:
         return importlib.import_module(f"iterate.stages.update.{self.module}").run(*args, **kwargs)
 
 
-RL_KEYS = ("kl_coef", "kl_estimator", "reward_clip", "loss_agg")  # PPO's and ReMax's
+RL_KEYS = (  # PPO's and ReMax's
+    "kl_coef", "kl_estimator", "reward_clip", "loss_agg", "rollout_correction", "tis_cap",
+)  # fmt: skip
 # the group rules' (iterate.stages.update.group)
 GROUP_KEYS = (
     "group_size", "clip_low", "clip_high", "num_iterations", "reward_clip", "loss_agg",
-    "drop_equal_groups", "mask_truncated", "sync_every",
+    "drop_equal_groups", "mask_truncated", "sync_every", "rollout_correction", "tis_cap",
 )  # fmt: skip
 
 RULES: dict[str, Rule] = {

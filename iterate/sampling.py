@@ -49,6 +49,9 @@ class Params:
     top_p: float = 1.0
     max_tokens: int = 48
     ignore_eos: bool = False  # always max_tokens tokens (the benchmark's fixed lengths)
+    # each sampled token's log-prob under the sampler's own numerics, from the raw logits
+    # (before temperature and top-p, as the trainer computes them): the on-policy rollouts
+    logprobs: bool = False
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Sample:
     text: str
     ids: list[int]  # the sampled tokens, EOS included when the sample ended with it
     finish_reason: str  # stop | length
+    logps: list[float] | None = None  # with Params.logprobs: each sampled token's log-prob
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class TransformersSampler:
         )
         if params.ignore_eos:
             kw["min_new_tokens"] = params.max_tokens
+        if params.logprobs:  # the raw logits of each step, to read the sampled token's log-prob
+            kw |= {"output_logits": True, "return_dict_in_generate": True}
         out: list[list[Sample]] = []
         with (
             progress.Timer(self.timings)("sample_s"),
@@ -143,7 +149,7 @@ class TransformersSampler:
                 ids, mask = models.pad(
                     prompts[b : b + self.spec.batch_size], tok.pad_token_id, side="left"
                 )
-                seqs = model.generate(
+                got = model.generate(
                     input_ids=ids.to(self.dev),
                     attention_mask=mask.to(self.dev),
                     max_new_tokens=params.max_tokens,
@@ -151,19 +157,28 @@ class TransformersSampler:
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                     **kw,
-                )[:, ids.shape[1] :].tolist()
+                )
+                new = (got.sequences if params.logprobs else got)[:, ids.shape[1] :]
+                lps = None
+                if params.logprobs:  # (rows, steps): each sampled token's raw log-prob
+                    steps = torch.stack(got.logits, 1).float().log_softmax(-1)
+                    lps = steps.gather(-1, new[:, : steps.shape[1], None]).squeeze(-1).tolist()
+                seqs = new.tolist()
                 for j in range(0, len(seqs), params.n):
-                    out.append([self._sample(s, params.ignore_eos) for s in seqs[j : j + params.n]])
+                    out.append([
+                        self._sample(s, params.ignore_eos, lps[k] if lps else None)
+                        for k, s in enumerate(seqs[j : j + params.n], start=j)
+                    ])  # fmt: skip
         model.train(was_training)
         return out
 
-    def _sample(self, seq: list[int], ignore_eos: bool) -> Sample:
+    def _sample(self, seq: list[int], ignore_eos: bool, logps: list[float] | None) -> Sample:
         eos = self.tok.eos_token_id
         ended = eos in seq and not ignore_eos
         seq = seq[: seq.index(eos) + 1] if ended else seq
-        return Sample(
-            self.tok.decode(seq, skip_special_tokens=True), seq, "stop" if ended else "length"
-        )
+        text = self.tok.decode(seq, skip_special_tokens=True)
+        logps = logps[: len(seq)] if logps is not None else None
+        return Sample(text, seq, "stop" if ended else "length", logps)
 
     def close(self) -> None:
         self.model = self.tok = self.source = None
@@ -205,7 +220,7 @@ class VllmSampler:
         samples = self._request(
             {"op": "sample", "prompts": prompts, "params": asdict(params), "seed": seed}, worker
         )
-        return [[Sample(t, ids, r) for t, ids, r in per_prompt] for per_prompt in samples]
+        return [[Sample(*x) for x in per_prompt] for per_prompt in samples]
 
     def _envelope(self, request: dict) -> dict:
         skip = ("device", "batch_size", "engine_stall_s")  # not what an engine is built for

@@ -108,6 +108,7 @@ RANGES = {
     "update.clip_high": POS,
     "update.num_iterations": GE1,
     "update.kl_loss_coef": GE0,
+    "update.tis_cap": (lambda v: v > 1, "must be > 1: the largest trainer/sampler ratio kept"),
     "update.clip_range": POS,
     "update.kl_coef": GE0,
     "update.nll_coef": GE0,

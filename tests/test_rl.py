@@ -3,6 +3,7 @@ value head on the configured reference, hand-checked advantages and loss aggrega
 tiny end-to-end iterations (one with vLLM and transformers' ``generate`` forbidden)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -177,6 +178,33 @@ def test_group_rules_advantages_and_loss_by_hand(tiny_cfg, tiny_world, rule):
     assert per_example.mean().item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
+def test_the_samplers_log_probs_are_the_trainers_and_a_mismatch_is_weighed(tiny_cfg, tiny_world):
+    """The transformers sampler's log-probs of its own tokens equal the trainer's (the same
+    model: no mismatch); a sampler that saw its tokens as twice as likely as the trainer
+    does gets the tokens' terms weighed by 1/2 (tis), or kept (mask, within a cap of 3)."""
+    ctx = _ctx(tiny_cfg, tiny_world, name="grpo", group_size=2)
+    examples = group.prepare(ctx, _prompts(ctx), seed=0)
+    ids, mask, resp = ctx.batch(examples)
+    with torch.no_grad():
+        trainer = models.token_logps(ctx.model, ids, mask) * resp
+    sampler = rl.grid([e.rollout["sampler_logps"] for e in examples], resp)
+    k3, worst = losses.mismatch(trainer, sampler, resp)
+    assert k3 < 1e-8 and worst < 1 + 1e-3
+    for e in examples:
+        e.rollout["sampler_logps"] = e.rollout["sampler_logps"] + math.log(2)
+    ctx.model.eval()
+    with torch.no_grad():
+        plain, _ = group.loss(ctx, ctx.model, examples)  # rollout_correction=none
+        ctx.cfg.update.rollout_correction = "tis"
+        tis, said = group.loss(ctx, ctx.model, examples)
+        ctx.cfg.update.rollout_correction, ctx.cfg.update.tis_cap = "mask", 3.0
+        kept, _ = group.loss(ctx, ctx.model, examples)
+    assert tis.tolist() == pytest.approx((plain / 2).tolist(), rel=1e-3, abs=1e-7)
+    assert kept.tolist() == pytest.approx(plain.tolist())
+    assert said["mismatch_max_ratio"] == pytest.approx(2.0, rel=1e-3)
+    assert said["mismatch_k3"] == pytest.approx(0.5 - 1 + math.log(2), rel=1e-3)
+
+
 def test_grid_and_rows_are_inverse(tiny_cfg, tiny_world):
     ctx = _ctx(tiny_cfg, tiny_world, name="ppo")
     examples = ctx.rollout(_prompts(ctx), seed=0)
@@ -293,6 +321,12 @@ def test_vllm_backend_never_calls_transformers_generate(
     upd = json.loads((tmp_path / "toy_tiny" / "iter_000" / "update" / "_DONE.json").read_text())
     if rule == "ppo":
         assert upd["timings"]["sampler_sample_s"] > 0, "the rollouts came from the engine"
+        # the engine's log-probs of its own tokens against the trainer's: float32 both, on
+        # the same weights (synced), so close; measured, not assumed
+        log = [json.loads(x) for x in (tmp_path / "toy_tiny" / "iter_000" / "update" /
+               "train_log.jsonl").read_text().splitlines()]  # fmt: skip
+        assert all(0 <= r["mismatch_k3"] < 1e-3 and 1 <= r["mismatch_max_ratio"] < 1.1
+                   for r in log)  # fmt: skip
     else:  # labelled by the reward function: each reward is the gold judge's score
         labels = read_shards(tmp_path / "toy_tiny" / "iter_000" / "label").to_pylist()
         assert labels and all(r["reward"] == r["gold"] for r in labels)

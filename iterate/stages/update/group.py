@@ -14,7 +14,8 @@ differing only in their advantages (``losses``):
 - the loss: the clipped ratio objective with its own lower and upper ranges (``clip_low``,
   ``clip_high``), aggregated over tokens as ``loss_agg`` says (``token_sum_norm`` divides
   by ``generate.max_tokens``), for ``num_iterations`` optimiser passes per rollout; the
-  ratio's old log-probs are the trainer's, taken before the first pass.
+  ratio's old log-probs are the trainer's, taken before the first pass; the sampler/trainer
+  mismatch measured and, with ``rollout_correction``, corrected (``rl.corrected``).
 
 Groups whose rewards are all equal carry no signal: they are counted, and with
 ``drop_equal_groups`` left out of the step. A group with a reward the reward could not give
@@ -108,7 +109,7 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         keep = torch.tensor([float(e.rollout["stop"]) for e in mb], device=resp.device)
         resp = resp * keep[:, None]
     per_token = losses.clipped_surrogate(logps, old, adv, uc.clip_low, uc.clip_high)
-    metrics = {}
+    per_token, metrics = rl.corrected(ctx, per_token, old, mb, resp)
     if str(uc.name) == "grpo" and uc.kl_loss_coef > 0:
         kl = losses.kl_penalty(logps, ref, "k3") * resp
         per_token = per_token + uc.kl_loss_coef * kl

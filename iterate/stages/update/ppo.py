@@ -92,10 +92,13 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         for k in ("old_logps", "old_values", "advantages", "returns", "kl")
     )
     agg = str(uc.loss_agg)
-    pg = losses.ppo_policy_loss(logps, old_logps, adv, resp, uc.clip_range, agg)
+    per_token = losses.clipped_surrogate(logps, old_logps, adv, uc.clip_range, uc.clip_range)
+    per_token, mismatch = rl.corrected(ctx, per_token, old_logps, mb, resp)
+    pg = losses.aggregate(per_token, resp, agg)
     vf = losses.value_loss(values, old_values, ret, resp, uc.value_clip, agg)
     ratio = (logps.detach() - old_logps).exp()
     return pg + uc.vf_coef * vf, {
+        **mismatch,
         "entropy": rl.token_mean(-logps, resp),
         "clip_frac": rl.token_mean(((ratio - 1).abs() > uc.clip_range).float(), resp),
         "reward": sum(e.rollout["score"] for e in mb) / len(mb),

@@ -45,8 +45,10 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     )
     adv = torch.tensor([e.rollout["advantage"] for e in mb], device=lp.device)
     weight = losses.remax_weights(adv, kl, uc.kl_coef, resp)
-    per_example = losses.aggregate(-weight.detach() * lp, resp, str(uc.loss_agg))
+    per_token, mismatch = rl.corrected(ctx, -weight.detach() * lp, lp.detach(), mb, resp)
+    per_example = losses.aggregate(per_token, resp, str(uc.loss_agg))
     return per_example, {
+        **mismatch,
         "entropy": rl.token_mean(-lp, resp),
         "reward": sum(e.rollout["score"] for e in mb) / len(mb),
         "greedy_reward": sum(e.rollout["greedy_score"] for e in mb) / len(mb),

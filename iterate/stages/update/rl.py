@@ -5,9 +5,10 @@ source for the one training loop (``training.train``).
 Before each rollout, once ``update.sync_every`` optimiser steps have passed since the last
 sync, the policy under training is put into the sampler (``Sampler.sync``): with vLLM its
 weights, the LoRA adapter merged into a copy, are loaded into the engine in place; with
-transformers the live model is sampled. Log-probs (the PPO
-ratio's old ones included) are always computed here by the trainer, never taken from the
-sampler. Each rollout is seeded from (seed, iteration, step), so a crashed update replays
+transformers the live model is sampled. Log-probs (the PPO ratio's old ones included) are
+always computed here by the trainer; the sampler's own log-probs of its tokens are kept
+only to measure how far they are from the trainer's and, when asked, to correct for it
+(``corrected``). Each rollout is seeded from (seed, iteration, step), so a crashed update replays
 the same rollouts.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iterate import models, progress, rewards, sampling, seeds
+from iterate import losses, models, progress, rewards, sampling, seeds
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
@@ -53,16 +54,20 @@ class Context:
             temperature=0.0 if greedy else gc.temperature,
             top_p=gc.top_p,
             max_tokens=gc.max_tokens,
+            logprobs=not greedy,  # the sampler's view of its tokens: the mismatch
         )
         got = self.sampler.sample([ids for _, ids in prompts], params, seed)
         flat = [(p, ids, s) for (p, ids), group in zip(prompts, got, strict=True) for s in group]
         scores = self.reward.score(
             [p for p, _, _ in flat], [s.text for _, _, s in flat], desc="rollout reward"
         )
-        return [
-            Example(ids, list(s.ids), rollout={"score": r, "stop": s.finish_reason == "stop"})
-            for (_, ids, s), r in zip(flat, scores, strict=True)
-        ]
+        out = []
+        for (_, ids, s), r in zip(flat, scores, strict=True):
+            rollout = {"score": r, "stop": s.finish_reason == "stop"}
+            if s.logps is not None:
+                rollout["sampler_logps"] = torch.tensor(s.logps)
+            out.append(Example(ids, list(s.ids), rollout=rollout))
+        return out
 
     def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, attention mask) (B, T) and the response mask (B, T-1), right-padded."""
@@ -76,6 +81,23 @@ class Context:
         policy with its LoRA adapter disabled (no second copy)."""
         with models.reference_of(self.model, self.ref_model) as ref:
             return models.token_logps(ref, ids, mask) * resp
+
+
+def corrected(
+    ctx: Context, per_token: torch.Tensor, trainer: torch.Tensor, mb: list[Example], resp
+) -> tuple[torch.Tensor, dict]:
+    """A rule's per-token policy-gradient losses weighed for the sampler/trainer mismatch
+    (``update.rollout_correction``, ``losses.rollout_weights``), and the mismatch itself:
+    the mean k3 of KL(sampler || trainer) per token and the largest ratio either way in the
+    micro-batch. ``trainer``: the trainer's log-probs of the rollout's tokens as it was when
+    it rolled out (PPO's old log-probs; the current ones, detached, for one pass)."""
+    if any("sampler_logps" not in e.rollout for e in mb):
+        return per_token, {}
+    uc = ctx.cfg.update
+    sampler = grid([e.rollout["sampler_logps"] for e in mb], resp)
+    k3, worst = losses.mismatch(trainer, sampler, resp)
+    w = losses.rollout_weights(trainer, sampler, resp, str(uc.rollout_correction), uc.tis_cap)
+    return per_token * w, {"mismatch_k3": k3, "mismatch_max_ratio": worst}
 
 
 def grid(values: list[torch.Tensor], resp: torch.Tensor) -> torch.Tensor:
