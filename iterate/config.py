@@ -426,6 +426,9 @@ class UpdateConfig:
     # and leave responses cut at generate.max_tokens out of the loss
     drop_equal_groups: bool = False
     mask_truncated: bool = False
+    # group rules: DAPO's soft over-length penalty added to each reward, falling from 0 at
+    # generate.max_tokens - overlong_buffer tokens to -1 at max_tokens (0: off)
+    overlong_buffer: int = 0
     # on-policy rules: the sampler's log-probs of its own tokens against the trainer's (the
     # mismatch, logged per step: mismatch_k3, mismatch_max_ratio); tis weighs each token's
     # policy-gradient term by their ratio capped at tis_cap, mask leaves out the tokens whose

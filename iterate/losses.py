@@ -217,6 +217,14 @@ def reinforce_pp_advantages(
     return masked_whiten(returns_to_go(shaped_rewards(scores, kl, mask, kl_coef)), mask)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft over-length punishment (Yu et al. 2025, eq. 13), per response (B,): 0 up
+    to ``max_tokens - buffer`` tokens, then falling linearly to -1 at ``max_tokens``, -1
+    beyond (a response cut at ``max_tokens``, which a sampler stops, gets -1)."""
+    start = max_tokens - buffer
+    return ((start - lengths.to(torch.float64)) / buffer).clamp(-1.0, 0.0)
+
+
 # ---- the sampler/trainer mismatch ----------------------------------------------------------
 
 

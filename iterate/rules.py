@@ -43,7 +43,8 @@ RL_KEYS = (  # PPO's and ReMax's
 # the group rules' (iterate.stages.update.group)
 GROUP_KEYS = (
     "group_size", "clip_low", "clip_high", "num_iterations", "reward_clip", "loss_agg",
-    "drop_equal_groups", "mask_truncated", "sync_every", "rollout_correction", "tis_cap",
+    "drop_equal_groups", "mask_truncated", "overlong_buffer", "sync_every",
+    "rollout_correction", "tis_cap",
 )  # fmt: skip
 
 RULES: dict[str, Rule] = {

@@ -213,6 +213,9 @@ def check(cfg: Config) -> None:
               f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
               "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)")  # fmt: skip
     if rule(uc.name).groups:
+        room = f"must be in [0, generate.max_tokens={gc.max_tokens})"
+        _need(0 <= uc.overlong_buffer < gc.max_tokens, "update.overlong_buffer",
+              uc.overlong_buffer, room)  # fmt: skip
         _need(gc.temperature > 0, "generate.temperature", gc.temperature,
               f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
               "alike, so every advantage is 0")  # fmt: skip
@@ -391,11 +394,11 @@ def _pairwise(cfg: Config) -> None:
     from iterate import pairwise
 
     rc = cfg.reward
-    if rule(cfg.update.name).on_policy:
+    if rule(cfg.update.name).on_policy and not rule(cfg.update.name).groups:
         raise BadInput(
             f"reward.kind=pairwise: a pairwise model compares responses to a prompt, and "
-            f"update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, raft) "
-            "or a pointwise reward"
+            f"update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, raft), "
+            "a group rule (grpo, rloo, reinforce_pp) or a pointwise reward"
         )
     _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
           "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
@@ -414,11 +417,11 @@ def _judge(cfg: Config) -> None:
 
     rc, js = cfg.reward, cfg.reward.judge
     mode = str(js.mode)
-    if mode == "compare" and rule(cfg.update.name).on_policy:
+    if mode == "compare" and rule(cfg.update.name).on_policy and not rule(cfg.update.name).groups:
         raise BadInput(
             f"reward.judge.mode=compare: a comparing judge compares responses to a prompt, "
             f"and update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, "
-            "raft) or reward.judge.mode=score"
+            "raft), a group rule (grpo, rloo, reinforce_pp) or reward.judge.mode=score"
         )
     if mode == "score" and rc.train:
         raise BadInput("reward.kind=judge with reward.judge.mode=score: a scoring judge is "

@@ -291,3 +291,9 @@ def test_rollout_weights_truncate_or_mask_the_trainer_sampler_ratio():
     # r - 1 - log r for r = 2, 0.5, 1.2 (the masked 9x ratio left out)
     each = [r - 1 - math.log(r) for r in (2.0, 0.5, 1.2)]
     assert k3 == pytest.approx(sum(each) / 3) and worst == pytest.approx(2.0)
+
+
+def test_overlong_penalty_falls_from_zero_to_minus_one_over_the_buffer():
+    """max_tokens 10, buffer 4: free up to 6 tokens, then -1/4 a token, -1 from 10 on."""
+    got = losses.overlong_penalty(torch.tensor([3, 6, 7, 9, 10, 12]), 10, 4)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.75, -1.0, -1.0])

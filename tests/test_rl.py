@@ -331,3 +331,25 @@ def test_vllm_backend_never_calls_transformers_generate(
         labels = read_shards(tmp_path / "toy_tiny" / "iter_000" / "label").to_pylist()
         assert labels and all(r["reward"] == r["gold"] for r in labels)
         assert not (tmp_path / "toy_tiny" / "reward_model").exists()
+
+
+def test_what_a_group_rule_needs_is_checked_at_start_up():
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    for rule in ("grpo", "rloo", "reinforce_pp"):
+        validate.check(compose_cfg([f"update={rule}"]))
+    # a comparing reward ranks a group's samples by a tournament, as it does best-of-n's
+    validate.check(compose_cfg(["update=grpo", "reward=toy_pairwise"]))
+    validate.check(compose_cfg(["update=rloo", "reward=toy_judge"]))
+    for extra, says in [
+        (["update.group_size=1"], "update.group_size=1: must be >= 2"),
+        (["generate.temperature=0"], "a group's samples all alike"),
+        (["update.clip_low=1.0"], "update.clip_low=1.0: must be in"),
+        (["update.tis_cap=1.0"], "update.tis_cap=1.0: must be > 1"),
+        (["update.overlong_buffer=48"], "update.overlong_buffer=48: must be in"),
+        (["update.loss_agg=token_sum"], "token_sum"),
+        (["update.scale_rewards=prompt"], "scale_rewards"),
+    ]:
+        with pytest.raises((BadInput, Exception), match=says):
+            validate.check(compose_cfg(["update=grpo", *extra]))

@@ -20,7 +20,8 @@ differing only in their advantages (``losses``):
 Groups whose rewards are all equal carry no signal: they are counted, and with
 ``drop_equal_groups`` left out of the step. A group with a reward the reward could not give
 (None, NaN) is left out and counted. With ``mask_truncated`` a response cut at
-``generate.max_tokens`` is left out of the loss.
+``generate.max_tokens`` is left out of the loss; with ``overlong_buffer`` a response near
+that limit has a soft penalty added to its reward (DAPO).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
     uc, rule = ctx.cfg.update, str(ctx.cfg.update.name)
     scores = torch.tensor([e.rollout["score"] for e in examples], dtype=torch.float64)
     scores = scores.clamp(-uc.reward_clip, uc.reward_clip)
+    if uc.overlong_buffer:  # DAPO: a soft penalty on responses near or at the length limit
+        lengths = torch.tensor([len(e.chosen) for e in examples])
+        scores = scores + losses.overlong_penalty(lengths, ctx.cfg.generate.max_tokens,
+                                                  uc.overlong_buffer)  # fmt: skip
     kl = [e.rollout.get("kl") for e in examples]  # per token, for rloo and reinforce_pp
     if rule == "reinforce_pp":
         resp = torch.nn.utils.rnn.pad_sequence([torch.ones(len(k)) for k in kl], batch_first=True)
