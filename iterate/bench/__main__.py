@@ -131,7 +131,8 @@ def update(cfg: BenchConfig, out: Path) -> dict:
         )["peak_rss_mb"]
     res["rl_model"] = u.rl_model
     policy, reward = bm.policy_path(u.rl_model, cfg.toy), bm.reward_path(u.rl_model, cfg.toy)
-    for rule in [name for name, r in RULES.items() if r.on_policy]:  # the rules that roll out
+    rolling = [name for name, r in RULES.items() if r.on_policy]  # the rules that roll out
+    for rule in [r for r in rolling if not u.rl_rules or r in u.rl_rules]:
         log.info("update: %s stage peak memory (%s)", rule, u.rl_model)
         work = out / "work" / "rl"
         shutil.rmtree(work / rule, ignore_errors=True)

@@ -45,8 +45,10 @@ class UpdateBench:
     response_tokens: int = 48
     steps: int = 4  # per round and variant
     rounds: int = 3
-    rl_model: str = "llama100m"  # PPO vs ReMax peak memory
+    rl_model: str = "llama100m"  # the on-policy rules' peak memory
     rl_prompts: int = 16
+    # the on-policy rules whose update stage is measured (empty: every one in the rule table)
+    rl_rules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +159,7 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
         4,
     )
     u.prompt_tokens, u.response_tokens = 8, 8
+    u.rl_rules = ["ppo", "remax"]  # the report's ratio; the full run measures every rule
     w = cfg.workers
     w.model, w.prompts, w.shards, w.n, w.new_tokens, w.pairs, w.micro_batch_size = (
         "toy", 4, 2, 2, 8, 4, 2,
