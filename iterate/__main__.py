@@ -27,9 +27,16 @@ def main(cfg) -> None:
     from iterate.config import to_dataclass
 
     hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
+    from hydra.types import RunMode
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     status = cli.exit_status(lambda: loop.run(to_dataclass(cfg), run_dir))
-    if status:
+    if status and HydraConfig.get().mode == RunMode.MULTIRUN and status in (1, 2):
+        # a sweep's job that failed or was refused: the other jobs still run, and the sweep
+        # ends with its status and names it (``report.sweep.SweepSummary``); a stop that the
+        # user asked for (Ctrl-C, SIGTERM) ends the sweep here
+        cli.STOPPED_JOBS.append((run_dir.name, status))
+    elif status:
         sys.exit(status)
 
 

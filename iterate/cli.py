@@ -27,6 +27,11 @@ def _to_log_file(text: str) -> str | None:
     return paths[0] if paths else None
 
 
+# (job folder, exit status) of a sweep's jobs that stopped with 1 or 2: the sweep goes on
+# to its other jobs and ends with the highest status (``report.sweep.SweepSummary``)
+STOPPED_JOBS: list[tuple[str, int]] = []
+
+
 def exit_status(fn: Callable[[], object]) -> int:
     """Run ``fn``; 0 when it returns, else the status above, having said why in one line."""
     from iterate import faults

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -549,6 +550,21 @@ def test_multirun_sweeps_update_rules(tiny_cache, tiny_rm, tmp_path):
     assert "| raft |" in summary and "| dpo |" in summary
     raft_pairs = pq.read_table(jobs["raft"] / "iter_000" / "pairs" / "shard_00000.parquet")
     assert raft_pairs.num_rows > 0 and set(raft_pairs["rejected"].to_pylist()) == {None}
+
+
+def test_a_sweep_runs_on_past_a_refused_job_and_names_it(tiny_cache, tiny_rm, tmp_path):
+    """Each job refused (a pair rule with one sample per prompt): the sweep still reaches
+    the second job, names both, and exits 2."""
+    out = cli(["-m", *_args(tiny_cache, tiny_rm, tmp_path, "update=dpo,raft", "generate.n=1")])
+    said = out.stdout + out.stderr
+    assert out.returncode == 2, said[-3000:]
+    for rule in ("dpo", "raft"):
+        assert f"update={rule} needs >= 2 samples" in said
+    jobs = [p for p in (tmp_path / "toy_tiny").iterdir() if p.is_dir()]
+    assert len(jobs) == 2
+    assert {m.group(1) for m in re.finditer(r"job (\S+) stopped: bad input \(exit 2", said)} == {
+        p.name for p in jobs
+    }
 
 
 def test_submitit_local_launcher_runs_a_sweeps_job(tiny_cache, tiny_rm, tmp_path):

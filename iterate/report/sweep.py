@@ -108,11 +108,24 @@ def summarize_sweep(sweep_dir: Path) -> str | None:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print and write the jobs side by side."""
+    """Hydra callback: after a multirun, print and write the jobs side by side; then name
+    the jobs that stopped (failed or refused: the others ran on) and exit with the highest
+    of their statuses."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        import sys
+
+        from iterate import cli, errors
+
         sweep_dir = Path(config.hydra.sweep.dir)
         text = summarize_sweep(sweep_dir)
         if text:
             log.info("sweep summary (%s/summary.md, summary.png):\n%s", sweep_dir, text)
             print(text)
+        if stopped := list(cli.STOPPED_JOBS):
+            cli.STOPPED_JOBS.clear()
+            for job, status in stopped:
+                log.error("job %s stopped: %s (exit %d; `python -m iterate show %s` says why); "
+                          "%s", job, errors.WORDS[status], status, sweep_dir / job,
+                          errors.resumes(status))  # fmt: skip
+            sys.exit(max(status for _, status in stopped))
