@@ -55,7 +55,7 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
     prompts = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 3."]
     responses = ["Hello Anna!", "Ugh, 2 plus 3 is 7. Stop asking.", "Sure! 1, 2, 3."]
     scorer = rewards.of(tiny_cfg, path=str(out))
-    got, spread, parts = scorer.score(prompts, responses, detail=True)
+    got, spread, parts, _ = scorer.score(prompts, responses, detail=True)
     assert parts == {}, "one source"
     single = [
         torch.tensor(scoring.Scorer.load(str(out / m), "float32", 256, 8).score(

@@ -51,7 +51,7 @@ def test_the_gold_judge_is_the_toy_worlds_reward_function_and_only_for_its_promp
     assert gold.score(prompts, responses) == [world.gold_score(p, r) for p, r in
                                              zip(prompts, responses)]  # fmt: skip
     assert gold.score(prompts, responses)[0] > gold.score(prompts, responses)[1]
-    scores, spread, parts = gold.score(prompts, responses, detail=True)
+    scores, spread, parts, _ = gold.score(prompts, responses, detail=True)
     assert (
         spread == [None, None]
         and parts == {}
@@ -268,7 +268,7 @@ def test_a_mixture_is_the_weighted_sum_of_its_sources_each_kept(tmp_path):
     b = rewards.FunctionReward(_fn_file(tmp_path, "b", "return [10.0, 20.0, 30.0, float('nan')]"))
     mix = rewards.MixtureReward([("a", a, 2.0), ("b", b, -0.5)])
     prompts, responses = ["p"] * 4, ["r1", "r2", "r3", "r4"]
-    total, spread, parts = mix.score(prompts, responses, detail=True)
+    total, spread, parts, _ = mix.score(prompts, responses, detail=True)
     assert total[:2] == [2 * 1 - 0.5 * 10, 2 * 2 - 0.5 * 20]
     assert (
         math.isnan(total[2])

@@ -132,6 +132,7 @@ def test_remax_gradients_reach_only_lora_and_its_loss_weighs_every_token_alike(
     ctx.model.eval()
     examples[0].chosen = examples[0].chosen[:2]
     examples[0].rollout["ref_logps"] = examples[0].rollout["ref_logps"][:2]
+    examples[0].rollout["sampler_logps"] = examples[0].rollout["sampler_logps"][:2]
     with torch.no_grad():
         per_example, _ = remax.loss(ctx, ctx.model, examples)
         ids, mask, resp = ctx.batch(examples)

@@ -193,7 +193,9 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
     assert set(rules.RULES) == {str(r) for r in UpdateRule}
     for r in rules.RULES.values():
         assert callable(__import__(f"iterate.stages.update.{r.module}", fromlist=["run"]).run)
-        assert (r.keep is None) == r.on_policy and "{" not in r.samples.format(n=8, pairs="x")
+        assert (r.keep is None) == r.on_policy and "{" not in r.samples.format(
+            n=8, pairs="x", group=4
+        )
     read = {k for r in rules.RULES.values() for k in r.keys} | set(SHARED_KEYS)
     settings = {f.name for f in dataclasses.fields(UpdateConfig)}
     assert {k for r in rules.RULES.values() for k in r.keys} <= settings, "no unknown key"
