@@ -1,8 +1,8 @@
 """The generative judge (``iterate.judge``, ``reward.kind=judge``): how its answers parse
 (hand-written answers), how both orders and a tournament make its rewards (hand-computed),
 what is refused at start-up, a miniature Llama-3 judge asked in its real chat template
-through the run's sampler, and a run whose judge (trained here) labels through vLLM with
-every answer kept in ``label/judgements/``."""
+through a vLLM engine, and a run whose judge (trained here) labels with every answer kept in
+``label/judgements/``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from iterate import judge, pairwise, rewards, validate
+from iterate import judge, pairwise, rewards, sampling, validate
 from iterate.errors import BadInput
 
 from .conftest import compose_cfg
@@ -110,7 +110,8 @@ def test_what_a_judge_needs_is_checked_at_start_up(tmp_path):
 
 @pytest.mark.slow
 def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_path):
-    """Random weights write no score: each question is asked 1 + retries times, every
+    """A judge of a real architecture and chat template, sampled by a vLLM engine of its
+    own. Random weights write no score: each question is asked 1 + retries times, every
     answer recorded and parsed as the pattern says, the rewards NaN unless the last answer
     parsed; the same call gives the same answers (seeded)."""
     from .miniatures import model, tokenizer
@@ -118,7 +119,7 @@ def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_
     tok = tokenizer("llama3", "llama3", tmp_path / "tok")
     path = model("LlamaForCausalLM", tok, tmp_path / "judge")
     cfg = compose_cfg(["reward.kind=judge", "reward.judge.mode=score", f"reward.path={path}",
-                       "reward.train=false", "generate=transformers", "reward.judge.retries=2",
+                       "reward.train=false", "generate=vllm", "reward.judge.retries=2",
                        "reward.judge.max_tokens=6"])  # fmt: skip
     validate.check(cfg)
     reward = rewards.of(cfg, path=path)
@@ -142,14 +143,16 @@ def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_
         assert len(answers) == 3 or last is not None
         assert got.rewards[k] == last if last is not None else math.isnan(got.rewards[k])
     again = reward.score(prompts, responses, detail=True).judgements
+    sampling.close_kept()  # the judge's engine, kept for the run
     assert [(j.first, j.attempt, j.text) for j in again] == [(j.first, j.attempt, j.text)
                                                               for j in said]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_a_run_trains_a_judge_and_labels_through_vllm_keeping_every_answer(tiny_cache, tmp_path):
+def test_a_run_trains_a_judge_and_labels_keeping_every_answer(tiny_cache, tmp_path):
     """The tiny world's judge, sampled at temperature 1 (too small to be decisive when
-    greedy): its answers in the label stage's judgements/ shards, read back as the
+    greedy) through the run's sampler (transformers here; vLLM in the miniature's test
+    above): its answers in the label stage's judgements/ shards, read back as the
     stage's judge statistics, the unjudged rows dropped and counted, the proxy win rate
     asked of it, the inspector's line."""
     from iterate import loop
@@ -158,7 +161,8 @@ def test_a_run_trains_a_judge_and_labels_through_vllm_keeping_every_answer(tiny_
 
     cfg = compose_cfg(["experiment=toy_tiny", "reward=toy_judge", "iteration=1",
                        "reward.num_pairs=400", "reward.judge.temperature=1.0",
-                       f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"])  # fmt: skip
+                       "generate=transformers", f"runs_dir={tmp_path}",
+                       f"toy.cache_dir={tiny_cache}"])  # fmt: skip
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     rm = json.loads((run / "reward_model" / "_DONE.json").read_text())
