@@ -39,15 +39,10 @@ VERDICTS = {"A": 1.0, "B": 0.0, "C": 0.5}  # how much the response shown first w
 
 def template(mode: str, spec: str | None) -> str:
     """What the judge is shown: the mode's shipped template (None), a file, or the text."""
-    if spec is None:
-        return TEMPLATES[mode].read_text().rstrip("\n")
-    path = Path(spec)
-    text = path.read_text() if path.suffix in (".txt", ".jinja") and path.is_file() else spec
-    for f in FIELDS[mode]:
-        if f not in text:
-            raise BadInput(f"reward.judge.template: no {f} in {spec!r} (mode={mode} shows "
-                           f"{', '.join(FIELDS[mode])})")  # fmt: skip
-    return text
+    from iterate.pairwise import read_template
+
+    says = f" (mode={mode} shows {', '.join(FIELDS[mode])})"
+    return read_template(spec, TEMPLATES[mode], FIELDS[mode], "reward.judge.template", says)
 
 
 def pattern(mode: str, spec: str | None) -> re.Pattern:

@@ -29,13 +29,20 @@ ANSWERS = ("A", "B")
 
 def template(spec: str | None) -> str:
     """The comparison template: the shipped one (None), a file, or the text itself."""
+    return read_template(spec, TEMPLATE, ("{context}", "{a}", "{b}"), "reward.pairwise_template")
+
+
+def read_template(spec: str | None, shipped: Path, fields, key: str, says: str = "") -> str:
+    """A template a model is shown: ``shipped`` (``spec`` None), a ``.txt`` / ``.jinja``
+    file, or the text itself; ``BadInput`` naming ``key`` and the first of ``fields`` it
+    lacks (``says``: what more to tell)."""
     if spec is None:
-        return TEMPLATE.read_text().rstrip("\n")
+        return shipped.read_text().rstrip("\n")
     path = Path(spec)
     text = path.read_text() if path.suffix in (".txt", ".jinja") and path.is_file() else spec
-    for field in ("{context}", "{a}", "{b}"):
+    for field in fields:
         if field not in text:
-            raise BadInput(f"reward.pairwise_template: no {field} in {spec!r}")
+            raise BadInput(f"{key}: no {field} in {spec!r}{says}")
     return text
 
 

@@ -27,6 +27,15 @@ class Rule:
     keep: str | None = None  # pair rules: "pair" (chosen and rejected) or "best" (one)
     samples: str = ""  # the model card's words for its samples ({n}, {pairs}, {group} filled in)
     groups: bool = False  # an on-policy rule that compares a group of samples per prompt
+    # a group rule's advantage (iterate.stages.update.group): "group" (GRPO's), "others"
+    # (RLOO's leave-one-out) or "returns" (REINFORCE++'s whitened returns to go)
+    advantage: str = ""
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """A group rule that takes ``kl_coef``'s KL from its rewards (else, GRPO, from
+        ``kl_loss_coef`` in its loss)."""
+        return "kl_coef" in self.keys
 
     @property
     def on_policy(self) -> bool:
@@ -71,15 +80,15 @@ RULES: dict[str, Rule] = {
         ),
         Rule(
             "grpo", "group", keys=(*GROUP_KEYS, "scale_rewards", "kl_loss_coef"), groups=True,
-            samples="a group of {group} rollouts per prompt and step",
+            advantage="group", samples="a group of {group} rollouts per prompt and step",
         ),
         Rule(
             "rloo", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
-            samples="a group of {group} rollouts per prompt and step",
+            advantage="others", samples="a group of {group} rollouts per prompt and step",
         ),
         Rule(
             "reinforce_pp", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
-            samples="a group of {group} rollouts per prompt and step",
+            advantage="returns", samples="a group of {group} rollouts per prompt and step",
         ),
     )
 }  # fmt: skip

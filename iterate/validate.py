@@ -403,11 +403,7 @@ def _pairwise(cfg: Config) -> None:
     _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
           "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
     pairwise.template(rc.pairwise_template)  # names what the template lacks
-    if rc.path and not rc.train:
-        arch = _model_config(rc.path).get("architectures") or []
-        _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
-              f"a {arch[0] if arch else '?'} checkpoint: a pairwise model is a causal LM that "
-              "answers A or B")  # fmt: skip
+    _causal_lm(rc, "a pairwise model is a causal LM that answers A or B")
 
 
 def _judge(cfg: Config) -> None:
@@ -440,11 +436,15 @@ def _judge(cfg: Config) -> None:
     _need(js.temperature >= 0, "reward.judge.temperature", js.temperature, "must be 0 or more")
     _need(js.low < js.high, "reward.judge.low", js.low, f"must be below reward.judge.high="
           f"{js.high}")  # fmt: skip
+    _causal_lm(rc, "a judge is a causal LM that writes its answer")
+
+
+def _causal_lm(rc, says: str) -> None:
+    """A loaded reward.path that must be a causal LM (a pairwise model, a judge) is one."""
     if rc.path and not rc.train:
         arch = _model_config(rc.path).get("architectures") or []
         _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
-              f"a {arch[0] if arch else '?'} checkpoint: a judge is a causal LM that writes "
-              "its answer")  # fmt: skip
+              f"a {arch[0] if arch else '?'} checkpoint: {says}")  # fmt: skip
 
 
 def _reward(cfg: Config) -> None:

@@ -33,13 +33,14 @@ import torch
 from iterate import losses, models
 from iterate.config import Config
 from iterate.paths import Paths
+from iterate.rules import rule
 from iterate.stages.update import rl
 from iterate.stages.update.common import Example
 
 
 def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
     """Each example's advantage (``rollout["advantages"]``: per token), by its rule."""
-    uc, rule = ctx.cfg.update, str(ctx.cfg.update.name)
+    uc, how = ctx.cfg.update, rule(ctx.cfg.update.name).advantage
     scores = torch.tensor([e.rollout["score"] for e in examples], dtype=torch.float64)
     scores = scores.clamp(-uc.reward_clip, uc.reward_clip)
     if uc.overlong_buffer:  # DAPO: a soft penalty on responses near or at the length limit
@@ -47,14 +48,14 @@ def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
         scores = scores + losses.overlong_penalty(lengths, ctx.cfg.generate.max_tokens,
                                                   uc.overlong_buffer)  # fmt: skip
     kl = [e.rollout.get("kl") for e in examples]  # per token, for rloo and reinforce_pp
-    if rule == "reinforce_pp":
+    if how == "returns":
         resp = torch.nn.utils.rnn.pad_sequence([torch.ones(len(k)) for k in kl], batch_first=True)
         grid = torch.nn.utils.rnn.pad_sequence(kl, batch_first=True).to(torch.float64)
         adv = losses.reinforce_pp_advantages(scores, grid, resp.to(torch.float64), uc.kl_coef)
         for e, a, m in zip(examples, adv, resp, strict=True):
             e.rollout["advantages"] = a[m.bool()].float()
         return
-    if rule == "rloo":
+    if how == "others":
         scores = scores - uc.kl_coef * torch.tensor(
             [float(k.sum()) for k in kl], dtype=scores.dtype
         )
@@ -69,18 +70,19 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     """Roll out a group per prompt; leave out (and count) the groups without a reward for
     every sample, and the groups of equal rewards when asked; with the policy as it is now,
     the old log-probs (several passes) and the reference's (a KL), then the advantages."""
-    uc, rule = ctx.cfg.update, str(ctx.cfg.update.name)
+    uc, row = ctx.cfg.update, rule(ctx.cfg.update.name)
     n = uc.group_size
     examples = ctx.rollout(prompts, seed, n=n)
     groups = [examples[g : g + n] for g in range(0, len(examples), n)]
-    unscored = [g for g in groups if not all(math.isfinite(e.rollout["score"]) for e in g)]
-    equal = [g for g in groups if g not in unscored and len({e.rollout["score"] for e in g}) == 1]
-    drop = unscored + (equal if uc.drop_equal_groups else [])
-    kept = [e for g in groups if not any(g is d for d in drop) for e in g]
+    scores = [[e.rollout["score"] for e in g] for g in groups]
+    unscored = {k for k, s in enumerate(scores) if not all(map(math.isfinite, s))}
+    equal = {k for k, s in enumerate(scores) if k not in unscored and len(set(s)) == 1}
+    drop = unscored | (equal if uc.drop_equal_groups else set())
+    kept = [e for k, g in enumerate(groups) if k not in drop for e in g]
     for e in kept:
         e.rollout.update(groups=len(groups), unscored_groups=len(unscored),
                          equal_groups=len(equal))  # fmt: skip
-    needs_ref = (rule == "grpo" and uc.kl_loss_coef > 0) or rule in ("rloo", "reinforce_pp")
+    needs_ref = row.kl_in_reward or uc.kl_loss_coef > 0
     for mb in rl.micro_batches(kept, uc.micro_batch_size):
         ids, mask, resp = ctx.batch(mb)
         old = models.token_logps(ctx.model, ids, mask) * resp if uc.num_iterations > 1 else None
@@ -91,7 +93,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
         if ref is not None:
             for e, x in zip(mb, rl.rows(ref, resp), strict=True):
                 e.rollout["ref_logps"] = x
-            if rule != "grpo":  # the KL of the reward: the policy now against the reference
+            if row.kl_in_reward:  # the policy now against the reference
                 now = old if old is not None else models.token_logps(ctx.model, ids, mask) * resp
                 kl = losses.kl_penalty(now, ref, str(uc.kl_estimator)) * resp
                 for e, x in zip(mb, rl.rows(kl, resp), strict=True):
@@ -115,7 +117,7 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         resp = resp * keep[:, None]
     per_token = losses.clipped_surrogate(logps, old, adv, uc.clip_low, uc.clip_high)
     per_token, metrics = rl.corrected(ctx, per_token, old, mb, resp)
-    if str(uc.name) == "grpo" and uc.kl_loss_coef > 0:
+    if not rule(uc.name).kl_in_reward and uc.kl_loss_coef > 0:  # GRPO: the KL in the loss
         kl = losses.kl_penalty(logps, ref, "k3") * resp
         per_token = per_token + uc.kl_loss_coef * kl
         metrics["kl"] = rl.token_mean(kl, resp)
