@@ -121,25 +121,36 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def batch_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums scaled so that their mean is the mean over all the batch's tokens,
-    shape (B,). Unlike a per-sequence mean, every token weighs the same: dividing each
-    sequence by its own length would turn a policy-gradient advantage A into A / length, a
-    systematic pull towards long responses whenever advantages are mostly negative (as
-    ReMax's are when greedy beats sampling)."""
-    return (x * mask).sum(-1) * x.shape[0] / mask.sum().clamp(min=1)
+def batch_token_mean(
+    x: torch.Tensor, mask: torch.Tensor, mean_tokens: float | None = None
+) -> torch.Tensor:
+    """Per-sequence sums over ``mean_tokens``, the mean response length of the whole batch
+    (default: of these B sequences), shape (B,): their mean is the mean over all the batch's
+    tokens. Unlike a per-sequence mean, every token weighs the same: dividing each sequence
+    by its own length would turn a policy-gradient advantage A into A / length, a systematic
+    pull towards long responses whenever advantages are mostly negative (as ReMax's are when
+    greedy beats sampling). A batch split into micro-batches passes the whole batch's mean
+    length, so that every token of it weighs the same, however it is split."""
+    if mean_tokens is None:
+        mean_tokens = mask.sum().clamp(min=1) / x.shape[0]
+    return (x * mask).sum(-1) / mean_tokens
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, how: str, norm: float | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
+    norm: float | None = None,
+    mean_tokens: float | None = None,
 ) -> torch.Tensor:
     """Per-token losses to per-sequence ones (B,) whose mean is the batch loss:
-    ``token_mean`` (``batch_token_mean``: every token of the batch weighs the same, DAPO),
-    ``sequence_mean`` (each sequence's own mean, then the mean: the original GRPO) or
+    ``token_mean`` (``batch_token_mean``: every token of the batch weighs the same, DAPO;
+    ``mean_tokens``: the whole batch's mean response length when these are a micro-batch of
+    it), ``sequence_mean`` (each sequence's own mean, then the mean: the original GRPO) or
     ``token_sum_norm`` (each sequence's sum over a constant ``norm``, such as the most
     tokens a response may have: Dr. GRPO, no length in any denominator)."""
     if how == "token_mean":
-        return batch_token_mean(per_token, mask)
+        return batch_token_mean(per_token, mask, mean_tokens)
     if how == "sequence_mean":
         return _masked_mean(per_token, mask)
     if how == "token_sum_norm":
@@ -161,6 +172,28 @@ def clipped_surrogate(
     adv = advantages if advantages.dim() == logps.dim() else advantages[:, None]
     ratio = (logps - old_logps).exp()
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    weights: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """The group rules' loss per token (B, T), for ``aggregate``: the clipped objective
+    (``clipped_surrogate``) times the rollout correction's ``weights`` (``rollout_weights``),
+    plus ``kl_coef`` times the k3 KL to the reference (GRPO's KL in the loss; no reference
+    needed when 0). All (B, T) but ``advantages`` (per token or per sequence)."""
+    per_token = clipped_surrogate(logps, old_logps, advantages, clip_low, clip_high)
+    if weights is not None:
+        per_token = per_token * weights
+    if kl_coef:
+        per_token = per_token + kl_coef * kl_penalty(logps, ref_logps, "k3")
+    return per_token
 
 
 # ---- group rules (GRPO, RLOO, REINFORCE++) ------------------------------------------------
@@ -257,14 +290,11 @@ def mismatch(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: tor
     return float(k3.sum() / mask.sum().clamp(min=1)), float(worst)
 
 
-def value_loss(
-    values, old_values, returns, mask, clip: float, agg: str = "token_mean"
-) -> torch.Tensor:
-    """Clipped value loss, ``0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2)`` per token, then
-    ``aggregate`` (B,)."""
+def value_loss(values, old_values, returns, clip: float) -> torch.Tensor:
+    """Clipped value loss per token (B, T), ``0.5 max((V - R)^2, (clip(V, V_old +- eps) -
+    R)^2)``, for ``aggregate``."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return aggregate(per_token, mask, agg)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def remax_advantage(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -23,10 +24,22 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqd
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (a per-process high-water mark)."""
+    """This process's peak resident memory since it started or since ``reset_peak_rss``,
+    in MB (a per-process high-water mark)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark of ``peak_rss_mb`` again from the memory held now (Linux:
+    ``/proc/self/clear_refs``), so one process can measure several pieces of work; False
+    where the system cannot (the mark then goes on from its old peak)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 class Timer:

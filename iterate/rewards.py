@@ -451,6 +451,7 @@ def source_name(part) -> str:
 
 
 GOLD = "iterate.toy.world:gold_reward"  # the toy world's gold judge as a reward function
+CORRECT = "iterate.toy.world:correctness_reward"  # ... and its verifiable answer check
 
 
 def has_model(cfg: Config) -> bool:
@@ -504,6 +505,8 @@ def of(
     - ``model``: the run's reward model at ``path`` alone (what the refresh ranks with);
     - ``gold``: the reference judge of the run's prompts, or ``None`` when they have none
       (the toy world's gold judge knows only toy prompts);
+    - ``correct``: whether a response's answer is right (1 or 0), where the run's prompts
+      have reference answers to check (the toy world's), else ``None``;
     - ``judge``: the reward-model refresh's judge (``reward.refresh.judge``: the gold judge
       or a judge model at ``judge_path``; a judge file is labels, not a reward: ``None``).
     """
@@ -540,8 +543,9 @@ def of(
                      template=rc.pairwise_template)  # fmt: skip
     if role in ("reward", "model"):
         return own(path)
-    if role == "gold":
-        return FunctionReward(GOLD) if str(cfg.prompts.source) == "toy" else None
+    if role in ("gold", "correct"):
+        toy = str(cfg.prompts.source) == "toy"
+        return FunctionReward(GOLD if role == "gold" else CORRECT) if toy else None
     if role == "judge":
         judge = str(rc.refresh.judge)
         if judge == "gold":

@@ -67,9 +67,16 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     dpo = res["update"]["dpo"]
     assert positive(dpo["cached_step_s"]) and positive(dpo["recompute_step_s"])
     assert ratio(dpo["ratio"], dpo["cached_step_s"], dpo["recompute_step_s"])
-    assert rss(dpo["cached_peak_rss_mb"]) and rss(res["update"]["ppo"]["peak_rss_mb"])
-    assert ratio(res["update"]["remax_over_ppo_peak_rss"], res["update"]["remax"]["peak_rss_mb"],
-                 res["update"]["ppo"]["peak_rss_mb"])  # fmt: skip
+    assert rss(dpo["cached_peak_rss_mb"])
+    rl = res["update"]["rl"]["variants"]
+    assert list(rl) == ["ppo", "grpo_kl"] and rl["grpo_kl"]["rule"] == "grpo"
+    for v in rl.values():
+        assert rss(v["peak_rss_mb"]) and v["steps"] >= 1 and v["responses"] >= 1
+        assert 0 < v["step_s"] * v["steps"] <= v["seconds"], "a step's share of the stage"
+    assert rl["grpo_kl"]["responses"] > rl["ppo"]["responses"], "a group per prompt"
+    assert ratio(rl["grpo_kl"]["step_s_over_first"], rl["grpo_kl"]["step_s"], rl["ppo"]["step_s"])
+    assert ratio(rl["grpo_kl"]["peak_rss_over_first"], rl["grpo_kl"]["peak_rss_mb"],
+                 rl["ppo"]["peak_rss_mb"])  # fmt: skip
     for kind in ("rollouts", "evaluation"):
         r = res["backends"][kind]
         assert positive(r["vllm_s"]) and positive(r["transformers_s"])

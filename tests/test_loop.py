@@ -20,6 +20,8 @@ import pytest
 from iterate import loop
 from iterate.paths import STAGES, Paths
 from iterate.report import runinfo, show, track
+from iterate.shards import read_shards
+from iterate.toy import world
 
 from .conftest import ROOT, TINY, cli, compose_cfg, tensorboard_events
 
@@ -128,6 +130,7 @@ def test_two_iterations_exact_run_tree(clean_run):
         "reward_best_mean",
         "gold_mean",
         "win_rate_vs_initial",
+        "correct_rate",
         "kl_to_reference",
         "response_tokens_mean",
         "eos_rate",
@@ -137,6 +140,11 @@ def test_two_iterations_exact_run_tree(clean_run):
     assert keys <= rows[0].keys()
     assert rows[0]["prompts"] == 16 and rows[0]["responses"] == 64
     assert set(rows[0]["seconds"]) == set(STAGES) - {"reward"}  # no refresh asked
+    for r in rows:  # the share of right answers among the held-out samples, checked again
+        t = read_shards(Paths(clean_run, "").evaluation_samples(r["iteration"]))
+        right = world.correctness_reward(t["prompt"].to_pylist(), t["response"].to_pylist())
+        assert r["correct_rate"] == pytest.approx(sum(right) / len(right), abs=1e-5)
+        assert 0 <= r["initial_correct_rate"] <= 1
     _assert_cards(clean_run, rows)
     # iteration 1 starts from iteration 0's handed-off policy
     gen1 = json.loads((clean_run / "iter_001" / "generate" / "_DONE.json").read_text())

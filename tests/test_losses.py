@@ -137,7 +137,9 @@ def test_clipped_value_loss_hand_values():
     m = torch.ones(1, 2)
     # token 0: (1-2)^2 = 1; clipped V = 0.2 -> (0.2-2)^2 = 3.24; 0.5*max = 1.62.
     # token 1: 0.5*1 = 0.5
-    assert losses.value_loss(v, old, ret, m, clip=0.2).item() == pytest.approx((1.62 + 0.5) / 2)
+    per_token = losses.value_loss(v, old, ret, clip=0.2)
+    assert per_token[0].tolist() == pytest.approx([1.62, 0.5])
+    assert losses.aggregate(per_token, m, "token_mean").item() == pytest.approx((1.62 + 0.5) / 2)
 
 
 def test_batch_token_mean_weighs_every_token_equally():
@@ -297,3 +299,98 @@ def test_overlong_penalty_falls_from_zero_to_minus_one_over_the_buffer():
     """max_tokens 10, buffer 4: free up to 6 tokens, then -1/4 a token, -1 from 10 on."""
     got = losses.overlong_penalty(torch.tensor([3, 6, 7, 9, 10, 12]), 10, 4)
     assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.75, -1.0, -1.0])
+
+
+# ---- a whole GRPO step, by hand ------------------------------------------------------------
+
+REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, -1.0, 0.0, 0.5]]  # 3 prompts x 4
+LENGTHS = [[3, 1, 4, 2], [2, 2, 3, 1], [4, 3, 1, 2]]  # response tokens of each sample
+CLIP_LOW, CLIP_HIGH, BETA, MAX_TOKENS, EPS = 0.2, 0.28, 0.05, 5, 1e-4
+
+
+def _hand_advantages(scale: str) -> list[float]:
+    def std(xs):  # unbiased
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    flat = [r for g in REWARDS for r in g]
+    out = []
+    for g in REWARDS:
+        mean = sum(g) / len(g)
+        for r in g:
+            div = {"group": std(g) + EPS, "batch": std(flat) + EPS, "none": 1.0}[scale]
+            out.append((r - mean) / div)
+    return out
+
+
+def _hand_step(adv, lp, old, ref, agg):
+    """The step's loss and its gradient by each log-prob, token by token: the clipped
+    objective max(-A r, -A clip(r, 1 - low, 1 + high)) (its gradient -A r where the
+    unclipped branch is the larger, else 0), plus BETA x k3 = e^(ref - lp) - (ref - lp) - 1
+    (gradient 1 - e^(ref - lp)), each token weighed by the aggregation."""
+    lengths = [n for g in LENGTHS for n in g]
+    total, b = sum(lengths), len(lengths)
+    loss, grad = 0.0, [[0.0] * len(row) for row in lp]
+    for s, n in enumerate(lengths):
+        w = {"token_mean": 1 / total, "sequence_mean": 1 / (b * n),
+             "token_sum_norm": 1 / (b * MAX_TOKENS)}[agg]  # fmt: skip
+        for t in range(n):
+            a, r = adv[s], math.exp(lp[s][t] - old[s][t])
+            unclipped, clipped = -a * r, -a * min(max(r, 1 - CLIP_LOW), 1 + CLIP_HIGH)
+            d = ref[s][t] - lp[s][t]
+            loss += w * (max(unclipped, clipped) + BETA * (math.exp(d) - d - 1))
+            grad[s][t] = w * ((-a * r if unclipped >= clipped else 0.0) + BETA * (1 - math.exp(d)))
+    return loss, grad
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean", "token_sum_norm"])
+def test_a_grpo_step_equals_a_hand_computation(scale, agg):
+    """Three prompts of four samples (one group of equal rewards), responses of 1-4 tokens,
+    old log-probs off by up to 0.4 (ratios past both clip ranges), a k3 KL in the loss: the
+    step's loss and its gradient by every log-prob equal the token-by-token computation, for
+    each advantage scaling and each aggregation; padding gets no gradient."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [n for g in LENGTHS for n in g]
+    width = max(lengths)
+    lp = [[-rng.uniform(0.1, 3.0) for _ in range(width)] for _ in lengths]
+    old = [[x + rng.choice([-0.4, -0.1, 0.0, 0.1, 0.4]) for x in row] for row in lp]
+    ref = [[x + rng.uniform(-0.5, 0.5) for x in row] for row in lp]
+    adv = _hand_advantages(scale)
+    want_loss, want_grad = _hand_step(adv, lp, old, ref, agg)
+
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    logps = f64(lp).requires_grad_()
+    mask = f64([[1.0 if t < n else 0.0 for t in range(width)] for n in lengths])
+    advantages = losses.group_advantages(f64(REWARDS), scale).flatten()
+    assert advantages.tolist() == pytest.approx(adv, abs=1e-12)
+    per_token = losses.clipped_policy_loss(
+        logps * mask, f64(old) * mask, advantages, CLIP_LOW, CLIP_HIGH,
+        ref_logps=f64(ref) * mask, kl_coef=BETA,
+    )  # fmt: skip
+    loss = losses.aggregate(per_token, mask, agg, norm=MAX_TOKENS).mean()
+    loss.backward()
+    assert loss.item() == pytest.approx(want_loss, abs=1e-12)
+    assert logps.grad.tolist() == [pytest.approx(g, abs=1e-12) for g in want_grad]
+    assert advantages[4:8].abs().max() == 0  # the equal group teaches nothing
+
+
+def test_token_mean_over_micro_batches_is_the_steps_token_mean():
+    """Split into micro-batches, each sequence's sum over the step's mean response length
+    (``mean_tokens``) adds up, as the training loop sums them, to the mean over all the
+    step's tokens; each micro-batch's own token mean would weigh a short micro-batch's
+    tokens more."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    step_mean = 21.0 / 6  # six tokens
+    mean_tokens = 6 / 3
+    halves = (slice(0, 1), slice(1, 3))
+    parts = [
+        losses.aggregate(per_token[s], mask[s], "token_mean", mean_tokens=mean_tokens)
+        for s in halves
+    ]
+    assert (torch.cat(parts).sum() / 3).item() == pytest.approx(step_mean)
+    own = [losses.aggregate(per_token[s], mask[s], "token_mean") for s in halves]
+    assert (torch.cat(own).sum() / 3).item() == pytest.approx(4.0)  # not 3.5

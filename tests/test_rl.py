@@ -179,6 +179,34 @@ def test_group_rules_advantages_and_loss_by_hand(tiny_cfg, tiny_world, rule):
     assert per_example.mean().item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["grpo", "ppo"])
+def test_a_steps_token_mean_is_the_same_however_it_is_micro_batched(tiny_cfg, tiny_world, rule):
+    """The rollout loop records the step's mean response length on its examples; with it, the
+    step's loss and gradients under loss_agg=token_mean are the same in micro-batches of 1
+    as in one batch (each micro-batch's own token mean would weigh a short one's tokens
+    more)."""
+    from iterate.stages.update import training
+
+    ctx = _ctx(tiny_cfg, tiny_world, name=rule, group_size=3, micro_batch_size=len(PROMPTS))
+    fns = {"grpo": group, "ppo": ppo}[rule]
+    _, examples = next(rl.rollout_steps(ctx, _prompts(ctx), 0, fns.prepare, 1, "policy", {}))
+    lengths = {len(e.chosen) for e in examples}
+    assert len(lengths) > 1, "responses of different lengths, or the test shows nothing"
+    tokens = sum(len(e.chosen) for e in examples)
+    assert examples[0].rollout["step_mean_tokens"] == pytest.approx(tokens / len(examples))
+    _nonzero_adapter(ctx.model)
+    ctx.model.eval()  # no dropout: the same forward either way
+    seen = []
+    for size in (len(examples), 1):
+        ctx.model.zero_grad()
+        loss, _ = training.accumulate(ctx.model, examples, lambda m, b: fns.loss(ctx, m, b), size)
+        grads = [p.grad.clone() for p in ctx.model.parameters() if p.grad is not None]
+        seen.append((loss, grads))
+    (whole, g_whole), (ones, g_ones) = seen
+    assert ones == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_whole, g_ones))
+
+
 def test_the_samplers_log_probs_are_the_trainers_and_a_mismatch_is_weighed(tiny_cfg, tiny_world):
     """The transformers sampler's log-probs of its own tokens equal the trainer's (the same
     model: no mismatch); a sampler that saw its tokens as twice as likely as the trainer

@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 
 from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
 from iterate.bench.report import report
-from iterate.rules import RULES
 
 log = logging.getLogger("iterate.bench")
 
@@ -130,22 +129,24 @@ def update(cfg: BenchConfig, out: Path) -> dict:
             "dpo", {**spec, "variant": variant}, out / "work"
         )["peak_rss_mb"]
     res["rl_model"] = u.rl_model
-    policy, reward = bm.policy_path(u.rl_model, cfg.toy), bm.reward_path(u.rl_model, cfg.toy)
-    rolling = [name for name, r in RULES.items() if r.on_policy]  # the rules that roll out
-    for rule in [r for r in rolling if not u.rl_rules or r in u.rl_rules]:
-        log.info("update: %s stage peak memory (%s)", rule, u.rl_model)
-        work = out / "work" / "rl"
-        shutil.rmtree(work / rule, ignore_errors=True)
-        spec_rl = {
-            "model": policy,
-            "reward": reward,
-            "rule": rule,
-            "prompts": u.rl_prompts,
-            "workdir": str(work),
-            "threads": cfg.threads,
-        }
-        res[rule] = child.run("rl", spec_rl, out / "work")
-    res["remax_over_ppo_peak_rss"] = res["remax"]["peak_rss_mb"] / res["ppo"]["peak_rss_mb"]
+    log.info("update: on-policy stages %s side by side (%s)", list(u.rl_variants), u.rl_model)
+    work = out / "work" / "rl"
+    shutil.rmtree(work, ignore_errors=True)
+    spec_rl = {
+        "model": bm.policy_path(u.rl_model, cfg.toy),
+        "reward": bm.reward_path(u.rl_model, cfg.toy),
+        "variants": {k: list(v) for k, v in u.rl_variants.items()},
+        "prompts": u.rl_prompts,
+        "warmup": u.rl_warmup,
+        "workdir": str(work),
+        "threads": cfg.threads,
+    }
+    res["rl"] = child.run("rl", spec_rl, out / "work")
+    variants = res["rl"]["variants"]
+    base = variants[next(iter(variants))]  # the first variant: the ratios' baseline
+    for v in variants.values():
+        v["step_s_over_first"] = v["step_s"] / base["step_s"]
+        v["peak_rss_over_first"] = v["peak_rss_mb"] / base["peak_rss_mb"]
     return res
 
 

@@ -1,7 +1,7 @@
 """Measurements that need a process of their own: ``python -m iterate.bench.child KIND
 SPEC.json OUT.json``. A vLLM engine per model and dtype (``generation``); peak RSS, a
-high-water mark per process, of one DPO variant (``dpo``) or one on-policy update stage
-(``rl``); vLLM vs transformers sampling inside a PPO update or the held-out evaluation
+high-water mark per process, of one DPO variant (``dpo``) or of each on-policy update
+stage (``rl``); vLLM vs transformers sampling inside a PPO update or the held-out evaluation
 (``backends``); one way of syncing weights into vLLM (``sync``)."""
 
 from __future__ import annotations
@@ -102,10 +102,11 @@ def dpo(spec: dict) -> dict:
 
 
 def rl(spec: dict) -> dict:
-    """One on-policy update stage (PPO or ReMax) on a mini run folder; its peak RSS."""
+    """The on-policy rules' update stages, one per variant, on mini run folders
+    (``update.rl_stages``): seconds per step and peak RSS of each."""
     from iterate.bench import update
 
-    return update.rl_stage(spec)
+    return update.rl_stages(spec)
 
 
 def backends(spec: dict) -> dict:

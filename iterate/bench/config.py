@@ -9,6 +9,14 @@ from hydra.core.config_store import ConfigStore
 
 from iterate.config import ToyConfig
 
+RL_VARIANTS = {
+    "ppo": ["update=ppo"],
+    "remax": ["update=remax"],
+    "grpo": ["update=grpo"],  # no KL term: no reference forward pass
+    "grpo_kl": ["update=grpo", "update.kl_loss_coef=0.05"],
+    "rloo": ["update=rloo"],
+    "reinforce_pp": ["update=reinforce_pp"],
+}
 SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration", "workers")
 
 
@@ -45,10 +53,12 @@ class UpdateBench:
     response_tokens: int = 48
     steps: int = 4  # per round and variant
     rounds: int = 3
-    rl_model: str = "llama100m"  # the on-policy rules' peak memory
+    rl_model: str = "llama30m"  # the on-policy rules' update stages, side by side
     rl_prompts: int = 16
-    # the on-policy rules whose update stage is measured (empty: every one in the rule table)
-    rl_rules: list[str] = field(default_factory=list)
+    # the on-policy update stages measured: a name and its overrides of the main config; the
+    # first is the baseline of the ratios
+    rl_variants: dict[str, list[str]] = field(default_factory=lambda: dict(RL_VARIANTS))
+    rl_warmup: bool = True  # the first variant once more first, not counted
 
 
 @dataclass
@@ -159,7 +169,7 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
         4,
     )
     u.prompt_tokens, u.response_tokens = 8, 8
-    u.rl_rules = ["ppo", "remax"]  # the report's ratio; the full run measures every rule
+    u.rl_variants, u.rl_warmup = {k: RL_VARIANTS[k] for k in ("ppo", "grpo_kl")}, False
     w = cfg.workers
     w.model, w.prompts, w.shards, w.n, w.new_tokens, w.pairs, w.micro_batch_size = (
         "toy", 4, 2, 2, 8, 4, 2,

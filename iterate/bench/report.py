@@ -38,10 +38,12 @@ def report(results: dict) -> str:
             f"{d['recompute_step_s'] * 1e3:.0f} ms = {d['ratio']:.2f}x; "
             f"peak RSS {d['cached_peak_rss_mb']:.0f} vs {d['recompute_peak_rss_mb']:.0f} MB"
         )
-        lines.append(
-            f"update {u['rl_model']}: peak RSS PPO {u['ppo']['peak_rss_mb']:.0f} MB vs ReMax "
-            f"{u['remax']['peak_rss_mb']:.0f} MB = {u['remax_over_ppo_peak_rss']:.2f}x"
-        )
+        for name, v in u["rl"]["variants"].items():
+            lines.append(
+                f"update {u['rl_model']} {name}: {v['step_s']:.2f} s/step "
+                f"({v['step_s_over_first']:.2f}x), peak RSS {v['peak_rss_mb']:.0f} MB "
+                f"({v['peak_rss_over_first']:.2f}x), {v['responses']} responses"
+            )
     for kind, r in results.get("backends", {}).items():
         if isinstance(r, dict):
             lines.append(

@@ -1,6 +1,7 @@
 """Update benchmarks: a DPO step on cached reference log-probs vs one that recomputes them
-(time per step side by side, peak RSS each in a process of its own), and the peak RSS of a
-PPO and a ReMax update stage on the same model."""
+(time per step side by side, peak RSS each in a process of its own), and the on-policy
+rules' update stages side by side on the same model and prompts (seconds per optimiser
+step, peak RSS)."""
 
 from __future__ import annotations
 
@@ -114,40 +115,65 @@ def dpo_variant(spec: dict) -> dict:
     }
 
 
-def rl_stage(spec: dict) -> dict:
-    """A real PPO or ReMax update stage on a mini run folder (prompts stage + update stage)."""
+def rl_stages(spec: dict) -> dict:
+    """Real on-policy update stages, one per variant (a name and its overrides of the main
+    config: ``update=grpo``, ``update.kl_loss_coef=0.05``), each on a mini run folder of its
+    own with the same model, reward and prompts, one after another in this process: they
+    share one kept vLLM engine (in this process), so a variant's seconds are its own. Per
+    variant: seconds, optimiser steps, seconds per step (its rollouts included, the engine's
+    start not), responses rolled out, the sampling share, and this process's peak RSS during
+    it (the high-water mark reset before each). ``warmup``: the first variant once more
+    before them all, not counted (the engine's start and its first shapes)."""
+    from iterate import sampling
     from iterate.paths import Paths
     from iterate.rules import rule
     from iterate.stages import heldout, prompts
 
-    base = bm.rss_mb()
     n = spec["prompts"]
-    cfg = main_config(
-        [
-            f"model.path={spec['model']}",
-            f"update={spec['rule']}",
-            "reward.train=false",
-            f"reward.path={spec['reward']}",
-            f"prompts.per_iteration={n}",
-            "update.epochs=1",
-            f"update.micro_batch_size={n}",
-            f"runs_dir={spec['workdir']}",
-        ]
-    )
-    paths = Paths(
-        run=Path(spec["workdir"]) / spec["rule"],
-        base_policy=spec["model"],
-        reward_model=spec["reward"],
-    )
-    heldout.prompts(cfg, paths)
-    prompts.run(cfg, paths, 0)
-    t = time.perf_counter()
-    done = rule(spec["rule"]).run(cfg, paths, 0, spec["model"], spec["model"])
-    return {
-        "rule": spec["rule"],
-        "seconds": time.perf_counter() - t,
-        "steps": done["steps"],
-        "rss_before_model_mb": base,
-        "peak_rss_mb": progress.peak_rss_mb(),
-        "trainable_parameters": done["trainable_parameters"],
-    }
+    out: dict = {"rss_before_model_mb": bm.rss_mb(), "variants": {}}
+    runs = list(spec["variants"].items())
+    if spec["warmup"]:  # the first variant once, not counted: the engine's first shapes
+        runs.insert(0, ("warmup", runs[0][1]))
+    try:
+        for name, overrides in runs:
+            cfg = main_config(
+                [
+                    f"model.path={spec['model']}",
+                    "reward.train=false",
+                    f"reward.path={spec['reward']}",
+                    f"prompts.per_iteration={n}",
+                    "update.epochs=1",
+                    f"update.micro_batch_size={n}",
+                    f"runs_dir={spec['workdir']}",
+                    *overrides,
+                ]
+            )
+            paths = Paths(
+                run=Path(spec["workdir"]) / name,
+                base_policy=spec["model"],
+                reward_model=spec["reward"],
+            )
+            heldout.prompts(cfg, paths)
+            prompts.run(cfg, paths, 0)
+            progress.reset_peak_rss()
+            t = time.perf_counter()
+            done = rule(str(cfg.update.name)).run(cfg, paths, 0, spec["model"], spec["model"])
+            seconds = time.perf_counter() - t
+            timings = done["timings"]
+            if name == "warmup":
+                continue
+            train_s = timings["train_s"] - timings.get("sampler_engine_start_s", 0.0)
+            out["variants"][name] = {
+                "rule": str(cfg.update.name),
+                "overrides": overrides,
+                "seconds": seconds,
+                "steps": done["steps"],
+                "step_s": train_s / max(1, done["steps"]),  # rollouts included
+                "sampling_s": timings.get("sampler_sample_s", 0.0),
+                "responses": done["responses"],
+                "peak_rss_mb": progress.peak_rss_mb(),
+                "trainable_parameters": done["trainable_parameters"],
+            }
+    finally:
+        sampling.close_kept()
+    return out

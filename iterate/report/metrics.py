@@ -23,6 +23,7 @@ COLUMNS = [  # (key, header, format)
     ("reward_best_mean", "best-of-n", "{:.3f}"),
     ("gold_mean", "gold", "{:.3f}"),
     ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("correct_rate", "correct", "{:.3f}"),
     ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
     ("response_tokens_mean", "tokens", "{:.1f}"),
@@ -61,6 +62,8 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "gold_mean": ev.get("gold_mean"),
         "heldout_reward_mean": ev.get("heldout_reward_mean"),
         "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
+        "correct_rate": ev.get("correct_rate"),  # right answers (toy world), and the start's
+        "initial_correct_rate": ev.get("initial_correct_rate"),
         # the same comparison under the reward model; proxy up and gold down: over-optimisation
         "proxy_win_rate": ev.get("proxy_win_rate"),
         "proxy_gold_gap": ev.get("proxy_gold_gap"),

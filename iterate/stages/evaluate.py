@@ -11,8 +11,9 @@ itself, not a sharpened or truncated version of it. Measured on them:
 
 - KL(new || reference) per sequence, k1 and k3 (``losses.kl_penalty``, Schulman 2020),
   summed over response tokens; the handoff gates on k1;
-- the reward model's mean reward; in the toy world, the gold judge's mean and the gold win
-  rate against the initial policy's samples of the same prompts;
+- the reward model's mean reward; in the toy world, the gold judge's mean, the gold win
+  rate against the initial policy's samples of the same prompts, and the share of right
+  answers (``correct_rate``, and the initial policy's);
 - response length and EOS rate; prompts too long for the model dropped and counted.
 
 Each sample's reward (and gold) is kept in ``iter_i/evaluate/scores/`` beside the samples.
@@ -144,8 +145,8 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
                 out["judge_unjudged"], prefs = unjudged, [p for p in prefs if p == p]
             out["proxy_win_rate"] = round(win_rate(prefs, [0.5] * len(prefs)), 4)
             out["heldout_reward_mean"] = _mean(prefs)
+    text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
     if gold := rewards.of(cfg, "gold"):
-        text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
         init_gold = dict(zip(init_keys, gold.score(*text(init), desc="held-out gold")))
         new_gold = gold.score(*text(samples), desc="held-out gold")
         out["gold_mean"] = _mean(new_gold)
@@ -153,6 +154,9 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
         out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in new_keys]), 4)
         if out["proxy_win_rate"] is not None:
             out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
+    if correct := rewards.of(cfg, "correct"):  # the share of right answers, new and initial
+        out["correct_rate"] = _mean(correct.score(*text(samples), desc="held-out answers"))
+        out["initial_correct_rate"] = _mean(correct.score(*text(init), desc="initial answers"))
     each = {
         "prompt_id": samples["prompt_id"],
         "sample_idx": samples["sample_idx"],

@@ -15,7 +15,7 @@ differing only in their advantages (``losses``):
   ``clip_high``), aggregated over tokens as ``loss_agg`` says (``token_sum_norm`` divides
   by ``generate.max_tokens``), for ``num_iterations`` optimiser passes per rollout; the
   ratio's old log-probs are the trainer's, taken before the first pass; the sampler/trainer
-  mismatch measured and, with ``rollout_correction``, corrected (``rl.corrected``).
+  mismatch measured and, with ``rollout_correction``, corrected (``rl.correction``).
 
 Groups whose rewards are all equal carry no signal: they are counted, and with
 ``drop_equal_groups`` left out of the step. A group with a reward the reward could not give
@@ -79,9 +79,10 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     equal = {k for k, s in enumerate(scores) if k not in unscored and len(set(s)) == 1}
     drop = unscored | (equal if uc.drop_equal_groups else set())
     kept = [e for k, g in enumerate(groups) if k not in drop for e in g]
-    for e in kept:
+    for e in kept:  # with mask_truncated, a cut response teaches nothing (DAPO)
         e.rollout.update(groups=len(groups), unscored_groups=len(unscored),
-                         equal_groups=len(equal))  # fmt: skip
+                         equal_groups=len(equal),
+                         in_loss=e.rollout["stop"] or not uc.mask_truncated)  # fmt: skip
     needs_ref = row.kl_in_reward or uc.kl_loss_coef > 0
     for mb in rl.micro_batches(kept, uc.micro_batch_size):
         ids, mask, resp = ctx.batch(mb)
@@ -104,7 +105,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
 
 
 def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]:
-    uc, gc = ctx.cfg.update, ctx.cfg.generate
+    uc = ctx.cfg.update
     ids, mask, resp = ctx.batch(mb)
     logps = models.token_logps(model, ids, mask) * resp
     adv = rl.grid([e.rollout["advantages"] for e in mb], resp)
@@ -112,19 +113,18 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     old = rl.grid([e.rollout["old_logps"] for e in mb], resp) if has_old else logps.detach()
     ref = rl.grid([e.rollout["ref_logps"] for e in mb], resp) if "ref_logps" in mb[0].rollout \
         else None  # fmt: skip
-    if uc.mask_truncated:  # DAPO's overlong filtering: a cut response teaches nothing
-        keep = torch.tensor([float(e.rollout["stop"]) for e in mb], device=resp.device)
-        resp = resp * keep[:, None]
-    per_token = losses.clipped_surrogate(logps, old, adv, uc.clip_low, uc.clip_high)
-    per_token, metrics = rl.corrected(ctx, per_token, old, mb, resp)
-    if not rule(uc.name).kl_in_reward and uc.kl_loss_coef > 0:  # GRPO: the KL in the loss
-        kl = losses.kl_penalty(logps, ref, "k3") * resp
-        per_token = per_token + uc.kl_loss_coef * kl
-        metrics["kl"] = rl.token_mean(kl, resp)
+    in_loss = torch.tensor([float(e.rollout["in_loss"]) for e in mb], device=resp.device)
+    resp = resp * in_loss[:, None]
+    weights, metrics = rl.correction(ctx, old, mb, resp)
+    kl_coef = 0.0 if rule(uc.name).kl_in_reward else uc.kl_loss_coef  # GRPO: in the loss
+    per_token = losses.clipped_policy_loss(
+        logps, old, adv, uc.clip_low, uc.clip_high, weights, ref, kl_coef
+    )
+    per_example = rl.aggregate(ctx, per_token, mb, resp)
+    if kl_coef:
+        metrics["kl"] = rl.token_mean(losses.kl_penalty(logps, ref, "k3") * resp, resp)
     elif "kl" in mb[0].rollout:
         metrics["kl"] = sum(float(e.rollout["kl"].sum()) for e in mb) / len(mb)
-    agg = str(uc.loss_agg)
-    per_example = losses.aggregate(per_token, resp, agg, norm=gc.max_tokens)
     ratio = (logps.detach() - old).exp()
     low, high = ratio < 1 - uc.clip_low, ratio > 1 + uc.clip_high
     first = mb[0].rollout

@@ -91,11 +91,10 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         rl.grid([e.rollout[k] for e in mb], resp)
         for k in ("old_logps", "old_values", "advantages", "returns", "kl")
     )
-    agg = str(uc.loss_agg)
     per_token = losses.clipped_surrogate(logps, old_logps, adv, uc.clip_range, uc.clip_range)
-    per_token, mismatch = rl.corrected(ctx, per_token, old_logps, mb, resp)
-    pg = losses.aggregate(per_token, resp, agg)
-    vf = losses.value_loss(values, old_values, ret, resp, uc.value_clip, agg)
+    weights, mismatch = rl.correction(ctx, old_logps, mb, resp)
+    pg = rl.aggregate(ctx, per_token * weights, mb, resp)
+    vf = rl.aggregate(ctx, losses.value_loss(values, old_values, ret, uc.value_clip), mb, resp)
     ratio = (logps.detach() - old_logps).exp()
     return pg + uc.vf_coef * vf, {
         **mismatch,

@@ -45,8 +45,8 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     )
     adv = torch.tensor([e.rollout["advantage"] for e in mb], device=lp.device)
     weight = losses.remax_weights(adv, kl, uc.kl_coef, resp)
-    per_token, mismatch = rl.corrected(ctx, -weight.detach() * lp, lp.detach(), mb, resp)
-    per_example = losses.aggregate(per_token, resp, str(uc.loss_agg))
+    weights, mismatch = rl.correction(ctx, lp.detach(), mb, resp)
+    per_example = rl.aggregate(ctx, -weight.detach() * lp * weights, mb, resp)
     return per_example, {
         **mismatch,
         "entropy": rl.token_mean(-lp, resp),

@@ -8,7 +8,7 @@ weights, the LoRA adapter merged into a copy, are loaded into the engine in plac
 transformers the live model is sampled. Log-probs (the PPO ratio's old ones included) are
 always computed here by the trainer; the sampler's own log-probs of its tokens are kept
 only to measure how far they are from the trainer's and, when asked, to correct for it
-(``corrected``). Each rollout is seeded from (seed, iteration, step), so a crashed update replays
+(``correction``). Each rollout is seeded from (seed, iteration, step), so a crashed update replays
 the same rollouts.
 """
 
@@ -83,21 +83,32 @@ class Context:
             return models.token_logps(ref, ids, mask) * resp
 
 
-def corrected(
-    ctx: Context, per_token: torch.Tensor, trainer: torch.Tensor, mb: list[Example], resp
+def correction(
+    ctx: Context, trainer: torch.Tensor, mb: list[Example], resp: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
-    """A rule's per-token policy-gradient losses weighed for the sampler/trainer mismatch
-    (``update.rollout_correction``, ``losses.rollout_weights``), and the mismatch itself:
-    the mean k3 of KL(sampler || trainer) per token and the largest ratio either way in the
-    micro-batch. ``trainer``: the trainer's log-probs of the rollout's tokens as it was when
-    it rolled out (PPO's old log-probs; the current ones, detached, for one pass)."""
+    """Per-token weights (B, T-1) for a rule's policy-gradient losses, correcting for the
+    sampler/trainer mismatch (``update.rollout_correction``, ``losses.rollout_weights``;
+    ``resp`` itself when there is nothing to correct), and the mismatch itself: the mean k3
+    of KL(sampler || trainer) per token and the largest ratio either way in the micro-batch.
+    ``trainer``: the trainer's log-probs of the rollout's tokens as it was when it rolled
+    out (PPO's old log-probs; the current ones, detached, for one pass)."""
     if any("sampler_logps" not in e.rollout for e in mb):
-        return per_token, {}
+        return resp, {}
     uc = ctx.cfg.update
     sampler = grid([e.rollout["sampler_logps"] for e in mb], resp)
     k3, worst = losses.mismatch(trainer, sampler, resp)
     w = losses.rollout_weights(trainer, sampler, resp, str(uc.rollout_correction), uc.tis_cap)
-    return per_token * w, {"mismatch_k3": k3, "mismatch_max_ratio": worst}
+    return w, {"mismatch_k3": k3, "mismatch_max_ratio": worst}
+
+
+def aggregate(ctx: Context, per_token: torch.Tensor, mb: list[Example], resp) -> torch.Tensor:
+    """Per-token losses to per-example ones as ``update.loss_agg`` says: ``token_mean`` over
+    all the optimiser step's tokens, whatever micro-batch these examples are (the step's mean
+    response length, ``rollout_steps``), ``token_sum_norm`` over ``generate.max_tokens``."""
+    return losses.aggregate(
+        per_token, resp, str(ctx.cfg.update.loss_agg), norm=ctx.cfg.generate.max_tokens,
+        mean_tokens=mb[0].rollout.get("step_mean_tokens"),
+    )  # fmt: skip
 
 
 def grid(values: list[torch.Tensor], resp: torch.Tensor) -> torch.Tensor:
@@ -171,7 +182,9 @@ def rollout_steps(
                     [prompts[j] for j in order[b : b + per_step]],
                     seeds.derive("rollout", cfg.seed, i, step),
                 )
-            for e in examples:
+            in_loss = sum(len(e.chosen) for e in examples if e.rollout.get("in_loss", True))
+            for e in examples:  # what a token-mean over the whole step divides by
+                e.rollout["step_mean_tokens"] = max(1, in_loss) / len(examples)
                 stats.setdefault("scores", []).append(e.rollout["score"])
                 stats.setdefault("stops", []).append(e.rollout["stop"])
                 stats.setdefault("tokens", []).append(len(e.chosen))
