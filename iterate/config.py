@@ -425,12 +425,17 @@ class UpdateConfig:
     # grpo (DAPO's guards): drop the groups whose rewards are all equal (no signal; counted),
     # and leave responses cut at generate.max_tokens out of the loss
     drop_equal_groups: bool = False
+    # up to this many further rollouts per step, of as many of the iteration's prompts (drawn
+    # at random) as groups were left out (equal ones with drop_equal_groups, or unscored), to
+    # fill the step again
+    refill_rounds: int = 0
     mask_truncated: bool = False
     # group rules: DAPO's soft over-length penalty added to each reward, falling from 0 at
     # generate.max_tokens - overlong_buffer tokens to -1 at max_tokens (0: off)
     overlong_buffer: int = 0
     # on-policy rules: the sampler's log-probs of its own tokens against the trainer's (the
-    # mismatch, logged per step: mismatch_k3, mismatch_max_ratio); tis weighs each token's
+    # mismatch, logged per step: mismatch_k3, mismatch_max_ratio, mismatch_past_cap, the
+    # share of tokens whose ratio is beyond tis_cap either way); tis weighs each token's
     # policy-gradient term by their ratio capped at tis_cap, mask leaves out the tokens whose
     # ratio is beyond tis_cap either way; none logs the mismatch only
     rollout_correction: RolloutCorrection = RolloutCorrection.none
@@ -449,6 +454,12 @@ class UpdateConfig:
 @dataclass
 class HandoffConfig:
     max_kl: float = 10.0  # reject a policy whose KL(new || reference) exceeds this (nats/seq)
+    # optional length gates, beside the KL budget (the evaluation's main judge: the gold judge,
+    # else the run's reward): reject a policy whose held-out responses are longer than this
+    # many times the reference's (characters), or whose length-controlled win rate is below
+    # this (or cannot be fitted)
+    max_length_ratio: float | None = None
+    min_lc_win_rate: float | None = None
     on_reject: OnReject = OnReject.stop
     reference: Reference = Reference.initial  # the next iteration's reference policy
 

@@ -12,6 +12,8 @@ groups of n samples; ``whiten`` a list of 1-D tensors; ``adaptive_kl_coef`` a fl
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -280,14 +282,19 @@ def rollout_weights(
     raise ValueError(f"unknown rollout correction {how!r}: none | tis | mask")
 
 
-def mismatch(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor):
-    """How far the sampler's log-probs of its own tokens are from the trainer's: the mean
-    k3 estimate of KL(sampler || trainer) per token, and the largest ratio either way
-    (``max(p/q, q/p)``), over the masked tokens. (float, float)."""
+def mismatch(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[float, float, float]:
+    """How far the sampler's log-probs of its own tokens are from the trainer's, over the
+    masked tokens: the mean k3 estimate of KL(sampler || trainer) per token, the largest
+    ratio either way (``max(p/q, q/p)``), and the share of tokens whose ratio is past
+    ``cap`` either way (what ``rollout_weights`` truncates or masks)."""
     log_ratio = (trainer_logps - sampler_logps).detach()
     k3 = (log_ratio.exp() - 1 - log_ratio) * mask
     worst = (log_ratio.abs() * mask).max().exp()
-    return float(k3.sum() / mask.sum().clamp(min=1)), float(worst)
+    past = ((log_ratio.abs() > math.log(cap)).to(mask.dtype) * mask).sum()
+    n = mask.sum().clamp(min=1)
+    return float(k3.sum() / n), float(worst), float(past / n)
 
 
 def value_loss(values, old_values, returns, clip: float) -> torch.Tensor:

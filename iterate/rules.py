@@ -52,7 +52,7 @@ RL_KEYS = (  # PPO's and ReMax's
 # the group rules' (iterate.stages.update.group)
 GROUP_KEYS = (
     "group_size", "clip_low", "clip_high", "num_iterations", "reward_clip", "loss_agg",
-    "drop_equal_groups", "mask_truncated", "overlong_buffer", "sync_every",
+    "drop_equal_groups", "refill_rounds", "mask_truncated", "overlong_buffer", "sync_every",
     "rollout_correction", "tis_cap",
 )  # fmt: skip
 

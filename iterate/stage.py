@@ -233,7 +233,7 @@ COUNTED = {
         "synthetic", "source", "path", "split", "field", "fields", "per_iteration", "heldout",
     ),
     "pairs": ("rule", "length_penalty", "min_margin"),
-    "handoff": ("max_kl", "on_reject", "reference"),
+    "handoff": ("max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference"),
 }  # fmt: skip
 
 
@@ -258,7 +258,11 @@ RETIRED = {
 
 # What later versions record that earlier ones did not (by the key's last part): a stage
 # recorded without it resumes as it was; once recorded, a change of it counts.
-ADDED = ("reward_weights",)  # an outside reward model's checksum (rewards.weights_sum)
+ADDED = (
+    "reward_weights",  # an outside reward model's checksum (rewards.weights_sum)
+    "max_length_ratio",  # the handoff's length gates
+    "min_lc_win_rate",
+)
 
 
 def retired(stage: str, key: str) -> bool:

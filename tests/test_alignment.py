@@ -109,7 +109,7 @@ def _proxy_win_rate(run: Path, i: int) -> float:
     import yaml
 
     from iterate.shards import read_shards
-    from iterate.stages.evaluate import win_rate
+    from iterate.winrate import judged
 
     rc = yaml.safe_load((run / "config.yaml").read_text())["reward"]
     label = json.loads((run / f"iter_00{i}" / "label" / "_DONE.json").read_text())
@@ -122,7 +122,8 @@ def _proxy_win_rate(run: Path, i: int) -> float:
     new = read_shards(run / f"iter_00{i}" / "evaluate" / "scores").to_pandas()
     both = new.merge(init, on=["prompt_id", "sample_idx"], suffixes=("", "_init"))
     assert len(both) == len(new) == len(init)
-    return win_rate(both["reward"].tolist(), both["reward_init"].tolist())
+    prefs = judged(both["reward"].tolist(), both["reward_init"].tolist())
+    return round(sum(prefs) / len(prefs), 4)
 
 
 @pytest.mark.slow

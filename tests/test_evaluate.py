@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from iterate import models, sampling
+from iterate import models, sampling, winrate
 from iterate.shards import SCHEMAS
 from iterate.stages import evaluate
 from iterate.stages.update import common
@@ -29,10 +29,20 @@ def test_sequence_kl_by_hand():
 
 
 def test_win_rate_by_hand():
-    assert evaluate.win_rate([1.0, 0.5, 0.0], [0.0, 0.5, 1.0]) == pytest.approx(0.5)
-    assert evaluate.win_rate([1.0, 1.0], [0.0, 0.25]) == 1.0
+    assert winrate.judged([1.0, 0.5, 0.0], [0.0, 0.5, 1.0]) == [1.0, 0.5, 0.0]
+    assert winrate.figures([1.0, 0.5, 0.0], [3, 3, 3], [3, 3, 3])["win_rate"] == 0.5
     with pytest.raises(ValueError):
-        evaluate.win_rate([1.0], [0.0, 1.0])  # samples must be aligned
+        winrate.judged([1.0], [0.0, 1.0])  # samples must be aligned
+
+
+def test_the_main_figures_are_the_gold_judges_where_there_is_one():
+    gold = winrate.figures([1.0, 1.0, 0.0, 0.5], [30, 40, 10, 20], [20, 20, 20, 20])
+    reward = winrate.figures([0.0, 1.0], [30, 10], [20, 20])
+    got = evaluate.main_figures({"reward": reward, "gold": gold})
+    assert got["judge"] == "gold" and got["length_ratio"] == 1.25
+    assert got["lc_win_rate"] == gold["lc_win_rate"] and got["win_ties"] == 0.25
+    assert evaluate.main_figures({"reward": reward})["length_ratio"] == 1.0
+    assert evaluate.main_figures({"reward": {}}) == {}
 
 
 def _samples(tok, policy_model, n=2):
@@ -74,3 +84,30 @@ def test_kl_of_a_real_policy(tiny_cfg, tiny_world, tmp_path):
         ref, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu")
     )
     assert apart["k1"] == pytest.approx(((new - theirs) * mask).sum(-1).tolist(), abs=1e-5)
+
+
+def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
+    from iterate import validate
+    from iterate.errors import BadInput
+    from iterate.stages import handoff
+
+    from .conftest import compose_cfg
+
+    ev = {"kl": {"k1": 2.0, "k3": 1.9}, "length_ratio": 1.6, "lc_win_rate": 0.48}
+    plain = compose_cfg([])
+    assert handoff.gate(plain, ev)["accepted"]  # no length gate asked: the KL alone
+    cfg = compose_cfg(["handoff.max_length_ratio=1.5", "handoff.min_lc_win_rate=0.5"])
+    got = handoff.gate(cfg, ev)
+    assert not got["accepted"] and got["failed"] == [
+        "length ratio 1.6 > 1.5", "LC win rate 0.48 < 0.5"
+    ]  # fmt: skip
+    assert got["decision"].startswith("reject (stop): length ratio")
+    ok = handoff.gate(cfg, {**ev, "length_ratio": 1.2, "lc_win_rate": 0.55})
+    assert ok["accepted"] and ok["decision"] == "accept" and ok["length_ratio"] == 1.2
+    unfitted = handoff.gate(cfg, {**ev, "length_ratio": 1.2, "lc_win_rate": None})
+    assert unfitted["failed"] == ["LC win rate none (not fitted) < 0.5"]
+    both = handoff.gate(cfg, {**ev, "kl": {"k1": 12.0, "k3": 11.0}})
+    assert both["failed"][0] == "KL 12 > 10" and len(both["failed"]) == 3
+    for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5"):
+        with pytest.raises(BadInput, match=bad.split("=")[0]):
+            validate.check(compose_cfg([bad]))

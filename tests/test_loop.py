@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import loop
+from iterate import loop, winrate
 from iterate.paths import STAGES, Paths
 from iterate.report import runinfo, show, track
 from iterate.shards import read_shards
@@ -145,6 +145,16 @@ def test_two_iterations_exact_run_tree(clean_run):
         right = world.correctness_reward(t["prompt"].to_pylist(), t["response"].to_pylist())
         assert r["correct_rate"] == pytest.approx(sum(right) / len(right), abs=1e-5)
         assert 0 <= r["initial_correct_rate"] <= 1
+        # the gold judge's win rate and its length-controlled twin, computed again
+        init = read_shards(clean_run / "heldout" / "initial_samples").to_pandas()
+        both = t.to_pandas().merge(init, on=["prompt_id", "sample_idx"], suffixes=("", "_0"))
+        gold = [world.gold_reward(both["prompt"].tolist(), both[c].tolist())
+                for c in ("response", "response_0")]  # fmt: skip
+        fig = winrate.figures(winrate.judged(*gold), both["response"].str.len().tolist(),
+                              both["response_0"].str.len().tolist())  # fmt: skip
+        assert r["win_rate_vs_initial"] == fig["win_rate"]
+        assert (r["lc_win_rate"], r["win_rate_se"]) == (fig["lc_win_rate"], fig["win_rate_se"])
+        assert r["length_ratio"] == round(fig["new_length"] / fig["reference_length"], 4)
     _assert_cards(clean_run, rows)
     # iteration 1 starts from iteration 0's handed-off policy
     gen1 = json.loads((clean_run / "iter_001" / "generate" / "_DONE.json").read_text())

@@ -289,10 +289,11 @@ def test_rollout_weights_truncate_or_mask_the_trainer_sampler_ratio():
     kept = losses.rollout_weights(trainer, sampler, mask, "mask", 1.5)
     assert kept.tolist() == [[0.0, 0.0, 1.0, 0.0]]
     assert losses.rollout_weights(trainer, sampler, mask, "none", 1.5).tolist() == mask.tolist()
-    k3, worst = losses.mismatch(trainer, sampler, mask)
-    # r - 1 - log r for r = 2, 0.5, 1.2 (the masked 9x ratio left out)
+    k3, worst, past = losses.mismatch(trainer, sampler, mask, 1.5)
+    # r - 1 - log r for r = 2, 0.5, 1.2 (the masked 9x ratio left out); 2 and 0.5 past 1.5
     each = [r - 1 - math.log(r) for r in (2.0, 0.5, 1.2)]
     assert k3 == pytest.approx(sum(each) / 3) and worst == pytest.approx(2.0)
+    assert past == pytest.approx(2 / 3)
 
 
 def test_overlong_penalty_falls_from_zero_to_minus_one_over_the_buffer():

@@ -207,6 +207,41 @@ def test_a_steps_token_mean_is_the_same_however_it_is_micro_batched(tiny_cfg, ti
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_whole, g_ones))
 
 
+def greetings_tie(prompts, responses):
+    """A reward under which every group of a greeting ties (0) and no other group does."""
+    return [0.0 if p.startswith("Greet") else len(r) + 0.1 * i for i, (p, r) in
+            enumerate(zip(prompts, responses))]  # fmt: skip
+
+
+def test_equal_groups_are_dropped_counted_and_refilled_from_other_prompts(tiny_cfg, tiny_world):
+    """Under a reward where the greeting's group ties: kept with an advantage of 0 by
+    default; left out with drop_equal_groups, the step one group short; with refill_rounds,
+    a further rollout of a prompt drawn from the iteration's fills it again."""
+    from iterate.rewards import FunctionReward
+
+    ctx = _ctx(tiny_cfg, tiny_world, name="grpo", group_size=3)
+    ctx.reward = FunctionReward("tests.test_rl:greetings_tie")
+    prompts = _prompts(ctx)
+    kept = group.prepare(ctx, prompts, seed=0)
+    assert len(kept) == 12 and kept[0].rollout["equal_groups"] == 1
+    assert all(float(e.rollout["advantages"].abs().max()) == 0 for e in kept[:3])
+    ctx.cfg.update.drop_equal_groups = True
+    kept = group.prepare(ctx, prompts, seed=0)
+    assert len(kept) == 9 and kept[0].rollout["short_groups"] == 1
+    assert [e.prompt for e in kept] == [ids for _, ids in prompts[1:] for _ in range(3)]
+    ctx.cfg.update.refill_rounds = 2
+    ctx.pool = prompts[1:]  # no greeting to draw: the first refill fills the step
+    kept = group.prepare(ctx, prompts, seed=0)
+    first = kept[0].rollout
+    assert len(kept) == 12 and first["refilled_groups"] == 1 and first["short_groups"] == 0
+    assert first["groups"] == 5 and first["equal_groups"] == 1
+    assert kept[-1].prompt in [ids for _, ids in prompts[1:]]
+    ctx.pool = prompts[:1]  # only greetings to draw: two more tied groups, still short
+    kept = group.prepare(ctx, prompts, seed=0)
+    assert kept[0].rollout["groups"] == 6 and kept[0].rollout["equal_groups"] == 3
+    assert len(kept) == 9 and kept[0].rollout["short_groups"] == 1
+
+
 def test_the_samplers_log_probs_are_the_trainers_and_a_mismatch_is_weighed(tiny_cfg, tiny_world):
     """The transformers sampler's log-probs of its own tokens equal the trainer's (the same
     model: no mismatch); a sampler that saw its tokens as twice as likely as the trainer
@@ -217,8 +252,8 @@ def test_the_samplers_log_probs_are_the_trainers_and_a_mismatch_is_weighed(tiny_
     with torch.no_grad():
         trainer = models.token_logps(ctx.model, ids, mask) * resp
     sampler = rl.grid([e.rollout["sampler_logps"] for e in examples], resp)
-    k3, worst = losses.mismatch(trainer, sampler, resp)
-    assert k3 < 1e-8 and worst < 1 + 1e-3
+    k3, worst, past = losses.mismatch(trainer, sampler, resp, 2.0)
+    assert k3 < 1e-8 and worst < 1 + 1e-3 and past == 0
     for e in examples:
         e.rollout["sampler_logps"] = e.rollout["sampler_logps"] + math.log(2)
     ctx.model.eval()

@@ -19,8 +19,8 @@ from iterate.validate import hub_id
 
 def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     """The YAML header the hub renders: base model, data set, tags, and a ``model-index``
-    with the held-out win rate vs the initial policy (gold judge, else the reward model's)
-    and KL to the reference."""
+    with the held-out win rate vs the initial policy (gold judge, else the reward model's),
+    its length-controlled twin and KL to the reference."""
     from huggingface_hub import EvalResult, ModelCardData
 
     prompts = hub_id(cfg.prompts.path) if str(cfg.prompts.source) == "hub" else None
@@ -28,6 +28,8 @@ def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     judged = [
         ("win_rate", row["win_rate_vs_initial"] if gold else row.get("proxy_win_rate"),
          f"win rate vs the initial policy ({'gold judge' if gold else cfg.reward.name})"),
+        ("lc_win_rate", row.get("lc_win_rate"), "length-controlled win rate vs the initial "
+         f"policy ({'gold judge' if gold else cfg.reward.name})"),
         ("kl", row.get("kl_to_reference"), "KL(policy || reference), nats per sequence"),
         ("reward", row.get("heldout_reward_mean"), f"mean reward ({cfg.reward.name})"),
     ]  # fmt: skip

@@ -23,6 +23,7 @@ COLUMNS = [  # (key, header, format)
     ("reward_best_mean", "best-of-n", "{:.3f}"),
     ("gold_mean", "gold", "{:.3f}"),
     ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("lc_win_rate", "LC", "{:.3f}"),
     ("correct_rate", "correct", "{:.3f}"),
     ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
@@ -62,6 +63,12 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "gold_mean": ev.get("gold_mean"),
         "heldout_reward_mean": ev.get("heldout_reward_mean"),
         "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
+        # the main judge's (gold, else the reward's) standard error, length-controlled win
+        # rate (iterate.winrate) and mean length in characters over the reference's
+        "win_rate_se": ev.get("win_rate_se"),
+        "lc_win_rate": ev.get("lc_win_rate"),
+        "lc_win_rate_se": ev.get("lc_win_rate_se"),
+        "length_ratio": ev.get("length_ratio"),
         "correct_rate": ev.get("correct_rate"),  # right answers (toy world), and the start's
         "initial_correct_rate": ev.get("initial_correct_rate"),
         # the same comparison under the reward model; proxy up and gold down: over-optimisation
@@ -137,7 +144,7 @@ def plot(
     """One panel per metric over iterations; one line per job when ``label_key`` is given.
     Iterations the KL gate rejected are crossed out in red."""
     panels = [
-        ("win_rate_vs_initial", "win rate vs initial: gold, proxy --"),
+        ("win_rate_vs_initial", "win rate vs initial: gold, proxy --, LC :"),
         ("reward_mean", "proxy reward (train samples)"),
         ("gold_mean", "gold score (held-out)"),
         ("kl_to_reference", "KL(new || ref), k1"),
@@ -159,6 +166,11 @@ def plot(
             if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
                 ax.plot(*zip(*proxy), linestyle="--", color=color, alpha=0.7,
                         label="proxy (reward model)" if not label_key else None)  # fmt: skip
+            lc = [(r["iteration"], r.get("lc_win_rate")) for r in rs]
+            lc = [p for p in lc if p[1] is not None]
+            if key == "win_rate_vs_initial" and lc:  # the same judge with length held equal
+                ax.plot(*zip(*lc), linestyle=":", color=color, marker=".",
+                        label="length-controlled" if not label_key else None)  # fmt: skip
             bad = [
                 (r["iteration"], r[key])
                 for r in rs

@@ -25,6 +25,7 @@ def short_labels(names: list[str]) -> dict[str, str]:
 
 SEED_KEYS = (  # (key, header): the columns averaged over seeds
     ("win_rate_vs_initial", "win rate"),
+    ("lc_win_rate", "LC win rate"),
     ("correct_rate", "correct"),
     ("gold_mean", "gold"),
     ("proxy_gold_gap", "proxy-gold"),

@@ -26,7 +26,7 @@ import logging
 import pyarrow as pa
 import torch
 
-from iterate import losses, models, progress, rewards, sampling
+from iterate import losses, models, progress, rewards, sampling, winrate
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.paths import Paths
@@ -88,10 +88,25 @@ def kl(
     return sequence_kl(new, ref_lps, mask)
 
 
-def win_rate(new: list[float], old: list[float]) -> float:
-    """P(new > old) + 0.5 P(tie), over aligned samples."""
-    pairs = list(zip(new, old, strict=True))
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(1, len(pairs))
+def main_figures(judges: dict[str, dict]) -> dict:
+    """The figures the loop reports and gates on, from the gold judge where the prompts
+    have one, else from the run's reward: the win rate's standard error and ties, the
+    length-controlled win rate (``iterate.winrate``), each side's mean length in characters
+    and their ratio (new over reference)."""
+    main = judges.get("gold") or judges.get("reward") or {}
+    if not main:
+        return {}
+    ref = main["reference_length"]
+    return {
+        "judge": "gold" if judges.get("gold") else "reward",
+        "win_rate_se": main["win_rate_se"],
+        "win_ties": main["ties"],
+        "lc_win_rate": main["lc_win_rate"],
+        "lc_win_rate_se": main["lc_win_rate_se"],
+        "length_chars": main["new_length"],
+        "reference_length_chars": ref,
+        "length_ratio": round(main["new_length"] / ref, 4) if ref else None,
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -129,31 +144,49 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
         out["reward_template_refused"] = refused
     key = lambda t: list(zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist()))  # noqa: E731
     new_keys, init_keys = key(samples), key(init)
+    new_len = [len(r) for r in samples["response"].to_pylist()]
+    init_len = dict(zip(init_keys, (len(r) for r in init["response"].to_pylist())))
+    judges: dict[str, dict] = {}
+
+    def judge(name: str, prefs: list) -> None:
+        """A judge's figures from its preferences per new sample (None: not judged)."""
+        rows = [(p, n, init_len[k]) for p, n, k in zip(prefs, new_len, new_keys, strict=True)
+                if p is not None and p == p and k in init_len]  # fmt: skip
+        judges[name] = winrate.figures(*map(list, zip(*rows))) if rows else {}
+
     init_reward = dict(zip(init_keys, by_table["init"]))
-    both = [(r, init_reward.get(k)) for r, k in zip(scored, new_keys)]
-    both = [(a, b) for a, b in both if a is not None and b is not None and a == a and b == b]
-    out["proxy_win_rate"] = (
-        round(win_rate([a for a, _ in both], [b for _, b in both]), 4) if both else None
-    )
+    ok = lambda x: x is not None and x == x  # noqa: E731  (None: refused; NaN: unscored)
+    judge("reward", [winrate.judged([r], [init_reward[k]])[0]
+                     if ok(r) and ok(init_reward.get(k)) else None
+                     for r, k in zip(scored, new_keys)])  # fmt: skip
     if getattr(reward, "compares", False):  # a pairwise model or judge is asked: new or old?
         init_rows = dict(zip(init_keys, init["response"].to_pylist()))
-        matched = [(p, r, init_rows[k]) for p, r, k in zip(samples["prompt"].to_pylist(),
-                   samples["response"].to_pylist(), new_keys) if k in init_rows]  # fmt: skip
-        if matched:  # (its tournament rewards average one half: its mean preference instead)
-            prefs = reward.prefer(*map(list, zip(*matched)), desc="held-out preference")
+        at = [j for j, k in enumerate(new_keys) if k in init_rows]
+        if at:  # (its tournament rewards average one half: its mean preference instead)
+            prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
+            prefs = reward.prefer(
+                [prompts[j] for j in at], [responses[j] for j in at],
+                [init_rows[new_keys[j]] for j in at], desc="held-out preference",
+            )  # fmt: skip
             if unjudged := sum(p != p for p in prefs):  # a judge that never answered: NaN
-                out["judge_unjudged"], prefs = unjudged, [p for p in prefs if p == p]
-            out["proxy_win_rate"] = round(win_rate(prefs, [0.5] * len(prefs)), 4)
-            out["heldout_reward_mean"] = _mean(prefs)
+                out["judge_unjudged"] = unjudged
+            by_row: list = [None] * len(new_keys)
+            for j, p in zip(at, prefs, strict=True):
+                by_row[j] = p
+            judge("reward", by_row)
+            out["heldout_reward_mean"] = _mean([p for p in prefs if p == p])
+    out["proxy_win_rate"] = judges["reward"].get("win_rate")
     text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
     if gold := rewards.of(cfg, "gold"):
         init_gold = dict(zip(init_keys, gold.score(*text(init), desc="held-out gold")))
         new_gold = gold.score(*text(samples), desc="held-out gold")
         out["gold_mean"] = _mean(new_gold)
         out["initial_gold_mean"] = _mean(list(init_gold.values()))
-        out["win_rate_vs_initial"] = round(win_rate(new_gold, [init_gold[k] for k in new_keys]), 4)
+        judge("gold", winrate.judged(new_gold, [init_gold[k] for k in new_keys]))
+        out["win_rate_vs_initial"] = judges["gold"]["win_rate"]
         if out["proxy_win_rate"] is not None:
             out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
+    out.update(main_figures(judges), judges=judges)
     if correct := rewards.of(cfg, "correct"):  # the share of right answers, new and initial
         out["correct_rate"] = _mean(correct.score(*text(samples), desc="held-out answers"))
         out["initial_correct_rate"] = _mean(correct.score(*text(init), desc="initial answers"))

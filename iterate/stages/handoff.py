@@ -3,7 +3,8 @@
 1. Merge the LoRA adapter into the policy and ``save_pretrained`` it (safetensors +
    tokenizer) into ``handoff/policy/`` (written under a temporary name, renamed when whole).
 2. Read KL(new || reference) from the evaluate stage and accept when its k1 is within
-   ``handoff.max_kl``; write the decision to ``kl.json``.
+   ``handoff.max_kl`` (and, where asked, the length gates hold: ``gate``); write the
+   decision to ``kl.json``.
 3. Keep the update's LoRA adapter beside it (``handoff/adapter/``), so either can be pushed.
 
 The model cards (``policy/README.md``, ``adapter/README.md``) are written by the loop once
@@ -37,11 +38,28 @@ def merge(cfg: Config, policy: str, trained: Path, adapter: bool, out: Path) -> 
 
 
 def gate(cfg: Config, evaluation: dict) -> dict:
-    """Accept the new policy when its KL(new || reference), k1, is within the budget."""
+    """Accept the new policy when its KL(new || reference), k1, is within the budget and,
+    where asked, its held-out responses are not longer than ``max_length_ratio`` times the
+    reference's and its length-controlled win rate is at least ``min_lc_win_rate`` (the
+    evaluation's main judge; a rate that could not be fitted fails). The decision names
+    every condition that failed."""
     hc = cfg.handoff
     kl = {**evaluation["kl"], "max_kl": hc.max_kl}
-    kl["accepted"] = kl["k1"] <= hc.max_kl
-    kl["decision"] = "accept" if kl["accepted"] else f"reject ({hc.on_reject})"
+    failed = [f"KL {kl['k1']:.4g} > {hc.max_kl:g}"] if kl["k1"] > hc.max_kl else []
+    if hc.max_length_ratio is not None:
+        ratio = kl["length_ratio"] = evaluation.get("length_ratio")
+        kl["max_length_ratio"] = hc.max_length_ratio
+        if ratio is not None and ratio > hc.max_length_ratio:
+            failed.append(f"length ratio {ratio:.3g} > {hc.max_length_ratio:g}")
+    if hc.min_lc_win_rate is not None:
+        lc = kl["lc_win_rate"] = evaluation.get("lc_win_rate")
+        kl["min_lc_win_rate"] = hc.min_lc_win_rate
+        if lc is None or lc < hc.min_lc_win_rate:
+            shown = "none (not fitted)" if lc is None else f"{lc:.3g}"
+            failed.append(f"LC win rate {shown} < {hc.min_lc_win_rate:g}")
+    kl["accepted"] = not failed
+    kl["failed"] = failed
+    kl["decision"] = "accept" if not failed else f"reject ({hc.on_reject}): " + "; ".join(failed)
     return kl
 
 
@@ -68,12 +86,16 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dic
         write_folder(paths.handoff_adapter(i), copy)
     kl = gate(cfg, evaluation)
     atomic_write_json(stage.path / "kl.json", kl)
-    verb = "accepted" if kl["accepted"] else "REJECTED"
+    verb = "accepted" if kl["accepted"] else "REJECTED: " + "; ".join(kl["failed"])
+    lengths = "".join(
+        f", {k} {kl[k]}" for k in ("length_ratio", "lc_win_rate") if kl.get(k) is not None
+    )
     log.info(
-        "handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g): %s",
+        "handoff: KL(new || ref) k1 %.4f k3 %.4f (budget %.3g)%s: %s",
         kl["k1"],
         kl["k3"],
         hc.max_kl,
+        lengths,
         verb,
     )
     return stage.finish(kl=kl, timings=timer.seconds)

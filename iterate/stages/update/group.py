@@ -18,7 +18,8 @@ differing only in their advantages (``losses``):
   mismatch measured and, with ``rollout_correction``, corrected (``rl.correction``).
 
 Groups whose rewards are all equal carry no signal: they are counted, and with
-``drop_equal_groups`` left out of the step. A group with a reward the reward could not give
+``drop_equal_groups`` left out of the step, which ``refill_rounds`` further rollouts of
+other prompts may fill again. A group with a reward the reward could not give
 (None, NaN) is left out and counted. With ``mask_truncated`` a response cut at
 ``generate.max_tokens`` is left out of the loss; with ``overlong_buffer`` a response near
 that limit has a soft penalty added to its reward (DAPO).
@@ -30,7 +31,7 @@ import math
 
 import torch
 
-from iterate import losses, models
+from iterate import losses, models, seeds
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.rules import rule
@@ -66,23 +67,50 @@ def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
         e.rollout["advantages"] = torch.full((len(e.chosen),), a)
 
 
+def rollout_groups(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
+    """A group per prompt, leaving out (and counting) the groups without a reward for every
+    sample and, with ``drop_equal_groups``, those of equal rewards; with ``refill_rounds``,
+    up to that many further rollouts of as many prompts as groups were left out, drawn from
+    the iteration's prompts (seeded), to fill the step back to its size (DAPO's dynamic
+    sampling). Each kept example's rollout counts the step's groups."""
+    uc = ctx.cfg.update
+    n, want = uc.group_size, len(prompts)
+    draw = torch.Generator().manual_seed(seeds.derive("refill", seed))
+    kept: list[Example] = []
+    count = {"groups": 0, "unscored_groups": 0, "equal_groups": 0, "refilled_groups": 0}
+    batch, rounds = prompts, 0
+    while True:
+        examples = ctx.rollout(batch, seeds.derive("refill", seed, rounds) if rounds else seed, n=n)
+        groups = [examples[g : g + n] for g in range(0, len(examples), n)]
+        for g in groups:
+            scores = [e.rollout["score"] for e in g]
+            count["groups"] += 1
+            if not all(map(math.isfinite, scores)):
+                count["unscored_groups"] += 1
+                continue
+            if len(set(scores)) == 1:
+                count["equal_groups"] += 1
+                if uc.drop_equal_groups:
+                    continue
+            kept += g
+            count["refilled_groups"] += bool(rounds)
+        short = want - len(kept) // n
+        if short <= 0 or rounds >= uc.refill_rounds or not ctx.pool:
+            break
+        rounds += 1
+        batch = [ctx.pool[j] for j in torch.randint(len(ctx.pool), (short,), generator=draw)]
+    for e in kept:  # with mask_truncated, a cut response teaches nothing (DAPO)
+        e.rollout.update(count, short_groups=max(0, short),
+                         in_loss=e.rollout["stop"] or not uc.mask_truncated)  # fmt: skip
+    return kept
+
+
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
-    """Roll out a group per prompt; leave out (and count) the groups without a reward for
-    every sample, and the groups of equal rewards when asked; with the policy as it is now,
-    the old log-probs (several passes) and the reference's (a KL), then the advantages."""
+    """Roll out a group per prompt (``rollout_groups``); with the policy as it is now, the
+    old log-probs (several passes) and the reference's (a KL), then the advantages."""
     uc, row = ctx.cfg.update, rule(ctx.cfg.update.name)
     n = uc.group_size
-    examples = ctx.rollout(prompts, seed, n=n)
-    groups = [examples[g : g + n] for g in range(0, len(examples), n)]
-    scores = [[e.rollout["score"] for e in g] for g in groups]
-    unscored = {k for k, s in enumerate(scores) if not all(map(math.isfinite, s))}
-    equal = {k for k, s in enumerate(scores) if k not in unscored and len(set(s)) == 1}
-    drop = unscored | (equal if uc.drop_equal_groups else set())
-    kept = [e for k, g in enumerate(groups) if k not in drop for e in g]
-    for e in kept:  # with mask_truncated, a cut response teaches nothing (DAPO)
-        e.rollout.update(groups=len(groups), unscored_groups=len(unscored),
-                         equal_groups=len(equal),
-                         in_loss=e.rollout["stop"] or not uc.mask_truncated)  # fmt: skip
+    kept = rollout_groups(ctx, prompts, seed)
     needs_ref = row.kl_in_reward or uc.kl_loss_coef > 0
     for mb in rl.micro_batches(kept, uc.micro_batch_size):
         ids, mask, resp = ctx.batch(mb)
@@ -136,6 +164,8 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
         "advantage_abs": rl.token_mean(adv.abs(), resp),
         "equal_groups": first["equal_groups"] / max(1, first["groups"]),
         "unscored_groups": first["unscored_groups"],
+        "refilled_groups": first["refilled_groups"],
+        "short_groups": first["short_groups"],
     }
 
 

@@ -42,6 +42,7 @@ class Context:
     reward: Reward  # what scores the rollouts
     head: torch.nn.Module | None = None  # PPO's value head
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
+    pool: list = field(default_factory=list)  # the iteration's prompts (a group rule's refill)
 
     def rollout(
         self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False, n: int = 1
@@ -89,16 +90,17 @@ def correction(
     """Per-token weights (B, T-1) for a rule's policy-gradient losses, correcting for the
     sampler/trainer mismatch (``update.rollout_correction``, ``losses.rollout_weights``;
     ``resp`` itself when there is nothing to correct), and the mismatch itself: the mean k3
-    of KL(sampler || trainer) per token and the largest ratio either way in the micro-batch.
+    of KL(sampler || trainer) per token, the largest ratio either way and the share of tokens
+    past ``tis_cap`` in the micro-batch.
     ``trainer``: the trainer's log-probs of the rollout's tokens as it was when it rolled
     out (PPO's old log-probs; the current ones, detached, for one pass)."""
     if any("sampler_logps" not in e.rollout for e in mb):
         return resp, {}
     uc = ctx.cfg.update
     sampler = grid([e.rollout["sampler_logps"] for e in mb], resp)
-    k3, worst = losses.mismatch(trainer, sampler, resp)
+    k3, worst, past = losses.mismatch(trainer, sampler, resp, uc.tis_cap)
     w = losses.rollout_weights(trainer, sampler, resp, str(uc.rollout_correction), uc.tis_cap)
-    return w, {"mismatch_k3": k3, "mismatch_max_ratio": worst}
+    return w, {"mismatch_k3": k3, "mismatch_max_ratio": worst, "mismatch_past_cap": past}
 
 
 def aggregate(ctx: Context, per_token: torch.Tensor, mb: list[Example], resp) -> torch.Tensor:
@@ -245,8 +247,9 @@ def run_on_policy(
     stats: dict = {}
     with sampling.session(cfg) as sampler, timer("train_s"):
         ctx = Context(
-            cfg, model, tok, dev, ref_model, sampler, reward, head, {"kl_coef": cfg.update.kl_coef}
-        )
+            cfg, model, tok, dev, ref_model, sampler, reward, head,
+            {"kl_coef": cfg.update.kl_coef}, prompts,
+        )  # fmt: skip
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
         source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)
