@@ -77,13 +77,11 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     assert ratio(rl["grpo_kl"]["step_s_over_first"], rl["grpo_kl"]["step_s"], rl["ppo"]["step_s"])
     assert ratio(rl["grpo_kl"]["peak_rss_over_first"], rl["grpo_kl"]["peak_rss_mb"],
                  rl["ppo"]["peak_rss_mb"])  # fmt: skip
-    for kind in ("rollouts", "evaluation"):
-        r = res["backends"][kind]
-        assert positive(r["vllm_s"]) and positive(r["transformers_s"])
-        assert ratio(r["transformers_over_vllm"], r["transformers_s"], r["vllm_s"])
-        assert r["vllm_timings"]["sampler_sample_s" if kind == "rollouts" else "sample_s"] > 0, (
-            "vLLM did the sampling"
-        )
+    assert "evaluation" not in res["backends"]  # quick: the rollouts only
+    r = res["backends"]["rollouts"]
+    assert positive(r["vllm_s"]) and positive(r["transformers_s"])
+    assert ratio(r["transformers_over_vllm"], r["transformers_s"], r["vllm_s"])
+    assert r["vllm_timings"]["sampler_sample_s"] > 0, "vLLM did the sampling"
     sync = res["sync"]
     assert all(positive(sync[v][k]) for v in ("merged", "lora") for k in ("sync_s", "tokens_per_s"))
     assert ratio(sync["lora_over_merged_tokens_per_s"], sync["lora"]["tokens_per_s"],

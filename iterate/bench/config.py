@@ -156,6 +156,7 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     la.models, la.responses, la.batch_size, la.rounds = ["toy"], 32, 16, 1
     b = cfg.backends
     b.model, b.prompts, b.micro_batch_size, b.max_tokens, b.samples, b.rounds = "toy", 4, 4, 8, 2, 1
+    b.kinds = ["rollouts"]  # the evaluation kind runs the same harness (the full run has both)
     sy = cfg.sync
     sy.model, sy.syncs, sy.prompts, sy.n, sy.new_tokens = "toy", 1, 2, 2, 8
     u = cfg.update

@@ -68,6 +68,7 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "win_rate_se": ev.get("win_rate_se"),
         "lc_win_rate": ev.get("lc_win_rate"),
         "lc_win_rate_se": ev.get("lc_win_rate_se"),
+        "proxy_lc_win_rate": ev.get("judges", {}).get("reward", {}).get("lc_win_rate"),
         "length_ratio": ev.get("length_ratio"),
         "correct_rate": ev.get("correct_rate"),  # right answers (toy world), and the start's
         "initial_correct_rate": ev.get("initial_correct_rate"),
