@@ -23,8 +23,6 @@ COLUMNS = [  # (key, header, format)
     ("reward_best_mean", "best-of-n", "{:.3f}"),
     ("gold_mean", "gold", "{:.3f}"),
     ("win_rate_vs_initial", "win rate", "{:.3f}"),
-    ("lc_win_rate", "LC", "{:.3f}"),
-    ("correct_rate", "correct", "{:.3f}"),
     ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
     ("response_tokens_mean", "tokens", "{:.1f}"),
