@@ -73,6 +73,8 @@ def test_raft_best():
     assert best([0.1, 0.9, 0.9, NAN]) == 1
     assert best([NAN, None]) == "no_valid_response"
     assert best([-2.0]) == 0
+    assert best([0.0, 0.0, 0.0, NAN]) == "tie"  # nothing better to imitate
+    assert best([0.0, 1.0, 1.0, 0.0]) == 1
 
 
 def test_unknown_rule():

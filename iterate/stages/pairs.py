@@ -26,10 +26,15 @@ def _valid(rewards: list[float]) -> list[int]:
 
 
 def best(rewards: list[float]) -> int | str:
-    """RAFT: index of the highest reward (lowest index on ties), or a drop reason."""
+    """RAFT: index of the highest reward (lowest index on ties for the highest), or a drop
+    reason. A prompt whose valid responses all score alike is dropped as a ``tie``: none of
+    them is better, and imitating an arbitrary one teaches the policy its own mistakes (under
+    a 0/1 correctness reward most prompts of a weak policy have no right answer at all)."""
     valid = _valid(rewards)
     if not valid:
         return "no_valid_response"
+    if len(valid) > 1 and len({rewards[i] for i in valid}) == 1:
+        return "tie"
     return max(valid, key=lambda i: (rewards[i], -i))
 
 
