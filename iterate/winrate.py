@@ -28,6 +28,10 @@ import math
 import numpy as np
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(z / 2))  # no overflow for any z
+
+
 def judged(new: list[float], reference: list[float]) -> list[float]:
     """Preferences from pointwise scores of aligned pairs: 1 where new scores higher, 0.5
     where they are equal, else 0."""
@@ -51,20 +55,20 @@ def length_controlled(
     x = np.stack(cols, axis=1)
     beta = np.zeros(x.shape[1])
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-(x @ beta)))
+        p = _sigmoid(x @ beta)
         info = x.T @ (x * (p * (1 - p))[:, None])  # the Fisher information
         try:
             step = np.linalg.solve(info, x.T @ (y - p))
         except np.linalg.LinAlgError:
             return None
         beta = beta + step
+        if not np.isfinite(beta).all() or np.abs(beta).max() > 30:
+            return None  # separated by length: the coefficients run off
         if np.abs(step).max() < tol:
             break
     else:
-        return None  # no convergence: separated by length, the coefficients run off
-    if not np.isfinite(beta).all() or np.abs(beta).max() > 30:
-        return None
-    p = 1 / (1 + np.exp(-(x @ beta)))
+        return None  # no convergence
+    p = _sigmoid(x @ beta)
     cov = np.linalg.inv(x.T @ (x * (p * (1 - p))[:, None]))
     lc = 1 / (1 + math.exp(-beta[0]))
     se = lc * (1 - lc) * math.sqrt(cov[0, 0])

@@ -39,7 +39,7 @@ def test_the_main_figures_are_the_gold_judges_where_there_is_one():
     gold = winrate.figures([1.0, 1.0, 0.0, 0.5], [30, 40, 10, 20], [20, 20, 20, 20])
     reward = winrate.figures([0.0, 1.0], [30, 10], [20, 20])
     got = evaluate.main_figures({"reward": reward, "gold": gold})
-    assert got["judge"] == "gold" and got["length_ratio"] == 1.25
+    assert got["main_judge"] == "gold" and got["length_ratio"] == 1.25
     assert got["lc_win_rate"] == gold["lc_win_rate"] and got["win_ties"] == 0.25
     assert evaluate.main_figures({"reward": reward})["length_ratio"] == 1.0
     assert evaluate.main_figures({"reward": {}}) == {}

@@ -427,7 +427,8 @@ def test_tiny_max_kl_rejects_and_stops(tiny_cache, tiny_rm, tmp_path):
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     kl = json.loads((run / "iter_000" / "handoff" / "kl.json").read_text())
-    assert kl["k1"] > 1e-9 and kl["accepted"] is False and kl["decision"] == "reject (stop)"
+    assert kl["k1"] > 1e-9 and kl["accepted"] is False
+    assert kl["decision"] == f"reject (stop): KL {kl['k1']:.4g} > 1e-09"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["accepted"] for m in metrics] == [False] and rows[0]["accepted"] is False
     assert not (run / "iter_001").exists(), "the loop stopped at the rejection"

@@ -98,7 +98,7 @@ def main_figures(judges: dict[str, dict]) -> dict:
         return {}
     ref = main["reference_length"]
     return {
-        "judge": "gold" if judges.get("gold") else "reward",
+        "main_judge": "gold" if judges.get("gold") else "reward",
         "win_rate_se": main["win_rate_se"],
         "win_ties": main["ties"],
         "lc_win_rate": main["lc_win_rate"],
