@@ -209,3 +209,27 @@ def test_a_prompt_field_the_source_lacks_is_named(tmp_path):
     assert fields[prompts.prompt_id("What is 3 plus 4?")] == {"answer": "7", "family": "arithmetic"}
     with pytest.raises(BadInput, match="the toy world's prompts have no field 'solution'"):
         prompts.load_pool(compose_cfg(["prompts.fields=[solution]"]))
+
+
+def test_an_alpacaeval_file_is_a_prompt_source(tmp_path):
+    """AlpacaEval's format (a JSON list of objects with instruction, output, generator,
+    dataset) read with prompts.field=instruction: every instruction a prompt, the other
+    fields kept with it when named."""
+    rows = [
+        {"instruction": f"Explain idea {n}.", "output": f"Idea {n} is ...",
+         "generator": "gpt4_1106_preview", "dataset": "helpful_base"}
+        for n in range(12)
+    ]  # fmt: skip
+    source = tmp_path / "alpaca_eval.json"
+    source.write_text(json.dumps(rows, indent=2))
+    cfg = compose_cfg(
+        ["prompts=file", f"prompts.path={source}", "prompts.field=instruction",
+         "prompts.per_iteration=4", "prompts.heldout=4", "prompts.fields=[dataset]"],
+        tmp_path,
+    )  # fmt: skip
+    train, held, dropped, fields = prompts.load_pool(cfg)
+    assert sorted(train + held) == sorted(r["instruction"] for r in rows) and not dropped
+    assert {f["dataset"] for f in fields.values()} == {"helpful_base"}
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    assert heldout.prompts(cfg, paths).num_rows == 4
+    assert set(prompts.run(cfg, paths, 0)["prompt"].to_pylist()) <= {r["instruction"] for r in rows}
