@@ -183,18 +183,19 @@ def clipped_policy_loss(
     clip_low: float,
     clip_high: float,
     weights: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> torch.Tensor:
     """The group rules' loss per token (B, T), for ``aggregate``: the clipped objective
     (``clipped_surrogate``) times the rollout correction's ``weights`` (``rollout_weights``),
-    plus ``kl_coef`` times the k3 KL to the reference (GRPO's KL in the loss; no reference
-    needed when 0). All (B, T) but ``advantages`` (per token or per sequence)."""
+    plus ``kl_coef`` times ``kl``, the per-token KL to the reference (GRPO's k3 in the loss,
+    ``kl_penalty``; none needed when the coefficient is 0). All (B, T) but ``advantages``
+    (per token or per sequence)."""
     per_token = clipped_surrogate(logps, old_logps, advantages, clip_low, clip_high)
     if weights is not None:
         per_token = per_token * weights
     if kl_coef:
-        per_token = per_token + kl_coef * kl_penalty(logps, ref_logps, "k3")
+        per_token = per_token + kl_coef * kl
     return per_token
 
 

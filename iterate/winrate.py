@@ -32,10 +32,15 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(z / 2))  # no overflow for any z
 
 
+def preference(new: float, reference: float) -> float:
+    """One pair's preference from pointwise scores: 1 where new scores higher, 0.5 where
+    they are equal, else 0."""
+    return 1.0 if new > reference else 0.5 if new == reference else 0.0
+
+
 def judged(new: list[float], reference: list[float]) -> list[float]:
-    """Preferences from pointwise scores of aligned pairs: 1 where new scores higher, 0.5
-    where they are equal, else 0."""
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, reference, strict=True)]
+    """``preference`` of each aligned pair."""
+    return [preference(a, b) for a, b in zip(new, reference, strict=True)]
 
 
 def length_controlled(

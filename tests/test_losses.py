@@ -369,7 +369,7 @@ def test_a_grpo_step_equals_a_hand_computation(scale, agg):
     assert advantages.tolist() == pytest.approx(adv, abs=1e-12)
     per_token = losses.clipped_policy_loss(
         logps * mask, f64(old) * mask, advantages, CLIP_LOW, CLIP_HIGH,
-        ref_logps=f64(ref) * mask, kl_coef=BETA,
+        kl=losses.kl_penalty(logps * mask, f64(ref) * mask, "k3"), kl_coef=BETA,
     )  # fmt: skip
     loss = losses.aggregate(per_token, mask, agg, norm=MAX_TOKENS).mean()
     loss.backward()

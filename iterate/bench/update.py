@@ -133,9 +133,9 @@ def rl_stages(spec: dict) -> dict:
     out: dict = {"rss_before_model_mb": bm.rss_mb(), "variants": {}}
     runs = list(spec["variants"].items())
     if spec["warmup"]:  # the first variant once, not counted: the engine's first shapes
-        runs.insert(0, ("warmup", runs[0][1]))
+        runs.insert(0, runs[0])
     try:
-        for name, overrides in runs:
+        for k, (name, overrides) in enumerate(runs):
             cfg = main_config(
                 [
                     f"model.path={spec['model']}",
@@ -148,8 +148,9 @@ def rl_stages(spec: dict) -> dict:
                     *overrides,
                 ]
             )
+            warmup = spec["warmup"] and k == 0
             paths = Paths(
-                run=Path(spec["workdir"]) / name,
+                run=Path(spec["workdir"]) / ("warmup" if warmup else name),
                 base_policy=spec["model"],
                 reward_model=spec["reward"],
             )
@@ -160,7 +161,7 @@ def rl_stages(spec: dict) -> dict:
             done = rule(str(cfg.update.name)).run(cfg, paths, 0, spec["model"], spec["model"])
             seconds = time.perf_counter() - t
             timings = done["timings"]
-            if name == "warmup":
+            if warmup:
                 continue
             train_s = timings["train_s"] - timings.get("sampler_engine_start_s", 0.0)
             out["variants"][name] = {

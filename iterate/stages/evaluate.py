@@ -156,9 +156,8 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
 
     init_reward = dict(zip(init_keys, by_table["init"]))
     ok = lambda x: x is not None and x == x  # noqa: E731  (None: refused; NaN: unscored)
-    judge("reward", [winrate.judged([r], [init_reward[k]])[0]
-                     if ok(r) and ok(init_reward.get(k)) else None
-                     for r, k in zip(scored, new_keys)])  # fmt: skip
+    judge("reward", [winrate.preference(r, init_reward[k]) if ok(r) and ok(init_reward.get(k))
+                     else None for r, k in zip(scored, new_keys)])  # fmt: skip
     if getattr(reward, "compares", False):  # a pairwise model or judge is asked: new or old?
         init_rows = dict(zip(init_keys, init["response"].to_pylist()))
         at = [j for j, k in enumerate(new_keys) if k in init_rows]

@@ -145,12 +145,13 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     resp = resp * in_loss[:, None]
     weights, metrics = rl.correction(ctx, old, mb, resp)
     kl_coef = 0.0 if rule(uc.name).kl_in_reward else uc.kl_loss_coef  # GRPO: in the loss
+    kl = losses.kl_penalty(logps, ref, "k3") if kl_coef else None
     per_token = losses.clipped_policy_loss(
-        logps, old, adv, uc.clip_low, uc.clip_high, weights, ref, kl_coef
+        logps, old, adv, uc.clip_low, uc.clip_high, weights, kl, kl_coef
     )
     per_example = rl.aggregate(ctx, per_token, mb, resp)
-    if kl_coef:
-        metrics["kl"] = rl.token_mean(losses.kl_penalty(logps, ref, "k3") * resp, resp)
+    if kl is not None:
+        metrics["kl"] = rl.token_mean(kl * resp, resp)
     elif "kl" in mb[0].rollout:
         metrics["kl"] = sum(float(e.rollout["kl"].sum()) for e in mb) / len(mb)
     ratio = (logps.detach() - old).exp()
