@@ -132,6 +132,14 @@ class Reference(StrEnum):
     previous = "previous"
 
 
+class EvalReference(StrEnum):
+    """What the evaluation's win rates compare the new policy's held-out samples with."""
+
+    initial = "initial"  # the initial policy's samples of the same prompts
+    previous = "previous"  # the samples of the policy the iteration started from
+    file = "file"  # outputs in a file (evaluate.reference.path), matched by prompt text
+
+
 class Strategy(StrEnum):
     ddp = "ddp"
     fsdp = "fsdp"
@@ -340,6 +348,11 @@ class PromptsConfig:
     field: str = "prompt"  # column holding the prompt: text, messages, or an HH transcript
     per_iteration: int = 120  # prompts per iteration (disjoint slices, or written anew)
     heldout: int = 80  # prompts kept apart for evaluation (win rate, KL)
+    # a fixed held-out set instead of a slice of the pool: a file read like prompts.path
+    # (AlpacaEval's JSON list with heldout_field=instruction, say); its first prompts.heldout
+    # prompts (shuffled) are held out, and none of its prompts is ever drawn for training
+    heldout_path: str | None = None
+    heldout_field: str | None = None  # its prompt column; null: prompts.field
 
 
 @dataclass
@@ -465,8 +478,28 @@ class HandoffConfig:
 
 
 @dataclass
+class EvalReferenceConfig:
+    """The reference of the evaluation's win rates (``iterate.stages.heldout.reference``)."""
+
+    kind: EvalReference = EvalReference.initial
+    # kind=file: AlpacaEval's format (a JSON list of objects with instruction, output,
+    # generator, dataset), a jsonl or parquet file, or a saved dataset; one output per prompt
+    path: str | None = None
+    prompt_field: str = "instruction"  # the prompt of each row, matched to held-out prompts
+    output_field: str = "output"  # the reference response
+
+
+@dataclass
 class EvaluateConfig:
     """The held-out evaluation of each iteration's new policy (KL, reward, gold, win rate)."""
+
+    reference: EvalReferenceConfig = field(default_factory=EvalReferenceConfig)
+    # judges besides the run's reward (and the toy world's gold judge): reward sources as in
+    # reward.sources (kind function or model; a model folder at path, or pairwise: a pairwise
+    # model at path, asked in both orders); each gives its own figures. The main figures
+    # (win_rate, lc_win_rate, length_ratio: what the handoff's gates read) are the gold
+    # judge's where the prompts have one, else the first judge's here, else the reward's
+    judges: list[RewardSourceConfig] = field(default_factory=list)
 
     samples: int = (
         4  # samples per held-out prompt, at temperature 1 and top-p 1 (the KL needs them)

@@ -171,6 +171,22 @@ def _json_rows(p: Path) -> list:
     return rows
 
 
+def _mixed(p: Path, rows: list) -> str | None:
+    """The first row whose field holds another type of value than the field's first (what
+    a column cannot hold), as a message naming the file, row and field."""
+    first: dict[str, tuple[int, str]] = {}
+    for k, row in enumerate(rows):
+        for name, value in row.items() if isinstance(row, dict) else ():
+            if value is None:
+                continue
+            kind = type(value).__name__
+            at, seen = first.setdefault(name, (k, kind))
+            if seen != kind:
+                return (f"{p}: row {k}: field '{name}': {kind}, where row {at} has {seen} "
+                        "(a field holds one type of value)")  # fmt: skip
+    return None
+
+
 def read_rows(path: str):
     """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train split)."""
     import datasets
@@ -184,7 +200,11 @@ def read_rows(path: str):
     if p.suffix == ".parquet":
         ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
     else:
-        ds = datasets.Dataset.from_list(_json_rows(p))
+        rows = _json_rows(p)
+        try:
+            ds = datasets.Dataset.from_list(rows)
+        except (ValueError, TypeError) as e:  # (pyarrow's ArrowInvalid, ArrowTypeError)
+            raise BadInput(_mixed(p, rows) or f"{p}: {e}") from None
     if len(ds) == 0:
         raise BadInput(f"{p}: the file has no rows")
     return ds

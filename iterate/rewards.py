@@ -494,7 +494,12 @@ def comparison(cfg: Config) -> str | None:
 
 
 def of(
-    cfg: Config, role: str = "reward", path: str = "", device=None, run: Path | None = None
+    cfg: Config,
+    role: str = "reward",
+    path: str = "",
+    device=None,
+    run: Path | None = None,
+    part=None,
 ) -> Reward | None:
     """The run's reward for ``role`` in the run folder ``run`` (where a reward function
     reads its prompts' row fields):
@@ -508,7 +513,9 @@ def of(
     - ``correct``: whether a response's answer is right (1 or 0), where the run's prompts
       have reference answers to check (the toy world's), else ``None``;
     - ``judge``: the reward-model refresh's judge (``reward.refresh.judge``: the gold judge
-      or a judge model at ``judge_path``; a judge file is labels, not a reward: ``None``).
+      or a judge model at ``judge_path``; a judge file is labels, not a reward: ``None``);
+    - ``evaluator``: one of ``evaluate.judges`` (``part``): a function, a reward model or a
+      pairwise model at its path.
     """
     rc, dev = cfg.reward, str(device or "cpu")
 
@@ -546,6 +553,10 @@ def of(
     if role in ("gold", "correct"):
         toy = str(cfg.prompts.source) == "toy"
         return FunctionReward(GOLD if role == "gold" else CORRECT) if toy else None
+    if role == "evaluator":
+        if str(part.kind) == "function":
+            return function(part.function)
+        return model(part.path, cls=PairwiseReward if str(part.kind) == "pairwise" else ModelReward)
     if role == "judge":
         judge = str(rc.refresh.judge)
         if judge == "gold":

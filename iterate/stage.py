@@ -231,6 +231,7 @@ COUNTED = {
     "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
     "prompts": (
         "synthetic", "source", "path", "split", "field", "fields", "per_iteration", "heldout",
+        "heldout_path", "heldout_field",
     ),
     "pairs": ("rule", "length_penalty", "min_margin"),
     "handoff": ("max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference"),
@@ -256,13 +257,17 @@ RETIRED = {
 }
 
 
-# What later versions record that earlier ones did not (by the key's last part): a stage
-# recorded without it resumes as it was; once recorded, a change of it counts.
-ADDED = (
-    "reward_weights",  # an outside reward model's checksum (rewards.weights_sum)
-    "max_length_ratio",  # the handoff's length gates
-    "min_lc_win_rate",
-)
+# What later versions record that earlier ones did not (by the key's last part), with the
+# value that means "as before" (ANY: whatever it is): a stage recorded without it resumes as
+# it was while the setting has that value; once recorded, a change of it counts.
+ANY = object()
+ADDED = {
+    "reward_weights": ANY,  # an outside reward model's checksum (rewards.weights_sum)
+    "max_length_ratio": None,  # the handoff's length gates
+    "min_lc_win_rate": None,
+    "heldout_path": None,  # a held-out prompts file
+    "heldout_field": None,
+}
 
 
 def retired(stage: str, key: str) -> bool:
@@ -270,9 +275,13 @@ def retired(stage: str, key: str) -> bool:
                for r in (*RETIRED["*"], *RETIRED.get(stage, ())))  # fmt: skip
 
 
-def _added(recorded: dict, key: str) -> bool:
-    """Whether ``key`` is one that ``recorded`` (a stage config) predates."""
-    return key.rsplit(".", 1)[-1] in ADDED and key not in flatten(recorded)
+def _added(recorded: dict, now: dict, key: str) -> bool:
+    """Whether ``key`` is one that ``recorded`` (a stage config) predates, at the value that
+    means what was done before (``now``: the stage config of this invocation)."""
+    name = key.rsplit(".", 1)[-1]
+    if name not in ADDED or key in flatten(recorded):
+        return False
+    return ADDED[name] is ANY or flatten(now).get(key) == ADDED[name]
 
 
 class Stage:
@@ -316,7 +325,7 @@ class Stage:
             recorded = read_json(marker)
         recorded = portable(recorded, self.root)  # runs recorded with absolute paths resume
         keys = diff_keys(recorded, self.config) if recorded is not None else []
-        if keys and all(retired(self.name, k) or _added(recorded, k) for k in keys):
+        if keys and all(retired(self.name, k) or _added(recorded, self.config, k) for k in keys):
             log.info("%s: recorded with settings that no longer count (%s)", self.path, keys)
             keys = []
         if keys:

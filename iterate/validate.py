@@ -235,7 +235,10 @@ def check(cfg: Config) -> None:
     _memory(cfg)
     _reward(cfg)
     _refresh(cfg)
+    _evaluation(cfg)
     _trackers(cfg)
+    if pc.heldout_path and not Path(pc.heldout_path).exists():
+        raise BadInput(f"prompts.heldout_path={pc.heldout_path!r}: no such file or folder")
     if str(pc.source) == "file":
         if not pc.path:
             raise BadInput("prompts.path is not set but prompts.source is file")
@@ -389,6 +392,42 @@ def _mixture(cfg: Config) -> None:
             _function(f"{key}.function", part.function, cfg)
         elif part.path:
             _reward_folder(f"{key}.path", part.path)
+
+
+def _evaluation(cfg: Config) -> None:
+    """The evaluation's reference file and its judges: found at start-up, each judge a
+    function, a reward model or a pairwise model, named once."""
+    ref = cfg.evaluate.reference
+    _need(
+        (str(ref.kind) == "file") == bool(ref.path),
+        "evaluate.reference.path",
+        ref.path,
+        "is the reference outputs file of evaluate.reference.kind=file, and only of it",
+    )
+    if ref.path and not Path(ref.path).exists():
+        raise BadInput(f"evaluate.reference.path={ref.path!r}: no such file or folder")
+    names = [rewards.source_name(p) for p in cfg.evaluate.judges]
+    for k, (part, name) in enumerate(zip(cfg.evaluate.judges, names, strict=True)):
+        key = f"evaluate.judges[{k}]"
+        _need(str(part.kind) in ("function", "model", "pairwise"), f"{key}.kind",
+              str(part.kind), "must be function, model or pairwise")  # fmt: skip
+        _need(
+            re.fullmatch(r"[\w-]+", name) is not None
+            and names.count(name) == 1
+            and name not in ("reward", "gold"),
+            f"{key}.name",
+            name,
+            "must be a word "
+            "that no other judge has, not 'reward' nor 'gold' (the run's own judges)",
+        )
+        if str(part.kind) == "function":
+            _function(f"{key}.function", part.function, cfg)
+        else:
+            _need(bool(part.path), f"{key}.path", part.path, "must name the judge's model")
+            if str(part.kind) == "pairwise":
+                _model_folder(f"{key}.path", part.path, "pairwise model")
+            else:
+                _reward_folder(f"{key}.path", part.path)
 
 
 def _pairwise(cfg: Config) -> None:

@@ -1,16 +1,21 @@
 """The evaluation's KL: hand-computed on built log-probs through ``losses.kl_penalty``, and on
 a real policy; the win rate by hand."""
 
+import json
 import math
 
 import pyarrow as pa
 import pytest
 import torch
 
-from iterate import models, sampling, winrate
-from iterate.shards import SCHEMAS
-from iterate.stages import evaluate
+from iterate import models, rewards, sampling, validate, winrate
+from iterate.errors import BadInput
+from iterate.paths import Paths
+from iterate.shards import SCHEMAS, prompt_id, shard_path, write_shard
+from iterate.stages import evaluate, heldout
 from iterate.stages.update import common
+
+from .conftest import ROOT, compose_cfg
 
 
 def test_sequence_kl_by_hand():
@@ -35,14 +40,103 @@ def test_win_rate_by_hand():
         winrate.judged([1.0], [0.0, 1.0])  # samples must be aligned
 
 
-def test_the_main_figures_are_the_gold_judges_where_there_is_one():
+def test_the_main_figures_are_the_gold_judges_where_there_is_one(tmp_path):
     gold = winrate.figures([1.0, 1.0, 0.0, 0.5], [30, 40, 10, 20], [20, 20, 20, 20])
     reward = winrate.figures([0.0, 1.0], [30, 10], [20, 20])
-    got = evaluate.main_figures({"reward": reward, "gold": gold})
+    judged = {"reward": reward, "gold": gold, "chars": reward}
+    cfg = compose_cfg(_JUDGE, tmp_path)
+    assert evaluate.main_judge(cfg, judged) == "gold"
+    got = evaluate.main_figures(judged, "gold")
     assert got["main_judge"] == "gold" and got["length_ratio"] == 1.25
     assert got["lc_win_rate"] == gold["lc_win_rate"] and got["win_ties"] == 0.25
-    assert evaluate.main_figures({"reward": reward})["length_ratio"] == 1.0
-    assert evaluate.main_figures({"reward": {}}) == {}
+    assert got["win_rate"] == gold["win_rate"] == 0.625
+    # no gold judge: the first of evaluate.judges, else the run's reward
+    assert evaluate.main_judge(cfg, {"reward": reward, "gold": {}, "chars": reward}) == "chars"
+    assert evaluate.main_judge(compose_cfg([], tmp_path), {"reward": reward}) == "reward"
+    assert evaluate.main_figures({"reward": reward}, "reward")["length_ratio"] == 1.0
+    assert evaluate.main_figures({"reward": {}}, "reward") == {}
+
+
+def chars(prompts, responses):
+    """A judge that prefers the longer response and nothing else."""
+    return [float(len(r)) for r in responses]
+
+
+_JUDGE = ["evaluate.judges=[{kind: function, function: 'tests.test_evaluate:chars', name: chars}]"]
+
+
+def _generate_rows(items, responses_of, samples: int) -> pa.Table:
+    rows = [
+        {"prompt_id": prompt_id(it.prompt), "sample_idx": k, "prompt": it.prompt,
+         "response": responses_of(it, k), "prompt_tokens": 5, "response_tokens": 5,
+         "finish_reason": "stop", "response_ids": [1, 2]}
+        for it in items for k in range(samples)
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["generate"])
+
+
+def test_every_judge_against_a_reference_file_by_hand(tmp_path):
+    """A reference outputs file in AlpacaEval's format, matched to the held-out prompts by
+    text: the reward (here the gold judge as a function), the gold judge and a judge of
+    evaluate.judges each give figures against it that equal ``winrate.figures`` of the
+    preferences worked out here; a prompt without a reference is counted and left out; the
+    win rates against the initial samples stay what they were."""
+    from iterate.toy import world
+
+    items = world.split(0.1)[1][:5]
+    init = _generate_rows(items, lambda it, k: world.best_response(it) + " Sorry.", 2)
+    new = _generate_rows(items, lambda it, k: world.best_response(it) + " thanks" * k, 2)
+    outputs = [{"instruction": it.prompt, "output": "nope " * (n + 1), "generator": "gpt4",
+                "dataset": "toy"} for n, it in enumerate(items[:4])]  # fmt: skip
+    ref_file = tmp_path / "alpaca_eval_outputs.json"
+    ref_file.write_text(json.dumps(outputs))
+    cfg = compose_cfg(
+        ["reward=gold", "evaluate.samples=2", "evaluate.reference.kind=file",
+         f"evaluate.reference.path={ref_file}", *_JUDGE], tmp_path,
+    )  # fmt: skip
+    validate._evaluation(cfg)
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    write_shard(init, shard_path(paths.initial_samples_dir, 0))
+    ref = heldout.reference(cfg, paths, 0, new)
+    assert ref.info == {"kind": "file", "prompts": 4, "unreferenced": 1}
+    assert ref.index[-2:] == [None, None] and ref.table.num_rows == 4
+    got, each = evaluate.scores(cfg, paths, new, rewards.of(cfg, run=paths.run), ref)
+    prompts, responses = new["prompt"].to_pylist(), new["response"].to_pylist()
+    by_prompt = {o["instruction"]: o["output"] for o in outputs}
+    referenced = [(p, r, by_prompt[p]) for p, r in zip(prompts, responses) if p in by_prompt]
+    gold = lambda p, r: world.gold_score(p, r)  # noqa: E731
+    for name, score in (("gold", gold), ("reward", gold), ("chars", lambda p, r: len(r))):
+        prefs = [winrate.preference(score(p, r), score(p, o)) for p, r, o in referenced]
+        lengths = [len(r) for _, r, _ in referenced], [len(o) for *_, o in referenced]
+        assert got["judges"][name] == winrate.figures(prefs, *lengths), name
+    assert got["main_judge"] == "gold" and got["win_rate"] == got["judges"]["gold"]["win_rate"]
+    assert got["reference"] == ref.info
+    # against the initial samples, sample by sample, as before
+    before = init["response"].to_pylist()
+    vs_init = winrate.judged([gold(p, r) for p, r in zip(prompts, responses)],
+                             [gold(p, r) for p, r in zip(prompts, before)])  # fmt: skip
+    assert got["win_rate_vs_initial"] == got["proxy_win_rate"] == round(sum(vs_init) / 10, 4)
+    assert 0 < got["win_rate_vs_initial"] < 1  # (the responses differ both ways)
+    assert each.column("gold").to_pylist() == [gold(p, r) for p, r in zip(prompts, responses)]
+
+
+def test_a_bad_reference_file_is_named_by_file_row_and_field(tmp_path):
+    bad = tmp_path / "outputs.jsonl"
+    bad.write_text(json.dumps({"instruction": "Hi.", "output": "Hello."}) + "\n"
+                   + json.dumps({"instruction": "Bye.", "output": 3}) + "\n")  # fmt: skip
+    with pytest.raises(BadInput, match=r"outputs.jsonl: row 1: field 'output': int, where row 0"):
+        heldout.outputs(str(bad), "instruction", "output")
+    bad.write_text(json.dumps({"instruction": "Bye.", "output": 3}) + "\n")
+    with pytest.raises(BadInput, match=r"outputs.jsonl: row 0: field 'output': expected the"):
+        heldout.outputs(str(bad), "instruction", "output")
+    with pytest.raises(BadInput, match=r"no field 'answer' \(evaluate.reference.output_field"):
+        heldout.outputs(str(bad), "instruction", "answer")
+    with pytest.raises(BadInput, match="evaluate.reference.path=None: is the reference outputs"):
+        validate._evaluation(compose_cfg(["evaluate.reference.kind=file"], tmp_path))
+    twice = "{kind: function, function: 'tests.test_evaluate:chars', name: chars}"
+    named_twice = [f"evaluate.judges=[{twice}, {twice}]"]
+    with pytest.raises(BadInput, match=r"judges\[0\].name='chars': must be a word that no other"):
+        validate._evaluation(compose_cfg(named_twice, tmp_path))
 
 
 def _samples(tok, policy_model, n=2):
@@ -111,3 +205,42 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5"):
         with pytest.raises(BadInput, match=bad.split("=")[0]):
             validate.check(compose_cfg([bad]))
+
+
+def test_the_previous_reference_is_the_policy_the_iteration_started_from(tmp_path):
+    """evaluate.reference.kind=previous: iteration 2 is compared with the samples of the
+    last accepted iteration before it (here 0, since 1 was rejected), sample by sample; an
+    iteration that started from the initial policy with the initial samples (no table)."""
+    from iterate.toy import world
+
+    items = world.split(0.2)[1][:3]
+    cfg = compose_cfg(["evaluate.reference.kind=previous"], tmp_path)
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    for i, accepted in ((0, True), (1, False)):
+        folder = paths.stage(i, "handoff")
+        folder.mkdir(parents=True)
+        (folder / "_DONE.json").write_text(json.dumps({"kl": {"accepted": accepted}}))
+        rows = _generate_rows(items, lambda it, k, i=i: f"iteration {i} sample {k}", 2)
+        write_shard(rows, shard_path(paths.evaluation_samples(i), 0))
+    new = _generate_rows(items[::-1], lambda it, k: "new", 2)  # another order
+    ref = heldout.reference(cfg, paths, 2, new)
+    assert ref.info == {"kind": "previous", "iteration": 0}
+    old = ref.table["response"].to_pylist()
+    assert [old[j] for j in ref.index] == [f"iteration 0 sample {k}" for _ in items for k in (0, 1)]
+    assert ref.table["prompt_id"].to_pylist()[ref.index[0]] == new["prompt_id"][0].as_py()
+    assert heldout.reference_conf(cfg, paths, 2) == (
+        {"kind": "previous"},
+        [paths.stage(0, "evaluate")],
+    )
+    first = heldout.reference(cfg, paths, 0, new)
+    assert first.table is None and first.info == {"kind": "previous", "iteration": None}
+
+
+def test_the_toy_reference_file_is_what_the_toy_world_writes():
+    """data/toy_alpaca_eval.json: the toy world's held-out prompts with a reference
+    system's outputs in AlpacaEval's format (``world.reference_outputs``), unchanged."""
+    from iterate.toy import world
+
+    shipped = json.loads((ROOT / "data" / "toy_alpaca_eval.json").read_text())
+    assert shipped == world.reference_outputs()
+    assert {r["instruction"] for r in shipped} == {i.prompt for i in world.split(0.2)[1]}

@@ -13,7 +13,7 @@ import pytest
 
 from iterate.stage import CANONICAL, DONE, Stage, StageConfigChanged, done_id, file_sum
 
-from .conftest import FULL, cli, hash_seeds
+from .conftest import FULL, cli, compose_cfg, hash_seeds
 
 
 def _adapter_config(path: Path, modules: list[str], base: str, r: int = 16) -> Path:
@@ -176,3 +176,20 @@ def test_an_outside_reward_models_weights_are_part_of_what_scored(tmp_path):
     assert changed["reward_weights"] != now["reward_weights"]
     with pytest.raises(StageConfigChanged, match="reward_weights"):
         Stage(tmp_path / "label", "label", changed).check()
+
+
+def test_a_setting_added_later_resumes_old_stages_only_at_its_old_value(tmp_path):
+    """A held-out set drawn before ``prompts.heldout_path`` existed resumes while the setting
+    is unset (what was done then); set to a file, it is a change, refused naming the key."""
+    from iterate.stages import prompts
+
+    cfg = compose_cfg(["prompts.heldout=8"], tmp_path)
+    now = prompts.heldout_config(cfg)
+    assert now["prompts"]["heldout_path"] is None
+    earlier = {**now, "prompts": {k: v for k, v in now["prompts"].items()
+                                  if k not in ("heldout_path", "heldout_field")}}  # fmt: skip
+    Stage(tmp_path / "heldout", "heldout", earlier).finish()
+    assert Stage(tmp_path / "heldout", "heldout", now).check() is True
+    cfg.prompts.heldout_path = str(tmp_path / "alpaca_eval.json")
+    with pytest.raises(StageConfigChanged, match="prompts.heldout_path"):
+        Stage(tmp_path / "heldout", "heldout", prompts.heldout_config(cfg)).check()

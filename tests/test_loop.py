@@ -606,3 +606,38 @@ def test_sweep_labels_keep_only_the_overrides_that_differ():
     names = ["reward.train=False,update=dpo", "reward.train=False,update=raft"]
     assert short_labels(names) == {names[0]: "update=dpo", names[1]: "update=raft"}
     assert short_labels(["update=dpo"]) == {"update=dpo": "update=dpo"}
+
+
+def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm, tmp_path):
+    """The AlpacaEval path end to end: held-out prompts from a file in its format
+    (prompts.heldout_path), the new policy compared with that file's reference outputs
+    (evaluate.reference.kind=file) by the gold judge, the reward model and a judge named in
+    evaluate.judges; every judge's raw and length-controlled win rates reported, the gold
+    judge's equal to a computation from the evaluation's samples and the file."""
+    data = ROOT / "data" / "toy_alpaca_eval.json"
+    judge = "{kind: function, function: 'iterate.toy.world:correctness_reward', name: correct}"
+    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, f"prompts.heldout_path={data}",
+               "prompts.heldout_field=instruction", "evaluate.reference.kind=file",
+               f"evaluate.reference.path={data}", f"evaluate.judges=[{judge}]")  # fmt: skip
+    [row] = loop.run(cfg, tmp_path / "toy_tiny")
+    run = tmp_path / "toy_tiny"
+    outputs = {r["instruction"]: r["output"] for r in json.loads(data.read_text())}
+    held = read_shards(run / "heldout")["prompt"].to_pylist()
+    assert len(held) == 16 and set(held) <= set(outputs)
+    ev = json.loads((run / "iter_000" / "evaluate" / "_DONE.json").read_text())
+    assert ev["reference"] == {"kind": "file", "prompts": 16, "unreferenced": 0}
+    assert set(ev["judges"]) == {"reward", "gold", "correct"}
+    for figures in ev["judges"].values():
+        assert 0 <= figures["win_rate"] <= 1 and figures["pairs"] == 64
+        assert "lc_win_rate" in figures and "lc_win_rate_se" in figures
+    samples = read_shards(run / "iter_000" / "evaluate" / "samples")
+    pairs = list(zip(samples["prompt"].to_pylist(), samples["response"].to_pylist()))
+    prefs = [winrate.preference(world.gold_score(p, r), world.gold_score(p, outputs[p]))
+             for p, r in pairs]  # fmt: skip
+    lengths = [len(r) for _, r in pairs], [len(outputs[p]) for p, _ in pairs]
+    assert ev["judges"]["gold"] == winrate.figures(prefs, *lengths)
+    assert row["reference"] == "file" and row["main_judge"] == "gold"
+    assert row["win_rate"] == ev["judges"]["gold"]["win_rate"]
+    assert row["judge_win_rates"]["correct"]["win_rate"] == ev["judges"]["correct"]["win_rate"]
+    card = (run / "iter_000" / "handoff" / "adapter" / "README.md").read_text()
+    assert "win rate vs reference outputs (toy_alpaca_eval.json) (gold)" in card

@@ -233,3 +233,30 @@ def test_an_alpacaeval_file_is_a_prompt_source(tmp_path):
     paths = Paths(run=tmp_path / "run", base_policy="")
     assert heldout.prompts(cfg, paths).num_rows == 4
     assert set(prompts.run(cfg, paths, 0)["prompt"].to_pylist()) <= {r["instruction"] for r in rows}
+
+
+def test_a_heldout_file_is_the_heldout_set_and_never_trained_on(tmp_path):
+    """prompts.heldout_path: the held-out set comes from its own file (AlpacaEval's JSON,
+    read with prompts.heldout_field=instruction), and a training prompt that is also in it
+    is dropped from the pool and counted, so no iteration ever draws it."""
+    evaluation = [f"Explain idea {n}." for n in range(6)]
+    heldout_file = tmp_path / "alpaca_eval.json"
+    heldout_file.write_text(json.dumps([{"instruction": t, "output": "..."} for t in evaluation]))
+    train = [f"Train prompt {n}." for n in range(10)] + evaluation[:3]  # three leak in
+    source = tmp_path / "train.jsonl"
+    _write(source, train)
+    cfg = compose_cfg(
+        ["prompts=file", f"prompts.path={source}", f"prompts.heldout_path={heldout_file}",
+         "prompts.heldout_field=instruction", "prompts.per_iteration=5", "prompts.heldout=4"],
+        tmp_path,
+    )  # fmt: skip
+    pool, held, dropped, _, _ = prompts.pools(cfg)
+    assert set(held) <= set(evaluation) and len(held) == 4
+    assert dropped["held_out"] == 3 and not set(pool) & set(evaluation)
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    assert set(heldout.prompts(cfg, paths)["prompt"].to_pylist()) == set(held)
+    drawn = [set(prompts.run(cfg, paths, i)["prompt"].to_pylist()) for i in range(2)]
+    assert not (drawn[0] | drawn[1]) & set(evaluation) and not drawn[0] & drawn[1]
+    unnamed = ["prompts=file", f"prompts.path={source}", f"prompts.heldout_path={heldout_file}"]
+    with pytest.raises(prompts.BadInput, match=r"alpaca_eval.json: no field 'prompt' \(prompts"):
+        prompts.pools(compose_cfg(unnamed, tmp_path))  # its field named as the training file's

@@ -17,6 +17,14 @@ from iterate.stage import DONE
 from iterate.validate import hub_id
 
 
+def _reference(cfg: Config, row: dict) -> str:
+    """What the row's main win rates compare with, in words."""
+    kind = row.get("reference", "initial")
+    if kind == "file":
+        return f"reference outputs ({Path(str(cfg.evaluate.reference.path)).name})"
+    return "the previous policy" if kind == "previous" else "the initial policy"
+
+
 def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     """The YAML header the hub renders: base model, data set, tags, and a ``model-index``
     with the held-out win rate vs the initial policy (gold judge, else the reward model's),
@@ -28,8 +36,10 @@ def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     judged = [
         ("win_rate", row["win_rate_vs_initial"] if gold else row.get("proxy_win_rate"),
          f"win rate vs the initial policy ({'gold judge' if gold else cfg.reward.name})"),
-        ("lc_win_rate", row.get("lc_win_rate"), "length-controlled win rate vs the initial "
-         f"policy ({'gold judge' if gold else cfg.reward.name})"),
+        ("lc_win_rate", row.get("lc_win_rate"), f"length-controlled win rate vs "
+         f"{_reference(cfg, row)} ({row.get('main_judge') or cfg.reward.name})"),
+        *([("win_rate", row.get("win_rate"), f"win rate vs {_reference(cfg, row)} "
+            f"({row.get('main_judge')})")] if row.get("reference", "initial") != "initial" else []),
         ("kl", row.get("kl_to_reference"), "KL(policy || reference), nats per sequence"),
         ("reward", row.get("heldout_reward_mean"), f"mean reward ({cfg.reward.name})"),
     ]  # fmt: skip

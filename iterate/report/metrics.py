@@ -23,6 +23,7 @@ COLUMNS = [  # (key, header, format)
     ("reward_best_mean", "best-of-n", "{:.3f}"),
     ("gold_mean", "gold", "{:.3f}"),
     ("win_rate_vs_initial", "win rate", "{:.3f}"),
+    ("lc_win_rate", "LC", "{:.3f}"),
     ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
     ("response_tokens_mean", "tokens", "{:.1f}"),
@@ -61,8 +62,18 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         "gold_mean": ev.get("gold_mean"),
         "heldout_reward_mean": ev.get("heldout_reward_mean"),
         "win_rate_vs_initial": ev.get("win_rate_vs_initial"),
-        # the main judge's (gold, else the reward's) standard error, length-controlled win
-        # rate (iterate.winrate) and mean length in characters over the reference's
+        # the main judge's (evaluate.main_judge) win rate against the evaluation's reference
+        # (evaluate.reference: the initial samples unless set), its standard error, length-
+        # controlled win rate (iterate.winrate) and mean length in characters over the
+        # reference's; every judge's win rates under judge_win_rates
+        "win_rate": ev.get("win_rate"),
+        "main_judge": ev.get("main_judge"),
+        "reference": (ev.get("reference") or {}).get("kind", "initial"),
+        "judge_win_rates": {
+            n: {k: f.get(k) for k in ("win_rate", "win_rate_se", "lc_win_rate")}
+            for n, f in (ev.get("judges") or {}).items()
+            if f
+        },  # fmt: skip
         "win_rate_se": ev.get("win_rate_se"),
         "lc_win_rate": ev.get("lc_win_rate"),
         "lc_win_rate_se": ev.get("lc_win_rate_se"),
@@ -170,6 +181,13 @@ def plot(
             if key == "win_rate_vs_initial" and lc:  # the same judge with length held equal
                 ax.plot(*zip(*lc), linestyle=":", color=color, marker=".",
                         label="length-controlled" if not label_key else None)  # fmt: skip
+            other = [(r["iteration"], r.get("win_rate")) for r in rs
+                     if r.get("reference", "initial") != "initial"]  # fmt: skip
+            other = [p for p in other if p[1] is not None]
+            if key == "win_rate_vs_initial" and other:  # against evaluate.reference
+                said = f"vs {rs[-1]['reference']} ({rs[-1].get('main_judge')})"
+                ax.plot(*zip(*other), linestyle="-.", color=color, marker="s",
+                        label=said if not label_key else None)  # fmt: skip
             bad = [
                 (r["iteration"], r[key])
                 for r in rs

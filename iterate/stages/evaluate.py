@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from iterate import losses, models, progress, rewards, sampling, winrate
-from iterate.config import Config
+from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import Paths
 from iterate.reward_pool import RewardPool
@@ -88,24 +88,32 @@ def kl(
     return sequence_kl(new, ref_lps, mask)
 
 
-def main_figures(judges: dict[str, dict]) -> dict:
-    """The figures the loop reports and gates on, from the gold judge where the prompts
-    have one, else from the run's reward: the win rate's standard error and ties, the
-    length-controlled win rate (``iterate.winrate``), each side's mean length in characters
-    and their ratio (new over reference)."""
-    main = judges.get("gold") or judges.get("reward") or {}
-    if not main:
+def main_judge(cfg: Config, judges: dict[str, dict]) -> str:
+    """The judge the loop reports and gates on: the gold judge where the prompts have one,
+    else the first of ``evaluate.judges``, else the run's reward."""
+    named = [rewards.source_name(p) for p in cfg.evaluate.judges]
+    return next(n for n in ("gold", *named, "reward") if judges.get(n) or n == "reward")
+
+
+def main_figures(judges: dict[str, dict], main: str) -> dict:
+    """The figures the loop reports and gates on, ``main``'s against the reference: the win
+    rate, its standard error and ties, the length-controlled win rate
+    (``iterate.winrate``), each side's mean length in characters and their ratio (new over
+    reference)."""
+    figs = judges.get(main) or {}
+    if not figs:
         return {}
-    ref = main["reference_length"]
+    ref = figs["reference_length"]
     return {
-        "main_judge": "gold" if judges.get("gold") else "reward",
-        "win_rate_se": main["win_rate_se"],
-        "win_ties": main["ties"],
-        "lc_win_rate": main["lc_win_rate"],
-        "lc_win_rate_se": main["lc_win_rate_se"],
-        "length_chars": main["new_length"],
+        "main_judge": main,
+        "win_rate": figs["win_rate"],
+        "win_rate_se": figs["win_rate_se"],
+        "win_ties": figs["ties"],
+        "lc_win_rate": figs["lc_win_rate"],
+        "lc_win_rate_se": figs["lc_win_rate_se"],
+        "length_chars": figs["new_length"],
         "reference_length_chars": ref,
-        "length_ratio": round(main["new_length"] / ref, 4) if ref else None,
+        "length_ratio": round(figs["new_length"] / ref, 4) if ref else None,
     }
 
 
@@ -113,82 +121,111 @@ def _mean(xs: list[float]) -> float:
     return round(sum(xs) / max(1, len(xs)), 5)
 
 
-def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tuple[dict, pa.Table]:
-    """Reward and gold means of held-out samples, and the win rates vs the initial policy's
-    samples of the same prompts under the reward model (proxy) and the gold judge. Their
-    difference, ``proxy_gold_gap``, is over-optimisation on one scale: the proxy says the
-    policy beats the initial one more often than the gold judge does. Also each sample's
-    reward, spread and gold, in the label stage's schema (what the run inspector and the
-    trackers' sample tables read)."""
+def _ok(x) -> bool:
+    return x is not None and x == x  # None: refused by a template; NaN: unscored or unjudged
+
+
+def _text(t: pa.Table) -> tuple[list, list]:
+    return t["prompt"].to_pylist(), t["response"].to_pylist()
+
+
+def scores(
+    cfg: Config, paths: Paths, samples: pa.Table, reward: Reward, ref: heldout.Reference
+) -> tuple[dict, pa.Table]:
+    """What the judges say of the held-out samples: the reward's mean (and gold's, in the toy
+    world), and per judge (the run's reward, the gold judge, ``evaluate.judges``) the win
+    rates (``winrate.figures``) against the reference ``ref``, under ``judges``; the main
+    judge's figures flat (``main_figures``). Against the initial policy's samples, whatever
+    the reference, ``proxy_win_rate`` (the reward's) and ``win_rate_vs_initial`` (gold's):
+    their difference, ``proxy_gold_gap``, is over-optimisation on one scale (the proxy says
+    the policy beats the initial one more often than the gold judge does). A pointwise judge
+    scores both sides, a higher score wins and equal ones tie; a comparing one (a pairwise
+    model, a comparing judge) is asked, both orders. Also each sample's reward, spread and
+    gold, in the label stage's schema (what the run inspector and the trackers' sample
+    tables read)."""
     init = read_shards(paths.initial_samples_dir, SCHEMAS["generate"])
-    tables = {"new": samples, "init": init}
+    against = {"init": heldout.Reference(init, heldout.aligned(samples, init), {})}
+    if ref.table is not None:  # (None: the initial samples themselves)
+        against["ref"] = ref
+    tables = {"new": samples, **{k: r.table for k, r in against.items()}}
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
     jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
-
-    def texts(job: tuple[str, int]) -> tuple[list, list]:
-        t = tables[job[0]].slice(job[1], rows)
-        return t["prompt"].to_pylist(), t["response"].to_pylist()
-
     got: dict[tuple, tuple[list, list]] = {}
     with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
+        texts = lambda job: _text(tables[job[0]].slice(job[1], rows))  # noqa: E731
         pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", detail=True)
     by_table = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
     per_row = [x for j in jobs if j[0] == "new" for x in got[j][1]]
     spread = [x for x in per_row if x is not None]
     scored = by_table["new"]
-    new_gold = None
-    out = {"heldout_reward_mean": _mean([r for r in scored if r is not None and r == r])}
+    out = {"heldout_reward_mean": _mean([r for r in scored if _ok(r)])}
     if spread:
         out["heldout_reward_std"] = _mean(spread)
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
         out["reward_template_refused"] = refused
-    key = lambda t: list(zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist()))  # noqa: E731
-    new_keys, init_keys = key(samples), key(init)
-    new_len = [len(r) for r in samples["response"].to_pylist()]
-    init_len = dict(zip(init_keys, (len(r) for r in init["response"].to_pylist())))
-    judges: dict[str, dict] = {}
-
-    def judge(name: str, prefs: list) -> None:
-        """A judge's figures from its preferences per new sample (None: not judged)."""
-        rows = [(p, n, init_len[k]) for p, n, k in zip(prefs, new_len, new_keys, strict=True)
-                if p is not None and p == p and k in init_len]  # fmt: skip
-        judges[name] = winrate.figures(*map(list, zip(*rows))) if rows else {}
-
-    init_reward = dict(zip(init_keys, by_table["init"]))
-    ok = lambda x: x is not None and x == x  # noqa: E731  (None: refused; NaN: unscored)
-    judge("reward", [winrate.preference(r, init_reward[k]) if ok(r) and ok(init_reward.get(k))
-                     else None for r, k in zip(scored, new_keys)])  # fmt: skip
-    if getattr(reward, "compares", False):  # a pairwise model or judge is asked: new or old?
-        init_rows = dict(zip(init_keys, init["response"].to_pylist()))
-        at = [j for j, k in enumerate(new_keys) if k in init_rows]
-        if at:  # (its tournament rewards average one half: its mean preference instead)
-            prompts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
-            prefs = reward.prefer(
-                [prompts[j] for j in at], [responses[j] for j in at],
-                [init_rows[new_keys[j]] for j in at], desc="held-out preference",
-            )  # fmt: skip
-            if unjudged := sum(p != p for p in prefs):  # a judge that never answered: NaN
-                out["judge_unjudged"] = unjudged
-            by_row: list = [None] * len(new_keys)
-            for j, p in zip(at, prefs, strict=True):
-                by_row[j] = p
-            judge("reward", by_row)
-            out["heldout_reward_mean"] = _mean([p for p in prefs if p == p])
-    out["proxy_win_rate"] = judges["reward"].get("win_rate")
-    text = lambda t: (t["prompt"].to_pylist(), t["response"].to_pylist())  # noqa: E731
+    # judge name -> (the judge, its scores of each table; None: a comparing judge, asked)
+    judges: dict[str, tuple] = {"reward": (reward, None if _compares(reward) else by_table)}
     if gold := rewards.of(cfg, "gold"):
-        init_gold = dict(zip(init_keys, gold.score(*text(init), desc="held-out gold")))
-        new_gold = gold.score(*text(samples), desc="held-out gold")
+        judges["gold"] = (gold, {t: gold.score(*_text(tables[t]), desc=f"held-out gold ({t})")
+                                 for t in tables})  # fmt: skip
+    dev = models.device(str(cfg.device))
+    for part in cfg.evaluate.judges:
+        judge = rewards.of(cfg, "evaluator", device=dev, run=paths.run, part=part)
+        points = None if _compares(judge) else {
+            t: judge.score(*_text(tables[t]), desc=f"held-out {rewards.source_name(part)} ({t})")
+            for t in tables
+        }  # fmt: skip
+        judges[rewards.source_name(part)] = (judge, points)
+    new_len = [len(r) for r in samples["response"].to_pylist()]
+
+    def versus(name: str, side: str) -> tuple[dict, dict]:
+        """``name``'s figures against ``side``'s responses, and its preferences by row."""
+        judge, points = judges[name]
+        r = against[side]
+        at = [j for j, k in enumerate(r.index) if k is not None]
+        if points is None:
+            prompts, responses = _text(samples)
+            old = r.table["response"].to_pylist()
+            asked = judge.prefer(
+                [prompts[j] for j in at],
+                [responses[j] for j in at],
+                [old[r.index[j]] for j in at],
+                desc=f"held-out {name} ({side})",
+            )
+            prefs = dict(zip(at, asked, strict=True))  # fmt: skip
+        else:
+            new, old = points["new"], points[side]
+            prefs = {j: winrate.preference(new[j], old[r.index[j]])
+                     for j in at if _ok(new[j]) and _ok(old[r.index[j]])}  # fmt: skip
+        ref_len = [len(x) for x in r.table["response"].to_pylist()]
+        pairs = [(p, new_len[j], ref_len[r.index[j]]) for j, p in prefs.items() if _ok(p)]
+        figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}
+        if unjudged := sum(not _ok(p) for p in prefs.values()):  # a judge that never answered
+            figs["unjudged"] = unjudged
+        return figs, prefs
+
+    side = "ref" if "ref" in against else "init"
+    figures = {name: versus(name, side)[0] for name in judges}
+    initial = figures if side == "init" else {n: versus(n, "init")[0] for n in ("reward", "gold")
+                                             if n in judges}  # fmt: skip
+    if judges["reward"][1] is None:  # a comparing reward's scores are tournament shares
+        out["heldout_reward_mean"] = initial["reward"].get("win_rate")  # (mean one half)
+        if unjudged := initial["reward"].get("unjudged"):
+            out["judge_unjudged"] = unjudged
+    out["proxy_win_rate"] = initial["reward"].get("win_rate")
+    new_gold = None
+    if gold:
+        new_gold = judges["gold"][1]["new"]
         out["gold_mean"] = _mean(new_gold)
-        out["initial_gold_mean"] = _mean(list(init_gold.values()))
-        judge("gold", winrate.judged(new_gold, [init_gold[k] for k in new_keys]))
-        out["win_rate_vs_initial"] = judges["gold"]["win_rate"]
+        out["initial_gold_mean"] = _mean(judges["gold"][1]["init"])
+        out["win_rate_vs_initial"] = initial["gold"]["win_rate"]
         if out["proxy_win_rate"] is not None:
             out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
-    out.update(main_figures(judges), judges=judges)
+    out.update(main_figures(figures, main_judge(cfg, figures)), judges=figures)
+    out["reference"] = {"kind": "initial", **ref.info}
     if correct := rewards.of(cfg, "correct"):  # the share of right answers, new and initial
-        out["correct_rate"] = _mean(correct.score(*text(samples), desc="held-out answers"))
-        out["initial_correct_rate"] = _mean(correct.score(*text(init), desc="initial answers"))
+        out["correct_rate"] = _mean(correct.score(*_text(samples), desc="held-out answers"))
+        out["initial_correct_rate"] = _mean(correct.score(*_text(init), desc="initial answers"))
     each = {
         "prompt_id": samples["prompt_id"],
         "sample_idx": samples["sample_idx"],
@@ -197,6 +234,12 @@ def scores(cfg: Config, paths: Paths, samples: pa.Table, reward: Reward) -> tupl
         "reward_std": per_row,
     }
     return out, pa.table(each, schema=SCHEMAS["label"])
+
+
+def _compares(judge) -> bool:
+    """Whether a judge is asked which of two responses is better (a pairwise model, a
+    comparing judge) rather than scoring each."""
+    return bool(getattr(judge, "compares", False))
 
 
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
@@ -211,17 +254,20 @@ def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     dev = models.device(str(cfg.device))
     reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
+    against, reads = heldout.reference_conf(cfg, paths, i)
     conf = {
         **heldout.sample_conf(cfg),
         "policy": policy,
         "reference": reference,
         "reward": reward.identity(),
+        **({"win_rate_reference": against} if against else {}),  # (none: the initial samples)
+        **({"judges": [plain(p) for p in cfg.evaluate.judges]} if cfg.evaluate.judges else {}),
     }
     stage = Stage(
         paths.stage(i, "evaluate"),
         "evaluate",
         conf,
-        inputs=[paths.stage(i, "update"), paths.heldout_dir],
+        inputs=[paths.stage(i, "update"), paths.heldout_dir, *reads],
     )
     if stage.check(cfg.force):
         return stage.read_done()
@@ -241,7 +287,8 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     with timer("kl_s"):
         per_seq = kl(cfg, tok, model, reference, policy, samples)
     with timer("score_s"):
-        measured, each = scores(cfg, paths, samples, reward)
+        ref = heldout.reference(cfg, paths, i, samples)
+        measured, each = scores(cfg, paths, samples, reward, ref)
     write_shard(each, shard_path(paths.evaluation_scores(i), 0))
     kl_info = {
         "k1": _mean(per_seq["k1"]),

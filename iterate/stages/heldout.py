@@ -6,22 +6,38 @@
   the baseline every iteration's win rate is measured against.
 
 ``sample`` is how both the initial and each new policy's held-out samples are drawn (the
-evaluate stage uses it for the new policy's).
+evaluate stage uses it for the new policy's), and ``reference`` what the evaluation's win
+rates compare them with (``evaluate.reference``): the initial policy's samples, those of the
+policy the iteration started from (``previous``), or a file of reference outputs matched by
+prompt text (``file``: AlpacaEval's JSON format, jsonl, parquet).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
 from iterate import models, sampling, seeds
 from iterate.config import Config
+from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.shards import SCHEMAS, read_shards, shard_path, write_plan, write_shard
-from iterate.stage import Stage, counted
+from iterate.shards import (
+    SCHEMAS,
+    prompt_id,
+    read_json,
+    read_shards,
+    shard_path,
+    write_plan,
+    write_shard,
+)
+from iterate.stage import DONE, Stage, counted, file_sum
 from iterate.stages import prompts as sources
+
+log = logging.getLogger(__name__)
 
 
 def prompts(cfg: Config, paths: Paths) -> pa.Table:
@@ -88,3 +104,99 @@ def initial_samples(cfg: Config, paths: Paths) -> pa.Table:
         table, info = sample(cfg, tok, read_shards(paths.heldout_dir), stage.path, 0, put)
         stage.finish(rows_out=table.num_rows, **info, **sampling.summary(table))
     return read_shards(stage.path, SCHEMAS["generate"])
+
+
+class Reference(NamedTuple):
+    """The reference responses of a new policy's held-out samples: ``table`` (columns
+    ``prompt``, ``response``), each sample's row in it (``index``; None: the sample's prompt
+    has no reference) and what to report (``info``: the kind, and how many held-out prompts
+    have a reference and how many do not)."""
+
+    table: pa.Table | None
+    index: list[int | None]
+    info: dict
+
+
+def aligned(samples: pa.Table, table: pa.Table) -> list[int | None]:
+    """Each sample's row in ``table``, another policy's samples of the same held-out prompts:
+    the same prompt and sample number."""
+    key = lambda t: zip(t["prompt_id"].to_pylist(), t["sample_idx"].to_pylist())  # noqa: E731
+    rows = {k: j for j, k in enumerate(key(table))}
+    return [rows.get(k) for k in key(samples)]
+
+
+def started_from(paths: Paths, i: int) -> int | None:
+    """The iteration whose handed-off policy iteration ``i`` started from (the last one
+    accepted before it; None: the initial policy)."""
+    for j in range(i - 1, -1, -1):
+        if read_json(paths.stage(j, "handoff") / DONE).get("kl", {}).get("accepted"):
+            return j
+    return None
+
+
+def reference_conf(cfg: Config, paths: Paths, i: int) -> tuple[dict, list[Path]]:
+    """What the evaluation's identity gains from its reference (nothing for the initial
+    samples, the default), and the stage folders it reads."""
+    ref = cfg.evaluate.reference
+    if ref.kind == "initial":
+        return {}, []
+    if ref.kind == "previous":
+        j = started_from(paths, i)
+        return {"kind": "previous"}, [paths.stage(j, "evaluate")] if j is not None else []
+    p = Path(str(ref.path))
+    from iterate.rewards import weights_sum
+
+    return {"kind": "file", "outputs": {
+        "sha256": file_sum(p) if p.is_file() else weights_sum(p),
+        "prompt_field": ref.prompt_field, "output_field": ref.output_field,
+    }}, []  # fmt: skip
+
+
+def outputs(path: str, prompt_field: str, output_field: str) -> dict[str, tuple[str, str]]:
+    """A reference outputs file: prompt id -> (prompt, output), the first output of a prompt
+    given twice. The prompt is read as ``prompts.field`` is (text or messages); an output
+    that is not text is bad input, named by file, row and field."""
+    from iterate.preferences import read_rows
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"evaluate.reference.path: no such file: {path}")
+    ds = read_rows(path)
+    for name, key in ((prompt_field, "prompt_field"), (output_field, "output_field")):
+        if name not in ds.column_names:
+            raise BadInput(f"{path}: no field '{name}' (evaluate.reference.{key}; columns: "
+                           f"{', '.join(ds.column_names)})")  # fmt: skip
+    found: dict[str, tuple[str, str]] = {}
+    for k, (p, out) in enumerate(zip(ds[prompt_field], ds[output_field], strict=True)):
+        text = sources.prompt_text(p, f"{path}: row {k}", prompt_field) if p is not None else ""
+        if not isinstance(out, str):
+            raise BadInput(f"{path}: row {k}: field '{output_field}': expected the reference "
+                           f"output as text, got {type(out).__name__}")  # fmt: skip
+        if text:
+            found.setdefault(prompt_id(text), (text, out))
+    return found
+
+
+def reference(cfg: Config, paths: Paths, i: int, samples: pa.Table) -> Reference:
+    """What iteration ``i``'s held-out samples are compared with (``evaluate.reference``);
+    a ``table`` of None where that is the initial policy's samples (``previous`` in an
+    iteration that started from the initial policy too)."""
+    ref, kind = cfg.evaluate.reference, str(cfg.evaluate.reference.kind)
+    if kind != "file":
+        j = started_from(paths, i) if kind == "previous" else None
+        info = {"kind": kind} | ({"iteration": j} if kind == "previous" else {})
+        if j is None:
+            return Reference(None, [], info)
+        table = read_shards(paths.evaluation_samples(j), SCHEMAS["generate"])
+        return Reference(table, aligned(samples, table), info)
+    ids = samples["prompt_id"].to_pylist()
+    found = outputs(str(ref.path), ref.prompt_field, ref.output_field)
+    have = sorted({p for p in ids if p in found})
+    row = {p: j for j, p in enumerate(have)}
+    table = pa.table({"prompt": [found[p][0] for p in have],
+                      "response": [found[p][1] for p in have]})  # fmt: skip
+    missing = {p for p in ids if p not in row}
+    if missing:
+        log.warning("evaluate: %d of %d held-out prompts have no reference output in %s: "
+                    "left out of the win rates", len(missing), len(set(ids)), ref.path)  # fmt: skip
+    info = {"kind": kind, "prompts": len(have), "unreferenced": len(missing)}
+    return Reference(table, [row.get(p) for p in ids], info)

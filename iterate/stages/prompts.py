@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 
 
-def _text(value, where: str, field: str) -> str:
+def prompt_text(value, where: str, field: str) -> str:
     """A stored prompt: plain text, or a JSON list of messages for a conversation (a list of
     ``{"role", "content"}``, or an HH-RLHF transcript, whose final Assistant turn, if any,
     is the response and is left out)."""
@@ -73,42 +73,61 @@ TOY_FIELDS = ("answer", "family")  # what a toy-world prompt row has besides its
 
 
 def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
-    """(training rows, held-out rows, dropped by reason) of the source, before shuffling."""
+    """(training rows, held-out rows, dropped by reason) of the source, before shuffling:
+    the held-out rows are the toy world's own, or ``prompts.heldout_path``'s, else none (a
+    slice of the one pool is held out)."""
     pc, names = cfg.prompts, list(cfg.prompts.fields)
     dropped: Counter = Counter()
+    heldout: list[Row] = []
     if pc.source == "toy":
         from iterate.toy import world
 
         if unknown := [n for n in names if n not in TOY_FIELDS]:
             raise BadInput(f"prompts.fields: the toy world's prompts have no field "
                            f"{unknown[0]!r} (they have {', '.join(TOY_FIELDS)})")  # fmt: skip
-        train, heldout = world.split(cfg.toy.heldout_fraction)
+        train_items, heldout_items = world.split(cfg.toy.heldout_fraction)
         row = lambda i: (i.prompt, {n: getattr(i, n) for n in names})  # noqa: E731
-        return [row(i) for i in train], [row(i) for i in heldout], dropped
-    import datasets
-
-    if pc.source == "file":
-        from iterate.preferences import read_rows
-
+        train, heldout = [row(i) for i in train_items], [row(i) for i in heldout_items]
+    elif pc.source == "file":
         if not pc.path or not Path(pc.path).exists():
             raise FileNotFoundError(f"prompts.path: no such file: {pc.path}")
-        ds, where = read_rows(pc.path), pc.path  # jsonl / json / parquet, or a saved dataset
+        train = _read(pc.path, pc.path, pc.field, names, dropped)
     else:
+        import datasets
+
         ds = datasets.load_dataset(pc.path, split=pc.split)
-        where = f"{pc.path}[{pc.split}]"
-    for name, key in ((pc.field, "prompts.field"), *((n, "prompts.fields") for n in names)):
+        train = _read(ds, f"{pc.path}[{pc.split}]", pc.field, names, dropped)
+    if pc.heldout_path:
+        if not Path(pc.heldout_path).exists():
+            raise FileNotFoundError(f"prompts.heldout_path: no such file: {pc.heldout_path}")
+        field = pc.heldout_field or pc.field
+        key = "prompts.heldout_field" if pc.heldout_field else "prompts.field"
+        heldout = _read(pc.heldout_path, pc.heldout_path, field, names, dropped, key)
+    return train, heldout, dropped
+
+
+def _read(
+    ds, where: str, field: str, names: list[str], dropped: Counter, key: str = "prompts.field"
+) -> list[Row]:
+    """The prompt rows of a file (jsonl / json / parquet, or a saved dataset: its path) or a
+    loaded ``datasets`` dataset; empty prompts dropped and counted."""
+    if isinstance(ds, str):
+        from iterate.preferences import read_rows
+
+        ds = read_rows(ds)
+    for name, said in ((field, key), *((n, "prompts.fields") for n in names)):
         if name not in ds.column_names:
-            raise BadInput(f"{where}: no field '{name}' ({key}; columns: "
+            raise BadInput(f"{where}: no field '{name}' ({said}; columns: "
                            f"{', '.join(ds.column_names)})")  # fmt: skip
     extra = {n: ds[n] for n in names}
     rows = []
-    for i, value in enumerate(ds[pc.field]):
-        text = _text(value, f"{where}: row {i}", pc.field) if value is not None else ""
+    for i, value in enumerate(ds[field]):
+        text = prompt_text(value, f"{where}: row {i}", field) if value is not None else ""
         if not text:
             dropped["empty"] += 1
             continue
         rows.append((text, {n: extra[n][i] for n in names}))
-    return rows, [], dropped
+    return rows
 
 
 def load_pool(cfg: Config) -> tuple[list[str], list[str], Counter, dict | None]:
@@ -162,6 +181,11 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict, dict | None
         "source_hash": source_hash(train, heldout),
         "source_prompts": len(train) + len(heldout),
     }
+    if heldout:  # a held-out prompt never enters training
+        kept, before = {prompt_id(t) for t in heldout}, len(train)
+        train = [t for t in train if prompt_id(t) not in kept]
+        if len(train) < before:
+            dropped["held_out"] += before - len(train)
     train = _dedupe_shuffle(train, cfg.seed, dropped)
     if heldout:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
@@ -183,7 +207,9 @@ def config(cfg: Config) -> dict:
 
 # what decides the held-out draw: the source and how many (not each iteration's share, nor
 # the synthetic prompts' settings, so the smaller share a shortfall asks for is accepted)
-DRAW = ("source", "path", "split", "field", "fields", "heldout")
+DRAW = (
+    "source", "path", "split", "field", "fields", "heldout", "heldout_path", "heldout_field",
+)  # fmt: skip
 
 
 def heldout_config(cfg: Config) -> dict:

@@ -250,6 +250,23 @@ def best_response(ins: Instruction) -> str:
     return respond(ins, True, "polite", "concise", random.Random(0))
 
 
+REFERENCE = "toy-reference (right, neutral, verbose)"
+
+
+def reference_outputs(fraction: float = 0.2) -> list[dict]:
+    """The held-out prompts with a reference system's outputs, in AlpacaEval's format
+    (``instruction``, ``output``, ``generator``, ``dataset``): right answers in a neutral
+    tone with two sentences of filler, so longer than the gold judge likes. What
+    ``data/toy_alpaca_eval.json`` holds (``evaluate.reference.path``, and
+    ``prompts.heldout_path`` with ``prompts.heldout_field=instruction``)."""
+    rng = random.Random(0)
+    return [
+        {"instruction": i.prompt, "output": respond(i, True, "neutral", "verbose", rng),
+         "generator": REFERENCE, "dataset": f"toy_{i.family}"}
+        for i in split(fraction)[1]
+    ]  # fmt: skip
+
+
 def sample_response(ins: Instruction, rng: random.Random) -> tuple[str, str]:
     """A response with attributes drawn from the SFT mixture; returns (style, text)."""
     pick = lambda d: rng.choices(list(d), weights=list(d.values()))[0]  # noqa: E731
