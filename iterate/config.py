@@ -561,11 +561,19 @@ def job_dirname(overrides: str) -> str:
     return name
 
 
+def on_toy_prompts(source: str, value):
+    """``${on_toy_prompts:${prompts.source},60}``: the value where the prompts are the toy
+    world's, else 0 (what a toy tuning's gold-judged refresh is on other prompts: the gold
+    judge knows only the toy world's; set explicitly, such a refresh is refused by name)."""
+    return value if str(source) == "toy" else 0
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    if not OmegaConf.has_resolver("job_dirname"):
-        OmegaConf.register_new_resolver("job_dirname", job_dirname)
+    for name, fn in (("job_dirname", job_dirname), ("on_toy_prompts", on_toy_prompts)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def to_dataclass(cfg) -> Config:

@@ -158,14 +158,19 @@ def serve(fd: int) -> None:
     while True:
         try:
             request = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the parent closed the socket, or is gone
             return
         try:
             samples, timings = server.handle(request)
-            conn.send({"ok": True, "samples": samples, "timings": timings})
+            reply = {"ok": True, "samples": samples, "timings": timings}
         except Exception as e:  # reported to the parent, which raises it with context
             log.exception("engine request failed")
-            conn.send({"ok": False, "timings": {}, "error": f"{type(e).__name__}: {e}"})
+            reply = {"ok": False, "timings": {}, "error": f"{type(e).__name__}: {e}"}
+        try:
+            conn.send(reply)
+        except OSError:  # (a broken pipe) the parent stopped waiting: it says why
+            return
+        if not reply["ok"]:
             return
 
 
@@ -305,6 +310,10 @@ class Engine:
             reply = self.conn.recv()
         except (EOFError, OSError):
             reply = {"ok": False, "error": f"engine process ended (exit status {self.proc.poll()})"}
+        except BaseException:  # a Ctrl-C or SIGTERM while the engine works: its work is lost
+            self.proc.kill()
+            self.close()
+            raise
         if not reply["ok"]:
             self.close()
             raise RuntimeError(f"vLLM engine failed: {reply['error']}")
@@ -359,5 +368,10 @@ class Engine:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    import signal
+
     workers.kill_with_parent()
+    # a Ctrl-C reaches the whole process group: the run says it, and ends the engine (the
+    # socket closed, or the engine killed while it worked), so no traceback of vLLM's here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(int(sys.argv[2]))

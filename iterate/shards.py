@@ -156,6 +156,21 @@ def write_folder(out: Path, fill, replace: bool = False) -> Any:
     return result
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Folder ``dst`` with ``src``'s files: hard links where the file system allows (the
+    same bytes, not written or stored twice), else copies. A file written in place later
+    would change both: the project writes files whole under a temporary name and renames
+    them (``atomic_write_bytes``, ``write_folder``), which replaces a link, not its bytes."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
 def write_shard(table: pa.Table, path: Path) -> None:
     """Write one Parquet shard atomically (temporary name, then ``os.replace``)."""
     path = Path(path)

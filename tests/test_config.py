@@ -122,6 +122,27 @@ def test_tuning_is_picked_by_model_and_rule_and_the_command_line_wins():
     assert compose_cfg(["update.lr=5e-4", "reward.refresh.pairs=0"]).update.lr == 5e-4
 
 
+def test_the_first_real_run_of_the_readme_composes_on_the_toy_default(tmp_path):
+    """`python -m iterate run_name=mine prompts=file prompts.path=<file>` on the toy
+    default: the toy tuning's gold-judged refresh is off for prompts that are not the toy
+    world's (the gold judge knows only those), so the run passes validation; asked for
+    explicitly, the refresh is refused, saying how to turn it off."""
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n"
+                               for w in ("owls", "rain", "tea")))  # fmt: skip
+    first = ["run_name=mine", "prompts=file", f"prompts.path={prompts}"]
+    for rule in ("dpo", "raft"):
+        cfg = compose_cfg([*first, f"update={rule}"], tmp_path)
+        assert cfg.reward.refresh.pairs == 0 and cfg.update.lora.enabled is False
+        validate.check(cfg)
+    asked = compose_cfg([*first, "reward.refresh.pairs=60"], tmp_path)
+    with pytest.raises(BadInput, match="turn the refresh off with reward.refresh.pairs=0"):
+        validate.check(asked)
+
+
 def test_defaults():
     cfg = compose_cfg()
     assert cfg.model.path is None and cfg.reward.source == "toy"

@@ -257,17 +257,24 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
         Stage(folder, "label", {"reward_model": "other"}).check()
 
 
-def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
+def _cli(args: list[str], tmp_path: Path, cache: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "iterate", *TINY, f"runs_dir={tmp_path}",
-         f"toy.cache_dir={tmp_path / 'toy'}", *args],
+         f"toy.cache_dir={cache or tmp_path / 'toy'}", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
 
 
+def _engine_of(pid: int) -> bool:
+    """Whether the process ``pid`` has a vLLM engine process (``iterate.engine``) as a child."""
+    found = subprocess.run(["pgrep", "-P", str(pid), "-f", "iterate.engine --serve"],
+                           capture_output=True, text=True)  # fmt: skip
+    return bool(found.stdout.strip())
+
+
 @pytest.mark.slow
-def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
+def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path, tiny_cache, tiny_rm):
     proc = _cli(["update=nosuchrule"], tmp_path)  # Hydra's own error: bad input too
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "nosuchrule" in out + err
@@ -281,13 +288,14 @@ def test_command_line_statuses_and_the_traceback_in_the_log(tmp_path):
     assert proc.returncode == 2
     assert "update.beta=0.0: must be > 0" in out + err and "Traceback" not in out + err
     assert "Traceback" in (tmp_path / "toy_tiny" / "__main__.log").read_text()
-    proc = _cli(["generate=transformers"], tmp_path)  # a real run, interrupted
-    lock = tmp_path / "toy_tiny" / ".lock"
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+    given = ["reward.train=false", f"reward.path={tiny_rm}"]  # (the session's tiny world)
+    proc = _cli(given, tmp_path, tiny_cache)  # a real run, interrupted while its engine works
+    deadline = time.time() + 300
+    while not _engine_of(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(1)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    assert _engine_of(proc.pid), "the run started no engine"
+    time.sleep(3)  # loading its weights, or sampling
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, engine too
     out, err = proc.communicate(timeout=120)
     # 130, or death by SIGINT, which a shell reports as 130 too: CPython marks a Ctrl-C
     # that lands in code a C extension runs (PyRun_*) as unhandled even once it is caught,

@@ -19,7 +19,7 @@ import pytest
 
 from iterate import loop, winrate
 from iterate.paths import STAGES, Paths
-from iterate.report import runinfo, show, track
+from iterate.report import metrics, runinfo, show, track
 from iterate.shards import read_shards
 from iterate.toy import world
 
@@ -641,3 +641,4 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
     assert row["judge_win_rates"]["correct"]["win_rate"] == ev["judges"]["correct"]["win_rate"]
     card = (run / "iter_000" / "handoff" / "adapter" / "README.md").read_text()
     assert "win rate vs reference outputs (toy_alpaca_eval.json) (gold)" in card
+    assert " win rate  vs file  LC " in metrics.table([row])  # its own column, printed

@@ -234,3 +234,23 @@ def test_the_nll_term_adds_the_chosen_responses_mean_nll(setup):
     by_hand = -(tokens * mask).sum(-1) / mask.sum(-1)  # the chosen response's mean NLL
     assert torch.allclose(with_nll - plain, 0.5 * by_hand, atol=1e-5)
     assert (by_hand > 0).all()
+
+
+def test_a_whole_model_update_is_handed_off_without_a_second_copy(setup):
+    """A full model the update saved in the policy's dtype is linked into the handoff, the
+    same bytes on disk once (hard links), and loads as the same model; in another dtype it
+    is loaded, cast and written anew."""
+    from iterate.stages import handoff
+
+    cfg, _, policy, tmp = setup
+    trained = Path(policy)
+    handoff.merge(cfg, "", trained, False, tmp / "linked")
+    for f in trained.iterdir():
+        assert (tmp / "linked" / f.name).stat().st_ino == f.stat().st_ino, f.name
+    a, b = models.load_policy(policy), models.load_policy(str(tmp / "linked"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    cfg.model.dtype = "bfloat16"
+    handoff.merge(cfg, "", trained, False, tmp / "cast")
+    weights = tmp / "cast" / "model.safetensors"
+    assert weights.stat().st_ino != (trained / "model.safetensors").stat().st_ino
+    assert json.loads((tmp / "cast" / "config.json").read_text())["dtype"] == "bfloat16"

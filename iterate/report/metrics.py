@@ -128,7 +128,13 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, str]] = ()) -> str:
+    """The printed table: one line per row. Against a reference other than the initial
+    samples (``evaluate.reference``), the main judge's win rate against it comes before its
+    length-controlled twin (``vs file``, ``vs previous``)."""
     cols = [*extra, *COLUMNS]
+    if refs := sorted({r["reference"] for r in rows if r.get("reference", "initial") != "initial"}):
+        at = [k for k, _, _ in cols].index("lc_win_rate")
+        cols.insert(at, ("win_rate", "vs " + "/".join(refs), "{:.3f}"))
     cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
     if any("seconds" in r for r in rows):
         cells[0].append("seconds (gen/label/update/eval/handoff)")

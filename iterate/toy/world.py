@@ -250,18 +250,19 @@ def best_response(ins: Instruction) -> str:
     return respond(ins, True, "polite", "concise", random.Random(0))
 
 
-REFERENCE = "toy-reference (right, neutral, verbose)"
+REFERENCE = "toy-reference (right, neutral, of every length)"
 
 
 def reference_outputs(fraction: float = 0.2) -> list[dict]:
     """The held-out prompts with a reference system's outputs, in AlpacaEval's format
     (``instruction``, ``output``, ``generator``, ``dataset``): right answers in a neutral
-    tone with two sentences of filler, so longer than the gold judge likes. What
+    tone, their length drawn as the SFT data's (concise, verbose or rambling), seeded. What
     ``data/toy_alpaca_eval.json`` holds (``evaluate.reference.path``, and
     ``prompts.heldout_path`` with ``prompts.heldout_field=instruction``)."""
     rng = random.Random(0)
+    pick = lambda: rng.choices(list(LENGTHS), weights=list(LENGTHS.values()))[0]  # noqa: E731
     return [
-        {"instruction": i.prompt, "output": respond(i, True, "neutral", "verbose", rng),
+        {"instruction": i.prompt, "output": respond(i, True, "neutral", pick(), rng),
          "generator": REFERENCE, "dataset": f"toy_{i.family}"}
         for i in split(fraction)[1]
     ]  # fmt: skip
