@@ -523,6 +523,10 @@ class Config:
     seed: int = 0
     force: bool = False  # re-run stages whose config changed instead of refusing
     device: Device = Device.auto
+    # CPU: threads of the main process's torch (the update, the KL, scoring done there), set
+    # once at start; 0: torch's default (every core). Below the cores when other work shares
+    # the machine: its threads then wait on each other (generate.threads: the engine's)
+    threads: int = 0
     # experiment trackers: per optimiser step and per iteration (iterate/report/track.py); a
     # resumed run continues the same tracker run (its id in <run>/tracker.json)
     report_to: list[Tracker] = field(default_factory=list)

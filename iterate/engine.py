@@ -46,10 +46,35 @@ def key(request: dict) -> dict:
     return {"arch": arch, **request["engine"]}
 
 
+CPU_MAX_SEQS = 256  # vLLM's default max_num_seqs on CPU (the LLM class)
+
+
+def cpu_kv_cache_bytes(config: dict, engine: dict, total_memory: int) -> int:
+    """On CPU, the KV cache an engine needs to run its most sequences at once
+    (``CPU_MAX_SEQS`` of ``max_length`` tokens), a quarter more, at least 64 MiB and at most
+    the ``gpu_memory_utilization`` share of ``total_memory`` that vLLM takes by default
+    whatever the model (6 GB of a 24 GB machine for a 1M-parameter policy). ``config``: the
+    policy's config.json."""
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    per_token = 2 * config.get("num_hidden_layers", 1) * kv_heads * head_dim
+    per_token *= 4 if engine["dtype"] == "float32" else 2
+    want = int(1.25 * per_token * CPU_MAX_SEQS * engine["max_length"])
+    return min(max(want, 64 << 20), int(engine["gpu_memory_utilization"] * total_memory))
+
+
 def start_llm(policy: str, engine: dict, seed: int):
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    kv = {}
+    config = Path(policy) / "config.json"
+    if current_platform.is_cpu() and config.exists():  # sized to the model, not to the machine
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        kv["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(read_json(config), engine, total)
     return LLM(
+        **kv,
         model=policy,
         dtype=engine["dtype"],
         seed=seed,
@@ -146,7 +171,7 @@ class Server:
         if request["op"] == "sample":
             with timer("sample_s"):
                 samples = sample(self.llm, request)
-        return samples, timer.seconds
+        return samples, {**timer.seconds, "engine_peak_rss_mb": round(progress.peak_rss_mb())}
 
 
 def serve(fd: int) -> None:
@@ -311,8 +336,9 @@ class Engine:
         except (EOFError, OSError):
             reply = {"ok": False, "error": f"engine process ended (exit status {self.proc.poll()})"}
         except BaseException:  # a Ctrl-C or SIGTERM while the engine works: its work is lost
-            self.proc.kill()
-            self.close()
+            if self.proc is not None:  # (a stalled engine is killed and closed already)
+                self.proc.kill()
+                self.close()
             raise
         if not reply["ok"]:
             self.close()

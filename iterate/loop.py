@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from iterate import errors, rewards
+from iterate import errors, rewards, workers
 from iterate.config import Config, plain
 from iterate.paths import CARD, Paths
 from iterate.rules import between, rule
@@ -62,7 +62,7 @@ def _done(path: Path) -> dict | None:
 
 def _comparable(cfg: Config) -> dict:
     d = plain(cfg)
-    for k in ("iteration", "force"):
+    for k in ("iteration", "force", "threads"):  # (how it runs, not what it makes)
         d.pop(k, None)
     return d
 
@@ -122,7 +122,7 @@ def run(cfg: Config, run_dir: Path) -> list[dict]:
     from iterate.runlock import RunLock
 
     validate.check(cfg)  # every setting, before any work
-    with RunLock(run_dir):  # one writer per run folder
+    with RunLock(run_dir), workers.torch_threads(cfg.threads):  # one writer per run folder
         stopped = Paths(run=run_dir, base_policy="").stopped
         stopped.unlink(missing_ok=True)  # this run's stop, if any, is what it will say
         try:

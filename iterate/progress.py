@@ -1,13 +1,18 @@
-"""Progress bars: shown on a terminal, quiet in logs (CI, redirected output)."""
+"""Progress: a bar on a terminal; where there is none (a log file, CI, a job scheduler's
+output), log lines with the rate and the time left, so a long stage is never silent."""
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
+log = logging.getLogger(__name__)
 _QUIET = False  # ranks other than 0 of a multi-process update show no bars
 
 
@@ -16,11 +21,65 @@ def disable() -> None:
     _QUIET = True
 
 
-def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=True if _QUIET else None, mininterval=0.5,
-        leave=False, **kw,
-    )  # fmt: skip
+def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw):
+    """A progress bar (``update``, ``set_postfix``, ``close``): tqdm's on a terminal, else
+    ``Lines``."""
+    if _QUIET or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, disable=_QUIET, mininterval=0.5,
+                    leave=False, **kw)  # fmt: skip
+    return Lines(total, desc, unit)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Lines:
+    """Progress as log lines where no bar can be drawn: quiet for the first ``quiet_s``
+    seconds (short work says nothing), then a line each time another ``share`` of the
+    total is done (at most one every ``min_s``) or ``every_s`` passed, with the count, the
+    rate and the time left; a last line at the end of work that spoke. Thread-safe (worker
+    threads update one bar)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, quiet_s: float = 10.0,
+                 share: float = 0.1, min_s: float = 5.0, every_s: float = 60.0):  # fmt: skip
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.quiet_s, self.share, self.min_s, self.every_s = quiet_s, share, min_s, every_s
+        self.t0 = self.last = time.monotonic()
+        self.at, self.spoke, self.postfix = 0, False, ""
+        self.lock = threading.Lock()
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def update(self, n: int = 1) -> None:
+        with self.lock:
+            self.n += n
+            now = time.monotonic()
+            if now - self.t0 < self.quiet_s or now - self.last < self.min_s:
+                return
+            step = self.total and self.n - self.at >= self.share * self.total
+            if step or now - self.last >= self.every_s:
+                self._say(now)
+
+    def _say(self, now: float) -> None:
+        took = now - self.t0
+        rate = self.n / took if took > 0 else 0.0
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        left = ""
+        if self.total and rate > 0 and self.n < self.total:
+            left = f", {_duration((self.total - self.n) / rate)} left"
+        more = f", {self.postfix}" if self.postfix else ""
+        log.info("%s: %s %s%s, %.3g %s/s, %s in%s%s", self.desc, done, self.unit, pct, rate,
+                 self.unit, _duration(took), left, more)  # fmt: skip
+        self.at, self.last, self.spoke = self.n, now, True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.spoke and self.n != self.at:
+                self._say(time.monotonic())
 
 
 def peak_rss_mb() -> float:

@@ -242,8 +242,9 @@ class VllmSampler:
     def _request(self, request: dict, worker: int = 0):
         samples, timings = self.engines[worker].request(self._envelope(request))
         with self._lock:  # engine start, weight loads, sampling; summed over the workers
-            for k, v in timings.items():
-                self.timings[k] = round(self.timings.get(k, 0.0) + v, 3)
+            for k, v in timings.items():  # seconds add up; a peak (``_mb``) is the highest
+                was = self.timings.get(k, 0.0)
+                self.timings[k] = max(was, v) if k.endswith("_mb") else round(was + v, 3)
         return samples
 
     def sleep(self) -> None:
@@ -385,6 +386,9 @@ def shard_rows(planned: list[Planned], samples: list[list[Sample]]) -> list[dict
         for (pid, text, ids), per_prompt in zip(planned, samples, strict=True)
         for j, s in enumerate(per_prompt)
     ]
+
+
+SUMMARY_COLUMNS = ["finish_reason", "response_tokens"]  # what ``summary`` reads
 
 
 def summary(table: pa.Table) -> dict:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iterate import faults
+from iterate import faults, progress
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import CONFIG
@@ -353,6 +353,7 @@ class Stage:
                 shutil.rmtree(self.path)
         if not marker.exists():
             atomic_write_json(marker, self.config)
+        progress.reset_peak_rss()  # the work starts: its own peak memory (``finish``)
         return False
 
     def verify(self, checksums: bool = True) -> None:
@@ -392,6 +393,7 @@ class Stage:
             "config": self.config,
             "files": files,
             "seconds": round(time.time() - self.t0, 2),
+            "peak_rss_mb": round(progress.peak_rss_mb()),  # this process's, since ``check``
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "finished_unix": f"{time.time():.6f}",
             **portable(info, self.root),

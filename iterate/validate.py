@@ -138,6 +138,7 @@ RANGES = {
     "prompts.heldout": (GE1[0], "must be >= 1 (the KL gate and the win rate need them)"),
     "evaluate.samples": (GE1[0], "must be >= 1 (the KL gate needs samples)"),
     "evaluate.batch_size": GE1,
+    "threads": GE0,
     "handoff.max_kl": (POS[0], "must be > 0 (nats per sequence)"),
     "handoff.max_length_ratio": (lambda v: v is None or v > 0, "must be > 0 (null: no gate)"),
     "handoff.min_lc_win_rate": (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or null"),

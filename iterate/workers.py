@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from iterate.errors import BadInput
 
@@ -33,6 +34,23 @@ def cores() -> list[int]:
 def share(workers: int, threads: int = 0) -> int:
     """Threads per worker: ``threads``, or (0) an equal share of this process's cores."""
     return threads or max(1, len(cores()) // workers)
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """This process's torch threads set to ``threads`` (0: left as they are) inside the
+    block, and what they were afterwards."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_slice(w: int, workers: int, threads: int = 0) -> list[int]:

@@ -96,3 +96,35 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     assert it["run_engine_starts_s"] > 0 and 0 < it["fixed_share"] < 1
     assert it["fixed_share"] == pytest.approx(it["fixed_s"] / it["total_s"], abs=0.01)
     assert "generation (tokens/s" in proc.stderr + proc.stdout, "the table is printed"
+
+
+def test_the_scale_sections_figures_from_a_runs_stage_records(tmp_path):
+    """The scale section's arithmetic on stage records written here: seconds per 1,000
+    responses, the main process's and the engine's peaks, the growth exponent between the
+    two largest sizes (t ~ N^k), and the report's table; its prompts are distinct."""
+    from iterate.bench import report, scale
+
+    texts = scale.prompts(5000)
+    assert len(set(texts)) == 5000 and texts == scale.prompts(5000)
+    runs = {}
+    for n, k in ((200, 0), (2000, 1)):
+        run = tmp_path / f"n{n}"
+        for i, s in enumerate(scale.LOOP):
+            folder = run / "iter_000" / s
+            folder.mkdir(parents=True)
+            done = {"seconds": (i + 1) * 10.0**k, "peak_rss_mb": 900 + 10 * i + k}
+            if s == "generate":
+                done["timings"] = {"engine_peak_rss_mb": 700 + k}
+            (folder / "_DONE.json").write_text(json.dumps(done))
+        runs[str(n)] = scale.read_run(run, n * 8)
+    assert runs["2000"]["stages"]["generate"] == {
+        "seconds": 20.0, "s_per_1k_responses": 1.25, "peak_rss_mb": 911,
+    }  # fmt: skip
+    assert runs["2000"]["main_peak_rss_mb"] == 961 and runs["200"]["engine_peak_rss_mb"] == 700
+    assert scale.growth((200, 2.0), (2000, 20.0)) == 1.0
+    assert scale.growth((2000, 1.0), (20000, 100.0)) == 2.0 and scale.growth((1, 0), (2, 1)) is None
+    sc = {"n": 8, "heldout": 80, "runs": runs, "exponent_between": [200, 2000],
+          "exponents": {s: 1.0 for s in scale.LOOP}, "main_peak_ratio": 1.07}  # fmt: skip
+    text = report.report({"scale": sc})
+    assert "   update      5.0      50.0      3.125      1.00" in text
+    assert "  main MB      960       961" in text and "main peak memory 1.07x" in text

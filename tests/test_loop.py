@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from iterate import loop, winrate
 from iterate.paths import STAGES, Paths
@@ -618,8 +619,15 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
     judge = "{kind: function, function: 'iterate.toy.world:correctness_reward', name: correct}"
     cfg = _cfg(tiny_cache, tiny_rm, tmp_path, f"prompts.heldout_path={data}",
                "prompts.heldout_field=instruction", "evaluate.reference.kind=file",
-               f"evaluate.reference.path={data}", f"evaluate.judges=[{judge}]")  # fmt: skip
-    [row] = loop.run(cfg, tmp_path / "toy_tiny")
+               f"evaluate.reference.path={data}", f"evaluate.judges=[{judge}]",
+               "threads=1")  # fmt: skip
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.set_num_threads
+    with pytest.MonkeyPatch.context() as mp:  # the run's torch threads, set once at start
+        mp.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+        [row] = loop.run(cfg, tmp_path / "toy_tiny")
+    assert seen == [1, before] and torch.get_num_threads() == before
     run = tmp_path / "toy_tiny"
     outputs = {r["instruction"]: r["output"] for r in json.loads(data.read_text())}
     held = read_shards(run / "heldout")["prompt"].to_pylist()

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from iterate.bench.config import SECTIONS, BenchConfig, apply_quick, register
+from iterate.bench.config import LONG, SECTIONS, BenchConfig, apply_quick, register
 from iterate.bench.report import report
 
 log = logging.getLogger("iterate.bench")
@@ -228,6 +228,14 @@ def workers(cfg: BenchConfig, out: Path) -> dict:
     return {"model": w.model, **child.run("workers", spec, out / "work")}
 
 
+def scale(cfg: BenchConfig, out: Path) -> dict:
+    from iterate.bench import scale as sc
+
+    log.info("scale: one toy iteration at %s prompts", cfg.scale.sizes)
+    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
+    return sc.measure(cfg, out / "scale", toy)
+
+
 RUNNERS = {
     "generation": generation,
     "labelling": labelling,
@@ -236,6 +244,7 @@ RUNNERS = {
     "sync": sync,
     "iteration": iteration,
     "workers": workers,
+    "scale": scale,
 }
 
 
@@ -253,10 +262,10 @@ def main(dcfg) -> None:
         torch.set_num_threads(cfg.threads)
     if cfg.quick:
         cfg = apply_quick(cfg)
-    unknown = set(cfg.sections) - set(SECTIONS)
+    unknown = set(cfg.sections) - set(SECTIONS) - set(LONG)
     if unknown:
         raise ValueError(
-            f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})"
+            f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS + LONG)})"
         )
     out = Path(cfg.out_dir) / cfg.name
     results = {

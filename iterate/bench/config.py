@@ -18,6 +18,7 @@ RL_VARIANTS = {
     "reinforce_pp": ["update=reinforce_pp"],
 }
 SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration", "workers")
+LONG = ("scale",)  # run when named (sections=[scale]): not among the default sections
 
 
 @dataclass
@@ -104,6 +105,16 @@ class WorkersBench:
 
 
 @dataclass
+class ScaleBench:
+    """One toy iteration at each size, a run of the program each (``iterate.bench.scale``)."""
+
+    sizes: list[int] = field(default_factory=lambda: [200, 2000, 20000])  # prompts
+    n: int = 8  # samples per prompt
+    heldout: int = 80
+    overrides: list[str] = field(default_factory=list)  # of the main config, for every run
+
+
+@dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
     overrides: list[str] = field(
@@ -128,6 +139,7 @@ class BenchConfig:
     sync: SyncBench = field(default_factory=SyncBench)
     iteration: IterationBench = field(default_factory=IterationBench)
     workers: WorkersBench = field(default_factory=WorkersBench)
+    scale: ScaleBench = field(default_factory=ScaleBench)
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
@@ -179,6 +191,9 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     it = cfg.iteration
     it.iterations, it.compare_restart = 1, False
     it.overrides = ["experiment=toy_tiny", "reward.num_pairs=100"]
+    sc = cfg.scale
+    sc.sizes, sc.n, sc.heldout = [8, 16], 2, 4
+    sc.overrides = ["experiment=toy_tiny", "reward.num_pairs=100", "generate.shard_size=8"]
     return cfg
 
 

@@ -72,4 +72,38 @@ def report(results: dict) -> str:
             f"1x{t} {u[f'1x{t}_step_s']:.3f} vs {t}x1 {u[f'{t}x1_step_s']:.3f} s/step = "
             f"{u['step_ratio']:.2f}x (stage with launch: {u['stage_ratio']:.2f}x)"
         )
+    if sc := results.get("scale"):
+        lines += _scale_lines(sc)
     return "\n".join(lines)
+
+
+def _scale_lines(sc: dict) -> list[str]:
+    """The scale section as a table: per stage, seconds at each size, seconds per 1,000
+    responses at the largest, and the growth exponent between the two largest sizes; then
+    the main process's and the engine's peak memory per size."""
+    sizes = list(sc["runs"])
+    stages = list(sc["runs"][sizes[-1]]["stages"])
+    head = ["stage", *(f"N={s} s" for s in sizes), "s/1k resp", "exponent"]
+    rows = [head]
+    for st in stages:
+        per = [sc["runs"][s]["stages"][st] for s in sizes]
+        k = (sc.get("exponents") or {}).get(st)
+        rows.append(
+            [
+                st,
+                *(f"{p['seconds']:.1f}" for p in per),
+                f"{per[-1]['s_per_1k_responses']:.3f}",
+                "-" if k is None else f"{k:.2f}",
+            ]
+        )
+    for key, name in (("main_peak_rss_mb", "main MB"), ("engine_peak_rss_mb", "engine MB")):
+        rows.append([name, *(str(sc["runs"][s][key]) for s in sizes), "", ""])
+    widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    out = [f"scale: one toy iteration, n={sc['n']} samples per prompt"]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if "main_peak_ratio" in sc:
+        a, b = sc["exponent_between"]
+        out.append(
+            f"exponents between N={a} and N={b}; main peak memory {sc['main_peak_ratio']:.2f}x"
+        )
+    return out

@@ -74,7 +74,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
                 f"generate ({gc.backend})",
             )
             timings = sampler.timings
-    table = read_shards(stage.path, SCHEMAS["generate"])
+    table = read_shards(stage.path, SCHEMAS["generate"], sampling.SUMMARY_COLUMNS)
     return stage.finish(
         backend=str(gc.backend),
         prompts_in=prompts.num_rows,

@@ -1,0 +1,112 @@
+"""How one iteration's cost grows with its prompts: ``python -m iterate.bench
+sections=[scale]`` runs one iteration of the toy loop (the toy policy and its reward model,
+DPO, best-of-``n``) at each of ``scale.sizes`` prompts, each a run of the real program in a
+process of its own (``python -m iterate``) on a prompts file written here, and reads back
+per stage the seconds, the seconds per 1,000 responses and the main process's peak memory
+(``_DONE.json``: ``seconds``, ``peak_rss_mb``), and the vLLM engine's peak memory (the
+generate stage's ``engine_peak_rss_mb``). Between the two largest sizes it fits each
+stage's growth exponent, ``log(t2 / t1) / log(N2 / N1)``: 1 is linear.
+
+The prompts are unique texts in the toy world's grammar (arithmetic with numbers past the
+toy world's own, counting ranges, greetings by name), so the toy tokenizer reads them; they
+are not toy-world prompts, so there is no gold judge and no reward-model refresh."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from iterate.shards import read_json
+from iterate.stage import DONE
+
+LOOP = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
+
+
+def prompts(count: int) -> list[str]:
+    """``count`` distinct prompts in the toy world's grammar, in a fixed order."""
+    from iterate.toy import world
+
+    out, a = [], 0
+    names = sorted(world.NAMES)
+    while len(out) < count:
+        b = a * 7 % 1000
+        out += [
+            f"What is {a} plus {b}?",
+            f"What is {a + b} minus {b}?",
+            f"Count from {a} to {a + 2 + a % 5}.",
+            f"Greet {names[a % len(names)]} {a}.",
+        ]
+        a += 1
+    return out[:count]
+
+
+def write_prompts(path: Path, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(count)))
+
+
+def growth(small: tuple[int, float], large: tuple[int, float]) -> float | None:
+    """The exponent ``k`` of ``t ~ N^k`` through two (N, t) points; None where a time is 0."""
+    (n1, t1), (n2, t2) = small, large
+    if t1 <= 0 or t2 <= 0 or n1 == n2:
+        return None
+    return round(math.log(t2 / t1) / math.log(n2 / n1), 3)
+
+
+def read_run(run: Path, n: int) -> dict:
+    """Per loop stage of the run's iteration 0: seconds, seconds per 1,000 responses, the
+    main process's peak memory; and the engine's peak memory."""
+    stages = {}
+    for s in LOOP:
+        done = read_json(run / "iter_000" / s / DONE, must_exist=True)
+        stages[s] = {
+            "seconds": done["seconds"],
+            "s_per_1k_responses": round(1000 * done["seconds"] / n, 4),
+            "peak_rss_mb": done.get("peak_rss_mb"),
+        }
+    generate = read_json(run / "iter_000" / "generate" / DONE, must_exist=True)
+    return {
+        "responses": n,
+        "stages": stages,
+        "main_peak_rss_mb": max(v["peak_rss_mb"] or 0 for v in stages.values()),
+        "engine_peak_rss_mb": generate.get("timings", {}).get("engine_peak_rss_mb"),
+    }
+
+
+def measure(cfg, out: Path, toy: list[str]) -> dict:
+    """One iteration per size in ``cfg.scale.sizes``; the figures and the exponents."""
+    sc = cfg.scale
+    runs: dict[str, dict] = {}
+    for size in sc.sizes:
+        source = out / "prompts" / f"prompts_{size}.jsonl"
+        write_prompts(source, size + sc.heldout)
+        args = [
+            sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name=n{size}",
+            "prompts=file", f"prompts.path={source}", f"prompts.per_iteration={size}",
+            f"prompts.heldout={sc.heldout}", f"generate.n={sc.n}", "iteration=1",
+            f"seed={cfg.seed}", *toy, *sc.overrides,
+        ]  # fmt: skip
+        if (out / f"n{size}").exists():  # a benchmark measures a fresh run, not a resumed one
+            import shutil
+
+            shutil.rmtree(out / f"n{size}")
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench scale: the run of {size} prompts failed "
+                               f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")  # fmt: skip
+        runs[str(size)] = read_run(out / f"n{size}", size * sc.n)
+    sizes = [str(s) for s in sc.sizes]
+    res: dict = {"n": sc.n, "heldout": sc.heldout, "runs": runs}
+    if len(sizes) >= 2:
+        a, b = runs[sizes[-2]], runs[sizes[-1]]
+        na, nb = int(sizes[-2]), int(sizes[-1])
+        res["exponents"] = {
+            s: growth((na, a["stages"][s]["seconds"]), (nb, b["stages"][s]["seconds"]))
+            for s in LOOP
+        }
+        res["exponent_between"] = [na, nb]
+        res["main_peak_ratio"] = round(b["main_peak_rss_mb"] / a["main_peak_rss_mb"], 3)
+    return res
