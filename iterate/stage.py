@@ -254,6 +254,7 @@ def counted(cfg: Config, section: str) -> dict:
 RETIRED = {
     "*": ("model.name", "reward.name"),
     "heldout": ("prompts.per_iteration", "prompts.synthetic"),  # the draw does not read them
+    "prompts": ("prompts.synthetic.max_rounds",),  # whether they come, not which
 }
 
 

@@ -312,3 +312,20 @@ def test_an_engine_that_does_nothing_fails_the_request_instead_of_waiting_foreve
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_cpu_engines_kv_cache_is_sized_to_the_model():
+    """vLLM's 256 sequences of max_length tokens, a quarter more: K and V per layer, per
+    key-value head, per head dimension, in the dtype's bytes; at least 64 MiB, at most the
+    gpu_memory_utilization share of memory that vLLM took whatever the model."""
+    gib = 1 << 30
+    toy = {"num_hidden_layers": 4, "num_attention_heads": 4, "hidden_size": 128}
+    spec = {"dtype": "float32", "max_length": 256, "gpu_memory_utilization": 0.25}
+    want = 1.25 * (2 * 4 * 4 * 32 * 4) * 256 * 256  # (2: K and V; 32: head dim; 4: fp32 bytes)
+    assert engine.cpu_kv_cache_bytes(toy, spec, 24 * gib) == want
+    mistral = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "hidden_size": 4096, "head_dim": 128}  # fmt: skip
+    big = {**spec, "dtype": "bfloat16", "max_length": 4096}
+    assert engine.cpu_kv_cache_bytes(mistral, big, 24 * gib) == 6 * gib  # the share
+    tiny = {**toy, "num_hidden_layers": 1, "hidden_size": 8}
+    assert engine.cpu_kv_cache_bytes(tiny, {**spec, "max_length": 16}, 24 * gib) == 64 << 20

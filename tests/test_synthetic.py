@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iterate import synthetic
+from iterate.errors import BadInput
 from iterate.toy import world
 
 from .conftest import FULL, compose_cfg
@@ -102,3 +103,57 @@ def test_self_instruct_iterations_end_to_end(full_run):
         )
         assert "writer" in done["generator"] and done["settings"]["generator"] == "toy_writer"
     assert not set(made[0]) & set(made[1]), "an iteration never repeats an earlier one's prompts"
+
+
+def test_the_prefix_filter_finds_every_near_duplicate_the_full_scan_finds():
+    """Looking only at known prompts that share one of a candidate's rarest grams gives the
+    same decision as comparing with every prompt that shares any gram, at every threshold,
+    on English-like prompts whose grams are mostly shared; and the same overlap above it."""
+    from iterate.bench.scale import english_prompts
+
+    texts = english_prompts(1500, seed=3)
+    known = synthetic.Known(texts[:1200])
+    near = 0
+    for t in (0.3, 0.5, 0.7, 0.9):
+        for c in texts[1200:]:
+            full, fast = known.overlap(c), known.overlap(c, t)
+            assert (fast > t) == (full > t), (c, t)
+            if full > t:
+                assert fast == full
+                near += 1
+    assert near > 20  # the thresholds are met, not only missed
+
+
+def _rounds(folder, *rounds):
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, (kept, candidates) in enumerate(rounds):
+        (folder / f"round_{r:05d}.json").write_text(json.dumps({
+            "kept": kept, "candidates": candidates, "spare": 0,
+            "dropped": {"duplicate": candidates - len(kept)},
+            "keep_rate": round(len(kept) / candidates, 4),
+        }))  # fmt: skip
+
+
+def test_prompts_kept_by_an_earlier_start_are_not_asked_for_again(tmp_path):
+    """The rounds an interrupted or short start kept are replayed, not sampled again: with
+    enough of them no generator is even loaded (this one does not exist)."""
+    nowhere = f"prompts.synthetic.generator={tmp_path / 'no_model'}"
+    cfg = compose_cfg(["prompts=self_instruct", "prompts.per_iteration=3", nowhere], tmp_path)
+    _rounds(tmp_path / "passed", (["What is 1 plus 9?", "Greet Mia."], 8), (["List 2 fruits."], 8))
+    known = synthetic.Known(["What is 3 plus 4?"])
+    kept, info = synthetic.write(cfg, 0, "", ["What is 3 plus 4?"], known, tmp_path / "passed")
+    assert kept == ["What is 1 plus 9?", "Greet Mia.", "List 2 fruits."]
+    assert (info["rounds"], info["candidates"], info["dropped"]) == (2, 16, {"duplicate": 13})
+    assert known.overlap("Greet Mia.") == 1.0  # what was kept is known to later candidates
+
+
+def test_a_shortfall_says_whether_the_generator_ran_dry(tmp_path):
+    over = ["prompts=self_instruct", "prompts.per_iteration=10", "prompts.synthetic.max_rounds=3",
+            f"prompts.synthetic.generator={tmp_path / 'no_model'}"]  # fmt: skip
+    cfg = compose_cfg(over, tmp_path)
+    _rounds(tmp_path / "a", (["A b c d?"] * 4, 8), (["E f g h?"] * 3, 8), (["I j k l?"] * 2, 8))
+    with pytest.raises(BadInput, match=r"share kept per round: 0.500, 0.375, 0.250\); raise"):
+        synthetic.write(cfg, 0, "", ["x"], synthetic.Known(), tmp_path / "a")
+    _rounds(tmp_path / "b", (["A b c d?"] * 6, 8), ([], 200), ([], 200))
+    with pytest.raises(BadInput, match="run out of new prompts: the share it keeps fell"):
+        synthetic.write(cfg, 0, "", ["x"], synthetic.Known(), tmp_path / "b")

@@ -236,6 +236,13 @@ def scale(cfg: BenchConfig, out: Path) -> dict:
     return sc.measure(cfg, out / "scale", toy)
 
 
+def dedup(cfg: BenchConfig, out: Path) -> list[dict]:
+    from iterate.bench import scale as sc
+
+    log.info("dedup: the near-duplicate filter with %s known prompts", cfg.scale.known_prompts)
+    return sc.near_duplicates(cfg.scale.known_prompts)
+
+
 RUNNERS = {
     "generation": generation,
     "labelling": labelling,
@@ -245,6 +252,7 @@ RUNNERS = {
     "iteration": iteration,
     "workers": workers,
     "scale": scale,
+    "dedup": dedup,
 }
 
 

@@ -74,6 +74,13 @@ def report(results: dict) -> str:
         )
     if sc := results.get("scale"):
         lines += _scale_lines(sc)
+    for r in results.get("dedup", []):
+        lines.append(
+            f"dedup, {r['known']} known prompts: {r['prefix_per_s']:.0f} candidates/s with the "
+            f"prefix filter vs {r['every_shared_gram_per_s']:.0f}/s scanning every prompt that "
+            f"shares a gram = {r['speedup']:.1f}x (near-duplicates found: {r['prefix_near']} "
+            f"and {r['every_shared_gram_near']})"
+        )
     return "\n".join(lines)
 
 

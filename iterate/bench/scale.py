@@ -43,6 +43,61 @@ def prompts(count: int) -> list[str]:
     return out[:count]
 
 
+_TEMPLATES = (
+    "Write a short story about a {a} {n} who wants to {v} the {m}.",
+    "Explain how a {a} {n} can {v} a {m} in simple words.",
+    "What is the best way to {v} a {a} {m} for a {n}?",
+    "Give me three reasons why a {n} should {v} the {a} {m}.",
+    "Describe the {a} {m} of a {n} and how to {v} it.",
+)
+_WORDS = {
+    "a": "quiet bright old young strange gentle busy hidden golden tiny".split(),
+    "n": "farmer pilot teacher robot painter doctor sailor child baker poet".split(),
+    "v": "fix paint find build clean visit study sell measure protect".split(),
+    "m": "garden bridge engine river castle violin market forest lantern window".split(),
+}
+
+
+def english_prompts(count: int, seed: int = 0) -> list[str]:
+    """``count`` English-like prompts from a few templates and a small vocabulary (seeded):
+    the case that slows a near-duplicate check, since most prompts share grams."""
+    import random
+
+    rng, out, seen = random.Random(seed), [], set()
+    while len(out) < count:
+        words = {k: rng.choice(v) for k, v in _WORDS.items()}
+        text = (
+            rng.choice(_TEMPLATES).format(**words) + f" Keep it under {rng.randint(20, 400)} words."
+        )
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def near_duplicates(known_sizes: list[int], candidates: int = 500) -> list[dict]:
+    """Candidates checked per second by the self-instruct near-duplicate filter
+    (``synthetic.Known``, 3-gram Jaccard above 0.7) with this many known prompts, the
+    prefix filter against a scan of every prompt sharing a gram (``above=0``)."""
+    import time
+
+    from iterate import synthetic
+
+    rows = []
+    for size in known_sizes:
+        texts = english_prompts(size + candidates, seed=size)
+        known = synthetic.Known(texts[:size])
+        row = {"known": size}
+        for name, above in (("prefix", 0.7), ("every_shared_gram", 0.0)):
+            t = time.perf_counter()
+            hits = sum(known.overlap(c, above) > 0.7 for c in texts[size:])
+            row[f"{name}_per_s"] = round(candidates / (time.perf_counter() - t), 1)
+            row[f"{name}_near"] = hits
+        row["speedup"] = round(row["prefix_per_s"] / row["every_shared_gram_per_s"], 2)
+        rows.append(row)
+    return rows
+
+
 def write_prompts(path: Path, count: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(count)))

@@ -198,6 +198,9 @@ def config(cfg: Config) -> dict:
     prompts = counted(cfg, "prompts")
     if not prompts["fields"]:  # none: what runs before prompts.fields recorded
         del prompts["fields"]
+    # how many rounds to try decides whether the prompts come, not which: a rerun that
+    # raises it after a shortfall goes on from the rounds kept (synthetic.write)
+    del prompts["synthetic"]["max_rounds"]
     return {
         "prompts": prompts,
         "seed": cfg.seed,
@@ -273,7 +276,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
         train, _, dropped, source, fields = pools(cfg)
         used = _used(paths, range(i))
         if sc.enabled:
-            chunk, info = _synthetic(cfg, paths, i, policy, train)
+            chunk, info = _synthetic(cfg, paths, i, policy, train, stage.path / "passed")
         else:
             chunk, info = _slice(cfg, paths, i, train, used, source)
         write_shard(table(chunk, fields), shard_path(stage.path, 0))
@@ -305,7 +308,7 @@ def _slice(
 
 
 def _synthetic(
-    cfg: Config, paths: Paths, i: int, policy: str, train: list[str]
+    cfg: Config, paths: Paths, i: int, policy: str, train: list[str], passed: Path
 ) -> tuple[list[str], dict]:
     """New prompts, none repeating or near-repeating the pool, the held-out set or an
     earlier iteration's prompts."""
@@ -314,7 +317,7 @@ def _synthetic(
     known = [*train, *read_shards(paths.heldout_dir)["prompt"].to_pylist()]
     for j in range(i):
         known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
-    chunk, info = synthetic.write(cfg, i, policy, train, synthetic.Known(known))
+    chunk, info = synthetic.write(cfg, i, policy, train, synthetic.Known(known), passed)
     log.info("prompts (self_instruct): %d of %d candidates kept; dropped %s", len(chunk),
              info["candidates"], info["dropped"])  # fmt: skip
     return chunk, {"synthetic": info}
