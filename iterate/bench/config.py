@@ -112,6 +112,7 @@ class ScaleBench:
     n: int = 8  # samples per prompt
     heldout: int = 80
     overrides: list[str] = field(default_factory=list)  # of the main config, for every run
+    warmup: bool = True  # the smallest size once first, not counted (toy world, reward model)
     # the near-duplicate filter of synthetic prompts: candidates checked per second with
     # this many known prompts
     known_prompts: list[int] = field(default_factory=lambda: [1000, 10000, 60000])
@@ -195,7 +196,7 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     it.iterations, it.compare_restart = 1, False
     it.overrides = ["experiment=toy_tiny", "reward.num_pairs=100"]
     sc = cfg.scale
-    sc.sizes, sc.n, sc.heldout, sc.known_prompts = [8, 16], 2, 4, [100, 400]
+    sc.sizes, sc.n, sc.heldout, sc.known_prompts, sc.warmup = [8, 16], 2, 4, [100, 400], False
     sc.overrides = ["experiment=toy_tiny", "reward.num_pairs=100", "generate.shard_size=8"]
     return cfg
 

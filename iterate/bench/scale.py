@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,24 +136,26 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
     """One iteration per size in ``cfg.scale.sizes``; the figures and the exponents."""
     sc = cfg.scale
     runs: dict[str, dict] = {}
-    for size in sc.sizes:
+    # a run of the smallest size first, not counted: it builds the toy world and trains the
+    # reward model (both cached for the others), whose memory would stay in its process
+    warm = [("warmup", min(sc.sizes))] if sc.warmup else []
+    for name, size in [*warm, *((str(s), s) for s in sc.sizes)]:
         source = out / "prompts" / f"prompts_{size}.jsonl"
         write_prompts(source, size + sc.heldout)
+        run = out / ("warmup" if name == "warmup" else f"n{size}")
         args = [
-            sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name=n{size}",
+            sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name={run.name}",
             "prompts=file", f"prompts.path={source}", f"prompts.per_iteration={size}",
             f"prompts.heldout={sc.heldout}", f"generate.n={sc.n}", "iteration=1",
             f"seed={cfg.seed}", *toy, *sc.overrides,
         ]  # fmt: skip
-        if (out / f"n{size}").exists():  # a benchmark measures a fresh run, not a resumed one
-            import shutil
-
-            shutil.rmtree(out / f"n{size}")
+        shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run
         proc = subprocess.run(args, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench scale: the run of {size} prompts failed "
                                f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")  # fmt: skip
-        runs[str(size)] = read_run(out / f"n{size}", size * sc.n)
+        if name != "warmup":
+            runs[name] = read_run(run, size * sc.n)
     sizes = [str(s) for s in sc.sizes]
     res: dict = {"n": sc.n, "heldout": sc.heldout, "runs": runs}
     if len(sizes) >= 2:
