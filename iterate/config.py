@@ -403,6 +403,15 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # how a step's examples are cut into micro-batches (the update is the same however they
+    # are cut): rows of like length together, at most micro_batch_size rows and at most this
+    # many tokens fed, padding included (0: no token cap); long sequences then come fewer at
+    # a time and short ones many
+    max_tokens_per_micro_batch: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    # pair rules: each window of 50 steps' pairs sorted by length before it is cut into steps
+    # (less padding; a step's pairs are then of like length, not a uniform draw)
+    group_by_length: bool = False
     # on-policy rules (ppo, remax): per-token KL penalty against the reference
     kl_coef: float = 0.05
     kl_estimator: KLEstimator = KLEstimator.k1

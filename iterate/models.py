@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,6 +127,40 @@ def pad(
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
+
+
+def micro_batches(
+    items: list, size: int, max_tokens: int = 0, lengths: Callable = lambda e: e.lengths()
+) -> list[list]:
+    """``items`` cut into micro-batches of at most ``size`` items and, when ``max_tokens``,
+    at most ``max_tokens`` tokens fed to the model, padding included (``padded_tokens``; an
+    item longer than that alone gets one of its own). ``lengths(item)``: the lengths of the
+    sequences it feeds (a pair: prompt+chosen, prompt+rejected), each padded in its own batch.
+
+    The items are grouped longest first, so rows of like length share a batch (less
+    padding); each micro-batch keeps the items' given order, so when everything fits in one
+    it is ``items`` itself. Whatever the cut, gradients summed over the micro-batches are the
+    same."""
+    order = sorted(range(len(items)), key=lambda j: sum(lengths(items[j])), reverse=True)
+    groups: list[list[int]] = []
+    for j in order:
+        cur = groups[-1] if groups else None
+        if (
+            cur is None
+            or len(cur) >= size
+            or (max_tokens and padded_tokens([items[k] for k in (*cur, j)], lengths) > max_tokens)
+        ):
+            groups.append([j])
+        else:
+            cur.append(j)
+    return [[items[j] for j in sorted(g)] for g in groups]
+
+
+def padded_tokens(batch: list, lengths: Callable = lambda e: e.lengths()) -> int:
+    """The tokens a micro-batch feeds the model, padding included: per sequence of its
+    items (chosen, rejected), the rows times the longest."""
+    per = [lengths(e) for e in batch]
+    return sum(len(batch) * max(ls[f] for ls in per) for f in range(len(per[0])))
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor, hidden_states: bool = False):

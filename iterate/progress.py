@@ -101,6 +101,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _cuda():
+    """torch's CUDA module when this process has put work on a CUDA device, else None
+    (without importing torch where nothing has)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+
+
+def peak_gpu_mb() -> float | None:
+    """The CUDA allocator's peak in MB (every device of this process) since it started or
+    since ``reset_peak_gpu``; None when this process has used no CUDA device."""
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    return sum(cuda.max_memory_allocated(d) for d in range(cuda.device_count())) / 2**20
+
+
+def reset_peak_gpu() -> None:
+    if (cuda := _cuda()) is not None:
+        for d in range(cuda.device_count()):
+            cuda.reset_peak_memory_stats(d)
+
+
 class Timer:
     """Wall-clock seconds per named section: ``with timer("merge"): ...``, then
     ``timer.seconds``. Stages record them in ``_DONE.json`` (``timings``), which is where

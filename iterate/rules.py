@@ -60,11 +60,12 @@ RULES: dict[str, Rule] = {
     r.name: r
     for r in (
         Rule(
-            "dpo", "dpo", PAIR_STAGES, keys=("loss", "beta", "label_smoothing", "nll_coef"),
+            "dpo", "dpo", PAIR_STAGES,
+            keys=("loss", "beta", "label_smoothing", "nll_coef", "group_by_length"),
             keep="pair", samples="best-of-{n} samples, pairs by `{pairs}`",
         ),
         Rule(
-            "raft", "raft", PAIR_STAGES, keep="best",
+            "raft", "raft", PAIR_STAGES, keys=("group_by_length",), keep="best",
             samples="best-of-{n} samples, the best response of each prompt",
         ),
         Rule(

@@ -200,26 +200,27 @@ def shard_paths(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("shard_*.parquet"))
 
 
+def read_shard(p: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard; with ``columns``, only those it has (a column added later is left out)."""
+    if columns is None:
+        return pq.read_table(p)
+    have = set(pq.read_schema(p).names)
+    return pq.read_table(p, columns=[c for c in columns if c in have])
+
+
 def read_shards(
     folder: Path, schema: pa.Schema | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """The shards of ``folder`` as one table; with ``columns``, only those (a summary need
     not hold every response's token ids). A shard written before a column was added reads
-    it as nulls."""
+    it as nulls. Work that needs one shard at a time reads them so (``read_shard``)."""
     paths = shard_paths(folder)
     if not paths:
         if schema is None:
             raise FileNotFoundError(f"no shards in {folder}")
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-
-    def read(p: Path) -> pa.Table:
-        if columns is None:
-            return pq.read_table(p)
-        have = set(pq.read_schema(p).names)
-        return pq.read_table(p, columns=[c for c in columns if c in have])
-
-    return pa.concat_tables([read(p) for p in paths], promote_options="default")
+    return pa.concat_tables([read_shard(p, columns) for p in paths], promote_options="default")
 
 
 def clean_temporaries(folder: Path) -> list[Path]:

@@ -268,6 +268,7 @@ ADDED = {
     "min_lc_win_rate": None,
     "heldout_path": None,  # a held-out prompts file
     "heldout_field": None,
+    "group_by_length": False,  # the pair rules' length-grouped steps
 }
 
 
@@ -355,6 +356,7 @@ class Stage:
         if not marker.exists():
             atomic_write_json(marker, self.config)
         progress.reset_peak_rss()  # the work starts: its own peak memory (``finish``)
+        progress.reset_peak_gpu()
         return False
 
     def verify(self, checksums: bool = True) -> None:
@@ -395,6 +397,7 @@ class Stage:
             "files": files,
             "seconds": round(time.time() - self.t0, 2),
             "peak_rss_mb": round(progress.peak_rss_mb()),  # this process's, since ``check``
+            **({"peak_gpu_mb": round(gpu)} if (gpu := progress.peak_gpu_mb()) is not None else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "finished_unix": f"{time.time():.6f}",
             **portable(info, self.root),

@@ -95,6 +95,7 @@ RANGES = {
     "update.beta": POS,
     "update.epochs": GE1,
     "update.micro_batch_size": GE1,
+    "update.max_tokens_per_micro_batch": GE0,
     "update.grad_accum": GE1,
     "update.lr": FINITE_POS,
     "update.label_smoothing": BELOW_HALF,

@@ -128,3 +128,45 @@ def test_the_scale_sections_figures_from_a_runs_stage_records(tmp_path):
     text = report.report({"scale": sc})
     assert "   update      5.0      50.0      3.125      1.00" in text
     assert "  main MB      960       961" in text and "main peak memory 1.07x" in text
+
+
+@pytest.mark.slow
+def test_the_padding_section_measures_the_tokens_fed_by_each_cut(tmp_path, tiny_cache):
+    """A DPO epoch over pairs of mixed lengths as before and length-aware, each variant a
+    process of its own through the real CLI: the real tokens are the pairs' own, the tokens
+    fed are those of the cut replayed here, and the ratios are their parts'."""
+    import torch
+
+    from iterate import seeds
+    from iterate.bench import update
+    from iterate.bench.config import BenchConfig, apply_quick
+
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "iterate.bench", "--quick", "sections=[padding]",
+         f"out_dir={out}", f"toy.cache_dir={tiny_cache}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pa = json.loads((out / "quick" / "results.json").read_text())["padding"]
+    q = apply_quick(BenchConfig()).padding
+    lengths = update.mixed_lengths(q.pairs, q.min_tokens, q.max_tokens, 0)
+    assert all(q.min_tokens <= p + c <= q.max_tokens and q.min_tokens <= p + r <= q.max_tokens
+               for p, c, r in lengths)  # fmt: skip
+    real = sum(2 * p + c + r for p, c, r in lengths)
+    before, both = pa["variants"]["as before"], pa["variants"]["both"]
+    # as before: steps of 4 pairs, one micro-batch each, both sides padded to their longest
+    assert before["real_tokens"] == both["real_tokens"] == real
+    assert before["padding"] == pytest.approx(1 - real / before["fed_tokens"])
+    # the pair rules' seeded shuffle, cut into steps of 4: each side padded to its longest
+    order = torch.randperm(q.pairs, generator=torch.Generator().manual_seed(
+        seeds.derive("update", 0, 0))).tolist()  # fmt: skip
+    fed = 0
+    for s in range(0, q.pairs, 4):
+        step = [lengths[j] for j in order[s : s + 4]]
+        fed += 4 * max(p + c for p, c, _ in step) + 4 * max(p + r for p, _, r in step)
+    assert before["fed_tokens"] == fed
+    assert real <= both["fed_tokens"] < before["fed_tokens"] and both["padding"] < before["padding"]
+    assert both["train_s_over_first"] == pytest.approx(both["train_s"] / before["train_s"])
+    assert 100 < both["peak_rss_mb"] < 64_000 and both["steps"] == before["steps"] == 2
+    assert "of the tokens fed are padding" in proc.stderr + proc.stdout

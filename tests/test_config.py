@@ -442,3 +442,25 @@ def test_scale_out_options_compose():
     assert (cfg.update.num_processes, cfg.update.strategy) == (4, "deepspeed_zero3")
     with pytest.raises(ConfigCompositionException, match="update.strategy=zero9"):
         compose_cfg(["update.strategy=zero9"])
+
+
+def test_the_length_aware_training_settings_compose_and_are_checked():
+    """update.group_by_length, update.max_tokens_per_micro_batch and
+    update.gradient_checkpointing from the command line, for a pair rule and an on-policy
+    one; a negative token budget is refused, naming the key."""
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    on = ["update.group_by_length=true", "update.max_tokens_per_micro_batch=4096",
+          "update.gradient_checkpointing=true"]  # fmt: skip
+    for rule in ("dpo", "grpo"):
+        uc = compose_cfg([f"update={rule}", *on]).update
+        assert (uc.group_by_length, uc.max_tokens_per_micro_batch, uc.gradient_checkpointing) == (
+            True, 4096, True,
+        )  # fmt: skip
+    off = compose_cfg(["update=raft"]).update
+    assert (off.group_by_length, off.max_tokens_per_micro_batch, off.gradient_checkpointing) == (
+        False, 0, False,
+    )  # fmt: skip
+    with pytest.raises(BadInput, match="update.max_tokens_per_micro_batch"):
+        validate.check(compose_cfg(["update.max_tokens_per_micro_batch=-1"]))

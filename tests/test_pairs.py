@@ -125,3 +125,45 @@ def test_the_length_penalty_picks_by_reward_less_length_but_records_the_reward(t
     # no penalty: best 1.0 (long) vs worst 0.0 (mid); 0.1 per token: scores -1.0, 0.3, -0.8
     assert picked[0.0] == ("long", "mid", 1.0)
     assert picked[0.1] == ("short", "long", 0.8)
+
+
+def test_the_pairs_stage_goes_shard_by_shard_and_sums_its_figures(tmp_path):
+    """A generate shard holds every sample of its prompts: pairs shard k comes from
+    generate and label shard k alone, and the stage's figures are over every shard (here by
+    hand: best rewards 3, 5 and 1, margins 3 - 1, 5 - 2, and a tie dropped)."""
+    import pyarrow as pa
+
+    from iterate.paths import Paths
+    from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
+    from iterate.stages import pairs
+
+    from .conftest import compose_cfg
+
+    paths = Paths(run=tmp_path, base_policy="p")
+    shards = {0: {"a": [1.0, 3.0], "b": [5.0, 2.0]}, 1: {"c": [1.0, 1.0]}}  # prompt: rewards
+    for k, prompts in shards.items():
+        rows = [(p, j, r) for p, rs in prompts.items() for j, r in enumerate(rs)]
+        gen = {
+            "prompt_id": [p for p, _, _ in rows], "sample_idx": [j for _, j, _ in rows],
+            "prompt": [f"{p}?" for p, _, _ in rows], "response": [f"{p}{j}" for p, j, _ in rows],
+            "prompt_tokens": [2] * len(rows), "response_tokens": [3] * len(rows),
+            "finish_reason": ["stop"] * len(rows), "response_ids": [[1, 2, 3]] * len(rows),
+        }  # fmt: skip
+        lab = {
+            "prompt_id": gen["prompt_id"], "sample_idx": gen["sample_idx"],
+            "reward": [r for _, _, r in rows], "gold": [None] * len(rows),
+            "reward_std": [None] * len(rows),
+        }  # fmt: skip
+        write_shard(pa.table(gen, schema=SCHEMAS["generate"]),
+                    shard_path(paths.stage(0, "generate"), k))  # fmt: skip
+        write_shard(pa.table(lab, schema=SCHEMAS["label"]), shard_path(paths.stage(0, "label"), k))
+    done = pairs.run(compose_cfg(["pairs=max_min", "update=dpo"]), paths, 0)
+    folder = paths.stage(0, "pairs")
+    assert shard_path(folder, 0).exists() and shard_path(folder, 1).exists()
+    got = read_shards(folder).to_pylist()
+    assert [(r["prompt_id"], r["chosen"], r["rejected"]) for r in got] == [
+        ("a", "a1", "a0"), ("b", "b0", "b1"),
+    ]  # fmt: skip
+    assert (done["prompts_in"], done["rows_out"], done["dropped"]) == (3, 2, {"tie": 1})
+    assert done["reward_best_mean"] == pytest.approx((3 + 5 + 1) / 3, abs=1e-4)
+    assert done["margin_mean"] == pytest.approx(((3 - 1) + (5 - 2)) / 2)

@@ -40,3 +40,20 @@ def test_short_work_says_nothing(monkeypatch, caplog):
     bar.update(10)
     bar.close()
     assert not caplog.records
+
+
+def test_no_cuda_in_use_means_no_gpu_peak_and_a_stage_records_none(tmp_path):
+    """Where this process has put nothing on a CUDA device (CI, a CPU run), a stage's
+    record has no ``peak_gpu_mb`` and resetting the mark does nothing."""
+    import torch
+
+    from iterate.stage import Stage
+
+    if torch.cuda.is_available():  # under the GPU check, test_cuda shows the other side
+        return
+    progress.reset_peak_gpu()
+    assert progress.peak_gpu_mb() is None
+    stage = Stage(tmp_path / "s", "s", {})
+    stage.check(False)
+    done = stage.finish()
+    assert "peak_gpu_mb" not in done and done["peak_rss_mb"] > 0

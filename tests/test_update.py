@@ -106,24 +106,60 @@ def test_micro_batch_times_accumulation_equivalence(setup):
     cfg, tok, policy, _ = setup
     model, ex, dev = _with_reference(cfg, tok, policy)
     model.train()
-    grads, losses = [], []
-    for micro in (4, 2, 1):  # 4 x 1, 2 x 2 and 1 x 4 accumulation steps
+    grads, losses, padding = [], [], []
+    # a token budget that lets the two shortest pairs share a micro-batch, no more
+    budget = models.padded_tokens(sorted(ex, key=lambda e: sum(e.lengths()))[:2])
+    # 4 x 1, 2 x 2 and 1 x 4 accumulation steps; then rows of 4 under the token budget
+    for micro, max_tokens in ((4, 0), (2, 0), (1, 0), (4, budget)):
         model.zero_grad(set_to_none=True)
         loss, metrics = training.accumulate(
-            model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro
+            model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), micro, max_tokens
         )
         losses.append((loss, metrics["policy_chosen_logps"]))
+        padding.append(metrics["padding"])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert (
-        losses[0][0]
-        == pytest.approx(losses[1][0], abs=1e-6)
-        == pytest.approx(losses[2][0], abs=1e-6)
-    )
+    assert len(models.micro_batches(ex, 4, budget)) == 3
+    for other in losses[1:]:
+        assert other[0] == pytest.approx(losses[0][0], abs=1e-6)
     assert losses[0][1] == pytest.approx(losses[2][1], abs=1e-4)  # metrics are example-weighted too
     assert any(g.abs().sum() > 0 for g in grads[0].values())
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
-        assert torch.allclose(grads[0][n], grads[2][n], atol=1e-6), n
+    for other in grads[1:]:
+        for n in grads[0]:
+            assert torch.allclose(grads[0][n], other[n], atol=1e-6), n
+    # the padding fed, by hand: one batch of four pads to the longest; batches of one never
+    real = sum(sum(e.lengths()) for e in ex)
+    assert padding[0] == pytest.approx(1 - real / models.padded_tokens(ex)) and padding[0] > 0
+    assert padding[2] == 0.0 and 0 < padding[3] < padding[0]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(setup):
+    """Activations recomputed in the backward pass: the same loss and gradients, LoRA and
+    whole model alike."""
+    cfg, tok, policy, _ = setup
+    dev = torch.device("cpu")
+    for lora in (True, False):
+        cfg.update.lora.enabled = lora
+        seen = []
+        for checkpointing in (False, True):
+            cfg.update.gradient_checkpointing = checkpointing
+            torch.manual_seed(0)  # the same LoRA initialisation
+            model = common.policy_model(cfg, policy, dev)
+            assert model.is_gradient_checkpointing == checkpointing
+            ex = _examples(tok)
+            common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+            if lora:  # a LoRA B of zeros gives a zero gradient to every A: make it count
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.data.normal_(0, 0.1)
+            model.train()
+            loss, _ = training.accumulate(
+                model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), 2
+            )
+            seen.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        (loss0, g0), (loss1, g1) = seen
+        assert loss1 == pytest.approx(loss0, abs=1e-6)
+        assert any(g.abs().sum() > 0 for g in g0)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
 
 
 def test_non_finite_loss_skips_the_step(setup):
@@ -199,7 +235,8 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
     read = {k for r in rules.RULES.values() for k in r.keys} | set(SHARED_KEYS)
     settings = {f.name for f in dataclasses.fields(UpdateConfig)}
     assert {k for r in rules.RULES.values() for k in r.keys} <= settings, "no unknown key"
-    assert settings - read <= {"num_processes", "strategy"}, "how it runs, not what it makes"
+    how = {"num_processes", "strategy", "max_tokens_per_micro_batch", "gradient_checkpointing"}
+    assert settings - read <= how, "how it runs, not what it makes"
     assert rules.between("dpo", True) == ("generate", "reward", "label", "pairs")
     assert rules.between("ppo", False) == ()
 

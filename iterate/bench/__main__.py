@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from iterate.bench.config import LONG, SECTIONS, BenchConfig, apply_quick, register
+from iterate.bench import config as bc
 from iterate.bench.report import report
 
 log = logging.getLogger("iterate.bench")
@@ -38,7 +38,7 @@ def machine() -> dict:
     return info
 
 
-def generation(cfg: BenchConfig, out: Path) -> list[dict]:
+def generation(cfg: bc.BenchConfig, out: Path) -> list[dict]:
     from iterate import models
     from iterate.bench import child
     from iterate.bench import models as bm
@@ -90,7 +90,7 @@ def generation(cfg: BenchConfig, out: Path) -> list[dict]:
     return rows
 
 
-def labelling(cfg: BenchConfig, out: Path) -> list[dict]:
+def labelling(cfg: bc.BenchConfig, out: Path) -> list[dict]:
     from iterate.bench import labelling as lab
     from iterate.bench import models as bm
 
@@ -105,7 +105,7 @@ def labelling(cfg: BenchConfig, out: Path) -> list[dict]:
     return rows
 
 
-def update(cfg: BenchConfig, out: Path) -> dict:
+def update(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import child
     from iterate.bench import models as bm
     from iterate.bench import update as up
@@ -150,7 +150,7 @@ def update(cfg: BenchConfig, out: Path) -> dict:
     return res
 
 
-def backends(cfg: BenchConfig, out: Path) -> dict:
+def backends(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import child
     from iterate.bench import models as bm
 
@@ -175,7 +175,7 @@ def backends(cfg: BenchConfig, out: Path) -> dict:
     return res
 
 
-def sync(cfg: BenchConfig, out: Path) -> dict:
+def sync(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import child
     from iterate.bench import models as bm
     from iterate.toy import world
@@ -202,7 +202,7 @@ def sync(cfg: BenchConfig, out: Path) -> dict:
     return res
 
 
-def iteration(cfg: BenchConfig, out: Path) -> dict:
+def iteration(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import iteration as it
 
     c = cfg.iteration
@@ -211,7 +211,7 @@ def iteration(cfg: BenchConfig, out: Path) -> dict:
     return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
 
 
-def workers(cfg: BenchConfig, out: Path) -> dict:
+def workers(cfg: bc.BenchConfig, out: Path) -> dict:
     from dataclasses import asdict
 
     from iterate.bench import child
@@ -228,7 +228,7 @@ def workers(cfg: BenchConfig, out: Path) -> dict:
     return {"model": w.model, **child.run("workers", spec, out / "work")}
 
 
-def scale(cfg: BenchConfig, out: Path) -> dict:
+def scale(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import scale as sc
 
     log.info("scale: one toy iteration at %s prompts", cfg.scale.sizes)
@@ -236,11 +236,50 @@ def scale(cfg: BenchConfig, out: Path) -> dict:
     return sc.measure(cfg, out / "scale", toy)
 
 
-def dedup(cfg: BenchConfig, out: Path) -> list[dict]:
+def dedup(cfg: bc.BenchConfig, out: Path) -> list[dict]:
     from iterate.bench import scale as sc
 
     log.info("dedup: the near-duplicate filter with %s known prompts", cfg.scale.known_prompts)
     return sc.near_duplicates(cfg.scale.known_prompts)
+
+
+def padding(cfg: bc.BenchConfig, out: Path) -> dict:
+    from iterate.bench import child
+    from iterate.bench import models as bm
+    from iterate.bench import update as up
+
+    pa = cfg.padding
+    lengths = up.mixed_lengths(pa.pairs, pa.min_tokens, pa.max_tokens, cfg.seed)
+    res: dict = {"model": pa.model, "pairs": pa.pairs, "variants": {}}
+    for name, overrides in pa.variants.items():
+        log.info("padding: a DPO epoch, %s (%s)", name, pa.model)
+        work = out / "work" / "padding"
+        shutil.rmtree(work, ignore_errors=True)
+        spec = {
+            "model": bm.policy_path(pa.model, cfg.toy),
+            "lengths": lengths,
+            "micro_batch_size": pa.micro_batch_size,
+            "overrides": list(overrides),
+            "seed": cfg.seed,
+            "workdir": str(work),
+            "threads": cfg.threads,
+        }
+        res["variants"][name] = {"overrides": list(overrides), **child.run("padding", spec, work)}
+    variants = res["variants"]
+    base = variants[next(iter(variants))]  # the first variant: the ratios' baseline
+    for v in variants.values():
+        v["train_s_over_first"] = v["train_s"] / base["train_s"]
+        v["peak_rss_over_first"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+    return res
+
+
+def ladder(cfg: bc.BenchConfig, out: Path) -> dict:
+    from iterate.bench import ladder as ld
+
+    log.info("ladder: one iteration per size %s and variant %s", cfg.ladder.sizes,
+             list(cfg.ladder.variants))  # fmt: skip
+    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
+    return ld.measure(cfg, out / "ladder", toy)
 
 
 RUNNERS = {
@@ -253,6 +292,8 @@ RUNNERS = {
     "workers": workers,
     "scale": scale,
     "dedup": dedup,
+    "padding": padding,
+    "ladder": ladder,
 }
 
 
@@ -263,17 +304,19 @@ def main(dcfg) -> None:
     from iterate.shards import atomic_write_json
 
     hf_logging.disable_progress_bar()
-    cfg: BenchConfig = OmegaConf.to_object(dcfg)
+    cfg: bc.BenchConfig = OmegaConf.to_object(dcfg)
     if cfg.threads:  # this process's sections; each child process sets its own from the spec
         import torch
 
         torch.set_num_threads(cfg.threads)
     if cfg.quick:
-        cfg = apply_quick(cfg)
-    unknown = set(cfg.sections) - set(SECTIONS) - set(LONG)
+        cfg = bc.apply_quick(cfg)
+    if cfg.gpu_check:
+        cfg = bc.apply_gpu_check(cfg)
+    unknown = set(cfg.sections) - set(bc.SECTIONS) - set(bc.LONG)
     if unknown:
         raise ValueError(
-            f"bench: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS + LONG)})"
+            f"bench: unknown sections {sorted(unknown)} (known: {', '.join(bc.SECTIONS + bc.LONG)})"
         )
     out = Path(cfg.out_dir) / cfg.name
     results = {
@@ -303,7 +346,7 @@ def main(dcfg) -> None:
 
 
 if __name__ == "__main__":
-    register()
+    bc.register()
     sys.argv = ["quick=true" if a == "--quick" else a for a in sys.argv]
     if "quick=true" in sys.argv and not any(a.startswith("name=") for a in sys.argv):
         sys.argv.append("name=quick")

@@ -2,7 +2,8 @@
 SPEC.json OUT.json``. A vLLM engine per model and dtype (``generation``); peak RSS, a
 high-water mark per process, of one DPO variant (``dpo``) or of each on-policy update
 stage (``rl``); vLLM vs transformers sampling inside a PPO update or the held-out evaluation
-(``backends``); one way of syncing weights into vLLM (``sync``)."""
+(``backends``); one way of syncing weights into vLLM (``sync``); a DPO epoch over pairs of
+mixed lengths (``padding``)."""
 
 from __future__ import annotations
 
@@ -132,11 +133,19 @@ def workers(spec: dict) -> dict:
     return workers.measure(spec)
 
 
+def padding(spec: dict) -> dict:
+    """A DPO epoch over pairs of mixed lengths with one variant's settings:
+    ``iterate.bench.update.padding_variant``."""
+    from iterate.bench import update
+
+    return update.padding_variant(spec)
+
+
 if __name__ == "__main__":
     kind, spec_file, out_file = sys.argv[1:4]
     spec = read_json(spec_file, must_exist=True)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     kinds = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends}
-    result = {**kinds, "sync": sync, "workers": workers}[kind](spec)
+    result = {**kinds, "sync": sync, "workers": workers, "padding": padding}[kind](spec)
     Path(out_file).write_text(json.dumps(result, indent=2))

@@ -18,7 +18,8 @@ RL_VARIANTS = {
     "reinforce_pp": ["update=reinforce_pp"],
 }
 SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration", "workers")
-LONG = ("scale", "dedup")  # run when named (sections=[scale,dedup]): not by default
+# run when named (sections=[scale,dedup,padding]): not by default
+LONG = ("scale", "dedup", "padding", "ladder")
 
 
 @dataclass
@@ -118,6 +119,56 @@ class ScaleBench:
     known_prompts: list[int] = field(default_factory=lambda: [1000, 10000, 60000])
 
 
+PADDING_VARIANTS = {  # name -> overrides of the main config; the first is the baseline
+    "as before": [],
+    "group_by_length": ["update.group_by_length=true"],
+    "token budget": ["update.max_tokens_per_micro_batch=4096"],
+    "both": ["update.group_by_length=true", "update.max_tokens_per_micro_batch=4096"],
+    "both, checkpointing": [
+        "update.group_by_length=true", "update.max_tokens_per_micro_batch=4096",
+        "update.gradient_checkpointing=true",
+    ],
+}  # fmt: skip
+
+
+@dataclass
+class PaddingBench:
+    """A DPO epoch over pairs of mixed lengths through the one training loop, as before and
+    with the length-aware settings; each variant a process of its own (its peak RSS)."""
+
+    model: str = "llama30m"
+    pairs: int = 32
+    # each sequence (prompt + response) drawn uniformly from this many tokens; a pair's
+    # rejected response within 25% of its chosen one's length
+    min_tokens: int = 50
+    max_tokens: int = 1000
+    micro_batch_size: int = 16  # rows per micro-batch, and per optimiser step (grad_accum 1)
+    variants: dict[str, list[str]] = field(default_factory=lambda: dict(PADDING_VARIANTS))
+
+
+@dataclass
+class LadderBench:
+    """One iteration per random-weight Llama size and variant, each a run of the program
+    (``iterate.bench.ladder``); the GPU check runs it on CUDA with the transformers sampler."""
+
+    sizes: list[str] = field(default_factory=lambda: ["llama100m", "llama500m"])
+    variants: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "dpo_lora": ["update=dpo"],
+            "dpo_full": ["update=dpo", "update.lora.enabled=false"],
+        }
+    )
+    device: str = "auto"
+    backend: str = "vllm"  # generate.backend
+    dtype: str = "bfloat16"
+    reward_model: str = "llama30m"  # its body under a fresh scalar head, for every size
+    prompts: int = 32
+    heldout: int = 8
+    n: int = 4
+    max_tokens: int = 32
+    max_length: int = 256
+
+
 @dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
@@ -132,6 +183,9 @@ class BenchConfig:
     name: str = "default"
     out_dir: str = "runs/bench"
     quick: bool = False  # --quick: tiny sizes, one round (harness smoke test, not figures)
+    # the GPU check (make gpu-check): the ladder section alone, the transformers sampler, PPO
+    # beside DPO; ~0.5B and ~1.5B parameters on CUDA, ~30M and ~100M elsewhere
+    gpu_check: bool = False
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
     seed: int = 0
@@ -144,6 +198,8 @@ class BenchConfig:
     iteration: IterationBench = field(default_factory=IterationBench)
     workers: WorkersBench = field(default_factory=WorkersBench)
     scale: ScaleBench = field(default_factory=ScaleBench)
+    padding: PaddingBench = field(default_factory=PaddingBench)
+    ladder: LadderBench = field(default_factory=LadderBench)
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
@@ -198,11 +254,34 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     sc = cfg.scale
     sc.sizes, sc.n, sc.heldout, sc.known_prompts, sc.warmup = [8, 16], 2, 4, [100, 400], False
     sc.overrides = ["experiment=toy_tiny", "reward.num_pairs=100", "generate.shard_size=8"]
+    pa = cfg.padding
+    pa.model, pa.pairs, pa.min_tokens, pa.max_tokens, pa.micro_batch_size = "toy", 8, 8, 40, 4
+    both = ["update.group_by_length=true", "update.max_tokens_per_micro_batch=64"]
+    pa.variants = {"as before": [], "both": both}
+    ld = cfg.ladder
+    ld.sizes, ld.reward_model, ld.prompts, ld.heldout, ld.n, ld.max_tokens = (
+        ["toy", "llama30m"], "toy", 4, 2, 2, 8,
+    )  # fmt: skip
     return cfg
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+def apply_gpu_check(cfg: BenchConfig) -> BenchConfig:
+    """The GPU check's settings (``gpu_check/README.md``): no vLLM there, so the
+    transformers sampler; on a CPU (``ladder.device=cpu``, or no CUDA) sizes small enough to
+    run it end to end in minutes, with the same table."""
+    import torch
+
+    ld = cfg.ladder
+    cuda = ld.device == "cuda" or (ld.device == "auto" and torch.cuda.is_available())
+    cfg.sections = ["ladder"]
+    ld.device, ld.backend = ("cuda" if cuda else "cpu"), "transformers"
+    ld.sizes = ["llama500m", "llama1.5b"] if cuda else ["llama30m", "llama100m"]
+    ld.variants = {**ld.variants, "ppo": ["update=ppo"]}
+    return cfg
 
 
 def main_config(overrides: list[str]):

@@ -28,6 +28,19 @@ SPECS = {
         "num_hidden_layers": 14,
         "num_attention_heads": 12,
     },
+    # the model-size ladder and the GPU check (``iterate.bench.ladder``)
+    "llama500m": {
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 12,
+    },
+    "llama1.5b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+    },
 }
 
 

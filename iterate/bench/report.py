@@ -81,6 +81,21 @@ def report(results: dict) -> str:
             f"shares a gram = {r['speedup']:.1f}x (near-duplicates found: {r['prefix_near']} "
             f"and {r['every_shared_gram_near']})"
         )
+    if pa := results.get("padding"):
+        lines.append(
+            f"padding: a DPO epoch over {pa['pairs']} pairs of mixed lengths ({pa['model']})"
+        )
+        for name, v in pa["variants"].items():
+            lines.append(
+                f"  {name}: {v['padding']:.0%} of the tokens fed are padding, "
+                f"{v['train_s_per_1k_pairs']:.0f} s per 1,000 pairs "
+                f"({v['train_s_over_first']:.2f}x), peak {v['peak_rss_mb']:.0f} MB "
+                f"({v['peak_rss_over_first']:.2f}x)"
+            )
+    if ld := results.get("ladder"):
+        from iterate.bench import ladder
+
+        lines += ladder.lines(ld)
     return "\n".join(lines)
 
 

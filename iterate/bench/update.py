@@ -178,3 +178,74 @@ def rl_stages(spec: dict) -> dict:
     finally:
         sampling.close_kept()
     return out
+
+
+def mixed_lengths(pairs: int, low: int, high: int, seed: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts: each sequence of ``low``..``high`` tokens, a
+    prompt of an eighth of ``low`` to ``low``, the rejected within 25% of the chosen."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand((), generator=g).item()
+
+    out = []
+    for _ in range(pairs):
+        total = round(uniform(low, high))
+        prompt = round(uniform(max(1, low // 8), low))
+        rejected = min(high, max(low, round(total * uniform(0.75, 1.25))))
+        out.append((prompt, total - prompt, rejected - prompt))
+    return out
+
+
+def padding_variant(spec: dict) -> dict:
+    """One DPO epoch over ``spec["lengths"]`` pairs of random tokens in this process, with
+    the variant's overrides, through the one training loop: seconds (the reference pass and
+    the training apart), the share of padded tokens among those fed in training (the same
+    cut replayed: ``pair_steps`` and ``models.micro_batches``), and the peak RSS."""
+    from iterate.stage import Stage
+
+    cfg = main_config(
+        [
+            f"model.path={spec['model']}", "update=dpo", "update.epochs=1",
+            f"update.micro_batch_size={spec['micro_batch_size']}", "update.grad_accum=1",
+            "update.lora.dropout=0", f"seed={spec['seed']}", *spec["overrides"],
+        ]
+    )  # fmt: skip
+    dev, uc = models.device(str(cfg.device)), cfg.update
+    tok = models.load_tokenizer(spec["model"])
+    model = common.policy_model(cfg, spec["model"], dev)
+    g = torch.Generator().manual_seed(spec["seed"])
+    low = len(tok.all_special_ids) + 1  # ordinary tokens only
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(low, len(tok), (n,), generator=g).tolist()
+
+    examples = [common.Example(draw(p), draw(c), draw(r)) for p, c, r in spec["lengths"]]
+    t = time.perf_counter()
+    common.reference_logps(cfg, model, tok, examples, spec["model"], spec["model"], dev)
+    reference_s = time.perf_counter() - t
+    fed = sum(
+        models.padded_tokens(mb)
+        for _, step in common.pair_steps(cfg, examples, 0)
+        for mb in models.micro_batches(step, uc.micro_batch_size, uc.max_tokens_per_micro_batch)
+    )
+    real = sum(sum(e.lengths()) for e in examples)
+    loss = dpo.loss_fn(cfg)
+    total = common.steps_per_epoch(cfg, len(examples))
+    stage = Stage(Path(spec["workdir"]) / "update", "update", {})
+    t = time.perf_counter()
+    done = training.train(
+        cfg, model, training.trainable(model), common.pair_steps(cfg, examples, 0), total,
+        lambda m, b: loss(m, tok, b, dev), stage, 0,
+    )  # fmt: skip
+    train_s = time.perf_counter() - t
+    return {
+        "steps": done["steps"],
+        "train_s": train_s,
+        "reference_s": reference_s,
+        "train_s_per_1k_pairs": 1000 * train_s / len(examples),
+        "real_tokens": real,
+        "fed_tokens": fed,
+        "padding": 1 - real / fed,
+        "peak_rss_mb": progress.peak_rss_mb(),
+    }

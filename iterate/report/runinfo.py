@@ -129,8 +129,8 @@ def scored(run: Path, i: int, heldout: bool = False):
         return None
     gen_dir, lab_dir, which = source
     keys = ["prompt_id", "sample_idx"]
-    texts = read_shards(gen_dir, SCHEMAS["generate"]).to_pandas()
-    texts = texts[[*keys, "prompt", "response", "response_tokens"]]
+    columns = [*keys, "prompt", "response", "response_tokens"]  # not the token ids
+    texts = read_shards(gen_dir, SCHEMAS["generate"], columns).to_pandas()
     df = texts.merge(read_shards(lab_dir, SCHEMAS["label"]).to_pandas(), on=keys)
     df.attrs["which"] = which  # best-of-n or held-out
     return df

@@ -14,10 +14,11 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 
+from iterate import progress, shards
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.rules import rule
-from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
+from iterate.shards import SCHEMAS, shard_path
 from iterate.stage import Stage, counted
 
 
@@ -78,16 +79,13 @@ def _config(cfg: Config) -> dict:
     }
 
 
-def run(cfg: Config, paths: Paths, i: int) -> dict:
-    stage = Stage(paths.stage(i, "pairs"), "pairs", _config(cfg), inputs=[paths.stage(i, "label")])
-    if stage.check(cfg.force):
-        return stage.read_done()
-    gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
-    lab = read_shards(paths.stage(i, "label"), SCHEMAS["label"]).to_pandas()
-    df = gen.merge(lab, on=["prompt_id", "sample_idx"], how="left")
+def pairs_of(cfg: Config, i: int, df: pd.DataFrame, dropped: Counter) -> list[dict]:
+    """The pairs (or RAFT's best responses) of the prompts in ``df`` (their samples joined
+    with their labels), in the prompts' order; the prompts dropped are counted in
+    ``dropped``."""
     pc, best_only = cfg.pairs, rule(cfg.update.name).keep == "best"
     df["score"] = df["reward"] - pc.length_penalty * df["response_tokens"]
-    out, dropped = [], Counter()
+    out = []
     for pid, g in df.groupby("prompt_id", sort=False):
         g = g.sort_values("sample_idx")
         scores = [None if pd.isna(s) else float(s) for s in g["score"]]
@@ -112,16 +110,40 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
                 "rejected_ids": None if r is None else list(rows[r]["response_ids"]),
             }
         )
-    write_shard(pa.Table.from_pylist(out, schema=SCHEMAS["pairs"]), shard_path(stage.path, 0))
-    best_rewards = df.groupby("prompt_id")["reward"].max()
-    margins = [
-        o["chosen_reward"] - o["rejected_reward"] for o in out if o["rejected_reward"] is not None
-    ]
+    return out
+
+
+def run(cfg: Config, paths: Paths, i: int) -> dict:
+    """Shard by shard: a generate shard holds every sample of its prompts, so its pairs need
+    only it and its label shard, and pairs shard k is made from them (memory bounded by a
+    shard, whatever the iteration's size)."""
+    stage = Stage(paths.stage(i, "pairs"), "pairs", _config(cfg), inputs=[paths.stage(i, "label")])
+    if stage.check(cfg.force):
+        return stage.read_done()
+    gen_dir, lab_dir = paths.stage(i, "generate"), paths.stage(i, "label")
+    dropped, best_rewards, margins, prompts_in, rows_out = Counter(), [], [], 0, 0
+    paths_in = shards.shard_paths(gen_dir)
+    bar = progress.bar(len(paths_in), "pairs", "shard")
+    for gen_path in paths_in:
+        k = shards.shard_index(gen_path)
+        gen = shards.read_shard(gen_path).to_pandas()
+        lab = shards.read_shard(shard_path(lab_dir, k)).to_pandas()
+        df = gen.merge(lab, on=["prompt_id", "sample_idx"], how="left")
+        out = pairs_of(cfg, i, df, dropped)
+        table = pa.Table.from_pylist(out, schema=SCHEMAS["pairs"])
+        shards.write_shard(table, shard_path(stage.path, k))
+        prompts_in += int(df["prompt_id"].nunique())
+        rows_out += len(out)
+        best_rewards += df.groupby("prompt_id", sort=False)["reward"].max().dropna().tolist()
+        margins += [o["chosen_reward"] - o["rejected_reward"] for o in out
+                    if o["rejected_reward"] is not None]  # fmt: skip
+        bar.update(1)
+    bar.close()
     return stage.finish(
         mode=_config(cfg)["mode"],
-        prompts_in=int(df["prompt_id"].nunique()),
-        rows_out=len(out),
+        prompts_in=prompts_in,
+        rows_out=rows_out,
         dropped=dict(dropped),
-        reward_best_mean=round(float(best_rewards.mean()), 4) if len(best_rewards) else None,
+        reward_best_mean=round(sum(best_rewards) / len(best_rewards), 4) if best_rewards else None,
         margin_mean=round(sum(margins) / len(margins), 4) if margins else None,
     )

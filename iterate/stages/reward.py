@@ -76,7 +76,8 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
             for k, p in enumerate(got)
         ]  # fmt: skip
         return rows[: fc.pairs], dropped
-    gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"]).to_pandas()
+    columns = ["prompt_id", "sample_idx", "prompt", "response"]  # not the token ids
+    gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"], columns).to_pandas()
     ids = sorted(gen["prompt_id"].unique())
     rng = random.Random(f"{cfg.seed}:refresh:{i}")
     chosen_ids = set(rng.sample(ids, min(fc.pairs, len(ids))))

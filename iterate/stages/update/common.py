@@ -38,6 +38,11 @@ class Example:
         default_factory=dict
     )  # on-policy rules: score, per-token tensors
 
+    def lengths(self) -> tuple[int, ...]:
+        """The lengths of the sequences it feeds the model, each padded in its own batch."""
+        seqs = (self.chosen,) if self.rejected is None else (self.chosen, self.rejected)
+        return tuple(len(self.prompt) + len(r) for r in seqs)
+
 
 # The update settings every rule reads (the training loop's); each rule's row in
 # ``iterate.rules`` names its own on top, so a knob added for one rule does not invalidate
@@ -87,7 +92,8 @@ def stage_for(
 
 
 def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
-    pairs = read_shards(paths.stage(i, "pairs"), SCHEMAS["pairs"]).to_pylist()
+    columns = ["prompt", "chosen_ids", "rejected_ids"]  # not the texts of the responses
+    pairs = read_shards(paths.stage(i, "pairs"), SCHEMAS["pairs"], columns).to_pylist()
     limit = cfg.model.max_length
     out = []
     for (
@@ -101,8 +107,14 @@ def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
 
 
 def policy_model(cfg: Config, path: str, dev: torch.device):
-    """The policy to train: LoRA adapter via peft (default) or the full model."""
-    return models.with_lora(models.load_policy(path, str(cfg.model.dtype), dev), cfg.update.lora)
+    """The policy to train: LoRA adapter via peft (default) or the full model; with
+    ``update.gradient_checkpointing`` its activations are recomputed in the backward pass
+    (less memory at length, about a third more compute)."""
+    model = models.load_policy(path, str(cfg.model.dtype), dev)
+    if cfg.update.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return models.with_lora(model, cfg.update.lora)
 
 
 def logps(
@@ -132,10 +144,13 @@ def reference_logps(
     mine = dist.share(list(range(len(examples))))  # under several processes: this rank's share
     bar = progress.bar(len(mine), "reference log-probs", "pair")
     found = []
+    uc = cfg.update
+    cut = models.micro_batches(
+        mine, uc.micro_batch_size, uc.max_tokens_per_micro_batch, lambda j: examples[j].lengths()
+    )
     with models.reference_of(model, ref_model) as ref:
         ref.eval()
-        for b in range(0, len(mine), cfg.update.micro_batch_size):
-            idx = mine[b : b + cfg.update.micro_batch_size]
+        for idx in cut:
             batch = [examples[j] for j in idx]
             lps = {f: logps(ref, tok, batch, f, dev)[0].tolist() for f in fields}
             found += [(j, {f: lps[f][n] for f in fields}) for n, j in enumerate(idx)]
@@ -146,16 +161,31 @@ def reference_logps(
     del ref_model  # a reference of its own is freed here
 
 
+# group_by_length: the pairs of this many steps sorted by length, then cut into steps
+LENGTH_GROUP_STEPS = 50
+
+
 def pair_steps(cfg: Config, examples: list[Example], iteration: int) -> Iterator[Step]:
     """The pair rules' batch source: each epoch a seeded shuffle of the pairs, cut into
-    optimiser steps of ``micro_batch_size x grad_accum`` examples."""
+    optimiser steps of ``micro_batch_size x grad_accum`` examples. With
+    ``update.group_by_length`` each window of ``LENGTH_GROUP_STEPS`` steps' pairs is sorted
+    by length before it is cut (steps of like length: less padding), and its steps come in
+    a seeded random order (as transformers' length-grouped sampler)."""
     uc = cfg.update
     g = torch.Generator().manual_seed(seeds.derive("update", cfg.seed, iteration))
     per_step = uc.micro_batch_size * uc.grad_accum
+    window = per_step * (LENGTH_GROUP_STEPS if uc.group_by_length else 1)
     for epoch in range(uc.epochs):
         order = torch.randperm(len(examples), generator=g).tolist()
-        for s in range(0, len(order), per_step):
-            yield epoch, [examples[j] for j in order[s : s + per_step]]
+        for w in range(0, len(order), window):
+            part = order[w : w + window]
+            if uc.group_by_length:
+                part.sort(key=lambda j: sum(examples[j].lengths()), reverse=True)
+            steps = [part[s : s + per_step] for s in range(0, len(part), per_step)]
+            if uc.group_by_length:
+                steps = [steps[k] for k in torch.randperm(len(steps), generator=g).tolist()]
+            for idx in steps:
+                yield epoch, [examples[j] for j in idx]
 
 
 def steps_per_epoch(cfg: Config, n: int) -> int:

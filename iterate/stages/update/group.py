@@ -112,7 +112,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     n = uc.group_size
     kept = rollout_groups(ctx, prompts, seed)
     needs_ref = row.kl_in_reward or uc.kl_loss_coef > 0
-    for mb in rl.micro_batches(kept, uc.micro_batch_size):
+    for mb in rl.micro_batches(ctx, kept):
         ids, mask, resp = ctx.batch(mb)
         old = models.token_logps(ctx.model, ids, mask) * resp if uc.num_iterations > 1 else None
         ref = ctx.ref_logps(ids, mask, resp) if needs_ref else None

@@ -54,7 +54,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     uc = ctx.cfg.update
     examples = ctx.rollout(prompts, seed)
     seq_kl = []
-    for mb in rl.micro_batches(examples, uc.micro_batch_size):
+    for mb in rl.micro_batches(ctx, examples):
         ids, mask, resp = ctx.batch(mb)
         old_logps, old_values = forward(ctx, ctx.model, ids, mask, resp)
         kl = (

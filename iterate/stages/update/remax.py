@@ -26,7 +26,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     adv = losses.remax_advantage(*scores, uc.reward_clip).tolist()
     for e, g, a in zip(sample, greedy, adv, strict=True):
         e.rollout.update(greedy_score=g.rollout["score"], advantage=a)
-    for mb in rl.micro_batches(sample, uc.micro_batch_size):
+    for mb in rl.micro_batches(ctx, sample):
         ids, mask, resp = ctx.batch(mb)
         for e, ref in zip(mb, rl.rows(ctx.ref_logps(ids, mask, resp), resp)):
             e.rollout["ref_logps"] = ref

@@ -131,9 +131,11 @@ def token_mean(x: torch.Tensor, resp: torch.Tensor) -> float:
     return ((x.detach() * resp).sum() / resp.sum().clamp(min=1)).item()
 
 
-def micro_batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
-    for m in range(0, len(examples), size):
-        yield examples[m : m + size]
+def micro_batches(ctx: Context, examples: list[Example]) -> list[list[Example]]:
+    """The micro-batches of a rollout's forward passes without gradients, cut as the
+    training loop cuts a step (``models.micro_batches``)."""
+    uc = ctx.cfg.update
+    return models.micro_batches(examples, uc.micro_batch_size, uc.max_tokens_per_micro_batch)
 
 
 def prompt_list(cfg: Config, paths: Paths, i: int, tok) -> list[tuple[str, list[int]]]:

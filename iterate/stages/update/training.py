@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from iterate import faults, progress
+from iterate import faults, models, progress
 from iterate.config import Config
 from iterate.paths import TRAIN_LOG
 from iterate.report import track
@@ -52,29 +52,35 @@ def log_step(logf, row: dict) -> dict:
     return row
 
 
-def accumulate(model, step: list, loss_fn: LossFn, micro_batch_size: int) -> tuple[float, dict]:
-    """Backward over one optimiser step's examples in micro-batches; gradients add up to
-    those of the whole step's mean loss, however it is split. Under several processes each
-    rank takes its share (``dist.share``) and the gradients are summed across ranks once,
-    at the step's last backward; a rank with no share backs a zero-weighted example so the
-    all-reduce still meets. Returns (loss, metrics) of the whole step."""
+def accumulate(
+    model, step: list, loss_fn: LossFn, micro_batch_size: int, max_tokens: int = 0
+) -> tuple[float, dict]:
+    """Backward over one optimiser step's examples in micro-batches (``models.micro_batches``:
+    at most ``micro_batch_size`` rows and ``max_tokens`` tokens each, rows of like length
+    together); gradients add up to those of the whole step's mean loss, however it is split.
+    Under several processes each rank takes its share (``dist.share``) and the gradients are
+    summed across ranks once, at the step's last backward; a rank with no share backs a
+    zero-weighted example so the all-reduce still meets. Returns (loss, metrics) of the
+    whole step, ``padding`` among them: the share of the tokens fed that were padding."""
     mine, weight = dist.share(step), 1.0
     if not mine:
         mine, weight = step[:1], 0.0
-    total, metrics = 0.0, {}
-    for m in range(0, len(mine), micro_batch_size):
-        batch = mine[m : m + micro_batch_size]
-        with dist.no_sync(model, last=m + micro_batch_size >= len(mine)):
+    total, metrics, real, fed = 0.0, {}, 0, 0
+    batches = models.micro_batches(mine, micro_batch_size, max_tokens)
+    for m, batch in enumerate(batches):
+        with dist.no_sync(model, last=m == len(batches) - 1):
             per_example, mb_metrics = loss_fn(model, batch)
             loss = per_example.sum() * (weight / len(step))
             dist.backward(loss)
         total += loss.item()
         for k, v in mb_metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v * weight * len(batch) / len(step)
+        real += sum(sum(e.lengths()) for e in batch) * weight
+        fed += models.padded_tokens(batch) * weight
     if dist.world() > 1:
-        total, *values = dist.sum_floats([total, *metrics.values()])
+        total, real, fed, *values = dist.sum_floats([total, real, fed, *metrics.values()])
         metrics = dict(zip(metrics, values))
-    return total, metrics
+    return total, {**metrics, "padding": 1 - real / fed if fed else 0.0}
 
 
 def train(
@@ -106,7 +112,9 @@ def train(
         for epoch, examples in steps:  # an on-policy source rolls out here, between steps
             model.train()
             opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate(model, examples, loss_fn, uc.micro_batch_size)
+            loss, metrics = accumulate(
+                model, examples, loss_fn, uc.micro_batch_size, uc.max_tokens_per_micro_batch
+            )
             ok, grad_norm = apply_step(opt, model, params, uc.max_grad_norm, loss)
             skipped += not ok
             step += 1
