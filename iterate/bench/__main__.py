@@ -142,12 +142,18 @@ def update(cfg: bc.BenchConfig, out: Path) -> dict:
         "threads": cfg.threads,
     }
     res["rl"] = child.run("rl", spec_rl, out / "work")
-    variants = res["rl"]["variants"]
-    base = variants[next(iter(variants))]  # the first variant: the ratios' baseline
-    for v in variants.values():
-        v["step_s_over_first"] = v["step_s"] / base["step_s"]
-        v["peak_rss_over_first"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+    over_first(res["rl"]["variants"], ("step_s", "peak_rss"))
     return res
+
+
+def over_first(variants: dict, keys: tuple[str, ...]) -> None:
+    """Each variant's ``<key>_over_first`` (``peak_rss`` is ``peak_rss_mb``): its figure
+    over the first variant's, the ratios' baseline."""
+    base = variants[next(iter(variants))]
+    for v in variants.values():
+        for k in keys:
+            name = "peak_rss_mb" if k == "peak_rss" else k
+            v[f"{k}_over_first"] = v[name] / base[name]
 
 
 def backends(cfg: bc.BenchConfig, out: Path) -> dict:
@@ -265,11 +271,7 @@ def padding(cfg: bc.BenchConfig, out: Path) -> dict:
             "threads": cfg.threads,
         }
         res["variants"][name] = {"overrides": list(overrides), **child.run("padding", spec, work)}
-    variants = res["variants"]
-    base = variants[next(iter(variants))]  # the first variant: the ratios' baseline
-    for v in variants.values():
-        v["train_s_over_first"] = v["train_s"] / base["train_s"]
-        v["peak_rss_over_first"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+    over_first(res["variants"], ("train_s", "peak_rss"))
     return res
 
 
