@@ -170,3 +170,49 @@ def test_the_padding_section_measures_the_tokens_fed_by_each_cut(tmp_path, tiny_
     assert both["train_s_over_first"] == pytest.approx(both["train_s"] / before["train_s"])
     assert 100 < both["peak_rss_mb"] < 64_000 and both["steps"] == before["steps"] == 2
     assert "of the tokens fed are padding" in proc.stderr + proc.stdout
+
+
+def test_the_ladders_figures_from_a_runs_stage_records(tmp_path):
+    """The ladder's arithmetic on stage records and model files written here: parameters
+    from the safetensors headers, the README's estimate (2 bytes per parameter with LoRA,
+    16 for the whole model), the update's peak (the GPU's where recorded, else the RSS), the
+    bytes per parameter between two sizes, and the printed table."""
+    import torch
+    from safetensors.torch import save_file
+
+    from iterate.bench import ladder, report
+
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(model / "model.safetensors"))
+    assert ladder.parameters(str(model)) == 17
+    assert ladder.predicted_mb(2**20, ["update=dpo"]) == 2
+    assert ladder.predicted_mb(2**20, ["update=dpo", "update.lora.enabled=false"]) == 16
+    run = tmp_path / "run"
+    for name, done in (("update", {"seconds": 4.0, "peak_rss_mb": 900, "peak_gpu_mb": 300}),
+                       ("generate", {"seconds": 2.5, "peak_rss_mb": 800})):  # fmt: skip
+        (run / "iter_000" / name).mkdir(parents=True)
+        (run / "iter_000" / name / "_DONE.json").write_text(json.dumps(done))
+    (run / "iter_000" / "label").mkdir()  # a stage that did not finish: not read
+    stages = ladder.read_run(run)
+    assert stages == {
+        "generate": {"seconds": 2.5, "peak_rss_mb": 800, "peak_gpu_mb": None},
+        "update": {"seconds": 4.0, "peak_rss_mb": 900, "peak_gpu_mb": 300},
+    }
+
+    def entry(params, peak):
+        readme = round(ladder.predicted_mb(params, ["update.lora.enabled=false"]))
+        return {"parameters": params, "runs": {"dpo_full": {
+            "overrides": [], "stages": stages, "seconds": 6.5, "update_peak_mb": peak,
+            "memory": "gpu", "readme_mb": readme,
+        }}}  # fmt: skip
+
+    sizes = {"small": entry(100e6, 1000), "large": entry(500e6, 7000)}
+    la = {"device": "cuda", "backend": "transformers", "dtype": "bfloat16", "sizes": sizes}
+    la["slope_bytes_per_parameter"] = ladder.slopes(la["sizes"])
+    assert la["slope_bytes_per_parameter"] == {"dpo_full": round(6000 * 2**20 / 400e6, 2)}
+    text = report.report({"ladder": la})
+    assert "peak GPU memory" in text and "dpo_full 15.7" in text
+    (large,) = [line.split() for line in text.splitlines() if line.strip().startswith("large")]
+    # size, parameters, variant, generate label pairs update evaluate handoff, MB, README MB
+    assert large == ["large", "500M", "dpo_full", "2.5", "-", "-", "4.0", "-", "-", "7000", "7629"]

@@ -109,19 +109,24 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
                 "readme_mb": round(predicted_mb(params, overrides)),
             }
         res["sizes"][size] = {"parameters": params, "runs": runs}
-    sizes = list(res["sizes"])
-    if len(sizes) >= 2:  # bytes per parameter between the smallest and the largest size
-        a, b = res["sizes"][sizes[0]], res["sizes"][sizes[-1]]
-        res["slope_bytes_per_parameter"] = {
-            v: round(
-                (b["runs"][v]["update_peak_mb"] - a["runs"][v]["update_peak_mb"])
-                * 2**20
-                / (b["parameters"] - a["parameters"]),
-                2,
-            )
-            for v in la.variants
-        }
+    if len(res["sizes"]) >= 2:
+        res["slope_bytes_per_parameter"] = slopes(res["sizes"])
     return res
+
+
+def slopes(sizes: dict) -> dict[str, float]:
+    """Per variant, the update's peak memory per parameter between the smallest and the
+    largest size, in bytes: what a parameter more costs, the constant part left out."""
+    a, b = (sizes[k] for k in (next(iter(sizes)), list(sizes)[-1]))
+    return {
+        v: round(
+            (b["runs"][v]["update_peak_mb"] - a["runs"][v]["update_peak_mb"])
+            * 2**20
+            / (b["parameters"] - a["parameters"]),
+            2,
+        )
+        for v in a["runs"]
+    }
 
 
 def lines(la: dict) -> list[str]:
