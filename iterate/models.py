@@ -217,6 +217,23 @@ def with_lora(model, lc, task: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
+def for_training(model, dtype: str, dev: torch.device):
+    """``model`` (after ``with_lora``) ready for AdamW when it computes in a half precision:
+    every trainable parameter in float32, the forward under autocast to ``dtype``. A bf16
+    weight keeps 8 bits: a step below 1/256 of its size rounds away, and Adam's steps are
+    about the learning rate, so at 1e-6 a bf16 model trained whole, or a bf16 reward head,
+    would not move at all. Frozen weights (LoRA's base) stay in ``dtype``; a float32 model
+    is returned as it is."""
+    half = DTYPES[str(dtype)]
+    if half == torch.float32:
+        return model
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.forward = torch.autocast(dev.type, dtype=half)(model.forward)
+    return model
+
+
 def sequence_batch(tokenizer, prompts: list[list[int]], responses: list[list[int]], dev) -> tuple:
     """Right-padded prompt+response batch and the (B, T-1) mask of response tokens."""
     seqs = [p + r for p, r in zip(prompts, responses)]

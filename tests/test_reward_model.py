@@ -186,3 +186,20 @@ def test_the_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert warmup_cosine(100, 100) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(150, 100) == pytest.approx(0.0, abs=1e-12)  # never below 0
     assert warmup_cosine(0, 10) == pytest.approx(1.0)  # too few steps to warm up: 1 step
+
+
+def test_a_bf16_reward_model_trains_its_head_and_adapter_in_float32(tiny_world):
+    """reward.dtype=bfloat16 with LoRA: the fresh scalar head and the adapter (what it
+    trains) are float32, the frozen body bf16, and it scores under bf16 autocast."""
+    from iterate.config import RewardConfig
+
+    rc = RewardConfig()
+    rc.dtype = "bfloat16"
+    model, tok = reward_model._new_model(rc, str(tiny_world), seed=0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    ids = torch.tensor([tok("Hello Anna!")["input_ids"]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.logits.shape == (1, 1) and torch.isfinite(out.logits).all()

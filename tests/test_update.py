@@ -291,3 +291,39 @@ def test_a_whole_model_update_is_handed_off_without_a_second_copy(setup):
     weights = tmp / "cast" / "model.safetensors"
     assert weights.stat().st_ino != (trained / "model.safetensors").stat().st_ino
     assert json.loads((tmp / "cast" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_bf16_policy_trains_in_float32_weights_and_moves_at_a_small_lr(setup):
+    """model.dtype=bfloat16: the weights AdamW updates are float32 (LoRA's adapter, or the
+    whole model), the forward computes in bf16 under autocast, and one step at lr 1e-6
+    moves the weights. In bf16 itself that step rounds away: 0.02 - 1e-6 is 0.02."""
+    cfg, tok, policy, _ = setup
+    small = torch.tensor(0.02, dtype=torch.bfloat16)
+    assert small - 1e-6 == small  # why: 8 bits of mantissa
+    dev = torch.device("cpu")
+    cfg.model.dtype = "bfloat16"
+    for lora in (True, False):
+        cfg.update.lora.enabled = lora
+        torch.manual_seed(0)
+        model = common.policy_model(cfg, policy, dev)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained.values())
+        assert all(p.dtype == torch.bfloat16 for p in frozen) and bool(frozen) == lora
+        ex = _examples(tok)
+        ids, mask = models.pad([e.prompt + e.chosen for e in ex], tok.pad_token_id)
+        assert models.forward(model, ids, mask).logits.dtype == torch.bfloat16  # bf16 compute
+        common.reference_logps(cfg, model, tok, ex, policy, policy, dev)
+        if lora:  # a LoRA B of zeros gives every A a zero gradient
+            for n, p in trained.items():
+                if "lora_B" in n:
+                    p.data.normal_(0, 0.1)
+        before = {n: p.detach().clone() for n, p in trained.items()}
+        opt = torch.optim.AdamW(list(trained.values()), lr=1e-6, weight_decay=0.0)
+        model.train()
+        training.accumulate(model, ex, lambda m, b: dpo.loss_fn(cfg)(m, tok, b, dev), 4)
+        opt.step()
+        moved = [n for n, p in trained.items() if not torch.equal(p, before[n])]
+        assert len(moved) > len(trained) // 2, (lora, len(moved), len(trained))
+        step = max((trained[n] - before[n]).abs().max().item() for n in moved)
+        assert step == pytest.approx(1e-6, rel=0.05)  # Adam's first step: lr in size

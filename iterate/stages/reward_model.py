@@ -30,7 +30,7 @@ import torch
 from iterate import cachekey, faults, losses, pairwise, preferences, progress, rewards
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
-from iterate.models import load_policy, load_tokenizer, with_lora
+from iterate.models import for_training, load_policy, load_tokenizer, with_lora
 from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
 from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
@@ -97,10 +97,13 @@ def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True, p
     ``pair`` (a comparison template), ``start`` as the causal LM of a pairwise model."""
     torch.manual_seed(seed)
     if pair is not None:
-        model = load_policy(start, str(rc.dtype))
-        return with_lora(model.train(), rc.lora), load_tokenizer(start, rc.chat_template)
-    model, tokenizer = load_model(start, rc.dtype, new_head=new_head, template=rc.chat_template)
-    return with_lora(model, rc.lora, "SEQ_CLS"), tokenizer
+        model = with_lora(load_policy(start, str(rc.dtype)).train(), rc.lora)
+        tokenizer = load_tokenizer(start, rc.chat_template)
+    else:
+        model, tokenizer = load_model(start, rc.dtype, new_head=new_head, template=rc.chat_template)
+        model = with_lora(model, rc.lora, "SEQ_CLS")
+    # what it trains in float32 (a bf16 head or whole model would not move at a small lr)
+    return for_training(model, str(rc.dtype), next(model.parameters()).device), tokenizer
 
 
 def pairwise_accuracy(scorer: pairwise.PairwiseScorer, pairs: list[Pair]) -> dict:

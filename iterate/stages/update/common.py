@@ -107,14 +107,15 @@ def load_examples(cfg: Config, paths: Paths, i: int, tok) -> list[Example]:
 
 
 def policy_model(cfg: Config, path: str, dev: torch.device):
-    """The policy to train: LoRA adapter via peft (default) or the full model; with
-    ``update.gradient_checkpointing`` its activations are recomputed in the backward pass
-    (less memory at length, about a third more compute)."""
+    """The policy to train: LoRA adapter via peft (default) or the full model, its trained
+    weights in float32 (``models.for_training``); with ``update.gradient_checkpointing`` its
+    activations are recomputed in the backward pass (less memory at length, about a third
+    more compute)."""
     model = models.load_policy(path, str(cfg.model.dtype), dev)
     if cfg.update.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return models.with_lora(model, cfg.update.lora)
+    return models.for_training(models.with_lora(model, cfg.update.lora), cfg.model.dtype, dev)
 
 
 def logps(
