@@ -140,7 +140,10 @@ FULL = [  # every optional stage on: self-instruct prompts, an ensemble reward m
     "reward.ensemble=2",
     "reward.cache=false",  # trained in the run: its redo is a real redo
     "generate.n=8",
-    "reward.refresh.pairs=16",
+    # every prompt of the iteration judged: the tiny policy's samples mostly tie under the
+    # gold judge, and a refresh needs two judged pairs to train
+    "prompts.per_iteration=32",
+    "reward.refresh.pairs=32",
 ]
 
 

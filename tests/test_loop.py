@@ -63,6 +63,7 @@ def _stage_files(i: int) -> set[str]:
     it = f"iter_{i:03d}"
     gen = {f"{it}/generate/shard_0000{k}.parquet" for k in range(4)}
     lab = {f"{it}/label/shard_0000{k}.parquet" for k in range(4)}
+    pairs = {f"{it}/pairs/shard_0000{k}.parquet" for k in range(4)}  # one per generate shard
     samples = {
         f"{it}/evaluate/samples/shard_0000{k}.parquet" for k in range(4)
     }  # 16 held-out prompts
@@ -72,12 +73,12 @@ def _stage_files(i: int) -> set[str]:
     return (
         gen
         | lab
+        | pairs
         | samples
         | done
         | plans
         | {
             f"{it}/prompts/shard_00000.parquet",
-            f"{it}/pairs/shard_00000.parquet",
             f"{it}/update/train_log.jsonl",
             f"{it}/update/adapter/",
             f"{it}/handoff/policy/",

@@ -108,3 +108,41 @@ def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
     assert got["iteration/accepted"] == (1, 0.0) and got["iteration/seconds/update"] == (1, 2.0)
     assert got["iteration/samples/text_summary"] == (1, "(no samples)")  # none on disk
     assert len([e for e in events if e[0].startswith("iteration/")]) == len(got)
+
+
+def test_the_samples_shown_are_read_shard_by_shard_and_are_the_same(tmp_path):
+    """``scored(..., keep=k)`` keeps each samples shard's k best and worst rows only, and
+    the best and worst k it gives are those of the whole iteration, ties and unscored rows
+    included; the scores may be one shard for several samples shards (the evaluation's)."""
+    import pyarrow as pa
+
+    from iterate.paths import Paths
+    from iterate.report import runinfo
+    from iterate.shards import SCHEMAS, shard_path, write_shard
+
+    paths = Paths(run=tmp_path, base_policy="p")
+    rewards = [[0.5, 2.0, 0.5, None, -1.0], [2.0, 0.5, 0.1, 3.0], [-1.0, 0.5, 2.0, 0.5, 0.5, 0.0]]
+    labels = []
+    for k, rs in enumerate(rewards):
+        n = len(rs)
+        gen = {
+            "prompt_id": [f"p{k}"] * n, "sample_idx": list(range(n)), "prompt": [f"Q{k}"] * n,
+            "response": [f"r{k}.{j}" for j in range(n)], "prompt_tokens": [1] * n,
+            "response_tokens": [2] * n, "finish_reason": ["stop"] * n, "response_ids": [[1]] * n,
+        }  # fmt: skip
+        write_shard(pa.table(gen, schema=SCHEMAS["generate"]),
+                    shard_path(paths.stage(0, "generate"), k))  # fmt: skip
+        labels += [{"prompt_id": f"p{k}", "sample_idx": j, "reward": r, "gold": None,
+                    "reward_std": None} for j, r in enumerate(rs)]  # fmt: skip
+    write_shard(pa.Table.from_pylist(labels, schema=SCHEMAS["label"]),
+                shard_path(paths.stage(0, "label"), 0))  # fmt: skip
+    whole = runinfo.scored(tmp_path, 0)
+    assert len(whole) == sum(map(len, rewards)) and whole.attrs["which"] == "best-of-n"
+    for k in (1, 2, 3, 10):
+        kept = runinfo.scored(tmp_path, 0, keep=k)
+        assert len(kept) <= min(len(whole), 3 * 2 * k)
+        assert runinfo.extremes(kept, k) == runinfo.extremes(whole, k), k
+    best = runinfo.extremes(runinfo.scored(tmp_path, 0, keep=2), 2)
+    assert [(r["rank"], r["response"]) for r in best] == [
+        ("best 1", "r1.3"), ("best 2", "r0.1"), ("worst 2", "r0.4"), ("worst 1", "r2.0"),
+    ]  # fmt: skip

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
+from iterate import shards
 from iterate.paths import STAGES, TRAIN_LOG, Paths
 from iterate.rules import between
-from iterate.shards import PLAN, SCHEMAS, read_json, read_jsonl, read_shards, shard_paths
+from iterate.shards import PLAN, read_json, read_jsonl, shard_paths
 from iterate.stage import DONE
 
 # the stages before iteration 0, where they are in the run folder
@@ -121,18 +123,28 @@ def scored_source(run: Path, i: int, heldout: bool = False) -> tuple[Path, Path,
     return None
 
 
-def scored(run: Path, i: int, heldout: bool = False):
+def scored(run: Path, i: int, heldout: bool = False, keep: int | None = None):
     """Iteration i's responses with their reward (and gold), a pandas DataFrame from the
     shards ``scored_source`` names (``df.attrs["which"]`` says which); ``None`` when there
-    are none yet."""
+    are none yet. The samples are read shard by shard, never their token ids, and the
+    scores (a few numbers a response) whole; with ``keep``, only the rows that can be among
+    ``extremes(df, keep)`` are kept: each shard's ``keep`` best and worst, in their order."""
     if (source := scored_source(run, i, heldout)) is None:
         return None
     gen_dir, lab_dir, which = source
     keys = ["prompt_id", "sample_idx"]
     columns = [*keys, "prompt", "response", "response_tokens"]  # not the token ids
-    texts = read_shards(gen_dir, SCHEMAS["generate"], columns).to_pandas()
-    df = texts.merge(read_shards(lab_dir, SCHEMAS["label"]).to_pandas(), on=keys)
-    df.attrs["which"] = which  # best-of-n or held-out
+    labels = shards.read_shards(lab_dir).to_pandas()
+    parts = []
+    for path in shard_paths(gen_dir):
+        df = shards.read_shard(path, columns).to_pandas().merge(labels, on=keys)
+        if keep is not None:
+            ranked = df[df["reward"].notna()].sort_values("reward", ascending=False, kind="stable")
+            df = df.loc[sorted({*ranked.index[:keep], *ranked.index[-keep:]})] if keep else df[:0]
+        parts.append(df)
+    df = pd.concat(parts, ignore_index=True) if parts else None
+    if df is not None:
+        df.attrs["which"] = which  # best-of-n or held-out
     return df
 
 

@@ -76,7 +76,7 @@ def status(run: Path) -> str:
 
 
 def samples(run: Path, i: int, k: int, heldout: bool) -> str:
-    df = runinfo.scored(run, i, heldout)
+    df = runinfo.scored(run, i, heldout, keep=k)
     rows = runinfo.extremes(df, k)
     if not rows:
         return (f"iteration {i}: no scored responses on disk yet (the held-out ones' rewards are "

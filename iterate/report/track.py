@@ -245,8 +245,8 @@ class Tracker:
             return False
         values = {f"iteration/{k}": v for k, v in flat(row).items() if k != "iteration"}
         end = step_base(paths.run, i + 1)  # the run's step where this iteration's update ended
-        scored = runinfo.scored(paths.run, i, heldout=True)
-        samples = runinfo.extremes(scored, self.cfg.track.samples)
+        k = self.cfg.track.samples
+        samples = runinfo.extremes(runinfo.scored(paths.run, i, heldout=True, keep=k), k)
         for name in todo:
             b = self._backend(name)
             step = end if b.one_axis else i
