@@ -83,7 +83,8 @@ def test_self_instruct_iterations_end_to_end(full_run):
     run = full_run
     cfg = compose_cfg(FULL)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["prompts"] for r in rows] == [16, 16]
+    n = cfg.prompts.per_iteration
+    assert n == 32 and [r["prompts"] for r in rows] == [n, n]
     held = set(pq.read_table(run / "heldout" / "shard_00000.parquet")["prompt"].to_pylist())
     train, _ = world.split(cfg.toy.heldout_fraction)
     pool = {i.prompt for i in train}
@@ -92,14 +93,14 @@ def test_self_instruct_iterations_end_to_end(full_run):
         for i in (0, 1)
     ]
     for i, prompts in enumerate(made):
-        assert len(set(prompts)) == 16 and all(world.parse(p) for p in prompts), (
+        assert len(set(prompts)) == n and all(world.parse(p) for p in prompts), (
             "gradable by the gold judge"
         )
         assert not set(prompts) & (pool | held), "no seed, no held-out prompt"
         done = json.loads((run / f"iter_00{i}" / "prompts" / "_DONE.json").read_text())["synthetic"]
         assert (
-            done["kept"] == 16
-            and done["candidates"] == 16 + sum(done["dropped"].values()) + done["spare"]
+            done["kept"] == n
+            and done["candidates"] == n + sum(done["dropped"].values()) + done["spare"]
         )
         assert "writer" in done["generator"] and done["settings"]["generator"] == "toy_writer"
     assert not set(made[0]) & set(made[1]), "an iteration never repeats an earlier one's prompts"
