@@ -15,8 +15,8 @@ if ! $py -c "import hydra, omegaconf" 2>/dev/null; then
         exit 2
     fi
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/iterate-site .whl/*.whl
-    PYTHONPATH=/tmp/iterate-site
+        --target .whl/site .whl/*.whl
+    PYTHONPATH=$PWD/.whl/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 $py -m iterate.bench name=gpu-check gpu_check=true "ladder.device=$device"

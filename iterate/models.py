@@ -141,19 +141,18 @@ def micro_batches(
     padding); each micro-batch keeps the items' given order, so when everything fits in one
     it is ``items`` itself. Whatever the cut, gradients summed over the micro-batches are the
     same."""
-    order = sorted(range(len(items)), key=lambda j: sum(lengths(items[j])), reverse=True)
-    groups: list[list[int]] = []
-    for j in order:
-        cur = groups[-1] if groups else None
-        if (
-            cur is None
-            or len(cur) >= size
-            or (max_tokens and padded_tokens([items[k] for k in (*cur, j)], lengths) > max_tokens)
-        ):
-            groups.append([j])
-        else:
-            cur.append(j)
-    return [[items[j] for j in sorted(g)] for g in groups]
+    ls = [lengths(x) for x in items]
+    groups: list[tuple[list[int], list[int]]] = []  # (indices, each sequence's longest)
+    for j in sorted(range(len(items)), key=lambda j: sum(ls[j]), reverse=True):
+        if groups:
+            cur, widths = groups[-1]
+            wider = [max(w, n) for w, n in zip(widths, ls[j])]
+            if len(cur) < size and not (max_tokens and (len(cur) + 1) * sum(wider) > max_tokens):
+                cur.append(j)
+                groups[-1] = (cur, wider)
+                continue
+        groups.append(([j], list(ls[j])))
+    return [[items[j] for j in sorted(g)] for g, _ in groups]
 
 
 def padded_tokens(batch: list, lengths: Callable = lambda e: e.lengths()) -> int:

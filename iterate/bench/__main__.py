@@ -208,13 +208,20 @@ def sync(cfg: bc.BenchConfig, out: Path) -> dict:
     return res
 
 
+def toy_overrides(cfg: bc.BenchConfig) -> list[str]:
+    """The bench's toy world as overrides of the main config, for the runs it starts."""
+    toy = OmegaConf.to_container(OmegaConf.structured(cfg.toy))
+    return [f"toy.{k}={v}" for k, v in toy.items()]
+
+
 def iteration(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import iteration as it
 
     c = cfg.iteration
     log.info("iteration: %d toy iteration(s), breakdown of the last", c.iterations)
-    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
-    return it.measure(out / "iteration", c.iterations, [*c.overrides, *toy], c.compare_restart)
+    return it.measure(
+        out / "iteration", c.iterations, [*c.overrides, *toy_overrides(cfg)], c.compare_restart
+    )
 
 
 def workers(cfg: bc.BenchConfig, out: Path) -> dict:
@@ -238,8 +245,7 @@ def scale(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import scale as sc
 
     log.info("scale: one toy iteration at %s prompts", cfg.scale.sizes)
-    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
-    return sc.measure(cfg, out / "scale", toy)
+    return sc.measure(cfg, out / "scale", toy_overrides(cfg))
 
 
 def dedup(cfg: bc.BenchConfig, out: Path) -> list[dict]:
@@ -280,8 +286,7 @@ def ladder(cfg: bc.BenchConfig, out: Path) -> dict:
 
     log.info("ladder: one iteration per size %s and variant %s", cfg.ladder.sizes,
              list(cfg.ladder.variants))  # fmt: skip
-    toy = [f"toy.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.toy)).items()]
-    return ld.measure(cfg, out / "ladder", toy)
+    return ld.measure(cfg, out / "ladder", toy_overrides(cfg))
 
 
 RUNNERS = {

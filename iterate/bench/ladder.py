@@ -15,15 +15,11 @@ body with a fresh scalar head, the same for every run."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 from iterate.bench import models as bm
 from iterate.bench import scale
-from iterate.shards import read_json
-from iterate.stage import DONE
 
 # bytes per parameter in the README's memory estimates: weights alone (inference, LoRA,
 # whose adapter is small) and full fine-tuning with AdamW (weights, gradients, two moments)
@@ -38,11 +34,7 @@ def parameters(path: str) -> int:
     total = 0
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return total
 
 
@@ -56,17 +48,10 @@ def predicted_mb(params: int, variant_overrides: list[str]) -> float:
 def read_run(run: Path) -> dict:
     """Per stage of the run's iteration 0 that ran: seconds and peak memory (the main
     process's RSS; on CUDA the allocator's peak too)."""
-    stages = {}
-    for folder in sorted((run / "iter_000").iterdir()):
-        if not (folder / DONE).exists():
-            continue
-        done = read_json(folder / DONE, must_exist=True)
-        stages[folder.name] = {
-            "seconds": done["seconds"],
-            "peak_rss_mb": done.get("peak_rss_mb"),
-            "peak_gpu_mb": done.get("peak_gpu_mb"),
-        }
-    return stages
+    return {
+        name: {k: done.get(k) for k in ("seconds", "peak_rss_mb", "peak_gpu_mb")}
+        for name, done in scale.stage_records(run).items()
+    }
 
 
 def measure(cfg, out: Path, toy: list[str]) -> dict:
@@ -81,10 +66,7 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
         params = parameters(path)
         runs = {}
         for variant, overrides in la.variants.items():
-            run = out / f"{size}-{variant}"
-            shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run
-            args = [
-                sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name={run.name}",
+            run = scale.run_program(out, f"{size}-{variant}", [
                 "~tuning", f"model.path={path}", f"model.dtype={la.dtype}",
                 f"model.max_length={la.max_length}", f"device={la.device}",
                 f"generate.backend={la.backend}", f"generate.n={la.n}",
@@ -92,11 +74,7 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
                 f"reward.path={reward}", "prompts=file", f"prompts.path={source}",
                 f"prompts.per_iteration={la.prompts}", f"prompts.heldout={la.heldout}",
                 "iteration=1", f"seed={cfg.seed}", "update.epochs=1", *toy, *overrides,
-            ]  # fmt: skip
-            proc = subprocess.run(args, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench ladder: the run {run.name} failed (exit "
-                                   f"{proc.returncode}):\n{proc.stderr[-3000:]}")  # fmt: skip
+            ])  # fmt: skip
             stages = read_run(run)
             update = stages["update"]
             gpu = update["peak_gpu_mb"]
@@ -117,15 +95,15 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
 def slopes(sizes: dict) -> dict[str, float]:
     """Per variant, the update's peak memory per parameter between the smallest and the
     largest size, in bytes: what a parameter more costs, the constant part left out."""
-    a, b = (sizes[k] for k in (next(iter(sizes)), list(sizes)[-1]))
+    first, *_, last = sizes.values()
     return {
         v: round(
-            (b["runs"][v]["update_peak_mb"] - a["runs"][v]["update_peak_mb"])
+            (last["runs"][v]["update_peak_mb"] - first["runs"][v]["update_peak_mb"])
             * 2**20
-            / (b["parameters"] - a["parameters"]),
+            / (last["parameters"] - first["parameters"]),
             2,
         )
-        for v in a["runs"]
+        for v in first["runs"]
     }
 
 

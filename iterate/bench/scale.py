@@ -112,23 +112,44 @@ def growth(small: tuple[int, float], large: tuple[int, float]) -> float | None:
     return round(math.log(t2 / t1) / math.log(n2 / n1), 3)
 
 
+def run_program(out: Path, name: str, args: list[str]) -> Path:
+    """``python -m iterate`` with ``args`` as a fresh run ``out/name`` (a benchmark measures
+    a fresh run, not a resumed one), in a process of its own; its folder."""
+    run = out / name
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name={name}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench: the run {name} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")  # fmt: skip
+    return run
+
+
+def stage_records(run: Path) -> dict[str, dict]:
+    """The ``_DONE.json`` of every stage of the run's iteration 0 that finished."""
+    folders = sorted((run / "iter_000").iterdir())
+    return {f.name: read_json(f / DONE) for f in folders if (f / DONE).exists()}
+
+
 def read_run(run: Path, n: int) -> dict:
     """Per loop stage of the run's iteration 0: seconds, seconds per 1,000 responses, the
     main process's peak memory; and the engine's peak memory."""
-    stages = {}
-    for s in LOOP:
-        done = read_json(run / "iter_000" / s / DONE, must_exist=True)
-        stages[s] = {
-            "seconds": done["seconds"],
-            "s_per_1k_responses": round(1000 * done["seconds"] / n, 4),
-            "peak_rss_mb": done.get("peak_rss_mb"),
+    done = stage_records(run)
+    if missing := [s for s in LOOP if s not in done]:
+        raise RuntimeError(f"bench scale: {run} has no finished {', '.join(missing)}")
+    stages = {
+        s: {
+            "seconds": done[s]["seconds"],
+            "s_per_1k_responses": round(1000 * done[s]["seconds"] / n, 4),
+            "peak_rss_mb": done[s].get("peak_rss_mb"),
         }
-    generate = read_json(run / "iter_000" / "generate" / DONE, must_exist=True)
+        for s in LOOP
+    }
     return {
         "responses": n,
         "stages": stages,
         "main_peak_rss_mb": max(v["peak_rss_mb"] or 0 for v in stages.values()),
-        "engine_peak_rss_mb": generate.get("timings", {}).get("engine_peak_rss_mb"),
+        "engine_peak_rss_mb": done["generate"].get("timings", {}).get("engine_peak_rss_mb"),
     }
 
 
@@ -142,18 +163,11 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
     for name, size in [*warm, *((str(s), s) for s in sc.sizes)]:
         source = out / "prompts" / f"prompts_{size}.jsonl"
         write_prompts(source, size + sc.heldout)
-        run = out / ("warmup" if name == "warmup" else f"n{size}")
-        args = [
-            sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name={run.name}",
+        run = run_program(out, "warmup" if name == "warmup" else f"n{size}", [
             "prompts=file", f"prompts.path={source}", f"prompts.per_iteration={size}",
             f"prompts.heldout={sc.heldout}", f"generate.n={sc.n}", "iteration=1",
             f"seed={cfg.seed}", *toy, *sc.overrides,
-        ]  # fmt: skip
-        shutil.rmtree(run, ignore_errors=True)  # a benchmark measures a fresh run
-        proc = subprocess.run(args, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench scale: the run of {size} prompts failed "
-                               f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")  # fmt: skip
+        ])  # fmt: skip
         if name != "warmup":
             runs[name] = read_run(run, size * sc.n)
     sizes = [str(s) for s in sc.sizes]

@@ -17,21 +17,21 @@ from iterate.bench.config import main_config
 from iterate.stages.update import common, dpo, training
 
 
-def _examples(tok, spec: dict) -> list[common.Example]:
-    g = torch.Generator().manual_seed(spec["seed"])
+def random_pairs(tok, lengths: list[tuple[int, int, int]], seed: int) -> list[common.Example]:
+    """Pairs of ordinary tokens drawn at random (seeded), of (prompt, chosen, rejected)
+    token counts ``lengths``."""
+    g = torch.Generator().manual_seed(seed)
     low = len(tok.all_special_ids) + 1  # ordinary tokens only
 
     def draw(n: int) -> list[int]:
         return torch.randint(low, len(tok), (n,), generator=g).tolist()
 
-    return [
-        common.Example(
-            draw(spec["prompt_tokens"]),
-            draw(spec["response_tokens"]),
-            draw(spec["response_tokens"]),
-        )
-        for _ in range(spec["pairs"])
-    ]
+    return [common.Example(draw(p), draw(c), draw(r)) for p, c, r in lengths]
+
+
+def _examples(tok, spec: dict) -> list[common.Example]:
+    shape = (spec["prompt_tokens"], spec["response_tokens"], spec["response_tokens"])
+    return random_pairs(tok, [shape] * spec["pairs"], spec["seed"])
 
 
 class DpoStep:
@@ -214,13 +214,7 @@ def padding_variant(spec: dict) -> dict:
     dev, uc = models.device(str(cfg.device)), cfg.update
     tok = models.load_tokenizer(spec["model"])
     model = common.policy_model(cfg, spec["model"], dev)
-    g = torch.Generator().manual_seed(spec["seed"])
-    low = len(tok.all_special_ids) + 1  # ordinary tokens only
-
-    def draw(n: int) -> list[int]:
-        return torch.randint(low, len(tok), (n,), generator=g).tolist()
-
-    examples = [common.Example(draw(p), draw(c), draw(r)) for p, c, r in spec["lengths"]]
+    examples = random_pairs(tok, spec["lengths"], spec["seed"])
     t = time.perf_counter()
     common.reference_logps(cfg, model, tok, examples, spec["model"], spec["model"], dev)
     reference_s = time.perf_counter() - t
