@@ -20,7 +20,7 @@ import yaml
 from iterate import errors, rewards, workers
 from iterate.config import Config, plain
 from iterate.paths import CARD, Paths
-from iterate.rules import between, rule
+from iterate.rules import between, rule, run_stages
 from iterate.shards import atomic_write_json, read_json, read_jsonl
 from iterate.stage import DONE, Stage
 
@@ -73,12 +73,11 @@ def _between(cfg: Config) -> tuple[str, ...]:
 
 def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
     """Every stage folder a run of this config has once it made ``iterations`` iterations:
-    from the config and the rule table, not from what exists."""
-    out = [paths.reward_model_dir] if rewards.trains_model(cfg) else []
-    if cfg.iteration == 0:
-        return out
-    out += [paths.heldout_dir, paths.initial_samples_dir]
-    each = ("prompts", *_between(cfg), "update", "evaluate", "handoff")
+    from the config and the tables (``rules.run_stages``), not from what exists."""
+    before, each = run_stages(cfg)
+    if cfg.iteration == 0:  # a reward-model recipe
+        before = tuple(s for s in before if s == "reward_model")
+    out = [paths.before(name) for name in before]
     return out + [paths.stage(i, name) for i in range(iterations) for name in each]
 
 
@@ -212,6 +211,7 @@ SUMMARY_KEYS = (
     "win_rate_vs_initial",
     "steps",
     "skipped_steps",
+    "empty_steps",
 )
 
 

@@ -69,6 +69,12 @@ class Paths:
         """The initial policy's samples of the held-out prompts."""
         return self.heldout_dir / "initial_samples"
 
+    def before(self, name: str) -> Path:
+        """A stage before iteration 0 by its name (``rules.run_stages``)."""
+        where = {"reward_model": "reward_model_dir", "heldout": "heldout_dir",
+                 "initial_samples": "initial_samples_dir"}  # fmt: skip
+        return getattr(self, where[name])
+
     # per iteration
     def iteration(self, i: int) -> Path:
         return self.run / f"iter_{i:03d}"

@@ -269,6 +269,7 @@ ADDED = {
     "heldout_path": None,  # a held-out prompts file
     "heldout_field": None,
     "group_by_length": False,  # the pair rules' length-grouped steps
+    "judge_identity": ANY,  # the evaluation judges' sources and weights (evaluate)
 }
 
 
@@ -279,9 +280,19 @@ def retired(stage: str, key: str) -> bool:
 
 def _added(recorded: dict, now: dict, key: str) -> bool:
     """Whether ``key`` is one that ``recorded`` (a stage config) predates, at the value that
-    means what was done before (``now``: the stage config of this invocation)."""
-    name = key.rsplit(".", 1)[-1]
-    if name not in ADDED or key in flatten(recorded):
+    means what was done before (``now``: the stage config of this invocation). A key names
+    itself by its last part, or by a part above it whose value is ``ANY`` (a section added
+    whole: ``judge_identity.gold.source_sha256``)."""
+    parts = key.split(".")
+    name = parts[-1]
+    if name not in ADDED:
+        above = [k for k, p in enumerate(parts[:-1]) if ADDED.get(p, None) is ANY]
+        if not above:
+            return False
+        section = ".".join(parts[: above[0] + 1])
+        had = flatten(recorded)
+        return not any(k == section or k.startswith(section + ".") for k in had)
+    if key in flatten(recorded):
         return False
     return ADDED[name] is ANY or flatten(now).get(key) == ADDED[name]
 

@@ -108,7 +108,9 @@ def test_every_judge_against_a_reference_file_by_hand(tmp_path):
     for name, score in (("gold", gold), ("reward", gold), ("chars", lambda p, r: len(r))):
         prefs = [winrate.preference(score(p, r), score(p, o)) for p, r, o in referenced]
         lengths = [len(r) for _, r, _ in referenced], [len(o) for *_, o in referenced]
-        assert got["judges"][name] == winrate.figures(prefs, *lengths), name
+        by = [p for p, *_ in referenced]  # a prompt's two samples: one cluster
+        assert got["judges"][name] == winrate.figures(prefs, *lengths, by), name
+        assert got["judges"][name]["prompts"] == 4
     assert got["main_judge"] == "gold" and got["win_rate"] == got["judges"]["gold"]["win_rate"]
     assert got["reference"] == ref.info
     # against the initial samples, sample by sample, as before

@@ -193,3 +193,33 @@ def test_a_setting_added_later_resumes_old_stages_only_at_its_old_value(tmp_path
     cfg.prompts.heldout_path = str(tmp_path / "alpaca_eval.json")
     with pytest.raises(StageConfigChanged, match="prompts.heldout_path"):
         Stage(tmp_path / "heldout", "heldout", prompts.heldout_config(cfg)).check()
+
+
+def test_an_evaluation_judge_is_hashed_by_its_source(tmp_path):
+    """Editing the function behind ``evaluate.judges`` redoes the evaluations it made, as
+    editing a reward function redoes the stages that scored with it: the evaluate stage is
+    refused naming the judge's source checksum. An evaluation recorded before the judges'
+    sources were hashed resumes."""
+    from iterate import rewards
+    from iterate.paths import Paths
+    from iterate.stages import evaluate
+
+    judge = tmp_path / "judge.py"
+    judge.write_text("def chars(prompts, responses):\n    return [len(r) for r in responses]\n")
+    spec = f"{{kind: function, function: '{judge}:chars', name: chars}}"
+    cfg = compose_cfg(["reward=gold", f"evaluate.judges=[{spec}]"], tmp_path)
+    paths = Paths(run=tmp_path / "run", base_policy="base")
+    reward = rewards.of(cfg, run=paths.run)
+    stage = lambda: evaluate.stage_for(cfg, paths, 0, "base", "base", reward)  # noqa: E731
+    now = stage()
+    assert set(now.config["judge_identity"]) == {"gold", "correct", "chars"}
+    earlier = {k: v for k, v in now.config.items() if k not in ("judge_identity", "inputs")}
+    inputs = [paths.stage(0, "update"), paths.heldout_dir]
+    Stage(now.path, "evaluate", earlier, inputs).finish()  # recorded by an earlier version
+    assert stage().check() is True
+    shutil.rmtree(now.path)
+    stage().finish()
+    assert stage().check() is True
+    judge.write_text("def chars(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    with pytest.raises(StageConfigChanged, match=r"judge_identity\.chars\.source_sha256"):
+        stage().check()

@@ -214,32 +214,42 @@ def greetings_tie(prompts, responses):
 
 
 def test_equal_groups_are_dropped_counted_and_refilled_from_other_prompts(tiny_cfg, tiny_world):
-    """Under a reward where the greeting's group ties: kept with an advantage of 0 by
-    default; left out with drop_equal_groups, the step one group short; with refill_rounds,
-    a further rollout of a prompt drawn from the iteration's fills it again."""
+    """Under a reward where the greetings' groups tie: kept with an advantage of 0 by
+    default; left out with drop_equal_groups, the step two groups short; with refill_rounds,
+    further rollouts of prompts drawn from the iteration's fill it again: drawn without
+    replacement and never one the step already rolled out (a prompt twice in a step would be
+    one 2n-way tournament to a pairwise reward), so every prompt of the step is there once;
+    with no fresh prompt left to draw, the step stays short."""
     from iterate.rewards import FunctionReward
 
     ctx = _ctx(tiny_cfg, tiny_world, name="grpo", group_size=3)
     ctx.reward = FunctionReward("tests.test_rl:greetings_tie")
-    prompts = _prompts(ctx)
+    texts = ["Greet Anna.", "Greet Tom.", "What is 2 plus 3?", "Count from 1 to 4."]
+    prompts = [(p, models.prompt_ids(ctx.tok, p)) for p in texts]
+    others = [(p, models.prompt_ids(ctx.tok, p)) for p in ("Name 2 fruits.", "Name 3 colours.")]
     kept = group.prepare(ctx, prompts, seed=0)
-    assert len(kept) == 12 and kept[0].rollout["equal_groups"] == 1
-    assert all(float(e.rollout["advantages"].abs().max()) == 0 for e in kept[:3])
+    assert len(kept) == 12 and kept[0].rollout["equal_groups"] == 2
+    assert all(float(e.rollout["advantages"].abs().max()) == 0 for e in kept[:6])
     ctx.cfg.update.drop_equal_groups = True
     kept = group.prepare(ctx, prompts, seed=0)
-    assert len(kept) == 9 and kept[0].rollout["short_groups"] == 1
-    assert [e.prompt for e in kept] == [ids for _, ids in prompts[1:] for _ in range(3)]
+    assert len(kept) == 6 and kept[0].rollout["short_groups"] == 2
+    assert [e.prompt for e in kept] == [ids for _, ids in prompts[2:] for _ in range(3)]
     ctx.cfg.update.refill_rounds = 2
-    ctx.pool = prompts[1:]  # no greeting to draw: the first refill fills the step
+    ctx.pool = prompts + others  # the step's own prompts are in the pool: never drawn again
+    ctx.counts = {}
     kept = group.prepare(ctx, prompts, seed=0)
     first = kept[0].rollout
-    assert len(kept) == 12 and first["refilled_groups"] == 1 and first["short_groups"] == 0
-    assert first["groups"] == 5 and first["equal_groups"] == 1
-    assert kept[-1].prompt in [ids for _, ids in prompts[1:]]
-    ctx.pool = prompts[:1]  # only greetings to draw: two more tied groups, still short
+    assert len(kept) == 12 and first["refilled_groups"] == 2 and first["short_groups"] == 0
+    assert first["groups"] == 6 and first["equal_groups"] == 2
+    rolled = [e.prompt for e in kept[::3]]
+    assert sorted(map(tuple, rolled)) == sorted(tuple(ids) for _, ids in prompts[2:] + others)
+    assert ctx.counts == {"groups": 6, "unscored_groups": 0, "equal_groups": 2,
+                          "refilled_groups": 2}  # fmt: skip
+    greeting = ("Greet Bob.", models.prompt_ids(ctx.tok, "Greet Bob."))
+    ctx.pool = [*prompts, greeting]  # one fresh prompt, a greeting: it ties too, then none left
     kept = group.prepare(ctx, prompts, seed=0)
-    assert kept[0].rollout["groups"] == 6 and kept[0].rollout["equal_groups"] == 3
-    assert len(kept) == 9 and kept[0].rollout["short_groups"] == 1
+    assert kept[0].rollout["groups"] == 5 and kept[0].rollout["equal_groups"] == 3
+    assert len(kept) == 6 and kept[0].rollout["short_groups"] == 2
 
 
 def test_the_samplers_log_probs_are_the_trainers_and_a_mismatch_is_weighed(tiny_cfg, tiny_world):
@@ -417,3 +427,43 @@ def test_what_a_group_rule_needs_is_checked_at_start_up():
     ]:
         with pytest.raises((BadInput, Exception), match=says):
             validate.check(compose_cfg(["update=grpo", *extra]))
+
+
+def constant(prompts, responses):
+    return [1.0] * len(responses)
+
+
+def infinite(prompts, responses):
+    return [math.inf] * len(responses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fn", "extra", "said"),
+    [
+        ("constant", ["update.drop_equal_groups=true", "update.refill_rounds=2"], "equal groups"),
+        ("infinite", [], "unscored groups"),
+    ],
+)
+def test_an_update_that_saw_no_data_is_not_handed_off(fn, extra, said, tiny_cache, tmp_path):
+    """A reward that gives every response of a prompt the same score, with equal groups left
+    out, or one that is never a finite number: every step of GRPO's update has nothing to
+    learn from. Each such step is logged as empty with no optimiser step, and the update is
+    refused as bad input naming why, before anything is evaluated or handed off."""
+    from iterate.errors import BadInput
+
+    cfg = compose_cfg(
+        ["experiment=toy_tiny", "update=grpo", "reward.kind=function", "reward.train=false",
+         f"reward.function=tests.test_rl:{fn}", "generate=transformers", "iteration=1",
+         f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}", *extra]
+    )  # fmt: skip
+    run = tmp_path / "toy_tiny"
+    with pytest.raises(BadInput, match=f"the update saw no data: .*{said}"):
+        loop.run(cfg, run)
+    lines = (run / "iter_000/update/train_log.jsonl").read_text().splitlines()
+    log = [json.loads(x) for x in lines]
+    assert log and all(row["empty"] and row["examples"] == 0 for row in log)
+    assert not (run / "iter_000/update/_DONE.json").exists()
+    assert not (run / "iter_000/evaluate").exists() and not (run / "iter_000/handoff").exists()
+    stopped = json.loads((run / "_STOPPED.json").read_text())
+    assert stopped["status"] == 2

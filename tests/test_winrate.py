@@ -105,3 +105,54 @@ def test_the_standard_error_is_calibrated():
         z.append((f["lc_win_rate"] - 0.5) / f["lc_win_rate_se"])
     assert 0.75 < statistics.stdev(z) < 1.25 and abs(statistics.mean(z)) < 0.4
     assert sum(abs(v) < 2 for v in z) >= 52
+
+
+def test_the_clustered_error_by_hand():
+    """Three prompts with two samples each: sqrt(G / (G - 1) * sum_g (sum_i (v - mean))^2) / n;
+    every pair its own prompt gives the familiar sd / sqrt(n)."""
+    v = [1.0, 1.0, 0.0, 0.5, 0.0, 0.0]
+    mean = 2.5 / 6
+    sums = [2 - 2 * mean, 0.5 - 2 * mean, -2 * mean]
+    want = math.sqrt(3 / 2 * sum(x * x for x in sums)) / 6
+    assert winrate.clustered_se(v, ["a", "a", "b", "b", "c", "c"]) == pytest.approx(want)
+    assert winrate.clustered_se(v) == pytest.approx(statistics.stdev(v) / math.sqrt(6))
+    assert winrate.clustered_se(v, list(range(6))) == pytest.approx(winrate.clustered_se(v))
+    assert winrate.clustered_se(v, ["a"] * 6) == 0.0  # one prompt: no spread between prompts
+    f = winrate.figures(v, [5, 6, 7, 8, 9, 10], [7] * 6, ["a", "a", "b", "b", "c", "c"])
+    assert f["win_rate_se"] == round(want, 4) and f["prompts"] == 3
+
+
+def _prompts_differ(rng: random.Random, prompts: int, samples: int):
+    """An evaluation of ``prompts`` held-out prompts, ``samples`` each, where a prompt's own
+    difficulty (a logit offset, sd 3) moves its samples' preferences together, and length
+    helps: P(new wins) = sigmoid(u_prompt + 2 tanh(d / sd)), d symmetric about 0, so both the
+    raw and the length-controlled win rate are 0.5 in truth."""
+    prefs, diff, by = [], [], []
+    for g in range(prompts):
+        u = rng.gauss(0, 3)
+        for _ in range(samples):
+            d = rng.gauss(0, 200)
+            prefs.append(1.0 if rng.random() < sigmoid(u + 2 * math.tanh(d / 200)) else 0.0)
+            diff.append(d)
+            by.append(g)
+    return prefs, diff, by
+
+
+def test_the_standard_errors_are_calibrated_when_a_prompt_gives_several_pairs():
+    """Over 60 synthetic evaluations of 150 prompts x 4 samples whose samples share their
+    prompt's difficulty, the errors clustered by prompt are calibrated ((x - 0.5) / se has a
+    spread of about 1, for the raw and the length-controlled win rate: 0.93 and 0.95
+    measured), while errors that treat the 600 pairs as independent are too small (1.42 and
+    1.48: a third of the error missing)."""
+    z = {"raw": [], "lc": [], "raw_naive": [], "lc_naive": []}
+    for seed in range(60):
+        prefs, diff, by = _prompts_differ(random.Random(seed), 150, 4)
+        lengths = [400 + d for d in diff], [400] * len(diff)
+        f, naive = winrate.figures(prefs, *lengths, by), winrate.figures(prefs, *lengths)
+        for k, figs in (("", f), ("_naive", naive)):
+            z["raw" + k].append((figs["win_rate"] - 0.5) / figs["win_rate_se"])
+            z["lc" + k].append((figs["lc_win_rate"] - 0.5) / figs["lc_win_rate_se"])
+    for k in ("raw", "lc"):
+        assert 0.75 < statistics.stdev(z[k]) < 1.3, k
+        assert statistics.stdev(z[k + "_naive"]) > 1.3, k
+        assert sum(abs(v) < 2 for v in z[k]) >= 52, k

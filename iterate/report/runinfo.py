@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
 from iterate import shards
+from iterate.config import to_dataclass
 from iterate.paths import STAGES, TRAIN_LOG, Paths
-from iterate.rules import between
+from iterate.rules import run_stages
 from iterate.shards import PLAN, read_json, read_jsonl, shard_paths
 from iterate.stage import DONE
 
-# the stages before iteration 0, where they are in the run folder
-BEFORE = (("reward_model", "reward_model_dir"), ("heldout", "heldout_dir"),
-          ("initial_samples", "initial_samples_dir"))  # fmt: skip
+# the stages before iteration 0 a run can have (``Paths.before``: where they are)
+BEFORE = ("reward_model", "heldout", "initial_samples")
 # what a finished stage's _DONE.json counts, by the name the inspector prints
 COUNTS = (("rows_out", "rows"), ("train_pairs", "pairs"), ("judged_pairs", "judged pairs"),
           ("steps", "steps"))  # fmt: skip
@@ -80,26 +81,31 @@ def config(run: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def expected_stages(cfg: dict) -> set[str]:
-    """The stages an iteration of this config runs (the loop's)."""
-    model = cfg["reward"].get("kind", "model") == "model"  # a reward function: no refresh
-    refresh = model and bool(cfg["reward"].get("refresh", {}).get("pairs"))
-    return {"prompts", *between(cfg["update"]["name"], refresh), "update", "evaluate", "handoff"}
+def expected_stages(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The stages the loop runs for this config (``rules.run_stages``: before iteration 0,
+    and in each iteration), or None for a config this version cannot read (an older one's
+    settings): then the inspector lists the stages the run folder has."""
+    try:
+        typed = to_dataclass(OmegaConf.create(cfg))
+    except Exception:  # (what fails is the config's, not the run's: the folders still say)
+        return None
+    return run_stages(typed)
 
 
 def states(run: Path) -> dict[str, list[StageState]]:
     """``{"before": [...], "iter 0": [...], ...}``: every stage the run has or will have,
     for the iterations it has started, in the loop's order."""
-    run, cfg = Path(run), config(run)
-    expected, paths = expected_stages(cfg), Paths(run=run, base_policy="")
-    # else loaded, or a reward function: no reward_model/
-    trained = cfg["reward"].get("train", True) and cfg["reward"].get("kind", "model") == "model"
-    before = [(n, rel) for n, rel in BEFORE if trained or n != "reward_model"]
-    out = {"before": [stage_state(getattr(paths, where), name) for name, where in before]}
+    run = Path(run)
+    paths = Paths(run=run, base_policy="")
+    planned = expected_stages(config(run))
+    before, expected = planned or (BEFORE, ())
+    if planned is None:  # the folders say which of the stages before iteration 0 it has
+        before = [n for n in BEFORE if paths.before(n).exists()]
+    out = {"before": [stage_state(paths.before(name), name) for name in before]}
     for i in iterations(run):
         present = {p.name for p in paths.iteration(i).iterdir() if p.is_dir()}
         row = []
-        for name in (s for s in STAGES if s in expected | present):
+        for name in (s for s in STAGES if s in {*expected, *present}):
             planned = None
             if name == "label":  # one label shard per generate shard
                 planned = read_json(paths.stage(i, "generate") / DONE, {}).get("shards")

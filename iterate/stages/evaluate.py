@@ -177,6 +177,7 @@ def scores(
         }  # fmt: skip
         judges[rewards.source_name(part)] = (judge, points)
     new_len = [len(r) for r in samples["response"].to_pylist()]
+    prompt_ids = samples["prompt_id"].to_pylist()  # a prompt's samples: one cluster
 
     def versus(name: str, side: str) -> tuple[dict, dict]:
         """``name``'s figures against ``side``'s responses, and its preferences by row."""
@@ -198,8 +199,9 @@ def scores(
             prefs = {j: winrate.preference(new[j], old[r.index[j]])
                      for j in at if _ok(new[j]) and _ok(old[r.index[j]])}  # fmt: skip
         ref_len = [len(x) for x in r.table["response"].to_pylist()]
-        pairs = [(p, new_len[j], ref_len[r.index[j]]) for j, p in prefs.items() if _ok(p)]
-        figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}
+        pairs = [(p, new_len[j], ref_len[r.index[j]], prompt_ids[j])
+                 for j, p in prefs.items() if _ok(p)]  # fmt: skip
+        figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}  # by prompt
         if unjudged := sum(not _ok(p) for p in prefs.values()):  # a judge that never answered
             figs["unjudged"] = unjudged
         return figs, prefs
@@ -242,6 +244,22 @@ def _compares(judge) -> bool:
     return bool(getattr(judge, "compares", False))
 
 
+def judge_identities(cfg: Config, paths: Paths) -> dict[str, dict]:
+    """What each judge of the evaluation is, by name, beyond its settings: the gold judge and
+    the answer check where the prompts have them, and every ``evaluate.judges`` judge (a
+    function's source checksum, a model's weights), so editing a judge's function or
+    replacing its model redoes the evaluations it made (the run's reward is counted as
+    ``reward``)."""
+    out = {}
+    for role in ("gold", "correct"):
+        if judge := rewards.of(cfg, role):
+            out[role] = judge.identity()
+    for part in cfg.evaluate.judges:
+        judge = rewards.of(cfg, "evaluator", run=paths.run, part=part)
+        out[rewards.source_name(part)] = judge.identity()
+    return out
+
+
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
     """The policy the update of iteration i made: its starting policy with the LoRA adapter
     on top (not merged), or the update's full model."""
@@ -251,9 +269,11 @@ def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
     return models.load_policy(str(trained), str(cfg.model.dtype), dev)
 
 
-def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    dev = models.device(str(cfg.device))
-    reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
+def stage_for(
+    cfg: Config, paths: Paths, i: int, policy: str, reference: str, reward: Reward
+) -> Stage:
+    """Iteration i's evaluate stage: its identity is the sampling, the policy and the KL's
+    reference, the run's reward, the reference responses and every judge's own identity."""
     against, reads = heldout.reference_conf(cfg, paths, i)
     conf = {
         **heldout.sample_conf(cfg),
@@ -262,13 +282,20 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         "reward": reward.identity(),
         **({"win_rate_reference": against} if against else {}),  # (none: the initial samples)
         **({"judges": [plain(p) for p in cfg.evaluate.judges]} if cfg.evaluate.judges else {}),
+        "judge_identity": judge_identities(cfg, paths),
     }
-    stage = Stage(
+    return Stage(
         paths.stage(i, "evaluate"),
         "evaluate",
         conf,
         inputs=[paths.stage(i, "update"), paths.heldout_dir, *reads],
     )
+
+
+def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    dev = models.device(str(cfg.device))
+    reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
+    stage = stage_for(cfg, paths, i, policy, reference, reward)
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()

@@ -72,13 +72,19 @@ def rollout_groups(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Exam
     sample and, with ``drop_equal_groups``, those of equal rewards; with ``refill_rounds``,
     up to that many further rollouts of as many prompts as groups were left out, drawn from
     the iteration's prompts (seeded), to fill the step back to its size (DAPO's dynamic
-    sampling). Each kept example's rollout counts the step's groups."""
+    sampling). A refill draws without replacement, and never a prompt the step has already
+    rolled out: a prompt twice in a step would be one group of 2n to a reward that compares a
+    prompt's responses with each other (a pairwise model's or a judge's tournament) while
+    its advantages are taken per n. When the pool has no prompt left the step stays short
+    (``short_groups``). Each kept example's rollout counts the step's groups, and the counts
+    are added to ``ctx.counts`` (the update's record)."""
     uc = ctx.cfg.update
     n, want = uc.group_size, len(prompts)
     draw = torch.Generator().manual_seed(seeds.derive("refill", seed))
     kept: list[Example] = []
     count = {"groups": 0, "unscored_groups": 0, "equal_groups": 0, "refilled_groups": 0}
     batch, rounds = prompts, 0
+    used = {p for p, _ in prompts}  # the step's prompts, by text: none is drawn again
     while True:
         examples = ctx.rollout(batch, seeds.derive("refill", seed, rounds) if rounds else seed, n=n)
         groups = [examples[g : g + n] for g in range(0, len(examples), n)]
@@ -95,10 +101,15 @@ def rollout_groups(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Exam
             kept += g
             count["refilled_groups"] += bool(rounds)
         short = want - len(kept) // n
-        if short <= 0 or rounds >= uc.refill_rounds or not ctx.pool:
+        fresh = [k for k, (p, _) in enumerate(ctx.pool) if p not in used]
+        if short <= 0 or rounds >= uc.refill_rounds or not fresh:
             break
         rounds += 1
-        batch = [ctx.pool[j] for j in torch.randint(len(ctx.pool), (short,), generator=draw)]
+        order = torch.randperm(len(fresh), generator=draw)[:short].tolist()
+        batch = [ctx.pool[fresh[j]] for j in order]
+        used.update(p for p, _ in batch)
+    for name, k in count.items():
+        ctx.counts[name] = ctx.counts.get(name, 0) + k
     for e in kept:  # with mask_truncated, a cut response teaches nothing (DAPO)
         e.rollout.update(count, short_groups=max(0, short),
                          in_loss=e.rollout["stop"] or not uc.mask_truncated)  # fmt: skip

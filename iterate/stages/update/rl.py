@@ -14,6 +14,7 @@ the same rollouts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from iterate.rewards import Reward
 from iterate.shards import read_shards
 from iterate.stages.update import common, training
 from iterate.stages.update.common import Example
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Context:
     head: torch.nn.Module | None = None  # PPO's value head
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
     pool: list = field(default_factory=list)  # the iteration's prompts (a group rule's refill)
+    counts: dict = field(default_factory=dict)  # what the rollouts left out, over the update
 
     def rollout(
         self, prompts: list[tuple[str, list[int]]], seed: int, greedy: bool = False, n: int = 1
@@ -201,6 +205,31 @@ def _mean(xs: list) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
+def left_out(cfg: Config, paths: Paths, i: int, result: dict, counts: dict) -> None:
+    """Say what the update learned from: a step whose rollouts were all left out (a group
+    rule's groups of equal rewards with ``drop_equal_groups``, rewards that are not finite
+    numbers) took no optimiser step and is counted; an update where that was every step saw
+    no data, and its policy is not handed off as an update: ``BadInput`` naming why."""
+    empty, steps = result["empty_steps"], result["steps"]
+    if not empty:
+        return
+    why = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("equal_groups",
+                    "unscored_groups") if counts.get(k))  # fmt: skip
+    said = f"{empty} of {steps} steps had no rollout to learn from" + (
+        f" (of {counts['groups']} groups: {why})" if why else ""
+    )
+    if empty < steps:
+        log.warning("iter %d update: %s: no optimiser step for them", i, said)
+        return
+    fix = (" update.drop_equal_groups=true leaves out a group whose rewards are all equal:"
+           " the reward gives every response of a prompt the same score") if counts.get(
+        "equal_groups") else ""  # fmt: skip
+    raise BadInput(
+        f"{paths.stage(i, 'update')}: the update saw no data: {said}.{fix} A reward must tell "
+        f"the responses of a prompt apart (and be a finite number) for {cfg.update.name} to learn"
+    )
+
+
 def run_on_policy(
     cfg: Config,
     paths: Paths,
@@ -260,6 +289,7 @@ def run_on_policy(
             cfg, model, params, source, total, lambda m, b: rule.loss(ctx, m, b), stage, i
         )
         timings = sampler.timings
+    left_out(cfg, paths, i, result, ctx.counts)
     with timer("save_s"):
         saved = common.save(model, tok, paths, i)
         if head is not None:
@@ -277,6 +307,7 @@ def run_on_policy(
         response_tokens_mean=_mean(stats.get("tokens", [])),
         value_head_init=head_init,
         trainable_parameters=training.len_params(params),
+        **({"rollout_groups": ctx.counts} if ctx.counts else {}),
         peak_rss_mb=round(progress.peak_rss_mb(), 1),
         timings={**timer.seconds, **{f"sampler_{k}": v for k, v in timings.items()}},
     )

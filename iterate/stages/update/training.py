@@ -6,7 +6,9 @@ step (``rl.rollout_steps``). A rule supplies ``loss_fn(model, micro_batch) -> (p
 losses (B,), metrics)``; the loop accumulates gradients over micro-batches, normalised by
 the number of examples in the optimiser step, so ``micro_batch_size x grad_accum`` gives
 the same update however it is split. It clips, skips (and counts) a step whose loss or
-gradient is not finite, writes one line per step to ``train_log.jsonl`` (and to the trackers
+gradient is not finite, counts a step with no examples (an on-policy step whose rollouts
+were all left out) and takes no optimiser step for it, writes one line per step to
+``train_log.jsonl`` (and to the trackers
 of ``report_to``, from the main process) and passes the crash points of the resume tests.
 """
 
@@ -104,12 +106,21 @@ def train(
         log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
         write_plan(stage.path, "steps", total)
     bar = progress.bar(total, f"update ({uc.name})", "step")
-    step, skipped, last = 0, 0, {}
+    step, skipped, empty, last = 0, 0, 0, {}
     tracker = track.Tracker(cfg, stage.root, enabled=dist.is_main())
     base = track.step_base(stage.root, iteration) if tracker.names else 0  # steps before these
     update = config_hash(stage.config)  # the identity the trackers log these steps under
     with open(log_path if dist.is_main() else os.devnull, "a") as logf, tracker:
         for epoch, examples in steps:  # an on-policy source rolls out here, between steps
+            step += 1
+            if not examples:  # every rollout left out: nothing to learn, no optimiser step
+                empty += 1  # (AdamW's momentum and weight decay would still move the weights)
+                last = log_step(logf, {"step": step, "epoch": epoch, "examples": 0,
+                                       "empty": True})  # fmt: skip
+                tracker.steps(iteration, update, base, [last])
+                bar.update(1)
+                faults.point(iteration, "update", step)
+                continue
             model.train()
             opt.zero_grad(set_to_none=True)
             loss, metrics = accumulate(
@@ -117,10 +128,10 @@ def train(
             )
             ok, grad_norm = apply_step(opt, model, params, uc.max_grad_norm, loss)
             skipped += not ok
-            step += 1
             row = {
                 "step": step,
                 "epoch": epoch,
+                "examples": len(examples),
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": opt.param_groups[0]["lr"],
@@ -134,7 +145,7 @@ def train(
             faults.point(iteration, "update", step)
     bar.close()
     model.eval()
-    return {"steps": step, "skipped_steps": skipped, "final": last}
+    return {"steps": step, "skipped_steps": skipped, "empty_steps": empty, "final": last}
 
 
 def trainable(model, *extra: torch.nn.Module) -> list:
