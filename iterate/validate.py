@@ -9,7 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from iterate import rewards
+from iterate import packaged, rewards
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.rules import rule
@@ -43,6 +43,9 @@ def _model_folder(key: str, path: str | None, what: str) -> None:
                 "(save_pretrained) folder"
             )
         return
+    if name := packaged.which(path):
+        raise BadInput(f"{key}={path!r}: the folder of the packaged model {name} is not made "
+                       f"yet: {packaged.command(name)}")  # fmt: skip
     if not hub_id(path):
         raise BadInput(
             f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from iterate import cachekey
 from iterate.config import ToyConfig
 from iterate.toy import build, world
 
@@ -91,7 +92,7 @@ def test_build_is_deterministic_and_cached(tmp_path, tiny_world, monkeypatch):
     first = json.loads((tiny_world / "world.json").read_text())
     second = json.loads((again / "world.json").read_text())
     assert first["hashes"] == second["hashes"], "same seed -> identical tokenizer and weights"
-    assert build.file_hash(again / "model.safetensors") == first["hashes"]["model.safetensors"]
+    assert cachekey.file_hash(again / "model.safetensors") == first["hashes"]["model.safetensors"]
     made = {p.name: p.stat().st_mtime_ns for p in again.iterdir()}
     monkeypatch.setattr(build, "build", lambda *a: pytest.fail("the cached world was rebuilt"))
     assert build.ensure(cfg) == again  # cached: no rebuild
@@ -138,7 +139,7 @@ def test_a_damaged_cached_world_is_built_again_and_a_dead_builds_folder_cleaned(
         assert build.ensure(cfg) == world_dir
     assert "model.safetensors differs from what was built" in caplog.text
     recorded = json.loads((world_dir / "world.json").read_text())["hashes"]["model.safetensors"]
-    assert build.file_hash(weights) == recorded, "rebuilt whole: its files as it recorded them"
+    assert cachekey.file_hash(weights) == recorded, "rebuilt whole: its files as it recorded them"
     assert len(weights.read_bytes()) == len(truncated) + 64
     assert not dead.exists()
-    assert build._damaged(world_dir) is None
+    assert cachekey._damaged(world_dir) is None

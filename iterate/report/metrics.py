@@ -74,6 +74,8 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
             for n, f in (ev.get("judges") or {}).items()
             if f
         },  # fmt: skip
+        # every pointwise judge's mean score (and the initial policy's), clustered errors
+        "judge_means": ev.get("judge_means") or {},
         "win_rate_se": ev.get("win_rate_se"),
         "lc_win_rate": ev.get("lc_win_rate"),
         "lc_win_rate_se": ev.get("lc_win_rate_se"),
@@ -123,18 +125,34 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
-    v = row.get(key)
+    v = row
+    for part in key.split("/"):  # judge_means/<judge>/mean: a nested figure
+        v = v.get(part) if isinstance(v, dict) else None
     return "-" if v is None else fmt.format(v)
+
+
+# the judges whose figures have columns of their own (gold's win rate and mean, the reward's)
+OWN_COLUMNS = ("gold", "reward")
 
 
 def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, str]] = ()) -> str:
     """The printed table: one line per row. Against a reference other than the initial
     samples (``evaluate.reference``), the main judge's win rate against it comes before its
-    length-controlled twin (``vs file``, ``vs previous``)."""
+    length-controlled twin (``vs file``, ``vs previous``). Where the prompts have no gold
+    judge, ``win rate`` is the main judge's against the initial samples; every other
+    pointwise judge's held-out mean (an accuracy, for a checker) gets a column of its own."""
     cols = [*extra, *COLUMNS]
     if refs := sorted({r["reference"] for r in rows if r.get("reference", "initial") != "initial"}):
         at = [k for k, _, _ in cols].index("lc_win_rate")
         cols.insert(at, ("win_rate", "vs " + "/".join(refs), "{:.3f}"))
+    named = sorted({n for r in rows for n in r.get("judge_means") or {} if n not in OWN_COLUMNS})
+    at = [k for k, _, _ in cols].index("gold_mean") + 1
+    cols[at:at] = [(f"judge_means/{n}/mean", n, "{:.3f}") for n in named]
+    rows = [
+        r if r.get("win_rate_vs_initial") is not None or r.get("reference", "initial") != "initial"
+        else {**r, "win_rate_vs_initial": r.get("win_rate")}
+        for r in rows
+    ]  # fmt: skip
     cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
     if any("seconds" in r for r in rows):
         cells[0].append("seconds (gen/label/update/eval/handoff)")

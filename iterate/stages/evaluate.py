@@ -14,7 +14,9 @@ itself, not a sharpened or truncated version of it. Measured on them:
 - the reward model's mean reward; in the toy world, the gold judge's mean, the gold win
   rate against the initial policy's samples of the same prompts, and the share of right
   answers (``correct_rate``, and the initial policy's);
-- response length and EOS rate; prompts too long for the model dropped and counted.
+- response length and EOS rate; prompts too long for the model dropped and counted;
+- every pointwise judge's mean score of the new and the initial samples (``judge_means``,
+  standard errors clustered by prompt): with a checker as judge, an accuracy.
 
 Each sample's reward (and gold) is kept in ``iter_i/evaluate/scores/`` beside the samples.
 """
@@ -208,6 +210,11 @@ def scores(
 
     side = "ref" if "ref" in against else "init"
     figures = {name: versus(name, side)[0] for name in judges}
+    out["judge_means"] = {
+        name: means(points["new"], samples, points["init"], init)
+        for name, (_, points) in judges.items()
+        if points is not None
+    }
     initial = figures if side == "init" else {n: versus(n, "init")[0] for n in ("reward", "gold")
                                              if n in judges}  # fmt: skip
     if judges["reward"][1] is None:  # a comparing reward's scores are tournament shares
@@ -236,6 +243,21 @@ def scores(
         "reward_std": per_row,
     }
     return out, pa.table(each, schema=SCHEMAS["label"])
+
+
+def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
+    """A pointwise judge's mean score of the new policy's held-out samples and of the initial
+    policy's, each with its standard error clustered by prompt (``winrate.clustered_se``): a
+    judge that scores 1 or 0 (a checker: was every constraint kept?) gives an accuracy."""
+    out = {}
+    for key, scores, table in (("mean", new, samples), ("initial_mean", initial, init)):
+        ids = table["prompt_id"].to_pylist()
+        kept = [(x, i) for x, i in zip(scores, ids, strict=True) if _ok(x)]
+        if kept:
+            values, by = map(list, zip(*kept))
+            out[key] = round(sum(values) / len(values), 4)
+            out[f"{key}_se"] = round(winrate.clustered_se(values, by), 4)
+    return out
 
 
 def _compares(judge) -> bool:

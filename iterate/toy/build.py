@@ -9,20 +9,15 @@ and weights (``world.json`` records their hashes).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import random
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from iterate import cachekey, models, progress, sampling
 from iterate.config import ToyConfig
-from iterate.errors import BadInput
-from iterate.shards import atomic_write_json, clean_temporaries, read_json, write_folder
 from iterate.toy import world
 
 log = logging.getLogger(__name__)
@@ -52,38 +47,7 @@ def world_dir(cfg: ToyConfig) -> Path:
 
 def ensure(cfg: ToyConfig) -> Path:
     """Return the folder of the built toy world, building it first if needed."""
-    return cached(world_dir(cfg), "the toy world", lambda tmp: build(cfg, tmp), _summary)
-
-
-def cached(out: Path, what: str, make, summary=lambda info: "") -> Path:
-    """``out``, made by ``make(folder) -> info`` once, whole or not at all (the one folder
-    writer, ``shards.write_folder``: built under a temporary name, ``world.json`` written
-    last with every file's checksum, then renamed into place; another process's folder
-    that got there first is kept). A cached folder is checked against those checksums
-    before each reuse and built again when damaged; a build cut short (its temporary
-    folder) is cleaned by the next."""
-    if (out / "world.json").exists():
-        problem = _damaged(out)
-        if problem is None:
-            return out
-        log.warning("%s: %s: building it again", out, problem)
-        shutil.rmtree(out, ignore_errors=True)
-    clean_temporaries(out.parent)
-    t0 = time.time()
-    log.info("building %s into %s (once; later runs reuse it)", what, out)
-
-    def fill(tmp: Path) -> dict:
-        info = make(tmp)
-        info["build_seconds"] = round(time.time() - t0, 1)
-        info["files"] = {
-            str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        atomic_write_json(tmp / "world.json", info)
-        return info
-
-    info = write_folder(out, fill)
-    log.info("%s ready in %.0fs: %s", what, info["build_seconds"], summary(info))
-    return out
+    return cachekey.cached(world_dir(cfg), "the toy world", lambda tmp: build(cfg, tmp), _summary)
 
 
 def _summary(info: dict) -> str:
@@ -234,26 +198,6 @@ def evaluate(
     }
 
 
-def _damaged(out: Path) -> str | None:
-    """What is wrong with a cached folder, checked against the checksums its ``world.json``
-    recorded (``files``; the model's and tokenizer's alone in folders built before), or
-    ``None``."""
-    try:
-        info = read_json(out / "world.json")
-    except BadInput:
-        return "its world.json is damaged"
-    for name, want in (info.get("files") or info.get("hashes") or {}).items():
-        if not (out / name).is_file():
-            return f"{name} is missing"
-        if file_hash(out / name) != want:
-            return f"{name} differs from what was built (checksum)"
-    return None
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build(cfg: ToyConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +218,7 @@ def build(cfg: ToyConfig, out: Path) -> dict:
         "sft_losses": losses[:: max(1, len(losses) // 50)],
         "eval": ev,
         "hashes": {
-            "tokenizer.json": file_hash(out / "tokenizer.json"),
-            "model.safetensors": file_hash(out / "model.safetensors"),
+            "tokenizer.json": cachekey.file_hash(out / "tokenizer.json"),
+            "model.safetensors": cachekey.file_hash(out / "model.safetensors"),
         },
     }

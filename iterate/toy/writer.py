@@ -58,6 +58,6 @@ def ensure(cfg: ToyConfig) -> Path:
         last = losses[-20:]
         return {"config_hash": build.config_hash(cfg), "sft_final_loss": sum(last) / len(last)}
 
-    return build.cached(
+    return cachekey.cached(
         out, "the toy prompt writer", make, lambda i: f"SFT loss {i['sft_final_loss']:.3f}"
     )
