@@ -25,6 +25,9 @@ class DType(StrEnum):
 class RewardSource(StrEnum):
     toy = "toy"  # pairs of the toy world's responses, labelled by its gold judge
     files = "files"  # preference files (iterate.preferences: HH-RLHF, conversational, ...)
+    # the initial policy's own samples of reward.prompts, labelled by reward.label_function
+    # (the seeds' pipeline: a reward model learned from the labels of a verifiable check)
+    policy = "policy"
 
 
 class Aggregate(StrEnum):
@@ -286,6 +289,13 @@ class RewardConfig:
     train: bool = True
     source: RewardSource = RewardSource.toy  # where the preference pairs come from
     data: list[PreferenceFile] = field(default_factory=list)  # source=files: a weighted mixture
+    # source=policy: the prompts file the initial policy samples (read like prompts.path, its
+    # prompts.fields kept for the label function), reward.samples responses each at
+    # generate's temperature and length; each prompt's best and worst response by
+    # label_function (a reward function, as reward.function) make a pair, ties dropped
+    prompts: str | None = None
+    label_function: str | None = None
+    samples: int = 4
     base: str | None = None  # model to start from; null: the policy
     # the reward model's chat template, when its tokenizer's is not the one it was trained
     # with: a shipped template's name (see ModelConfig.chat_template), a .jinja file, or text

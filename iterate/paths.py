@@ -61,6 +61,15 @@ class Paths:
         return self.reward_model_dir / "model"
 
     @property
+    def reward_model_prompts(self) -> Path:
+        """The prompts the initial policy sampled for the reward model (source=policy)."""
+        return self.reward_model_dir / "prompts"
+
+    @property
+    def reward_model_samples(self) -> Path:
+        return self.reward_model_dir / "samples"
+
+    @property
     def heldout_dir(self) -> Path:
         return self.run / "heldout"
 

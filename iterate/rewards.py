@@ -300,14 +300,16 @@ def takes(fn: Callable) -> tuple[set[str], set[str], bool]:
 
 def row_fields(run: Path) -> dict[str, dict]:
     """prompt id -> the fields of its prompt row (``prompts.fields``), for every prompt the
-    run holds: held out, and drawn by each iteration so far."""
+    run holds: held out, drawn by each iteration so far, and sampled for the reward model
+    (``reward.source=policy``)."""
     import pyarrow.parquet as pq
 
     from iterate.paths import Paths
     from iterate.shards import FIELDS, shard_paths
 
     paths, out = Paths(run=Path(run), base_policy=""), {}
-    for folder in [paths.heldout_dir, *sorted(Path(run).glob("iter_*/prompts"))]:
+    drawn = sorted(Path(run).glob("iter_*/prompts"))
+    for folder in [paths.heldout_dir, paths.reward_model_prompts, *drawn]:
         for shard in shard_paths(folder):
             t = pq.read_table(shard)
             if FIELDS in t.column_names:

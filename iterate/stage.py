@@ -224,7 +224,8 @@ COUNTED = {
     "model": ("path", "dtype", "max_length", "chat_template"),
     "generate": ("backend", "n", "temperature", "top_p", "max_tokens", "shard_size"),
     "reward": (
-        "path", "train", "source", "data", "base", "chat_template", "num_pairs", "label_noise",
+        "path", "train", "source", "data", "prompts", "label_function", "samples", "base",
+        "chat_template", "num_pairs", "label_noise",
         "heldout_fraction", "lora", "epochs", "batch_size", "grad_accum", "lr", "max_length",
         "dtype", "ensemble", "score_batch_size",
     ),
@@ -270,6 +271,9 @@ ADDED = {
     "heldout_field": None,
     "group_by_length": False,  # the pair rules' length-grouped steps
     "judge_identity": ANY,  # the evaluation judges' sources and weights (evaluate)
+    "prompts": None,  # reward.source=policy's settings
+    "label_function": None,
+    "samples": 4,
 }
 
 

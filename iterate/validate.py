@@ -254,6 +254,12 @@ def check(cfg: Config) -> None:
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
             _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
+    if rewards.trains_model(cfg) and str(rc.source) == "policy":
+        if not rc.prompts or not Path(rc.prompts).exists():
+            raise BadInput(f"reward.prompts={rc.prompts!r}: no such file or folder (the "
+                           "initial policy's prompts for reward.source=policy)")  # fmt: skip
+        _function("reward.label_function", rc.label_function, cfg)
+        _need(rc.samples >= 2, "reward.samples", rc.samples, "must be >= 2 (a pair per prompt)")
 
 
 def _together(cfg: Config) -> None:

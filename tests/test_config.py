@@ -58,7 +58,7 @@ def _user_paths(experiment: str) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
     cfg = compose_cfg([f"experiment={experiment}", *_user_paths(experiment)])
-    assert cfg.run_name == experiment
+    assert cfg.run_name.startswith(experiment)  # (instruct: instruct_<rule>)
     if cfg.reward.source == "files":
         assert [d.path for d in cfg.reward.data] == ["hh.jsonl", "uf.parquet"]
         assert cfg.reward.data[1].weight == 0.5

@@ -12,7 +12,7 @@ import pytest
 from iterate.instruct import checks, prompts
 from iterate.instruct.checks import KINDS
 
-from .conftest import ROOT
+from .conftest import ROOT, compose_cfg
 
 # kind -> (args, responses that keep it, responses that break it)
 CASES = {
@@ -87,16 +87,44 @@ def test_drawn_constraints_never_share_a_group():
 
 def test_the_committed_prompt_files_are_what_the_generator_makes(tmp_path):
     """data/instruct/ is what ``python -m iterate.instruct.prompts`` writes; the held-out
-    prompts' topics are none of the training prompts'; every prompt is distinct and asks,
-    in its text, for each of its constraints."""
+    prompts' topics are none of the training (or reward-model) prompts'; no prompt is in two
+    files; every prompt asks, in its text, for each of its constraints."""
     made = prompts.write(tmp_path)
     for name, path in made.items():
         assert (ROOT / "data/instruct" / path.name).read_text() == path.read_text(), name
     rows = {n: [json.loads(x) for x in p.read_text().splitlines()] for n, p in made.items()}
-    train_topics = {r["topic"] for r in rows["train"]}
-    assert not train_topics & {r["topic"] for r in rows["heldout"]}
+    seen = {r["topic"] for name in ("train", "rm") for r in rows[name]}
+    assert not seen & {r["topic"] for r in rows["heldout"]}
+    every = [r["prompt"] for name in prompts.FILES for r in rows[name]]
+    assert len(every) == len(set(every)), "no prompt in two files"
     for name, (_, count) in prompts.FILES.items():
         texts = [r["prompt"] for r in rows[name]]
         assert len(texts) == count == len(set(texts))
     for r in rows["heldout"] + rows["train"][:200]:
         assert all(checks.instruction(c) in r["prompt"] for c in r["constraints"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "run", "settings"),
+    [
+        ([], "instruct_dpo", {"lr": 5e-4, "epochs": 2}),
+        (["update=raft"], "instruct_raft", {"lr": 2e-4}),
+        (["update=grpo"], "instruct_grpo", {"group_size": 8, "drop_equal_groups": True}),
+        (["reward=instruct_rm"], "instruct_rm_dpo", {"lr": 5e-4}),
+    ],
+)
+def test_the_presets_compose_each_into_a_run_of_its_own(overrides, run, settings):
+    """experiment=instruct with each rule (its tuning for model=smollm2 applied) and with
+    the learned reward: one run folder each, the checkers as evaluation judges, and the
+    learned reward trained from the checkers' labels of the initial policy's samples."""
+    cfg = compose_cfg(["experiment=instruct", *overrides])
+    assert cfg.run_name == run and cfg.model.path == ".cache/models/smollm2"
+    assert {k: getattr(cfg.update, k) for k in settings} == settings
+    assert [j.name for j in cfg.evaluate.judges] == ["prompt_level", "instruction_level"]
+    assert cfg.prompts.fields == ["constraints"] and cfg.generate.n == 8
+    if "reward=instruct_rm" in overrides:
+        rc = cfg.reward
+        assert (rc.kind, rc.train, rc.source) == ("model", True, "policy")
+        assert rc.label_function == "iterate.instruct.checks:reward"
+    else:
+        assert cfg.reward.function == "iterate.instruct.checks:reward"

@@ -57,7 +57,7 @@ def test_one_iteration_of_the_instruction_world_on_the_real_model(smollm2, tmp_p
     every stage finishes, the held-out figures include IFEval's prompt- and instruction-
     level accuracies of the new and the initial policy, and the handoff decides."""
     cfg = compose_cfg([
-        "experiment=instruct_dpo", "iteration=1", "prompts.per_iteration=8",
+        "experiment=instruct", "iteration=1", "prompts.per_iteration=8",
         "prompts.heldout=4", "generate.n=2", "generate.max_tokens=24", "evaluate.samples=1",
         "update.epochs=1", f"runs_dir={tmp_path}", f"model.path={smollm2}",
     ])  # fmt: skip

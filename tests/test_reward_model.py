@@ -203,3 +203,35 @@ def test_a_bf16_reward_model_trains_its_head_and_adapter_in_float32(tiny_world):
     ids = torch.tensor([tok("Hello Anna!")["input_ids"]])
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert out.logits.shape == (1, 1) and torch.isfinite(out.logits).all()
+
+
+def test_a_reward_model_learns_from_labels_of_the_initial_policys_samples(
+    tiny_cfg, tiny_world, tmp_path
+):
+    """reward.source=policy (the seeds' pipeline): the initial policy samples each prompt of
+    reward.prompts reward.samples times, the label function scores them, and each prompt's
+    best and worst make a pair (ties dropped and counted) that the Bradley-Terry model
+    trains on; the samples stay in the stage folder, and a rerun redoes nothing."""
+    from iterate.shards import read_shards
+    from iterate.toy import world
+
+    items = world.split(0.1)[0][:24]
+    prompts = tmp_path / "rm_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": it.prompt}) + "\n" for it in items))
+    cfg = tiny_cfg
+    cfg.generate.backend = "transformers"
+    cfg.reward.source, cfg.reward.prompts = "policy", str(prompts)
+    cfg.reward.label_function, cfg.reward.samples = "iterate.toy.world:gold_reward", 4
+    cfg.reward.num_pairs, cfg.reward.heldout_fraction = 20, 0.25
+    paths = _paths(cfg, tiny_world)
+    done = reward_model.train(cfg, paths)
+    samples = read_shards(paths.reward_model_samples)
+    assert samples.num_rows == 20 * 4 and read_shards(paths.reward_model_prompts).num_rows == 20
+    ties = done["dropped"].get("tie", 0)
+    assert done["pairs"] == done["train_pairs"] + done["heldout_pairs"] == 20 - ties > 2
+    by_prompt: dict = {}
+    for p, r in zip(samples["prompt"].to_pylist(), samples["response"].to_pylist()):
+        by_prompt.setdefault(p, []).append(world.gold_score(p, r))
+    assert ties == sum(len(set(v)) == 1 for v in by_prompt.values())
+    assert done["source"] == "policy" and 0 <= done["heldout_accuracy"] <= 1
+    assert reward_model.train(cfg, paths)["finished_at"] == done["finished_at"]

@@ -88,12 +88,13 @@ def prompt(task: str, topic: str, constraints: list[dict]) -> str:
     return " ".join([task.format(topic=topic), *map(instruction, constraints)])
 
 
-def make(heldout: bool, count: int, seed: int) -> list[dict]:
+def make(name: str, heldout: bool, count: int, seed: int, taken: set[str] = frozenset()) -> list:
     """``count`` distinct prompts (rows with ``prompt``, ``constraints``, ``topic``, ``task``)
-    about the held-out topics or the others."""
-    rng = random.Random(f"{seed}:{'heldout' if heldout else 'train'}")
+    about the held-out topics or the others, none of them in ``taken``; file ``name`` draws
+    from a random stream of its own."""
+    rng = random.Random(f"{seed}:{name}")
     topics = [t for k, t in enumerate(TOPICS) if (k % HELDOUT_EVERY == 0) == heldout]
-    rows, seen = [], set()
+    rows, seen = [], set(taken)
     while len(rows) < count:
         task, topic = rng.choice(TASKS), rng.choice(topics)
         cs = draw_constraints(rng)
@@ -105,17 +106,21 @@ def make(heldout: bool, count: int, seed: int) -> list[dict]:
     return rows
 
 
-FILES = {"train": (False, 2000), "heldout": (True, 200)}  # file: (held-out topics, prompts)
+# file: (held-out topics, prompts). rm: the prompts a reward model learns from
+# (reward=instruct_rm), about the training topics but none of train's prompts
+FILES = {"train": (False, 2000), "heldout": (True, 200), "rm": (False, 400)}
 
 
 def write(out: Path, seed: int = 0) -> dict[str, Path]:
-    """The world's prompt files as JSON lines in ``out``: ``train.jsonl``, ``heldout.jsonl``."""
+    """The world's prompt files as JSON lines in ``out``: ``train.jsonl``, ``heldout.jsonl``,
+    ``rm.jsonl``; no prompt is in two of them."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths, taken = {}, set()
     for name, (held, count) in FILES.items():
-        path = out / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in make(held, count, seed)))
-        paths[name] = path
+        rows = make(name, held, count, seed, taken)
+        taken |= {r["prompt"] for r in rows}
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
 
 

@@ -91,22 +91,22 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
     elif pc.source == "file":
         if not pc.path or not Path(pc.path).exists():
             raise FileNotFoundError(f"prompts.path: no such file: {pc.path}")
-        train = _read(pc.path, pc.path, pc.field, names, dropped)
+        train = read(pc.path, pc.path, pc.field, names, dropped)
     else:
         import datasets
 
         ds = datasets.load_dataset(pc.path, split=pc.split)
-        train = _read(ds, f"{pc.path}[{pc.split}]", pc.field, names, dropped)
+        train = read(ds, f"{pc.path}[{pc.split}]", pc.field, names, dropped)
     if pc.heldout_path:
         if not Path(pc.heldout_path).exists():
             raise FileNotFoundError(f"prompts.heldout_path: no such file: {pc.heldout_path}")
         field = pc.heldout_field or pc.field
         key = "prompts.heldout_field" if pc.heldout_field else "prompts.field"
-        heldout = _read(pc.heldout_path, pc.heldout_path, field, names, dropped, key)
+        heldout = read(pc.heldout_path, pc.heldout_path, field, names, dropped, key)
     return train, heldout, dropped
 
 
-def _read(
+def read(
     ds, where: str, field: str, names: list[str], dropped: Counter, key: str = "prompts.field"
 ) -> list[Row]:
     """The prompt rows of a file (jsonl / json / parquet, or a saved dataset: its path) or a

@@ -115,7 +115,8 @@ def as_pairs(rows: list[dict]) -> list[Pair]:
 def replay_pool(cfg: Config, paths: Paths, i: int) -> list[Pair]:
     """What the reward model learnt before: its training pairs (when trained here) and the
     pairs of this run's earlier refreshes."""
-    old = build_pairs(cfg, paths)[0] if cfg.reward.train else []
+    base = cfg.reward.base or paths.base_policy
+    old = build_pairs(cfg, paths, base)[0] if cfg.reward.train else []
     for j in range(i):
         f = paths.judged_pairs(j)
         if f.exists():

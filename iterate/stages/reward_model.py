@@ -61,9 +61,82 @@ def toy_pairs(
     return pairs, dropped
 
 
-def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict]:
+def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Counter]:
+    """The seeds' pipeline (``reward.source=policy``): the initial policy ``base`` samples
+    ``reward.samples`` responses to each of the first ``reward.num_pairs`` prompts of
+    ``reward.prompts`` (at ``generate``'s temperature, top-p and length, shards in
+    ``reward_model/samples/``, resumable), ``reward.label_function`` scores them, and each
+    prompt's best and worst response make a pair (``pairs.select``, ``max_min``); a prompt
+    whose responses all score alike (a tie) or that cannot be scored is dropped and
+    counted."""
+    from iterate import models, sampling, seeds
+    from iterate.shards import read_shards, shard_path, write_shard
+    from iterate.stages import prompts as sources
+    from iterate.stages.pairs import select
+
+    rc, gc, dropped = cfg.reward, cfg.generate, Counter()
+    names = list(cfg.prompts.fields)
+    rows = sources.read(rc.prompts, rc.prompts, cfg.prompts.field, names, dropped,
+                        "reward.prompts")[: rc.num_pairs]  # fmt: skip
+    fields = {sources.prompt_id(t): f for t, f in rows} if names else None
+    first = shard_path(paths.reward_model_prompts, 0)
+    if not first.exists():  # (a finished stage's file is never written again: a refresh reads it)
+        write_shard(sources.table([t for t, _ in rows], fields), first)
+    tok = models.load_tokenizer(base, cfg.model.chat_template)
+    table = read_shards(paths.reward_model_prompts)
+    shards, too_long = sampling.plan(
+        tok, table, cfg.model.max_length - gc.max_tokens, gc.shard_size
+    )
+    dropped += too_long
+    params = sampling.Params(n=rc.samples, temperature=gc.temperature, top_p=gc.top_p,
+                             max_tokens=gc.max_tokens)  # fmt: skip
+    out = paths.reward_model_samples
+    if todo := sampling.missing(shards, out):
+        with sampling.session(cfg) as sampler:
+            sampler.load(base)
+            sampling.write_shards(sampler, todo, params, lambda k: seeds.derive("rm", cfg.seed, k),
+                                  out, (-1, "reward_model"), "reward-model samples")  # fmt: skip
+    samples = read_shards(out)
+    label = rewards.FunctionReward(rc.label_function, rc.score_batch_size, tuple(names),
+                                   str(paths.run))  # fmt: skip
+    texts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
+    scores = label.score(texts, responses, desc="reward-model labels")
+    by_prompt: dict[str, list[tuple[float, str]]] = {}
+    for t, r, s in zip(texts, responses, scores, strict=True):
+        by_prompt.setdefault(t, []).append((s, r))
+    pairs = []
+    for t, scored in by_prompt.items():
+        got = select([s for s, _ in scored], "max_min", random.Random(0))  # (no draw in max_min)
+        if isinstance(got, str):
+            dropped[got] += 1
+            continue
+        chosen, rejected = (scored[k][1] for k in got)
+        pairs.append(Pair(models.as_messages(t), chosen, rejected, where=f"{rc.prompts}: {t}"))
+    return pairs, dropped
+
+
+def split(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """Pairs split into (train, held out) by a hash of each pair's conversation and chosen
+    response (copies stay together); at least one pair on each side."""
+    key = [json.dumps(p.messages) + p.chosen for p in pairs]
+    held = [world.is_heldout(k, fraction) for k in key]
+    if all(held) or not any(held):  # tiny files: keep at least one pair on each side
+        every = max(2, round(1 / max(fraction, 1e-3)))
+        held = [i % every == 0 for i in range(len(pairs))]
+    return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
+
+
+def build_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], list[Pair], dict]:
     rc = cfg.reward
     info: dict = {"source": rc.source}
+    if rc.source == "policy":
+        pairs, dropped = policy_pairs(cfg, paths, base)
+        info.update(dropped=dict(dropped), pairs=len(pairs))
+        if len(pairs) < 2:
+            raise BadInput(f"reward.source=policy: {len(pairs)} pairs from {rc.prompts} after "
+                           f"dropping {dict(dropped)}: sample more (reward.num_pairs, "
+                           "reward.samples)")  # fmt: skip
+        return (*split(pairs, rc.heldout_fraction), info)
     if rc.source == "toy":
         train_ins, heldout_ins = world.split(cfg.toy.heldout_fraction)
         n_held = max(1, int(rc.num_pairs * rc.heldout_fraction))
@@ -82,13 +155,7 @@ def build_pairs(cfg: Config, paths: Paths) -> tuple[list[Pair], list[Pair], dict
     if len(pairs) < 2:
         names = ", ".join(sources)
         raise BadInput(f"{names}: {len(pairs)} usable pairs after dropping {dict(dropped)}")
-    key = [json.dumps(p.messages) + p.chosen for p in pairs]  # copies of a pair stay together
-    held = [world.is_heldout(k, rc.heldout_fraction) for k in key]
-    if all(held) or not any(held):  # tiny files: keep at least one pair on each side
-        every = max(2, round(1 / max(rc.heldout_fraction, 1e-3)))
-        held = [i % every == 0 for i in range(len(pairs))]
-    train = [p for p, h in zip(pairs, held) if not h]
-    return train, [p for p, h in zip(pairs, held) if h], info
+    return (*split(pairs, rc.heldout_fraction), info)
 
 
 def _new_model(rc: RewardConfig, start: str, seed: int, new_head: bool = True, pair=None):
@@ -352,7 +419,7 @@ def train(cfg: Config, paths: Paths) -> dict:
         _copy(cache, stage.path)
         log.info("reward model: trained before with this very config, reused: %s", cache)
         return stage.read_done()
-    train_pairs, heldout, info = build_pairs(cfg, paths)
+    train_pairs, heldout, info = build_pairs(cfg, paths, base)
     out = paths.trained_reward_model
     fitted = fit_members(
         rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True,
