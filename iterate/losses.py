@@ -42,7 +42,10 @@ def dpo(
     - ``sigmoid``: DPO (Rafailov et al. 2023, eq. 7), ``-log sigmoid(beta h)``; with
       ``label_smoothing`` eps it is conservative DPO (cDPO):
       ``-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
-    - ``ipo``: IPO (Azar et al. 2023, eq. 17), ``(h - 1/(2 beta))^2``.
+    - ``ipo``: IPO (Azar et al. 2023, eq. 17), ``(h - 1/(2 beta))^2``, on the log-probs as
+      given: summed over the response's tokens here (the pair rules' ``logps``), as the
+      paper's sequence log-likelihoods; TRL averages them over tokens instead, which makes
+      ``h`` (and the fitting ``beta``) smaller by about the response length.
     - ``hinge``: SLiC-style hinge (Zhao et al. 2023), ``max(0, 1 - beta h)``.
 
     Returns (losses, chosen_rewards, rejected_rewards); the implicit rewards are

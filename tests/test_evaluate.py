@@ -202,6 +202,9 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     assert ok["accepted"] and ok["decision"] == "accept" and ok["length_ratio"] == 1.2
     unfitted = handoff.gate(cfg, {**ev, "length_ratio": 1.2, "lc_win_rate": None})
     assert unfitted["failed"] == ["LC win rate none (not fitted) < 0.5"]
+    # a gate asked for whose figure is missing does not pass, the length ratio's as the LC's
+    unmeasured = handoff.gate(cfg, {**ev, "length_ratio": None, "lc_win_rate": 0.55})
+    assert unmeasured["failed"] == ["length ratio none (not measured) > 1.5"]
     both = handoff.gate(cfg, {**ev, "kl": {"k1": 12.0, "k3": 11.0}})
     assert both["failed"][0] == "KL 12 > 10" and len(both["failed"]) == 3
     for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5"):

@@ -467,3 +467,16 @@ def test_an_update_that_saw_no_data_is_not_handed_off(fn, extra, said, tiny_cach
     assert not (run / "iter_000/evaluate").exists() and not (run / "iter_000/handoff").exists()
     stopped = json.loads((run / "_STOPPED.json").read_text())
     assert stopped["status"] == 2
+
+
+def test_sequence_mean_divides_by_the_responses_in_the_loss():
+    """With mask_truncated, a response cut at the length limit is out of the loss: under
+    loss_agg=sequence_mean the step's loss is the mean over the responses left in it (the
+    step's share of them, ``step_in_loss_share``), not over every response rolled out."""
+    cfg = compose_cfg(["update=grpo", "update.loss_agg=sequence_mean"])
+    ctx = rl.Context(cfg, None, None, torch.device("cpu"), None, None, None)
+    per_token = torch.tensor([[1.0, 3.0, 0.0], [2.0, 2.0, 2.0], [5.0, 0.0, 0.0]])
+    resp = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # the last: cut
+    mb = [common.Example([1], [2, 3], rollout={"step_in_loss_share": 2 / 3}) for _ in range(3)]
+    per_example = rl.aggregate(ctx, per_token, mb, resp)
+    assert per_example.mean().item() == pytest.approx((2.0 + 2.0) / 2)

@@ -48,16 +48,18 @@ def gate(cfg: Config, evaluation: dict) -> dict:
     """Accept the new policy when its KL(new || reference), k1, is within the budget and,
     where asked, its held-out responses are not longer than ``max_length_ratio`` times the
     reference's and its length-controlled win rate is at least ``min_lc_win_rate`` (the
-    evaluation's main judge; a rate that could not be fitted fails). The decision names
-    every condition that failed."""
+    evaluation's main judge). A gate asked for whose figure is missing (no judge figures, a
+    rate that could not be fitted) fails: a gate that cannot be checked does not pass. The
+    decision names every condition that failed."""
     hc = cfg.handoff
     kl = {**evaluation["kl"], "max_kl": hc.max_kl}
     failed = [f"KL {kl['k1']:.4g} > {hc.max_kl:g}"] if kl["k1"] > hc.max_kl else []
     if hc.max_length_ratio is not None:
         ratio = kl["length_ratio"] = evaluation.get("length_ratio")
         kl["max_length_ratio"] = hc.max_length_ratio
-        if ratio is not None and ratio > hc.max_length_ratio:
-            failed.append(f"length ratio {ratio:.3g} > {hc.max_length_ratio:g}")
+        if ratio is None or ratio > hc.max_length_ratio:
+            shown = "none (not measured)" if ratio is None else f"{ratio:.3g}"
+            failed.append(f"length ratio {shown} > {hc.max_length_ratio:g}")
     if hc.min_lc_win_rate is not None:
         lc = kl["lc_win_rate"] = evaluation.get("lc_win_rate")
         kl["min_lc_win_rate"] = hc.min_lc_win_rate

@@ -10,7 +10,7 @@ differing only in their advantages (``losses``):
 - ``rloo``: the sequence's KL to the reference (``kl_coef``) taken from its reward, then
   each reward less the mean of the other samples of its group;
 - ``reinforce_pp``: the per-token KL penalty in the reward (``kl_coef``), returns to go,
-  whitened over the batch's tokens;
+  whitened over the batch's tokens in the loss;
 - the loss: the clipped ratio objective with its own lower and upper ranges (``clip_low``,
   ``clip_high``), aggregated over tokens as ``loss_agg`` says (``token_sum_norm`` divides
   by ``generate.max_tokens``), for ``num_iterations`` optimiser passes per rollout; the
@@ -48,13 +48,17 @@ def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
         lengths = torch.tensor([len(e.chosen) for e in examples])
         scores = scores + losses.overlong_penalty(lengths, ctx.cfg.generate.max_tokens,
                                                   uc.overlong_buffer)  # fmt: skip
-    kl = [e.rollout.get("kl") for e in examples]  # per token, for rloo and reinforce_pp
-    if how == "returns":
-        resp = torch.nn.utils.rnn.pad_sequence([torch.ones(len(k)) for k in kl], batch_first=True)
+    # per token, for rloo and reinforce_pp (none without a KL term: kl_coef 0, no reference)
+    kl = [e.rollout.get("kl", torch.zeros(len(e.chosen))) for e in examples]
+    if how == "returns":  # whitened over the tokens in the loss (mask_truncated leaves some out)
+        resp = torch.nn.utils.rnn.pad_sequence(
+            [torch.full((len(e.chosen),), float(e.rollout["in_loss"])) for e in examples],
+            batch_first=True,
+        )
         grid = torch.nn.utils.rnn.pad_sequence(kl, batch_first=True).to(torch.float64)
         adv = losses.reinforce_pp_advantages(scores, grid, resp.to(torch.float64), uc.kl_coef)
-        for e, a, m in zip(examples, adv, resp, strict=True):
-            e.rollout["advantages"] = a[m.bool()].float()
+        for e, a in zip(examples, adv, strict=True):
+            e.rollout["advantages"] = a[: len(e.chosen)].float()
         return
     if how == "others":
         scores = scores - uc.kl_coef * torch.tensor(
@@ -122,7 +126,7 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
     uc, row = ctx.cfg.update, rule(ctx.cfg.update.name)
     n = uc.group_size
     kept = rollout_groups(ctx, prompts, seed)
-    needs_ref = row.kl_in_reward or uc.kl_loss_coef > 0
+    needs_ref = (uc.kl_coef if row.kl_in_reward else uc.kl_loss_coef) > 0  # a KL term at all
     for mb in rl.micro_batches(ctx, kept):
         ids, mask, resp = ctx.batch(mb)
         old = models.token_logps(ctx.model, ids, mask) * resp if uc.num_iterations > 1 else None

@@ -110,11 +110,17 @@ def correction(
 def aggregate(ctx: Context, per_token: torch.Tensor, mb: list[Example], resp) -> torch.Tensor:
     """Per-token losses to per-example ones as ``update.loss_agg`` says: ``token_mean`` over
     all the optimiser step's tokens, whatever micro-batch these examples are (the step's mean
-    response length, ``rollout_steps``), ``token_sum_norm`` over ``generate.max_tokens``."""
-    return losses.aggregate(
-        per_token, resp, str(ctx.cfg.update.loss_agg), norm=ctx.cfg.generate.max_tokens,
+    response length, ``rollout_steps``), ``sequence_mean`` over the step's responses in the
+    loss (one that ``mask_truncated`` leaves out is no part of the mean: the step's share
+    of responses in the loss, ``rollout_steps``), ``token_sum_norm`` over
+    ``generate.max_tokens``."""
+    how = str(ctx.cfg.update.loss_agg)
+    out = losses.aggregate(
+        per_token, resp, how, norm=ctx.cfg.generate.max_tokens,
         mean_tokens=mb[0].rollout.get("step_mean_tokens"),
     )  # fmt: skip
+    share = mb[0].rollout.get("step_in_loss_share") or 1.0
+    return out / share if how == "sequence_mean" else out
 
 
 def grid(values: list[torch.Tensor], resp: torch.Tensor) -> torch.Tensor:
@@ -190,9 +196,11 @@ def rollout_steps(
                     [prompts[j] for j in order[b : b + per_step]],
                     seeds.derive("rollout", cfg.seed, i, step),
                 )
-            in_loss = sum(len(e.chosen) for e in examples if e.rollout.get("in_loss", True))
-            for e in examples:  # what a token-mean over the whole step divides by
+            kept = [e for e in examples if e.rollout.get("in_loss", True)]
+            in_loss = sum(len(e.chosen) for e in kept)
+            for e in examples:  # what a token (or sequence) mean over the whole step divides by
                 e.rollout["step_mean_tokens"] = max(1, in_loss) / len(examples)
+                e.rollout["step_in_loss_share"] = len(kept) / len(examples)
                 stats.setdefault("scores", []).append(e.rollout["score"])
                 stats.setdefault("stops", []).append(e.rollout["stop"])
                 stats.setdefault("tokens", []).append(len(e.chosen))
