@@ -244,19 +244,19 @@ def weights_sum(folder: Path) -> str:
     return config_hash({str(p.relative_to(folder)): file_sum(p) for p in files})
 
 
-def load_function(spec: str) -> tuple[Callable, Path]:
+def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Path]:
     """The function ``spec`` names (``package.module:function`` or
-    ``path/to/file.py:function``) and the file its source is in; ``BadInput`` naming what
-    is missing or what importing it raised."""
+    ``path/to/file.py:function``) and the file its source is in; ``BadInput`` naming the
+    setting ``key`` that gave it and what is missing or what importing it raised."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise BadInput(f"reward.function={spec!r}: expected package.module:function or "
+        raise BadInput(f"{key}={spec!r}: expected package.module:function or "
                        "path/to/file.py:function")  # fmt: skip
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise BadInput(f"reward.function={spec!r}: no such file: {path}")
+                raise BadInput(f"{key}={spec!r}: no such file: {path}")
             # one module per file and content: loaded once a process, an edit loads anew
             key = hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()
             module = sys.modules.get(f"iterate_reward_{key[:16]}")
@@ -270,13 +270,13 @@ def load_function(spec: str) -> tuple[Callable, Path]:
     except BadInput:
         raise
     except ModuleNotFoundError as e:
-        raise BadInput(f"reward.function={spec!r}: no module named {e.name!r}") from None
+        raise BadInput(f"{key}={spec!r}: no module named {e.name!r}") from None
     except Exception as e:  # the user's module failed to import: say so, name it
-        raise BadInput(f"reward.function={spec!r}: importing {where} raised "
+        raise BadInput(f"{key}={spec!r}: importing {where} raised "
                        f"{type(e).__name__}: {e}") from e  # fmt: skip
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise BadInput(f"reward.function={spec!r}: {where} has no function {name!r}")
+        raise BadInput(f"{key}={spec!r}: {where} has no function {name!r}")
     return fn, Path(inspect.getsourcefile(fn) or module.__file__)
 
 
@@ -333,6 +333,7 @@ class FunctionReward(_Loaded):
     batch_size: int = 64
     fields: tuple[str, ...] = ()
     run: str | None = None
+    key: str = "reward.function"  # the setting that names it (what an error names)
     _fn: Any = field(default=None, repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # the function's file
     _rows: Any = field(default=None, repr=False, compare=False)  # prompt id -> fields
@@ -340,7 +341,7 @@ class FunctionReward(_Loaded):
 
     def _load(self) -> Callable:
         if self._fn is None:
-            self._fn, self._source = load_function(self.spec)
+            self._fn, self._source = load_function(self.spec, self.key)
         return self._fn
 
     def identity(self) -> dict:
@@ -380,7 +381,7 @@ class FunctionReward(_Loaded):
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} responses")
         out: list[float] = []
-        said = f"reward.function={self.spec}"
+        said = f"{self.key}={self.spec}"
         bar = progress.bar(n, desc, "row")
         for start in range(0, n, self.batch_size):
             stored = prompts[start : start + self.batch_size]
@@ -535,8 +536,9 @@ def of(
     )  # fmt: skip
     if role == "reward" and str(rc.kind) == "mixture":
         return MixtureReward([
-            (source_name(p), function(p.function) if str(p.kind) == "function"
-             else own(p.path or path), p.weight) for p in rc.sources
+            (source_name(p), function(p.function, key=f"reward.sources[{k}].function")
+             if str(p.kind) == "function" else own(p.path or path), p.weight)
+            for k, p in enumerate(rc.sources)
         ])  # fmt: skip
     if role == "reward" and str(rc.kind) == "function":
         return function(rc.function)
@@ -557,7 +559,8 @@ def of(
         return FunctionReward(GOLD if role == "gold" else CORRECT) if toy else None
     if role == "evaluator":
         if str(part.kind) == "function":
-            return function(part.function)
+            k = next(k for k, p in enumerate(cfg.evaluate.judges) if p is part)
+            return function(part.function, key=f"evaluate.judges[{k}].function")
         return model(part.path, cls=PairwiseReward if str(part.kind) == "pairwise" else ModelReward)
     if role == "judge":
         judge = str(rc.refresh.judge)

@@ -374,7 +374,7 @@ def _function(key: str, spec: str | None, cfg: Config) -> None:
     prompt-row field it needs named in ``prompts.fields``."""
     if not spec:
         raise BadInput(f"{key} is not set: package.module:function or path/to/file.py:function")
-    fn, _ = rewards.load_function(spec)
+    fn, _ = rewards.load_function(spec, key)
     _, needed, _ = rewards.takes(fn)
     if missing := sorted(needed - set(cfg.prompts.fields)):
         raise BadInput(

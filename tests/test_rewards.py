@@ -350,3 +350,32 @@ def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
     assert "words x 0.02: mean" in show.status(full_run)
     card = (full_run / "iter_001" / "handoff" / "policy" / "README.md").read_text()
     assert "the sum of 1 x model, mean" in card and "0.02 x words (`iterate.reward_fun" in card
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["reward=gold", "reward.function=iterate.reward_functions:nope"], "reward.function"),
+        (["reward=toy_length", "reward.sources.1.function=iterate.reward_functions:nope"],
+         r"reward.sources\[1\].function"),
+        (["reward=gold", "evaluate.judges=[{kind: function, function: "
+          "'iterate.reward_functions:words'}, {kind: function, function: "
+          "'iterate.reward_functions:nope'}]"], r"evaluate.judges\[1\].function"),
+    ],
+)  # fmt: skip
+def test_a_missing_function_is_named_by_the_setting_that_names_it(tmp_path, overrides, key):
+    """At start-up and when scoring: the key of the reward, the mixture source or the
+    evaluation judge that names the function, not reward.function for every one."""
+    from iterate import validate
+    from iterate.errors import BadInput
+
+    cfg = compose_cfg(overrides, tmp_path)
+    with pytest.raises(BadInput, match=rf"^{key}='iterate.reward_functions:nope'.* no function"):
+        validate.check(cfg)
+    reward = rewards.of(cfg)
+    if cfg.evaluate.judges:
+        reward = rewards.of(cfg, "evaluator", part=cfg.evaluate.judges[1])
+    elif str(cfg.reward.kind) == "mixture":
+        reward = reward.parts[1][1]  # the function source (its model has no path here)
+    with pytest.raises(BadInput, match=rf"^{key}='iterate.reward_functions:nope'"):
+        reward.score(["Q?"], ["a"])

@@ -98,7 +98,7 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
                                   out, (-1, "reward_model"), "reward-model samples")  # fmt: skip
     samples = read_shards(out)
     label = rewards.FunctionReward(rc.label_function, rc.score_batch_size, tuple(names),
-                                   str(paths.run))  # fmt: skip
+                                   str(paths.run), key="reward.label_function")  # fmt: skip
     texts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
     scores = label.score(texts, responses, desc="reward-model labels")
     by_prompt: dict[str, list[tuple[float, str]]] = {}
