@@ -201,6 +201,8 @@ def read_rows(path: str):
         ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
     else:
         rows = _json_rows(p)
+        names = dict.fromkeys(k for r in rows for k in r)  # every row's fields, not the first's
+        rows = [{k: r.get(k) for k in names} for r in rows]  # (a row without one: None)
         try:
             ds = datasets.Dataset.from_list(rows)
         except (ValueError, TypeError) as e:  # (pyarrow's ArrowInvalid, ArrowTypeError)

@@ -4,6 +4,7 @@ per-iteration slices, and no leak when the source grows between invocations."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,27 @@ def test_a_heldout_file_is_the_heldout_set_and_never_trained_on(tmp_path):
     unnamed = ["prompts=file", f"prompts.path={source}", f"prompts.heldout_path={heldout_file}"]
     with pytest.raises(prompts.BadInput, match=r"alpaca_eval.json: no field 'prompt' \(prompts"):
         prompts.pools(compose_cfg(unnamed, tmp_path))  # its field named as the training file's
+
+
+@pytest.mark.parametrize("first_has_it", [True, False])
+def test_rows_without_the_prompt_field_are_dropped_whatever_their_order(
+    tmp_path, caplog, first_has_it
+):
+    """40 of 100 rows lack the prompt field: the same 60 prompts and the same count
+    (``no_prompt``) whether the first row has the field or not, with a warning naming the
+    file and the first such row; a file where no row has it is refused naming the field."""
+    from iterate.errors import BadInput
+    from iterate.stages import prompts as sources
+
+    rows = [{"prompt": f"Question {k}?"} if k % 5 >= 2 else {"text": f"x{k}"} for k in range(100)]
+    if first_has_it:
+        rows = rows[2:] + rows[:2]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dropped = Counter()
+    got = sources.read(str(path), str(path), "prompt", [], dropped)
+    assert len(got) == 60 and dropped == {"no_prompt": 40}
+    assert f"{path}: 40 rows have no field 'prompt'" in caplog.text
+    path.write_text("".join(json.dumps({"text": "x"}) + "\n" for _ in range(3)))
+    with pytest.raises(BadInput, match="field 'prompt'"):
+        sources.read(str(path), str(path), "prompt", [], Counter())

@@ -198,7 +198,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
         rows_in=sum(pq.read_metadata(p).num_rows for p in shard_paths(gen_dir)),
         rows_out=labels.num_rows,
         dropped=dict(dropped),
-        reward_mean=round(sum(scores) / max(1, len(scores)), 4),
+        reward_mean=round(sum(scores) / len(scores), 4) if scores else None,  # (all dropped)
         gold_mean=round(sum(golds) / len(golds), 4) if golds else None,
         reward_std_mean=round(sum(spread) / len(spread), 4) if spread else None,
         sources=source_stats(labels, weights) if labels.num_rows else {},

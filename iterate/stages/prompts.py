@@ -120,13 +120,22 @@ def read(
             raise BadInput(f"{where}: no field '{name}' ({said}; columns: "
                            f"{', '.join(ds.column_names)})")  # fmt: skip
     extra = {n: ds[n] for n in names}
-    rows = []
+    rows, missing = [], []
     for i, value in enumerate(ds[field]):
-        text = prompt_text(value, f"{where}: row {i}", field) if value is not None else ""
+        if value is None:  # the row has no such field (or it is null)
+            missing.append(i)
+            continue
+        text = prompt_text(value, f"{where}: row {i}", field)
         if not text:
             dropped["empty"] += 1
             continue
         rows.append((text, {n: extra[n][i] for n in names}))
+    if missing:
+        dropped["no_prompt"] += len(missing)
+        if not rows:
+            raise BadInput(f"{where}: no row has a prompt in field '{field}' ({key})")
+        log.warning("%s: %d rows have no field '%s' (%s), the first row %d: dropped and "
+                    "counted (no_prompt)", where, len(missing), field, key, missing[0])  # fmt: skip
     return rows
 
 
