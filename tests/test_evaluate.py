@@ -3,6 +3,7 @@ a real policy; the win rate by hand."""
 
 import json
 import math
+import statistics
 
 import pyarrow as pa
 import pytest
@@ -249,3 +250,16 @@ def test_the_toy_reference_file_is_what_the_toy_world_writes():
     shipped = json.loads((ROOT / "data" / "toy_alpaca_eval.json").read_text())
     assert shipped == world.reference_outputs()
     assert {r["instruction"] for r in shipped} == {i.prompt for i in world.split(0.2)[1]}
+
+
+def test_a_judges_means_and_its_gain_paired_by_prompt_by_hand():
+    """Two prompts, two samples each: each side's mean with its error clustered by prompt,
+    and the gain as the mean over prompts of the per-prompt differences (a NaN: unscored,
+    left out), its error the spread of those differences over sqrt(prompts)."""
+    new_t = pa.table({"prompt_id": ["a", "a", "b", "b"]})
+    init_t = pa.table({"prompt_id": ["a", "a", "b", "b"]})
+    got = evaluate.means([1.0, 1.0, 0.0, 1.0], new_t, [0.0, 1.0, 0.0, float("nan")], init_t)
+    assert got["mean"] == 0.75 and got["initial_mean"] == round(1 / 3, 4)
+    assert got["mean_se"] == round(winrate.clustered_se([1, 1, 0, 1], ["a", "a", "b", "b"]), 4)
+    diffs = [1.0 - 0.5, 0.5 - 0.0]  # prompt a: 1 vs 0.5; prompt b: 0.5 vs 0 (one scored)
+    assert got["gain"] == 0.5 and got["gain_se"] == round(statistics.stdev(diffs) / math.sqrt(2), 4)

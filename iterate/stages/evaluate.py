@@ -248,8 +248,12 @@ def scores(
 def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
     """A pointwise judge's mean score of the new policy's held-out samples and of the initial
     policy's, each with its standard error clustered by prompt (``winrate.clustered_se``): a
-    judge that scores 1 or 0 (a checker: was every constraint kept?) gives an accuracy."""
-    out = {}
+    judge that scores 1 or 0 (a checker: was every constraint kept?) gives an accuracy. And
+    the gain, paired by prompt: the mean over the prompts both scored of (the new policy's
+    mean on the prompt less the initial one's), with its standard error over prompts; a
+    prompt's difficulty cancels in the difference, so the gain's error is smaller than
+    either mean's."""
+    out, by_prompt = {}, {}
     for key, scores, table in (("mean", new, samples), ("initial_mean", initial, init)):
         ids = table["prompt_id"].to_pylist()
         kept = [(x, i) for x, i in zip(scores, ids, strict=True) if _ok(x)]
@@ -257,6 +261,15 @@ def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
             values, by = map(list, zip(*kept))
             out[key] = round(sum(values) / len(values), 4)
             out[f"{key}_se"] = round(winrate.clustered_se(values, by), 4)
+        per: dict[str, list] = {}
+        for x, i in kept:
+            per.setdefault(i, []).append(x)
+        by_prompt[key] = {i: sum(v) / len(v) for i, v in per.items()}
+    both = [i for i in by_prompt["mean"] if i in by_prompt["initial_mean"]]
+    if both:
+        diff = [by_prompt["mean"][i] - by_prompt["initial_mean"][i] for i in both]
+        out["gain"] = round(sum(diff) / len(diff), 4)
+        out["gain_se"] = round(winrate.clustered_se(diff), 4)  # (each prompt its own cluster)
     return out
 
 
