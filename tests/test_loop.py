@@ -153,7 +153,8 @@ def test_two_iterations_exact_run_tree(clean_run):
         gold = [world.gold_reward(both["prompt"].tolist(), both[c].tolist())
                 for c in ("response", "response_0")]  # fmt: skip
         fig = winrate.figures(winrate.judged(*gold), both["response"].str.len().tolist(),
-                              both["response_0"].str.len().tolist())  # fmt: skip
+                              both["response_0"].str.len().tolist(),
+                              both["prompt_id"].tolist())  # fmt: skip
         assert r["win_rate_vs_initial"] == fig["win_rate"]
         assert (r["lc_win_rate"], r["win_rate_se"]) == (fig["lc_win_rate"], fig["win_rate_se"])
         assert r["length_ratio"] == round(fig["new_length"] / fig["reference_length"], 4)
@@ -644,7 +645,8 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
     prefs = [winrate.preference(world.gold_score(p, r), world.gold_score(p, outputs[p]))
              for p, r in pairs]  # fmt: skip
     lengths = [len(r) for _, r in pairs], [len(outputs[p]) for p, _ in pairs]
-    assert ev["judges"]["gold"] == winrate.figures(prefs, *lengths)
+    by = samples["prompt_id"].to_pylist()  # a prompt's 4 samples against its one reference
+    assert ev["judges"]["gold"] == winrate.figures(prefs, *lengths, by)
     assert row["reference"] == "file" and row["main_judge"] == "gold"
     assert row["win_rate"] == ev["judges"]["gold"]["win_rate"]
     assert row["judge_win_rates"]["correct"]["win_rate"] == ev["judges"]["correct"]["win_rate"]

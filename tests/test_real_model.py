@@ -66,6 +66,7 @@ def test_one_iteration_of_the_instruction_world_on_the_real_model(smollm2, tmp_p
     for name in ("prompt_level", "instruction_level"):
         assert 0 <= means[name]["mean"] <= 1 and 0 <= means[name]["initial_mean"] <= 1
         assert means[name]["mean_se"] >= 0
-    assert row["responses"] == 16 and row["kl_to_reference"] >= 0 and "accepted" in row
+    assert row["responses"] == 16 and row["kl_k3"] >= 0 and "accepted" in row
     label = json.loads((tmp_path / "instruct_dpo/iter_000/label/_DONE.json").read_text())
-    assert label["config"]["reward"]["reward_function"] == "iterate.instruct.checks:reward"
+    assert label["config"]["reward_function"] == "iterate.instruct.checks:reward"
+    assert label["config"]["fields"] == ["constraints"]

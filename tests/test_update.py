@@ -176,7 +176,7 @@ def test_non_finite_loss_skips_the_step(setup):
     cfg.update.micro_batch_size, cfg.update.epochs = 2, 1
     stage = _stage(tmp_path)
     result = _train(cfg, model, ex, nan_loss, stage)
-    assert result == {"steps": 2, "skipped_steps": 2, "final": result["final"]}
+    assert result == {"steps": 2, "skipped_steps": 2, "empty_steps": 0, "final": result["final"]}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     log = [json.loads(line) for line in (stage.path / "train_log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in log] == [True, True]
