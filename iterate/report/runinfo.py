@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from iterate import shards
 from iterate.config import to_dataclass
 from iterate.paths import STAGES, TRAIN_LOG, Paths
-from iterate.rules import run_stages
+from iterate.plan import run_stages
 from iterate.shards import PLAN, read_json, read_jsonl, shard_paths
 from iterate.stage import DONE
 
@@ -82,7 +82,7 @@ def config(run: Path) -> dict:
 
 
 def expected_stages(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """The stages the loop runs for this config (``rules.run_stages``: before iteration 0,
+    """The stages the loop runs for this config (``plan.run_stages``: before iteration 0,
     and in each iteration), or None for a config this version cannot read (an older one's
     settings): then the inspector lists the stages the run folder has."""
     try:
@@ -98,9 +98,9 @@ def states(run: Path) -> dict[str, list[StageState]]:
     run = Path(run)
     paths = Paths(run=run, base_policy="")
     planned = expected_stages(config(run))
-    before, expected = planned or (BEFORE, ())
-    if planned is None:  # the folders say which of the stages before iteration 0 it has
-        before = [n for n in BEFORE if paths.before(n).exists()]
+    if planned is None:  # the folders say which stages it has
+        planned = [n for n in BEFORE if paths.before(n).exists()], ()
+    before, expected = planned
     out = {"before": [stage_state(paths.before(name), name) for name in before]}
     for i in iterations(run):
         present = {p.name for p in paths.iteration(i).iterdir() if p.is_dir()}

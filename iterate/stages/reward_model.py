@@ -78,9 +78,9 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
     names = list(cfg.prompts.fields)
     rows = sources.read(rc.prompts, rc.prompts, cfg.prompts.field, names, dropped,
                         "reward.prompts")[: rc.num_pairs]  # fmt: skip
-    fields = {sources.prompt_id(t): f for t, f in rows} if names else None
     first = shard_path(paths.reward_model_prompts, 0)
     if not first.exists():  # (a finished stage's file is never written again: a refresh reads it)
+        fields = {sources.prompt_id(t): f for t, f in rows} if names else None
         write_shard(sources.table([t for t, _ in rows], fields), first)
     tok = models.load_tokenizer(base, cfg.model.chat_template)
     table = read_shards(paths.reward_model_prompts)

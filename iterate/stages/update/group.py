@@ -105,8 +105,10 @@ def rollout_groups(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Exam
             kept += g
             count["refilled_groups"] += bool(rounds)
         short = want - len(kept) // n
+        if short <= 0 or rounds >= uc.refill_rounds:
+            break
         fresh = [k for k, (p, _) in enumerate(ctx.pool) if p not in used]
-        if short <= 0 or rounds >= uc.refill_rounds or not fresh:
+        if not fresh:
             break
         rounds += 1
         order = torch.randperm(len(fresh), generator=draw)[:short].tolist()
