@@ -5,7 +5,7 @@ constraints (``checks``), each prompt carrying its constraints as the row field
 Tasks x topics x constraints, drawn deterministically from a seed. The held-out prompts are
 about topics no training prompt is about (every ``HELDOUT_EVERY``-th topic), so the
 evaluation measures constraint following on new material, not recall. ``write`` makes the
-two files that ``experiment=instruct_*`` reads (``data/instruct/``, committed; a test holds
+three files that ``experiment=instruct`` reads (``data/instruct/``, committed; a test holds
 them equal to what this module makes): ``python -m iterate.instruct.prompts``.
 """
 
