@@ -324,6 +324,9 @@ class RewardConfig:
     # label and evaluate: shards scored by this many processes (one per GPU, or CPU threads)
     workers: int = 1
     threads: int = 0  # CPU: threads per scoring worker (0: an equal share)
+    # a reward function's call on one batch (score_batch_size rows) may take this long before
+    # the run stops naming it (a line says it is still running every 30 s); 0: no limit
+    function_timeout_s: float = 600.0
 
 
 @dataclass

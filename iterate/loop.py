@@ -241,6 +241,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
     from iterate.stages import reward as refresh
 
     heldout.prompts(cfg, paths)  # the held-out set and the initial policy's samples of it
+    heldout.check_reference(cfg, paths)
     heldout.initial_samples(cfg, paths)
     update = rule(cfg.update.name)
     policy = reference = paths.base_policy

@@ -187,18 +187,37 @@ def _mixed(p: Path, rows: list) -> str | None:
     return None
 
 
-def read_rows(path: str):
-    """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train split)."""
+def read_rows(path: str, setting: str = ""):
+    """The rows of a jsonl / json / parquet file or a ``save_to_disk`` folder (its train
+    split). A file that is not what its name says (bad bytes, broken JSON, a ``.parquet``
+    that is not Parquet, a folder that is no saved dataset, no rows) is bad input naming
+    ``setting`` (the config key that gave the path), the file and where."""
+    try:
+        return _read_rows(Path(path))
+    except BadInput as e:
+        raise BadInput(f"{setting}={e}" if setting else str(e)) from None
+
+
+def _read_rows(p: Path):
     import datasets
 
-    p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"preference data: no such file or folder: {path}")
+        raise FileNotFoundError(f"preference data: no such file or folder: {p}")
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except FileNotFoundError:
+            raise BadInput(
+                f"{p}: a folder, but not a dataset saved by datasets' save_to_disk "
+                "(give a .jsonl, .json or .parquet file, or such a folder)"
+            ) from None
         return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     if p.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        try:
+            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        except Exception as e:  # (pyarrow's ArrowInvalid, wrapped by datasets)
+            cause = str(e.__cause__ or e).splitlines()[0][:200]
+            raise BadInput(f"{p}: not a Parquet file ({cause})") from None
     else:
         rows = _json_rows(p)
         names = dict.fromkeys(k for r in rows for k in r)  # every row's fields, not the first's
@@ -212,13 +231,15 @@ def read_rows(path: str):
     return ds
 
 
-def load(path: str, weight: float = 1.0, seed: int = 0) -> tuple[list[Pair], dict, list[str]]:
+def load(
+    path: str, weight: float = 1.0, seed: int = 0, setting: str = ""
+) -> tuple[list[Pair], dict, list[str]]:
     """The pairs of one source, what happened to its rows (``rows``, ``usable``, ``used``,
     ``dropped`` by reason), and one message per drop reason naming the file, row and field
     of its first occurrence. ``weight``: how many times each usable pair is used, whole
     repeats plus a seeded sample for the fraction (0.25: a quarter of them; 2: each twice)."""
     pairs, dropped, examples, rows = [], Counter(), {}, 0
-    for i, row in enumerate(read_rows(path)):
+    for i, row in enumerate(read_rows(path, setting)):
         rows += 1
         try:
             pairs.append(parse_row(row, f"{path}: row {i}"))
@@ -231,12 +252,14 @@ def load(path: str, weight: float = 1.0, seed: int = 0) -> tuple[list[Pair], dic
     return used, stats, list(examples.values())
 
 
-def load_mixture(sources: list, seed: int = 0) -> tuple[list[Pair], dict, list[str]]:
+def load_mixture(
+    sources: list, seed: int = 0, setting: str = "reward.data"
+) -> tuple[list[Pair], dict, list[str]]:
     """Several sources (each with ``path`` and ``weight``), their pairs together; what
-    happened to the rows, per source."""
+    happened to the rows, per source. ``setting``: the config key that lists them."""
     pairs, stats, examples = [], {}, []
-    for src in sources:
-        got, stats[src.path], ex = load(src.path, src.weight, seed)
+    for k, src in enumerate(sources):
+        got, stats[src.path], ex = load(src.path, src.weight, seed, f"{setting}[{k}].path")
         pairs += got
         examples += ex
     return pairs, stats, examples

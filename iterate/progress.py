@@ -4,6 +4,7 @@ output), log lines with the rate and the time left, so a long stage is never sil
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 import time
@@ -80,6 +81,48 @@ class Lines:
         with self.lock:
             if self.spoke and self.n != self.at:
                 self._say(time.monotonic())
+
+
+class Overdue(TimeoutError):
+    """Raised in work that ran past ``watch``'s limit."""
+
+
+_OVERDUE = signal.SIGUSR2  # what interrupts overdue work (not SIGALRM: user code sets alarms)
+
+
+@contextmanager
+def watch(what: str, timeout_s: float = 0.0, every_s: float = 30.0):
+    """Work that may block (a user's function): a line every ``every_s`` seconds it runs on,
+    naming ``what``; past ``timeout_s`` (0: no limit) ``Overdue`` is raised in it where it
+    runs in the main thread (a signal, so a blocking call is interrupted too; in another
+    thread it gets the lines only)."""
+    done, t0 = threading.Event(), time.monotonic()
+    limit = timeout_s > 0 and threading.current_thread() is threading.main_thread()
+
+    def overdue(signum, frame):
+        if not done.is_set():  # (a signal that crossed the work's end is ignored)
+            raise Overdue(f"{what}: still running after {_duration(timeout_s)}")
+
+    def lines():
+        while True:
+            left = t0 + timeout_s - time.monotonic() if limit else every_s
+            if done.wait(max(0.0, min(every_s, left))):
+                return
+            if limit and time.monotonic() - t0 >= timeout_s:
+                signal.pthread_kill(threading.main_thread().ident, _OVERDUE)
+                return
+            log.info("%s: still running after %s", what, _duration(time.monotonic() - t0))
+
+    previous = signal.signal(_OVERDUE, overdue) if limit else None
+    thread = threading.Thread(target=lines, name="watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if limit:
+            signal.signal(_OVERDUE, previous)
 
 
 def peak_rss_mb() -> float:

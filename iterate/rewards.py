@@ -258,10 +258,12 @@ def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Pa
             if not path.is_file():
                 raise BadInput(f"{key}={spec!r}: no such file: {path}")
             # one module per file and content: loaded once a process, an edit loads anew
-            key = hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()
-            module = sys.modules.get(f"iterate_reward_{key[:16]}")
+            digest = hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()
+            module = sys.modules.get(f"iterate_reward_{digest[:16]}")
             if module is None:
-                found = importlib.util.spec_from_file_location(f"iterate_reward_{key[:16]}", path)
+                found = importlib.util.spec_from_file_location(
+                    f"iterate_reward_{digest[:16]}", path
+                )
                 module = importlib.util.module_from_spec(found)
                 found.loader.exec_module(module)
                 sys.modules[found.name] = module
@@ -278,6 +280,14 @@ def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Pa
     if not callable(fn):
         raise BadInput(f"{key}={spec!r}: {where} has no function {name!r}")
     return fn, Path(inspect.getsourcefile(fn) or module.__file__)
+
+
+def function_name(spec: str) -> str:
+    """A function's name in an identity: ``package.module:function`` as given, or for a file
+    its name and the function (``rf.py:f``) however its path was typed (relative, ``./``,
+    absolute, from another folder): the file's checksum stands beside it."""
+    where, _, name = spec.rpartition(":")
+    return f"{Path(where).name}:{name}" if where.endswith(".py") else spec
 
 
 def _as_prompt(stored: str):
@@ -324,16 +334,19 @@ class FunctionReward(_Loaded):
     ``batch_size`` rows at a time; with ``fields`` (``prompts.fields``) the function also
     gets, by name, each field it takes of the prompts' rows, one value per row (``None``
     for a prompt whose row has none: a synthetic one), read from the run folder ``run``'s
-    prompt shards. Its identity names it, its source file's checksum and the fields, so
-    editing the function redoes the stages that used it. A row it scores ``None`` or NaN is
-    dropped and counted; raising, returning the wrong number of values or a value that is
-    not a number is ``BadInput`` naming the function, the row and the value."""
+    prompt shards. Its identity names it (``function_name``), its source file's checksum and
+    the fields, so editing the function redoes the stages that used it. A row it scores
+    ``None`` or NaN is dropped and counted; raising, returning the wrong number of values or
+    a value that is not a number is ``BadInput`` naming the function, the row and the value.
+    A call says it is still running every 30 s, and one past ``timeout_s`` stops the run
+    naming it."""
 
     spec: str
     batch_size: int = 64
     fields: tuple[str, ...] = ()
     run: str | None = None
     key: str = "reward.function"  # the setting that names it (what an error names)
+    timeout_s: float = 600.0  # one batch's call (reward.function_timeout_s); 0: no limit
     _fn: Any = field(default=None, repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # the function's file
     _rows: Any = field(default=None, repr=False, compare=False)  # prompt id -> fields
@@ -347,7 +360,7 @@ class FunctionReward(_Loaded):
     def identity(self) -> dict:
         self._load()
         out = {
-            "reward_function": self.spec,
+            "reward_function": function_name(self.spec),
             "source_sha256": hashlib.sha256(self._source.read_bytes()).hexdigest(),
         }
         return out | ({"fields": list(self.fields)} if self.fields else {})
@@ -386,12 +399,18 @@ class FunctionReward(_Loaded):
         for start in range(0, n, self.batch_size):
             stored = prompts[start : start + self.batch_size]
             batch = [_as_prompt(p) for p in stored]
+            rows = f"rows {start}..{start + len(batch) - 1}"
             try:
-                got = fn(batch, list(responses[start : start + self.batch_size]),
-                         **self._kwargs(stored))  # fmt: skip
+                with progress.watch(f"{said} on {rows} of {desc}", self.timeout_s):
+                    got = fn(batch, list(responses[start : start + self.batch_size]),
+                             **self._kwargs(stored))  # fmt: skip
+            except progress.Overdue:
+                raise BadInput(f"{said} took longer than reward.function_timeout_s="
+                               f"{self.timeout_s:g} on {rows} of {desc}: make it faster, "
+                               "or raise the limit (0: none)") from None  # fmt: skip
             except Exception as e:
-                raise BadInput(f"{said} raised {type(e).__name__}: {e} (on rows {start}.."
-                               f"{start + len(batch) - 1} of this batch)") from e  # fmt: skip
+                raise BadInput(f"{said} raised {type(e).__name__}: {e} (on {rows} of this "
+                               "batch)") from e  # fmt: skip
             got = list(got) if isinstance(got, (list, tuple)) or hasattr(got, "tolist") else got
             if not isinstance(got, list) or len(got) != len(batch):
                 what = f"{len(got)} values" if isinstance(got, list) else f"a {type(got).__name__}"
@@ -528,7 +547,7 @@ def of(
 
     function = partial(
         FunctionReward, batch_size=rc.score_batch_size, fields=tuple(cfg.prompts.fields),
-        run=str(run) if run else None,
+        run=str(run) if run else None, timeout_s=rc.function_timeout_s,
     )  # fmt: skip
     own = partial(
         model, chat_template=rc.chat_template, aggregate=str(rc.aggregate),

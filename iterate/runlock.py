@@ -55,7 +55,11 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.run.mkdir(parents=True, exist_ok=True)
-        info = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            info = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a folder in its place, a file this user cannot write
+            raise BadInput(f"{self.path}: the run's lock file cannot be opened ({e.strerror}): "
+                           "remove it, or use another run_name") from None  # fmt: skip
         try:
             fd = _take(os.open(self.run, os.O_RDONLY | os.O_DIRECTORY), info)
         except BlockingIOError:

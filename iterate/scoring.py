@@ -161,6 +161,10 @@ class Scorer:
             except TemplateError:
                 if not refusals:
                     raise
+        if cut := sum(len(x) >= self.max_length for x in seqs.values()):  # the end unseen
+            log.warning("%s: %d of %d conversations reach reward.max_length=%d tokens and are "
+                        "scored on their first %d (a response's end unseen)", desc, cut,
+                        len(seqs), self.max_length, self.max_length)  # fmt: skip
         order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
         out: list[float | None] = [None] * len(prompts)
         std: list[float | None] = [None] * len(prompts)

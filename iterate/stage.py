@@ -213,7 +213,7 @@ NOT_COUNTED = {
     ),
     "reward": (
         "name", "kind", "function", "sources", "pairwise_template", "judge", "workers",
-        "threads", "aggregate", "uncertainty_coef", "refresh", "cache",
+        "threads", "aggregate", "uncertainty_coef", "refresh", "cache", "function_timeout_s",
     ),
     "reward.refresh": (),
     "prompts": (),
@@ -273,6 +273,7 @@ ADDED = {
     "judge_identity": ANY,  # the evaluation judges' sources and weights (evaluate)
     "prompts": None,  # reward.source=policy's settings
     "label_function": None,
+    "label_identity": ANY,  # reward.label_function's source (reward_model)
     "samples": 4,
 }
 

@@ -163,6 +163,7 @@ RANGES = {
     "reward.batch_size": GE1,
     "reward.grad_accum": GE1,
     "reward.score_batch_size": GE1,
+    "reward.function_timeout_s": (GE0[0], "must be >= 0 (0: no limit)"),
     "reward.lr": FINITE_POS,
     "reward.workers": GE1,
     "reward.threads": GE0,
@@ -403,6 +404,14 @@ def _mixture(cfg: Config) -> None:
             _function(f"{key}.function", part.function, cfg)
         elif part.path:
             _reward_folder(f"{key}.path", part.path)
+    weights = [p.weight for p in sources]
+    _need(
+        any(weights),
+        "reward.sources[*].weight",
+        weights,
+        "at least one must not be 0 "
+        "(every weight 0: a reward of 0 for every response, nothing to learn from)",
+    )
 
 
 def _evaluation(cfg: Config) -> None:
@@ -417,6 +426,10 @@ def _evaluation(cfg: Config) -> None:
     )
     if ref.path and not Path(ref.path).exists():
         raise BadInput(f"evaluate.reference.path={ref.path!r}: no such file or folder")
+    if ref.path:  # its fields and outputs, now rather than after an iteration
+        from iterate.stages import heldout
+
+        heldout.outputs(str(ref.path), ref.prompt_field, ref.output_field)
     names = [rewards.source_name(p) for p in cfg.evaluate.judges]
     for k, (part, name) in enumerate(zip(cfg.evaluate.judges, names, strict=True)):
         key = f"evaluate.judges[{k}]"

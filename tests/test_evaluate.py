@@ -134,8 +134,16 @@ def test_a_bad_reference_file_is_named_by_file_row_and_field(tmp_path):
         heldout.outputs(str(bad), "instruction", "output")
     with pytest.raises(BadInput, match=r"no field 'answer' \(evaluate.reference.output_field"):
         heldout.outputs(str(bad), "instruction", "answer")
+    rows = [("Hi.", "Hello."), ("Bye.", "Ciao."), ("Hi.", "Hello."), ("Bye.", "See you.")]
+    bad.write_text("".join(json.dumps({"instruction": p, "output": o}) + "\n" for p, o in rows))
+    with pytest.raises(BadInput, match=r"outputs.jsonl: rows 1 and 3 give different outputs"):
+        heldout.outputs(str(bad), "instruction", "output")  # (the same one twice is fine)
+    bad.write_text(json.dumps({"instruction": "Hi."}) + "\n")
     with pytest.raises(BadInput, match="evaluate.reference.path=None: is the reference outputs"):
         validate._evaluation(compose_cfg(["evaluate.reference.kind=file"], tmp_path))
+    lacking = ["evaluate.reference.kind=file", f"evaluate.reference.path={bad}"]
+    with pytest.raises(BadInput, match=r"no field 'output' \(evaluate.reference.output_field"):
+        validate._evaluation(compose_cfg(lacking, tmp_path))  # at start-up
     twice = "{kind: function, function: 'tests.test_evaluate:chars', name: chars}"
     named_twice = [f"evaluate.judges=[{twice}, {twice}]"]
     with pytest.raises(BadInput, match=r"judges\[0\].name='chars': must be a word that no other"):
@@ -263,3 +271,23 @@ def test_a_judges_means_and_its_gain_paired_by_prompt_by_hand():
     assert got["mean_se"] == round(winrate.clustered_se([1, 1, 0, 1], ["a", "a", "b", "b"]), 4)
     diffs = [1.0 - 0.5, 0.5 - 0.0]  # prompt a: 1 vs 0.5; prompt b: 0.5 vs 0 (one scored)
     assert got["gain"] == 0.5 and got["gain_se"] == round(statistics.stdev(diffs) / math.sqrt(2), 4)
+
+
+def test_a_reference_file_is_matched_to_the_heldout_prompts_before_any_iteration(tmp_path, caplog):
+    """Once the held-out set is drawn: a reference file with none of its prompts stops the
+    run (naming the file and the counts), one with some of them says how many it has."""
+    from iterate.stages import prompts
+
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    write_shard(prompts.table(["Hi.", "Bye.", "Why?"]), shard_path(paths.heldout_dir, 0))
+    ref_file = tmp_path / "outputs.json"
+    cfg = compose_cfg(["evaluate.reference.kind=file", f"evaluate.reference.path={ref_file}"],
+                      tmp_path)  # fmt: skip
+    ref_file.write_text(json.dumps([{"instruction": "Other.", "output": "o"}]))
+    with pytest.raises(BadInput, match=r"outputs.json: none of its 1 prompts \('instruction'\) "
+                       r"is one of the 3 held-out prompts"):  # fmt: skip
+        heldout.check_reference(cfg, paths)
+    ref_file.write_text(json.dumps([{"instruction": "Hi.", "output": "o"}]))
+    with caplog.at_level("WARNING"):
+        heldout.check_reference(cfg, paths)
+    assert any("has outputs for 1 of the 3 held-out prompts" in m for m in caplog.messages)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -429,3 +430,39 @@ def test_an_unlimited_kl_budget_and_a_nested_run_name_are_accepted(tmp_path):
     cfg.handoff.max_kl = float("nan")
     with pytest.raises(validate.BadInput, match="handoff.max_kl=nan"):
         validate.check(cfg)
+
+
+def test_files_that_are_not_what_their_names_say_are_named_with_their_setting(tmp_path, caplog):
+    """A ``.parquet`` holding JSON text, a folder that is no saved dataset (each named with
+    the config key that gave it), and a run whose ``.lock`` is a folder: bad input (status
+    2) naming the file and what to do, not "the same command resumes"."""
+    from iterate.preferences import read_rows
+    from iterate.stages import prompts
+
+    fake = tmp_path / "prompts.parquet"
+    fake.write_text('{"prompt": "Hi."}\n')
+    with pytest.raises(BadInput, match=r"^prompts.path=.*prompts.parquet: not a Parquet file"):
+        prompts.read(str(fake), str(fake), "prompt", [], Counter())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match=r"^reward.data\[0\].path=.*empty: a folder, but not a "):
+        read_rows(str(tmp_path / "empty"), "reward.data[0].path")
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)
+    status, said = _status(compose_cfg(TINY, tmp_path), run, caplog)
+    assert status == 2 and ".lock: the run's lock file cannot be opened" in said, said
+
+
+def test_a_conversation_cut_to_the_reward_models_length_is_said(tiny_world, caplog):
+    """A reference answer (or any response) longer than ``reward.max_length`` is scored on its
+    first tokens: a warning counts those cut, naming the setting; none when all fit."""
+    from iterate import models, scoring
+
+    tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
+    model, _ = scoring.load_model(str(tiny_world), "float32", new_head=True)
+    scorer = scoring.Scorer(model, tok, 64)
+    with caplog.at_level(logging.WARNING, logger="iterate.scoring"):
+        scorer.score(["Greet Anna."] * 2, ["Hello!", "Hello Anna, " * 20], desc="reference")
+        assert "reference: 1 of 2 conversations reach reward.max_length=64 tokens" in caplog.text
+        caplog.clear()
+        scorer.score(["Greet Anna."], ["Hello!"], desc="reference")
+    assert "reward.max_length" not in caplog.text

@@ -223,3 +223,41 @@ def test_an_evaluation_judge_is_hashed_by_its_source(tmp_path):
     judge.write_text("def chars(prompts, responses):\n    return [-len(r) for r in responses]\n")
     with pytest.raises(StageConfigChanged, match=r"judge_identity\.chars\.source_sha256"):
         stage().check()
+
+
+def test_a_reward_functions_identity_is_not_the_path_as_typed(tmp_path, monkeypatch):
+    """A reward function in a file is the same function however its path is typed
+    (``rel/rf.py:f``, ``./rel/rf.py:f``, absolute): its identity is the file's name, the
+    function and the source's checksum, for the reward, an evaluation judge and the
+    reward model's labeller; editing the source still changes it."""
+    from iterate import rewards
+    from iterate.paths import Paths
+    from iterate.stages import evaluate, reward_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    source = tmp_path / "rel" / "rf.py"
+    source.write_text("def f(prompts, responses):\n    return [len(r) for r in responses]\n")
+    typed = ["rel/rf.py:f", "./rel/rf.py:f", f"{source}:f", "rel/../rel/rf.py:f"]
+    ids = [rewards.FunctionReward(t).identity() for t in typed]
+    assert all(i == ids[0] for i in ids) and ids[0]["reward_function"] == "rf.py:f"
+    paths = Paths(run=tmp_path / "run", base_policy="base")
+
+    def confs(spec: str) -> tuple[dict, dict]:
+        judge = f"{{kind: function, function: '{spec}', name: chars}}"
+        cfg = compose_cfg([f"reward.function={spec}", "reward.kind=function",
+                           f"evaluate.judges=[{judge}]", "reward.source=policy",
+                           f"reward.label_function={spec}"], tmp_path)  # fmt: skip
+        reward = rewards.of(cfg, run=paths.run)
+        stage = evaluate.stage_for(cfg, paths, 0, "base", "base", reward)
+        return stage.config, reward_model.labeller(cfg, paths).identity()
+
+    firsts = confs(typed[0])
+    assert all(confs(t) == firsts for t in typed[1:])
+    Stage(tmp_path / "evaluate", "evaluate", firsts[0]).finish()
+    assert Stage(tmp_path / "evaluate", "evaluate", confs(typed[2])[0]).check() is True
+    source.write_text("def f(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    edited = confs(typed[1])
+    assert edited[1]["source_sha256"] != firsts[1]["source_sha256"]
+    with pytest.raises(StageConfigChanged, match=r"reward\.source_sha256"):
+        Stage(tmp_path / "evaluate", "evaluate", edited[0]).check()

@@ -653,3 +653,7 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
     card = (run / "iter_000" / "handoff" / "adapter" / "README.md").read_text()
     assert "win rate vs reference outputs (toy_alpaca_eval.json) (gold)" in card
     assert " win rate  vs file  LC " in metrics.table([row])  # its own column, printed
+    reward_judged = {**row, "main_judge": "reward"}  # a judge other than gold: named
+    assert " win rate  vs file (reward)  LC " in metrics.table([reward_judged])
+    no_gold = {**reward_judged, "reference": "initial", "win_rate_vs_initial": None}
+    assert " win rate (reward)  LC " in metrics.table([no_gold])

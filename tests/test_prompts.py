@@ -285,3 +285,27 @@ def test_rows_without_the_prompt_field_are_dropped_whatever_their_order(
     path.write_text("".join(json.dumps({"text": "x"}) + "\n" for _ in range(3)))
     with pytest.raises(BadInput, match="field 'prompt'"):
         sources.read(str(path), str(path), "prompt", [], Counter())
+
+
+def test_a_heldout_file_the_run_cannot_judge_or_that_is_short_is_said_at_once(tmp_path, caplog):
+    """With the toy world's prompts, a held-out file of other prompts is refused when the
+    held-out set is drawn (before any iteration), naming the setting and a prompt, not at
+    evaluation blaming a gold judge the user never set; a held-out file with fewer prompts
+    than ``prompts.heldout`` is drawn with a warning naming both counts."""
+    from iterate.errors import BadInput
+    from iterate.toy import world
+
+    english = tmp_path / "english.jsonl"
+    _write(english, ["Write a haiku about rain.", "Summarise the news."])
+    paths = Paths(run=tmp_path / "run", base_policy="")
+    cfg = compose_cfg([f"prompts.heldout_path={english}", "prompts.heldout=2"], tmp_path)
+    with pytest.raises(BadInput, match=r"english.jsonl: 'Write a haiku about rain.' is not a "
+                       r"toy-world prompt.*leave prompts.heldout_path unset"):  # fmt: skip
+        heldout.prompts(cfg, paths)
+    toy = tmp_path / "toy.jsonl"
+    _write(toy, [i.prompt for i in world.split(0.1)[1][:3]])
+    cfg = compose_cfg([f"prompts.heldout_path={toy}", "prompts.heldout=5"], tmp_path)
+    with caplog.at_level("WARNING"):
+        assert len(heldout.prompts(cfg, paths)) == 3
+    assert any("prompts.heldout=5, but" in m and "has 3 held-out prompts" in m
+               for m in caplog.messages)  # fmt: skip

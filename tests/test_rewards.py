@@ -129,7 +129,7 @@ def score(prompts, responses):
 def test_editing_a_reward_function_changes_its_identity(tmp_path):
     spec = _function(tmp_path, "def score(p, r):\n    return [1.0 for _ in r]\n")
     before = rewards.FunctionReward(spec).identity()
-    assert before["reward_function"] == spec and len(before["source_sha256"]) == 64
+    assert before["reward_function"] == "reward.py:score" and len(before["source_sha256"]) == 64
     _function(tmp_path, "def score(p, r):\n    return [2.0 for _ in r]\n")
     assert rewards.FunctionReward(spec).identity() != before
 
@@ -279,8 +279,8 @@ def test_a_mixture_is_the_weighted_sum_of_its_sources_each_kept(tmp_path):
     assert mix.score(prompts, responses)[:2] == total[:2] and spread == [None] * 4
     ident = mix.identity()["mixture"]
     assert [(p["name"], p["weight"], p["reward_function"]) for p in ident] == [
-        ("a", 2.0, a.spec),
-        ("b", -0.5, b.spec),
+        ("a", 2.0, "a.py:a"),
+        ("b", -0.5, "b.py:b"),
     ]
     import pyarrow as pa
 
@@ -317,6 +317,11 @@ def test_a_mixture_is_composed_from_config_and_checked_at_start_up(tmp_path):
         ("reward.sources=[{function: 'nowhere.py:f'}]", "no such file"),
         ("reward.sources=[{kind: mixture}]", "must be model or function"),
         (f"reward.sources=[{{function: '{fn}', name: reward}}]", "not 'reward'"),
+        (
+            f"reward.sources=[{{function: '{fn}', weight: 0}}, {{function: '{fn}', name: g, "
+            "weight: 0}]",
+            r"reward.sources\[\*\].weight=\[0.0, 0.0\]: at least one must not be 0",
+        ),
     ]
     for override, said in bad:
         with pytest.raises(BadInput, match=said):
@@ -379,3 +384,38 @@ def test_a_missing_function_is_named_by_the_setting_that_names_it(tmp_path, over
         reward = reward.parts[1][1]  # the function source (its model has no path here)
     with pytest.raises(BadInput, match=rf"^{key}='iterate.reward_functions:nope'"):
         reward.score(["Q?"], ["a"])
+
+
+def test_a_blocking_reward_function_says_so_and_stops_at_its_limit(tmp_path, caplog):
+    """A reward function that blocks says every interval that it is still running, naming
+    itself and the rows; past ``reward.function_timeout_s`` the run stops (``BadInput``)
+    naming the setting, the function and the rows, even inside a blocking call. A quick
+    function under a limit scores as before."""
+    import time
+
+    from iterate import progress
+    from iterate.errors import BadInput
+
+    (tmp_path / "slow.py").write_text(
+        "import time\ndef f(prompts, responses):\n    time.sleep(30)\n    return [1.0]\n"
+    )
+    with caplog.at_level("INFO", logger="iterate.progress"):
+        with pytest.raises(progress.Overdue, match="blocked: still running after"):
+            with progress.watch("blocked", timeout_s=0.6, every_s=0.25):
+                time.sleep(30)
+    assert sum("blocked: still running after" in m for m in caplog.messages) >= 2
+    slow = rewards.FunctionReward(f"{tmp_path}/slow.py:f", timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(BadInput, match=r"reward.function=.*slow.py:f took longer than "
+                       r"reward.function_timeout_s=0.5 on rows 0..0"):  # fmt: skip
+        slow.score(["p"], ["r"])
+    assert time.monotonic() - t0 < 10
+    with progress.watch("quick", timeout_s=5):  # a finished call leaves nothing behind
+        pass
+    time.sleep(0.1)
+    (tmp_path / "quick.py").write_text("def f(prompts, responses):\n    return [2.0]\n")
+    quick = rewards.FunctionReward(f"{tmp_path}/quick.py:f", timeout_s=5)
+    assert quick.score(["p"], ["r"]) == [2.0]
+    cfg = compose_cfg(["reward.kind=function", f"reward.function={tmp_path}/quick.py:f",
+                       "reward.function_timeout_s=7"], tmp_path)  # fmt: skip
+    assert rewards.of(cfg).timeout_s == 7

@@ -480,3 +480,19 @@ def test_sequence_mean_divides_by_the_responses_in_the_loss():
     mb = [common.Example([1], [2, 3], rollout={"step_in_loss_share": 2 / 3}) for _ in range(3)]
     per_example = rl.aggregate(ctx, per_token, mb, resp)
     assert per_example.mean().item() == pytest.approx((2.0 + 2.0) / 2)
+
+
+@pytest.mark.slow
+def test_a_pair_rule_with_a_reward_that_scores_nothing_says_so(tiny_cache, tmp_path):
+    """A reward that is never a finite number leaves DPO no pairs: the run stops as bad
+    input naming the label stage and what the reward did, not ties and ``generate.n``."""
+    from iterate.errors import BadInput
+
+    cfg = compose_cfg(
+        ["experiment=toy_tiny", "update=dpo", "reward.kind=function", "reward.train=false",
+         "reward.function=tests.test_rl:infinite", "generate=transformers", "iteration=1",
+         f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"]
+    )  # fmt: skip
+    with pytest.raises(BadInput, match=r"iter_000/label: the reward scored none of the \d+ "
+                       r"responses .*non_finite_reward.*check reward.function"):  # fmt: skip
+        loop.run(cfg, tmp_path / "toy_tiny")

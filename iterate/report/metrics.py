@@ -139,12 +139,17 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
     """The printed table: one line per row. Against a reference other than the initial
     samples (``evaluate.reference``), the main judge's win rate against it comes before its
     length-controlled twin (``vs file``, ``vs previous``). Where the prompts have no gold
-    judge, ``win rate`` is the main judge's against the initial samples; every other
+    judge, ``win rate`` is the main judge's against the initial samples; a win rate not the
+    gold judge's names its judge in its header (``vs file (reward)``); every other
     pointwise judge's held-out mean (an accuracy, for a checker) gets a column of its own."""
     cols = [*extra, *COLUMNS]
+    mains = "/".join(sorted({r["main_judge"] for r in rows if r.get("main_judge")}))
+    by = f" ({mains})" if mains and mains != "gold" else ""  # the judge, where not gold
     if refs := sorted({r["reference"] for r in rows if r.get("reference", "initial") != "initial"}):
         at = [k for k, _, _ in cols].index("lc_win_rate")
-        cols.insert(at, ("win_rate", "vs " + "/".join(refs), "{:.3f}"))
+        cols.insert(at, ("win_rate", "vs " + "/".join(refs) + by, "{:.3f}"))
+    elif not any(r.get("win_rate_vs_initial") is not None for r in rows):  # no gold judge
+        cols = [(k, h + by if k == "win_rate_vs_initial" else h, f) for k, h, f in cols]
     named = sorted({n for r in rows for n in r.get("judge_means") or {} if n not in OWN_COLUMNS})
     at = [k for k, _, _ in cols].index("gold_mean") + 1
     cols[at:at] = [(f"judge_means/{n}/mean", n, "{:.3f}") for n in named]

@@ -295,6 +295,12 @@ def judge_identities(cfg: Config, paths: Paths) -> dict[str, dict]:
     return out
 
 
+def _judge_conf(part) -> dict:
+    """An ``evaluate.judges`` judge's settings, its function named as in its identity."""
+    out = plain(part)
+    return out | ({"function": rewards.function_name(part.function)} if part.function else {})
+
+
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
     """The policy the update of iteration i made: its starting policy with the LoRA adapter
     on top (not merged), or the update's full model."""
@@ -316,7 +322,7 @@ def stage_for(
         "reference": reference,
         "reward": reward.identity(),
         **({"win_rate_reference": against} if against else {}),  # (none: the initial samples)
-        **({"judges": [plain(p) for p in cfg.evaluate.judges]} if cfg.evaluate.judges else {}),
+        **({"judges": [_judge_conf(p) for p in js]} if (js := cfg.evaluate.judges) else {}),
         "judge_identity": judge_identities(cfg, paths),
     }
     return Stage(

@@ -46,8 +46,14 @@ def prompts(cfg: Config, paths: Paths) -> pa.Table:
     stage = Stage(paths.heldout_dir, "heldout", sources.heldout_config(cfg))
     if not stage.check(cfg.force):
         _, held, dropped, source, fields = sources.pools(cfg)
+        if len(held) < cfg.prompts.heldout:  # every figure and gate rests on fewer: say so
+            where = cfg.prompts.heldout_path or cfg.prompts.path or "the toy world"
+            log.warning("prompts.heldout=%d, but %s has %d held-out prompts (dropped: %s): the "
+                        "evaluation, its win rates and the handoff's gates rest on those",
+                        cfg.prompts.heldout, where, len(held), dict(dropped) or "none")  # fmt: skip
         write_shard(sources.table(held, fields), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(held), dropped=dict(dropped), **source)
+        stage.finish(rows_out=len(held), dropped=dict(dropped), asked=cfg.prompts.heldout,
+                     **source)  # fmt: skip
     return read_shards(stage.path)
 
 
@@ -153,27 +159,61 @@ def reference_conf(cfg: Config, paths: Paths, i: int) -> tuple[dict, list[Path]]
 
 
 def outputs(path: str, prompt_field: str, output_field: str) -> dict[str, tuple[str, str]]:
-    """A reference outputs file: prompt id -> (prompt, output), the first output of a prompt
-    given twice. The prompt is read as ``prompts.field`` is (text or messages); an output
-    that is not text is bad input, named by file, row and field."""
+    """A reference outputs file: prompt id -> (prompt, output). The prompt is read as
+    ``prompts.field`` is (text or messages); an output that is not text, or a prompt given
+    twice with different outputs, is bad input named by file, rows and field."""
     from iterate.preferences import read_rows
 
     if not Path(path).exists():
         raise FileNotFoundError(f"evaluate.reference.path: no such file: {path}")
-    ds = read_rows(path)
+    ds = read_rows(path, "evaluate.reference.path")
     for name, key in ((prompt_field, "prompt_field"), (output_field, "output_field")):
         if name not in ds.column_names:
             raise BadInput(f"{path}: no field '{name}' (evaluate.reference.{key}; columns: "
                            f"{', '.join(ds.column_names)})")  # fmt: skip
     found: dict[str, tuple[str, str]] = {}
+    row: dict[str, int] = {}
     for k, (p, out) in enumerate(zip(ds[prompt_field], ds[output_field], strict=True)):
         text = sources.prompt_text(p, f"{path}: row {k}", prompt_field) if p is not None else ""
         if not isinstance(out, str):
             raise BadInput(f"{path}: row {k}: field '{output_field}': expected the reference "
                            f"output as text, got {type(out).__name__}")  # fmt: skip
-        if text:
-            found.setdefault(prompt_id(text), (text, out))
+        if not text:
+            continue
+        i = prompt_id(text)
+        if i in found and found[i][1] != out:
+            raise BadInput(f"{path}: rows {row[i]} and {k} give different outputs "
+                           f"('{output_field}') for one prompt ({text[:60]!r}): keep "
+                           "one")  # fmt: skip
+        found.setdefault(i, (text, out))
+        row.setdefault(i, k)
     return found
+
+
+def check_reference(cfg: Config, paths: Paths) -> None:
+    """A reference outputs file (``evaluate.reference.kind=file``) read as soon as the
+    held-out set is drawn, before any iteration: a bad file (a field missing, an output not
+    text, two outputs for one prompt) or one that has none of the held-out prompts stops the
+    run here; one that lacks some is said here."""
+    ref = cfg.evaluate.reference
+    if str(ref.kind) != "file":
+        return
+    ids = set(read_shards(paths.heldout_dir)["prompt_id"].to_pylist())
+    found = outputs(str(ref.path), ref.prompt_field, ref.output_field)
+    have = ids & found.keys()
+    if not have:
+        raise BadInput(f"evaluate.reference.path={ref.path}: none of its {len(found)} prompts "
+                       f"('{ref.prompt_field}') is one of the {len(ids)} held-out prompts: "
+                       "give the reference outputs of the held-out prompts "
+                       "(prompts.heldout_path)")  # fmt: skip
+    if len(have) < len(ids):
+        log.warning(
+            "evaluate.reference.path=%s has outputs for %d of the %d held-out prompts: "
+            "the others are left out of its win rates",
+            ref.path,
+            len(have),
+            len(ids),
+        )
 
 
 def reference(cfg: Config, paths: Paths, i: int, samples: pa.Table) -> Reference:

@@ -102,19 +102,37 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
             raise FileNotFoundError(f"prompts.heldout_path: no such file: {pc.heldout_path}")
         field = pc.heldout_field or pc.field
         key = "prompts.heldout_field" if pc.heldout_field else "prompts.field"
-        heldout = read(pc.heldout_path, pc.heldout_path, field, names, dropped, key)
+        heldout = read(pc.heldout_path, pc.heldout_path, field, names, dropped, key,
+                       "prompts.heldout_path")  # fmt: skip
+        if pc.source == "toy":  # its gold judge and answer check, which evaluate, know its own
+            from iterate.toy import world
+
+            other = next((t for t, _ in heldout if world.parse(t) is None), None)
+            if other is not None:
+                raise BadInput(f"prompts.heldout_path={pc.heldout_path}: {other[:80]!r} is not "
+                               "a toy-world prompt, and with prompts.source=toy the evaluation's "
+                               "gold judge (iterate.toy.world) scores only those: leave "
+                               "prompts.heldout_path unset, or load the training prompts too "
+                               "(prompts.source=file) with a reward for them")  # fmt: skip
     return train, heldout, dropped
 
 
 def read(
-    ds, where: str, field: str, names: list[str], dropped: Counter, key: str = "prompts.field"
+    ds,
+    where: str,
+    field: str,
+    names: list[str],
+    dropped: Counter,
+    key: str = "prompts.field",
+    setting: str = "prompts.path",
 ) -> list[Row]:
-    """The prompt rows of a file (jsonl / json / parquet, or a saved dataset: its path) or a
-    loaded ``datasets`` dataset; empty prompts dropped and counted."""
+    """The prompt rows of a file (jsonl / json / parquet, or a saved dataset: its path, which
+    the config key ``setting`` gave) or a loaded ``datasets`` dataset; empty prompts dropped
+    and counted."""
     if isinstance(ds, str):
         from iterate.preferences import read_rows
 
-        ds = read_rows(ds)
+        ds = read_rows(ds, setting)
     for name, said in ((field, key), *((n, "prompts.fields") for n in names)):
         if name not in ds.column_names:
             raise BadInput(f"{where}: no field '{name}' ({said}; columns: "

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iterate import faults, models, preferences, rewards
-from iterate.config import Config, PreferenceFile, plain
+from iterate.config import Config, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
@@ -65,7 +65,7 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
     fc, dropped = cfg.reward.refresh, Counter()
     if str(fc.judge) == "file":
         path = fc.path.format(iteration=i)
-        got, _, _ = preferences.load_mixture([PreferenceFile(path=path)], cfg.seed)
+        got, _, _ = preferences.load(path, 1.0, cfg.seed, "reward.refresh.path")
         r = ranker(cfg, rm_path).score(
             [p.messages for p in got for _ in (0, 1)],
             [x for p in got for x in (p.chosen, p.rejected)],

@@ -77,7 +77,7 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
     rc, gc, dropped = cfg.reward, cfg.generate, Counter()
     names = list(cfg.prompts.fields)
     rows = sources.read(rc.prompts, rc.prompts, cfg.prompts.field, names, dropped,
-                        "reward.prompts")[: rc.num_pairs]  # fmt: skip
+                        setting="reward.prompts")[: rc.num_pairs]  # fmt: skip
     first = shard_path(paths.reward_model_prompts, 0)
     if not first.exists():  # (a finished stage's file is never written again: a refresh reads it)
         fields = {sources.prompt_id(t): f for t, f in rows} if names else None
@@ -97,8 +97,7 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
             sampling.write_shards(sampler, todo, params, lambda k: seeds.derive("rm", cfg.seed, k),
                                   out, (-1, "reward_model"), "reward-model samples")  # fmt: skip
     samples = read_shards(out)
-    label = rewards.FunctionReward(rc.label_function, rc.score_batch_size, tuple(names),
-                                   str(paths.run), key="reward.label_function")  # fmt: skip
+    label = labeller(cfg, paths)
     texts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
     scores = label.score(texts, responses, desc="reward-model labels")
     by_prompt: dict[str, list[tuple[float, str]]] = {}
@@ -113,6 +112,15 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
         chosen, rejected = (scored[k][1] for k in got)
         pairs.append(Pair(models.as_messages(t), chosen, rejected, where=f"{rc.prompts}: {t}"))
     return pairs, dropped
+
+
+def labeller(cfg: Config, paths: Paths) -> rewards.FunctionReward:
+    """``reward.label_function``: what scores the initial policy's samples (``source=policy``)."""
+    rc = cfg.reward
+    return rewards.FunctionReward(rc.label_function, rc.score_batch_size,
+                                  tuple(cfg.prompts.fields), str(paths.run),
+                                  key="reward.label_function",
+                                  timeout_s=rc.function_timeout_s)  # fmt: skip
 
 
 def split(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
@@ -405,6 +413,8 @@ def train(cfg: Config, paths: Paths) -> dict:
     rc = cfg.reward
     base = rc.base or paths.base_policy
     conf = {"reward": counted(cfg, "reward"), "seed": cfg.seed, "base": base}
+    if rc.source == "policy":  # what labels its pairs: editing the function redoes the stage
+        conf["label_identity"] = labeller(cfg, paths).identity()
     pair = rewards.comparison(cfg)
     if pair is not None:  # a model answering A or B: what it is shown (a Bradley-Terry one: none)
         conf["pairwise_template"] = pair

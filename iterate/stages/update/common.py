@@ -216,6 +216,21 @@ def start(cfg: Config, i: int, policy: str) -> tuple[torch.device, object, progr
     )
 
 
+def no_pairs(paths: Paths, i: int) -> str:
+    """Why iteration i has no pairs: the reward scored no response (inf, NaN or None for
+    each), or it scored a prompt's samples alike (ties)."""
+    label = read_json(paths.stage(i, "label") / DONE, {})
+    if label.get("rows_in") and not label.get("rows_out"):
+        return (f"{paths.stage(i, 'label')}: the reward scored none of the {label['rows_in']} "
+                f"responses (dropped: {label.get('dropped')}): a reward of inf, NaN or None "
+                "for every response has nothing to learn from; check reward.function or "
+                "reward.sources")  # fmt: skip
+    dropped = read_json(paths.stage(i, "pairs") / DONE, {}).get("dropped", {})
+    return (f"{paths.stage(i, 'pairs')}: no pairs to train on (dropped: {dropped}); when the "
+            "reward scores a prompt's samples alike (tie), more samples (generate.n) or a "
+            "reward that tells them apart gives pairs")  # fmt: skip
+
+
 def run_rule(
     cfg: Config,
     paths: Paths,
@@ -235,12 +250,7 @@ def run_rule(
     dev, tok, timer = start(cfg, i, policy)
     examples = load_examples(cfg, paths, i, tok)
     if not examples:
-        dropped = read_json(paths.stage(i, "pairs") / DONE, {}).get("dropped", {})
-        raise BadInput(
-            f"{paths.stage(i, 'pairs')}: no pairs to train on (dropped: {dropped}); when the "
-            "reward scores a prompt's samples alike (tie), more samples (generate.n) or a "
-            "reward that tells them apart gives pairs"
-        )
+        raise BadInput(no_pairs(paths, i))
     with timer("load_s"):
         model = policy_model(cfg, policy, dev)
     if needs_ref:
