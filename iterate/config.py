@@ -489,6 +489,13 @@ class UpdateConfig:
 @dataclass
 class HandoffConfig:
     max_kl: float = 10.0  # reject a policy whose KL(new || reference) exceeds this (nats/seq)
+    # before the evaluation, keep the KL under kl_target x max_kl: of the policies between
+    # the iteration's start and the update's, the nearest the update's that stays under it
+    # (iterate.stages.constrain), measured on the update's samples of this many held-out
+    # prompts; false: the update's policy as it is, accepted or rejected whole
+    constrain: bool = True
+    kl_target: float = 0.8
+    constrain_prompts: int = 32
     # optional length gates, beside the KL budget (the evaluation's main judge: the gold judge,
     # else the run's reward): reject a policy whose held-out responses are longer than this
     # many times the reference's (characters), or whose length-controlled win rate is below

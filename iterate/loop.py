@@ -209,6 +209,8 @@ SUMMARY_KEYS = (
     "steps",
     "skipped_steps",
     "empty_steps",
+    "alpha",
+    "decision",
 )
 
 
@@ -237,7 +239,7 @@ def before_update(
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
     from iterate.report import cards, metrics, track
-    from iterate.stages import evaluate, handoff, heldout, prompts
+    from iterate.stages import constrain, evaluate, handoff, heldout, prompts
     from iterate.stages import reward as refresh
 
     heldout.prompts(cfg, paths)  # the held-out set and the initial policy's samples of it
@@ -257,6 +259,8 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
             else:
                 done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, update.run(cfg, paths, i, policy, reference))
+        if cfg.handoff.constrain:  # the policy within the KL target the evaluation sees
+            done["constrain"] = _log(i, constrain.run(cfg, paths, i, policy, reference))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(metrics.metrics_row(cfg, i, done))

@@ -12,7 +12,10 @@ from pathlib import Path
 
 # The stage vocabulary, in the loop's order (``loop.iterate`` runs them; the report, the run
 # inspector and the benchmarks name them). Which of them a rule reads: ``iterate.rules``.
-STAGES = ("prompts", "generate", "reward", "label", "pairs", "update", "evaluate", "handoff")
+STAGES = (
+    "prompts", "generate", "reward", "label", "pairs", "update", "constrain", "evaluate",
+    "handoff",
+)  # fmt: skip
 
 CONFIG = "config.yaml"  # the resolved config of a run's first invocation: marks a run folder
 TRAIN_LOG = "train_log.jsonl"  # one line per optimiser step, in a stage folder that trains
@@ -107,11 +110,18 @@ class Paths:
         full fine-tuning the whole model."""
         return self.stage(i, "update") / ("adapter" if adapter else "model")
 
+    def constrained_policy(self, i: int, adapter: bool) -> Path:
+        """Where iteration i's KL constraint writes the policy it chose when that is not the
+        update's own (α < 1): the scaled adapter, or the interpolated whole model."""
+        return self.stage(i, "constrain") / ("adapter" if adapter else "model")
+
     def trained_policy(self, i: int) -> tuple[Path, bool]:
-        """Where the update of iteration i left its policy, and whether that is a LoRA
-        adapter (to put on the iteration's starting policy) rather than a whole model."""
-        adapter = self.update_output(i, adapter=True)
-        return (adapter, True) if adapter.exists() else (self.update_output(i, False), False)
+        """The policy iteration i hands on to its evaluation and handoff, and whether that is
+        a LoRA adapter (to put on the iteration's starting policy) rather than a whole model:
+        the KL constraint's where it chose one of its own, else the update's."""
+        adapter = self.update_output(i, adapter=True).exists()
+        constrained = self.constrained_policy(i, adapter)
+        return (constrained if constrained.exists() else self.update_output(i, adapter)), adapter
 
     def value_head(self, i: int) -> Path:
         """PPO's value head after the update of iteration i (carried to the next one)."""

@@ -20,8 +20,9 @@ def run_stages(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
     iteration 0, those of each iteration). The reward model's training when the run trains
     one (any kind that is a model: a Bradley-Terry model, a pairwise model, a judge), the
     held-out set and the initial policy's samples of it; then per iteration the prompts, the
-    rule's stages with the refresh where asked, the update, the evaluation and the
-    handoff."""
+    rule's stages with the refresh where asked, the update, the KL constraint where asked,
+    the evaluation and the handoff."""
     before = ("reward_model",) if rewards.trains_model(cfg) else ()
-    each = ("prompts", *between_stages(cfg), "update", "evaluate", "handoff")
+    constrain = ("constrain",) if cfg.handoff.constrain else ()
+    each = ("prompts", *between_stages(cfg), "update", *constrain, "evaluate", "handoff")
     return (*before, "heldout", "initial_samples"), each

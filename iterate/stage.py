@@ -275,6 +275,9 @@ ADDED = {
     "label_function": None,
     "label_identity": ANY,  # reward.label_function's source (reward_model)
     "samples": 4,
+    "constrain": False,  # the KL constraint before the evaluation (handoff)
+    "kl_target": 0.8,
+    "constrain_prompts": 32,
 }
 
 

@@ -144,6 +144,8 @@ RANGES = {
     "evaluate.batch_size": GE1,
     "threads": GE0,
     "handoff.max_kl": (POS[0], "must be > 0 (nats per sequence)"),
+    "handoff.kl_target": (lambda v: 0 < v <= 1, "must be in (0, 1] (a share of handoff.max_kl)"),
+    "handoff.constrain_prompts": GE1,
     "handoff.max_length_ratio": (lambda v: v is None or v > 0, "must be > 0 (null: no gate)"),
     "handoff.min_lc_win_rate": (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or null"),
     "generate.n": GE1,

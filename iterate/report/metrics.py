@@ -26,6 +26,7 @@ COLUMNS = [  # (key, header, format)
     ("lc_win_rate", "LC", "{:.3f}"),
     ("proxy_gold_gap", "proxy-gold", "{:+.3f}"),
     ("kl_to_reference", "KL", "{:.4f}"),
+    ("alpha", "α", "{:.3g}"),
     ("response_tokens_mean", "tokens", "{:.1f}"),
     ("eos_rate", "EOS", "{:.2f}"),
     ("accepted", "accepted", "{}"),
@@ -90,6 +91,9 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
         **_reward_side(done.get("reward"), done.get("label")),
         "kl_to_reference": ho["kl"]["k1"],
         "kl_k3": ho["kl"]["k3"],
+        # the KL constraint (handoff.constrain): the update's policy at scale alpha, and why
+        "alpha": (done.get("constrain") or {}).get("alpha"),
+        "constrain": (done.get("constrain") or {}).get("decision"),
         "response_tokens_mean": ev.get("response_tokens_mean"),
         "eos_rate": ev.get("eos_rate"),
         "accepted": ho["kl"]["accepted"],

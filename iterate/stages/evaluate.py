@@ -301,6 +301,11 @@ def _judge_conf(part) -> dict:
     return out | ({"function": rewards.function_name(part.function)} if part.function else {})
 
 
+def constrained(cfg: Config, paths: Paths, i: int) -> list:
+    """The KL constraint's stage, where the run has one (it chose the policy evaluated)."""
+    return [paths.stage(i, "constrain")] if cfg.handoff.constrain else []
+
+
 def new_policy(cfg: Config, paths: Paths, i: int, policy: str):
     """The policy the update of iteration i made: its starting policy with the LoRA adapter
     on top (not merged), or the update's full model."""
@@ -329,7 +334,7 @@ def stage_for(
         paths.stage(i, "evaluate"),
         "evaluate",
         conf,
-        inputs=[paths.stage(i, "update"), paths.heldout_dir, *reads],
+        inputs=[paths.stage(i, "update"), *constrained(cfg, paths, i), paths.heldout_dir, *reads],
     )
 
 

@@ -23,6 +23,7 @@ from iterate.config import Config
 from iterate.paths import CARD, Paths
 from iterate.shards import atomic_write_json, link_tree, read_json, write_folder
 from iterate.stage import Stage, counted
+from iterate.stages import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,16 @@ def gate(cfg: Config, evaluation: dict) -> dict:
 
 def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dict:
     hc = cfg.handoff
-    conf = {"handoff": counted(cfg, "handoff"), "policy": policy}
+    conf = {"handoff": counted(cfg, "handoff"), "policy": policy}  # (constrain's own: its stage)
     stage = Stage(
         paths.stage(i, "handoff"),
         "handoff",
         conf,
-        inputs=[paths.stage(i, "update"), paths.stage(i, "evaluate")],
+        inputs=[
+            paths.stage(i, "update"),
+            *evaluate.constrained(cfg, paths, i),
+            paths.stage(i, "evaluate"),
+        ],  # fmt: skip
     )
     if stage.check(cfg.force):
         return stage.read_done()

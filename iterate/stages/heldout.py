@@ -64,11 +64,13 @@ def params(cfg: Config) -> sampling.Params:
 
 
 def sample(
-    cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable
-) -> tuple[pa.Table, dict]:
+    cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable,
+    stage: tuple[int, str] | None = None,
+) -> tuple[pa.Table, dict]:  # fmt: skip
     """Samples of the held-out prompts as shards in ``out`` (resumable; a shard seeded from
     (seed, unit, shard)), from the policy ``put(sampler)`` gives the sampler; returns them
-    and what was dropped."""
+    and what was dropped. ``stage``: (iteration, stage) for the crash tests' kill points
+    (the evaluation of iteration ``unit - 1``, unless said)."""
     gc = cfg.generate
     shards, dropped = sampling.plan(
         tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size
@@ -84,7 +86,7 @@ def sample(
                 params(cfg),
                 lambda k: seeds.derive("heldout", cfg.seed, unit, k),
                 out,
-                (unit - 1, "evaluate"),
+                stage or (unit - 1, "evaluate"),
                 f"held-out samples ({gc.backend})",
             )
             timings = sampler.timings

@@ -1,0 +1,216 @@
+"""Constrain the KL before the handoff: of the policies between the iteration's starting
+policy and the update's, θ_α = θ_prev + α (θ_new − θ_prev), the one with the largest α on a
+grid (k/64) whose KL to the reference stays under the target, ``handoff.kl_target`` ×
+``handoff.max_kl`` (WARP's interpolation towards the initialisation, chosen per iteration).
+
+For a LoRA adapter, θ_α is the adapter with its ``lora_B`` scaled by α: the adapter's
+weight change is ``s · B A``, linear in B, so this is exactly the interpolation of the merged
+weights (dropout plays no part: the policy is evaluated, not trained). For a whole model,
+θ_α is the float32 interpolation of every weight.
+
+The search is cheap and deterministic. The update's policy samples the first
+``handoff.constrain_prompts`` held-out prompts once (``constrain/samples/``, seeded); on
+those fixed responses, KL(θ_α || reference) is the full-vocabulary KL of each response
+position, summed per response and averaged (no sampling per α: at α = 1 it is the
+sequence KL with less noise than the sampled estimator; below 1 it is measured along the
+update's responses, not θ_α's own). α = 1 is tried first (within the target: the update
+is kept whole), then 0 (over the target: the starting policy already is, and so is every
+θ_α: nothing is gained, the update is kept whole for the gate to judge), then ½ and a
+quadratic through the three to guess the crossing, then bisection on the grid, so a rerun
+picks the same α. The evaluation that follows samples θ_α afresh and measures its KL with
+the usual estimator, which the handoff's gate checks against the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from iterate import models, progress
+from iterate.config import Config
+from iterate.paths import Paths
+from iterate.shards import read_shards, write_folder
+from iterate.stage import Stage, counted
+from iterate.stages import heldout
+
+log = logging.getLogger(__name__)
+
+GRID = 64  # α is k / GRID
+
+
+@contextmanager
+def at_scale(model, start: dict[str, torch.Tensor] | None = None):
+    """A function ``set(α)`` that puts ``model`` at θ_α, and on exit back at θ_1: a LoRA
+    model's ``lora_B`` weights scaled by α; with ``start`` (θ_0's weights, float32, by
+    name), every weight at ``start + α (end - start)``, ``end`` the model's own."""
+    names = [n for n, _ in model.named_parameters() if "lora_B" in n] if start is None else start
+    params = dict(model.named_parameters())
+    end = {n: params[n].detach().float().clone() for n in names}
+
+    def put(alpha: float) -> None:
+        with torch.no_grad():
+            for n in names:
+                lo = 0.0 if start is None else start[n]
+                params[n].copy_(lo + alpha * (end[n] - lo))
+
+    try:
+        yield put
+    finally:
+        put(1.0)
+
+
+@torch.no_grad()
+def full_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) -> list[float]:
+    """KL(model || ref) per response: the full-vocabulary KL of each response position,
+    summed over the response's tokens (``ref`` None: the model with its adapter disabled)."""
+    dev = next(model.parameters()).device
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        ids, mask, resp = models.sequence_batch(
+            tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev
+        )
+        logp = models.forward(model, ids, mask).logits[:, :-1].float().log_softmax(-1)
+        with models.reference_of(model, ref) as r:
+            logq = models.forward(r, ids, mask).logits[:, :-1].float().log_softmax(-1)
+        per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
+        out += (per_token * resp).sum(-1).tolist()
+    return out
+
+
+def search(
+    kl_at: Callable[[float], float], target: float, top: int = GRID
+) -> tuple[float, str, dict]:
+    """The largest α = k / GRID below ``top / GRID`` (or 1 itself when ``top`` is the whole
+    grid) with ``kl_at(α) <= target``, KL rising with α; the decision (``whole``,
+    ``constrained``, or ``start over target``) and every α tried with its KL. ``top`` below
+    the grid: an α known to be over the target already (an earlier round's)."""
+    tried: dict[float, float] = {}
+
+    def kl(k: int) -> float:
+        a = k / GRID
+        if a not in tried:
+            tried[a] = kl_at(a)
+        return tried[a]
+
+    if top == GRID and kl(GRID) <= target:
+        return 1.0, "whole", tried
+    if kl(0) > target:
+        return 1.0, "start over target", tried
+    lo, hi, half = 0, top, top // 2  # kl(lo) <= target < kl(hi)
+    if 0 < half < top:
+        lo, hi = (half, hi) if kl(half) <= target else (lo, half)
+        # a quadratic through 0, top / 2 and top guesses where it crosses the target
+        t, y0, yh, y1 = top / GRID, kl(0), kl(half), kl(top)
+        a2 = 2 * (y1 - 2 * yh + y0) / t**2  # y = a2 α² + a1 α + y0
+        a1 = (4 * yh - y1 - 3 * y0) / t
+        if guess := [r for r in _roots(a2, a1, y0 - target) if lo / GRID < r < hi / GRID]:
+            k = min(max(round(guess[0] * GRID), lo + 1), hi - 1)
+            if lo < k < hi:
+                lo, hi = (k, hi) if kl(k) <= target else (lo, k)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if kl(mid) <= target else (lo, mid)
+    return lo / GRID, "constrained", tried
+
+
+def _roots(a: float, b: float, c: float) -> list[float]:
+    if abs(a) < 1e-12:
+        return [-c / b] if abs(b) > 1e-12 else []
+    d = b * b - 4 * a * c
+    if d < 0:
+        return []
+    return sorted(((-b - math.sqrt(d)) / (2 * a), (-b + math.sqrt(d)) / (2 * a)))
+
+
+def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> Stage:
+    conf = {
+        "handoff": {k: v for k, v in counted(cfg, "handoff").items() if k in KEYS},
+        **heldout.sample_conf(cfg),
+        "policy": policy,
+        "reference": reference,
+    }
+    return Stage(paths.stage(i, "constrain"), "constrain", conf,
+                 inputs=[paths.stage(i, "update"), paths.heldout_dir])  # fmt: skip
+
+
+KEYS = ("max_kl", "kl_target", "constrain_prompts")  # the handoff settings it reads
+
+
+ROUNDS = 2  # samplings: of the update's policy, then of the α it gave
+
+
+def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+    """Iteration i's constrained policy: α and, below 1, its adapter or model in
+    ``constrain/`` (``Paths.trained_policy`` then gives it to the evaluation and the
+    handoff). The search runs on the update's samples, then once more on samples of the α
+    it chose (the KL along θ_α's own responses, not the update's), which is the α kept."""
+    hc = cfg.handoff
+    stage = stage_for(cfg, paths, i, policy, reference)
+    if stage.check(cfg.force):
+        return stage.read_done()
+    timer = progress.Timer()
+    dev, dtype = models.device(str(cfg.device)), str(cfg.model.dtype)
+    adapter = paths.update_output(i, True).exists()
+    trained = paths.update_output(i, adapter)
+    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    with timer("load_s"):
+        if adapter:
+            model, start = models.load_policy(policy, "float32", dev, str(trained)), None
+        else:
+            model = models.load_policy(str(trained), "float32", dev)
+            before = dict(models.load_policy(policy, "float32", dev).named_parameters())
+            start = {n: before[n].detach() for n, _ in model.named_parameters()}
+        same = adapter and reference == policy  # the reference: the adapter disabled
+        ref = None if same else models.load_policy(reference, "float32", dev)
+    held = read_shards(paths.heldout_dir).slice(0, hc.constrain_prompts)
+    target, alpha, top, rounds = hc.kl_target * hc.max_kl, 1.0, GRID, []
+    with at_scale(model, start) as put_alpha:
+        for r in range(ROUNDS):
+            put_alpha(alpha)
+            with timer("sample_s"):
+                put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
+                samples, _ = heldout.sample(cfg, tok, held, stage.path / f"samples_{r}",
+                                            1000 * (i + 1) + r, put, (i, "constrain"))  # fmt: skip
+            prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
+            responses = samples["response_ids"].to_pylist()
+
+            def kl_at(a: float, prompts=prompts, responses=responses) -> float:
+                put_alpha(a)
+                each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
+                return sum(each) / len(each)
+
+            with timer("search_s"):  # below what an earlier round found over the target
+                chosen, decision, tried = search(kl_at, target, top)
+            rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
+                           "tried": [{"alpha": a, "kl": round(k, 6)}
+                                     for a, k in sorted(tried.items())]})  # fmt: skip
+            log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
+                     target, alpha, chosen, decision,
+                     ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items())))  # fmt: skip
+            if r and decision != "constrained":  # (its start over: the first round's stands)
+                chosen = alpha
+            if decision != "constrained" or chosen == alpha:
+                break
+            over = [a for a, k in tried.items() if k > target and a > chosen]
+            top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
+            alpha = chosen
+        alpha = chosen
+        if alpha < 1:
+            put_alpha(alpha)
+            with timer("save_s"):
+                if not adapter:
+                    model.to(models.DTYPES[dtype])  # (saved in the policy's dtype)
+                save = lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))  # noqa: E731
+                write_folder(paths.constrained_policy(i, adapter), save)
+    return stage.finish(
+        alpha=alpha,
+        decision=rounds[-1]["decision"] if alpha == 1 else "constrained",
+        target=target,
+        rounds=rounds,
+        sequences=len(responses),
+        timings=timer.seconds,
+    )

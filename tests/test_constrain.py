@@ -1,0 +1,141 @@
+"""The KL constraint before the handoff (``iterate.stages.constrain``): the α search on the
+grid, a LoRA adapter at scale α as the merged interpolation, a whole model's interpolation,
+the full-vocabulary KL by hand, and a run whose updates overshoot the target handing on the
+scaled policy."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from iterate import loop, models
+from iterate.stages import constrain
+
+from .conftest import compose_cfg
+
+
+def test_the_search_finds_the_largest_alpha_on_the_grid_under_the_target():
+    """A KL rising with α: the largest k/64 at or under the target, found in a few
+    evaluations (ends, half, a quadratic guess, bisection) and the same on a rerun; α = 1
+    when the whole update is within the target; 1 with ``start over target`` when even α = 0
+    is over (nothing to gain); below ``top`` when an earlier round found it over."""
+    calls = []
+
+    def kl(a: float) -> float:
+        calls.append(a)
+        return 3 * a**2 + 0.5 * a
+
+    alpha, decision, tried = constrain.search(kl, 1.0)
+    best = max(k for k in range(65) if kl(k / 64) <= 1.0) / 64
+    calls.clear()
+    assert (alpha, decision) == (best, "constrained") and 0 < alpha < 1
+    assert all(k <= 1.0 for a, k in tried.items() if a <= alpha)
+    assert min(k for a, k in tried.items() if a > alpha) > 1.0
+    assert len(tried) <= 8 and constrain.search(kl, 1.0)[:2] == (alpha, decision)
+    assert constrain.search(kl, 5.0)[:2] == (1.0, "whole")
+    assert constrain.search(lambda a: 2.0 + a, 1.0)[:2] == (1.0, "start over target")
+    under = constrain.search(lambda a: a, 0.9, top=32)  # 0.5 was over in an earlier round
+    assert under[0] == 31 / 64 and 1.0 not in under[2]
+
+
+def test_a_lora_adapter_at_scale_alpha_is_the_merged_interpolation(tiny_cfg, tiny_world):
+    """Scaling the adapter's lora_B by α gives the weights θ_prev + α (θ_new − θ_prev) of the
+    merged models, to 1e-5; on exit the adapter is whole again. A whole model's
+    interpolation puts every weight there."""
+    from iterate.stages.update import common
+
+    model = common.policy_model(tiny_cfg, str(tiny_world), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+
+    def merged() -> dict:
+        w = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "get_delta_weight"):
+                w[name] = module.base_layer.weight + module.get_delta_weight("default")
+        return {k: v.detach().clone() for k, v in w.items()}
+
+    whole = merged()
+    with model.disable_adapter():
+        prev = {n: m.base_layer.weight.detach().clone() for n, m in model.named_modules()
+                if hasattr(m, "get_delta_weight")}  # fmt: skip
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    before = model(input_ids=ids).logits
+    with constrain.at_scale(model) as put:
+        for alpha in (0.0, 0.3, 1.0):
+            put(alpha)
+            now = merged()
+            for k in now:
+                want = prev[k] + alpha * (whole[k] - prev[k])
+                assert torch.allclose(now[k], want, atol=1e-5), (k, alpha)
+        put(0.0)
+        with model.disable_adapter():
+            assert torch.allclose(model(input_ids=ids).logits, model.base_model(input_ids=ids)
+                                  .logits)  # fmt: skip
+    assert torch.allclose(model(input_ids=ids).logits, before)
+    plain = models.load_policy(str(tiny_world))
+    start = {n: p.detach().clone() * 0.5 for n, p in plain.named_parameters()}
+    end = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    with constrain.at_scale(plain, start) as put:
+        put(0.25)
+        for n, p in plain.named_parameters():
+            assert torch.allclose(p, start[n] + 0.25 * (end[n] - start[n]))
+
+
+def test_the_full_vocabulary_kl_by_hand(tiny_cfg, tiny_world):
+    """Per response: the sum over its positions of sum_v p(v) (log p(v) - log q(v)), p the
+    policy's next-token distribution and q the reference's given the same prefix; 0 for
+    the policy against itself."""
+    from iterate.stages.update import common
+
+    model = common.policy_model(tiny_cfg, str(tiny_world), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    tok = models.load_tokenizer(str(tiny_world))
+    prompts = [models.prompt_ids(tok, "Greet Anna."), models.prompt_ids(tok, "Name 2 fruits.")]
+    responses = [[40, 41, 42], [50, 51]]
+    got = constrain.full_kl(model, None, tok, prompts, responses, 1)
+    for (p, r), k in zip(zip(prompts, responses), got):
+        ids = torch.tensor([p + r])
+        logp = model(input_ids=ids).logits[0].log_softmax(-1)
+        with model.disable_adapter():
+            logq = model(input_ids=ids).logits[0].log_softmax(-1)
+        at = range(len(p) - 1, len(p) + len(r) - 1)  # the positions that predict the response
+        want = sum(float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in at)
+        assert k == pytest.approx(want, rel=1e-4) and k > 0
+    assert constrain.full_kl(model, model, tok, prompts, responses, 2) == pytest.approx([0, 0])
+
+
+@pytest.mark.slow
+def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_path):
+    """A DPO update far over a small KL budget: the constraint picks α < 1 on two rounds of
+    samples, writes the scaled adapter, and the evaluation and the handoff use it (its KL is
+    the one measured, and it is accepted); α is in the metrics row and the table. With
+    ``handoff.constrain=false`` the run has no such stage."""
+    from iterate.plan import run_stages
+    from iterate.report import metrics
+
+    base = ["experiment=toy_tiny", "generate=transformers", "iteration=1", "update.lr=5e-3",
+            "handoff.max_kl=0.05", "reward.train=false", f"reward.path={tiny_rm}",
+            f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"]  # fmt: skip
+    [row] = loop.run(compose_cfg(base), tmp_path / "on")
+    run = tmp_path / "on" / "iter_000"
+    done = json.loads((run / "constrain" / "_DONE.json").read_text())
+    assert done["decision"] == "constrained" and 0 < done["alpha"] < 1
+    assert done["alpha"] * 64 == int(done["alpha"] * 64) and len(done["rounds"]) in (1, 2)
+    first = done["rounds"][0]["tried"]
+    assert first[-1]["alpha"] == 1 and first[-1]["kl"] > done["target"] == pytest.approx(0.04)
+    assert (run / "constrain" / "adapter" / "adapter_config.json").exists()
+    evaluated = json.loads((run / "evaluate" / "_DONE.json").read_text())
+    assert "constrain" in json.dumps(evaluated["config"]["inputs"])  # it judged that policy
+    assert row["alpha"] == done["alpha"] and row["constrain"] == "constrained"
+    assert row["accepted"] and " α " in metrics.table([row])
+    assert math.isfinite(row["kl_to_reference"])
+    assert "constrain" not in run_stages(compose_cfg([*base, "handoff.constrain=false"]))[1]
