@@ -137,5 +137,7 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     assert "constrain" in json.dumps(evaluated["config"]["inputs"])  # it judged that policy
     assert row["alpha"] == done["alpha"] and row["constrain"] == "constrained"
     assert row["accepted"] and " α " in metrics.table([row])
+    card = (run / "handoff" / "policy" / "README.md").read_text()
+    assert f"the update taken at α={done['alpha']:.4g} of its way" in card
     assert math.isfinite(row["kl_to_reference"])
     assert "constrain" not in run_stages(compose_cfg([*base, "handoff.constrain=false"]))[1]

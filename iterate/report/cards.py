@@ -164,7 +164,13 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         f"- **Update:** {uc.name}, {how}",
         "- **Settings the update read:** " + ", ".join(f"{k}={v}" for k, v in hyper.items()),
         f"- **KL reference:** {which_policy(update['reference'], paths)}; the handoff's budget"
-        f" {cfg.handoff.max_kl} nats per sequence: {verdict}",
+        f" {cfg.handoff.max_kl} nats per sequence: {verdict}"
+        + (
+            f"; the update taken at α={a:.4g} of its way from the starting policy, the most that"
+            f" kept the KL under {cfg.handoff.kl_target:g} of the budget (the KL constraint)"
+            if (a := rows[-1].get("alpha")) is not None and a < 1
+            else ""
+        ),  # fmt: skip
         "",
         "## Use",
         "",
