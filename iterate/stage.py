@@ -235,7 +235,10 @@ COUNTED = {
         "heldout_path", "heldout_field",
     ),
     "pairs": ("rule", "length_penalty", "min_margin"),
-    "handoff": ("max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference"),
+    "handoff": (
+        "max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference", "constrain",
+        "kl_target", "constrain_prompts",
+    ),
 }  # fmt: skip
 
 

@@ -214,7 +214,7 @@ def test_an_evaluation_judge_is_hashed_by_its_source(tmp_path):
     now = stage()
     assert set(now.config["judge_identity"]) == {"gold", "correct", "chars"}
     earlier = {k: v for k, v in now.config.items() if k not in ("judge_identity", "inputs")}
-    inputs = [paths.stage(0, "update"), paths.heldout_dir]
+    inputs = [paths.stage(0, "update"), *evaluate.constrained(cfg, paths, 0), paths.heldout_dir]
     Stage(now.path, "evaluate", earlier, inputs).finish()  # recorded by an earlier version
     assert stage().check() is True
     shutil.rmtree(now.path)
