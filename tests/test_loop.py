@@ -67,9 +67,13 @@ def _stage_files(i: int) -> set[str]:
     samples = {
         f"{it}/evaluate/samples/shard_0000{k}.parquet" for k in range(4)
     }  # 16 held-out prompts
-    stages = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
+    # the KL constraint's samples of the held-out prompts (one round: the update was within
+    # the target, no scaled adapter)
+    samples |= {f"{it}/constrain/samples_0/shard_0000{k}.parquet" for k in range(4)}
+    stages = ("prompts", "generate", "label", "pairs", "update", "constrain", "evaluate", "handoff")
     done = {f"{it}/{s}/{f}" for s in stages for f in ("_DONE.json", "_CONFIG.json")}
-    plans = {f"{it}/{s}/_PLAN.json" for s in ("generate", "update", "evaluate/samples")}
+    planned = ("generate", "update", "evaluate/samples", "constrain/samples_0")
+    plans = {f"{it}/{s}/_PLAN.json" for s in planned}
     return (
         gen
         | lab
@@ -418,7 +422,8 @@ def _is_rank(cmdline: Path, update: Path) -> bool:
         return False
 
 
-REJECT_ALL = ("iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2")  # a budget nothing meets
+# a budget nothing meets, the update judged whole (no KL constraint to take it part of the way)
+REJECT_ALL = ("iteration=2", "handoff.max_kl=1e-9", "update.lr=2e-2", "handoff.constrain=false")
 
 
 def _cfg(tiny_cache, tiny_rm, tmp_path, *extra):
