@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Protocol
 from iterate.config import Config
 from iterate.errors import BadInput
 from iterate.stage import DONE
+from iterate.stage import folder_sum as weights_sum  # a reward model's weights
 
 # (no torch at import: the loop and validation read this module without loading it)
 
@@ -228,20 +229,6 @@ class JudgeReward(ModelReward):
     def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer"):
         """P(a ≻ b) per row, both orders averaged (NaN: neither order judged); compare mode."""
         return self.judge().prefer(prompts, a, b, desc)[0]
-
-
-def weights_sum(folder: Path) -> str:
-    """A checksum of every file in a model folder (an ensemble's members included; large
-    weight files by their size and ends, ``stage.file_sum``): a reward model whose weights
-    changed since a stage scored with it is a changed input of that stage, not the same
-    reward under the same name."""
-    from iterate.stage import config_hash, file_sum
-
-    def part(p: Path) -> bool:  # not a download cache, nor a trainer's checkpoint in it
-        return not any(x.startswith((".", "checkpoint-")) for x in p.relative_to(folder).parts)
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and part(p))
-    return config_hash({str(p.relative_to(folder)): file_sum(p) for p in files})
 
 
 def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Path]:

@@ -138,6 +138,19 @@ def file_sum(path: Path, canonical: bool = True) -> str:
     return h.hexdigest()
 
 
+def folder_sum(folder: Path) -> str:
+    """A checksum of every file in a folder (``file_sum`` each; an ensemble's members
+    included), leaving out hidden files and a trainer's ``checkpoint-*``: what a model folder
+    from outside the run is, so new weights under the same name are a changed input."""
+    folder = Path(folder)
+
+    def part(p: Path) -> bool:  # not a download cache, nor a trainer's checkpoint in it
+        return not any(x.startswith((".", "checkpoint-")) for x in p.relative_to(folder).parts)
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and part(p))
+    return config_hash({str(p.relative_to(folder)): file_sum(p) for p in files})
+
+
 def output_files(folder: Path) -> dict[str, dict]:
     """Bytes and checksum of every file a stage wrote (model folders included)."""
     out = {}
@@ -267,7 +280,7 @@ RETIRED = {
 # it was while the setting has that value; once recorded, a change of it counts.
 ANY = object()
 ADDED = {
-    "reward_weights": ANY,  # an outside reward model's checksum (rewards.weights_sum)
+    "reward_weights": ANY,  # an outside reward model's checksum (folder_sum)
     "max_length_ratio": None,  # the handoff's length gates
     "min_lc_win_rate": None,
     "heldout_path": None,  # a held-out prompts file

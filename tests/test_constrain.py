@@ -39,18 +39,24 @@ def test_the_search_finds_the_largest_alpha_on_the_grid_under_the_target():
     assert under[0] == 31 / 64 and 1.0 not in under[2]
 
 
+def _trained_adapter(cfg, world, which: str):
+    """The tiny policy with a LoRA adapter whose ``which`` weights are random (as if
+    trained: the fresh adapter's B is 0), in eval mode (no dropout)."""
+    from iterate.stages.update import common
+
+    model = common.policy_model(cfg, str(world), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if which in n:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
 def test_a_lora_adapter_at_scale_alpha_is_the_merged_interpolation(tiny_cfg, tiny_world):
     """Scaling the adapter's lora_B by α gives the weights θ_prev + α (θ_new − θ_prev) of the
     merged models, to 1e-5; on exit the adapter is whole again. A whole model's
     interpolation puts every weight there."""
-    from iterate.stages.update import common
-
-    model = common.policy_model(tiny_cfg, str(tiny_world), torch.device("cpu"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = _trained_adapter(tiny_cfg, tiny_world, "lora_")
 
     def merged() -> dict:
         w = {}
@@ -90,14 +96,7 @@ def test_the_full_vocabulary_kl_by_hand(tiny_cfg, tiny_world):
     """Per response: the sum over its positions of sum_v p(v) (log p(v) - log q(v)), p the
     policy's next-token distribution and q the reference's given the same prefix; 0 for
     the policy against itself."""
-    from iterate.stages.update import common
-
-    model = common.policy_model(tiny_cfg, str(tiny_world), torch.device("cpu"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = _trained_adapter(tiny_cfg, tiny_world, "lora_B")
     tok = models.load_tokenizer(str(tiny_world))
     prompts = [models.prompt_ids(tok, "Greet Anna."), models.prompt_ids(tok, "Name 2 fruits.")]
     responses = [[40, 41, 42], [50, 51]]

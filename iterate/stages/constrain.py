@@ -74,6 +74,8 @@ def full_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) ->
             tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev
         )
         logp = models.forward(model, ids, mask).logits[:, :-1].float().log_softmax(-1)
+        # (the reference's side is computed again for every α: kept, a batch's log-probs over
+        # the whole vocabulary would hold a real model's memory many times over)
         with models.reference_of(model, ref) as r:
             logq = models.forward(r, ids, mask).logits[:, :-1].float().log_softmax(-1)
         per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
@@ -158,14 +160,16 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     trained = paths.update_output(i, adapter)
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     with timer("load_s"):
+        ref = None  # the reference: the adapter disabled, or the starting policy's model
         if adapter:
             model, start = models.load_policy(policy, "float32", dev, str(trained)), None
         else:
             model = models.load_policy(str(trained), "float32", dev)
-            before = dict(models.load_policy(policy, "float32", dev).named_parameters())
+            ref = models.load_policy(policy, "float32", dev)
+            before = dict(ref.named_parameters())
             start = {n: before[n].detach() for n, _ in model.named_parameters()}
-        same = adapter and reference == policy  # the reference: the adapter disabled
-        ref = None if same else models.load_policy(reference, "float32", dev)
+        if reference != policy:
+            ref = models.load_policy(reference, "float32", dev)
     held = read_shards(paths.heldout_dir).slice(0, hc.constrain_prompts)
     target, alpha, top, rounds = hc.kl_target * hc.max_kl, 1.0, GRID, []
     with at_scale(model, start) as put_alpha:

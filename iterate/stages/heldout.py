@@ -34,7 +34,7 @@ from iterate.shards import (
     write_plan,
     write_shard,
 )
-from iterate.stage import DONE, Stage, counted, file_sum
+from iterate.stage import DONE, Stage, counted, file_sum, folder_sum
 from iterate.stages import prompts as sources
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,8 @@ def reference_conf(cfg: Config, paths: Paths, i: int) -> tuple[dict, list[Path]]
         j = started_from(paths, i)
         return {"kind": "previous"}, [paths.stage(j, "evaluate")] if j is not None else []
     p = Path(str(ref.path))
-    from iterate.rewards import weights_sum
-
     return {"kind": "file", "outputs": {
-        "sha256": file_sum(p) if p.is_file() else weights_sum(p),
+        "sha256": file_sum(p) if p.is_file() else folder_sum(p),
         "prompt_field": ref.prompt_field, "output_field": ref.output_field,
     }}, []  # fmt: skip
 
