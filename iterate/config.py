@@ -502,6 +502,10 @@ class HandoffConfig:
     # this (or cannot be fitted)
     max_length_ratio: float | None = None
     min_lc_win_rate: float | None = None
+    # reject a policy that loses to the one it would replace: its held-out win rate against
+    # the starting policy's samples, judged by the run's reward, below 1/2 less this many
+    # standard errors (clustered by prompt); null: not asked
+    reward_tolerance_se: float | None = 1.0
     on_reject: OnReject = OnReject.stop
     reference: Reference = Reference.initial  # the next iteration's reference policy
 

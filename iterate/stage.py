@@ -250,7 +250,7 @@ COUNTED = {
     "pairs": ("rule", "length_penalty", "min_margin"),
     "handoff": (
         "max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference", "constrain",
-        "kl_target", "constrain_prompts",
+        "kl_target", "constrain_prompts", "reward_tolerance_se",
     ),
 }  # fmt: skip
 
@@ -294,6 +294,7 @@ ADDED = {
     "constrain": False,  # the KL constraint before the evaluation (handoff)
     "kl_target": 0.8,
     "constrain_prompts": 32,
+    "reward_tolerance_se": None,  # the handoff's gate against the starting policy
 }
 
 

@@ -148,6 +148,7 @@ RANGES = {
     "handoff.constrain_prompts": GE1,
     "handoff.max_length_ratio": (lambda v: v is None or v > 0, "must be > 0 (null: no gate)"),
     "handoff.min_lc_win_rate": (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or null"),
+    "handoff.reward_tolerance_se": (lambda v: v is None or v >= 0, "must be >= 0 or null"),
     "generate.n": GE1,
     "generate.temperature": (GE0[0], "must be >= 0 (0: greedy)"),
     "generate.top_p": UNIT,

@@ -198,9 +198,25 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
 
     from .conftest import compose_cfg
 
-    ev = {"kl": {"k1": 2.0, "k3": 1.9}, "length_ratio": 1.6, "lc_win_rate": 0.48}
+    before = {"iteration": None, "win_rate": 0.47, "win_rate_se": 0.04}
+    ev = {"kl": {"k1": 2.0, "k3": 1.9, "k1_se": 0.5}, "length_ratio": 1.6, "lc_win_rate": 0.48,
+          "vs_previous": before}  # fmt: skip
     plain = compose_cfg([])
-    assert handoff.gate(plain, ev)["accepted"]  # no length gate asked: the KL alone
+    got = handoff.gate(plain, ev)  # no length gate asked: the KL and the reward's
+    assert got["accepted"] and got["k1_upper"] == 2.98  # 2 + 1.96 x 0.5
+    assert got["min_win_rate_vs_previous"] == 0.46  # 1/2 - 1 x 0.04: 0.47 passes
+    # a policy that loses to the one it would replace by more than a standard error does not
+    lost = handoff.gate(plain, {**ev, "vs_previous": {**before, "iteration": 1, "win_rate": 0.44}})
+    assert lost["failed"] == [
+        "reward's win rate against the iteration 1's policy 0.44 < 0.46 (1/2 - 1 se)"
+    ]  # fmt: skip
+    nothing = handoff.gate(plain, {**ev, "vs_previous": {}})  # not measured: not passed
+    assert nothing["failed"] == ["reward's win rate against the initial policy none (not "
+                                 "measured) (1/2 - 1 se)"]  # fmt: skip
+    off = compose_cfg(["handoff.reward_tolerance_se=null"])
+    assert handoff.gate(off, {**ev, "vs_previous": {}})["accepted"]
+    strict = compose_cfg(["handoff.reward_tolerance_se=0"])  # (the policy must not lose at all)
+    assert handoff.gate(strict, ev)["failed"][0].endswith("0.47 < 0.5 (1/2 - 0 se)")
     cfg = compose_cfg(["handoff.max_length_ratio=1.5", "handoff.min_lc_win_rate=0.5"])
     got = handoff.gate(cfg, ev)
     assert not got["accepted"] and got["failed"] == [
@@ -216,7 +232,8 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     assert unmeasured["failed"] == ["length ratio none (not measured) > 1.5"]
     both = handoff.gate(cfg, {**ev, "kl": {"k1": 12.0, "k3": 11.0}})
     assert both["failed"][0] == "KL 12 > 10" and len(both["failed"]) == 3
-    for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5"):
+    for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5",
+                "handoff.reward_tolerance_se=-1"):  # fmt: skip
         with pytest.raises(BadInput, match=bad.split("=")[0]):
             validate.check(compose_cfg([bad]))
 

@@ -132,7 +132,12 @@ def _text(t: pa.Table) -> tuple[list, list]:
 
 
 def scores(
-    cfg: Config, paths: Paths, samples: pa.Table, reward: Reward, ref: heldout.Reference
+    cfg: Config,
+    paths: Paths,
+    samples: pa.Table,
+    reward: Reward,
+    ref: heldout.Reference,
+    prev: heldout.Reference | None = None,
 ) -> tuple[dict, pa.Table]:
     """What the judges say of the held-out samples: the reward's mean (and gold's, in the toy
     world), and per judge (the run's reward, the gold judge, ``evaluate.judges``) the win
@@ -140,7 +145,10 @@ def scores(
     judge's figures flat (``main_figures``). Against the initial policy's samples, whatever
     the reference, ``proxy_win_rate`` (the reward's) and ``win_rate_vs_initial`` (gold's):
     their difference, ``proxy_gold_gap``, is over-optimisation on one scale (the proxy says
-    the policy beats the initial one more often than the gold judge does). A pointwise judge
+    the policy beats the initial one more often than the gold judge does). Against the
+    samples of the policy the iteration started from (``prev``; None or a ``table`` of None:
+    the initial policy's), the reward's win rate, ``vs_previous``: what the handoff asks of
+    a new policy, that it does not lose to the one it would replace. A pointwise judge
     scores both sides, a higher score wins and equal ones tie; a comparing one (a pairwise
     model, a comparing judge) is asked, both orders. Also each sample's reward, spread and
     gold, in the label stage's schema (what the run inspector and the trackers' sample
@@ -149,6 +157,8 @@ def scores(
     against = {"init": heldout.Reference(init, heldout.aligned(samples, init), {})}
     if ref.table is not None:  # (None: the initial samples themselves)
         against["ref"] = ref
+    if prev is not None and prev.table is not None and ref.info["kind"] != "previous":
+        against["prev"] = prev  # (the reference already, where that is the previous policy)
     tables = {"new": samples, **{k: r.table for k, r in against.items()}}
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
     jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
@@ -217,6 +227,12 @@ def scores(
     }
     initial = figures if side == "init" else {n: versus(n, "init")[0] for n in ("reward", "gold")
                                              if n in judges}  # fmt: skip
+    last = "prev" if "prev" in against else "ref" if ref.info["kind"] == "previous" else None
+    before = versus("reward", last)[0] if last in against else initial["reward"]
+    out["vs_previous"] = {
+        "iteration": (prev.info if prev else {}).get("iteration"),
+        **{k: before[k] for k in ("win_rate", "win_rate_se", "ties", "prompts") if k in before},
+    }
     if judges["reward"][1] is None:  # a comparing reward's scores are tournament shares
         out["heldout_reward_mean"] = initial["reward"].get("win_rate")  # (mean one half)
         if unjudged := initial["reward"].get("unjudged"):
@@ -321,6 +337,8 @@ def stage_for(
     """Iteration i's evaluate stage: its identity is the sampling, the policy and the KL's
     reference, the run's reward, the reference responses and every judge's own identity."""
     against, reads = heldout.reference_conf(cfg, paths, i)
+    j = heldout.started_from(paths, i)  # the policy it started from: its samples (vs_previous)
+    reads += [paths.stage(j, "evaluate")] if j is not None and not reads else []
     conf = {
         **heldout.sample_conf(cfg),
         "policy": policy,
@@ -361,10 +379,12 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         per_seq = kl(cfg, tok, model, reference, policy, samples)
     with timer("score_s"):
         ref = heldout.reference(cfg, paths, i, samples)
-        measured, each = scores(cfg, paths, samples, reward, ref)
+        prev = heldout.previous(paths, i, samples)
+        measured, each = scores(cfg, paths, samples, reward, ref, prev)
     write_shard(each, shard_path(paths.evaluation_scores(i), 0))
     kl_info = {
         "k1": _mean(per_seq["k1"]),
+        "k1_se": round(winrate.clustered_se(per_seq["k1"], samples["prompt_id"].to_pylist()), 4),
         "k3": _mean(per_seq["k3"]),
         "sequences": len(per_seq["k1"]),
         "reference": reference,

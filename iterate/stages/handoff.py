@@ -49,12 +49,28 @@ def gate(cfg: Config, evaluation: dict) -> dict:
     """Accept the new policy when its KL(new || reference), k1, is within the budget and,
     where asked, its held-out responses are not longer than ``max_length_ratio`` times the
     reference's and its length-controlled win rate is at least ``min_lc_win_rate`` (the
-    evaluation's main judge). A gate asked for whose figure is missing (no judge figures, a
-    rate that could not be fitted) fails: a gate that cannot be checked does not pass. The
-    decision names every condition that failed."""
+    evaluation's main judge), and, with ``reward_tolerance_se``, when the run's reward does
+    not prefer the policy the iteration started from: the new policy's held-out win rate
+    against it (``vs_previous``) is at least one half less that many standard errors. A gate
+    asked for whose figure is missing (no judge figures, a rate that could not be fitted)
+    fails: a gate that cannot be checked does not pass. The decision names every condition
+    that failed. Beside the KL, the upper end of its 95% interval (``k1_upper``, from its
+    standard error over prompts) is recorded."""
     hc = cfg.handoff
     kl = {**evaluation["kl"], "max_kl": hc.max_kl}
     failed = [f"KL {kl['k1']:.4g} > {hc.max_kl:g}"] if kl["k1"] > hc.max_kl else []
+    if kl.get("k1_se") is not None:
+        kl["k1_upper"] = round(kl["k1"] + 1.96 * kl["k1_se"], 4)
+    if (tol := hc.reward_tolerance_se) is not None:
+        prev = kl["vs_previous"] = evaluation.get("vs_previous") or {}
+        wr, se = prev.get("win_rate"), prev.get("win_rate_se")
+        floor = None if wr is None else round(0.5 - tol * se, 4)
+        kl["min_win_rate_vs_previous"] = floor
+        if wr is None or wr < floor:
+            was = "initial" if prev.get("iteration") is None else f"iteration {prev['iteration']}'s"
+            shown = "none (not measured)" if wr is None else f"{wr:.3g} < {floor:.3g}"
+            failed.append(f"reward's win rate against the {was} policy {shown} "
+                          f"(1/2 - {tol:g} se)")  # fmt: skip
     if hc.max_length_ratio is not None:
         ratio = kl["length_ratio"] = evaluation.get("length_ratio")
         kl["max_length_ratio"] = hc.max_length_ratio

@@ -216,18 +216,27 @@ def check_reference(cfg: Config, paths: Paths) -> None:
         )
 
 
+def previous(paths: Paths, i: int, samples: pa.Table) -> Reference:
+    """The held-out samples of the policy iteration ``i`` started from, aligned with
+    ``samples``: the evaluation's of the iteration that handed it off, or a ``table`` of
+    None where that is the initial policy (its samples are the initial ones)."""
+    j = started_from(paths, i)
+    info = {"kind": "previous", "iteration": j}
+    if j is None:
+        return Reference(None, [], info)
+    table = read_shards(paths.evaluation_samples(j), SCHEMAS["generate"])
+    return Reference(table, aligned(samples, table), info)
+
+
 def reference(cfg: Config, paths: Paths, i: int, samples: pa.Table) -> Reference:
     """What iteration ``i``'s held-out samples are compared with (``evaluate.reference``);
     a ``table`` of None where that is the initial policy's samples (``previous`` in an
     iteration that started from the initial policy too)."""
     ref, kind = cfg.evaluate.reference, str(cfg.evaluate.reference.kind)
-    if kind != "file":
-        j = started_from(paths, i) if kind == "previous" else None
-        info = {"kind": kind} | ({"iteration": j} if kind == "previous" else {})
-        if j is None:
-            return Reference(None, [], info)
-        table = read_shards(paths.evaluation_samples(j), SCHEMAS["generate"])
-        return Reference(table, aligned(samples, table), info)
+    if kind == "initial":
+        return Reference(None, [], {"kind": kind})
+    if kind == "previous":
+        return previous(paths, i, samples)
     ids = samples["prompt_id"].to_pylist()
     found = outputs(str(ref.path), ref.prompt_field, ref.output_field)
     have = sorted({p for p in ids if p in found})
