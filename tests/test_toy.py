@@ -143,3 +143,28 @@ def test_a_damaged_cached_world_is_built_again_and_a_dead_builds_folder_cleaned(
     assert len(weights.read_bytes()) == len(truncated) + 64
     assert not dead.exists()
     assert cachekey._damaged(world_dir) is None
+
+
+def test_the_toy_pool_draws_its_written_prompts_first_then_the_wider_grammar(tmp_path):
+    """Five iterations of the demo's 120 prompts fit the toy pool: the written training
+    prompts are drawn first, in the seeded order they had alone (the demo's three iterations
+    draw what they drew before the pool grew), then the wider grammar's, each one scored by
+    the gold judge and none held out or in the SFT data."""
+    from iterate.paths import Paths
+    from iterate.stages import prompts
+
+    cfg = compose_cfg(["iteration=5", "prompts.per_iteration=120"])
+    train, held, *_ = prompts.pools(cfg)
+    written, _ = world.split(cfg.toy.heldout_fraction)
+    n = len(written)
+    assert {t for t in train[:n]} == {i.prompt for i in written}
+    assert [t for t in train if t in {i.prompt for i in written}] == train[:n]  # first
+    wider = train[n:]
+    assert len(wider) == len(world.WIDER) >= 2 * 120 and not set(wider) & set(held)
+    assert all(world.gold_score(t, world.best_response(world.parse(t))) == 1.25 for t in wider)
+    sft = set(world.corpus(random.Random(0)))
+    assert not any(t in s for t in wider[:50] for s in sft)
+    prompts.check_pool(cfg, Paths(run=tmp_path, base_policy=""))  # 5 x 120 fit
+    with pytest.raises(Exception, match="iterations 0..6 need 840"):
+        prompts.check_pool(compose_cfg(["iteration=7", "prompts.per_iteration=120"]),
+                           Paths(run=tmp_path, base_policy=""))  # fmt: skip

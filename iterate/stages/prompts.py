@@ -88,6 +88,7 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
         train_items, heldout_items = world.split(cfg.toy.heldout_fraction)
         row = lambda i: (i.prompt, {n: getattr(i, n) for n in names})  # noqa: E731
         train, heldout = [row(i) for i in train_items], [row(i) for i in heldout_items]
+        train += [row(i) for i in world.WIDER]  # drawn after the written ones (``pools``)
     elif pc.source == "file":
         if not pc.path or not Path(pc.path).exists():
             raise FileNotFoundError(f"prompts.path: no such file: {pc.path}")
@@ -214,6 +215,11 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict, dict | None
         if len(train) < before:
             dropped["held_out"] += before - len(train)
     train = _dedupe_shuffle(train, cfg.seed, dropped)
+    if cfg.prompts.source == "toy":  # the written prompts first, then the wider grammar's
+        from iterate.toy import world
+
+        wider = {i.prompt for i in world.WIDER}
+        train.sort(key=lambda t: t in wider)  # (stable: each tier in its shuffled order)
     if heldout:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
     else:  # one pool: the first prompts of the shuffled order are held out

@@ -161,6 +161,23 @@ def parse(prompt: str) -> Instruction | None:
     return None
 
 
+def _wider() -> list[Instruction]:
+    """Instructions of the grammar beyond the written ones (larger sums, later counts, six
+    items, the categories' other words), in a fixed order: the toy prompt pool's second tier,
+    drawn after every written training prompt (so a long run has prompts to draw), never
+    held out and never in the SFT data."""
+    texts = [f"What is {a} plus {b}?" for a in range(13) for b in range(13)]
+    texts += [f"What is {a} minus {b}?" for a in range(13) for b in range(a + 1)]
+    texts += [f"Count from {a} to {a + n - 1}." for a in range(31, 56) for n in range(3, 7)]
+    texts += [f"{verb} 6 {cat}." for cat in CATEGORIES for verb in ("Name", "List")]
+    texts += [f"Repeat {w} {k} times." for items in CATEGORIES.values() for w in items[4:]
+              for k in range(2, 6)]  # fmt: skip
+    return [parse(t) for t in texts if t not in _BY_PROMPT]
+
+
+WIDER = _wider()
+
+
 def random_instruction(family: str, rng: random.Random) -> Instruction:
     """An instruction of ``family`` drawn from the whole grammar."""
     if family == "arithmetic":
