@@ -38,16 +38,6 @@ class Aggregate(StrEnum):
     min = "min"  # worst-case
 
 
-class RewardKind(StrEnum):
-    model = "model"  # a Bradley-Terry reward model (or an ensemble): trained here or loaded
-    function = "function"  # a Python function of (prompts, responses): reward.function
-    mixture = "mixture"  # a weighted sum of sources: reward.sources
-    # a pairwise preference model (a causal LM answering "A" or "B"), trained here or loaded
-    pairwise = "pairwise"
-    # a generative judge: a causal LM prompted to compare or score, sampled, its answer parsed
-    judge = "judge"
-
-
 class JudgeMode(StrEnum):
     compare = "compare"  # which of two responses is better (A, B or C for a tie), both orders
     score = "score"  # a number for one response
@@ -216,22 +206,8 @@ class PreferenceFile:
 
 
 @dataclass
-class RewardSourceConfig:
-    """One source of a mixture (``reward.kind: mixture``): its values are kept in a column of
-    their own (``source_<name>``) beside the weighted sum, the reward."""
-
-    kind: RewardKind = RewardKind.function  # model or function
-    function: str | None = None  # kind=function: as reward.function
-    # kind=model: a reward model folder; null: the run's own (trained here, or reward.path;
-    # the one the refresh updates). Scored with reward.max_length, dtype, chat_template
-    path: str | None = None
-    weight: float = 1.0
-    name: str | None = None  # its column: source_<name>; null: the function's name, or "model"
-
-
-@dataclass
 class JudgeConfig:
-    """A generative judge (``reward.kind: judge``; ``iterate.judge``): the model at
+    """A generative judge (``reward.kind: judge``; ``rewards.judge_model``): the model at
     ``reward.path`` (or trained here like a pairwise model, mode=compare) is shown a prompt in
     its chat template, sampled through the run's sampler, and its answer parsed. An answer
     the pattern does not find is sampled again (``retries``), then dropped and counted;
@@ -242,13 +218,32 @@ class JudgeConfig:
     # {response} (score); null: iterate/templates/pairwise.txt or judge_score.txt
     template: str | None = None
     # a regular expression whose first group is the verdict (A, B or C) or the score; the
-    # first match counts; null: the mode's default (iterate.judge.PATTERNS)
+    # first match counts; null: the mode's default (iterate.rewards.judge_model.PATTERNS)
     pattern: str | None = None
     max_tokens: int = 8  # tokens the judge may write per answer
     temperature: float = 0.0  # 0: greedy; retries then sample at temperature 1
     retries: int = 2  # further samples of an answer the pattern does not find
     low: float = 1.0  # mode=score: the lowest score a judge may give (outside: unparsed)
     high: float = 10.0  # mode=score: the highest
+
+
+@dataclass
+class RewardSourceConfig:
+    """One source of a mixture (``reward.kind: mixture``; its values are kept in a column of
+    their own, ``source_<name>``, beside the weighted sum, the reward), or an evaluation judge
+    (``evaluate.judges``): a reward of its kind with its own settings."""
+
+    # a reward kind (iterate.rewards.kinds): a mixture's source scores responses one by one
+    # (model or function); an evaluation judge may be of any kind but mixture
+    kind: str = "function"
+    function: str | None = None  # kind=function: as reward.function
+    # kind=model: a reward model folder; null: the run's own (trained here, or reward.path;
+    # the one the refresh updates). Scored with reward.max_length, dtype, chat_template
+    path: str | None = None
+    weight: float = 1.0
+    name: str | None = None  # its column: source_<name>; null: the function's name, or the kind
+    pairwise_template: str | None = None  # kind=pairwise (an evaluation judge): as reward's
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # kind=judge: as reward.judge
 
 
 @dataclass
@@ -275,7 +270,10 @@ class RewardConfig:
     a pairwise preference model or a generative judge."""
 
     name: str = MISSING
-    kind: RewardKind = RewardKind.model
+    # a row of the reward-kind table (iterate.rewards.kinds): model, function, mixture,
+    # pairwise (a pairwise preference model answering A or B, trained here or loaded) or
+    # judge (a generative judge: a causal LM prompted to compare or score, its answer parsed)
+    kind: str = "model"
     # kind=function: package.module:function or path/to/file.py:function, called as
     # f(prompts, responses) -> one float per response (None or NaN: that row is dropped)
     function: str | None = None

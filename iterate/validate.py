@@ -9,79 +9,12 @@ import math
 import re
 from pathlib import Path
 
-from iterate import packaged, rewards
+from iterate import rewards
+from iterate.checks import model_config, model_folder, need, reward_folder
 from iterate.config import Config, plain
 from iterate.errors import BadInput
+from iterate.rewards.function import check_spec
 from iterate.rules import rule
-from iterate.shards import read_json
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
-
-
-def _need(ok: bool, key: str, value, says: str) -> None:
-    if not ok:
-        raise BadInput(f"{key}={value!r}: {says}")
-
-
-def hub_id(name: str | None) -> str | None:
-    """``name`` when it reads as a hub repository id (``org/name``) and is no local path;
-    else None."""
-    if not name or Path(name).exists() or name.startswith((".", "/", "~")):
-        return None
-    return name if HUB_ID.match(name) else None
-
-
-def _model_folder(key: str, path: str | None, what: str) -> None:
-    """A local folder with a config.json, or something shaped like a hub id."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "config.json").exists() and not (p / "ensemble.json").exists():
-            raise BadInput(
-                f"{key}={path!r}: the folder has no config.json; point it at a saved {what} "
-                "(save_pretrained) folder"
-            )
-        return
-    if name := packaged.which(path):
-        raise BadInput(f"{key}={path!r}: the folder of the packaged model {name} is not made "
-                       f"yet: {packaged.command(name)}")  # fmt: skip
-    if not hub_id(path):
-        raise BadInput(
-            f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"
-        )
-
-
-def reward_head(key: str, path: str, architectures: list[str] | None) -> None:
-    """A checkpoint used as a reward model must have a score head: a causal LM (or any
-    other head) loaded as one would get a random head, and its rewards would be noise that
-    a run optimises without a word. (Training a reward model here starts from a causal LM
-    on purpose: ``reward.base``.)"""
-    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise BadInput(
-            f"{key}={path!r}: a {architectures[0]} checkpoint, not a reward model (it has no "
-            "score head: its rewards would be random); point it at a sequence-classification "
-            f"checkpoint, or train one here from it (reward.train=true reward.base={path})"
-        )
-
-
-def _model_config(path: str | None) -> dict:
-    """A local model folder's config.json ({} for a hub id, or a damaged file, which the
-    load names)."""
-    if not path:
-        return {}
-    try:
-        return read_json(Path(path) / "config.json") or {}
-    except BadInput:
-        return {}
-
-
-def _reward_folder(key: str, path: str | None) -> None:
-    """A reward model's folder: loadable, and with a score head when its config says."""
-    _model_folder(key, path, "reward model")
-    if path:
-        reward_head(key, path, _model_config(path).get("architectures"))
-
 
 GE1 = (lambda v: v >= 1, "must be >= 1")
 GE0 = (lambda v: v >= 0, "must be >= 0")
@@ -205,33 +138,33 @@ def _numbers(obj, prefix: str = ""):
 def check(cfg: Config) -> None:
     """Raise ``BadInput`` for the first bad setting found."""
     for key, value in _numbers(plain(cfg)):  # nan (or inf) passes every comparison's test
-        _need(not math.isnan(value), key, value, "must be a number")
-        _need(math.isfinite(value) or key in ALLOW_INF, key, value, "must be finite")
+        need(not math.isnan(value), key, value, "must be a number")
+        need(math.isfinite(value) or key in ALLOW_INF, key, value, "must be finite")
     runs, run = Path(cfg.runs_dir).resolve(), (Path(cfg.runs_dir) / cfg.run_name).resolve()
-    _need(run != runs and run.is_relative_to(runs), "run_name", cfg.run_name,
+    need(run != runs and run.is_relative_to(runs), "run_name", cfg.run_name,
           "must name a folder inside runs_dir")  # fmt: skip
     for key, (ok, says) in RANGES.items():
         value = _get(cfg, key)
-        _need(ok(value), key, value, says)
+        need(ok(value), key, value, says)
     uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
     sc = pc.synthetic
-    _need(sc.max_words >= sc.min_words, "prompts.synthetic.max_words", sc.max_words,
+    need(sc.max_words >= sc.min_words, "prompts.synthetic.max_words", sc.max_words,
           f"must be >= prompts.synthetic.min_words ({sc.min_words})")  # fmt: skip
     if not rule(uc.name).on_policy:
-        _need(
+        need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
         )
-        _need(gc.temperature > 0, "generate.temperature", gc.temperature,
+        need(gc.temperature > 0, "generate.temperature", gc.temperature,
               f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
               "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)")  # fmt: skip
     if rule(uc.name).groups:
         room = f"must be in [0, generate.max_tokens={gc.max_tokens})"
-        _need(0 <= uc.overlong_buffer < gc.max_tokens, "update.overlong_buffer",
+        need(0 <= uc.overlong_buffer < gc.max_tokens, "update.overlong_buffer",
               uc.overlong_buffer, room)  # fmt: skip
-        _need(gc.temperature > 0, "generate.temperature", gc.temperature,
+        need(gc.temperature > 0, "generate.temperature", gc.temperature,
               f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
               "alike, so every advantage is 0")  # fmt: skip
-    _need(
+    need(
         gc.max_tokens < cfg.model.max_length,
         "generate.max_tokens",
         gc.max_tokens,
@@ -239,7 +172,7 @@ def check(cfg: Config) -> None:
     )
     _together(cfg)
     _device(cfg)
-    _model_folder("model.path", cfg.model.path, "model")
+    model_folder("model.path", cfg.model.path, "model")
     _positions("model.max_length", cfg.model.max_length, cfg.model.path, cfg)
     _memory(cfg)
     _reward(cfg)
@@ -257,13 +190,13 @@ def check(cfg: Config) -> None:
         for k, d in enumerate(rc.data):
             if not Path(d.path).exists():
                 raise BadInput(f"reward.data[{k}].path={d.path!r}: no such file or folder")
-            _need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
+            need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
     if rewards.trains_model(cfg) and str(rc.source) == "policy":
         if not rc.prompts or not Path(rc.prompts).exists():
             raise BadInput(f"reward.prompts={rc.prompts!r}: no such file or folder (the "
                            "initial policy's prompts for reward.source=policy)")  # fmt: skip
-        _function("reward.label_function", rc.label_function, cfg)
-        _need(rc.samples >= 2, "reward.samples", rc.samples, "must be >= 2 (a pair per prompt)")
+        check_spec(cfg, "reward.label_function", rc.label_function)
+        need(rc.samples >= 2, "reward.samples", rc.samples, "must be >= 2 (a pair per prompt)")
 
 
 def _together(cfg: Config) -> None:
@@ -317,11 +250,11 @@ def _positions(key: str, max_length: int, path: str | None, cfg: Config) -> None
     if path is None:
         have, name = cfg.toy.max_position_embeddings, "the toy world's model"
     else:
-        config = _model_config(path)
+        config = model_config(path)
         config = {**config.get("text_config", {}), **config}
         have = next((config[k] for k in POSITIONS if isinstance(config.get(k), int)), None)
         name = path
-    _need(have is None or max_length <= have, key, max_length,
+    need(have is None or max_length <= have, key, max_length,
           f"{name} has {have} positions: at most {have} tokens of prompt and response "
           f"(lower {key})")  # fmt: skip
 
@@ -354,10 +287,10 @@ def _memory(cfg: Config) -> None:
         ("evaluate.samples", cfg.prompts.heldout * cfg.evaluate.samples,
          f"{cfg.prompts.heldout} held-out prompts"),
     ):  # fmt: skip
-        need, gib = rows * tokens, 2**30
-        _need(need <= total // 2, key, _get(cfg, key),
+        held, gib = rows * tokens, 2**30
+        need(held <= total // 2, key, _get(cfg, key),
               f"{what} with this many samples each, of up to {cfg.model.max_length} tokens, "
-              f"hold ~{need / gib:.0f} GiB at once; this machine has {total / gib:.0f} GiB "
+              f"hold ~{held / gib:.0f} GiB at once; this machine has {total / gib:.0f} GiB "
               "(fewer samples, or a smaller generate.shard_size)")  # fmt: skip
 
 
@@ -373,55 +306,12 @@ def _trackers(cfg: Config) -> None:
             )
 
 
-def _function(key: str, spec: str | None, cfg: Config) -> None:
-    """A reward function importable (its module loads and has the function), and every
-    prompt-row field it needs named in ``prompts.fields``."""
-    if not spec:
-        raise BadInput(f"{key} is not set: package.module:function or path/to/file.py:function")
-    fn, _ = rewards.load_function(spec, key)
-    _, needed, _ = rewards.takes(fn)
-    if missing := sorted(needed - set(cfg.prompts.fields)):
-        raise BadInput(
-            f"{key}={spec}: it takes {', '.join(map(repr, missing))}, not a setting but a "
-            f"field of the prompt rows: name it in prompts.fields (prompts.fields="
-            f"[{','.join(sorted(needed))}]; the prompts' source needs that column), or give "
-            "the parameter a default"
-        )
-
-
-def _mixture(cfg: Config) -> None:
-    """Each source of a mixture: a function or a model, named once."""
-    sources = cfg.reward.sources
-    _need(bool(sources), "reward.sources", [], "reward.kind=mixture needs sources: "
-          "[{kind: model, weight: 1}, {kind: function, function: ..., weight: -0.01}]")  # fmt: skip
-    names = [rewards.source_name(p) for p in sources]
-    for k, (part, name) in enumerate(zip(sources, names, strict=True)):
-        key = f"reward.sources[{k}]"
-        _need(str(part.kind) in ("model", "function"), f"{key}.kind", str(part.kind),
-              "must be model or function")  # fmt: skip
-        _need(re.fullmatch(r"\w+", name) is not None and names.count(name) == 1
-              and name != "reward", f"{key}.name", name, "must be a word (letters, digits, _) "
-              "that no other source has, not 'reward' (the sum's): it names the source's "
-              "column, source_<name>")  # fmt: skip
-        if str(part.kind) == "function":
-            _function(f"{key}.function", part.function, cfg)
-        elif part.path:
-            _reward_folder(f"{key}.path", part.path)
-    weights = [p.weight for p in sources]
-    _need(
-        any(weights),
-        "reward.sources[*].weight",
-        weights,
-        "at least one must not be 0 "
-        "(every weight 0: a reward of 0 for every response, nothing to learn from)",
-    )
-
-
 def _evaluation(cfg: Config) -> None:
-    """The evaluation's reference file and its judges: found at start-up, each judge a
-    function, a reward model or a pairwise model, named once."""
+    """The evaluation's reference file and its judges: found at start-up, each judge of a
+    kind that can be one (``Kind.evaluator``) with its own settings checked by its kind, a
+    model named by its path, each named once."""
     ref = cfg.evaluate.reference
-    _need(
+    need(
         (str(ref.kind) == "file") == bool(ref.path),
         "evaluate.reference.path",
         ref.path,
@@ -434,11 +324,12 @@ def _evaluation(cfg: Config) -> None:
 
         heldout.outputs(str(ref.path), ref.prompt_field, ref.output_field)
     names = [rewards.source_name(p) for p in cfg.evaluate.judges]
+    can = [k.name for k in rewards.KINDS.values() if k.evaluator]
     for k, (part, name) in enumerate(zip(cfg.evaluate.judges, names, strict=True)):
         key = f"evaluate.judges[{k}]"
-        _need(str(part.kind) in ("function", "model", "pairwise"), f"{key}.kind",
-              str(part.kind), "must be function, model or pairwise")  # fmt: skip
-        _need(
+        row = rewards.kind(part.kind, f"{key}.kind")
+        need(row.evaluator, f"{key}.kind", str(part.kind), f"must be {', '.join(can)}")
+        need(
             re.fullmatch(r"[\w-]+", name) is not None
             and names.count(name) == 1
             and name not in ("reward", "gold"),
@@ -447,100 +338,37 @@ def _evaluation(cfg: Config) -> None:
             "must be a word "
             "that no other judge has, not 'reward' nor 'gold' (the run's own judges)",
         )
-        if str(part.kind) == "function":
-            _function(f"{key}.function", part.function, cfg)
-        else:
-            _need(bool(part.path), f"{key}.path", part.path, "must name the judge's model")
-            if str(part.kind) == "pairwise":
-                _model_folder(f"{key}.path", part.path, "pairwise model")
-            else:
-                _reward_folder(f"{key}.path", part.path)
+        if row.folder:
+            need(bool(part.path), f"{key}.path", part.path, "must name the judge's model")
+            _folder(row, f"{key}.path", part.path)
+        row.check(cfg, part, key)
 
 
-def _pairwise(cfg: Config) -> None:
-    """A pairwise model compares the responses to a prompt: for the pair rules' best-of-n
-    samples, one model (not an ensemble), a template it can be shown."""
-    from iterate import pairwise
-
-    rc = cfg.reward
-    if rule(cfg.update.name).on_policy and not rule(cfg.update.name).groups:
-        raise BadInput(
-            f"reward.kind=pairwise: a pairwise model compares responses to a prompt, and "
-            f"update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, raft), "
-            "a group rule (grpo, rloo, reinforce_pp) or a pointwise reward"
-        )
-    _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
-          "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
-    pairwise.template(rc.pairwise_template)  # names what the template lacks
-    _causal_lm(rc, "a pairwise model is a causal LM that answers A or B")
-
-
-def _judge(cfg: Config) -> None:
-    """A generative judge: a template and a parser it can use, room for its answer, one
-    model; a comparing judge only for the pair rules, a scoring one only loaded."""
-    from iterate import judge
-
-    rc, js = cfg.reward, cfg.reward.judge
-    mode = str(js.mode)
-    if mode == "compare" and rule(cfg.update.name).on_policy and not rule(cfg.update.name).groups:
-        raise BadInput(
-            f"reward.judge.mode=compare: a comparing judge compares responses to a prompt, "
-            f"and update={cfg.update.name} rolls out one per prompt; use a pair rule (dpo, "
-            "raft), a group rule (grpo, rloo, reinforce_pp) or reward.judge.mode=score"
-        )
-    if mode == "score" and rc.train:
-        raise BadInput("reward.kind=judge with reward.judge.mode=score: a scoring judge is "
-                       "not trained here; set reward.path to the judge model and "
-                       "reward.train=false")  # fmt: skip
-    _need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
-          "must be 1 for reward.kind=judge (one judge model)")  # fmt: skip
-    _need(rc.workers == 1, "reward.workers", rc.workers, "must be 1 for reward.kind=judge: "
-          "the judge samples on the run's engines (generate.workers)")  # fmt: skip
-    judge.template(mode, js.template)  # names what the template lacks
-    judge.pattern(mode, js.pattern)  # names a parser that is no regular expression
-    _need(0 < js.max_tokens < rc.max_length // 2, "reward.judge.max_tokens", js.max_tokens,
-          f"must be above 0 and leave reward.max_length={rc.max_length} room for what the "
-          "judge is shown (at most half of it)")  # fmt: skip
-    _need(js.retries >= 0, "reward.judge.retries", js.retries, "must be 0 or more")
-    _need(js.temperature >= 0, "reward.judge.temperature", js.temperature, "must be 0 or more")
-    _need(js.low < js.high, "reward.judge.low", js.low, f"must be below reward.judge.high="
-          f"{js.high}")  # fmt: skip
-    _causal_lm(rc, "a judge is a causal LM that writes its answer")
-
-
-def _causal_lm(rc, says: str) -> None:
-    """A loaded reward.path that must be a causal LM (a pairwise model, a judge) is one."""
-    if rc.path and not rc.train:
-        arch = _model_config(rc.path).get("architectures") or []
-        _need(not arch or any(a.endswith("ForCausalLM") for a in arch), "reward.path", rc.path,
-              f"a {arch[0] if arch else '?'} checkpoint: {says}")  # fmt: skip
+def _folder(row, key: str, path: str) -> None:
+    """A model of a kind's: a reward model's folder with a score head, another a model's."""
+    if row.folder == "reward model":
+        reward_folder(key, path)
+    else:
+        model_folder(key, path, row.folder)
 
 
 def _reward(cfg: Config) -> None:
-    """The reward model's folders, the reward function importable, or a mixture's sources:
-    found at start-up, not after generation."""
+    """The run's reward, checked by its kind (a function importable, a mixture's sources, a
+    pairwise model's or a judge's settings), and its model's folders: found at start-up,
+    not after generation."""
     rc = cfg.reward
-    if str(rc.kind) == "function":
-        _function("reward.function", rc.function, cfg)
-    if str(rc.kind) == "mixture":
-        _mixture(cfg)
-    if str(rc.kind) == "pairwise":
-        _pairwise(cfg)
-    if str(rc.kind) == "judge":
-        _judge(cfg)
+    row = rewards.kind(rc.kind)
+    row.check(cfg, rc, "reward")
     if not rewards.has_model(cfg):
         return
     if not rc.train:
         if not rc.path:
             raise BadInput("reward.path is not set but reward.train is false: set one or the other")
-        if str(rc.kind) in ("pairwise", "judge"):
-            _model_folder("reward.path", rc.path, f"{rc.kind} model")
-        else:
-            _reward_folder("reward.path", rc.path)
+        _folder(rewards.model_row(cfg), "reward.path", rc.path)
     base = (rc.base or cfg.model.path) if rc.train else rc.path
     _positions("reward.max_length", rc.max_length, base, cfg)
     if rc.base:
-        _model_folder("reward.base", rc.base, "model")
+        model_folder("reward.base", rc.base, "model")
 
 
 def _refresh(cfg: Config) -> None:
@@ -552,7 +380,7 @@ def _refresh(cfg: Config) -> None:
             f"reward.refresh.pairs={fc.pairs}: the refresh learns from best-of-n samples, which "
             f"update={cfg.update.name} does not draw (its rollouts are inside its update)"
         )
-    _need(fc.pairs >= 2 or str(fc.judge) == "file", "reward.refresh.pairs", fc.pairs,
+    need(fc.pairs >= 2 or str(fc.judge) == "file", "reward.refresh.pairs", fc.pairs,
           "must be >= 2 (a fifth of the judged pairs measures the refreshed model)")  # fmt: skip
     judge = str(fc.judge)
     if judge == "gold" and str(cfg.prompts.source) != "toy":
@@ -564,7 +392,7 @@ def _refresh(cfg: Config) -> None:
     if judge == "model":
         if not fc.judge_path:
             raise BadInput("reward.refresh.judge=model needs reward.refresh.judge_path")
-        _reward_folder("reward.refresh.judge_path", fc.judge_path)
+        reward_folder("reward.refresh.judge_path", fc.judge_path)
     if judge == "file" and (not fc.path or "{iteration}" not in fc.path):
         raise BadInput(
             f"reward.refresh.path={fc.path!r}: judge=file needs a path with {{iteration}} "

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import rewards, scoring
+from iterate import rewards
 from iterate.paths import Paths
 from iterate.report import sweep
+from iterate.rewards import scorer as scoring
 from iterate.stages import reward as refresh
 from iterate.stages import reward_model
 from iterate.toy import world

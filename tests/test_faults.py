@@ -378,7 +378,8 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     and dropped in generation's plan and in labelling, never a crash and never trained on."""
     import pyarrow as pa
 
-    from iterate import models, sampling, scoring
+    from iterate import models, sampling
+    from iterate.rewards import scorer as scoring
     from iterate.stages import label
     from iterate.stages.prompts import SCHEMA, prompt_id
 
@@ -455,12 +456,13 @@ def test_files_that_are_not_what_their_names_say_are_named_with_their_setting(tm
 def test_a_conversation_cut_to_the_reward_models_length_is_said(tiny_world, caplog):
     """A reference answer (or any response) longer than ``reward.max_length`` is scored on its
     first tokens: a warning counts those cut, naming the setting; none when all fit."""
-    from iterate import models, scoring
+    from iterate import models
+    from iterate.rewards import scorer as scoring
 
     tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
     model, _ = scoring.load_model(str(tiny_world), "float32", new_head=True)
     scorer = scoring.Scorer(model, tok, 64)
-    with caplog.at_level(logging.WARNING, logger="iterate.scoring"):
+    with caplog.at_level(logging.WARNING, logger="iterate.rewards.scorer"):
         scorer.score(["Greet Anna."] * 2, ["Hello!", "Hello Anna, " * 20], desc="reference")
         assert "reference: 1 of 2 conversations reach reward.max_length=64 tokens" in caplog.text
         caplog.clear()

@@ -1,5 +1,5 @@
-"""The generative judge (``iterate.judge``, ``reward.kind=judge``): how its answers parse
-(hand-written answers), how both orders and a tournament make its rewards (hand-computed),
+"""The generative judge (``rewards.judge_model``, ``reward.kind=judge``): how its answers
+parse (hand-written answers), how both orders and a tournament make its rewards (hand-computed),
 what is refused at start-up, a miniature Llama-3 judge asked in its real chat template
 through a vLLM engine, and a run whose judge (trained here) labels with every answer kept in
 ``label/judgements/``."""
@@ -11,8 +11,10 @@ import math
 
 import pytest
 
-from iterate import judge, pairwise, rewards, sampling, validate
+from iterate import rewards, sampling, validate
 from iterate.errors import BadInput
+from iterate.rewards import judge_model as judge
+from iterate.rewards import pairwise_model as pairwise
 
 from .conftest import compose_cfg
 

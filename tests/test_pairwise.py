@@ -1,4 +1,4 @@
-"""The pairwise preference model (``iterate.pairwise``): its preference is the A/B token
+"""The pairwise preference model (``rewards.pairwise_model``): its preference is the A/B token
 probabilities of a real causal LM, both orders averaged (computed here by hand); the
 tournament that turns preferences into rewards; its training loss; what is refused at
 start-up; and a run that trains one, labels with it and asks it for the win rate."""
@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from iterate import pairwise, rewards, validate
+from iterate import rewards, validate
 from iterate.errors import BadInput
+from iterate.rewards import pairwise_model as pairwise
 
 from .conftest import compose_cfg
 

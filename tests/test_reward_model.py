@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from iterate import scoring
 from iterate.paths import Paths
+from iterate.rewards import scorer as scoring
 from iterate.stage import StageConfigChanged
 from iterate.stages import reward_model
 

@@ -214,7 +214,7 @@ def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
 def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
     """Loaded as a reward model, a causal LM gets a random score head; its rewards would
     be noise a run optimises without a word. Refused at start-up and at load."""
-    from iterate import validate
+    from iterate import checks, validate
     from iterate.errors import BadInput
 
     lm = tmp_path / "lm"
@@ -226,9 +226,9 @@ def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
     (lm / "config.json").write_text(
         json.dumps({"architectures": ["LlamaForSequenceClassification"]})
     )
-    validate._reward_folder("reward.path", str(lm))  # a score head: accepted
+    checks.reward_folder("reward.path", str(lm))  # a score head: accepted
     with pytest.raises(BadInput, match="reward.base="):
-        validate.reward_head("reward.path", "x", ["GPT2LMHeadModel"])
+        checks.reward_head("reward.path", "x", ["GPT2LMHeadModel"])
 
 
 def test_a_reward_function_that_takes_a_row_field_needs_it_named(tmp_path):

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from iterate import loop, losses, models, sampling, scoring
+from iterate import loop, losses, models, sampling
 from iterate.report import runinfo, show
-from iterate.scoring import Scorer
+from iterate.rewards import scorer as scoring
+from iterate.rewards.scorer import Scorer
 from iterate.shards import read_shards
 from iterate.stages.update import common, group, ppo, remax, rl
 

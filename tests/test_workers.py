@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import models, rewards, sampling, scoring, workers
-from iterate.reward_pool import RewardPool
+from iterate import models, rewards, sampling, workers
+from iterate.rewards import scorer as scoring
+from iterate.rewards.pool import RewardPool
 from iterate.shards import shard_paths
 
 from .conftest import ROOT
@@ -107,7 +108,7 @@ def test_two_scoring_workers_give_the_rewards_of_one(tiny_cfg, tiny_world, tmp_p
 WORKERS_OF_A_KILLED_RUN = """
 import os, signal, sys, time
 from iterate import rewards
-from iterate.reward_pool import RewardPool
+from iterate.rewards.pool import RewardPool
 
 pool = RewardPool(rewards.FunctionReward(sys.argv[1]), 2, 1)
 jobs = {k: (["Hi."], ["Hello!" * (k + 1)]) for k in range(4)}

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from iterate import rewards, scoring
+from iterate import rewards
+from iterate.rewards import scorer as scoring
 
 
 def responses(n: int, seed: int) -> list[tuple[str, str]]:

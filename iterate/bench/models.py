@@ -97,7 +97,7 @@ def reward_path(name: str, toy: ToyConfig) -> str:
     out = src.with_name(src.name + "-rm")
     if (out / "config.json").exists():
         return str(out)
-    from iterate import scoring
+    from iterate.rewards import scorer as scoring
 
     torch.manual_seed(0)
     model, tok = scoring.load_model(str(src), new_head=True)

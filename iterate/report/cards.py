@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 from iterate import rewards
+from iterate.checks import hub_id
 from iterate.config import Config
 from iterate.paths import CARD, Paths
 from iterate.report.metrics import table
 from iterate.rules import rule
 from iterate.shards import atomic_write_bytes, read_json
 from iterate.stage import DONE
-from iterate.validate import hub_id
 
 
 def _reference(cfg: Config, row: dict) -> str:
@@ -99,29 +99,7 @@ def _reward_line(cfg: Config, row: dict) -> str:
     """What the reward was: a model, a judge, a function, or a mixture's sources with their
     weights and this iteration's means; and how often it ordered samples as the gold judge
     does."""
-    rc = cfg.reward
-    if str(rc.kind) == "mixture":
-        means = row.get("source_means") or {}
-        parts = [
-            f"{p.weight:g} x {rewards.source_name(p)}"
-            + (f" (`{p.function}`)" if str(p.kind) == "function" else "")
-            + (f", mean {means[rewards.source_name(p)]:+.4f}" if rewards.source_name(p) in means
-               else "")
-            for p in rc.sources
-        ]  # fmt: skip
-        line = f"- **Reward:** {rc.name}, the sum of " + "; ".join(parts)
-    elif str(rc.kind) == "judge":
-        js = rc.judge
-        line = (
-            f"- **Reward:** {rc.name}, a generative judge ({js.mode} mode, {js.max_tokens} "
-            f"tokens per answer at temperature {js.temperature:g}, {js.retries} retries)"
-        )
-        if (parsed := row.get("judge_parsed_first_try")) is not None:
-            line += f"; {parsed:.1%} of its answers parsed at the first try"
-    elif rewards.has_model(cfg):
-        line = f"- **Reward model:** {rc.name}"
-    else:
-        line = f"- **Reward:** {rc.name}, the function `{rc.function}`"
+    line = rewards.kind(cfg.reward.kind).card(cfg, row)
     if (agree := row.get("reward_gold_agreement")) is not None:
         line += f" (orders {agree:.1%} of sample pairs as the gold judge does)"
     return line

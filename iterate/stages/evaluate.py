@@ -32,8 +32,8 @@ from iterate import losses, models, progress, rewards, sampling, winrate
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.paths import Paths
-from iterate.reward_pool import RewardPool
 from iterate.rewards import Reward
+from iterate.rewards.pool import RewardPool
 from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
 from iterate.stage import Stage
 from iterate.stages import heldout

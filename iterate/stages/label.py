@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from iterate import faults, models, rewards
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.reward_pool import RewardPool
+from iterate.rewards.pool import RewardPool
 from iterate.shards import (
     SCHEMAS,
     atomic_write_json,

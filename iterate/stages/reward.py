@@ -36,7 +36,7 @@ from iterate.config import Config, plain
 from iterate.models import as_messages
 from iterate.paths import Paths
 from iterate.preferences import Pair
-from iterate.scoring import members
+from iterate.rewards.scorer import members
 from iterate.shards import SCHEMAS, atomic_write_json, read_json, read_shards, write_shard
 from iterate.stage import Stage, counted
 from iterate.stages import pairs

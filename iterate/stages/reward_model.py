@@ -1,7 +1,7 @@
 """Reward-model training (Bradley–Terry, or a pairwise preference model: also what a
 comparing judge is trained as here), the stage before iteration 0, and the fitting the
-reward refresh (``iterate.stages.reward``) reuses. Scoring is ``iterate.scoring`` (a
-pairwise model's, ``iterate.pairwise``).
+reward refresh (``iterate.stages.reward``) reuses. Scoring is ``iterate.rewards.scorer`` (a
+pairwise model's, ``iterate.rewards.pairwise_model``).
 
 Training pairs come from the toy world (two responses of different styles to one prompt,
 labelled by the gold judge, with label noise) or from preference files
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from iterate import cachekey, faults, losses, pairwise, preferences, progress, rewards
+from iterate import cachekey, faults, losses, preferences, progress, rewards
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
 from iterate.models import for_training, load_policy, load_tokenizer, with_lora
 from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
-from iterate.scoring import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
+from iterate.rewards import pairwise_model as pairwise
+from iterate.rewards.scorer import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
 from iterate.shards import TEMPORARY, atomic_write_json, read_json, write_folder
 from iterate.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
@@ -324,7 +325,7 @@ def _fit_member(
     if pair is not None:
         scorer = pairwise.PairwiseScorer(model, tok, rc.max_length, rc.score_batch_size, pair)
         objective = partial(pairwise.pair_loss, answers=scorer.answers,
-                            whole_vocab=str(rc.kind) == "judge")  # fmt: skip
+                            whole_vocab=rewards.kind(rc.kind).whole_vocab)  # fmt: skip
         rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name, objective)
         held = pairwise_accuracy(scorer, heldout)
     else:
@@ -418,7 +419,7 @@ def train(cfg: Config, paths: Paths) -> dict:
     pair = rewards.comparison(cfg)
     if pair is not None:  # a model answering A or B: what it is shown (a Bradley-Terry one: none)
         conf["pairwise_template"] = pair
-        if str(rc.kind) == "judge":  # trained to write its answer (``pairwise.pair_loss``)
+        if rewards.kind(rc.kind).whole_vocab:  # trained to write its answer (``pair_loss``)
             conf["objective"] = "whole_vocab"
     stage = Stage(paths.reward_model_dir, "reward_model", conf)
     if stage.check(cfg.force):

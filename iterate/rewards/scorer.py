@@ -72,7 +72,7 @@ def load_model(
     finally:
         report.setLevel(level)
     if not new_head:
-        from iterate.validate import reward_head
+        from iterate.checks import reward_head
 
         reward_head("reward model", path, model.config.architectures)
     model.config.pad_token_id = tokenizer.pad_token_id

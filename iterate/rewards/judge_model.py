@@ -28,8 +28,8 @@ from typing import Any
 from iterate.errors import BadInput
 
 TEMPLATES = {
-    "compare": Path(__file__).parent / "templates" / "pairwise.txt",
-    "score": Path(__file__).parent / "templates" / "judge_score.txt",
+    "compare": Path(__file__).parents[1] / "templates" / "pairwise.txt",
+    "score": Path(__file__).parents[1] / "templates" / "judge_score.txt",
 }
 FIELDS = {"compare": ("{context}", "{a}", "{b}"), "score": ("{context}", "{response}")}
 # the first match's first group: a verdict, or a number
@@ -39,7 +39,7 @@ VERDICTS = {"A": 1.0, "B": 0.0, "C": 0.5}  # how much the response shown first w
 
 def template(mode: str, spec: str | None) -> str:
     """What the judge is shown: the mode's shipped template (None), a file, or the text."""
-    from iterate.pairwise import read_template
+    from iterate.rewards.pairwise_model import read_template
 
     says = f" (mode={mode} shows {', '.join(FIELDS[mode])})"
     return read_template(spec, TEMPLATES[mode], FIELDS[mode], "reward.judge.template", says)
@@ -117,7 +117,7 @@ class Judge:
         ``shown[k]``, the rows ``rows[k]`` for the records), and every answer it gave."""
         from iterate import progress, sampling, seeds, workers
         from iterate.models import as_messages
-        from iterate.pairwise import encode
+        from iterate.rewards.pairwise_model import encode
 
         tok, room = self.tokenizer(), self.max_length - self.max_tokens
         seqs = [encode(tok, self.text, as_messages(p) if isinstance(p, str) else p, room, **s)
@@ -172,7 +172,7 @@ class Judge:
             rows = [(k, -1) for k in range(len(responses))]
             verdicts, records = self.ask(prompts, [{"response": r} for r in responses], rows, desc)
             return [float("nan") if v is None else v for v in verdicts], records
-        from iterate.pairwise import tournament
+        from iterate.rewards.pairwise_model import tournament
 
         records: list[Judgement] = []
 

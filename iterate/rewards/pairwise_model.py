@@ -23,7 +23,7 @@ from iterate.errors import BadInput
 from iterate.models import as_messages, forward, pad
 from iterate.preferences import Messages
 
-TEMPLATE = Path(__file__).parent / "templates" / "pairwise.txt"
+TEMPLATE = Path(__file__).parents[1] / "templates" / "pairwise.txt"
 ANSWERS = ("A", "B")
 
 

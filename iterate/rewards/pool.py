@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 from iterate import workers
-from iterate.rewards import Reward
+from iterate.rewards.base import Reward
 
 _WORKER_REWARD: Reward | None = None  # in a scoring worker process
 
