@@ -40,7 +40,12 @@ def main(cfg) -> None:
         sys.exit(status)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``iterate`` console script, as ``python -m iterate``."""
     from iterate import cli
 
     cli.main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -104,7 +104,7 @@ def _one_line(kept: str) -> str:
     return f"bad input: {lines[-1]}{hint}\n"
 
 
-def main(run=None) -> None:
+def main(run: Callable[[], None]) -> None:
     """``python -m iterate show RUN ...`` inspects a run folder (``iterate.report.show``);
     anything else runs the loop (``run``: the Hydra entry point of ``iterate.__main__``)."""
     import sys
@@ -113,8 +113,6 @@ def main(run=None) -> None:
         from iterate.report import show
 
         sys.exit(show.main(sys.argv[2:]))
-    if run is None:
-        from iterate.__main__ import main as run
     real = sys.stderr
     sys.stderr = held = _Held(real)
     try:

@@ -118,8 +118,11 @@ class Paths:
     def trained_policy(self, i: int) -> tuple[Path, bool]:
         """The policy iteration i hands on to its evaluation and handoff, and whether that is
         a LoRA adapter (to put on the iteration's starting policy) rather than a whole model:
-        the KL constraint's where it chose one of its own, else the update's."""
+        the KL constraint's where it chose one of its own (a whole model where it stepped
+        towards the initial policy), else the update's."""
         adapter = self.update_output(i, adapter=True).exists()
+        if self.constrained_policy(i, adapter=False).exists():  # (an adapter's, merged: a
+            return self.constrained_policy(i, adapter=False), False  # step towards the initial)
         constrained = self.constrained_policy(i, adapter)
         return (constrained if constrained.exists() else self.update_output(i, adapter)), adapter
 

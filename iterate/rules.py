@@ -105,3 +105,14 @@ def between(name: object, refresh: bool) -> tuple[str, ...]:
     reward model's refresh (``reward``) before labelling when asked."""
     extra = ("reward",) if refresh else ()
     return tuple(x for s in rule(name).stages for x in (extra if s == "label" else ()) + (s,))
+
+
+def unread(update) -> list[str]:
+    """The settings of ``update`` (an ``UpdateConfig``) that only other rules read, set to
+    something other than their default: what the chosen rule would ignore without a word."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(update)
+                if f.default is not dataclasses.MISSING}  # fmt: skip
+    theirs = {k for r in RULES.values() for k in r.keys} - set(rule(update.name).keys)
+    return sorted(k for k in theirs if k in defaults and getattr(update, k) != defaults[k])

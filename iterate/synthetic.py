@@ -108,23 +108,17 @@ def check(text: str, known: Known, cfg: Config) -> str | None:
     return None
 
 
-def generator(cfg: Config, policy: str) -> tuple[str, str | None]:
-    """(model, chat template override) of the configured generator."""
-    name = cfg.prompts.synthetic.generator
-    if not name:
-        return policy, cfg.model.chat_template
-    if name == "toy_writer":
-        from iterate.toy import writer
-
-        return str(writer.ensure(cfg.toy)), None
-    return name, None
-
-
 def write(
-    cfg: Config, i: int, policy: str, seed_prompts: list[str], known: Known, passed: Path
+    cfg: Config,
+    i: int,
+    writer: tuple[str, str | None],
+    seed_prompts: list[str],
+    known: Known,
+    passed: Path,
 ) -> tuple[list[str], dict]:
-    """``prompts.per_iteration`` new prompts for iteration ``i`` and what happened to the
-    candidates: (prompts, info for ``_DONE.json``). Each round's outcome is kept as it
+    """``prompts.per_iteration`` new prompts for iteration ``i`` from the model ``writer``
+    (its path, and a chat template to use instead of its own, or None) and what happened to
+    the candidates: (prompts, info for ``_DONE.json``). Each round's outcome is kept as it
     passes (``passed/round_NNNNN.json``: the prompts kept, the candidates, the drops), so a
     shortfall or a kill loses none of them: a rerun replays those rounds and asks only for
     what is missing, its rounds seeded by their number as the first run's were."""
@@ -139,9 +133,9 @@ def write(
         candidates, spare = candidates + r["candidates"], spare + r["spare"]
         dropped.update(r["dropped"])
         keep_rates.append(r["keep_rate"])
-    rounds, model = len(keep_rates), generator(cfg, policy)[0]
+    rounds, (model, template) = len(keep_rates), writer
     if len(kept) < k and rounds < sc.max_rounds:
-        tok = models.load_tokenizer(model, generator(cfg, policy)[1])
+        tok = models.load_tokenizer(model, template)
         params = sampling.Params(
             n=sc.candidates, temperature=sc.temperature, top_p=sc.top_p, max_tokens=sc.max_tokens
         )

@@ -5,6 +5,7 @@ line and exit status 2 (``iterate.__main__``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,9 @@ from iterate.checks import model_config, model_folder, need, reward_folder
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.rewards.function import check_spec
-from iterate.rules import rule
+from iterate.rules import rule, unread
+
+log = logging.getLogger(__name__)
 
 GE1 = (lambda v: v >= 1, "must be >= 1")
 GE0 = (lambda v: v >= 0, "must be >= 0")
@@ -171,6 +174,14 @@ def check(cfg: Config) -> None:
         f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
     )
     _together(cfg)
+    if unused := unread(uc):  # a sweep over rules shares its overrides: said, not refused
+        own = ", ".join(rule(uc.name).keys) or "none beyond the shared ones"
+        log.warning(
+            "update=%s does not read %s (another rule's); its own settings: %s",
+            uc.name,
+            ", ".join(f"update.{k}={getattr(uc, k)}" for k in unused),
+            own,
+        )
     _device(cfg)
     model_folder("model.path", cfg.model.path, "model")
     _positions("model.max_length", cfg.model.max_length, cfg.model.path, cfg)

@@ -140,3 +140,23 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     assert f"the update taken at α={done['alpha']:.4g} of its way" in card
     assert math.isfinite(row["kl_to_reference"])
     assert "constrain" not in run_stages(compose_cfg([*base, "handoff.constrain=false"]))[1]
+    # a starting policy over the target already (here the update's own, merged): the search
+    # steps back towards the initial policy instead, a whole model within the target
+    import shutil
+
+    from iterate.paths import Paths
+
+    cfg = compose_cfg(base)
+    fell = tmp_path / "fell"
+    shutil.copytree(tmp_path / "on", fell, ignore=shutil.ignore_patterns("constrain"))
+    paths = Paths(run=fell, base_policy=evaluated["config"]["reference"])  # the initial policy
+    over = tmp_path / "over"
+    merged = models.load_policy(paths.base_policy, "float32", torch.device("cpu"),
+                                str(run / "update" / "adapter")).merge_and_unload()  # fmt: skip
+    merged.save_pretrained(over)
+    models.load_tokenizer(paths.base_policy).save_pretrained(over)
+    back = constrain.run(cfg, paths, 0, str(over), paths.base_policy)
+    assert back["decision"] == "constrained towards the initial policy" and back["alpha"] < 1
+    steps = [r for r in back["rounds"] if r.get("towards") == "initial"]
+    assert steps and steps[0]["tried"][0] == {"alpha": 0.0, "kl": 0.0}  # the initial policy
+    assert paths.trained_policy(0) == (fell / "iter_000" / "constrain" / "model", False)

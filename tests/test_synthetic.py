@@ -11,6 +11,7 @@ import pytest
 
 from iterate import synthetic
 from iterate.errors import BadInput
+from iterate.stages import prompts as prompt_stage
 from iterate.toy import world
 
 from .conftest import FULL, compose_cfg
@@ -142,7 +143,9 @@ def test_prompts_kept_by_an_earlier_start_are_not_asked_for_again(tmp_path):
     cfg = compose_cfg(["prompts=self_instruct", "prompts.per_iteration=3", nowhere], tmp_path)
     _rounds(tmp_path / "passed", (["What is 1 plus 9?", "Greet Mia."], 8), (["List 2 fruits."], 8))
     known = synthetic.Known(["What is 3 plus 4?"])
-    kept, info = synthetic.write(cfg, 0, "", ["What is 3 plus 4?"], known, tmp_path / "passed")
+    kept, info = synthetic.write(
+        cfg, 0, prompt_stage.generator(cfg, ""), ["What is 3 plus 4?"], known, tmp_path / "passed"
+    )
     assert kept == ["What is 1 plus 9?", "Greet Mia.", "List 2 fruits."]
     assert (info["rounds"], info["candidates"], info["dropped"]) == (2, 16, {"duplicate": 13})
     assert known.overlap("Greet Mia.") == 1.0  # what was kept is known to later candidates
@@ -154,7 +157,11 @@ def test_a_shortfall_says_whether_the_generator_ran_dry(tmp_path):
     cfg = compose_cfg(over, tmp_path)
     _rounds(tmp_path / "a", (["A b c d?"] * 4, 8), (["E f g h?"] * 3, 8), (["I j k l?"] * 2, 8))
     with pytest.raises(BadInput, match=r"share kept per round: 0.500, 0.375, 0.250\); raise"):
-        synthetic.write(cfg, 0, "", ["x"], synthetic.Known(), tmp_path / "a")
+        synthetic.write(
+            cfg, 0, prompt_stage.generator(cfg, ""), ["x"], synthetic.Known(), tmp_path / "a"
+        )
     _rounds(tmp_path / "b", (["A b c d?"] * 6, 8), ([], 200), ([], 200))
     with pytest.raises(BadInput, match="run out of new prompts: the share it keeps fell"):
-        synthetic.write(cfg, 0, "", ["x"], synthetic.Known(), tmp_path / "b")
+        synthetic.write(
+            cfg, 0, prompt_stage.generator(cfg, ""), ["x"], synthetic.Known(), tmp_path / "b"
+        )

@@ -241,6 +241,27 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
     assert rules.between("ppo", False) == ()
 
 
+@pytest.mark.parametrize("name", ["dpo", "raft", "ppo", "remax", "grpo", "rloo", "reinforce_pp"])
+def test_a_setting_only_another_rule_reads_is_said_at_start_up(name, caplog):
+    """No preset sets another rule's settings; one set by hand is said (a sweep over rules
+    shares its overrides, so it is not refused), naming the rule's own settings."""
+    import logging
+
+    from iterate import rules, validate
+
+    from .conftest import compose_cfg
+
+    for preset in ([], ["experiment=instruct"]):
+        assert rules.unread(compose_cfg([*preset, f"update={name}"]).update) == []
+    other = "clip_high=0.3" if name in ("dpo", "raft", "ppo", "remax") else "beta=0.5"
+    cfg = compose_cfg([f"update={name}", f"update.{other}"])
+    assert rules.unread(cfg.update) == [other.split("=")[0]]
+    with caplog.at_level(logging.WARNING, logger="iterate.validate"):
+        validate.check(cfg)
+    said = f"update={name} does not read update.{other} (another rule's); its own settings: "
+    assert said in caplog.text and ", ".join(rules.rule(name).keys or ["none"])[:8] in caplog.text
+
+
 def test_dpo_lowers_its_loss_on_its_pairs(setup):
     """DPO trained on its pairs: the loss on them goes down from log 2 (the policy is its
     own reference at the start) and the implicit reward ranks every chosen response

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from iterate.config import Config
+from iterate.errors import BadInput
 
 
 class Reward(Protocol):
@@ -136,3 +137,16 @@ class Kind:
     whole_vocab: bool = False
     source: bool = False
     evaluator: bool = True
+
+
+# the table of kinds, by name: filled by ``kinds`` with every kind's row
+KINDS: dict[str, Kind] = {}
+
+
+def kind(name: object, key: str = "reward.kind") -> Kind:
+    """The row of a kind's name; ``BadInput`` naming the setting ``key`` and the kinds
+    there are for any other."""
+    row = KINDS.get(str(name))
+    if row is None:
+        raise BadInput(f"{key}={name!r}: not a reward kind (the kinds: {', '.join(KINDS)})")
+    return row

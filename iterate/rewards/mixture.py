@@ -10,7 +10,7 @@ from typing import Any
 
 from iterate import checks
 from iterate.config import Config
-from iterate.rewards.base import Build, Kind, Scored
+from iterate.rewards.base import KINDS, Build, Kind, Scored, kind
 
 
 @dataclass
@@ -60,8 +60,6 @@ def source_name(part) -> str:
 
 
 def make(b: Build) -> MixtureReward:
-    from iterate.rewards.kinds import kind
-
     parts = enumerate(b.settings.sources)  # each scored as the run's own reward would be
     made = [(p, kind(p.kind).make(b.part(p, f"{b.key}.sources[{k}]", own=True))) for k, p in parts]
     return MixtureReward([(source_name(p), r, p.weight) for p, r in made])
@@ -69,15 +67,11 @@ def make(b: Build) -> MixtureReward:
 
 def owns_model(settings) -> bool:
     """A source that is the run's own model (no path of its own)."""
-    from iterate.rewards.kinds import kind
-
     return any(kind(p.kind).owns_model(p) and not p.path for p in settings.sources)
 
 
 def check(cfg: Config, settings, key: str) -> None:
     """Each source: a kind that scores responses one by one, named once; a weight not 0."""
-    from iterate.rewards.kinds import KINDS, kind
-
     sources = settings.sources
     checks.need(
         bool(sources),

@@ -15,10 +15,15 @@ position, summed per response and averaged (no sampling per α: at α = 1 it is 
 sequence KL with less noise than the sampled estimator; below 1 it is measured along the
 update's responses, not θ_α's own). α = 1 is tried first (within the target: the update
 is kept whole), then 0 (over the target: the starting policy already is, and so is every
-θ_α: nothing is gained, the update is kept whole for the gate to judge), then ½ and a
+θ_α; see below), then ½ and a
 quadratic through the three to guess the crossing, then bisection on the grid, so a rerun
 picks the same α. The evaluation that follows samples θ_α afresh and measures its KL with
 the usual estimator, which the handoff's gate checks against the budget.
+
+When the starting policy is over the target already (a run whose previous iteration was
+accepted between the target and the budget), the search runs again between the initial
+policy and the update's, as whole models in float32 (an adapter merged): a step back
+towards the initial policy that keeps what the update learnt, not an update judged whole.
 """
 
 from __future__ import annotations
@@ -171,50 +176,85 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         if reference != policy:
             ref = models.load_policy(reference, "float32", dev)
     held = read_shards(paths.heldout_dir).slice(0, hc.constrain_prompts)
-    target, alpha, top, rounds = hc.kl_target * hc.max_kl, 1.0, GRID, []
-    with at_scale(model, start) as put_alpha:
-        for r in range(ROUNDS):
-            put_alpha(alpha)
-            with timer("sample_s"):
-                put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
-                samples, _ = heldout.sample(cfg, tok, held, stage.path / f"samples_{r}",
-                                            1000 * (i + 1) + r, put, (i, "constrain"))  # fmt: skip
-            prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
-            responses = samples["response_ids"].to_pylist()
+    target = hc.kl_target * hc.max_kl
 
-            def kl_at(a: float, prompts=prompts, responses=responses) -> float:
-                put_alpha(a)
-                each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
-                return sum(each) / len(each)
+    def between(model, start) -> tuple[float, list[dict], int]:
+        """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
+        zero) and ``model``; a policy at α < 1 saved (``Paths.constrained_policy``)."""
+        alpha, top, rounds = 1.0, GRID, []
+        with at_scale(model, start) as put_alpha:
+            for r in range(ROUNDS):
+                put_alpha(alpha)
+                with timer("sample_s"):
+                    put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
+                    samples, _ = heldout.sample(
+                        cfg,
+                        tok,
+                        held,
+                        stage.path / f"samples_{r}",
+                        1000 * (i + 1) + r,
+                        put,
+                        (i, "constrain"),
+                    )
+                prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
+                responses = samples["response_ids"].to_pylist()
 
-            with timer("search_s"):  # below what an earlier round found over the target
-                chosen, decision, tried = search(kl_at, target, top)
-            rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
-                           "tried": [{"alpha": a, "kl": round(k, 6)}
-                                     for a, k in sorted(tried.items())]})  # fmt: skip
-            log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
-                     target, alpha, chosen, decision,
-                     ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items())))  # fmt: skip
-            if r and decision != "constrained":  # (its start over: the first round's stands)
-                chosen = alpha
-            if decision != "constrained" or chosen == alpha:
-                break
-            over = [a for a, k in tried.items() if k > target and a > chosen]
-            top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
+                def kl_at(a: float, prompts=prompts, responses=responses) -> float:
+                    put_alpha(a)
+                    each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
+                    return sum(each) / len(each)
+
+                with timer("search_s"):  # below what an earlier round found over the target
+                    chosen, decision, tried = search(kl_at, target, top)
+                rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
+                               "tried": [{"alpha": a, "kl": round(k, 6)}
+                                         for a, k in sorted(tried.items())]})  # fmt: skip
+                log.info(
+                    "constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
+                    target,
+                    alpha,
+                    chosen,
+                    decision,
+                    ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items())),
+                )
+                if r and decision != "constrained":  # (its start over: the first round's stands)
+                    chosen = alpha
+                if decision != "constrained" or chosen == alpha:
+                    break
+                over = [a for a, k in tried.items() if k > target and a > chosen]
+                top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
+                alpha = chosen
             alpha = chosen
-        alpha = chosen
-        if alpha < 1:
-            put_alpha(alpha)
-            with timer("save_s"):
-                if not adapter:
-                    model.to(models.DTYPES[dtype])  # (saved in the policy's dtype)
-                save = lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))  # noqa: E731
-                write_folder(paths.constrained_policy(i, adapter), save)
+            if alpha < 1:
+                put_alpha(alpha)
+                with timer("save_s"):
+                    whole = start is not None
+                    if whole:
+                        model.to(models.DTYPES[dtype])  # (saved in the policy's dtype)
+                    save = lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))  # noqa: E731
+                    write_folder(paths.constrained_policy(i, not whole), save)
+        return alpha, rounds, len(responses)
+
+    alpha, rounds, n = between(model, start)
+    towards = None
+    if rounds[0]["decision"] == "start over target" and policy != paths.base_policy:
+        # the starting policy is over the target already: interpolate towards the initial
+        # policy instead, from the update's policy as a whole model (an adapter merged)
+        log.info("constrain: the starting policy is over the KL target: towards the initial "
+                 "policy instead")  # fmt: skip
+        with timer("load_s"):
+            whole = model.merge_and_unload() if adapter else model
+            initial = dict(models.load_policy(paths.base_policy, "float32", dev).named_parameters())
+            first = {n: initial[n].detach() for n, _ in whole.named_parameters()}
+        alpha, more, n = between(whole, first)
+        towards = "initial"
+        rounds += [{**r, "towards": "initial"} for r in more]
+    decision = rounds[-1]["decision"] if alpha == 1 else "constrained"
     return stage.finish(
         alpha=alpha,
-        decision=rounds[-1]["decision"] if alpha == 1 else "constrained",
+        decision=decision + (" towards the initial policy" if towards and alpha < 1 else ""),
         target=target,
         rounds=rounds,
-        sequences=len(responses),
+        sequences=n,
         timings=timer.seconds,
     )

@@ -340,6 +340,18 @@ def _slice(
     return fresh[:k], {"unused": len(fresh) - k}
 
 
+def generator(cfg: Config, policy: str) -> tuple[str, str | None]:
+    """(model, chat template override) of the configured generator."""
+    name = cfg.prompts.synthetic.generator
+    if not name:
+        return policy, cfg.model.chat_template
+    if name == "toy_writer":
+        from iterate.toy import writer
+
+        return str(writer.ensure(cfg.toy)), None
+    return name, None
+
+
 def _synthetic(
     cfg: Config, paths: Paths, i: int, policy: str, train: list[str], passed: Path
 ) -> tuple[list[str], dict]:
@@ -350,7 +362,8 @@ def _synthetic(
     known = [*train, *read_shards(paths.heldout_dir)["prompt"].to_pylist()]
     for j in range(i):
         known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
-    chunk, info = synthetic.write(cfg, i, policy, train, synthetic.Known(known), passed)
+    writer = generator(cfg, policy)
+    chunk, info = synthetic.write(cfg, i, writer, train, synthetic.Known(known), passed)
     log.info("prompts (self_instruct): %d of %d candidates kept; dropped %s", len(chunk),
              info["candidates"], info["dropped"])  # fmt: skip
     return chunk, {"synthetic": info}
