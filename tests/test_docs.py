@@ -42,3 +42,17 @@ def test_every_link_of_the_readme_and_the_docs_leads_somewhere(tmp_path):
     page = tmp_path / "page.md"  # the check finds what it looks for
     page.write_text("# A b\n\n[x](#a-b) [y](#c) [z](nowhere.md)\n")
     assert broken([page]) == ["page.md: #c (no such heading)", "page.md: nowhere.md (no such file)"]
+
+
+def test_the_settings_page_is_the_config_classes():
+    """docs/settings.md is what ``python -m iterate.report.settings`` makes of the config
+    classes: a setting added, renamed or documented anew shows there, or this fails."""
+    from iterate.report import settings
+
+    made = settings.page()
+    assert (ROOT / settings.PAGE).read_text() == made, (
+        "docs/settings.md is behind the code: python -m iterate.report.settings > docs/settings.md"
+    )
+    for key in ("`reward.kind`", "`handoff.reward_tolerance_se`", "`evaluate.judges[*].judge`"):
+        assert key in made or key.replace("`", "") in made
+    assert "| `handoff.kl_target` | float | `0.8` | " in made
