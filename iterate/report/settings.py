@@ -94,7 +94,8 @@ def page() -> str:
     out += ["", "## Top level", "", "| key | type | default | |", "|---|---|---|---|", *top]
     while sections:
         key, cls = sections.pop(0)
-        doc = " ".join((inspect.getdoc(cls) or "").split())
+        doc = " ".join((cls.__doc__ or "").split())
+        doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # (a dataclass's own signature)
         nested: list = []
         rows = _rows(cls, f"{key}.", said, nested)
         sections[:0] = nested
