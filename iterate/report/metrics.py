@@ -185,7 +185,8 @@ def plot(
     rows: list[dict], path: Path, label_key: str | None = None, max_kl: float | None = None
 ) -> None:
     """One panel per metric over iterations; one line per job when ``label_key`` is given.
-    Iterations the KL gate rejected are crossed out in red."""
+    Iterations the KL gate rejected are crossed out in red; the KL panel names the α of an
+    iteration the KL constraint took part of the way."""
     panels = [
         ("win_rate_vs_initial", "win rate vs initial: gold, proxy --, LC :"),
         ("reward_mean", "proxy reward (train samples)"),
@@ -226,6 +227,11 @@ def plot(
                 for r in rs
                 if r.get(key) is not None and r.get("accepted") is False
             ]
+            if key == "kl_to_reference":  # the KL constraint's α where it took the update part-way
+                for r in rs:
+                    if r.get(key) is not None and (r.get("alpha") or 1) < 1:
+                        ax.annotate(f"α {r['alpha']:.2g}", (r["iteration"], r[key]), fontsize=7,
+                                    textcoords="offset points", xytext=(4, -10))  # fmt: skip
             if bad:
                 ax.scatter(
                     *zip(*bad),
