@@ -255,13 +255,13 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         for name in between_stages(cfg):  # what the rule reads besides the prompts
             if name == "reward":  # the reward model learns the policy's samples
                 done["reward"] = _log(i, refresh.run(cfg, paths, i, rm))
-                rm = paths.reward_model = done["reward"]["reward_model"]
+                rm = done["reward"]["reward_model"]  # (paths.reward_model: the run's own)
             else:
                 done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, update.run(cfg, paths, i, policy, reference))
         if cfg.handoff.constrain:  # the policy within the KL target the evaluation sees
             done["constrain"] = _log(i, constrain.run(cfg, paths, i, policy, reference))
-        done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference))
+        done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference, rm))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(metrics.metrics_row(cfg, i, done))
         metrics.write_metrics(paths.metrics, rows)

@@ -27,7 +27,7 @@ class Paths:
     run: Path  # runs/<run_name>
     base_policy: str  # the initial policy: model.path, or the toy world's SFT policy
     toy: Path | None = None  # the toy world's folder when it is in use
-    reward_model: str = ""  # the reward model the loop uses (trained here or loaded)
+    reward_model: str = ""  # the run's own reward model (trained here or loaded), set once
 
     # the run as a whole
     @property

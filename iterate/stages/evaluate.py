@@ -356,9 +356,14 @@ def stage_for(
     )
 
 
-def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
+def run(
+    cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm: str | None = None
+) -> dict:
+    """Iteration i's evaluation; ``rm``: the reward model the iteration labelled with (the
+    refreshed one, where the run refreshes; None: the run's own, ``paths.reward_model``)."""
     dev = models.device(str(cfg.device))
-    reward = rewards.of(cfg, path=paths.reward_model, device=dev, run=paths.run)
+    rm = paths.reward_model if rm is None else rm
+    reward = rewards.of(cfg, path=rm, device=dev, run=paths.run)
     stage = stage_for(cfg, paths, i, policy, reference, reward)
     if stage.check(cfg.force):
         return stage.read_done()
