@@ -32,14 +32,15 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from iterate import models, progress
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.shards import read_shards, write_folder
-from iterate.stage import Stage, counted
+from iterate.shards import read_json, read_shards, write_folder
+from iterate.stage import DONE, Stage, counted, resolve
 from iterate.stages import heldout
 
 log = logging.getLogger(__name__)
@@ -258,3 +259,48 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         sequences=n,
         timings=timer.seconds,
     )
+
+
+def kl_grid(run: Path, i: int, points: int = 5) -> list[tuple[float, float]]:
+    """KL(θ_α || reference) of a finished run's iteration ``i`` at ``points`` evenly spaced
+    α from 0 to 1, on the constraint's first samples (the update's policy's), measured as
+    the search measures it: how the KL rises along the interpolation."""
+    from omegaconf import OmegaConf
+
+    from iterate.config import to_dataclass
+    from iterate.report.runinfo import config
+
+    cfg = to_dataclass(OmegaConf.create(config(run)))
+    paths = Paths(run=Path(run), base_policy="")
+    conf = resolve(read_json(paths.stage(i, "constrain") / DONE)["config"], Path(run))
+    policy, reference = conf["policy"], conf["reference"]
+    dev = models.device(str(cfg.device))
+    adapter = paths.update_output(i, True).exists()
+    trained, tok = paths.update_output(i, adapter), models.load_tokenizer(policy)
+    start = None
+    ref = None if reference == policy else models.load_policy(reference, "float32", dev)
+    if adapter:
+        model = models.load_policy(policy, "float32", dev, str(trained))
+    else:
+        model = models.load_policy(str(trained), "float32", dev)
+        before = dict(models.load_policy(policy, "float32", dev).named_parameters())
+        start = {n: before[n].detach() for n, _ in model.named_parameters()}
+        ref = ref or models.load_policy(policy, "float32", dev)
+    samples = read_shards(paths.stage(i, "constrain") / "samples_0")
+    prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
+    responses = samples["response_ids"].to_pylist()
+    out = []
+    with at_scale(model, start) as put_alpha:
+        for k in range(points):
+            put_alpha(a := k / (points - 1))
+            each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
+            out.append((a, sum(each) / len(each)))
+    return out
+
+
+if __name__ == "__main__":  # python -m iterate.stages.constrain RUN ITERATION [POINTS]
+    import sys
+
+    points = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    for a, k in kl_grid(Path(sys.argv[1]), int(sys.argv[2]), points):
+        print(f"alpha {a:.3f}  KL {k:.4f}")
