@@ -140,6 +140,9 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     assert f"the update taken at α={done['alpha']:.4g} of its way" in card
     assert math.isfinite(row["kl_to_reference"])
     assert "constrain" not in run_stages(compose_cfg([*base, "handoff.constrain=false"]))[1]
+    grid = constrain.kl_grid(tmp_path / "on", 0, 3)  # the measuring tool: the search's KLs
+    assert [a for a, _ in grid] == [0, 0.5, 1] and grid[0][1] == pytest.approx(0, abs=1e-6)
+    assert grid[2][1] == pytest.approx(first[-1]["kl"], rel=1e-4) and grid[1][1] < grid[2][1]
     # a starting policy over the target already (here the update's own, merged): the search
     # steps back towards the initial policy instead, a whole model within the target
     import shutil
