@@ -279,7 +279,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
             time.time() - t,
         )
         if not done["handoff"]["kl"]["accepted"] and cfg.handoff.on_reject == "stop":
-            log.warning("iteration %d: rejected by the KL gate (on_reject=stop): the loop stops", i)
+            log.warning("iteration %d: rejected by the handoff (on_reject=stop): the loop stops", i)
             break
         new = next_policy(cfg, paths, i, policy, done["handoff"])
         reference = new if cfg.handoff.reference == "previous" else paths.base_policy

@@ -215,16 +215,24 @@ def pools(cfg: Config) -> tuple[list[str], list[str], Counter, dict, dict | None
         if len(train) < before:
             dropped["held_out"] += before - len(train)
     train = _dedupe_shuffle(train, cfg.seed, dropped)
-    if cfg.prompts.source == "toy":  # the written prompts first, then the wider grammar's
-        from iterate.toy import world
-
-        wider = {i.prompt for i in world.WIDER}
-        train.sort(key=lambda t: t in wider)  # (stable: each tier in its shuffled order)
+    written = set(_written(cfg, train))  # the written prompts first, then the wider grammar's
+    train.sort(key=lambda t: t not in written)  # (stable: each tier in its shuffled order)
     if heldout:
         heldout = _dedupe_shuffle(heldout, cfg.seed, dropped)[: cfg.prompts.heldout]
     else:  # one pool: the first prompts of the shuffled order are held out
         heldout = train[: cfg.prompts.heldout]
     return train, heldout, dropped, source, fields
+
+
+def _written(cfg: Config, train: list[str]) -> list[str]:
+    """The pool's written prompts: a toy pool without the grammar's wider instructions,
+    which are drawn after them but neither shown to a prompt writer nor counted as known."""
+    if cfg.prompts.source != "toy":
+        return train
+    from iterate.toy import world
+
+    wider = {i.prompt for i in world.WIDER}
+    return [t for t in train if t not in wider]
 
 
 def config(cfg: Config) -> dict:
@@ -308,8 +316,9 @@ def run(cfg: Config, paths: Paths, i: int, policy: str = "") -> pa.Table:
     if not stage.check(cfg.force):
         train, _, dropped, source, fields = pools(cfg)
         used = _used(paths, range(i))
-        if sc.enabled:
-            chunk, info = _synthetic(cfg, paths, i, policy, train, stage.path / "passed")
+        if sc.enabled:  # (shown the written prompts: the toy pool's wider tier is for drawing)
+            seeds = _written(cfg, train)
+            chunk, info = _synthetic(cfg, paths, i, policy, seeds, stage.path / "passed")
         else:
             chunk, info = _slice(cfg, paths, i, train, used, source)
         write_shard(table(chunk, fields), shard_path(stage.path, 0))
