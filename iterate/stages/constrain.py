@@ -151,6 +151,25 @@ KEYS = ("max_kl", "kl_target", "constrain_prompts")  # the handoff settings it r
 ROUNDS = 2  # samplings: of the update's policy, then of the α it gave
 
 
+def _ends(paths: Paths, i: int, policy: str, reference: str, dev) -> tuple:
+    """(the update's policy in float32, its start's weights by name (None for a LoRA
+    adapter: scaled from zero), the KL's reference model (None: the adapter disabled), whether
+    the update trained an adapter)."""
+    adapter = paths.update_output(i, True).exists()
+    trained = paths.update_output(i, adapter)
+    ref = None  # the reference: the adapter disabled, or the starting policy's model
+    if adapter:
+        model, start = models.load_policy(policy, "float32", dev, str(trained)), None
+    else:
+        model = models.load_policy(str(trained), "float32", dev)
+        ref = models.load_policy(policy, "float32", dev)
+        before = dict(ref.named_parameters())
+        start = {n: before[n].detach() for n, _ in model.named_parameters()}
+    if reference != policy:
+        ref = models.load_policy(reference, "float32", dev)
+    return model, start, ref, adapter
+
+
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     """Iteration i's constrained policy: α and, below 1, its adapter or model in
     ``constrain/`` (``Paths.trained_policy`` then gives it to the evaluation and the
@@ -162,20 +181,9 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         return stage.read_done()
     timer = progress.Timer()
     dev, dtype = models.device(str(cfg.device)), str(cfg.model.dtype)
-    adapter = paths.update_output(i, True).exists()
-    trained = paths.update_output(i, adapter)
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     with timer("load_s"):
-        ref = None  # the reference: the adapter disabled, or the starting policy's model
-        if adapter:
-            model, start = models.load_policy(policy, "float32", dev, str(trained)), None
-        else:
-            model = models.load_policy(str(trained), "float32", dev)
-            ref = models.load_policy(policy, "float32", dev)
-            before = dict(ref.named_parameters())
-            start = {n: before[n].detach() for n, _ in model.named_parameters()}
-        if reference != policy:
-            ref = models.load_policy(reference, "float32", dev)
+        model, start, ref, adapter = _ends(paths, i, policy, reference, dev)
     held = read_shards(paths.heldout_dir).slice(0, hc.constrain_prompts)
     target = hc.kl_target * hc.max_kl
 
@@ -274,18 +282,8 @@ def kl_grid(run: Path, i: int, points: int = 5) -> list[tuple[float, float]]:
     paths = Paths(run=Path(run), base_policy="")
     conf = resolve(read_json(paths.stage(i, "constrain") / DONE)["config"], Path(run))
     policy, reference = conf["policy"], conf["reference"]
-    dev = models.device(str(cfg.device))
-    adapter = paths.update_output(i, True).exists()
-    trained, tok = paths.update_output(i, adapter), models.load_tokenizer(policy)
-    start = None
-    ref = None if reference == policy else models.load_policy(reference, "float32", dev)
-    if adapter:
-        model = models.load_policy(policy, "float32", dev, str(trained))
-    else:
-        model = models.load_policy(str(trained), "float32", dev)
-        before = dict(models.load_policy(policy, "float32", dev).named_parameters())
-        start = {n: before[n].detach() for n, _ in model.named_parameters()}
-        ref = ref or models.load_policy(policy, "float32", dev)
+    tok = models.load_tokenizer(policy, cfg.model.chat_template)
+    model, start, ref, _ = _ends(paths, i, policy, reference, models.device(str(cfg.device)))
     samples = read_shards(paths.stage(i, "constrain") / "samples_0")
     prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
     responses = samples["response_ids"].to_pylist()
