@@ -32,8 +32,9 @@ def imports(modules: dict) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 found |= {resolve(a.name) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                found |= {resolve(f"{node.module}.{a.name}") or resolve(node.module)
-                          for a in node.names}  # fmt: skip
+                # ``from pkg import sub`` runs ``pkg`` (its __init__) as well as ``sub``
+                found.add(resolve(node.module))
+                found |= {resolve(f"{node.module}.{a.name}") for a in node.names}
         edges[name] = {m for m in found if m and m != name}
     return edges
 

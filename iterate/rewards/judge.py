@@ -30,7 +30,7 @@ class JudgeReward(ModelReward):
     def judge(self):
         """The loaded ``judge_model.Judge``."""
         if self._scorer is None:
-            from iterate.rewards import judge_model as jm
+            import iterate.rewards.judge_model as jm
 
             js, mode = self.settings, str(self.settings.mode)
             self._scorer = jm.Judge(
@@ -79,7 +79,7 @@ def make(b: Build) -> JudgeReward:
 def check(cfg: Config, settings, key: str) -> None:
     """A generative judge: a template and a parser it can use, room for its answer, one
     model; a comparing judge only for the pair and group rules, a scoring one only loaded."""
-    from iterate.rewards import judge_model
+    import iterate.rewards.judge_model as judge_model
 
     rc, js = cfg.reward, settings.judge
     mode, own = str(js.mode), settings is rc
@@ -110,7 +110,7 @@ def check(cfg: Config, settings, key: str) -> None:
 
 
 def comparison(settings) -> str | None:
-    from iterate.rewards import judge_model
+    import iterate.rewards.judge_model as judge_model
 
     js = settings.judge
     return judge_model.template("compare", js.template) if str(js.mode) == "compare" else None

@@ -6,15 +6,19 @@ sources' rows from it without importing this module.)"""
 
 from __future__ import annotations
 
-from iterate.rewards import function, judge, mixture, model, pairwise
 from iterate.rewards.base import KINDS, kind
+from iterate.rewards.function import KIND as FUNCTION
+from iterate.rewards.judge import KIND as JUDGE
+from iterate.rewards.mixture import KIND as MIXTURE
+from iterate.rewards.model import KIND as MODEL
+from iterate.rewards.pairwise import KIND as PAIRWISE
 
 __all__ = ["KINDS", "kind"]
 
 KINDS.update({k.name: k for k in (
-    model.KIND,  # a Bradley–Terry reward model (or an ensemble), trained here or loaded
-    function.KIND,  # a Python function of (prompts, responses)
-    mixture.KIND,  # a weighted sum of sources
-    pairwise.KIND,  # a pairwise preference model answering "A" or "B"
-    judge.KIND,  # a generative judge, compare or score
+    MODEL,  # a Bradley–Terry reward model (or an ensemble), trained here or loaded
+    FUNCTION,  # a Python function of (prompts, responses)
+    MIXTURE,  # a weighted sum of sources
+    PAIRWISE,  # a pairwise preference model answering "A" or "B"
+    JUDGE,  # a generative judge, compare or score
 )})  # fmt: skip

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from iterate import checks
 from iterate.config import Config
 from iterate.errors import BadInput
-from iterate.rewards import model
 from iterate.rewards.base import Build, Kind, Scored, always
 from iterate.rewards.model import ModelReward
+from iterate.rewards.model import card as model_card
 from iterate.rules import rule
 
 
@@ -27,7 +27,7 @@ class PairwiseReward(ModelReward):
     compares = True  # the held-out evaluation asks it directly (``prefer``)
 
     def identity(self) -> dict:
-        from iterate.rewards import pairwise_model
+        import iterate.rewards.pairwise_model as pairwise_model
 
         text = pairwise_model.template(self.template)
         return super().identity() | {"pairwise_template": text}
@@ -71,7 +71,7 @@ def compares_per_prompt(cfg: Config, setting: str, what: str, instead: str) -> N
 def check(cfg: Config, settings, key: str) -> None:
     """A pairwise model compares the responses to a prompt: for the pair rules' best-of-n
     samples, one model (not an ensemble), a template it can be shown, a causal LM."""
-    from iterate.rewards import pairwise_model
+    import iterate.rewards.pairwise_model as pairwise_model
 
     rc = cfg.reward
     if settings is rc:
@@ -86,12 +86,12 @@ def check(cfg: Config, settings, key: str) -> None:
 
 
 def comparison(settings) -> str:
-    from iterate.rewards import pairwise_model
+    import iterate.rewards.pairwise_model as pairwise_model
 
     return pairwise_model.template(settings.pairwise_template)
 
 
 KIND = Kind(
-    "pairwise", make, check, model.card, owns_model=always, model_kind="pairwise",
+    "pairwise", make, check, model_card, owns_model=always, model_kind="pairwise",
     folder="pairwise model", comparison=comparison,
 )  # fmt: skip

@@ -32,7 +32,9 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,6 +89,12 @@ def full_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) ->
         per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
         out += (per_token * resp).sum(-1).tolist()
     return out
+
+
+def mean_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) -> float:
+    """The mean over responses of ``full_kl``: what the search compares with the target."""
+    each = full_kl(model, ref, tok, prompts, responses, batch_size)
+    return sum(each) / len(each)
 
 
 def search(
@@ -170,6 +178,78 @@ def _ends(paths: Paths, i: int, policy: str, reference: str, dev) -> tuple:
     return model, start, ref, adapter
 
 
+@dataclass
+class _Search:
+    """What an iteration's search holds fixed: where it samples and saves, the tokenizer,
+    the held-out prompts it samples, the KL's reference model (None: the adapter disabled),
+    the target and the stage's timer."""
+
+    cfg: Config
+    paths: Paths
+    i: int
+    folder: Path
+    tok: Any
+    held: Any
+    policy: str
+    ref: Any
+    target: float
+    timer: progress.Timer
+
+    def sample(self, model, r: int) -> tuple[list, list]:
+        """Round r's seeded samples of ``model`` as it stands: (prompt ids, response ids)."""
+        with self.timer("sample_s"):
+            put = lambda sampler: sampler.sync(model, self.tok, self.policy)  # noqa: E731
+            seed = 1000 * (self.i + 1) + r
+            samples, _ = heldout.sample(self.cfg, self.tok, self.held, self.folder / f"samples_{r}",
+                                        seed, put, (self.i, "constrain"))  # fmt: skip
+        prompts = [models.prompt_ids(self.tok, p) for p in samples["prompt"].to_pylist()]
+        return prompts, samples["response_ids"].to_pylist()
+
+    def between(self, model, start) -> tuple[float, list[dict], int]:
+        """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
+        zero) and ``model``; a policy at α < 1 saved (``Paths.constrained_policy``)."""
+        alpha, top, rounds = 1.0, GRID, []
+        with at_scale(model, start) as put_alpha:
+            for r in range(ROUNDS):
+                put_alpha(alpha)
+                prompts, responses = self.sample(model, r)
+
+                def kl_at(a: float, prompts=prompts, responses=responses) -> float:
+                    put_alpha(a)
+                    return mean_kl(model, self.ref, self.tok, prompts, responses,
+                                   self.cfg.evaluate.batch_size)  # fmt: skip
+
+                with self.timer("search_s"):  # below what an earlier round found over the target
+                    chosen, decision, tried = search(kl_at, self.target, top)
+                rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
+                               "tried": [{"alpha": a, "kl": round(k, 6)}
+                                         for a, k in sorted(tried.items())]})  # fmt: skip
+                said = ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items()))
+                log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
+                         self.target, alpha, chosen, decision, said)  # fmt: skip
+                if r and decision != "constrained":  # (its start over: the first round's stands)
+                    chosen = alpha
+                if decision != "constrained" or chosen == alpha:
+                    break
+                over = [a for a, k in tried.items() if k > self.target and a > chosen]
+                top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
+                alpha = chosen
+            alpha = chosen
+            if alpha < 1:
+                put_alpha(alpha)
+                self.save(model, whole=start is not None)
+        return alpha, rounds, len(responses)
+
+    def save(self, model, whole: bool) -> None:
+        """The chosen policy into ``constrain/``: the scaled adapter, or the whole model in
+        the policy's dtype."""
+        with self.timer("save_s"):
+            if whole:
+                model.to(models.DTYPES[str(self.cfg.model.dtype)])
+            save = lambda tmp: (model.save_pretrained(tmp), self.tok.save_pretrained(tmp))  # noqa: E731
+            write_folder(self.paths.constrained_policy(self.i, not whole), save)
+
+
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     """Iteration i's constrained policy: α and, below 1, its adapter or model in
     ``constrain/`` (``Paths.trained_policy`` then gives it to the evaluation and the
@@ -180,71 +260,14 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
-    dev, dtype = models.device(str(cfg.device)), str(cfg.model.dtype)
+    dev = models.device(str(cfg.device))
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
     with timer("load_s"):
         model, start, ref, adapter = _ends(paths, i, policy, reference, dev)
     held = read_shards(paths.heldout_dir).slice(0, hc.constrain_prompts)
     target = hc.kl_target * hc.max_kl
-
-    def between(model, start) -> tuple[float, list[dict], int]:
-        """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
-        zero) and ``model``; a policy at α < 1 saved (``Paths.constrained_policy``)."""
-        alpha, top, rounds = 1.0, GRID, []
-        with at_scale(model, start) as put_alpha:
-            for r in range(ROUNDS):
-                put_alpha(alpha)
-                with timer("sample_s"):
-                    put = lambda sampler: sampler.sync(model, tok, policy)  # noqa: E731
-                    samples, _ = heldout.sample(
-                        cfg,
-                        tok,
-                        held,
-                        stage.path / f"samples_{r}",
-                        1000 * (i + 1) + r,
-                        put,
-                        (i, "constrain"),
-                    )
-                prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
-                responses = samples["response_ids"].to_pylist()
-
-                def kl_at(a: float, prompts=prompts, responses=responses) -> float:
-                    put_alpha(a)
-                    each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
-                    return sum(each) / len(each)
-
-                with timer("search_s"):  # below what an earlier round found over the target
-                    chosen, decision, tried = search(kl_at, target, top)
-                rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
-                               "tried": [{"alpha": a, "kl": round(k, 6)}
-                                         for a, k in sorted(tried.items())]})  # fmt: skip
-                log.info(
-                    "constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
-                    target,
-                    alpha,
-                    chosen,
-                    decision,
-                    ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items())),
-                )
-                if r and decision != "constrained":  # (its start over: the first round's stands)
-                    chosen = alpha
-                if decision != "constrained" or chosen == alpha:
-                    break
-                over = [a for a, k in tried.items() if k > target and a > chosen]
-                top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
-                alpha = chosen
-            alpha = chosen
-            if alpha < 1:
-                put_alpha(alpha)
-                with timer("save_s"):
-                    whole = start is not None
-                    if whole:
-                        model.to(models.DTYPES[dtype])  # (saved in the policy's dtype)
-                    save = lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))  # noqa: E731
-                    write_folder(paths.constrained_policy(i, not whole), save)
-        return alpha, rounds, len(responses)
-
-    alpha, rounds, n = between(model, start)
+    searched = _Search(cfg, paths, i, stage.path, tok, held, policy, ref, target, timer)
+    alpha, rounds, n = searched.between(model, start)
     towards = None
     if rounds[0]["decision"] == "start over target" and policy != paths.base_policy:
         # the starting policy is over the target already: interpolate towards the initial
@@ -255,7 +278,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
             whole = model.merge_and_unload() if adapter else model
             initial = dict(models.load_policy(paths.base_policy, "float32", dev).named_parameters())
             first = {n: initial[n].detach() for n, _ in whole.named_parameters()}
-        alpha, more, n = between(whole, first)
+        alpha, more, n = searched.between(whole, first)
         towards = "initial"
         rounds += [{**r, "towards": "initial"} for r in more]
     decision = rounds[-1]["decision"] if alpha == 1 else "constrained"
@@ -291,8 +314,7 @@ def kl_grid(run: Path, i: int, points: int = 5) -> list[tuple[float, float]]:
     with at_scale(model, start) as put_alpha:
         for k in range(points):
             put_alpha(a := k / (points - 1))
-            each = full_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)
-            out.append((a, sum(each) / len(each)))
+            out.append((a, mean_kl(model, ref, tok, prompts, responses, cfg.evaluate.batch_size)))
     return out
 
 

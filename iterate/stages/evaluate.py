@@ -160,14 +160,7 @@ def scores(
     if prev is not None and prev.table is not None and ref.info["kind"] != "previous":
         against["prev"] = prev  # (the reference already, where that is the previous policy)
     tables = {"new": samples, **{k: r.table for k, r in against.items()}}
-    rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
-    jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
-    got: dict[tuple, tuple[list, list]] = {}
-    with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
-        texts = lambda job: _text(tables[job[0]].slice(job[1], rows))  # noqa: E731
-        pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", detail=True)
-    by_table = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
-    per_row = [x for j in jobs if j[0] == "new" for x in got[j][1]]
+    by_table, per_row = _reward_scores(cfg, reward, tables)
     spread = [x for x in per_row if x is not None]
     scored = by_table["new"]
     out = {"heldout_reward_mean": _mean([r for r in scored if _ok(r)])}
@@ -177,17 +170,8 @@ def scores(
         out["reward_template_refused"] = refused
     # judge name -> (the judge, its scores of each table; None: a comparing judge, asked)
     judges: dict[str, tuple] = {"reward": (reward, None if _compares(reward) else by_table)}
-    if gold := rewards.of(cfg, "gold"):
-        judges["gold"] = (gold, {t: gold.score(*_text(tables[t]), desc=f"held-out gold ({t})")
-                                 for t in tables})  # fmt: skip
-    dev = models.device(str(cfg.device))
-    for part in cfg.evaluate.judges:
-        judge = rewards.of(cfg, "evaluator", device=dev, run=paths.run, part=part)
-        points = None if _compares(judge) else {
-            t: judge.score(*_text(tables[t]), desc=f"held-out {rewards.source_name(part)} ({t})")
-            for t in tables
-        }  # fmt: skip
-        judges[rewards.source_name(part)] = (judge, points)
+    judged = {t: x for t, x in tables.items() if t != "prev"}  # (only the reward meets prev)
+    judges.update(_other_judges(cfg, paths, judged))
     new_len = [len(r) for r in samples["response"].to_pylist()]
     prompt_ids = samples["prompt_id"].to_pylist()  # a prompt's samples: one cluster
 
@@ -239,7 +223,7 @@ def scores(
             out["judge_unjudged"] = unjudged
     out["proxy_win_rate"] = initial["reward"].get("win_rate")
     new_gold = None
-    if gold:
+    if "gold" in judges:
         new_gold = judges["gold"][1]["new"]
         out["gold_mean"] = _mean(new_gold)
         out["initial_gold_mean"] = _mean(judges["gold"][1]["init"])
@@ -259,6 +243,37 @@ def scores(
         "reward_std": per_row,
     }
     return out, pa.table(each, schema=SCHEMAS["label"])
+
+
+def _reward_scores(cfg: Config, reward: Reward, tables: dict) -> tuple[dict, list]:
+    """The run's reward of every table's rows, in shard-sized jobs over its scoring workers:
+    (table -> rewards, the new samples' spreads)."""
+    rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
+    jobs = [(t, s) for t in tables for s in range(0, tables[t].num_rows, rows)]
+    got: dict[tuple, tuple[list, list]] = {}
+    with RewardPool(reward, cfg.reward.workers, cfg.reward.threads) as pool:
+        texts = lambda job: _text(tables[job[0]].slice(job[1], rows))  # noqa: E731
+        pool.score_each(jobs, texts, got.__setitem__, desc="held-out reward", detail=True)
+    by_table = {t: [r for j in jobs if j[0] == t for r in got[j][0]] for t in tables}
+    return by_table, [x for j in jobs if j[0] == "new" for x in got[j][1]]
+
+
+def _other_judges(cfg: Config, paths: Paths, tables: dict) -> dict[str, tuple]:
+    """The gold judge (in the toy world) and ``evaluate.judges``, by name: (the judge, its
+    scores of each table; None for a comparing judge, which is asked instead)."""
+    out: dict[str, tuple] = {}
+    if gold := rewards.of(cfg, "gold"):
+        out["gold"] = (gold, {t: gold.score(*_text(x), desc=f"held-out gold ({t})")
+                              for t, x in tables.items()})  # fmt: skip
+    dev = models.device(str(cfg.device))
+    for part in cfg.evaluate.judges:
+        judge = rewards.of(cfg, "evaluator", device=dev, run=paths.run, part=part)
+        name = rewards.source_name(part)
+        points = None if _compares(judge) else {
+            t: judge.score(*_text(x), desc=f"held-out {name} ({t})") for t, x in tables.items()
+        }  # fmt: skip
+        out[name] = (judge, points)
+    return out
 
 
 def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
