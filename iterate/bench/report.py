@@ -92,6 +92,8 @@ def report(results: dict) -> str:
                 f"({v['train_s_over_first']:.2f}x), peak {v['peak_rss_mb']:.0f} MB "
                 f"({v['peak_rss_over_first']:.2f}x)"
             )
+    if pe := results.get("peers"):
+        lines += _peers_lines(pe)
     if ld := results.get("ladder"):
         from iterate.bench import ladder
 
@@ -128,4 +130,25 @@ def _scale_lines(sc: dict) -> list[str]:
         out.append(
             f"exponents between N={a} and N={b}; main peak memory {sc['main_peak_ratio']:.2f}x"
         )
+    return out
+
+
+def _peers_lines(pe: dict) -> list[str]:
+    """Seconds per optimiser step, ours against TRL's; then each profile's FLOP rate and
+    its top operators."""
+    peer = f"TRL {pe['trl']}" if pe["trl"] else "TRL (not installed)"
+    out = [f"peers: seconds per optimiser step, ours against {peer}"]
+    for r in pe["rows"]:
+        cells = [f"{k} {v:.2f} s" + (f" ({r['trl_over'][k]:.2f}x)" if k in r.get("trl_over", {})
+                 else "") for k, v in r["step_s"].items()]  # fmt: skip
+        out.append(f"  {r['model']} {r['dtype']} {r['step']}: " + ", ".join(cells))
+        for engine, p in r["profile"].items():
+            out.append(
+                f"    {engine}: {p['step_gflop']:.1f} GFLOP a step, {p['achieved_gflops']:.1f} "
+                f"GFLOP/s = {p['share_of_matmul_rate']:.0%} of the {r['dtype']} matmul rate "
+                f"({p['matmul_gflops']:.0f} GFLOP/s); top operators by self time:"
+            )
+            for o in p["operators"]:
+                out.append(f"      {o['share']:6.1%} {o['self_s']:8.3f} s {o['calls']:6d}x "
+                           f"{o['gflop']:9.1f} GFLOP  {o['name']}")  # fmt: skip
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ class DpoStep:
         self.cfg = main_config(
             [
                 f"model.path={spec['model']}",
+                f"model.dtype={spec.get('dtype', 'float32')}",
                 "update=dpo",
                 f"update.micro_batch_size={spec['micro_batch_size']}",
             ]
@@ -115,7 +117,7 @@ def dpo_variant(spec: dict) -> dict:
     }
 
 
-def rl_stages(spec: dict) -> dict:
+def rl_stages(spec: dict, wrap=None) -> dict:
     """Real on-policy update stages, one per variant (a name and its overrides of the main
     config: ``update=grpo``, ``update.kl_loss_coef=0.05``), each on a mini run folder of its
     own with the same model, reward and prompts, one after another in this process: they
@@ -123,13 +125,19 @@ def rl_stages(spec: dict) -> dict:
     variant: seconds, optimiser steps, seconds per step (its rollouts included, the engine's
     start not), responses rolled out, the sampling share, and this process's peak RSS during
     it (the high-water mark reset before each). ``warmup``: the first variant once more
-    before them all, not counted (the engine's start and its first shapes)."""
+    before them all, not counted (the engine's start and its first shapes). ``reward``: a
+    reward model's folder, or None for the variants' own reward; ``steps`` optimiser steps
+    of ``prompts`` prompts each (1 by default), cut into micro-batches of
+    ``micro_batch_size`` rows (all a step's prompts' rows by default). ``wrap(name, run)``,
+    if given, runs each variant's stage (``run()``: its done record), a profiler around it,
+    say."""
     from iterate import sampling
     from iterate.paths import Paths
     from iterate.rules import rule
     from iterate.stages import heldout, prompts
 
-    n = spec["prompts"]
+    n, steps = spec["prompts"], spec.get("steps", 1)
+    micro = spec.get("micro_batch_size", n)
     out: dict = {"rss_before_model_mb": bm.rss_mb(), "variants": {}}
     runs = list(spec["variants"].items())
     if spec["warmup"]:  # the first variant once, not counted: the engine's first shapes
@@ -140,10 +148,11 @@ def rl_stages(spec: dict) -> dict:
                 [
                     f"model.path={spec['model']}",
                     "reward.train=false",
-                    f"reward.path={spec['reward']}",
-                    f"prompts.per_iteration={n}",
+                    *([f"reward.path={spec['reward']}"] if spec["reward"] else []),
+                    f"prompts.per_iteration={n * steps}",
                     "update.epochs=1",
-                    f"update.micro_batch_size={n}",
+                    f"update.micro_batch_size={micro}",
+                    f"update.grad_accum={n // micro}",
                     f"runs_dir={spec['workdir']}",
                     *overrides,
                 ]
@@ -158,7 +167,9 @@ def rl_stages(spec: dict) -> dict:
             prompts.run(cfg, paths, 0)
             progress.reset_peak_rss()
             t = time.perf_counter()
-            done = rule(str(cfg.update.name)).run(cfg, paths, 0, spec["model"], spec["model"])
+            run = partial(rule(str(cfg.update.name)).run, cfg, paths, 0, spec["model"],
+                          spec["model"])  # fmt: skip
+            done = wrap(name, run) if wrap else run()
             seconds = time.perf_counter() - t
             timings = done["timings"]
             if warmup:

@@ -17,8 +17,12 @@ update's responses, not θ_α's own). α = 1 is tried first (within the target: 
 is kept whole), then 0 (over the target: the starting policy already is, and so is every
 θ_α; see below), then ½ and a
 quadratic through the three to guess the crossing, then bisection on the grid, so a rerun
-picks the same α. The evaluation that follows samples θ_α afresh and measures its KL with
-the usual estimator, which the handoff's gate checks against the budget.
+picks the same α. Up to two more rounds sample θ_α at the α chosen and search again on
+those responses (``settle``): the KL far from the update is overstated along the
+update's responses, so a later round may move α up as well as down; the α kept is the
+largest whose own samples were within the target. The evaluation that follows samples θ_α
+afresh and measures its KL with the usual estimator, which the handoff's gate checks
+against the budget.
 
 When the starting policy is over the target already (a run whose previous iteration was
 accepted between the target and the budget), the search runs again between the initial
@@ -48,6 +52,7 @@ from iterate.stages import heldout
 log = logging.getLogger(__name__)
 
 GRID = 64  # α is k / GRID
+ROUNDS = 3  # samplings: of the update's policy, then of the α each round gave
 
 
 @contextmanager
@@ -98,13 +103,14 @@ def mean_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) ->
 
 
 def search(
-    kl_at: Callable[[float], float], target: float, top: int = GRID
+    kl_at: Callable[[float], float], target: float, over: int | None = None, tried=None
 ) -> tuple[float, str, dict]:
-    """The largest α = k / GRID below ``top / GRID`` (or 1 itself when ``top`` is the whole
-    grid) with ``kl_at(α) <= target``, KL rising with α; the decision (``whole``,
-    ``constrained``, or ``start over target``) and every α tried with its KL. ``top`` below
-    the grid: an α known to be over the target already (an earlier round's)."""
-    tried: dict[float, float] = {}
+    """The largest α = k / GRID with ``kl_at(α) <= target``, KL rising with α; the decision
+    (``whole``, ``constrained``, or ``start over target``) and every α tried with its KL
+    (``tried``: those known already, not measured again). ``over``: the smallest k whose α
+    is known to be over the target (an earlier round's, on its own samples): the search is
+    then below it, α = 1 not tried first."""
+    tried = dict(tried or {})
 
     def kl(k: int) -> float:
         a = k / GRID
@@ -112,11 +118,12 @@ def search(
             tried[a] = kl_at(a)
         return tried[a]
 
-    if top == GRID and kl(GRID) <= target:
+    if over is None and kl(GRID) <= target:
         return 1.0, "whole", tried
     if kl(0) > target:
         return 1.0, "start over target", tried
-    lo, hi, half = 0, top, top // 2  # kl(lo) <= target < kl(hi)
+    top = GRID if over is None else over
+    lo, hi, half = 0, top, top // 2  # kl(lo) <= target, hi known over
     if 0 < half < top:
         lo, hi = (half, hi) if kl(half) <= target else (lo, half)
         # a quadratic through 0, top / 2 and top guesses where it crosses the target
@@ -131,6 +138,38 @@ def search(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if kl(mid) <= target else (lo, mid)
     return lo / GRID, "constrained", tried
+
+
+def settle(
+    along: Callable[[int, float], Callable[[float], float]], target: float, rounds: int = ROUNDS
+) -> tuple[float, list[dict]]:
+    """α and the rounds' records. ``along(r, α)`` samples θ_α (round r's seed) and gives the
+    KL at any α along those responses. Each round samples at the α the round before chose
+    (the first: α = 1, the update's policy) and searches again on its responses: the KL at
+    the sampled α is then its own (on-policy), and one over the target bounds every later
+    search from above; the next α may lie above the sampled one or below. The rounds stop
+    when a round keeps its α; the α kept is the largest whose own samples were within the
+    target, else the last chosen (the evaluation's KL and the gate then judge it)."""
+    alpha, over, out, within = 1.0, None, [], []
+    for r in range(rounds):
+        kl_at = along(r, alpha)
+        own = kl_at(alpha)  # θ_α's KL on its own samples
+        if own <= target:
+            within.append(alpha)
+        else:
+            over = min(GRID if over is None else over, round(alpha * GRID))
+        chosen, decision, tried = search(kl_at, target, over, {alpha: own})
+        out.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
+                    "own_kl": round(own, 6),
+                    "tried": [{"alpha": a, "kl": round(k, 6)}
+                              for a, k in sorted(tried.items())]})  # fmt: skip
+        said = ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items()))
+        log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
+                 target, alpha, chosen, decision, said)  # fmt: skip
+        if decision != "constrained" or chosen == alpha:
+            break
+        alpha = chosen
+    return max(within, default=alpha), out
 
 
 def _roots(a: float, b: float, c: float) -> list[float]:
@@ -154,9 +193,6 @@ def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) ->
 
 
 KEYS = ("max_kl", "kl_target", "constrain_prompts")  # the handoff settings it reads
-
-
-ROUNDS = 2  # samplings: of the update's policy, then of the α it gave
 
 
 def _ends(paths: Paths, i: int, policy: str, reference: str, dev) -> tuple:
@@ -207,38 +243,30 @@ class _Search:
 
     def between(self, model, start) -> tuple[float, list[dict], int]:
         """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
-        zero) and ``model``; a policy at α < 1 saved (``Paths.constrained_policy``)."""
-        alpha, top, rounds = 1.0, GRID, []
+        zero) and ``model`` (``settle``); a policy at α < 1 saved
+        (``Paths.constrained_policy``)."""
         with at_scale(model, start) as put_alpha:
-            for r in range(ROUNDS):
+            measured = 0
+
+            def along(r: int, alpha: float) -> Callable[[float], float]:
+                nonlocal measured
                 put_alpha(alpha)
                 prompts, responses = self.sample(model, r)
+                measured = len(responses)
 
-                def kl_at(a: float, prompts=prompts, responses=responses) -> float:
-                    put_alpha(a)
-                    return mean_kl(model, self.ref, self.tok, prompts, responses,
-                                   self.cfg.evaluate.batch_size)  # fmt: skip
+                def kl_at(a: float) -> float:
+                    with self.timer("search_s"):
+                        put_alpha(a)
+                        return mean_kl(model, self.ref, self.tok, prompts, responses,
+                                       self.cfg.evaluate.batch_size)  # fmt: skip
 
-                with self.timer("search_s"):  # below what an earlier round found over the target
-                    chosen, decision, tried = search(kl_at, self.target, top)
-                rounds.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
-                               "tried": [{"alpha": a, "kl": round(k, 6)}
-                                         for a, k in sorted(tried.items())]})  # fmt: skip
-                said = ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items()))
-                log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
-                         self.target, alpha, chosen, decision, said)  # fmt: skip
-                if r and decision != "constrained":  # (its start over: the first round's stands)
-                    chosen = alpha
-                if decision != "constrained" or chosen == alpha:
-                    break
-                over = [a for a, k in tried.items() if k > self.target and a > chosen]
-                top = min(top, round(min(over) * GRID))  # (the search's crossing: one is over)
-                alpha = chosen
-            alpha = chosen
+                return kl_at
+
+            alpha, rounds = settle(along, self.target)
             if alpha < 1:
                 put_alpha(alpha)
                 self.save(model, whole=start is not None)
-        return alpha, rounds, len(responses)
+        return alpha, rounds, measured
 
     def save(self, model, whole: bool) -> None:
         """The chosen policy into ``constrain/``: the scaled adapter, or the whole model in
@@ -253,8 +281,8 @@ class _Search:
 def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     """Iteration i's constrained policy: α and, below 1, its adapter or model in
     ``constrain/`` (``Paths.trained_policy`` then gives it to the evaluation and the
-    handoff). The search runs on the update's samples, then once more on samples of the α
-    it chose (the KL along θ_α's own responses, not the update's), which is the α kept."""
+    handoff). The search runs on the update's samples, then on samples of each α it chose
+    (the KL along θ_α's own responses, not the update's): ``_Search.between``."""
     hc = cfg.handoff
     stage = stage_for(cfg, paths, i, policy, reference)
     if stage.check(cfg.force):
