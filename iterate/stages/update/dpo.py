@@ -7,15 +7,15 @@ import torch
 from iterate import losses
 from iterate.config import Config
 from iterate.paths import Paths
-from iterate.stages.update.common import Example, pair_logps, run_rule
+from iterate.stages.update.common import Example, logps, run_rule
 
 
 def loss_fn(cfg: Config):
     uc = cfg.update
 
     def fn(model, tok, batch: list[Example], dev) -> tuple[torch.Tensor, dict[str, float]]:
-        got = pair_logps(model, tok, batch, dev)
-        (chosen, chosen_tokens, chosen_mask), (rejected, _, _) = got["chosen"], got["rejected"]
+        chosen, chosen_tokens, chosen_mask = logps(model, tok, batch, "chosen", dev)
+        rejected, _, _ = logps(model, tok, batch, "rejected", dev)
         ref_c = torch.tensor([e.ref["chosen"] for e in batch], device=chosen.device)
         ref_r = torch.tensor([e.ref["rejected"] for e in batch], device=chosen.device)
         per_example, rc, rr = losses.dpo(
