@@ -133,19 +133,7 @@ def trl_dpo(spec: dict) -> dict:
             precompute_ref_batch_size=micro,
         )
     )
-    model = models.load_policy(spec["model"], spec["dtype"])
-    clock = _step_clock()
-    trainer = Tokenized(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=lora(),
-        callbacks=[clock],
-    )
-    trainer.train()
-    times = _steps(clock.ends, spec["warmup"])
-    return {"step_s": statistics.median(times), "steps": len(times), "times": times}
+    return _trained(Tokenized, spec, args, data, tok)
 
 
 def trl_grpo(spec: dict) -> dict:
@@ -177,20 +165,22 @@ def trl_grpo(spec: dict) -> dict:
             shuffle_dataset=False,
         )
     )
-    model = models.load_policy(spec["model"], spec["dtype"])
-    clock = _step_clock()
     data = Dataset.from_list([{"prompt": t} for t in texts])
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=lora(),
-        callbacks=[clock],
-    )
+    return _trained(GRPOTrainer, spec, args, data, tok, reward_funcs=reward)
+
+
+def _trained(trainer_cls, spec: dict, args, data, tok, **kw) -> dict:
+    """A TRL trainer on the spec's model with the peers' adapter, trained for its steps:
+    the median step time after the warm-up (``_timed``)."""
+    clock = _step_clock()
+    model = models.load_policy(spec["model"], spec["dtype"])
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tok,
+                          peft_config=lora(), callbacks=[clock], **kw)  # fmt: skip
     trainer.train()
-    times = _steps(clock.ends, spec["warmup"])
+    return _timed(_steps(clock.ends, spec["warmup"]))
+
+
+def _timed(times: list[float]) -> dict:
     return {"step_s": statistics.median(times), "steps": len(times), "times": times}
 
 
@@ -203,8 +193,7 @@ def engine_dpo(spec: dict) -> dict:
     step.reference()
     for _ in range(spec["warmup"]):
         step(False)
-    times = [step(False) for _ in range(spec["steps"])]
-    out = {"step_s": statistics.median(times), "steps": len(times), "times": times}
+    out = _timed([step(False) for _ in range(spec["steps"])])
     if spec.get("profile"):
         out["profile"] = rates(profiled(lambda: step(False), spec), out["step_s"], 1, spec)
     return out
