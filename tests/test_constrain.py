@@ -56,7 +56,7 @@ def test_later_rounds_may_move_alpha_up_and_keep_the_largest_within_on_its_own_s
 
     def along(r: int, s: float):
         sampled.append(s)
-        return lambda a: 8 * a**2 * (1 + 2 * (a - s) ** 2)
+        return (lambda a: 8 * a**2 * (1 + 2 * (a - s) ** 2)), 8 * s**2  # no noise: upper = own
 
     alpha, rounds = settle(along, 2.0)
     true = max(k for k in range(GRID + 1) if 8 * (k / GRID) ** 2 <= 2.0) / GRID
@@ -73,13 +73,35 @@ def test_later_rounds_may_move_alpha_up_and_keep_the_largest_within_on_its_own_s
 
     def noisy(r: int, s: float):
         own[s] = 8 * s**2 * (1.5 if r == 1 else 1.0)  # round 1's sample: over, by chance
-        return lambda a: own[s] if a == s else 8 * a**2
+        return (lambda a: own[s] if a == s else 8 * a**2), own[s]
 
     alpha, rounds = settle(noisy, 2.0)
     assert rounds[1]["own_kl"] > 2.0 and rounds[2]["sampled_at"] < rounds[1]["sampled_at"]
     assert all(t["alpha"] <= rounds[1]["sampled_at"] for t in rounds[2]["tried"])
     assert rounds[2]["alpha"] < rounds[1]["sampled_at"]
     assert alpha == max(s for s, k in own.items() if k <= 2.0)
+
+
+def test_a_round_whose_kl_interval_reaches_past_the_budget_shrinks_alpha():
+    """The KL at α is 8α² on every round's samples, the target 2 (α = 1/2) and the budget
+    2.5. With the upper end of its interval 1.5 times the estimate (the update's own
+    samples, at α = 1, without noise) the estimate at 1/2 is within the target but its upper
+    end, 3, is over the budget: the next round searches under 2 × 2.5 / 3 (where the upper
+    end would meet the budget) and its α (the largest k/64 with 8α² under that) is within
+    on both counts, and kept: the last round searches under the same and keeps it. Without
+    the noise, or with no budget given, α = 1/2 stands after two rounds."""
+    from iterate.stages.constrain import GRID, settle
+
+    def along(ratio: float):
+        return lambda r, s: ((lambda a: 8 * a**2), 8 * s**2 * (ratio if s < 1 else 1))
+
+    alpha, rounds = settle(along(1.5), 2.0, budget=2.5)
+    shrunk = max(k for k in range(GRID + 1) if 8 * (k / GRID) ** 2 <= 2 * 2.5 / 3) / GRID
+    assert [r["sampled_at"] for r in rounds] == [1.0, 0.5, shrunk] and alpha == shrunk
+    assert rounds[1]["own_upper"] == 3.0 and rounds[1]["limit"] == round(2 * 2.5 / 3, 6)
+    assert rounds[-1]["own_upper"] <= 2.5 and rounds[-1]["alpha"] == shrunk
+    for quiet in (settle(along(1.0), 2.0, budget=2.5), settle(along(1.5), 2.0)):
+        assert quiet[0] == 0.5 and len(quiet[1]) == 2
 
 
 def _trained_adapter(cfg, world, which: str):

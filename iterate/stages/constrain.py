@@ -20,9 +20,12 @@ quadratic through the three to guess the crossing, then bisection on the grid, s
 picks the same α. Up to two more rounds sample θ_α at the α chosen and search again on
 those responses (``settle``): the KL far from the update is overstated along the
 update's responses, so a later round may move α up as well as down; the α kept is the
-largest whose own samples were within the target. The evaluation that follows samples θ_α
-afresh and measures its KL with the usual estimator, which the handoff's gate checks
-against the budget.
+largest whose own samples were within the target, and the upper end of the 95% interval of
+their KL (its standard error clustered by prompt) within the budget, ``handoff.max_kl``: a
+round whose upper end is over the budget searches again under the KL at which the
+upper end, as wide relative to the KL, meets it, and checks that α on its own samples.
+The evaluation that follows samples θ_α afresh and measures its KL with the usual
+estimator, which the handoff's gate checks against the budget.
 
 When the starting policy is over the target already (a run whose previous iteration was
 accepted between the target and the budget), the search runs again between the initial
@@ -42,7 +45,7 @@ from typing import Any
 
 import torch
 
-from iterate import models, progress
+from iterate import models, progress, winrate
 from iterate.config import Config
 from iterate.paths import Paths
 from iterate.shards import read_json, read_shards, write_folder
@@ -141,31 +144,44 @@ def search(
 
 
 def settle(
-    along: Callable[[int, float], Callable[[float], float]], target: float, rounds: int = ROUNDS
+    along: Callable[[int, float], tuple[Callable[[float], float], float]],
+    target: float,
+    budget: float = math.inf,
+    rounds: int = ROUNDS,
 ) -> tuple[float, list[dict]]:
     """α and the rounds' records. ``along(r, α)`` samples θ_α (round r's seed) and gives the
-    KL at any α along those responses. Each round samples at the α the round before chose
-    (the first: α = 1, the update's policy) and searches again on its responses: the KL at
-    the sampled α is then its own (on-policy), and one over the target bounds every later
-    search from above; the next α may lie above the sampled one or below. The rounds stop
-    when a round keeps its α; the α kept is the largest whose own samples were within the
-    target, else the last chosen (the evaluation's KL and the gate then judge it)."""
+    KL at any α along those responses, and the upper end of the 95% interval of θ_α's KL on
+    them. Each round samples at the α the round before chose (the first: α = 1, the update's
+    policy) and searches again on its responses: the KL at the sampled α is then its own
+    (on-policy), and one over the target, or whose upper end is over ``budget``, bounds
+    every later search from above; the next α may lie above the sampled one or below. A
+    round searches under the target, or lower where its interval is wide: under the KL at
+    which the upper end, as wide relative to the KL as on its samples, meets the budget (an
+    interval's width grows with the KL): it shrinks α by what the estimate's noise asks.
+    The rounds stop when a round keeps its α;
+    the α kept is the largest whose own samples were within (the KL under the target, its
+    upper end under the budget), else the last chosen (the evaluation's KL and the gate
+    then judge it)."""
     alpha, over, out, within = 1.0, None, [], []
     for r in range(rounds):
-        kl_at = along(r, alpha)
+        kl_at, upper = along(r, alpha)
         own = kl_at(alpha)  # θ_α's KL on its own samples
-        if own <= target:
+        # the KL at which the upper end, as wide relative to it as here, meets the budget
+        limit = min(target, own * budget / upper) if upper > 0 else target
+        if own <= target and upper <= budget:
             within.append(alpha)
         else:
             over = min(GRID if over is None else over, round(alpha * GRID))
-        chosen, decision, tried = search(kl_at, target, over, {alpha: own})
+        chosen, decision, tried = search(kl_at, limit, over, {alpha: own})
         out.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
-                    "own_kl": round(own, 6),
+                    "own_kl": round(own, 6), "own_upper": round(upper, 6),
+                    "limit": round(limit, 6),
                     "tried": [{"alpha": a, "kl": round(k, 6)}
                               for a, k in sorted(tried.items())]})  # fmt: skip
         said = ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items()))
-        log.info("constrain: KL target %.3g, on samples at α %.4g: α %.4g (%s; tried %s)",
-                 target, alpha, chosen, decision, said)  # fmt: skip
+        log.info("constrain: KL under %.3g, on samples at α %.4g (their KL %.3g, upper end "
+                 "%.3g): α %.4g (%s; tried %s)", limit, alpha, own, upper, chosen, decision,
+                 said)  # fmt: skip
         if decision != "constrained" or chosen == alpha:
             break
         alpha = chosen
@@ -231,15 +247,16 @@ class _Search:
     target: float
     timer: progress.Timer
 
-    def sample(self, model, r: int) -> tuple[list, list]:
-        """Round r's seeded samples of ``model`` as it stands: (prompt ids, response ids)."""
+    def sample(self, model, r: int) -> tuple[list, list, list]:
+        """Round r's seeded samples of ``model`` as it stands: (prompt ids, response ids, each
+        sample's held-out prompt)."""
         with self.timer("sample_s"):
             put = lambda sampler: sampler.sync(model, self.tok, self.policy)  # noqa: E731
             seed = 1000 * (self.i + 1) + r
             samples, _ = heldout.sample(self.cfg, self.tok, self.held, self.folder / f"samples_{r}",
                                         seed, put, (self.i, "constrain"))  # fmt: skip
         prompts = [models.prompt_ids(self.tok, p) for p in samples["prompt"].to_pylist()]
-        return prompts, samples["response_ids"].to_pylist()
+        return prompts, samples["response_ids"].to_pylist(), samples["prompt_id"].to_pylist()
 
     def between(self, model, start) -> tuple[float, list[dict], int]:
         """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
@@ -251,18 +268,24 @@ class _Search:
             def along(r: int, alpha: float) -> Callable[[float], float]:
                 nonlocal measured
                 put_alpha(alpha)
-                prompts, responses = self.sample(model, r)
+                prompts, responses, clusters = self.sample(model, r)
                 measured = len(responses)
+                batch = self.cfg.evaluate.batch_size
+                with self.timer("search_s"):
+                    own = full_kl(model, self.ref, self.tok, prompts, responses, batch)
+                mean = sum(own) / len(own)
+                upper = mean + 1.96 * winrate.clustered_se(own, clusters)
 
                 def kl_at(a: float) -> float:
+                    if a == alpha:
+                        return mean
                     with self.timer("search_s"):
                         put_alpha(a)
-                        return mean_kl(model, self.ref, self.tok, prompts, responses,
-                                       self.cfg.evaluate.batch_size)  # fmt: skip
+                        return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
 
-                return kl_at
+                return kl_at, upper
 
-            alpha, rounds = settle(along, self.target)
+            alpha, rounds = settle(along, self.target, self.cfg.handoff.max_kl)
             if alpha < 1:
                 put_alpha(alpha)
                 self.save(model, whole=start is not None)
