@@ -242,3 +242,20 @@ def test_the_ladders_figures_from_a_runs_stage_records(tmp_path):
     (large,) = [line.split() for line in text.splitlines() if line.strip().startswith("large")]
     # size, parameters, variant, generate label pairs update evaluate handoff, MB, README MB
     assert large == ["large", "500M", "dpo_full", "2.5", "-", "-", "4.0", "-", "-", "7000", "7629"]
+
+
+def test_the_bench_names_a_packaged_model_by_its_folder(tmp_path, monkeypatch):
+    """A packaged real model (``iterate.packaged``) is a bench model by its name: its folder
+    (made by the packaged model's own command, stood in for here); an unknown name is refused
+    naming the known ones, the packaged included, before any model is built."""
+    from iterate import packaged
+    from iterate.bench import models as bm
+    from iterate.config import ToyConfig
+
+    made = []
+    monkeypatch.setattr(packaged, "ensure", lambda name: made.append(name) or tmp_path / name)
+    assert bm.policy_path("smollm2", ToyConfig()) == str(tmp_path / "smollm2")
+    assert made == ["smollm2"]
+    with pytest.raises(ValueError, match="known: toy, smollm2, llama30m"):
+        bm.policy_path("nope", ToyConfig(cache_dir=str(tmp_path / "toy")))
+    assert not (tmp_path / "toy").exists()

