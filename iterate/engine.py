@@ -125,10 +125,12 @@ def sample(llm, request: dict) -> list[list[tuple]]:
         return [float(step[t].logprob) for t, step in zip(c.token_ids, c.logprobs, strict=True)]
 
     return [
-        [(c.text, list(c.token_ids), reason.get(c.finish_reason, "length"), logps(c))
-         for c in o.outputs]
+        [
+            (c.text, list(c.token_ids), reason.get(c.finish_reason, "length"), logps(c))
+            for c in o.outputs
+        ]
         for o in outs
-    ]  # fmt: skip
+    ]
 
 
 class Server:
@@ -359,9 +361,13 @@ class Engine:
             used = now
             if idle >= self.stall_s / 10 and not warned:
                 warned = True
-                log.warning("the vLLM engine (pid %d) has used no CPU for %.0fs (stopped? "
-                            "hung?); it is killed after %.0fs of that (generate.engine_stall_s)",
-                            self.proc.pid, idle, self.stall_s)  # fmt: skip
+                log.warning(
+                    "the vLLM engine (pid %d) has used no CPU for %.0fs (stopped? "
+                    "hung?); it is killed after %.0fs of that (generate.engine_stall_s)",
+                    self.proc.pid,
+                    idle,
+                    self.stall_s,
+                )
             if idle >= self.stall_s:
                 pid = self.proc.pid
                 self.proc.kill()

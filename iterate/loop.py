@@ -133,10 +133,16 @@ def _record_stop(path: Path, e: BaseException) -> None:
     written, a full disk say, is left out: the error that stopped the run is reported)."""
     status = errors.status_of(e)
     try:
-        atomic_write_json(path, {
-            "status": status, "says": errors.WORDS[status], "error": f"{e}"[:2000],
-            "type": type(e).__name__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })  # fmt: skip
+        atomic_write_json(
+            path,
+            {
+                "status": status,
+                "says": errors.WORDS[status],
+                "error": f"{e}"[:2000],
+                "type": type(e).__name__,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
     except OSError as failed:
         log.warning("%s: not written (%s)", path, failed)
 
@@ -176,9 +182,15 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
     log.info(
         "%s: %d iterations in %.0fs\n%s\nmetrics: %s, plot: %s\nfinal policy: %s (with its "
         "model card)\ninspect: python -m iterate show %s samples=3",
-        run_dir, len(rows), time.time() - t0, metrics.table(rows), paths.metrics,
-        paths.plot, final, run_dir,
-    )  # fmt: skip
+        run_dir,
+        len(rows),
+        time.time() - t0,
+        metrics.table(rows),
+        paths.metrics,
+        paths.plot,
+        final,
+        run_dir,
+    )
     return rows
 
 

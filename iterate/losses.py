@@ -162,8 +162,9 @@ def aggregate(
         if not norm:
             raise ValueError("token_sum_norm needs its constant norm (the most response tokens)")
         return (per_token * mask).sum(-1) / norm
-    raise ValueError(f"unknown loss aggregation {how!r}: token_mean | sequence_mean | "
-                     "token_sum_norm")  # fmt: skip
+    raise ValueError(
+        f"unknown loss aggregation {how!r}: token_mean | sequence_mean | token_sum_norm"
+    )
 
 
 def clipped_surrogate(
@@ -268,9 +269,12 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int) -> tor
 
 
 def rollout_weights(
-    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, how: str,
+    trainer_logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
     cap: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Per-token weights (B, T) correcting for sampling with other numerics than the
     trainer's (vLLM's kernels, precision): ``tis``, truncated importance sampling, the
     ratio ``pi_trainer / pi_sampler`` of each sampled token capped at ``cap`` (Yao et al.

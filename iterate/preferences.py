@@ -182,8 +182,10 @@ def _mixed(p: Path, rows: list) -> str | None:
             kind = type(value).__name__
             at, seen = first.setdefault(name, (k, kind))
             if seen != kind:
-                return (f"{p}: row {k}: field '{name}': {kind}, where row {at} has {seen} "
-                        "(a field holds one type of value)")  # fmt: skip
+                return (
+                    f"{p}: row {k}: field '{name}': {kind}, where row {at} has {seen} "
+                    "(a field holds one type of value)"
+                )
     return None
 
 

@@ -26,8 +26,9 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", **kw):
     """A progress bar (``update``, ``set_postfix``, ``close``): tqdm's on a terminal, else
     ``Lines``."""
     if _QUIET or sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, disable=_QUIET, mininterval=0.5,
-                    leave=False, **kw)  # fmt: skip
+        return tqdm(
+            total=total, desc=desc, unit=unit, disable=_QUIET, mininterval=0.5, leave=False, **kw
+        )
     return Lines(total, desc, unit)
 
 
@@ -43,8 +44,16 @@ class Lines:
     rate and the time left; a last line at the end of work that spoke. Thread-safe (worker
     threads update one bar)."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, quiet_s: float = 10.0,
-                 share: float = 0.1, min_s: float = 5.0, every_s: float = 60.0):  # fmt: skip
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str,
+        quiet_s: float = 10.0,
+        share: float = 0.1,
+        min_s: float = 5.0,
+        every_s: float = 60.0,
+    ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
         self.quiet_s, self.share, self.min_s, self.every_s = quiet_s, share, min_s, every_s
         self.t0 = self.last = time.monotonic()
@@ -73,8 +82,18 @@ class Lines:
         if self.total and rate > 0 and self.n < self.total:
             left = f", {_duration((self.total - self.n) / rate)} left"
         more = f", {self.postfix}" if self.postfix else ""
-        log.info("%s: %s %s%s, %.3g %s/s, %s in%s%s", self.desc, done, self.unit, pct, rate,
-                 self.unit, _duration(took), left, more)  # fmt: skip
+        log.info(
+            "%s: %s %s%s, %.3g %s/s, %s in%s%s",
+            self.desc,
+            done,
+            self.unit,
+            pct,
+            rate,
+            self.unit,
+            _duration(took),
+            left,
+            more,
+        )
         self.at, self.last, self.spoke = self.n, now, True
 
     def close(self) -> None:

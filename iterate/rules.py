@@ -47,52 +47,101 @@ class Rule:
 
 
 RL_KEYS = (  # PPO's and ReMax's
-    "kl_coef", "kl_estimator", "reward_clip", "loss_agg", "rollout_correction", "tis_cap",
-)  # fmt: skip
+    "kl_coef",
+    "kl_estimator",
+    "reward_clip",
+    "loss_agg",
+    "rollout_correction",
+    "tis_cap",
+)
 # the group rules' (iterate.stages.update.group)
 GROUP_KEYS = (
-    "group_size", "clip_low", "clip_high", "num_iterations", "reward_clip", "loss_agg",
-    "drop_equal_groups", "refill_rounds", "mask_truncated", "overlong_buffer", "sync_every",
-    "rollout_correction", "tis_cap",
-)  # fmt: skip
+    "group_size",
+    "clip_low",
+    "clip_high",
+    "num_iterations",
+    "reward_clip",
+    "loss_agg",
+    "drop_equal_groups",
+    "refill_rounds",
+    "mask_truncated",
+    "overlong_buffer",
+    "sync_every",
+    "rollout_correction",
+    "tis_cap",
+)
 
 RULES: dict[str, Rule] = {
     r.name: r
     for r in (
         Rule(
-            "dpo", "dpo", PAIR_STAGES,
+            "dpo",
+            "dpo",
+            PAIR_STAGES,
             keys=("loss", "beta", "label_smoothing", "nll_coef", "group_by_length"),
-            keep="pair", samples="best-of-{n} samples, pairs by `{pairs}`",
+            keep="pair",
+            samples="best-of-{n} samples, pairs by `{pairs}`",
         ),
         Rule(
-            "raft", "raft", PAIR_STAGES, keys=("group_by_length",), keep="best",
+            "raft",
+            "raft",
+            PAIR_STAGES,
+            keys=("group_by_length",),
+            keep="best",
             samples="best-of-{n} samples, the best response of each prompt",
         ),
         Rule(
-            "ppo", "ppo",
-            keys=(*RL_KEYS, "ppo_epochs", "clip_range", "value_clip", "vf_coef", "gamma", "lam",
-                  "adaptive_kl", "target_kl", "kl_horizon", "value_head", "value_layers",
-                  "sync_every"),
+            "ppo",
+            "ppo",
+            keys=(
+                *RL_KEYS,
+                "ppo_epochs",
+                "clip_range",
+                "value_clip",
+                "vf_coef",
+                "gamma",
+                "lam",
+                "adaptive_kl",
+                "target_kl",
+                "kl_horizon",
+                "value_head",
+                "value_layers",
+                "sync_every",
+            ),
             samples="one rollout per prompt and step",
         ),
         Rule(
-            "remax", "remax", keys=(*RL_KEYS, "sync_every"),
+            "remax",
+            "remax",
+            keys=(*RL_KEYS, "sync_every"),
             samples="one rollout per prompt and step, and a greedy one",
         ),
         Rule(
-            "grpo", "group", keys=(*GROUP_KEYS, "scale_rewards", "kl_loss_coef"), groups=True,
-            advantage="group", samples="a group of {group} rollouts per prompt and step",
+            "grpo",
+            "group",
+            keys=(*GROUP_KEYS, "scale_rewards", "kl_loss_coef"),
+            groups=True,
+            advantage="group",
+            samples="a group of {group} rollouts per prompt and step",
         ),
         Rule(
-            "rloo", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
-            advantage="others", samples="a group of {group} rollouts per prompt and step",
+            "rloo",
+            "group",
+            keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"),
+            groups=True,
+            advantage="others",
+            samples="a group of {group} rollouts per prompt and step",
         ),
         Rule(
-            "reinforce_pp", "group", keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"), groups=True,
-            advantage="returns", samples="a group of {group} rollouts per prompt and step",
+            "reinforce_pp",
+            "group",
+            keys=(*GROUP_KEYS, "kl_coef", "kl_estimator"),
+            groups=True,
+            advantage="returns",
+            samples="a group of {group} rollouts per prompt and step",
         ),
     )
-}  # fmt: skip
+}
 
 
 def rule(name: object) -> Rule:
@@ -112,7 +161,10 @@ def unread(update) -> list[str]:
     something other than their default: what the chosen rule would ignore without a word."""
     import dataclasses
 
-    defaults = {f.name: f.default for f in dataclasses.fields(update)
-                if f.default is not dataclasses.MISSING}  # fmt: skip
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(update)
+        if f.default is not dataclasses.MISSING
+    }
     theirs = {k for r in RULES.values() for k in r.keys} - set(rule(update.name).keys)
     return sorted(k for k in theirs if k in defaults and getattr(update, k) != defaults[k])

@@ -58,8 +58,10 @@ class RunLock:
         try:
             info = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # a folder in its place, a file this user cannot write
-            raise BadInput(f"{self.path}: the run's lock file cannot be opened ({e.strerror}): "
-                           "remove it, or use another run_name") from None  # fmt: skip
+            raise BadInput(
+                f"{self.path}: the run's lock file cannot be opened ({e.strerror}): "
+                "remove it, or use another run_name"
+            ) from None
         try:
             fd = _take(os.open(self.run, os.O_RDONLY | os.O_DIRECTORY), info)
         except BlockingIOError:
@@ -78,8 +80,11 @@ class RunLock:
         if old and old.get("pid") != os.getpid():
             log.warning(
                 "%s: taking over the lock of pid %s on %s (since %s), which is no longer running",
-                self.run, old.get("pid"), old.get("host"), old.get("since"),
-            )  # fmt: skip
+                self.run,
+                old.get("pid"),
+                old.get("host"),
+                old.get("since"),
+            )
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}
         os.ftruncate(info, 0)
         os.pwrite(info, json.dumps(me).encode(), 0)

@@ -165,10 +165,12 @@ class TransformersSampler:
                     lps = steps.gather(-1, new[:, : steps.shape[1], None]).squeeze(-1).tolist()
                 seqs = new.tolist()
                 for j in range(0, len(seqs), params.n):
-                    out.append([
-                        self._sample(s, params.ignore_eos, lps[k] if lps else None)
-                        for k, s in enumerate(seqs[j : j + params.n], start=j)
-                    ])  # fmt: skip
+                    out.append(
+                        [
+                            self._sample(s, params.ignore_eos, lps[k] if lps else None)
+                            for k, s in enumerate(seqs[j : j + params.n], start=j)
+                        ]
+                    )
         model.train(was_training)
         return out
 

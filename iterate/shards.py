@@ -238,6 +238,9 @@ def clean_temporaries(folder: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     if removed:
-        log.warning("removed %d temporary file(s) left by dead processes: %s", len(removed),
-                    ", ".join(str(p.relative_to(folder)) for p in removed[:5]))  # fmt: skip
+        log.warning(
+            "removed %d temporary file(s) left by dead processes: %s",
+            len(removed),
+            ", ".join(str(p.relative_to(folder)) for p in removed[:5]),
+        )
     return removed

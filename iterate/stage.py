@@ -221,38 +221,88 @@ def resolve(obj: Any, root: Path | None) -> Any:
 NOT_COUNTED = {
     "model": ("name",),
     "generate": (
-        "keep_engine", "batch_size", "gpu_memory_utilization", "enforce_eager", "workers",
-        "threads", "tensor_parallel_size", "sleep_level", "engine_stall_s",
+        "keep_engine",
+        "batch_size",
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "workers",
+        "threads",
+        "tensor_parallel_size",
+        "sleep_level",
+        "engine_stall_s",
     ),
     "reward": (
-        "name", "kind", "function", "sources", "pairwise_template", "judge", "workers",
-        "threads", "aggregate", "uncertainty_coef", "refresh", "cache", "function_timeout_s",
+        "name",
+        "kind",
+        "function",
+        "sources",
+        "pairwise_template",
+        "judge",
+        "workers",
+        "threads",
+        "aggregate",
+        "uncertainty_coef",
+        "refresh",
+        "cache",
+        "function_timeout_s",
     ),
     "reward.refresh": (),
     "prompts": (),
     "pairs": (),
     "handoff": (),
-}  # fmt: skip
+}
 COUNTED = {
     "model": ("path", "dtype", "max_length", "chat_template"),
     "generate": ("backend", "n", "temperature", "top_p", "max_tokens", "shard_size"),
     "reward": (
-        "path", "train", "source", "data", "prompts", "label_function", "samples", "base",
-        "chat_template", "num_pairs", "label_noise",
-        "heldout_fraction", "lora", "epochs", "batch_size", "grad_accum", "lr", "max_length",
-        "dtype", "ensemble", "score_batch_size",
+        "path",
+        "train",
+        "source",
+        "data",
+        "prompts",
+        "label_function",
+        "samples",
+        "base",
+        "chat_template",
+        "num_pairs",
+        "label_noise",
+        "heldout_fraction",
+        "lora",
+        "epochs",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "max_length",
+        "dtype",
+        "ensemble",
+        "score_batch_size",
     ),
     "reward.refresh": ("pairs", "judge", "judge_path", "path", "rule", "replay", "epochs", "lr"),
     "prompts": (
-        "synthetic", "source", "path", "split", "field", "fields", "per_iteration", "heldout",
-        "heldout_path", "heldout_field",
+        "synthetic",
+        "source",
+        "path",
+        "split",
+        "field",
+        "fields",
+        "per_iteration",
+        "heldout",
+        "heldout_path",
+        "heldout_field",
     ),
     "pairs": ("rule", "length_penalty", "min_margin"),
     "handoff": (
-        "max_kl", "max_length_ratio", "min_lc_win_rate", "on_reject", "reference", "constrain",
-        "kl_target", "constrain_prompts", "reward_tolerance_se",
+        "max_kl",
+        "max_length_ratio",
+        "min_lc_win_rate",
+        "on_reject",
+        "reference",
+        "constrain",
+        "kl_target",
+        "constrain_prompts",
+        "reward_tolerance_se",
     ),
-}  # fmt: skip
+}
 
 
 def counted(cfg: Config, section: str) -> dict:
@@ -299,8 +349,9 @@ ADDED = {
 
 
 def retired(stage: str, key: str) -> bool:
-    return any(key == r or key.startswith(r + ".")
-               for r in (*RETIRED["*"], *RETIRED.get(stage, ())))  # fmt: skip
+    return any(
+        key == r or key.startswith(r + ".") for r in (*RETIRED["*"], *RETIRED.get(stage, ()))
+    )
 
 
 def _added(recorded: dict, now: dict, key: str) -> bool:
@@ -369,8 +420,12 @@ class Stage:
         if keys:
             wrote = [p for p in self.path.rglob("*") if p.is_file() and p.name not in NOT_OUTPUT]
             if not wrote and not self.is_done():  # a start that failed before any output
-                log.info("%s: started with another config but wrote nothing: starting again "
-                         "(differing keys: %s)", self.path, ", ".join(keys))  # fmt: skip
+                log.info(
+                    "%s: started with another config but wrote nothing: starting again "
+                    "(differing keys: %s)",
+                    self.path,
+                    ", ".join(keys),
+                )
                 force = True
             if not force:
                 raise StageConfigChanged(

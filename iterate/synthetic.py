@@ -147,8 +147,10 @@ def write(
                 rate = max(len(kept) / candidates if candidates else 0.5, 0.02)
                 n_req = min(cap, math.ceil((k - len(kept)) / (sc.candidates * rate)))
                 rng = random.Random(seeds.derive("self_instruct_examples", cfg.seed, i, rounds))
-                shown = [rng.sample(seed_prompts, min(sc.examples, len(seed_prompts)))
-                         for _ in range(n_req)]  # fmt: skip
+                shown = [
+                    rng.sample(seed_prompts, min(sc.examples, len(seed_prompts)))
+                    for _ in range(n_req)
+                ]
                 asks = [models.prompt_ids(tok, request(ex)) for ex in shown]
                 seed = seeds.derive("self_instruct", cfg.seed, i, rounds)
                 outs = [
@@ -172,9 +174,16 @@ def write(
                 dropped.update(r["dropped"])
                 keep_rates.append(r["keep_rate"])
                 rounds += 1
-    info = {"generator": model, "candidates": candidates, "rounds": rounds, "kept": len(kept),
-            "spare": spare, "dropped": dict(dropped), "keep_rates": keep_rates,
-            "settings": plain(sc)}  # fmt: skip
+    info = {
+        "generator": model,
+        "candidates": candidates,
+        "rounds": rounds,
+        "kept": len(kept),
+        "spare": spare,
+        "dropped": dict(dropped),
+        "keep_rates": keep_rates,
+        "settings": plain(sc),
+    }
     if len(kept) < k:
         raise BadInput(shortfall(i, k, len(kept), candidates, dict(dropped), keep_rates))
     return kept, info
@@ -187,14 +196,18 @@ def shortfall(
     has run out of new prompts (more rounds would not help); else more rounds, looser
     filters or fewer prompts."""
     rates = ", ".join(f"{r:.3f}" for r in keep_rates)
-    said = (f"prompts (self_instruct): iteration {i} needs {k} prompts but {kept} of "
-            f"{candidates} candidates survived {len(keep_rates)} rounds (dropped: {dropped}; "
-            f"share kept per round: {rates})")  # fmt: skip
+    said = (
+        f"prompts (self_instruct): iteration {i} needs {k} prompts but {kept} of "
+        f"{candidates} candidates survived {len(keep_rates)} rounds (dropped: {dropped}; "
+        f"share kept per round: {rates})"
+    )
     if len(keep_rates) >= 3 and max(keep_rates[-2:]) < 0.1 * max(keep_rates[0], 1e-9):
-        return (f"{said}. The generator has run out of new prompts: the share it keeps fell "
-                "to a tenth of its first round's, so more rounds would not help; loosen the "
-                "filters (prompts.synthetic.max_overlap), give it more seed prompts, use "
-                "another generator, or lower prompts.per_iteration")  # fmt: skip
+        return (
+            f"{said}. The generator has run out of new prompts: the share it keeps fell "
+            "to a tenth of its first round's, so more rounds would not help; loosen the "
+            "filters (prompts.synthetic.max_overlap), give it more seed prompts, use "
+            "another generator, or lower prompts.per_iteration"
+        )
     return (
         f"{said}; raise prompts.synthetic.max_rounds, loosen its filters, or lower "
         "prompts.per_iteration"

@@ -144,29 +144,49 @@ def check(cfg: Config) -> None:
         need(not math.isnan(value), key, value, "must be a number")
         need(math.isfinite(value) or key in ALLOW_INF, key, value, "must be finite")
     runs, run = Path(cfg.runs_dir).resolve(), (Path(cfg.runs_dir) / cfg.run_name).resolve()
-    need(run != runs and run.is_relative_to(runs), "run_name", cfg.run_name,
-          "must name a folder inside runs_dir")  # fmt: skip
+    need(
+        run != runs and run.is_relative_to(runs),
+        "run_name",
+        cfg.run_name,
+        "must name a folder inside runs_dir",
+    )
     for key, (ok, says) in RANGES.items():
         value = _get(cfg, key)
         need(ok(value), key, value, says)
     uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
     sc = pc.synthetic
-    need(sc.max_words >= sc.min_words, "prompts.synthetic.max_words", sc.max_words,
-          f"must be >= prompts.synthetic.min_words ({sc.min_words})")  # fmt: skip
+    need(
+        sc.max_words >= sc.min_words,
+        "prompts.synthetic.max_words",
+        sc.max_words,
+        f"must be >= prompts.synthetic.min_words ({sc.min_words})",
+    )
     if not rule(uc.name).on_policy:
         need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
         )
-        need(gc.temperature > 0, "generate.temperature", gc.temperature,
-              f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
-              "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)")  # fmt: skip
+        need(
+            gc.temperature > 0,
+            "generate.temperature",
+            gc.temperature,
+            f"must be > 0 for update={uc.name}: greedy sampling gives the n samples of a "
+            "prompt all alike, so no pair (and vLLM refuses n > 1 at temperature 0)",
+        )
     if rule(uc.name).groups:
         room = f"must be in [0, generate.max_tokens={gc.max_tokens})"
-        need(0 <= uc.overlong_buffer < gc.max_tokens, "update.overlong_buffer",
-              uc.overlong_buffer, room)  # fmt: skip
-        need(gc.temperature > 0, "generate.temperature", gc.temperature,
-              f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
-              "alike, so every advantage is 0")  # fmt: skip
+        need(
+            0 <= uc.overlong_buffer < gc.max_tokens,
+            "update.overlong_buffer",
+            uc.overlong_buffer,
+            room,
+        )
+        need(
+            gc.temperature > 0,
+            "generate.temperature",
+            gc.temperature,
+            f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
+            "alike, so every advantage is 0",
+        )
     need(
         gc.max_tokens < cfg.model.max_length,
         "generate.max_tokens",
@@ -204,8 +224,10 @@ def check(cfg: Config) -> None:
             need(d.weight > 0, f"reward.data[{k}].weight", d.weight, "must be > 0")
     if rewards.trains_model(cfg) and str(rc.source) == "policy":
         if not rc.prompts or not Path(rc.prompts).exists():
-            raise BadInput(f"reward.prompts={rc.prompts!r}: no such file or folder (the "
-                           "initial policy's prompts for reward.source=policy)")  # fmt: skip
+            raise BadInput(
+                f"reward.prompts={rc.prompts!r}: no such file or folder (the "
+                "initial policy's prompts for reward.source=policy)"
+            )
         check_spec(cfg, "reward.label_function", rc.label_function)
         need(rc.samples >= 2, "reward.samples", rc.samples, "must be >= 2 (a pair per prompt)")
 
@@ -265,9 +287,12 @@ def _positions(key: str, max_length: int, path: str | None, cfg: Config) -> None
         config = {**config.get("text_config", {}), **config}
         have = next((config[k] for k in POSITIONS if isinstance(config.get(k), int)), None)
         name = path
-    need(have is None or max_length <= have, key, max_length,
-          f"{name} has {have} positions: at most {have} tokens of prompt and response "
-          f"(lower {key})")  # fmt: skip
+    need(
+        have is None or max_length <= have,
+        key,
+        max_length,
+        f"{name} has {have} positions: at most {have} tokens of prompt and response (lower {key})",
+    )
 
 
 # what one row (a response and its prompt) of a shard costs in memory, per token, held in
@@ -295,14 +320,21 @@ def _memory(cfg: Config) -> None:
     tokens, gc = cfg.model.max_length * BYTES_PER_TOKEN, cfg.generate
     for key, rows, what in (
         ("generate.n", gc.shard_size * gc.n, f"a shard of {gc.shard_size} prompts"),
-        ("evaluate.samples", cfg.prompts.heldout * cfg.evaluate.samples,
-         f"{cfg.prompts.heldout} held-out prompts"),
-    ):  # fmt: skip
+        (
+            "evaluate.samples",
+            cfg.prompts.heldout * cfg.evaluate.samples,
+            f"{cfg.prompts.heldout} held-out prompts",
+        ),
+    ):
         held, gib = rows * tokens, 2**30
-        need(held <= total // 2, key, _get(cfg, key),
-              f"{what} with this many samples each, of up to {cfg.model.max_length} tokens, "
-              f"hold ~{held / gib:.0f} GiB at once; this machine has {total / gib:.0f} GiB "
-              "(fewer samples, or a smaller generate.shard_size)")  # fmt: skip
+        need(
+            held <= total // 2,
+            key,
+            _get(cfg, key),
+            f"{what} with this many samples each, of up to {cfg.model.max_length} tokens, "
+            f"hold ~{held / gib:.0f} GiB at once; this machine has {total / gib:.0f} GiB "
+            "(fewer samples, or a smaller generate.shard_size)",
+        )
 
 
 def _trackers(cfg: Config) -> None:
@@ -391,8 +423,12 @@ def _refresh(cfg: Config) -> None:
             f"reward.refresh.pairs={fc.pairs}: the refresh learns from best-of-n samples, which "
             f"update={cfg.update.name} does not draw (its rollouts are inside its update)"
         )
-    need(fc.pairs >= 2 or str(fc.judge) == "file", "reward.refresh.pairs", fc.pairs,
-          "must be >= 2 (a fifth of the judged pairs measures the refreshed model)")  # fmt: skip
+    need(
+        fc.pairs >= 2 or str(fc.judge) == "file",
+        "reward.refresh.pairs",
+        fc.pairs,
+        "must be >= 2 (a fifth of the judged pairs measures the refreshed model)",
+    )
     judge = str(fc.judge)
     if judge == "gold" and str(cfg.prompts.source) != "toy":
         raise BadInput(

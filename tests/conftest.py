@@ -49,9 +49,14 @@ def cli(
     """``python -m iterate ARGS`` from the project root, in a process group of its own (the
     crash tests kill it whole)."""
     return subprocess.run(
-        [sys.executable, "-m", "iterate", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})}, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "iterate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
 
 
 def tensorboard_events(folder: Path) -> list[tuple[str, int, object]]:
@@ -122,8 +127,9 @@ def hash_seeds(names=("q_proj", "v_proj")) -> tuple[str, str]:
     seen: dict[str, str] = {}
     for seed in map(str, range(32)):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        order = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
+        order = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout
         if seen and order not in seen.values():
             return next(iter(seen)), seed
         seen[seed] = order
@@ -152,7 +158,9 @@ def full_run(tiny_cache, tiny_world, tmp_path_factory) -> Path:
     """A two-iteration run of the tiny world with every optional stage, made by the command
     line under the first of ``hash_seeds()``."""
     runs = tmp_path_factory.mktemp("full")
-    out = cli([*FULL, f"runs_dir={runs}", f"toy.cache_dir={tiny_cache}"],
-              env={"PYTHONHASHSEED": hash_seeds()[0]})  # fmt: skip
+    out = cli(
+        [*FULL, f"runs_dir={runs}", f"toy.cache_dir={tiny_cache}"],
+        env={"PYTHONHASHSEED": hash_seeds()[0]},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return runs / "toy_tiny"

@@ -58,9 +58,13 @@ def tokenizer(family: str, template: str, out: Path):
             single=f"{bos[0]} $A", special_tokens=[bos]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=spec["specials"],
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=spec["specials"],
+    )
     fast.chat_template = models.chat_template(template)
     fast.save_pretrained(out)
     return fast
@@ -81,9 +85,13 @@ def model(arch: str, tok, out: Path, seed: int = 0) -> str:
     else:
         family = arch.removesuffix("ForCausalLM").removesuffix("ForSequenceClassification")
         config = getattr(transformers, f"{family}Config")(
-            **SIZES, num_key_value_heads=2, intermediate_size=256, max_position_embeddings=512,
-            tie_word_embeddings=False, **ids,
-        )  # fmt: skip
+            **SIZES,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **ids,
+        )
     if arch.endswith("ForSequenceClassification"):
         config.num_labels = 1
     torch.manual_seed(seed)

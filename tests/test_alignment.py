@@ -59,10 +59,10 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
     got, spread, parts, _ = scorer.score(prompts, responses, detail=True)
     assert parts == {}, "one source"
     single = [
-        torch.tensor(scoring.Scorer.load(str(out / m), "float32", 256, 8).score(
-            prompts, responses)) - off
+        torch.tensor(scoring.Scorer.load(str(out / m), "float32", 256, 8).score(prompts, responses))
+        - off
         for m, off in zip(index["members"], index["offsets"])
-    ]  # fmt: skip
+    ]
     r = torch.stack(single)
     std = r.std(0, unbiased=False)
     assert torch.allclose(torch.tensor(got), r.mean(0) - 0.5 * std, atol=1e-5)
@@ -80,10 +80,17 @@ def test_ensemble_trains_members_scores_their_aggregate_and_resumes(tiny_cfg, ti
 
 def _refresh_args(tiny_cache, tiny_rm, runs, *extra) -> list[str]:
     return [
-        *TINY, f"runs_dir={runs}", f"toy.cache_dir={tiny_cache}", "generate=transformers",
-        "reward.train=false", f"reward.path={tiny_rm}", "generate.n=8",
-        "reward.refresh.pairs=16", "iteration=2", *extra,
-    ]  # fmt: skip
+        *TINY,
+        f"runs_dir={runs}",
+        f"toy.cache_dir={tiny_cache}",
+        "generate=transformers",
+        "reward.train=false",
+        f"reward.path={tiny_rm}",
+        "generate.n=8",
+        "reward.refresh.pairs=16",
+        "iteration=2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +122,12 @@ def _proxy_win_rate(run: Path, i: int) -> float:
     rc = yaml.safe_load((run / "config.yaml").read_text())["reward"]
     label = json.loads((run / f"iter_00{i}" / "label" / "_DONE.json").read_text())
     reward = rewards.ModelReward(
-        label["reward_model"].replace("${run}", str(run)), rc["dtype"], rc["max_length"],
-        rc["score_batch_size"], rc["chat_template"],
-    )  # fmt: skip
+        label["reward_model"].replace("${run}", str(run)),
+        rc["dtype"],
+        rc["max_length"],
+        rc["score_batch_size"],
+        rc["chat_template"],
+    )
     init = read_shards(run / "heldout" / "initial_samples").to_pandas()
     init["reward"] = reward.score(init["prompt"].tolist(), init["response"].tolist())
     new = read_shards(run / f"iter_00{i}" / "evaluate" / "scores").to_pandas()
@@ -196,13 +206,26 @@ def test_sweep_summary_over_seeds_mean_and_sd(tmp_path):
         for seed, w in enumerate(values):
             job = tmp_path / f"seed={seed},update={rule}"
             job.mkdir()
-            row = {"iteration": seed_row, "update": rule, "win_rate_vs_initial": w,
-                   "gold_mean": w - 1, "kl_to_reference": 2.0, "accepted": seed != 2}  # fmt: skip
+            row = {
+                "iteration": seed_row,
+                "update": rule,
+                "win_rate_vs_initial": w,
+                "gold_mean": w - 1,
+                "kl_to_reference": 2.0,
+                "accepted": seed != 2,
+            }
             (job / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     text = sweep.summarize_sweep(tmp_path)
-    seeds = {r["job"]: r for r in sweep.over_seeds(
-        [{"job": f"seed={s},update={u}", "iteration": 0, "win_rate_vs_initial": w}
-         for (u, _), ws in wins.items() for s, w in enumerate(ws)])}  # fmt: skip
+    seeds = {
+        r["job"]: r
+        for r in sweep.over_seeds(
+            [
+                {"job": f"seed={s},update={u}", "iteration": 0, "win_rate_vs_initial": w}
+                for (u, _), ws in wins.items()
+                for s, w in enumerate(ws)
+            ]
+        )
+    }
     assert seeds["update=dpo"]["win_rate_vs_initial"] == pytest.approx((0.7, 0.1))
     assert seeds["update=raft"]["win_rate_vs_initial"] == pytest.approx((0.6, 0.173205), 1e-5)
     md = (tmp_path / "summary.md").read_text()
@@ -213,12 +236,22 @@ def test_sweep_summary_over_seeds_mean_and_sd(tmp_path):
 
 
 def test_refresh_and_ensemble_options_compose():
-    cfg = compose_cfg([
-        *TINY, "reward.ensemble=3", "reward.aggregate=min", "reward.uncertainty_coef=2",
-        "reward.refresh.pairs=32", "reward.refresh.judge=model", "reward.refresh.judge_path=x/y",
-        "reward.refresh.rule=max_random", "reward.refresh.replay=0.5", "reward.refresh.epochs=3",
-        "reward.refresh.lr=1e-4", "reward.refresh.path='l/{iteration}.jsonl'",
-    ])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "reward.ensemble=3",
+            "reward.aggregate=min",
+            "reward.uncertainty_coef=2",
+            "reward.refresh.pairs=32",
+            "reward.refresh.judge=model",
+            "reward.refresh.judge_path=x/y",
+            "reward.refresh.rule=max_random",
+            "reward.refresh.replay=0.5",
+            "reward.refresh.epochs=3",
+            "reward.refresh.lr=1e-4",
+            "reward.refresh.path='l/{iteration}.jsonl'",
+        ]
+    )
     rc = cfg.reward
     assert (rc.ensemble, str(rc.aggregate), rc.uncertainty_coef) == (3, "min", 2.0)
     fc = rc.refresh
@@ -250,7 +283,7 @@ def test_a_toy_reward_model_is_trained_once_per_config(tiny_cfg, tiny_world):
         for p in (Path(tiny_cfg.toy.cache_dir).parent / "reward_models").glob("*")
         if json.loads((p / "_DONE.json").read_text())["finished_unix"] == first["finished_unix"]
     ]
-    assert len(cached) == 1  # fmt: skip
+    assert len(cached) == 1
     with open(cached[0] / "model" / "model.safetensors", "r+b") as f:  # damaged in place
         f.write(b"x")
     assert weights.read_bytes() == again.read_bytes(), "the runs' copies are untouched"

@@ -62,9 +62,15 @@ def test_a_pairs_budget_counts_both_of_its_sequences():
 
 def _steps(group: bool, n: int = 300, seed: int = 0) -> tuple[list, list[tuple[int, list]]]:
     cfg = compose_cfg(
-        [f"seed={seed}", "update=dpo", "update.micro_batch_size=4", "update.grad_accum=1",
-         "update.epochs=2", f"update.group_by_length={group}"]
-    )  # fmt: skip
+        [
+            f"seed={seed}",
+            "update=dpo",
+            "update.micro_batch_size=4",
+            "update.grad_accum=1",
+            "update.epochs=2",
+            f"update.group_by_length={group}",
+        ]
+    )
     examples = [_ex(3, 1 + (j * 37) % 97, 1 + (j * 37) % 97 + j % 5) for j in range(n)]
     return examples, list(common.pair_steps(cfg, examples, 0))
 

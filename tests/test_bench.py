@@ -54,8 +54,9 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     assert gen["model"] == "toy" and gen["tokens_per_round"] == 4 * 4 * 8
     for k in ("vllm_tokens_per_s", "transformers_tokens_per_s", "matmul_gflops"):
         assert positive(gen[k]), k
-    assert ratio(gen["vllm_over_transformers"], gen["vllm_tokens_per_s"],
-                 gen["transformers_tokens_per_s"])  # fmt: skip
+    assert ratio(
+        gen["vllm_over_transformers"], gen["vllm_tokens_per_s"], gen["transformers_tokens_per_s"]
+    )
     (lab,) = res["labelling"]
     assert lab["max_abs_reward_difference"] < 1e-3, "both scorers give the same rewards"
     assert ratio(lab["ratio"], lab["batched_samples_per_s"], lab["pipeline_samples_per_s"])
@@ -71,8 +72,9 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
         assert 0 < v["step_s"] * v["steps"] <= v["seconds"], "a step's share of the stage"
     assert rl["grpo_kl"]["responses"] > rl["ppo"]["responses"], "a group per prompt"
     assert ratio(rl["grpo_kl"]["step_s_over_first"], rl["grpo_kl"]["step_s"], rl["ppo"]["step_s"])
-    assert ratio(rl["grpo_kl"]["peak_rss_over_first"], rl["grpo_kl"]["peak_rss_mb"],
-                 rl["ppo"]["peak_rss_mb"])  # fmt: skip
+    assert ratio(
+        rl["grpo_kl"]["peak_rss_over_first"], rl["grpo_kl"]["peak_rss_mb"], rl["ppo"]["peak_rss_mb"]
+    )
     assert "evaluation" not in res["backends"]  # quick: the rollouts only
     r = res["backends"]["rollouts"]
     assert positive(r["vllm_s"]) and positive(r["transformers_s"])
@@ -80,8 +82,11 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     assert r["vllm_timings"]["sampler_sample_s"] > 0, "vLLM did the sampling"
     sync = res["sync"]
     assert all(positive(sync[v][k]) for v in ("merged", "lora") for k in ("sync_s", "tokens_per_s"))
-    assert ratio(sync["lora_over_merged_tokens_per_s"], sync["lora"]["tokens_per_s"],
-                 sync["merged"]["tokens_per_s"])  # fmt: skip
+    assert ratio(
+        sync["lora_over_merged_tokens_per_s"],
+        sync["lora"]["tokens_per_s"],
+        sync["merged"]["tokens_per_s"],
+    )
     w = res["workers"]
     g = w["generation"]
     (many,) = [k for k in g if k.endswith("x1_tokens_per_s")]
@@ -97,8 +102,9 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_cache):
     # unprofiled time
     pe = res["peers"]
     assert pe["trl"] == "1.16.0" and [(r["model"], r["step"]) for r in pe["rows"]] == [
-        ("toy", "dpo"), ("toy", "grpo"),
-    ]  # fmt: skip
+        ("toy", "dpo"),
+        ("toy", "grpo"),
+    ]
     dpo_row, grpo_row = pe["rows"]
     assert set(dpo_row["step_s"]) == {"iterate", "trl"}
     assert set(grpo_row["step_s"]) == {"iterate (transformers)", "trl"}
@@ -144,13 +150,21 @@ def test_the_scale_sections_figures_from_a_runs_stage_records(tmp_path):
             (folder / "_DONE.json").write_text(json.dumps(done))
         runs[str(n)] = scale.read_run(run, n * 8)
     assert runs["2000"]["stages"]["generate"] == {
-        "seconds": 20.0, "s_per_1k_responses": 1.25, "peak_rss_mb": 911,
-    }  # fmt: skip
+        "seconds": 20.0,
+        "s_per_1k_responses": 1.25,
+        "peak_rss_mb": 911,
+    }
     assert runs["2000"]["main_peak_rss_mb"] == 961 and runs["200"]["engine_peak_rss_mb"] == 700
     assert scale.growth((200, 2.0), (2000, 20.0)) == 1.0
     assert scale.growth((2000, 1.0), (20000, 100.0)) == 2.0 and scale.growth((1, 0), (2, 1)) is None
-    sc = {"n": 8, "heldout": 80, "runs": runs, "exponent_between": [200, 2000],
-          "exponents": {s: 1.0 for s in scale.LOOP}, "main_peak_ratio": 1.07}  # fmt: skip
+    sc = {
+        "n": 8,
+        "heldout": 80,
+        "runs": runs,
+        "exponent_between": [200, 2000],
+        "exponents": {s: 1.0 for s in scale.LOOP},
+        "main_peak_ratio": 1.07,
+    }
     text = report.report({"scale": sc})
     assert "   update      5.0      50.0      3.125      1.00" in text
     assert "  main MB      960       961" in text and "main peak memory 1.07x" in text
@@ -169,24 +183,36 @@ def test_the_padding_section_measures_the_tokens_fed_by_each_cut(tmp_path, tiny_
 
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "iterate.bench", "--quick", "sections=[padding]",
-         f"out_dir={out}", f"toy.cache_dir={tiny_cache}"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "iterate.bench",
+            "--quick",
+            "sections=[padding]",
+            f"out_dir={out}",
+            f"toy.cache_dir={tiny_cache}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pa = json.loads((out / "quick" / "results.json").read_text())["padding"]
     q = apply_quick(BenchConfig()).padding
     lengths = update.mixed_lengths(q.pairs, q.min_tokens, q.max_tokens, 0)
-    assert all(q.min_tokens <= p + c <= q.max_tokens and q.min_tokens <= p + r <= q.max_tokens
-               for p, c, r in lengths)  # fmt: skip
+    assert all(
+        q.min_tokens <= p + c <= q.max_tokens and q.min_tokens <= p + r <= q.max_tokens
+        for p, c, r in lengths
+    )
     real = sum(2 * p + c + r for p, c, r in lengths)
     before, both = pa["variants"]["as before"], pa["variants"]["both"]
     # as before: steps of 4 pairs, one micro-batch each, both sides padded to their longest
     assert before["real_tokens"] == both["real_tokens"] == real
     assert before["padding"] == pytest.approx(1 - real / before["fed_tokens"])
     # the pair rules' seeded shuffle, cut into steps of 4: each side padded to its longest
-    order = torch.randperm(q.pairs, generator=torch.Generator().manual_seed(
-        seeds.derive("update", 0, 0))).tolist()  # fmt: skip
+    order = torch.randperm(
+        q.pairs, generator=torch.Generator().manual_seed(seeds.derive("update", 0, 0))
+    ).tolist()
     fed = 0
     for s in range(0, q.pairs, 4):
         step = [lengths[j] for j in order[s : s + 4]]
@@ -215,8 +241,10 @@ def test_the_ladders_figures_from_a_runs_stage_records(tmp_path):
     assert ladder.predicted_mb(2**20, ["update=dpo"]) == 2
     assert ladder.predicted_mb(2**20, ["update=dpo", "update.lora.enabled=false"]) == 16
     run = tmp_path / "run"
-    for name, done in (("update", {"seconds": 4.0, "peak_rss_mb": 900, "peak_gpu_mb": 300}),
-                       ("generate", {"seconds": 2.5, "peak_rss_mb": 800})):  # fmt: skip
+    for name, done in (
+        ("update", {"seconds": 4.0, "peak_rss_mb": 900, "peak_gpu_mb": 300}),
+        ("generate", {"seconds": 2.5, "peak_rss_mb": 800}),
+    ):
         (run / "iter_000" / name).mkdir(parents=True)
         (run / "iter_000" / name / "_DONE.json").write_text(json.dumps(done))
     (run / "iter_000" / "label").mkdir()  # a stage that did not finish: not read
@@ -228,10 +256,19 @@ def test_the_ladders_figures_from_a_runs_stage_records(tmp_path):
 
     def entry(params, peak):
         readme = round(ladder.predicted_mb(params, ["update.lora.enabled=false"]))
-        return {"parameters": params, "runs": {"dpo_full": {
-            "overrides": [], "stages": stages, "seconds": 6.5, "update_peak_mb": peak,
-            "memory": "gpu", "readme_mb": readme,
-        }}}  # fmt: skip
+        return {
+            "parameters": params,
+            "runs": {
+                "dpo_full": {
+                    "overrides": [],
+                    "stages": stages,
+                    "seconds": 6.5,
+                    "update_peak_mb": peak,
+                    "memory": "gpu",
+                    "readme_mb": readme,
+                }
+            },
+        }
 
     sizes = {"small": entry(100e6, 1000), "large": entry(500e6, 7000)}
     la = {"device": "cuda", "backend": "transformers", "dtype": "bfloat16", "sizes": sizes}

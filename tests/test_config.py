@@ -117,8 +117,10 @@ def test_tuning_is_picked_by_model_and_rule_and_the_command_line_wins():
     for untuned in (["experiment=toy_tiny"], ["model=zephyr_sft"]):
         cfg = compose_cfg(untuned)
         assert (cfg.update.lora.enabled, cfg.update.lr, cfg.reward.refresh.pairs) == (
-            True, 1e-3, 0,
-        )  # fmt: skip
+            True,
+            1e-3,
+            0,
+        )
     assert compose_cfg(["update.lr=5e-4", "reward.refresh.pairs=0"]).update.lr == 5e-4
 
 
@@ -131,8 +133,11 @@ def test_the_first_real_run_of_the_readme_composes_on_the_toy_default(tmp_path):
     from iterate.errors import BadInput
 
     prompts = tmp_path / "mine.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n"
-                               for w in ("owls", "rain", "tea")))  # fmt: skip
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in ("owls", "rain", "tea")
+        )
+    )
     first = ["run_name=mine", "prompts=file", f"prompts.path={prompts}"]
     for rule in ("dpo", "raft"):
         cfg = compose_cfg([*first, f"update={rule}"], tmp_path)
@@ -430,14 +435,20 @@ def test_the_shipped_slurm_launcher_composes():
 def test_scale_out_options_compose():
     cfg = compose_cfg(
         [
-            "generate.workers=2", "generate.threads=1", "generate.tensor_parallel_size=2",
-            "reward.workers=2", "reward.threads=1",
-            "update.num_processes=4", "update.strategy=deepspeed_zero3",
+            "generate.workers=2",
+            "generate.threads=1",
+            "generate.tensor_parallel_size=2",
+            "reward.workers=2",
+            "reward.threads=1",
+            "update.num_processes=4",
+            "update.strategy=deepspeed_zero3",
         ]
-    )  # fmt: skip
+    )
     assert (cfg.generate.workers, cfg.generate.threads, cfg.generate.tensor_parallel_size) == (
-        2, 1, 2,
-    )  # fmt: skip
+        2,
+        1,
+        2,
+    )
     assert (cfg.reward.workers, cfg.reward.threads) == (2, 1)
     assert (cfg.update.num_processes, cfg.update.strategy) == (4, "deepspeed_zero3")
     with pytest.raises(ConfigCompositionException, match="update.strategy=zero9"):
@@ -451,16 +462,23 @@ def test_the_length_aware_training_settings_compose_and_are_checked():
     from iterate import validate
     from iterate.errors import BadInput
 
-    on = ["update.group_by_length=true", "update.max_tokens_per_micro_batch=4096",
-          "update.gradient_checkpointing=true"]  # fmt: skip
+    on = [
+        "update.group_by_length=true",
+        "update.max_tokens_per_micro_batch=4096",
+        "update.gradient_checkpointing=true",
+    ]
     for rule in ("dpo", "grpo"):
         uc = compose_cfg([f"update={rule}", *on]).update
         assert (uc.group_by_length, uc.max_tokens_per_micro_batch, uc.gradient_checkpointing) == (
-            True, 4096, True,
-        )  # fmt: skip
+            True,
+            4096,
+            True,
+        )
     off = compose_cfg(["update=raft"]).update
     assert (off.group_by_length, off.max_tokens_per_micro_batch, off.gradient_checkpointing) == (
-        False, 0, False,
-    )  # fmt: skip
+        False,
+        0,
+        False,
+    )
     with pytest.raises(BadInput, match="update.max_tokens_per_micro_batch"):
         validate.check(compose_cfg(["update.max_tokens_per_micro_batch=-1"]))

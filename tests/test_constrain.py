@@ -132,8 +132,11 @@ def test_a_lora_adapter_at_scale_alpha_is_the_merged_interpolation(tiny_cfg, tin
 
     whole = merged()
     with model.disable_adapter():
-        prev = {n: m.base_layer.weight.detach().clone() for n, m in model.named_modules()
-                if hasattr(m, "get_delta_weight")}  # fmt: skip
+        prev = {
+            n: m.base_layer.weight.detach().clone()
+            for n, m in model.named_modules()
+            if hasattr(m, "get_delta_weight")
+        }
     ids = torch.tensor([[1, 5, 9, 12, 7]])
     before = model(input_ids=ids).logits
     with constrain.at_scale(model) as put:
@@ -145,8 +148,9 @@ def test_a_lora_adapter_at_scale_alpha_is_the_merged_interpolation(tiny_cfg, tin
                 assert torch.allclose(now[k], want, atol=1e-5), (k, alpha)
         put(0.0)
         with model.disable_adapter():
-            assert torch.allclose(model(input_ids=ids).logits, model.base_model(input_ids=ids)
-                                  .logits)  # fmt: skip
+            assert torch.allclose(
+                model(input_ids=ids).logits, model.base_model(input_ids=ids).logits
+            )
     assert torch.allclose(model(input_ids=ids).logits, before)
     plain = models.load_policy(str(tiny_world))
     start = {n: p.detach().clone() * 0.5 for n, p in plain.named_parameters()}
@@ -186,9 +190,17 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     from iterate.plan import run_stages
     from iterate.report import metrics
 
-    base = ["experiment=toy_tiny", "generate=transformers", "iteration=1", "update.lr=5e-3",
-            "handoff.max_kl=0.05", "reward.train=false", f"reward.path={tiny_rm}",
-            f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"]  # fmt: skip
+    base = [
+        "experiment=toy_tiny",
+        "generate=transformers",
+        "iteration=1",
+        "update.lr=5e-3",
+        "handoff.max_kl=0.05",
+        "reward.train=false",
+        f"reward.path={tiny_rm}",
+        f"runs_dir={tmp_path}",
+        f"toy.cache_dir={tiny_cache}",
+    ]
     [row] = loop.run(compose_cfg(base), tmp_path / "on")
     run = tmp_path / "on" / "iter_000"
     done = json.loads((run / "constrain" / "_DONE.json").read_text())
@@ -219,8 +231,9 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     shutil.copytree(tmp_path / "on", fell, ignore=shutil.ignore_patterns("constrain"))
     paths = Paths(run=fell, base_policy=evaluated["config"]["reference"])  # the initial policy
     over = tmp_path / "over"
-    merged = models.load_policy(paths.base_policy, "float32", torch.device("cpu"),
-                                str(run / "update" / "adapter")).merge_and_unload()  # fmt: skip
+    merged = models.load_policy(
+        paths.base_policy, "float32", torch.device("cpu"), str(run / "update" / "adapter")
+    ).merge_and_unload()
     merged.save_pretrained(over)
     models.load_tokenizer(paths.base_policy).save_pretrained(over)
     back = constrain.run(cfg, paths, 0, str(over), paths.base_policy)

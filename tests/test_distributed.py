@@ -89,9 +89,9 @@ def test_every_strategy_composes_to_a_shipped_accelerate_config(strategy):
     cmd = dist.command(cfg, Path("launch.json"))
     f = Path(cmd[cmd.index("--config_file") + 1])
     conf = yaml.safe_load(f.read_text())
-    assert conf["distributed_type"] == {
-        "ddp": "MULTI_GPU", "fsdp": "FSDP"
-    }.get(strategy, "DEEPSPEED")  # fmt: skip
+    assert conf["distributed_type"] == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(
+        strategy, "DEEPSPEED"
+    )
     if strategy.startswith("deepspeed"):
         assert conf["deepspeed_config"]["zero_stage"] == int(strategy[-1])
     assert cmd[cmd.index("--num_processes") + 1] == "8"

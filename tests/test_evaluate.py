@@ -68,11 +68,19 @@ _JUDGE = ["evaluate.judges=[{kind: function, function: 'tests.test_evaluate:char
 
 def _generate_rows(items, responses_of, samples: int) -> pa.Table:
     rows = [
-        {"prompt_id": prompt_id(it.prompt), "sample_idx": k, "prompt": it.prompt,
-         "response": responses_of(it, k), "prompt_tokens": 5, "response_tokens": 5,
-         "finish_reason": "stop", "response_ids": [1, 2]}
-        for it in items for k in range(samples)
-    ]  # fmt: skip
+        {
+            "prompt_id": prompt_id(it.prompt),
+            "sample_idx": k,
+            "prompt": it.prompt,
+            "response": responses_of(it, k),
+            "prompt_tokens": 5,
+            "response_tokens": 5,
+            "finish_reason": "stop",
+            "response_ids": [1, 2],
+        }
+        for it in items
+        for k in range(samples)
+    ]
     return pa.Table.from_pylist(rows, schema=SCHEMAS["generate"])
 
 
@@ -87,14 +95,27 @@ def test_every_judge_against_a_reference_file_by_hand(tmp_path):
     items = world.split(0.1)[1][:5]
     init = _generate_rows(items, lambda it, k: world.best_response(it) + " Sorry.", 2)
     new = _generate_rows(items, lambda it, k: world.best_response(it) + " thanks" * k, 2)
-    outputs = [{"instruction": it.prompt, "output": "nope " * (n + 1), "generator": "gpt4",
-                "dataset": "toy"} for n, it in enumerate(items[:4])]  # fmt: skip
+    outputs = [
+        {
+            "instruction": it.prompt,
+            "output": "nope " * (n + 1),
+            "generator": "gpt4",
+            "dataset": "toy",
+        }
+        for n, it in enumerate(items[:4])
+    ]
     ref_file = tmp_path / "alpaca_eval_outputs.json"
     ref_file.write_text(json.dumps(outputs))
     cfg = compose_cfg(
-        ["reward=gold", "evaluate.samples=2", "evaluate.reference.kind=file",
-         f"evaluate.reference.path={ref_file}", *_JUDGE], tmp_path,
-    )  # fmt: skip
+        [
+            "reward=gold",
+            "evaluate.samples=2",
+            "evaluate.reference.kind=file",
+            f"evaluate.reference.path={ref_file}",
+            *_JUDGE,
+        ],
+        tmp_path,
+    )
     validate._evaluation(cfg)
     paths = Paths(run=tmp_path / "run", base_policy="")
     write_shard(init, shard_path(paths.initial_samples_dir, 0))
@@ -116,8 +137,10 @@ def test_every_judge_against_a_reference_file_by_hand(tmp_path):
     assert got["reference"] == ref.info
     # against the initial samples, sample by sample, as before
     before = init["response"].to_pylist()
-    vs_init = winrate.judged([gold(p, r) for p, r in zip(prompts, responses)],
-                             [gold(p, r) for p, r in zip(prompts, before)])  # fmt: skip
+    vs_init = winrate.judged(
+        [gold(p, r) for p, r in zip(prompts, responses)],
+        [gold(p, r) for p, r in zip(prompts, before)],
+    )
     assert got["win_rate_vs_initial"] == got["proxy_win_rate"] == round(sum(vs_init) / 10, 4)
     assert 0 < got["win_rate_vs_initial"] < 1  # (the responses differ both ways)
     assert each.column("gold").to_pylist() == [gold(p, r) for p, r in zip(prompts, responses)]
@@ -125,8 +148,12 @@ def test_every_judge_against_a_reference_file_by_hand(tmp_path):
 
 def test_a_bad_reference_file_is_named_by_file_row_and_field(tmp_path):
     bad = tmp_path / "outputs.jsonl"
-    bad.write_text(json.dumps({"instruction": "Hi.", "output": "Hello."}) + "\n"
-                   + json.dumps({"instruction": "Bye.", "output": 3}) + "\n")  # fmt: skip
+    bad.write_text(
+        json.dumps({"instruction": "Hi.", "output": "Hello."})
+        + "\n"
+        + json.dumps({"instruction": "Bye.", "output": 3})
+        + "\n"
+    )
     with pytest.raises(BadInput, match=r"outputs.jsonl: row 1: field 'output': int, where row 0"):
         heldout.outputs(str(bad), "instruction", "output")
     bad.write_text(json.dumps({"instruction": "Bye.", "output": 3}) + "\n")
@@ -199,8 +226,12 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     from .conftest import compose_cfg
 
     before = {"iteration": None, "win_rate": 0.47, "win_rate_se": 0.04}
-    ev = {"kl": {"k1": 2.0, "k3": 1.9, "k1_se": 0.5}, "length_ratio": 1.6, "lc_win_rate": 0.48,
-          "vs_previous": before}  # fmt: skip
+    ev = {
+        "kl": {"k1": 2.0, "k3": 1.9, "k1_se": 0.5},
+        "length_ratio": 1.6,
+        "lc_win_rate": 0.48,
+        "vs_previous": before,
+    }
     plain = compose_cfg([])
     got = handoff.gate(plain, ev)  # no length gate asked: the KL and the reward's
     assert got["accepted"] and got["k1_upper"] == 2.98  # 2 + 1.96 x 0.5
@@ -209,10 +240,11 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     lost = handoff.gate(plain, {**ev, "vs_previous": {**before, "iteration": 1, "win_rate": 0.4}})
     assert lost["failed"] == [
         "reward's win rate against the iteration 1's policy 0.4 < 0.42 (1/2 - 2 se)"
-    ]  # fmt: skip
+    ]
     nothing = handoff.gate(plain, {**ev, "vs_previous": {}})  # not measured: not passed
-    assert nothing["failed"] == ["reward's win rate against the initial policy none (not "
-                                 "measured) (1/2 - 2 se)"]  # fmt: skip
+    assert nothing["failed"] == [
+        "reward's win rate against the initial policy none (not measured) (1/2 - 2 se)"
+    ]
     off = compose_cfg(["handoff.reward_tolerance_se=null"])
     assert handoff.gate(off, {**ev, "vs_previous": {}})["accepted"]
     strict = compose_cfg(["handoff.reward_tolerance_se=0"])  # (the policy must not lose at all)
@@ -220,8 +252,9 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     cfg = compose_cfg(["handoff.max_length_ratio=1.5", "handoff.min_lc_win_rate=0.5"])
     got = handoff.gate(cfg, ev)
     assert not got["accepted"] and got["failed"] == [
-        "length ratio 1.6 > 1.5", "LC win rate 0.48 < 0.5"
-    ]  # fmt: skip
+        "length ratio 1.6 > 1.5",
+        "LC win rate 0.48 < 0.5",
+    ]
     assert got["decision"].startswith("reject (stop): length ratio")
     ok = handoff.gate(cfg, {**ev, "length_ratio": 1.2, "lc_win_rate": 0.55})
     assert ok["accepted"] and ok["decision"] == "accept" and ok["length_ratio"] == 1.2
@@ -232,8 +265,11 @@ def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
     assert unmeasured["failed"] == ["length ratio none (not measured) > 1.5"]
     both = handoff.gate(cfg, {**ev, "kl": {"k1": 12.0, "k3": 11.0}})
     assert both["failed"][0] == "KL 12 > 10" and len(both["failed"]) == 3
-    for bad in ("handoff.max_length_ratio=0", "handoff.min_lc_win_rate=1.5",
-                "handoff.reward_tolerance_se=-1"):  # fmt: skip
+    for bad in (
+        "handoff.max_length_ratio=0",
+        "handoff.min_lc_win_rate=1.5",
+        "handoff.reward_tolerance_se=-1",
+    ):
         with pytest.raises(BadInput, match=bad.split("=")[0]):
             validate.check(compose_cfg([bad]))
 
@@ -298,11 +334,15 @@ def test_a_reference_file_is_matched_to_the_heldout_prompts_before_any_iteration
     paths = Paths(run=tmp_path / "run", base_policy="")
     write_shard(prompts.table(["Hi.", "Bye.", "Why?"]), shard_path(paths.heldout_dir, 0))
     ref_file = tmp_path / "outputs.json"
-    cfg = compose_cfg(["evaluate.reference.kind=file", f"evaluate.reference.path={ref_file}"],
-                      tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        ["evaluate.reference.kind=file", f"evaluate.reference.path={ref_file}"], tmp_path
+    )
     ref_file.write_text(json.dumps([{"instruction": "Other.", "output": "o"}]))
-    with pytest.raises(BadInput, match=r"outputs.json: none of its 1 prompts \('instruction'\) "
-                       r"is one of the 3 held-out prompts"):  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"outputs.json: none of its 1 prompts \('instruction'\) "
+        r"is one of the 3 held-out prompts",
+    ):
         heldout.check_reference(cfg, paths)
     ref_file.write_text(json.dumps([{"instruction": "Hi.", "output": "o"}]))
     with caplog.at_level("WARNING"):

@@ -98,11 +98,11 @@ BAD = [  # (overrides, what the message must name)
             f"reward.refresh.judge_path={MISSING}",
         ],
         MISSING,
-    ),  # fmt: skip
+    ),
     (
         ["reward.refresh.pairs=8", "reward.refresh.judge=file", "reward.refresh.path=labels.jsonl"],
         "{iteration}",
-    ),  # fmt: skip
+    ),
     (
         [
             "reward.refresh.pairs=8",
@@ -110,7 +110,7 @@ BAD = [  # (overrides, what the message must name)
             f"prompts.path={ROOT / 'data' / 'prompts.jsonl'}",
         ],
         "gold judge knows only",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -213,10 +213,16 @@ def test_a_lock_file_deleted_under_a_live_run_does_not_let_a_second_writer_in(tm
     process) does not sidestep it."""
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from iterate.runlock import RunLock\n"
-         f"with RunLock({str(run)!r}):\n print('held', flush=True); time.sleep(60)"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from iterate.runlock import RunLock\n"
+            f"with RunLock({str(run)!r}):\n print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         (run / ".lock").unlink()
@@ -232,8 +238,9 @@ def test_a_lock_file_deleted_under_a_live_run_does_not_let_a_second_writer_in(tm
 
 def test_a_dead_holders_lock_is_taken_over_and_its_temporaries_cleaned(tmp_path, caplog):
     run = tmp_path / "run"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     run.mkdir()
     (run / ".lock").write_text(json.dumps({"pid": int(dead), "host": "h", "since": "then"}))
     stage = run / "iter_000" / "handoff"
@@ -260,17 +267,28 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
 
 def _cli(args: list[str], tmp_path: Path, cache: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "iterate", *TINY, f"runs_dir={tmp_path}",
-         f"toy.cache_dir={cache or tmp_path / 'toy'}", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "iterate",
+            *TINY,
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={cache or tmp_path / 'toy'}",
+            *args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def _engine_of(pid: int) -> bool:
     """Whether the process ``pid`` has a vLLM engine process (``iterate.engine``) as a child."""
-    found = subprocess.run(["pgrep", "-P", str(pid), "-f", "iterate.engine --serve"],
-                           capture_output=True, text=True)  # fmt: skip
+    found = subprocess.run(
+        ["pgrep", "-P", str(pid), "-f", "iterate.engine --serve"], capture_output=True, text=True
+    )
     return bool(found.stdout.strip())
 
 
@@ -400,11 +418,21 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     from iterate.shards import SCHEMAS
 
     gen = pa.Table.from_pylist(
-        [{"prompt_id": prompt_id(t), "sample_idx": 0, "prompt": t, "response": "Hello!",
-          "prompt_tokens": 3, "response_tokens": 2, "finish_reason": "stop",
-          "response_ids": [5, 2]} for t in texts],
+        [
+            {
+                "prompt_id": prompt_id(t),
+                "sample_idx": 0,
+                "prompt": t,
+                "response": "Hello!",
+                "prompt_tokens": 3,
+                "response_tokens": 2,
+                "finish_reason": "stop",
+                "response_ids": [5, 2],
+            }
+            for t in texts
+        ],
         schema=SCHEMAS["generate"],
-    )  # fmt: skip
+    )
     labels, dropped = label.label_table(gen, rewards)
     assert dict(dropped) == {"template_refused": 1} and labels.num_rows == 2
 

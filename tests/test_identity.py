@@ -55,8 +55,10 @@ def _done_files(run: Path) -> dict[str, str]:
 
 
 def _rerun(run: Path, tiny_cache: Path, seed: str, *more: str):
-    return cli([*FULL, f"runs_dir={run.parent}", f"toy.cache_dir={tiny_cache}", *more],
-               env={"PYTHONHASHSEED": seed})  # fmt: skip
+    return cli(
+        [*FULL, f"runs_dir={run.parent}", f"toy.cache_dir={tiny_cache}", *more],
+        env={"PYTHONHASHSEED": seed},
+    )
 
 
 @pytest.mark.slow
@@ -99,11 +101,14 @@ def test_every_setting_a_stage_hashes_is_classified():
     from iterate import config, stage
 
     classes = {
-        "model": config.ModelConfig, "generate": config.GenerateConfig,
-        "reward": config.RewardConfig, "reward.refresh": config.RefreshConfig,
-        "prompts": config.PromptsConfig, "pairs": config.PairsConfig,
+        "model": config.ModelConfig,
+        "generate": config.GenerateConfig,
+        "reward": config.RewardConfig,
+        "reward.refresh": config.RefreshConfig,
+        "prompts": config.PromptsConfig,
+        "pairs": config.PairsConfig,
         "handoff": config.HandoffConfig,
-    }  # fmt: skip
+    }
     assert set(classes) == set(stage.COUNTED) == set(stage.NOT_COUNTED)
     for section, cls in classes.items():
         yes, no = stage.COUNTED[section], stage.NOT_COUNTED[section]
@@ -186,8 +191,12 @@ def test_a_setting_added_later_resumes_old_stages_only_at_its_old_value(tmp_path
     cfg = compose_cfg(["prompts.heldout=8"], tmp_path)
     now = prompts.heldout_config(cfg)
     assert now["prompts"]["heldout_path"] is None
-    earlier = {**now, "prompts": {k: v for k, v in now["prompts"].items()
-                                  if k not in ("heldout_path", "heldout_field")}}  # fmt: skip
+    earlier = {
+        **now,
+        "prompts": {
+            k: v for k, v in now["prompts"].items() if k not in ("heldout_path", "heldout_field")
+        },
+    }
     Stage(tmp_path / "heldout", "heldout", earlier).finish()
     assert Stage(tmp_path / "heldout", "heldout", now).check() is True
     cfg.prompts.heldout_path = str(tmp_path / "alpaca_eval.json")
@@ -245,9 +254,16 @@ def test_a_reward_functions_identity_is_not_the_path_as_typed(tmp_path, monkeypa
 
     def confs(spec: str) -> tuple[dict, dict]:
         judge = f"{{kind: function, function: '{spec}', name: chars}}"
-        cfg = compose_cfg([f"reward.function={spec}", "reward.kind=function",
-                           f"evaluate.judges=[{judge}]", "reward.source=policy",
-                           f"reward.label_function={spec}"], tmp_path)  # fmt: skip
+        cfg = compose_cfg(
+            [
+                f"reward.function={spec}",
+                "reward.kind=function",
+                f"evaluate.judges=[{judge}]",
+                "reward.source=policy",
+                f"reward.label_function={spec}",
+            ],
+            tmp_path,
+        )
         reward = rewards.of(cfg, run=paths.run)
         stage = evaluate.stage_for(cfg, paths, 0, "base", "base", reward)
         return stage.config, reward_model.labeller(cfg, paths).identity()

@@ -16,36 +16,69 @@ from .conftest import ROOT, compose_cfg
 
 # kind -> (args, responses that keep it, responses that break it)
 CASES = {
-    "max_words": ({"n": 5}, ["One two three four.", "Hi."],
-                  ["One two three four five.", "a b c d e f"]),
+    "max_words": (
+        {"n": 5},
+        ["One two three four.", "Hi."],
+        ["One two three four five.", "a b c d e f"],
+    ),
     "min_words": ({"n": 3}, ["one two three", "It's a fine day."], ["one two", ""]),
-    "max_sentences": ({"n": 2}, ["One. Two!", "Just one without a mark"],
-                      ["One. Two. Three.", "A? B! C.", ""]),
-    "bullets": ({"n": 2}, ["Intro:\n* first\n* second", "- a\n- b"],
-                ["* only one", "* a\n* b\n* c", "no bullets at all"]),
+    "max_sentences": (
+        {"n": 2},
+        ["One. Two!", "Just one without a mark"],
+        ["One. Two. Three.", "A? B! C.", ""],
+    ),
+    "bullets": (
+        {"n": 2},
+        ["Intro:\n* first\n* second", "- a\n- b"],
+        ["* only one", "* a\n* b\n* c", "no bullets at all"],
+    ),
     "lowercase": ({}, ["all small here, fine.", "x = 3"], ["One capital", "123"]),
     "capitals": ({}, ["ALL LOUD!", "OK 42"], ["Not all loud", "!!!"]),
     "no_commas": ({}, ["No commas here.", ""], ["One, two."]),
-    "keywords": ({"a": "light", "b": "home"}, ["The Light at home.", "home, light"],
-                 ["light only", "lighthouse at home"]),
+    "keywords": (
+        {"a": "light", "b": "home"},
+        ["The Light at home.", "home, light"],
+        ["light only", "lighthouse at home"],
+    ),
     "forbidden": ({"w": "the"}, ["A cat sat.", "Theatre is fine."], ["The cat.", "on the mat"]),
-    "starts_with": ({"phrase": "Dear reader,"}, ["Dear reader, hello.", "  dear READER, hi"],
-                    ["Hello. Dear reader,", ""]),
-    "ends_with": ({"phrase": "That is all."}, ["Done. That is all.", "that is all.  \n"],
-                  ["That is all. More.", "That is all"]),
-    "json": ({}, ['{"a": 1}', '```json\n{"poem": "x"}\n```', "[1, 2]"],
-             ["{a: 1}", "Here is JSON: {\"a\": 1}", ""]),
-    "title": ({}, ["<<Ode to Tea>>\nWarm cup.", "x <<t>> y"],
-              ["<<>> empty", "<no title>", "Title"]),
-    "paragraphs": ({"n": 2}, ["First.\n***\nSecond.", "a\n\n***\n\nb\n"],
-                   ["One paragraph.", "a\n***\nb\n***\nc"]),
+    "starts_with": (
+        {"phrase": "Dear reader,"},
+        ["Dear reader, hello.", "  dear READER, hi"],
+        ["Hello. Dear reader,", ""],
+    ),
+    "ends_with": (
+        {"phrase": "That is all."},
+        ["Done. That is all.", "that is all.  \n"],
+        ["That is all. More.", "That is all"],
+    ),
+    "json": (
+        {},
+        ['{"a": 1}', '```json\n{"poem": "x"}\n```', "[1, 2]"],
+        ["{a: 1}", 'Here is JSON: {"a": 1}', ""],
+    ),
+    "title": (
+        {},
+        ["<<Ode to Tea>>\nWarm cup.", "x <<t>> y"],
+        ["<<>> empty", "<no title>", "Title"],
+    ),
+    "paragraphs": (
+        {"n": 2},
+        ["First.\n***\nSecond.", "a\n\n***\n\nb\n"],
+        ["One paragraph.", "a\n***\nb\n***\nc"],
+    ),
     "quotation": ({}, ['"All quoted."', '  "x"  '], ['"Open only', "none", '"']),
-    "placeholders": ({"n": 2}, ["Go to [address] at [time].", "[a] [b] [c]"],
-                     ["Only [one].", "[] nothing"]),
+    "placeholders": (
+        {"n": 2},
+        ["Go to [address] at [time].", "[a] [b] [c]"],
+        ["Only [one].", "[] nothing"],
+    ),
     "postscript": ({}, ["Hi.\nP.S. bye", "Hi.\n\n  P. S. later"], ["No postscript.", "PS bye"]),
-    "highlights": ({"n": 2}, ["*one* and *two*", "A *b c* then *d*."],
-                   ["*one* only", "**bold** is not *", "no marks"]),
-}  # fmt: skip
+    "highlights": (
+        {"n": 2},
+        ["*one* and *two*", "A *b c* then *d*."],
+        ["*one* only", "**bold** is not *", "no marks"],
+    ),
+}
 
 
 def test_every_kind_has_hand_written_cases():

@@ -25,20 +25,34 @@ SCORE = judge.pattern("score", None)
 @pytest.mark.parametrize(
     "text, verdict",
     [
-        ("A", 1.0), ("B", 0.0), ("C", 0.5), (" BB", 0.0), ("[[A]]", 1.0),
-        ("Answer: B", 0.0), ("Response A is better.", 1.0), ("Both are fine", None),
-        ("", None), ("abc", None),
+        ("A", 1.0),
+        ("B", 0.0),
+        ("C", 0.5),
+        (" BB", 0.0),
+        ("[[A]]", 1.0),
+        ("Answer: B", 0.0),
+        ("Response A is better.", 1.0),
+        ("Both are fine", None),
+        ("", None),
+        ("abc", None),
     ],
-)  # fmt: skip
+)
 def test_a_comparing_judges_answer_reads_as_the_first_verdict_it_writes(text, verdict):
     assert judge.parse(text, "compare", COMPARE, 1, 10) == verdict
 
 
 @pytest.mark.parametrize(
     "text, score",
-    [("7", 7.0), ("Score: 8.5/10", 8.5), ("10", 10.0), ("11", None), ("0", None),
-     ("seven", None), ("-3", None)],
-)  # fmt: skip
+    [
+        ("7", 7.0),
+        ("Score: 8.5/10", 8.5),
+        ("10", 10.0),
+        ("11", None),
+        ("0", None),
+        ("seven", None),
+        ("-3", None),
+    ],
+)
 def test_a_scoring_judges_answer_is_its_first_number_within_the_range(text, score):
     assert judge.parse(text, "score", SCORE, 1, 10) == score
 
@@ -67,11 +81,15 @@ def test_both_orders_make_a_preference_and_the_tournament_skips_what_was_not_jud
     """Hand-computed: a comparison of rows (i, j) asked as (i, j) and (j, i). Verdicts are
     how much the response shown first won; a None order is left out; neither: NaN."""
     said = {  # (shown first, shown second) -> verdict
-        ("a", "b"): 1.0, ("b", "a"): 0.0,  # a wins both: 1
-        ("a", "c"): 1.0, ("c", "a"): 1.0,  # each wins when shown first: 0.5
-        ("b", "c"): None, ("c", "b"): 0.0,  # one order judged: b wins it, 1
-        ("x", "y"): None, ("y", "x"): None,  # nothing: NaN, left out of the tournament
-    }  # fmt: skip
+        ("a", "b"): 1.0,
+        ("b", "a"): 0.0,  # a wins both: 1
+        ("a", "c"): 1.0,
+        ("c", "a"): 1.0,  # each wins when shown first: 0.5
+        ("b", "c"): None,
+        ("c", "b"): 0.0,  # one order judged: b wins it, 1
+        ("x", "y"): None,
+        ("y", "x"): None,  # nothing: NaN, left out of the tournament
+    }
     j = judge.Judge("unused", None)
 
     def ask(prompts, shown, rows, desc=""):
@@ -120,15 +138,27 @@ def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_
 
     tok = tokenizer("llama3", "llama3", tmp_path / "tok")
     path = model("LlamaForCausalLM", tok, tmp_path / "judge")
-    cfg = compose_cfg(["reward.kind=judge", "reward.judge.mode=score", f"reward.path={path}",
-                       "reward.train=false", "generate=vllm", "reward.judge.retries=2",
-                       "reward.judge.max_tokens=6"])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "reward.kind=judge",
+            "reward.judge.mode=score",
+            f"reward.path={path}",
+            "reward.train=false",
+            "generate=vllm",
+            "reward.judge.retries=2",
+            "reward.judge.max_tokens=6",
+        ]
+    )
     validate.check(cfg)
     reward = rewards.of(cfg, path=path)
     assert reward.identity()["judge"]["mode"] == "score" and "reward_weights" in reward.identity()
-    shown = pairwise.encode(reward.judge().tokenizer(), reward.judge().text,
-                            [{"role": "user", "content": "Greet Anna."}], 200,
-                            response="Hello Anna!")  # fmt: skip
+    shown = pairwise.encode(
+        reward.judge().tokenizer(),
+        reward.judge().text,
+        [{"role": "user", "content": "Greet Anna."}],
+        200,
+        response="Hello Anna!",
+    )
     text = tok.decode(shown)
     assert "<|start_header_id|>user<|end_header_id|>" in text and "Hello Anna!" in text
     assert text.rstrip().endswith("<|start_header_id|>assistant<|end_header_id|>")
@@ -146,8 +176,9 @@ def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_
         assert got.rewards[k] == last if last is not None else math.isnan(got.rewards[k])
     again = reward.score(prompts, responses, detail=True).judgements
     sampling.close_kept()  # the judge's engine, kept for the run
-    assert [(j.first, j.attempt, j.text) for j in again] == [(j.first, j.attempt, j.text)
-                                                              for j in said]  # fmt: skip
+    assert [(j.first, j.attempt, j.text) for j in again] == [
+        (j.first, j.attempt, j.text) for j in said
+    ]
 
 
 @pytest.mark.slow
@@ -161,10 +192,18 @@ def test_a_run_trains_a_judge_and_labels_keeping_every_answer(tiny_cache, tmp_pa
     from iterate.report import show
     from iterate.shards import SCHEMAS, read_shards
 
-    cfg = compose_cfg(["experiment=toy_tiny", "reward=toy_judge", "iteration=1",
-                       "reward.num_pairs=400", "reward.judge.temperature=1.0",
-                       "generate=transformers", f"runs_dir={tmp_path}",
-                       f"toy.cache_dir={tiny_cache}"])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=toy_tiny",
+            "reward=toy_judge",
+            "iteration=1",
+            "reward.num_pairs=400",
+            "reward.judge.temperature=1.0",
+            "generate=transformers",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+        ]
+    )
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     rm = json.loads((run / "reward_model" / "_DONE.json").read_text())
@@ -173,9 +212,11 @@ def test_a_run_trains_a_judge_and_labels_keeping_every_answer(tiny_cache, tmp_pa
     said = read_shards(run / "iter_000" / "label" / "judgements", SCHEMAS["judgement"])
     t = said.to_pandas()
     assert len(t) == label["judge"]["answers"] > label["judge"]["questions"] > 0
-    assert all(v == judge.parse(x, "compare", COMPARE, 1, 10) or (v != v and
-               judge.parse(x, "compare", COMPARE, 1, 10) is None)
-               for x, v in zip(t["text"], t["verdict"]))  # fmt: skip
+    assert all(
+        v == judge.parse(x, "compare", COMPARE, 1, 10)
+        or (v != v and judge.parse(x, "compare", COMPARE, 1, 10) is None)
+        for x, v in zip(t["text"], t["verdict"])
+    )
     assert t["second_idx"].ge(0).all() and t["attempt"].max() <= cfg.reward.judge.retries
     n = cfg.generate.n
     assert label["judge"]["questions"] == label["rows_in"] // n * n * (n - 1)  # both orders

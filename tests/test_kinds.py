@@ -97,11 +97,17 @@ def test_a_new_kind_is_one_module_and_one_row(brevity, tmp_path):
 
 
 def test_an_unknown_kind_is_named_with_the_kinds_there_are():
-    with pytest.raises(BadInput, match=r"reward.kind='nope': not a reward kind \(the kinds: "
-                       r"model, function, mixture, pairwise, judge\)"):  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"reward.kind='nope': not a reward kind \(the kinds: "
+        r"model, function, mixture, pairwise, judge\)",
+    ):
         validate.check(compose_cfg(["reward.kind=nope"]))
-    with pytest.raises(BadInput, match=r"evaluate.judges\[0\].kind='mixture': must be model, "
-                       "function, pairwise, judge"):  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"evaluate.judges\[0\].kind='mixture': must be model, "
+        "function, pairwise, judge",
+    ):
         validate.check(compose_cfg(["+evaluate.judges=[{kind: mixture}]"]))
 
 
@@ -153,8 +159,10 @@ def test_no_module_outside_the_rewards_package_compares_a_kind_by_name(tmp_path)
     found = [hit for p in outside for hit in _kind_comparisons(p)]
     assert not found, "ask the kind table (iterate.rewards.kinds) instead:\n" + "\n".join(found)
     probe = tmp_path / "probe.py"  # the check finds what it looks for
-    probe.write_text('a = str(rc.kind) == "judge"\nb = part.kind in ("model", "x")\n'
-                     'c = mode == "judge"\n')  # fmt: skip
+    probe.write_text(
+        'a = str(rc.kind) == "judge"\nb = part.kind in ("model", "x")\nc = mode == "judge"\n'
+    )
     assert [h.split(": ")[1] for h in _kind_comparisons(probe)] == [
-        "str(rc.kind) == 'judge'", "part.kind in ('model', 'x')"
-    ]  # fmt: skip
+        "str(rc.kind) == 'judge'",
+        "part.kind in ('model', 'x')",
+    ]

@@ -154,11 +154,16 @@ def test_two_iterations_exact_run_tree(clean_run):
         # the gold judge's win rate and its length-controlled twin, computed again
         init = read_shards(clean_run / "heldout" / "initial_samples").to_pandas()
         both = t.to_pandas().merge(init, on=["prompt_id", "sample_idx"], suffixes=("", "_0"))
-        gold = [world.gold_reward(both["prompt"].tolist(), both[c].tolist())
-                for c in ("response", "response_0")]  # fmt: skip
-        fig = winrate.figures(winrate.judged(*gold), both["response"].str.len().tolist(),
-                              both["response_0"].str.len().tolist(),
-                              both["prompt_id"].tolist())  # fmt: skip
+        gold = [
+            world.gold_reward(both["prompt"].tolist(), both[c].tolist())
+            for c in ("response", "response_0")
+        ]
+        fig = winrate.figures(
+            winrate.judged(*gold),
+            both["response"].str.len().tolist(),
+            both["response_0"].str.len().tolist(),
+            both["prompt_id"].tolist(),
+        )
         assert r["win_rate_vs_initial"] == fig["win_rate"]
         assert (r["lc_win_rate"], r["win_rate_se"]) == (fig["lc_win_rate"], fig["win_rate_se"])
         assert r["length_ratio"] == round(fig["new_length"] / fig["reference_length"], 4)
@@ -316,8 +321,13 @@ def _assert_same_run(run: Path, clean_run: Path) -> None:
 # ITERATE_KILL_TRIALS=N runs N, cycling through the backends and ways (the campaign
 # reported in the notes).
 CAMPAIGN = int(os.environ.get("ITERATE_KILL_TRIALS", "0"))
-WAYS = [("transformers", "kill"), ("vllm", "kill"), ("transformers", "term"), ("vllm", "term"),
-        ("vllm", "engine")]  # fmt: skip
+WAYS = [
+    ("transformers", "kill"),
+    ("vllm", "kill"),
+    ("transformers", "term"),
+    ("vllm", "term"),
+    ("vllm", "engine"),
+]
 TRIALS = [(t, *WAYS[t % len(WAYS)]) for t in range(CAMPAIGN)] if CAMPAIGN else [(0, *WAYS[0])]
 STATUS = {"kill": {-signal.SIGKILL}, "term": {143, -signal.SIGTERM}, "engine": {1, 0}}
 _CLEAN: dict[str, tuple[Path, float]] = {}
@@ -369,9 +379,13 @@ def test_kill_at_a_seeded_random_moment_then_rerun(
     reference, duration = _clean(backend, tiny_cache, tiny_rm, tmp_path_factory)
     at = round(random.Random(trial).uniform(0.5, duration), 2)
     args = _args(tiny_cache, tiny_rm, tmp_path, "iteration=2", backend=backend)
-    proc = subprocess.Popen([sys.executable, "-m", "iterate", *args], cwd=ROOT,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iterate", *args],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         proc.wait(timeout=at)
     except subprocess.TimeoutExpired:
@@ -390,9 +404,20 @@ def test_kill_at_a_seeded_random_moment_then_rerun(
     assert out.returncode == 0, (at, out.stderr[-2000:])
     _assert_same_run(tmp_path / "toy_tiny", reference)
     with open(os.environ.get("ITERATE_KILL_TALLY", os.devnull), "a") as tally:
-        tally.write(json.dumps({"trial": trial, "backend": backend, "way": way, "at_s": at,
-                                "of_s": round(duration, 1), "status": proc.returncode,
-                                "ok": True}) + "\n")  # fmt: skip
+        tally.write(
+            json.dumps(
+                {
+                    "trial": trial,
+                    "backend": backend,
+                    "way": way,
+                    "at_s": at,
+                    "of_s": round(duration, 1),
+                    "status": proc.returncode,
+                    "ok": True,
+                }
+            )
+            + "\n"
+        )
 
 
 def test_killed_two_process_update_resumes(tiny_cache, tiny_rm, tmp_path):
@@ -624,10 +649,17 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
     judge's equal to a computation from the evaluation's samples and the file."""
     data = ROOT / "data" / "toy_alpaca_eval.json"
     judge = "{kind: function, function: 'iterate.toy.world:correctness_reward', name: correct}"
-    cfg = _cfg(tiny_cache, tiny_rm, tmp_path, f"prompts.heldout_path={data}",
-               "prompts.heldout_field=instruction", "evaluate.reference.kind=file",
-               f"evaluate.reference.path={data}", f"evaluate.judges=[{judge}]",
-               "threads=1")  # fmt: skip
+    cfg = _cfg(
+        tiny_cache,
+        tiny_rm,
+        tmp_path,
+        f"prompts.heldout_path={data}",
+        "prompts.heldout_field=instruction",
+        "evaluate.reference.kind=file",
+        f"evaluate.reference.path={data}",
+        f"evaluate.judges=[{judge}]",
+        "threads=1",
+    )
     before = torch.get_num_threads()
     seen = []
     real = torch.set_num_threads
@@ -647,8 +679,10 @@ def test_an_alpacaeval_reference_file_and_judges_of_ones_own(tiny_cache, tiny_rm
         assert "lc_win_rate" in figures and "lc_win_rate_se" in figures
     samples = read_shards(run / "iter_000" / "evaluate" / "samples")
     pairs = list(zip(samples["prompt"].to_pylist(), samples["response"].to_pylist()))
-    prefs = [winrate.preference(world.gold_score(p, r), world.gold_score(p, outputs[p]))
-             for p, r in pairs]  # fmt: skip
+    prefs = [
+        winrate.preference(world.gold_score(p, r), world.gold_score(p, outputs[p]))
+        for p, r in pairs
+    ]
     lengths = [len(r) for _, r in pairs], [len(outputs[p]) for p, _ in pairs]
     by = samples["prompt_id"].to_pylist()  # a prompt's 4 samples against its one reference
     assert ev["judges"]["gold"] == winrate.figures(prefs, *lengths, by)

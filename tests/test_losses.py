@@ -333,8 +333,11 @@ def _hand_step(adv, lp, old, ref, agg):
     total, b = sum(lengths), len(lengths)
     loss, grad = 0.0, [[0.0] * len(row) for row in lp]
     for s, n in enumerate(lengths):
-        w = {"token_mean": 1 / total, "sequence_mean": 1 / (b * n),
-             "token_sum_norm": 1 / (b * MAX_TOKENS)}[agg]  # fmt: skip
+        w = {
+            "token_mean": 1 / total,
+            "sequence_mean": 1 / (b * n),
+            "token_sum_norm": 1 / (b * MAX_TOKENS),
+        }[agg]
         for t in range(n):
             a, r = adv[s], math.exp(lp[s][t] - old[s][t])
             unclipped, clipped = -a * r, -a * min(max(r, 1 - CLIP_LOW), 1 + CLIP_HIGH)
@@ -368,9 +371,14 @@ def test_a_grpo_step_equals_a_hand_computation(scale, agg):
     advantages = losses.group_advantages(f64(REWARDS), scale).flatten()
     assert advantages.tolist() == pytest.approx(adv, abs=1e-12)
     per_token = losses.clipped_policy_loss(
-        logps * mask, f64(old) * mask, advantages, CLIP_LOW, CLIP_HIGH,
-        kl=losses.kl_penalty(logps * mask, f64(ref) * mask, "k3"), kl_coef=BETA,
-    )  # fmt: skip
+        logps * mask,
+        f64(old) * mask,
+        advantages,
+        CLIP_LOW,
+        CLIP_HIGH,
+        kl=losses.kl_penalty(logps * mask, f64(ref) * mask, "k3"),
+        kl_coef=BETA,
+    )
     loss = losses.aggregate(per_token, mask, agg, norm=MAX_TOKENS).mean()
     loss.backward()
     assert loss.item() == pytest.approx(want_loss, abs=1e-12)

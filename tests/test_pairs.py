@@ -98,11 +98,15 @@ def test_the_length_penalty_picks_by_reward_less_length_but_records_the_reward(t
     samples = [("long", 1.0, 20), ("short", 0.8, 5), ("mid", 0.0, 8)]  # (text, reward, tokens)
     n = len(samples)
     gen = {
-        "prompt_id": ["a"] * n, "sample_idx": list(range(n)), "prompt": ["Q?"] * n,
-        "response": [t for t, _, _ in samples], "prompt_tokens": [2] * n,
-        "response_tokens": [k for _, _, k in samples], "finish_reason": ["stop"] * n,
+        "prompt_id": ["a"] * n,
+        "sample_idx": list(range(n)),
+        "prompt": ["Q?"] * n,
+        "response": [t for t, _, _ in samples],
+        "prompt_tokens": [2] * n,
+        "response_tokens": [k for _, _, k in samples],
+        "finish_reason": ["stop"] * n,
         "response_ids": [[1] * k for _, _, k in samples],
-    }  # fmt: skip
+    }
     write_shard(
         pa.table(gen, schema=SCHEMAS["generate"]), shard_path(paths.stage(0, "generate"), 0)
     )
@@ -144,26 +148,34 @@ def test_the_pairs_stage_goes_shard_by_shard_and_sums_its_figures(tmp_path):
     for k, prompts in shards.items():
         rows = [(p, j, r) for p, rs in prompts.items() for j, r in enumerate(rs)]
         gen = {
-            "prompt_id": [p for p, _, _ in rows], "sample_idx": [j for _, j, _ in rows],
-            "prompt": [f"{p}?" for p, _, _ in rows], "response": [f"{p}{j}" for p, j, _ in rows],
-            "prompt_tokens": [2] * len(rows), "response_tokens": [3] * len(rows),
-            "finish_reason": ["stop"] * len(rows), "response_ids": [[1, 2, 3]] * len(rows),
-        }  # fmt: skip
+            "prompt_id": [p for p, _, _ in rows],
+            "sample_idx": [j for _, j, _ in rows],
+            "prompt": [f"{p}?" for p, _, _ in rows],
+            "response": [f"{p}{j}" for p, j, _ in rows],
+            "prompt_tokens": [2] * len(rows),
+            "response_tokens": [3] * len(rows),
+            "finish_reason": ["stop"] * len(rows),
+            "response_ids": [[1, 2, 3]] * len(rows),
+        }
         lab = {
-            "prompt_id": gen["prompt_id"], "sample_idx": gen["sample_idx"],
-            "reward": [r for _, _, r in rows], "gold": [None] * len(rows),
+            "prompt_id": gen["prompt_id"],
+            "sample_idx": gen["sample_idx"],
+            "reward": [r for _, _, r in rows],
+            "gold": [None] * len(rows),
             "reward_std": [None] * len(rows),
-        }  # fmt: skip
-        write_shard(pa.table(gen, schema=SCHEMAS["generate"]),
-                    shard_path(paths.stage(0, "generate"), k))  # fmt: skip
+        }
+        write_shard(
+            pa.table(gen, schema=SCHEMAS["generate"]), shard_path(paths.stage(0, "generate"), k)
+        )
         write_shard(pa.table(lab, schema=SCHEMAS["label"]), shard_path(paths.stage(0, "label"), k))
     done = pairs.run(compose_cfg(["pairs=max_min", "update=dpo"]), paths, 0)
     folder = paths.stage(0, "pairs")
     assert shard_path(folder, 0).exists() and shard_path(folder, 1).exists()
     got = read_shards(folder).to_pylist()
     assert [(r["prompt_id"], r["chosen"], r["rejected"]) for r in got] == [
-        ("a", "a1", "a0"), ("b", "b0", "b1"),
-    ]  # fmt: skip
+        ("a", "a1", "a0"),
+        ("b", "b0", "b1"),
+    ]
     assert (done["prompts_in"], done["rows_out"], done["dropped"]) == (3, 2, {"tie": 1})
     assert done["reward_best_mean"] == pytest.approx((3 + 5 + 1) / 3, abs=1e-4)
     assert done["margin_mean"] == pytest.approx(((3 - 1) + (5 - 2)) / 2)

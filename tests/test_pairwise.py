@@ -35,8 +35,9 @@ def test_a_preference_is_both_orders_of_the_answer_tokens_averaged(tiny_world):
         p_first = []
         for x, y in ((a[k], b[k]), (b[k], a[k])):
             text = scorer.text.format(context=prompts[k], a=x, b=y)
-            chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)  # fmt: skip
+            chat = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             ids = tok(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 last = scorer.model(input_ids=ids).logits[0, -1]
@@ -52,8 +53,9 @@ def test_the_loss_is_the_answer_tokens_cross_entropy_in_both_orders(tiny_world):
     msgs = [{"role": "user", "content": "Greet Anna."}]
     orders = (("Hello Anna!", "Ugh."), ("Ugh.", "Hello Anna!"))
     enc = [pairwise.encode(tok, scorer.text, msgs, 256, a=x, b=y) for x, y in orders]
-    per_pair, right = pairwise.pair_loss(scorer.model, [tuple(enc)], tok.pad_token_id,
-                                         scorer.answers)  # fmt: skip
+    per_pair, right = pairwise.pair_loss(
+        scorer.model, [tuple(enc)], tok.pad_token_id, scorer.answers
+    )
     with torch.no_grad():
         la = scorer.model(input_ids=torch.tensor([enc[0]])).logits[0, -1, scorer.answers]
         lb = scorer.model(input_ids=torch.tensor([enc[1]])).logits[0, -1, scorer.answers]
@@ -107,8 +109,9 @@ def test_what_a_pairwise_reward_needs_is_checked_at_start_up(tmp_path):
         json.dumps({"architectures": ["LlamaForSequenceClassification"]})
     )
     with pytest.raises(BadInput, match="a pairwise model is a causal LM"):
-        validate.check(compose_cfg(["reward=toy_pairwise", "reward.train=false",
-                                    f"reward.path={rm}"]))  # fmt: skip
+        validate.check(
+            compose_cfg(["reward=toy_pairwise", "reward.train=false", f"reward.path={rm}"])
+        )
     ident = rewards.of(cfg, path=str(rm)).identity()
     assert ident["pairwise_template"] == pairwise.template(None) and "reward_weights" in ident
 
@@ -118,9 +121,17 @@ def test_a_run_trains_a_pairwise_model_labels_by_tournament_and_asks_it(tiny_cac
     from iterate import loop
     from iterate.shards import read_shards
 
-    cfg = compose_cfg(["experiment=toy_tiny", "reward=toy_pairwise", "generate=transformers",
-                       "iteration=1", "reward.num_pairs=100", f"runs_dir={tmp_path}",
-                       f"toy.cache_dir={tiny_cache}"])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=toy_tiny",
+            "reward=toy_pairwise",
+            "generate=transformers",
+            "iteration=1",
+            "reward.num_pairs=100",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+        ]
+    )
     rows = loop.run(cfg, tmp_path / "toy_tiny")
     run = tmp_path / "toy_tiny"
     rm = json.loads((run / "reward_model" / "_DONE.json").read_text())

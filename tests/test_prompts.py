@@ -170,8 +170,16 @@ def test_prompt_row_fields_travel_with_their_prompts_to_a_reward_function(tmp_pa
     source = tmp_path / "math.jsonl"
     rows = [{"prompt": f"What is {a} plus 1?", "answer": a + 1, "note": "x"} for a in range(12)]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose_cfg(["prompts=file", f"prompts.path={source}", "prompts.fields=[answer]",
-                       "prompts.per_iteration=4", "prompts.heldout=4"], tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "prompts=file",
+            f"prompts.path={source}",
+            "prompts.fields=[answer]",
+            "prompts.per_iteration=4",
+            "prompts.heldout=4",
+        ],
+        tmp_path,
+    )
     paths = Paths(run=tmp_path / "run", base_policy="")
     held, drawn = heldout.prompts(cfg, paths), prompts.run(cfg, paths, 0)
     for table in (held, drawn):
@@ -217,17 +225,27 @@ def test_an_alpacaeval_file_is_a_prompt_source(tmp_path):
     dataset) read with prompts.field=instruction: every instruction a prompt, the other
     fields kept with it when named."""
     rows = [
-        {"instruction": f"Explain idea {n}.", "output": f"Idea {n} is ...",
-         "generator": "gpt4_1106_preview", "dataset": "helpful_base"}
+        {
+            "instruction": f"Explain idea {n}.",
+            "output": f"Idea {n} is ...",
+            "generator": "gpt4_1106_preview",
+            "dataset": "helpful_base",
+        }
         for n in range(12)
-    ]  # fmt: skip
+    ]
     source = tmp_path / "alpaca_eval.json"
     source.write_text(json.dumps(rows, indent=2))
     cfg = compose_cfg(
-        ["prompts=file", f"prompts.path={source}", "prompts.field=instruction",
-         "prompts.per_iteration=4", "prompts.heldout=4", "prompts.fields=[dataset]"],
+        [
+            "prompts=file",
+            f"prompts.path={source}",
+            "prompts.field=instruction",
+            "prompts.per_iteration=4",
+            "prompts.heldout=4",
+            "prompts.fields=[dataset]",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     train, held, dropped, fields = prompts.load_pool(cfg)
     assert sorted(train + held) == sorted(r["instruction"] for r in rows) and not dropped
     assert {f["dataset"] for f in fields.values()} == {"helpful_base"}
@@ -247,10 +265,16 @@ def test_a_heldout_file_is_the_heldout_set_and_never_trained_on(tmp_path):
     source = tmp_path / "train.jsonl"
     _write(source, train)
     cfg = compose_cfg(
-        ["prompts=file", f"prompts.path={source}", f"prompts.heldout_path={heldout_file}",
-         "prompts.heldout_field=instruction", "prompts.per_iteration=5", "prompts.heldout=4"],
+        [
+            "prompts=file",
+            f"prompts.path={source}",
+            f"prompts.heldout_path={heldout_file}",
+            "prompts.heldout_field=instruction",
+            "prompts.per_iteration=5",
+            "prompts.heldout=4",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     pool, held, dropped, _, _ = prompts.pools(cfg)
     assert set(held) <= set(evaluation) and len(held) == 4
     assert dropped["held_out"] == 3 and not set(pool) & set(evaluation)
@@ -299,13 +323,17 @@ def test_a_heldout_file_the_run_cannot_judge_or_that_is_short_is_said_at_once(tm
     _write(english, ["Write a haiku about rain.", "Summarise the news."])
     paths = Paths(run=tmp_path / "run", base_policy="")
     cfg = compose_cfg([f"prompts.heldout_path={english}", "prompts.heldout=2"], tmp_path)
-    with pytest.raises(BadInput, match=r"english.jsonl: 'Write a haiku about rain.' is not a "
-                       r"toy-world prompt.*leave prompts.heldout_path unset"):  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"english.jsonl: 'Write a haiku about rain.' is not a "
+        r"toy-world prompt.*leave prompts.heldout_path unset",
+    ):
         heldout.prompts(cfg, paths)
     toy = tmp_path / "toy.jsonl"
     _write(toy, [i.prompt for i in world.split(0.1)[1][:3]])
     cfg = compose_cfg([f"prompts.heldout_path={toy}", "prompts.heldout=5"], tmp_path)
     with caplog.at_level("WARNING"):
         assert len(heldout.prompts(cfg, paths)) == 3
-    assert any("prompts.heldout=5, but" in m and "has 3 held-out prompts" in m
-               for m in caplog.messages)  # fmt: skip
+    assert any(
+        "prompts.heldout=5, but" in m and "has 3 held-out prompts" in m for m in caplog.messages
+    )

@@ -47,8 +47,9 @@ def test_the_transformers_sampler_answers_as_the_model_does(smollm2):
     sampler = sampling.make("transformers", sampling.Spec(max_length=512))
     sampler.load(str(smollm2))
     q = "What is the capital of France? Answer in one sentence."
-    (got,) = sampler.sample([models.prompt_ids(sampler.tok, q)], sampling.Params(
-        temperature=0.0, max_tokens=16), seed=0)  # fmt: skip
+    (got,) = sampler.sample(
+        [models.prompt_ids(sampler.tok, q)], sampling.Params(temperature=0.0, max_tokens=16), seed=0
+    )
     assert "Paris" in got[0].text and got[0].finish_reason == "stop"
 
 
@@ -56,11 +57,20 @@ def test_one_iteration_of_the_instruction_world_on_the_real_model(smollm2, tmp_p
     """GSHF's DPO on 8 prompts, best-of-2 from vLLM, scored by the constraint checkers:
     every stage finishes, the held-out figures include IFEval's prompt- and instruction-
     level accuracies of the new and the initial policy, and the handoff decides."""
-    cfg = compose_cfg([
-        "experiment=instruct", "iteration=1", "prompts.per_iteration=8",
-        "prompts.heldout=4", "generate.n=2", "generate.max_tokens=24", "evaluate.samples=1",
-        "update.epochs=1", f"runs_dir={tmp_path}", f"model.path={smollm2}",
-    ])  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=instruct",
+            "iteration=1",
+            "prompts.per_iteration=8",
+            "prompts.heldout=4",
+            "generate.n=2",
+            "generate.max_tokens=24",
+            "evaluate.samples=1",
+            "update.epochs=1",
+            f"runs_dir={tmp_path}",
+            f"model.path={smollm2}",
+        ]
+    )
     (row,) = loop.run(cfg, tmp_path / "instruct_dpo")
     means = row["judge_means"]
     for name in ("prompt_level", "instruction_level"):

@@ -28,7 +28,7 @@ def test_the_reward_models_identity_is_what_the_label_stage_always_hashed(tmp_pa
         "dtype": str(cfg.reward.dtype),
         "chat_template": "zephyr",
         "reward_weights": rewards.weights_sum(one),
-    }  # fmt: skip  (a folder from outside the run: its files too)
+    }  # (a folder from outside the run: its files too)
     # an ensemble folder: how its members' rewards are combined counts too
     (one / "ensemble.json").write_text(json.dumps({"members": [], "offsets": []}))
     cfg.reward.aggregate, cfg.reward.uncertainty_coef = "mean_minus_std", 0.5
@@ -48,8 +48,9 @@ def test_a_reward_names_the_stage_that_made_it_only_when_that_stage_finished(tmp
 def test_the_gold_judge_is_the_toy_worlds_reward_function_and_only_for_its_prompts():
     gold = rewards.of(compose_cfg([]), "gold")
     prompts, responses = ["Greet Anna.", "Greet Anna."], ["Hello Anna!", "Ugh. Hello Rosa."]
-    assert gold.score(prompts, responses) == [world.gold_score(p, r) for p, r in
-                                             zip(prompts, responses)]  # fmt: skip
+    assert gold.score(prompts, responses) == [
+        world.gold_score(p, r) for p, r in zip(prompts, responses)
+    ]
     assert gold.score(prompts, responses)[0] > gold.score(prompts, responses)[1]
     scores, spread, parts, _ = gold.score(prompts, responses, detail=True)
     assert (
@@ -119,10 +120,18 @@ def score(prompts, responses):
     assert math.isnan(got[1]) and math.isnan(got[3]), "None and NaN: rows the label drops"
     assert reward._fn.__globals__["CALLS"] == [2, 2, 1]  # batches of score_batch_size
     # a conversation reaches the function as its messages, a one-turn prompt as its text
-    seen = _function(tmp_path, "def score(p, r):\n    return [float(isinstance(x, list)) "
-                               "for x in p]\n", "seen.py")  # fmt: skip
-    turns = json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                        {"role": "user", "content": "c"}])  # fmt: skip
+    seen = _function(
+        tmp_path,
+        "def score(p, r):\n    return [float(isinstance(x, list)) for x in p]\n",
+        "seen.py",
+    )
+    turns = json.dumps(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    )
     assert rewards.FunctionReward(seen).score(["plain", turns], ["x", "y"]) == [0.0, 1.0]
 
 
@@ -361,13 +370,21 @@ def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
     ("overrides", "key"),
     [
         (["reward=gold", "reward.function=iterate.reward_functions:nope"], "reward.function"),
-        (["reward=toy_length", "reward.sources.1.function=iterate.reward_functions:nope"],
-         r"reward.sources\[1\].function"),
-        (["reward=gold", "evaluate.judges=[{kind: function, function: "
-          "'iterate.reward_functions:words'}, {kind: function, function: "
-          "'iterate.reward_functions:nope'}]"], r"evaluate.judges\[1\].function"),
+        (
+            ["reward=toy_length", "reward.sources.1.function=iterate.reward_functions:nope"],
+            r"reward.sources\[1\].function",
+        ),
+        (
+            [
+                "reward=gold",
+                "evaluate.judges=[{kind: function, function: "
+                "'iterate.reward_functions:words'}, {kind: function, function: "
+                "'iterate.reward_functions:nope'}]",
+            ],
+            r"evaluate.judges\[1\].function",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_missing_function_is_named_by_the_setting_that_names_it(tmp_path, overrides, key):
     """At start-up and when scoring: the key of the reward, the mixture source or the
     evaluation judge that names the function, not reward.function for every one."""
@@ -406,8 +423,11 @@ def test_a_blocking_reward_function_says_so_and_stops_at_its_limit(tmp_path, cap
     assert sum("blocked: still running after" in m for m in caplog.messages) >= 2
     slow = rewards.FunctionReward(f"{tmp_path}/slow.py:f", timeout_s=0.5)
     t0 = time.monotonic()
-    with pytest.raises(BadInput, match=r"reward.function=.*slow.py:f took longer than "
-                       r"reward.function_timeout_s=0.5 on rows 0..0"):  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"reward.function=.*slow.py:f took longer than "
+        r"reward.function_timeout_s=0.5 on rows 0..0",
+    ):
         slow.score(["p"], ["r"])
     assert time.monotonic() - t0 < 10
     with progress.watch("quick", timeout_s=5):  # a finished call leaves nothing behind
@@ -416,6 +436,12 @@ def test_a_blocking_reward_function_says_so_and_stops_at_its_limit(tmp_path, cap
     (tmp_path / "quick.py").write_text("def f(prompts, responses):\n    return [2.0]\n")
     quick = rewards.FunctionReward(f"{tmp_path}/quick.py:f", timeout_s=5)
     assert quick.score(["p"], ["r"]) == [2.0]
-    cfg = compose_cfg(["reward.kind=function", f"reward.function={tmp_path}/quick.py:f",
-                       "reward.function_timeout_s=7"], tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "reward.kind=function",
+            f"reward.function={tmp_path}/quick.py:f",
+            "reward.function_timeout_s=7",
+        ],
+        tmp_path,
+    )
     assert rewards.of(cfg).timeout_s == 7

@@ -210,8 +210,10 @@ def test_a_steps_token_mean_is_the_same_however_it_is_micro_batched(tiny_cfg, ti
 
 def greetings_tie(prompts, responses):
     """A reward under which every group of a greeting ties (0) and no other group does."""
-    return [0.0 if p.startswith("Greet") else len(r) + 0.1 * i for i, (p, r) in
-            enumerate(zip(prompts, responses))]  # fmt: skip
+    return [
+        0.0 if p.startswith("Greet") else len(r) + 0.1 * i
+        for i, (p, r) in enumerate(zip(prompts, responses))
+    ]
 
 
 def test_equal_groups_are_dropped_counted_and_refilled_from_other_prompts(tiny_cfg, tiny_world):
@@ -244,8 +246,12 @@ def test_equal_groups_are_dropped_counted_and_refilled_from_other_prompts(tiny_c
     assert first["groups"] == 6 and first["equal_groups"] == 2
     rolled = [e.prompt for e in kept[::3]]
     assert sorted(map(tuple, rolled)) == sorted(tuple(ids) for _, ids in prompts[2:] + others)
-    assert ctx.counts == {"groups": 6, "unscored_groups": 0, "equal_groups": 2,
-                          "refilled_groups": 2}  # fmt: skip
+    assert ctx.counts == {
+        "groups": 6,
+        "unscored_groups": 0,
+        "equal_groups": 2,
+        "refilled_groups": 2,
+    }
     greeting = ("Greet Bob.", models.prompt_ids(ctx.tok, "Greet Bob."))
     ctx.pool = [*prompts, greeting]  # one fresh prompt, a greeting: it ties too, then none left
     kept = group.prepare(ctx, prompts, seed=0)
@@ -307,8 +313,12 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
     (prompts.fields)."""
     (tmp_path / "by_answer.py").write_text(BY_ANSWER)
     fn = f"{tmp_path / 'by_answer.py'}:by_answer"
-    answer = ["reward.kind=function", "reward.train=false", f"reward.function={fn}",
-              "prompts.fields=[answer]"]  # fmt: skip
+    answer = [
+        "reward.kind=function",
+        "reward.train=false",
+        f"reward.function={fn}",
+        "prompts.fields=[answer]",
+    ]
     cfg = compose_cfg(
         [
             "experiment=toy_tiny",
@@ -361,8 +371,10 @@ def test_on_policy_rule_end_to_end(rule, reward, tiny_cache, tiny_world, tmp_pat
         assert said["reward_function"] == "by_answer.py:by_answer" and said["fields"] == ["answer"]
         # the held-out rewards are the function's, from each row's own reference answer
         scored = runinfo.scored(run, 0, True).to_dict("records")
-        answers = {r["prompt_id"]: json.loads(r["fields"])["answer"]
-                   for r in read_shards(run / "heldout").to_pylist()}  # fmt: skip
+        answers = {
+            r["prompt_id"]: json.loads(r["fields"])["answer"]
+            for r in read_shards(run / "heldout").to_pylist()
+        }
         want = [len(answers[r["prompt_id"]]) - 0.01 * len(r["response"]) for r in scored]
         assert scored and [r["reward"] for r in scored] == pytest.approx(want)
         assert len({len(a) for a in answers.values()}) > 1, "rewards that tell rows apart"
@@ -405,10 +417,13 @@ def test_vllm_backend_never_calls_transformers_generate(
         assert upd["timings"]["sampler_sample_s"] > 0, "the rollouts came from the engine"
         # the engine's log-probs of its own tokens against the trainer's: float32 both, on
         # the same weights (synced), so close; measured, not assumed
-        log = [json.loads(x) for x in (tmp_path / "toy_tiny" / "iter_000" / "update" /
-               "train_log.jsonl").read_text().splitlines()]  # fmt: skip
-        assert all(0 <= r["mismatch_k3"] < 1e-3 and 1 <= r["mismatch_max_ratio"] < 1.1
-                   for r in log)  # fmt: skip
+        log = [
+            json.loads(x)
+            for x in (tmp_path / "toy_tiny" / "iter_000" / "update" / "train_log.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        assert all(0 <= r["mismatch_k3"] < 1e-3 and 1 <= r["mismatch_max_ratio"] < 1.1 for r in log)
     else:  # labelled by the reward function: each reward is the gold judge's score
         labels = read_shards(tmp_path / "toy_tiny" / "iter_000" / "label").to_pylist()
         assert labels and all(r["reward"] == r["gold"] for r in labels)
@@ -461,10 +476,19 @@ def test_an_update_that_saw_no_data_is_not_handed_off(fn, extra, said, tiny_cach
     from iterate.errors import BadInput
 
     cfg = compose_cfg(
-        ["experiment=toy_tiny", "update=grpo", "reward.kind=function", "reward.train=false",
-         f"reward.function=tests.test_rl:{fn}", "generate=transformers", "iteration=1",
-         f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}", *extra]
-    )  # fmt: skip
+        [
+            "experiment=toy_tiny",
+            "update=grpo",
+            "reward.kind=function",
+            "reward.train=false",
+            f"reward.function=tests.test_rl:{fn}",
+            "generate=transformers",
+            "iteration=1",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+            *extra,
+        ]
+    )
     run = tmp_path / "toy_tiny"
     with pytest.raises(BadInput, match=f"the update saw no data: .*{said}"):
         loop.run(cfg, run)
@@ -497,12 +521,23 @@ def test_a_pair_rule_with_a_reward_that_scores_nothing_says_so(tiny_cache, tmp_p
     from iterate.errors import BadInput
 
     cfg = compose_cfg(
-        ["experiment=toy_tiny", "update=dpo", "reward.kind=function", "reward.train=false",
-         "reward.function=tests.test_rl:infinite", "generate=transformers", "iteration=1",
-         f"runs_dir={tmp_path}", f"toy.cache_dir={tiny_cache}"]
-    )  # fmt: skip
-    with pytest.raises(BadInput, match=r"iter_000/label: the reward scored none of the \d+ "
-                       r"responses .*non_finite_reward.*check reward.function"):  # fmt: skip
+        [
+            "experiment=toy_tiny",
+            "update=dpo",
+            "reward.kind=function",
+            "reward.train=false",
+            "reward.function=tests.test_rl:infinite",
+            "generate=transformers",
+            "iteration=1",
+            f"runs_dir={tmp_path}",
+            f"toy.cache_dir={tiny_cache}",
+        ]
+    )
+    with pytest.raises(
+        BadInput,
+        match=r"iter_000/label: the reward scored none of the \d+ "
+        r"responses .*non_finite_reward.*check reward.function",
+    ):
         loop.run(cfg, tmp_path / "toy_tiny")
 
 

@@ -292,8 +292,9 @@ def test_an_engine_that_does_nothing_fails_the_request_instead_of_waiting_foreve
     client = engine.Engine(stall_s=2)
     client.POLL_S = 0.5
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(theirs.fileno()), how],
-                            pass_fds=[theirs.fileno()])  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, str(theirs.fileno()), how], pass_fds=[theirs.fileno()]
+    )
     theirs.close()
     request = {"policy": "nowhere/model", "engine": {}}
     client.proc, client.conn, client.key = proc, Connection(ours.detach()), engine.key(request)
@@ -323,8 +324,13 @@ def test_the_cpu_engines_kv_cache_is_sized_to_the_model():
     spec = {"dtype": "float32", "max_length": 256, "gpu_memory_utilization": 0.25}
     want = 1.25 * (2 * 4 * 4 * 32 * 4) * 256 * 256  # (2: K and V; 32: head dim; 4: fp32 bytes)
     assert engine.cpu_kv_cache_bytes(toy, spec, 24 * gib) == want
-    mistral = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-               "hidden_size": 4096, "head_dim": 128}  # fmt: skip
+    mistral = {
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+        "head_dim": 128,
+    }
     big = {**spec, "dtype": "bfloat16", "max_length": 4096}
     assert engine.cpu_kv_cache_bytes(mistral, big, 24 * gib) == 6 * gib  # the share
     tiny = {**toy, "num_hidden_layers": 1, "hidden_size": 8}

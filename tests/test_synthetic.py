@@ -129,11 +129,17 @@ def test_the_prefix_filter_finds_every_near_duplicate_the_full_scan_finds():
 def _rounds(folder, *rounds):
     folder.mkdir(parents=True, exist_ok=True)
     for r, (kept, candidates) in enumerate(rounds):
-        (folder / f"round_{r:05d}.json").write_text(json.dumps({
-            "kept": kept, "candidates": candidates, "spare": 0,
-            "dropped": {"duplicate": candidates - len(kept)},
-            "keep_rate": round(len(kept) / candidates, 4),
-        }))  # fmt: skip
+        (folder / f"round_{r:05d}.json").write_text(
+            json.dumps(
+                {
+                    "kept": kept,
+                    "candidates": candidates,
+                    "spare": 0,
+                    "dropped": {"duplicate": candidates - len(kept)},
+                    "keep_rate": round(len(kept) / candidates, 4),
+                }
+            )
+        )
 
 
 def test_prompts_kept_by_an_earlier_start_are_not_asked_for_again(tmp_path):
@@ -152,8 +158,12 @@ def test_prompts_kept_by_an_earlier_start_are_not_asked_for_again(tmp_path):
 
 
 def test_a_shortfall_says_whether_the_generator_ran_dry(tmp_path):
-    over = ["prompts=self_instruct", "prompts.per_iteration=10", "prompts.synthetic.max_rounds=3",
-            f"prompts.synthetic.generator={tmp_path / 'no_model'}"]  # fmt: skip
+    over = [
+        "prompts=self_instruct",
+        "prompts.per_iteration=10",
+        "prompts.synthetic.max_rounds=3",
+        f"prompts.synthetic.generator={tmp_path / 'no_model'}",
+    ]
     cfg = compose_cfg(over, tmp_path)
     _rounds(tmp_path / "a", (["A b c d?"] * 4, 8), (["E f g h?"] * 3, 8), (["I j k l?"] * 2, 8))
     with pytest.raises(BadInput, match=r"share kept per round: 0.500, 0.375, 0.250\); raise"):

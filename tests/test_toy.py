@@ -77,10 +77,17 @@ def _build_in_a_fresh_process(cfg: ToyConfig) -> Path:
     """``build.ensure(cfg)`` in a process of its own, as every run builds it. (A build late
     in a long test process was seen to differ in its weights from the session's first one,
     while builds in fresh processes match; the cause was not found.)"""
-    code = ("import json, sys; from iterate.config import ToyConfig; from iterate.toy import "
-            "build; print(build.ensure(ToyConfig(**json.loads(sys.argv[1]))))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.__dict__)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    code = (
+        "import json, sys; from iterate.config import ToyConfig; from iterate.toy import "
+        "build; print(build.ensure(ToyConfig(**json.loads(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg.__dict__)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,5 +173,7 @@ def test_the_toy_pool_draws_its_written_prompts_first_then_the_wider_grammar(tmp
     assert not any(t in s for t in wider[:50] for s in sft)
     prompts.check_pool(cfg, Paths(run=tmp_path, base_policy=""))  # 5 x 120 fit
     with pytest.raises(Exception, match="iterations 0..6 need 840"):
-        prompts.check_pool(compose_cfg(["iteration=7", "prompts.per_iteration=120"]),
-                           Paths(run=tmp_path, base_policy=""))  # fmt: skip
+        prompts.check_pool(
+            compose_cfg(["iteration=7", "prompts.per_iteration=120"]),
+            Paths(run=tmp_path, base_policy=""),
+        )

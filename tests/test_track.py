@@ -57,12 +57,17 @@ def test_a_resumed_run_continues_each_tracker_run_and_logs_a_step_once(tmp_path)
         assert tr.steps(1, "u", 10, _steps(4)) == 2  # steps 3 and 4 only
     cursor = {"1": {"update": "u", "step": 4, "row": False}}
     assert json.loads((run / track.STATE).read_text()) == {
-        "id": ident, "trackers": {n: cursor for n in ("tensorboard", "wandb", "trackio")},
-    }  # fmt: skip
+        "id": ident,
+        "trackers": {n: cursor for n in ("tensorboard", "wandb", "trackio")},
+    }
     assert _loss(run) == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3)), (14, 0.25)]
     logs = SQLiteStorage.get_logs("t1", ident)
-    assert [(r["step"], r["train/loss"]) for r in logs] == [(11, 1.0), (12, 0.5), (13, 1 / 3),
-                                                              (14, 0.25)]  # fmt: skip
+    assert [(r["step"], r["train/loss"]) for r in logs] == [
+        (11, 1.0),
+        (12, 0.5),
+        (13, 1 / 3),
+        (14, 0.25),
+    ]
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(f"-{ident}" in p.name for p in wandb_runs)
 
@@ -96,8 +101,13 @@ def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
         (update / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _steps(n)))
     with track.Tracker(cfg, run) as tr:
         tr.steps(1, "h1", track.step_base(run, 1), _steps(1))  # logged live before a kill
-    row = {"iteration": 1, "update": "dpo", "win_rate_vs_initial": 0.75, "accepted": False,
-           "seconds": {"update": 2.0}}  # fmt: skip
+    row = {
+        "iteration": 1,
+        "update": "dpo",
+        "win_rate_vs_initial": 0.75,
+        "accepted": False,
+        "seconds": {"update": 2.0},
+    }
     for logged in (True, False):
         with track.Tracker(cfg, run) as tr:
             assert tr.iteration(paths, row) is logged
@@ -126,16 +136,26 @@ def test_the_samples_shown_are_read_shard_by_shard_and_are_the_same(tmp_path):
     for k, rs in enumerate(rewards):
         n = len(rs)
         gen = {
-            "prompt_id": [f"p{k}"] * n, "sample_idx": list(range(n)), "prompt": [f"Q{k}"] * n,
-            "response": [f"r{k}.{j}" for j in range(n)], "prompt_tokens": [1] * n,
-            "response_tokens": [2] * n, "finish_reason": ["stop"] * n, "response_ids": [[1]] * n,
-        }  # fmt: skip
-        write_shard(pa.table(gen, schema=SCHEMAS["generate"]),
-                    shard_path(paths.stage(0, "generate"), k))  # fmt: skip
-        labels += [{"prompt_id": f"p{k}", "sample_idx": j, "reward": r, "gold": None,
-                    "reward_std": None} for j, r in enumerate(rs)]  # fmt: skip
-    write_shard(pa.Table.from_pylist(labels, schema=SCHEMAS["label"]),
-                shard_path(paths.stage(0, "label"), 0))  # fmt: skip
+            "prompt_id": [f"p{k}"] * n,
+            "sample_idx": list(range(n)),
+            "prompt": [f"Q{k}"] * n,
+            "response": [f"r{k}.{j}" for j in range(n)],
+            "prompt_tokens": [1] * n,
+            "response_tokens": [2] * n,
+            "finish_reason": ["stop"] * n,
+            "response_ids": [[1]] * n,
+        }
+        write_shard(
+            pa.table(gen, schema=SCHEMAS["generate"]), shard_path(paths.stage(0, "generate"), k)
+        )
+        labels += [
+            {"prompt_id": f"p{k}", "sample_idx": j, "reward": r, "gold": None, "reward_std": None}
+            for j, r in enumerate(rs)
+        ]
+    write_shard(
+        pa.Table.from_pylist(labels, schema=SCHEMAS["label"]),
+        shard_path(paths.stage(0, "label"), 0),
+    )
     whole = runinfo.scored(tmp_path, 0)
     assert len(whole) == sum(map(len, rewards)) and whole.attrs["which"] == "best-of-n"
     for k in (1, 2, 3, 10):
@@ -144,5 +164,8 @@ def test_the_samples_shown_are_read_shard_by_shard_and_are_the_same(tmp_path):
         assert runinfo.extremes(kept, k) == runinfo.extremes(whole, k), k
     best = runinfo.extremes(runinfo.scored(tmp_path, 0, keep=2), 2)
     assert [(r["rank"], r["response"]) for r in best] == [
-        ("best 1", "r1.3"), ("best 2", "r0.1"), ("worst 2", "r0.4"), ("worst 1", "r2.0"),
-    ]  # fmt: skip
+        ("best 1", "r1.3"),
+        ("best 2", "r0.1"),
+        ("worst 2", "r0.4"),
+        ("worst 1", "r2.0"),
+    ]

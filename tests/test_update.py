@@ -224,8 +224,12 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
     code = (
         "import sys, iterate.rules, iterate.loop, iterate.validate; print('torch' in sys.modules)"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"  # fmt: skip
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )
     assert set(rules.RULES) == {str(r) for r in UpdateRule}
     for r in rules.RULES.values():
         assert callable(__import__(f"iterate.stages.update.{r.module}", fromlist=["run"]).run)

@@ -128,8 +128,12 @@ def test_scoring_workers_die_with_a_killed_run(tmp_path):
     fn.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
     out = subprocess.run(
         [sys.executable, "-c", WORKERS_OF_A_KILLED_RUN, f"{fn}:length"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, start_new_session=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pids, alive = out.stdout.splitlines()
     pids = [int(p) for p in pids.split()]

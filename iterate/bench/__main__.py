@@ -287,8 +287,11 @@ def padding(cfg: bc.BenchConfig, out: Path) -> dict:
 def ladder(cfg: bc.BenchConfig, out: Path) -> dict:
     from iterate.bench import ladder as ld
 
-    log.info("ladder: one iteration per size %s and variant %s", cfg.ladder.sizes,
-             list(cfg.ladder.variants))  # fmt: skip
+    log.info(
+        "ladder: one iteration per size %s and variant %s",
+        cfg.ladder.sizes,
+        list(cfg.ladder.variants),
+    )
     return ld.measure(cfg, out / "ladder", toy_overrides(cfg))
 
 
@@ -329,13 +332,21 @@ def _peers_row(cfg: bc.BenchConfig, out: Path, name: str, dtype: str, step: str,
             work = out / "work" / "peers"
             shutil.rmtree(work, ignore_errors=True)
             spec = {
-                **shape, "engine": engine.split()[0], "step": step, "dtype": dtype,
+                **shape,
+                "engine": engine.split()[0],
+                "step": step,
+                "dtype": dtype,
                 "backend": engine[len("iterate (") : -1] if "(" in engine else None,
-                "model": bm.policy_path(name, cfg.toy), "warmup": pe.warmup,
-                "steps": pe.measured, "seed": cfg.seed, "threads": cfg.threads,
-                "workdir": str(work / "run"), "top": pe.top, "matmul_size": pe.matmul_size,
+                "model": bm.policy_path(name, cfg.toy),
+                "warmup": pe.warmup,
+                "steps": pe.measured,
+                "seed": cfg.seed,
+                "threads": cfg.threads,
+                "workdir": str(work / "run"),
+                "top": pe.top,
+                "matmul_size": pe.matmul_size,
                 "profile": pe.profile and r == 0 and engine != "trl",
-            }  # fmt: skip
+            }
             got = child.run("peers", spec, work)
             times[engine].append(got["step_s"])
             if "profile" in got:

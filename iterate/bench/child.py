@@ -155,8 +155,16 @@ def peers(spec: dict) -> dict:
     return peers.measure(spec)
 
 
-KINDS = {"generation": generation, "dpo": dpo, "rl": rl, "backends": backends, "sync": sync,
-         "workers": workers, "padding": padding, "peers": peers}  # fmt: skip
+KINDS = {
+    "generation": generation,
+    "dpo": dpo,
+    "rl": rl,
+    "backends": backends,
+    "sync": sync,
+    "workers": workers,
+    "padding": padding,
+    "peers": peers,
+}
 
 
 if __name__ == "__main__":

@@ -125,10 +125,11 @@ PADDING_VARIANTS = {  # name -> overrides of the main config; the first is the b
     "token budget": ["update.max_tokens_per_micro_batch=4096"],
     "both": ["update.group_by_length=true", "update.max_tokens_per_micro_batch=4096"],
     "both, checkpointing": [
-        "update.group_by_length=true", "update.max_tokens_per_micro_batch=4096",
+        "update.group_by_length=true",
+        "update.max_tokens_per_micro_batch=4096",
         "update.gradient_checkpointing=true",
     ],
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -288,8 +289,14 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     u.rl_variants, u.rl_warmup = {k: RL_VARIANTS[k] for k in ("ppo", "grpo_kl")}, False
     w = cfg.workers
     w.model, w.prompts, w.shards, w.n, w.new_tokens, w.pairs, w.micro_batch_size = (
-        "toy", 4, 2, 2, 8, 4, 2,
-    )  # fmt: skip
+        "toy",
+        4,
+        2,
+        2,
+        8,
+        4,
+        2,
+    )
     w.response_tokens, w.rounds, w.warmup = 8, 1, False
     it = cfg.iteration
     it.iterations, it.compare_restart = 1, False
@@ -303,15 +310,28 @@ def apply_quick(cfg: BenchConfig) -> BenchConfig:
     pa.variants = {"as before": [], "both": both}
     ld = cfg.ladder
     ld.sizes, ld.reward_model, ld.prompts, ld.heldout, ld.n, ld.max_tokens = (
-        ["toy", "llama30m"], "toy", 4, 2, 2, 8,
-    )  # fmt: skip
+        ["toy", "llama30m"],
+        "toy",
+        4,
+        2,
+        2,
+        8,
+    )
     pe = cfg.peers
     pe.models, pe.dtypes, pe.warmup, pe.measured, pe.top, pe.matmul_size = (
-        ["toy"], ["float32"], 0, 1, 5, 256,
-    )  # fmt: skip
+        ["toy"],
+        ["float32"],
+        0,
+        1,
+        5,
+        256,
+    )
     pe.dpo.pairs, pe.dpo.micro_batch_size, pe.dpo.prompt_tokens, pe.dpo.response_tokens = (
-        4, 2, 8, 8,
-    )  # fmt: skip
+        4,
+        2,
+        8,
+        8,
+    )
     pe.grpo.prompts, pe.grpo.group_size, pe.grpo.new_tokens, pe.grpo.micro_batch_size = 4, 2, 8, 4
     pe.grpo.backends = ["transformers"]
     return cfg

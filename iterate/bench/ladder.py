@@ -66,15 +66,31 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
         params = parameters(path)
         runs = {}
         for variant, overrides in la.variants.items():
-            run = scale.run_program(out, f"{size}-{variant}", [
-                "~tuning", f"model.path={path}", f"model.dtype={la.dtype}",
-                f"model.max_length={la.max_length}", f"device={la.device}",
-                f"generate.backend={la.backend}", f"generate.n={la.n}",
-                f"generate.max_tokens={la.max_tokens}", "reward.train=false",
-                f"reward.path={reward}", "prompts=file", f"prompts.path={source}",
-                f"prompts.per_iteration={la.prompts}", f"prompts.heldout={la.heldout}",
-                "iteration=1", f"seed={cfg.seed}", "update.epochs=1", *toy, *overrides,
-            ])  # fmt: skip
+            run = scale.run_program(
+                out,
+                f"{size}-{variant}",
+                [
+                    "~tuning",
+                    f"model.path={path}",
+                    f"model.dtype={la.dtype}",
+                    f"model.max_length={la.max_length}",
+                    f"device={la.device}",
+                    f"generate.backend={la.backend}",
+                    f"generate.n={la.n}",
+                    f"generate.max_tokens={la.max_tokens}",
+                    "reward.train=false",
+                    f"reward.path={reward}",
+                    "prompts=file",
+                    f"prompts.path={source}",
+                    f"prompts.per_iteration={la.prompts}",
+                    f"prompts.heldout={la.heldout}",
+                    "iteration=1",
+                    f"seed={cfg.seed}",
+                    "update.epochs=1",
+                    *toy,
+                    *overrides,
+                ],
+            )
             stages = read_run(run)
             update = stages["update"]
             gpu = update["peak_gpu_mb"]
@@ -117,12 +133,17 @@ def lines(la: dict) -> list[str]:
         for variant, r in s["runs"].items():
             rows.append(
                 [
-                    size, f"{s['parameters'] / 1e6:.0f}M", variant,
-                    *(f"{r['stages'][st]['seconds']:.1f}" if st in r["stages"] else "-"
-                      for st in stages),
-                    f"{r['update_peak_mb']:.0f}", f"{r['readme_mb']:.0f}",
+                    size,
+                    f"{s['parameters'] / 1e6:.0f}M",
+                    variant,
+                    *(
+                        f"{r['stages'][st]['seconds']:.1f}" if st in r["stages"] else "-"
+                        for st in stages
+                    ),
+                    f"{r['update_peak_mb']:.0f}",
+                    f"{r['readme_mb']:.0f}",
                 ]
-            )  # fmt: skip
+            )
     widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
     memory = {"gpu": "peak GPU memory", "rss": "peak resident memory"}
     kind = next((r["memory"] for s in la["sizes"].values() for r in s["runs"].values()), "rss")

@@ -174,8 +174,15 @@ def _trained(trainer_cls, spec: dict, args, data, tok, **kw) -> dict:
     the median step time after the warm-up (``_timed``)."""
     clock = _step_clock()
     model = models.load_policy(spec["model"], spec["dtype"])
-    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tok,
-                          peft_config=lora(), callbacks=[clock], **kw)  # fmt: skip
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=lora(),
+        callbacks=[clock],
+        **kw,
+    )
     trainer.train()
     return _timed(_steps(clock.ends, spec["warmup"]))
 

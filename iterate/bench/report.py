@@ -11,12 +11,16 @@ def _generation_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         g = r.get
         cells = [
-            f"{r['model']:10}", f"{r['dtype']:9}", f"{r['matmul_parameters'] / 1e6:6.1f}M",
-            f"{r['matmul_gflops']:9.1f}", f"{g('vllm_tokens_per_s', nan):9.0f}",
-            f"{g('vllm_flop_efficiency', nan):6.1%}", f"{g('transformers_tokens_per_s', nan):9.0f}",
+            f"{r['model']:10}",
+            f"{r['dtype']:9}",
+            f"{r['matmul_parameters'] / 1e6:6.1f}M",
+            f"{r['matmul_gflops']:9.1f}",
+            f"{g('vllm_tokens_per_s', nan):9.0f}",
+            f"{g('vllm_flop_efficiency', nan):6.1%}",
+            f"{g('transformers_tokens_per_s', nan):9.0f}",
             f"{g('transformers_flop_efficiency', nan):6.1%}",
             f"{g('vllm_over_transformers', nan):6.2f}x",
-        ]  # fmt: skip
+        ]
         lines.append("  " + " ".join(cells))
     return lines
 
@@ -139,8 +143,10 @@ def _peers_lines(pe: dict) -> list[str]:
     peer = f"TRL {pe['trl']}" if pe["trl"] else "TRL (not installed)"
     out = [f"peers: seconds per optimiser step, ours against {peer}"]
     for r in pe["rows"]:
-        cells = [f"{k} {v:.2f} s" + (f" ({r['trl_over'][k]:.2f}x)" if k in r.get("trl_over", {})
-                 else "") for k, v in r["step_s"].items()]  # fmt: skip
+        cells = [
+            f"{k} {v:.2f} s" + (f" ({r['trl_over'][k]:.2f}x)" if k in r.get("trl_over", {}) else "")
+            for k, v in r["step_s"].items()
+        ]
         out.append(f"  {r['model']} {r['dtype']} {r['step']}: " + ", ".join(cells))
         for engine, p in r["profile"].items():
             out.append(
@@ -149,6 +155,8 @@ def _peers_lines(pe: dict) -> list[str]:
                 f"({p['matmul_gflops']:.0f} GFLOP/s); top operators by self time:"
             )
             for o in p["operators"]:
-                out.append(f"      {o['share']:6.1%} {o['self_s']:8.3f} s {o['calls']:6d}x "
-                           f"{o['gflop']:9.1f} GFLOP  {o['name']}")  # fmt: skip
+                out.append(
+                    f"      {o['share']:6.1%} {o['self_s']:8.3f} s {o['calls']:6d}x "
+                    f"{o['gflop']:9.1f} GFLOP  {o['name']}"
+                )
     return out

@@ -120,8 +120,9 @@ def run_program(out: Path, name: str, args: list[str]) -> Path:
     cmd = [sys.executable, "-m", "iterate", f"runs_dir={out}", f"run_name={name}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench: the run {name} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")  # fmt: skip
+        raise RuntimeError(
+            f"bench: the run {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return run
 
 
@@ -163,11 +164,21 @@ def measure(cfg, out: Path, toy: list[str]) -> dict:
     for name, size in [*warm, *((str(s), s) for s in sc.sizes)]:
         source = out / "prompts" / f"prompts_{size}.jsonl"
         write_prompts(source, size + sc.heldout)
-        run = run_program(out, "warmup" if name == "warmup" else f"n{size}", [
-            "prompts=file", f"prompts.path={source}", f"prompts.per_iteration={size}",
-            f"prompts.heldout={sc.heldout}", f"generate.n={sc.n}", "iteration=1",
-            f"seed={cfg.seed}", *toy, *sc.overrides,
-        ])  # fmt: skip
+        run = run_program(
+            out,
+            "warmup" if name == "warmup" else f"n{size}",
+            [
+                "prompts=file",
+                f"prompts.path={source}",
+                f"prompts.per_iteration={size}",
+                f"prompts.heldout={sc.heldout}",
+                f"generate.n={sc.n}",
+                "iteration=1",
+                f"seed={cfg.seed}",
+                *toy,
+                *sc.overrides,
+            ],
+        )
         if name != "warmup":
             runs[name] = read_run(run, size * sc.n)
     sizes = [str(s) for s in sc.sizes]

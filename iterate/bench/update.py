@@ -167,8 +167,9 @@ def rl_stages(spec: dict, wrap=None) -> dict:
             prompts.run(cfg, paths, 0)
             progress.reset_peak_rss()
             t = time.perf_counter()
-            run = partial(rule(str(cfg.update.name)).run, cfg, paths, 0, spec["model"],
-                          spec["model"])  # fmt: skip
+            run = partial(
+                rule(str(cfg.update.name)).run, cfg, paths, 0, spec["model"], spec["model"]
+            )
             done = wrap(name, run) if wrap else run()
             seconds = time.perf_counter() - t
             timings = done["timings"]
@@ -217,11 +218,16 @@ def padding_variant(spec: dict) -> dict:
 
     cfg = main_config(
         [
-            f"model.path={spec['model']}", "update=dpo", "update.epochs=1",
-            f"update.micro_batch_size={spec['micro_batch_size']}", "update.grad_accum=1",
-            "update.lora.dropout=0", f"seed={spec['seed']}", *spec["overrides"],
+            f"model.path={spec['model']}",
+            "update=dpo",
+            "update.epochs=1",
+            f"update.micro_batch_size={spec['micro_batch_size']}",
+            "update.grad_accum=1",
+            "update.lora.dropout=0",
+            f"seed={spec['seed']}",
+            *spec["overrides"],
         ]
-    )  # fmt: skip
+    )
     dev, uc = models.device(str(cfg.device)), cfg.update
     tok = models.load_tokenizer(spec["model"])
     model = common.policy_model(cfg, spec["model"], dev)
@@ -240,9 +246,15 @@ def padding_variant(spec: dict) -> dict:
     stage = Stage(Path(spec["workdir"]) / "update", "update", {})
     t = time.perf_counter()
     done = training.train(
-        cfg, model, training.trainable(model), common.pair_steps(cfg, examples, 0), total,
-        lambda m, b: loss(m, tok, b, dev), stage, 0,
-    )  # fmt: skip
+        cfg,
+        model,
+        training.trainable(model),
+        common.pair_steps(cfg, examples, 0),
+        total,
+        lambda m, b: loss(m, tok, b, dev),
+        stage,
+        0,
+    )
     train_s = time.perf_counter() - t
     return {
         "steps": done["steps"],

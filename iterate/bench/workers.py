@@ -34,8 +34,10 @@ def _generation(spec: dict, work: Path) -> dict:
     texts = [i.prompt for i in world.INSTRUCTIONS][: spec["prompts"]]
     ids = [models.prompt_ids(tok, p) for p in texts]
     size = max(1, len(ids) // spec["shards"])
-    todo = {k: [(str(j), texts[j], ids[j]) for j in range(s, min(s + size, len(ids)))]
-            for k, s in enumerate(range(0, len(ids), size))}  # fmt: skip
+    todo = {
+        k: [(str(j), texts[j], ids[j]) for j in range(s, min(s + size, len(ids)))]
+        for k, s in enumerate(range(0, len(ids), size))
+    }
     params = sampling.Params(n=spec["n"], max_tokens=spec["new_tokens"], ignore_eos=True)
     sspec = sampling.Spec(max_length=bm.max_length(spec["model"]), gpu_memory_utilization=0.2)
     layouts = {
@@ -73,13 +75,19 @@ def _pairs(run: Path, tok, n: int, length: int, seed: int) -> None:
     vocab = len(tok) - 1
     rows = [
         {
-            "prompt_id": str(k), "prompt": p, "chosen": "", "rejected": "",
-            "chosen_idx": 0, "rejected_idx": 1, "chosen_reward": 1.0, "rejected_reward": 0.0,
+            "prompt_id": str(k),
+            "prompt": p,
+            "chosen": "",
+            "rejected": "",
+            "chosen_idx": 0,
+            "rejected_idx": 1,
+            "chosen_reward": 1.0,
+            "rejected_reward": 0.0,
             "chosen_ids": [rng.randrange(3, vocab) for _ in range(length)],
             "rejected_ids": [rng.randrange(3, vocab) for _ in range(length)],
         }
         for k, p in enumerate(texts)
-    ]  # fmt: skip
+    ]
     stage = Stage(run / "iter_000" / "pairs", "pairs", {})
     write_shard(pa.Table.from_pylist(rows, schema=SCHEMAS["pairs"]), shard_path(stage.path, 0))
     stage.finish(rows_out=len(rows))
@@ -96,11 +104,15 @@ def _update(spec: dict, work: Path) -> dict:
             name = f"{procs}x{t // procs}"
             cfg = main_config(
                 [
-                    f"model.path={policy}", "update=dpo", "update.epochs=1",
+                    f"model.path={policy}",
+                    "update=dpo",
+                    "update.epochs=1",
                     f"update.micro_batch_size={spec['micro_batch_size']}",
-                    f"update.num_processes={procs}", "update.lora.dropout=0", "device=cpu",
+                    f"update.num_processes={procs}",
+                    "update.lora.dropout=0",
+                    "device=cpu",
                 ]
-            )  # fmt: skip
+            )
             run = work / "update" / name
             shutil.rmtree(run, ignore_errors=True)
             _pairs(run, tok, spec["pairs"], spec["response_tokens"], spec["seed"])

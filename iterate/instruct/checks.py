@@ -80,48 +80,108 @@ class Kind:
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("max_words", "Answer in fewer than {n} words.", lambda r, n: words(r) < n,
-             ("length",)),
-        Kind("min_words", "Answer with at least {n} words.", lambda r, n: words(r) >= n,
-             ("length",)),
-        Kind("max_sentences", "Use at most {n} sentences.", lambda r, n: 0 < sentences(r) <= n,
-             ("length",)),
-        Kind("bullets", "Your answer must contain exactly {n} bullet points in markdown, "
-             "such as:\n* This is a point.", lambda r, n: len(BULLET.findall(r)) == n,
-             ("shape",)),
-        Kind("lowercase", "Your entire response must be in lowercase letters; no capital "
-             "letters are allowed.", lambda r: r == r.lower() and any(c.isalpha() for c in r),
-             ("case",)),
-        Kind("capitals", "Your entire response must be in capital letters only.",
-             lambda r: r == r.upper() and any(c.isalpha() for c in r), ("case",)),
+        Kind(
+            "max_words", "Answer in fewer than {n} words.", lambda r, n: words(r) < n, ("length",)
+        ),
+        Kind(
+            "min_words", "Answer with at least {n} words.", lambda r, n: words(r) >= n, ("length",)
+        ),
+        Kind(
+            "max_sentences",
+            "Use at most {n} sentences.",
+            lambda r, n: 0 < sentences(r) <= n,
+            ("length",),
+        ),
+        Kind(
+            "bullets",
+            "Your answer must contain exactly {n} bullet points in markdown, "
+            "such as:\n* This is a point.",
+            lambda r, n: len(BULLET.findall(r)) == n,
+            ("shape",),
+        ),
+        Kind(
+            "lowercase",
+            "Your entire response must be in lowercase letters; no capital letters are allowed.",
+            lambda r: r == r.lower() and any(c.isalpha() for c in r),
+            ("case",),
+        ),
+        Kind(
+            "capitals",
+            "Your entire response must be in capital letters only.",
+            lambda r: r == r.upper() and any(c.isalpha() for c in r),
+            ("case",),
+        ),
         Kind("no_commas", "Do not use any commas in your response.", lambda r: "," not in r),
-        Kind("keywords", "Include the keywords {a} and {b} in your response.",
-             lambda r, a, b: _has(a, r) and _has(b, r), ("words",)),
-        Kind("forbidden", "Do not use the word {w} in your response.",
-             lambda r, w: not _has(w, r), ("words",)),
-        Kind("starts_with", "Begin your response with the exact words: {phrase}",
-             lambda r, phrase: r.strip().lower().startswith(phrase.lower()), ("start",)),
-        Kind("ends_with", "Finish your response with this exact phrase: {phrase} No other "
-             "words should follow it.",
-             lambda r, phrase: r.strip().lower().endswith(phrase.lower()), ("end",)),
-        Kind("json", "Wrap your entire output in JSON format.", _json,
-             ("shape", "start", "end", "case")),
-        Kind("title", "Your answer must contain a title, wrapped in double angular brackets, "
-             "such as <<my title>>.", lambda r: TITLE.search(r) is not None, ("start",)),
-        Kind("paragraphs", "There should be exactly {n} paragraphs, separated by the markdown "
-             "divider: ***", lambda r, n: _paragraphs(r) == n, ("shape",)),
-        Kind("quotation", "Wrap your entire response with double quotation marks.",
-             lambda r: len(r.strip()) > 1 and r.strip()[0] == r.strip()[-1] == '"',
-             ("start", "end", "shape")),
-        Kind("placeholders", "The response must contain at least {n} placeholders in square "
-             "brackets, such as [address].", lambda r, n: len(PLACEHOLDER.findall(r)) >= n),
-        Kind("postscript", "At the end of your response, please add a postscript starting "
-             "with P.S.", lambda r: re.search(r"^\s*P\.\s?S\.", r, re.MULTILINE) is not None,
-             ("end",)),
-        Kind("highlights", "Highlight at least {n} sections of your answer with markdown, for "
-             "example *highlighted section*.", lambda r, n: len(HIGHLIGHT.findall(r)) >= n),
+        Kind(
+            "keywords",
+            "Include the keywords {a} and {b} in your response.",
+            lambda r, a, b: _has(a, r) and _has(b, r),
+            ("words",),
+        ),
+        Kind(
+            "forbidden",
+            "Do not use the word {w} in your response.",
+            lambda r, w: not _has(w, r),
+            ("words",),
+        ),
+        Kind(
+            "starts_with",
+            "Begin your response with the exact words: {phrase}",
+            lambda r, phrase: r.strip().lower().startswith(phrase.lower()),
+            ("start",),
+        ),
+        Kind(
+            "ends_with",
+            "Finish your response with this exact phrase: {phrase} No other "
+            "words should follow it.",
+            lambda r, phrase: r.strip().lower().endswith(phrase.lower()),
+            ("end",),
+        ),
+        Kind(
+            "json",
+            "Wrap your entire output in JSON format.",
+            _json,
+            ("shape", "start", "end", "case"),
+        ),
+        Kind(
+            "title",
+            "Your answer must contain a title, wrapped in double angular brackets, "
+            "such as <<my title>>.",
+            lambda r: TITLE.search(r) is not None,
+            ("start",),
+        ),
+        Kind(
+            "paragraphs",
+            "There should be exactly {n} paragraphs, separated by the markdown divider: ***",
+            lambda r, n: _paragraphs(r) == n,
+            ("shape",),
+        ),
+        Kind(
+            "quotation",
+            "Wrap your entire response with double quotation marks.",
+            lambda r: len(r.strip()) > 1 and r.strip()[0] == r.strip()[-1] == '"',
+            ("start", "end", "shape"),
+        ),
+        Kind(
+            "placeholders",
+            "The response must contain at least {n} placeholders in square "
+            "brackets, such as [address].",
+            lambda r, n: len(PLACEHOLDER.findall(r)) >= n,
+        ),
+        Kind(
+            "postscript",
+            "At the end of your response, please add a postscript starting with P.S.",
+            lambda r: re.search(r"^\s*P\.\s?S\.", r, re.MULTILINE) is not None,
+            ("end",),
+        ),
+        Kind(
+            "highlights",
+            "Highlight at least {n} sections of your answer with markdown, for "
+            "example *highlighted section*.",
+            lambda r, n: len(HIGHLIGHT.findall(r)) >= n,
+        ),
     )
-}  # fmt: skip
+}
 
 
 def _args(c: dict) -> dict:

@@ -33,19 +33,71 @@ TASKS = (
     "Summarise what people like about {topic}.",
 )
 TOPICS = (
-    "the ocean", "coffee", "a rainy day", "mountains", "friendship", "bicycles", "winter",
-    "a small town", "the moon", "gardening", "trains", "libraries", "a lost key", "honey bees",
-    "the desert", "a birthday party", "robots", "the river", "breakfast", "a new job",
-    "volcanoes", "the city at night", "a lighthouse", "chess", "autumn leaves", "a museum",
-    "clouds", "a road trip", "the forest", "music", "a snowstorm", "cooking pasta",
-    "the stars", "a school day", "an old bridge", "running", "a market", "the wind",
-    "a first day at sea", "owls", "a quiet morning", "the island", "tea", "a long walk",
-    "painting", "a summer fair", "the harbour", "photography",
-)  # fmt: skip
+    "the ocean",
+    "coffee",
+    "a rainy day",
+    "mountains",
+    "friendship",
+    "bicycles",
+    "winter",
+    "a small town",
+    "the moon",
+    "gardening",
+    "trains",
+    "libraries",
+    "a lost key",
+    "honey bees",
+    "the desert",
+    "a birthday party",
+    "robots",
+    "the river",
+    "breakfast",
+    "a new job",
+    "volcanoes",
+    "the city at night",
+    "a lighthouse",
+    "chess",
+    "autumn leaves",
+    "a museum",
+    "clouds",
+    "a road trip",
+    "the forest",
+    "music",
+    "a snowstorm",
+    "cooking pasta",
+    "the stars",
+    "a school day",
+    "an old bridge",
+    "running",
+    "a market",
+    "the wind",
+    "a first day at sea",
+    "owls",
+    "a quiet morning",
+    "the island",
+    "tea",
+    "a long walk",
+    "painting",
+    "a summer fair",
+    "the harbour",
+    "photography",
+)
 HELDOUT_EVERY = 6  # topics 0, 6, 12, ... are held out
 
-KEYWORDS = ("light", "home", "bright", "friend", "green", "water", "quiet", "journey", "gold",
-            "simple", "memory", "story")  # fmt: skip
+KEYWORDS = (
+    "light",
+    "home",
+    "bright",
+    "friend",
+    "green",
+    "water",
+    "quiet",
+    "journey",
+    "gold",
+    "simple",
+    "memory",
+    "story",
+)
 FORBIDDEN = ("the", "and", "very", "is", "beautiful", "good")
 STARTS = ("My answer is this:", "Here is my reply.", "Dear reader,", "Of course.")
 ENDS = ("Is there anything else I can help with?", "That is all.", "Thank you for reading.")
@@ -56,8 +108,13 @@ def draw_args(kind: str, rng: random.Random) -> dict:
     if kind in ("max_words", "min_words"):
         return {"n": rng.choice((20, 30, 40, 50)) if kind == "max_words" else rng.choice((40, 60))}
     if kind in ("max_sentences", "bullets", "paragraphs", "placeholders", "highlights"):
-        hi = {"max_sentences": 4, "bullets": 4, "paragraphs": 3, "placeholders": 2,
-              "highlights": 2}[kind]  # fmt: skip
+        hi = {
+            "max_sentences": 4,
+            "bullets": 4,
+            "paragraphs": 3,
+            "placeholders": 2,
+            "highlights": 2,
+        }[kind]
         return {"n": rng.randint(2 if kind in ("bullets", "paragraphs") else 1, hi)}
     if kind == "keywords":
         a, b = rng.sample(KEYWORDS, 2)

@@ -34,15 +34,31 @@ def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
     prompts = hub_id(cfg.prompts.path) if str(cfg.prompts.source) == "hub" else None
     gold = row.get("win_rate_vs_initial") is not None
     judged = [
-        ("win_rate", row["win_rate_vs_initial"] if gold else row.get("proxy_win_rate"),
-         f"win rate vs the initial policy ({'gold judge' if gold else cfg.reward.name})"),
-        ("lc_win_rate", row.get("lc_win_rate"), f"length-controlled win rate vs "
-         f"{_reference(cfg, row)} ({row.get('main_judge') or cfg.reward.name})"),
-        *([("win_rate", row.get("win_rate"), f"win rate vs {_reference(cfg, row)} "
-            f"({row.get('main_judge')})")] if row.get("reference", "initial") != "initial" else []),
+        (
+            "win_rate",
+            row["win_rate_vs_initial"] if gold else row.get("proxy_win_rate"),
+            f"win rate vs the initial policy ({'gold judge' if gold else cfg.reward.name})",
+        ),
+        (
+            "lc_win_rate",
+            row.get("lc_win_rate"),
+            f"length-controlled win rate vs "
+            f"{_reference(cfg, row)} ({row.get('main_judge') or cfg.reward.name})",
+        ),
+        *(
+            [
+                (
+                    "win_rate",
+                    row.get("win_rate"),
+                    f"win rate vs {_reference(cfg, row)} ({row.get('main_judge')})",
+                )
+            ]
+            if row.get("reference", "initial") != "initial"
+            else []
+        ),
         ("kl", row.get("kl_to_reference"), "KL(policy || reference), nats per sequence"),
         ("reward", row.get("heldout_reward_mean"), f"mean reward ({cfg.reward.name})"),
-    ]  # fmt: skip
+    ]
     results = [
         EvalResult(
             task_type="text-generation",
@@ -57,11 +73,13 @@ def card_metadata(cfg: Config, row: dict, base: str | None, library: str):
         if value is not None
     ]
     return ModelCardData(
-        base_model=hub_id(base), datasets=[prompts] if prompts else None,
-        library_name=library, model_name=f"{cfg.run_name}-iteration-{row['iteration']}",
+        base_model=hub_id(base),
+        datasets=[prompts] if prompts else None,
+        library_name=library,
+        model_name=f"{cfg.run_name}-iteration-{row['iteration']}",
         tags=["iterate", "rlhf", str(cfg.update.name), "iterative-preference-learning"],
         eval_results=results or None,
-    )  # fmt: skip
+    )
 
 
 def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
@@ -74,8 +92,10 @@ def write_cards(cfg: Config, paths: Paths, rows: list[dict]) -> list[Path]:
     update = read_json(paths.stage(i, "update") / DONE)["config"]
     start = update["policy"].replace("${run}", str(paths.run))  # the adapter's base
     written = []
-    for folder, where, library in (("policy", paths.handoff_policy(i), "transformers"),
-                                   ("adapter", paths.handoff_adapter(i), "peft")):  # fmt: skip
+    for folder, where, library in (
+        ("policy", paths.handoff_policy(i), "transformers"),
+        ("adapter", paths.handoff_adapter(i), "peft"),
+    ):
         if not where.is_dir():
             continue
         base = paths.base_policy if folder == "policy" else start
@@ -111,8 +131,11 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
     uc, gc, i = cfg.update, cfg.generate, rows[-1]["iteration"]
     hyper = {k: v for k, v in update["update"].items() if k not in ("name", "lora")}
     lora = update["update"].get("lora", {})
-    how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
-           if lora.get("enabled") else "full fine-tuning")  # fmt: skip
+    how = (
+        f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}"
+        if lora.get("enabled")
+        else "full fine-tuning"
+    )
     samples = rule(uc.name).samples.format(n=gc.n, pairs=cfg.pairs.rule, group=uc.group_size)
     source = f"`{cfg.prompts.source}`" + (f" ({cfg.prompts.path})" if cfg.prompts.path else "")
     refresh = cfg.reward.refresh
@@ -136,7 +159,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
             f", refreshed each iteration on {refresh.pairs} pairs judged by `{refresh.judge}`"
             if rewards.refreshes(cfg) and not rule(uc.name).on_policy
             else ""
-        ),  # fmt: skip
+        ),
         f"- **Data:** {cfg.prompts.per_iteration} prompts per iteration from {source}; {samples}"
         f" (temperature {gc.temperature}, top-p {gc.top_p}, at most {gc.max_tokens} new tokens)",
         f"- **Update:** {uc.name}, {how}",
@@ -148,14 +171,14 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
             f" kept the KL under {cfg.handoff.kl_target:g} of the budget (the KL constraint)"
             if (a := rows[-1].get("alpha")) is not None and a < 1
             else ""
-        ),  # fmt: skip
+        ),
         "",
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM"
         if folder == "policy"
-        else "from peft import PeftModel",  # fmt: skip
+        else "from peft import PeftModel",
         f"model = {use}",
         "```",
         "",

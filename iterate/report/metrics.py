@@ -74,7 +74,7 @@ def metrics_row(cfg: Config, i: int, done: dict[str, dict]) -> dict:
             n: {k: f.get(k) for k in ("win_rate", "win_rate_se", "lc_win_rate")}
             for n, f in (ev.get("judges") or {}).items()
             if f
-        },  # fmt: skip
+        },
         # every pointwise judge's mean score (and the initial policy's), clustered errors
         "judge_means": ev.get("judge_means") or {},
         "win_rate_se": ev.get("win_rate_se"),
@@ -158,10 +158,11 @@ def table(rows: list[dict], markdown: bool = False, extra: list[tuple[str, str, 
     at = [k for k, _, _ in cols].index("gold_mean") + 1
     cols[at:at] = [(f"judge_means/{n}/mean", n, "{:.3f}") for n in named]
     rows = [
-        r if r.get("win_rate_vs_initial") is not None or r.get("reference", "initial") != "initial"
+        r
+        if r.get("win_rate_vs_initial") is not None or r.get("reference", "initial") != "initial"
         else {**r, "win_rate_vs_initial": r.get("win_rate")}
         for r in rows
-    ]  # fmt: skip
+    ]
     cells = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in rows]
     if any("seconds" in r for r in rows):
         cells[0].append("seconds (gen/label/update/eval/handoff)")
@@ -208,20 +209,38 @@ def plot(
             proxy = [(r["iteration"], r.get("proxy_win_rate")) for r in rs]
             proxy = [p for p in proxy if p[1] is not None]
             if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
-                ax.plot(*zip(*proxy), linestyle="--", color=color, alpha=0.7,
-                        label="proxy (reward model)" if not label_key else None)  # fmt: skip
+                ax.plot(
+                    *zip(*proxy),
+                    linestyle="--",
+                    color=color,
+                    alpha=0.7,
+                    label="proxy (reward model)" if not label_key else None,
+                )
             lc = [(r["iteration"], r.get("lc_win_rate")) for r in rs]
             lc = [p for p in lc if p[1] is not None]
             if key == "win_rate_vs_initial" and lc:  # the same judge with length held equal
-                ax.plot(*zip(*lc), linestyle=":", color=color, marker=".",
-                        label="length-controlled" if not label_key else None)  # fmt: skip
-            other = [(r["iteration"], r.get("win_rate")) for r in rs
-                     if r.get("reference", "initial") != "initial"]  # fmt: skip
+                ax.plot(
+                    *zip(*lc),
+                    linestyle=":",
+                    color=color,
+                    marker=".",
+                    label="length-controlled" if not label_key else None,
+                )
+            other = [
+                (r["iteration"], r.get("win_rate"))
+                for r in rs
+                if r.get("reference", "initial") != "initial"
+            ]
             other = [p for p in other if p[1] is not None]
             if key == "win_rate_vs_initial" and other:  # against evaluate.reference
                 said = f"vs {rs[-1]['reference']} ({rs[-1].get('main_judge')})"
-                ax.plot(*zip(*other), linestyle="-.", color=color, marker="s",
-                        label=said if not label_key else None)  # fmt: skip
+                ax.plot(
+                    *zip(*other),
+                    linestyle="-.",
+                    color=color,
+                    marker="s",
+                    label=said if not label_key else None,
+                )
             bad = [
                 (r["iteration"], r[key])
                 for r in rs
@@ -230,8 +249,13 @@ def plot(
             if key == "kl_to_reference":  # the KL constraint's α where it took the update part-way
                 for r in rs:
                     if r.get(key) is not None and (r.get("alpha") or 1) < 1:
-                        ax.annotate(f"α {r['alpha']:.2g}", (r["iteration"], r[key]), fontsize=7,
-                                    textcoords="offset points", xytext=(4, -10))  # fmt: skip
+                        ax.annotate(
+                            f"α {r['alpha']:.2g}",
+                            (r["iteration"], r[key]),
+                            fontsize=7,
+                            textcoords="offset points",
+                            xytext=(4, -10),
+                        )
             if bad:
                 ax.scatter(
                     *zip(*bad),

@@ -23,8 +23,12 @@ from iterate.stage import DONE
 # the stages before iteration 0 a run can have (``Paths.before``: where they are)
 BEFORE = ("reward_model", "heldout", "initial_samples")
 # what a finished stage's _DONE.json counts, by the name the inspector prints
-COUNTS = (("rows_out", "rows"), ("train_pairs", "pairs"), ("judged_pairs", "judged pairs"),
-          ("steps", "steps"))  # fmt: skip
+COUNTS = (
+    ("rows_out", "rows"),
+    ("train_pairs", "pairs"),
+    ("judged_pairs", "judged pairs"),
+    ("steps", "steps"),
+)
 # where a stage's shards are, inside its folder, when not at its top (Paths.evaluation_samples)
 SHARD_FOLDER = {"evaluate": "samples"}
 
@@ -55,9 +59,14 @@ def stage_state(folder: Path, name: str, planned: int | None = None) -> StageSta
         dropped = done.get("dropped") or {}
         seconds, sources = done.get("seconds"), done.get("sources") or {}
         return StageState(
-            name, "done", counts=counts, dropped=dropped, seconds=seconds, sources=sources,
+            name,
+            "done",
+            counts=counts,
+            dropped=dropped,
+            seconds=seconds,
+            sources=sources,
             judge=done.get("judge") or {},
-        )  # fmt: skip
+        )
     if not folder.exists():
         return StageState(name, "missing")
     plan = read_json(folder / SHARD_FOLDER.get(name, "") / PLAN) or {}
@@ -166,8 +175,7 @@ def extremes(df, k: int) -> list[dict]:
     top = top.assign(rank=[f"best {j + 1}" for j in range(len(top))])
     bottom = df.iloc[len(top) :].tail(k)  # the worst last, each response once
     bottom = bottom.assign(rank=[f"worst {len(bottom) - j}" for j in range(len(bottom))])
-    cols = ["rank", "reward", *(["gold"] if df["gold"].notna().any() else []), "prompt",
-            "response"]  # fmt: skip
+    cols = ["rank", "reward", *(["gold"] if df["gold"].notna().any() else []), "prompt", "response"]
     rows = [*top[cols].to_dict("records"), *bottom[cols].to_dict("records")]
     for r in rows:
         r["reward"] = round(float(r["reward"]), 4)

@@ -34,7 +34,7 @@ def _comments() -> dict[tuple[str, str], str]:
                 k -= 1
             end = lines[item.end_lineno - 1]
             beside = end.split("  # ", 1)[1].strip() if "  # " in end else ""
-            said = " ".join([*above, beside]).replace("fmt: skip", "").strip()
+            said = " ".join([*above, beside]).strip()
             out[(node.name, item.target.id)] = said
     return out
 

@@ -37,16 +37,20 @@ def _stage_line(s: runinfo.StageState) -> str:
         agree = f", agrees with gold on {agree:.1%} of pairs" if agree is not None else ""
         line += f"\n{'':21}{name}{weight}: mean {st['mean']:+.4f}, std {st['std']:.4f}{agree}"
     if j := s.judge:  # a generative judge's answers: label/judgements/
-        line += (f"\n{'':21}judge: {j['questions']} questions, {j['answers']} answers, "
-                 f"{j['parsed_first_try']:.1%} parsed at the first try, {j['unjudged']} "
-                 "left unjudged (in judgements/)")  # fmt: skip
+        line += (
+            f"\n{'':21}judge: {j['questions']} questions, {j['answers']} answers, "
+            f"{j['parsed_first_try']:.1%} parsed at the first try, {j['unjudged']} "
+            "left unjudged (in judgements/)"
+        )
     return line
 
 
 def _stopped(stopped: dict) -> str:
     """What ``_STOPPED.json`` says: when, why, and what a rerun of the command does."""
-    return (f"stopped {stopped['at']}, {stopped['says']} (exit {stopped['status']}): "
-            f"{stopped['error']}\n  {errors.resumes(stopped['status'])}")  # fmt: skip
+    return (
+        f"stopped {stopped['at']}, {stopped['says']} (exit {stopped['status']}): "
+        f"{stopped['error']}\n  {errors.resumes(stopped['status'])}"
+    )
 
 
 def status(run: Path) -> str:
@@ -58,8 +62,9 @@ def status(run: Path) -> str:
     cfg = runinfo.config(run)
     finished = paths.finished.exists()
     if holder:
-        where = f"running (pid {holder.get('pid')} on {holder.get('host')} since " \
-                f"{holder.get('since')})"  # fmt: skip
+        where = (
+            f"running (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
+        )
     elif stopped:
         where = _stopped(stopped)
     elif finished:
@@ -79,8 +84,10 @@ def samples(run: Path, i: int, k: int, heldout: bool) -> str:
     df = runinfo.scored(run, i, heldout, keep=k)
     rows = runinfo.extremes(df, k)
     if not rows:
-        return (f"iteration {i}: no scored responses on disk yet (the held-out ones' rewards are "
-                "kept in evaluate/scores/, which runs made before it lack)")  # fmt: skip
+        return (
+            f"iteration {i}: no scored responses on disk yet (the held-out ones' rewards are "
+            "kept in evaluate/scores/, which runs made before it lack)"
+        )
     out = [f"iteration {i}: the best and worst {k} {df.attrs['which']} responses by reward"]
     for r in rows:
         gold = f"  gold {r['gold']:+.3f}" if r.get("gold") is not None else ""
@@ -114,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if opts["samples"]:
             i = opts["iteration"]
             if i is None:  # the last iteration with scored responses
-                have = [j for j in runinfo.iterations(run)
-                        if runinfo.scored_source(run, j, opts["heldout"])]  # fmt: skip
+                have = [
+                    j
+                    for j in runinfo.iterations(run)
+                    if runinfo.scored_source(run, j, opts["heldout"])
+                ]
                 i = have[-1] if have else 0
             print("\n" + samples(run, i, opts["samples"], opts["heldout"]))
     except (FileNotFoundError, errors.BadInput) as e:  # a damaged file is named, no traceback

@@ -75,9 +75,10 @@ def plot_seeds(rows: list[dict], path: Path) -> None:
     """Gold win rate and proxy-gold gap per iteration, mean ± sd over seeds, a line a job."""
     fig, axes = figure(2, (10, 3.6))
     for ax, key, title in zip(
-        axes, ("win_rate_vs_initial", "proxy_gold_gap"),
+        axes,
+        ("win_rate_vs_initial", "proxy_gold_gap"),
         ("gold win rate vs initial (mean ± sd over seeds)", "proxy - gold win rate"),
-    ):  # fmt: skip
+    ):
         for name in dict.fromkeys(r["job"] for r in rows):
             pts = [(r["iteration"], *r[key]) for r in rows if r["job"] == name and key in r]
             if pts:
@@ -127,7 +128,12 @@ class SweepSummary(Callback):
         if stopped := list(cli.STOPPED_JOBS):
             cli.STOPPED_JOBS.clear()
             for job, status in stopped:
-                log.error("job %s stopped: %s (exit %d; `python -m iterate show %s` says why); "
-                          "%s", job, errors.WORDS[status], status, sweep_dir / job,
-                          errors.resumes(status))  # fmt: skip
+                log.error(
+                    "job %s stopped: %s (exit %d; `python -m iterate show %s` says why); %s",
+                    job,
+                    errors.WORDS[status],
+                    status,
+                    sweep_dir / job,
+                    errors.resumes(status),
+                )
             sys.exit(max(status for _, status in stopped))

@@ -82,9 +82,14 @@ class _Wandb:
 
         self.wandb = wandb
         self.run = wandb.init(
-            project=config["track"]["project"], id=ident, name=config["run_name"],
-            resume="allow", dir=str(run), config=config, reinit="finish_previous",
-        )  # fmt: skip
+            project=config["track"]["project"],
+            id=ident,
+            name=config["run_name"],
+            resume="allow",
+            dir=str(run),
+            config=config,
+            reinit="finish_previous",
+        )
         for prefix, axis in self.AXES.items():
             self.run.define_metric(axis)
             self.run.define_metric(f"{prefix}/*", step_metric=axis)

@@ -43,10 +43,28 @@ from iterate.rewards.pairwise import PairwiseReward
 # (no torch at import: the loop and validation read this package without loading it)
 
 __all__ = [
-    "Build", "FunctionReward", "JudgeReward", "KINDS", "Kind", "MixtureReward", "ModelReward",
-    "PairwiseReward", "Reward", "Scored", "comparison", "function_name", "has_model", "kind",
-    "load_function", "of", "refreshes", "source_name", "takes", "trains_model", "weights_sum",
-]  # fmt: skip
+    "Build",
+    "FunctionReward",
+    "JudgeReward",
+    "KINDS",
+    "Kind",
+    "MixtureReward",
+    "ModelReward",
+    "PairwiseReward",
+    "Reward",
+    "Scored",
+    "comparison",
+    "function_name",
+    "has_model",
+    "kind",
+    "load_function",
+    "of",
+    "refreshes",
+    "source_name",
+    "takes",
+    "trains_model",
+    "weights_sum",
+]
 
 GOLD = "iterate.toy.world:gold_reward"  # the toy world's gold judge as a reward function
 CORRECT = "iterate.toy.world:correctness_reward"  # ... and its verifiable answer check

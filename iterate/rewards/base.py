@@ -26,9 +26,13 @@ class Reward(Protocol):
         """This reward, to score on ``device`` (a copy when that differs)."""
 
     def score(
-        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
+        self,
+        prompts: list,
+        responses: list[str],
+        desc: str = "score",
+        refusals: bool = False,
         detail: bool = False,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         """One reward per pair. With ``refusals``, a pair the reward cannot score (a chat
         template that refuses the conversation) gets ``None`` instead of raising, for the
         caller to count and drop. With ``detail``, a ``Scored``: the rewards with what else
@@ -82,8 +86,12 @@ class Build:
     def scoring(self) -> dict:
         """The settings a model kind scores with (``ModelReward``'s)."""
         rc = self.cfg.reward
-        out = {"dtype": str(rc.dtype), "max_length": rc.max_length,
-               "batch_size": rc.score_batch_size, "device": self.device}  # fmt: skip
+        out = {
+            "dtype": str(rc.dtype),
+            "max_length": rc.max_length,
+            "batch_size": rc.score_batch_size,
+            "device": self.device,
+        }
         if self.own:
             out["chat_template"] = rc.chat_template
         return out

@@ -30,8 +30,9 @@ def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Pa
     setting ``key`` that gave it and what is missing or what importing it raised."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise BadInput(f"{key}={spec!r}: expected package.module:function or "
-                       "path/to/file.py:function")  # fmt: skip
+        raise BadInput(
+            f"{key}={spec!r}: expected package.module:function or path/to/file.py:function"
+        )
     try:
         if where.endswith(".py"):
             path = Path(where)
@@ -54,8 +55,7 @@ def load_function(spec: str, key: str = "reward.function") -> tuple[Callable, Pa
     except ModuleNotFoundError as e:
         raise BadInput(f"{key}={spec!r}: no module named {e.name!r}") from None
     except Exception as e:  # the user's module failed to import: say so, name it
-        raise BadInput(f"{key}={spec!r}: importing {where} raised "
-                       f"{type(e).__name__}: {e}") from e  # fmt: skip
+        raise BadInput(f"{key}={spec!r}: importing {where} raised {type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise BadInput(f"{key}={spec!r}: {where} has no function {name!r}")
@@ -182,25 +182,34 @@ class FunctionReward(Loaded):
             rows = f"rows {start}..{start + len(batch) - 1}"
             try:
                 with progress.watch(f"{said} on {rows} of {desc}", self.timeout_s):
-                    got = fn(batch, list(responses[start : start + self.batch_size]),
-                             **self._kwargs(stored))  # fmt: skip
+                    got = fn(
+                        batch,
+                        list(responses[start : start + self.batch_size]),
+                        **self._kwargs(stored),
+                    )
             except progress.Overdue:
-                raise BadInput(f"{said} took longer than reward.function_timeout_s="
-                               f"{self.timeout_s:g} on {rows} of {desc}: make it faster, "
-                               "or raise the limit (0: none)") from None  # fmt: skip
+                raise BadInput(
+                    f"{said} took longer than reward.function_timeout_s="
+                    f"{self.timeout_s:g} on {rows} of {desc}: make it faster, "
+                    "or raise the limit (0: none)"
+                ) from None
             except Exception as e:
-                raise BadInput(f"{said} raised {type(e).__name__}: {e} (on {rows} of this "
-                               "batch)") from e  # fmt: skip
+                raise BadInput(
+                    f"{said} raised {type(e).__name__}: {e} (on {rows} of this batch)"
+                ) from e
             got = list(got) if isinstance(got, (list, tuple)) or hasattr(got, "tolist") else got
             if not isinstance(got, list) or len(got) != len(batch):
                 what = f"{len(got)} values" if isinstance(got, list) else f"a {type(got).__name__}"
-                raise BadInput(f"{said} returned {what} for {len(batch)} responses (one number "
-                               "per response, in order)")  # fmt: skip
+                raise BadInput(
+                    f"{said} returned {what} for {len(batch)} responses (one number "
+                    "per response, in order)"
+                )
             for k, v in enumerate(got):
                 v = v.item() if hasattr(v, "item") else v
                 if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
-                    raise BadInput(f"{said}: row {start + k} ({responses[start + k]!r}): "
-                                   f"{v!r} is not a number")  # fmt: skip
+                    raise BadInput(
+                        f"{said}: row {start + k} ({responses[start + k]!r}): {v!r} is not a number"
+                    )
                 out.append(float("nan") if v is None or math.isnan(v) else float(v))
             bar.update(len(batch))
         bar.close()
@@ -210,10 +219,13 @@ class FunctionReward(Loaded):
 def make(b: Build) -> FunctionReward:
     rc = b.cfg.reward
     return FunctionReward(
-        b.settings.function, batch_size=rc.score_batch_size, fields=tuple(b.cfg.prompts.fields),
-        run=str(b.run) if b.run else None, key=f"{b.key}.function",
+        b.settings.function,
+        batch_size=rc.score_batch_size,
+        fields=tuple(b.cfg.prompts.fields),
+        run=str(b.run) if b.run else None,
+        key=f"{b.key}.function",
         timeout_s=rc.function_timeout_s,
-    )  # fmt: skip
+    )
 
 
 def check_spec(cfg: Config, key: str, spec: str | None) -> None:

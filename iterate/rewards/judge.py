@@ -34,17 +34,32 @@ class JudgeReward(ModelReward):
 
             js, mode = self.settings, str(self.settings.mode)
             self._scorer = jm.Judge(
-                self.path, self.how, mode, jm.template(mode, js.template),
-                jm.pattern(mode, js.pattern), js.max_tokens, js.temperature, js.retries,
-                js.low, js.high, self.max_length, self.chat_template,
-            )  # fmt: skip
+                self.path,
+                self.how,
+                mode,
+                jm.template(mode, js.template),
+                jm.pattern(mode, js.pattern),
+                js.max_tokens,
+                js.temperature,
+                js.retries,
+                js.low,
+                js.high,
+                self.max_length,
+                self.chat_template,
+            )
         return self._scorer
 
     def identity(self) -> dict:
         j = self.judge()
-        asked = {"mode": j.mode, "template": j.text, "pattern": j.rx.pattern,
-                 "max_tokens": j.max_tokens, "temperature": j.temperature, "retries": j.retries,
-                 "backend": self.how.backend}  # fmt: skip
+        asked = {
+            "mode": j.mode,
+            "template": j.text,
+            "pattern": j.rx.pattern,
+            "max_tokens": j.max_tokens,
+            "temperature": j.temperature,
+            "retries": j.retries,
+            "backend": self.how.backend,
+        }
         if j.mode == "score":
             asked["range"] = [j.low, j.high]
         out = {k: v for k, v in super().identity().items() if k != "aggregate"}
@@ -70,10 +85,12 @@ def make(b: Build) -> JudgeReward:
     from iterate import sampling
 
     rc = b.cfg.reward
-    spec = dataclasses.replace(sampling.Spec.of(b.cfg), dtype=str(rc.dtype),
-                               max_length=rc.max_length)  # fmt: skip
-    return JudgeReward(b.path, **b.scoring(), how=sampling.How.of(b.cfg, spec),
-                       settings=b.settings.judge)  # fmt: skip
+    spec = dataclasses.replace(
+        sampling.Spec.of(b.cfg), dtype=str(rc.dtype), max_length=rc.max_length
+    )
+    return JudgeReward(
+        b.path, **b.scoring(), how=sampling.How.of(b.cfg, spec), settings=b.settings.judge
+    )
 
 
 def check(cfg: Config, settings, key: str) -> None:
@@ -84,23 +101,38 @@ def check(cfg: Config, settings, key: str) -> None:
     rc, js = cfg.reward, settings.judge
     mode, own = str(js.mode), settings is rc
     if own and mode == "compare":
-        compares_per_prompt(cfg, "reward.judge.mode=compare", "a comparing judge",
-                            "reward.judge.mode=score")  # fmt: skip
+        compares_per_prompt(
+            cfg, "reward.judge.mode=compare", "a comparing judge", "reward.judge.mode=score"
+        )
     if own and mode == "score" and rc.train:
-        raise BadInput("reward.kind=judge with reward.judge.mode=score: a scoring judge is "
-                       "not trained here; set reward.path to the judge model and "
-                       "reward.train=false")  # fmt: skip
+        raise BadInput(
+            "reward.kind=judge with reward.judge.mode=score: a scoring judge is "
+            "not trained here; set reward.path to the judge model and "
+            "reward.train=false"
+        )
     if own:
-        checks.need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
-                    "must be 1 for reward.kind=judge (one judge model)")  # fmt: skip
-    checks.need(rc.workers == 1, "reward.workers", rc.workers, "must be 1 with a judge: it "
-                "samples on the run's engines (generate.workers)")  # fmt: skip
+        checks.need(
+            rc.ensemble == 1,
+            "reward.ensemble",
+            rc.ensemble,
+            "must be 1 for reward.kind=judge (one judge model)",
+        )
+    checks.need(
+        rc.workers == 1,
+        "reward.workers",
+        rc.workers,
+        "must be 1 with a judge: it samples on the run's engines (generate.workers)",
+    )
     judge_model.template(mode, js.template)  # names what the template lacks
     judge_model.pattern(mode, js.pattern)  # names a parser that is no regular expression
     at = f"{key}.judge"
-    checks.need(0 < js.max_tokens < rc.max_length // 2, f"{at}.max_tokens", js.max_tokens,
-                f"must be above 0 and leave reward.max_length={rc.max_length} room for what "
-                "the judge is shown (at most half of it)")  # fmt: skip
+    checks.need(
+        0 < js.max_tokens < rc.max_length // 2,
+        f"{at}.max_tokens",
+        js.max_tokens,
+        f"must be above 0 and leave reward.max_length={rc.max_length} room for what "
+        "the judge is shown (at most half of it)",
+    )
     checks.need(js.retries >= 0, f"{at}.retries", js.retries, "must be 0 or more")
     checks.need(js.temperature >= 0, f"{at}.temperature", js.temperature, "must be 0 or more")
     checks.need(js.low < js.high, f"{at}.low", js.low, f"must be below {at}.high={js.high}")
@@ -128,6 +160,13 @@ def card(cfg: Config, row: dict) -> str:
 
 
 KIND = Kind(
-    "judge", make, check, card, owns_model=always, model_kind="judge", folder="judge model",
-    comparison=comparison, whole_vocab=True,
-)  # fmt: skip
+    "judge",
+    make,
+    check,
+    card,
+    owns_model=always,
+    model_kind="judge",
+    folder="judge model",
+    comparison=comparison,
+    whole_vocab=True,
+)

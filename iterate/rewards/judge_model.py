@@ -52,8 +52,9 @@ def pattern(mode: str, spec: str | None) -> re.Pattern:
     except re.error as e:
         raise BadInput(f"reward.judge.pattern={spec!r}: not a regular expression: {e}") from None
     if rx.groups < 1:
-        raise BadInput(f"reward.judge.pattern={spec!r}: needs a group, (...), around the "
-                       "verdict or the score")  # fmt: skip
+        raise BadInput(
+            f"reward.judge.pattern={spec!r}: needs a group, (...), around the verdict or the score"
+        )
     return rx
 
 
@@ -111,8 +112,13 @@ class Judge:
             self._tok = load_tokenizer(self.path, self.chat_template)
         return self._tok
 
-    def ask(self, prompts: list, shown: list[dict[str, str]], rows: list[tuple[int, int]],
-            desc: str = "judge") -> tuple[list[float | None], list[Judgement]]:  # fmt: skip
+    def ask(
+        self,
+        prompts: list,
+        shown: list[dict[str, str]],
+        rows: list[tuple[int, int]],
+        desc: str = "judge",
+    ) -> tuple[list[float | None], list[Judgement]]:
         """The judge's verdict on each request (``prompts[k]`` with the responses
         ``shown[k]``, the rows ``rows[k]`` for the records), and every answer it gave."""
         from iterate import progress, sampling, seeds, workers
@@ -120,8 +126,10 @@ class Judge:
         from iterate.rewards.pairwise_model import encode
 
         tok, room = self.tokenizer(), self.max_length - self.max_tokens
-        seqs = [encode(tok, self.text, as_messages(p) if isinstance(p, str) else p, room, **s)
-                for p, s in zip(prompts, shown, strict=True)]  # fmt: skip
+        seqs = [
+            encode(tok, self.text, as_messages(p) if isinstance(p, str) else p, room, **s)
+            for p, s in zip(prompts, shown, strict=True)
+        ]
         verdicts: list[float | None] = [None] * len(seqs)
         records: list[Judgement] = []
         todo = list(range(len(seqs)))
@@ -136,10 +144,13 @@ class Judge:
                 seed = seeds.derive("judge", attempt)
                 chunks = [todo[w :: sampler.workers] for w in range(sampler.workers)]
                 sampler.ready()
-                got = workers.run_each([
-                    partial(sampler.sample, [seqs[k] for k in chunk], params, seed, w)
-                    for w, chunk in enumerate(chunks) if chunk
-                ])  # fmt: skip
+                got = workers.run_each(
+                    [
+                        partial(sampler.sample, [seqs[k] for k in chunk], params, seed, w)
+                        for w, chunk in enumerate(chunks)
+                        if chunk
+                    ]
+                )
                 for chunk, samples in zip([c for c in chunks if c], got, strict=True):
                     for k, per_request in zip(chunk, samples, strict=True):
                         said = tok.decode(per_request[0].ids, skip_special_tokens=True)
@@ -150,19 +161,29 @@ class Judge:
         bar.close()
         return verdicts, records
 
-    def prefer(self, prompts: list, a: list[str], b: list[str], desc: str = "prefer",
-               rows: list[tuple[int, int]] | None = None) -> tuple[list[float], list]:  # fmt: skip
+    def prefer(
+        self,
+        prompts: list,
+        a: list[str],
+        b: list[str],
+        desc: str = "prefer",
+        rows: list[tuple[int, int]] | None = None,
+    ) -> tuple[list[float], list]:
         """P(a ≻ b) per row from the verdicts of both orders (the mean of those given; NaN
         when neither was), and the answers."""
         n = len(a)
         rows = rows or [(k, k) for k in range(n)]
         shown = [{"a": x, "b": y} for x, y in zip(a, b)] + [{"a": y, "b": x} for x, y in zip(a, b)]
-        verdicts, records = self.ask(prompts + prompts, shown,
-                                     rows + [(j, i) for i, j in rows], desc)  # fmt: skip
+        verdicts, records = self.ask(
+            prompts + prompts, shown, rows + [(j, i) for i, j in rows], desc
+        )
         out = []
         for k in range(n):
-            said = [v for v in (verdicts[k], None if verdicts[n + k] is None
-                                else 1 - verdicts[n + k]) if v is not None]  # fmt: skip
+            said = [
+                v
+                for v in (verdicts[k], None if verdicts[n + k] is None else 1 - verdicts[n + k])
+                if v is not None
+            ]
             out.append(sum(said) / len(said) if said else float("nan"))
         return out, records
 
@@ -177,9 +198,13 @@ class Judge:
         records: list[Judgement] = []
 
         def prefer(pairs: list[tuple[int, int]]) -> list[float]:
-            got, said = self.prefer([prompts[i] for i, _ in pairs],
-                                    [responses[i] for i, _ in pairs],
-                                    [responses[j] for _, j in pairs], desc, pairs)  # fmt: skip
+            got, said = self.prefer(
+                [prompts[i] for i, _ in pairs],
+                [responses[i] for i, _ in pairs],
+                [responses[j] for _, j in pairs],
+                desc,
+                pairs,
+            )
             records.extend(said)
             return got
 

@@ -15,10 +15,15 @@ from iterate.rewards.pairwise import KIND as PAIRWISE
 
 __all__ = ["KINDS", "kind"]
 
-KINDS.update({k.name: k for k in (
-    MODEL,  # a Bradley–Terry reward model (or an ensemble), trained here or loaded
-    FUNCTION,  # a Python function of (prompts, responses)
-    MIXTURE,  # a weighted sum of sources
-    PAIRWISE,  # a pairwise preference model answering "A" or "B"
-    JUDGE,  # a generative judge, compare or score
-)})  # fmt: skip
+KINDS.update(
+    {
+        k.name: k
+        for k in (
+            MODEL,  # a Bradley–Terry reward model (or an ensemble), trained here or loaded
+            FUNCTION,  # a Python function of (prompts, responses)
+            MIXTURE,  # a weighted sum of sources
+            PAIRWISE,  # a pairwise preference model answering "A" or "B"
+            JUDGE,  # a generative judge, compare or score
+        )
+    }
+)

@@ -84,12 +84,17 @@ def check(cfg: Config, settings, key: str) -> None:
     can = [k.name for k in KINDS.values() if k.source]
     for k, (part, name) in enumerate(zip(sources, names, strict=True)):
         at = f"{key}.sources[{k}]"
-        checks.need(str(part.kind) in can, f"{at}.kind", str(part.kind),
-                    f"must be {' or '.join(can)}")  # fmt: skip
-        checks.need(re.fullmatch(r"\w+", name) is not None and names.count(name) == 1
-                    and name != "reward", f"{at}.name", name, "must be a word (letters, digits, "
-                    "_) that no other source has, not 'reward' (the sum's): it names the "
-                    "source's column, source_<name>")  # fmt: skip
+        checks.need(
+            str(part.kind) in can, f"{at}.kind", str(part.kind), f"must be {' or '.join(can)}"
+        )
+        checks.need(
+            re.fullmatch(r"\w+", name) is not None and names.count(name) == 1 and name != "reward",
+            f"{at}.name",
+            name,
+            "must be a word (letters, digits, "
+            "_) that no other source has, not 'reward' (the sum's): it names the "
+            "source's column, source_<name>",
+        )
         kind(part.kind).check(cfg, part, at)
     weights = [p.weight for p in sources]
     checks.need(
@@ -113,6 +118,12 @@ def card(cfg: Config, row: dict) -> str:
 
 
 KIND = Kind(
-    "mixture", make, check, card, owns_model=owns_model, model_kind="model", refreshable=True,
+    "mixture",
+    make,
+    check,
+    card,
+    owns_model=owns_model,
+    model_kind="model",
+    refreshable=True,
     evaluator=False,
-)  # fmt: skip
+)

@@ -64,10 +64,15 @@ class ModelReward(Loaded):
             from iterate.rewards.scorer import Scorer
 
             self._scorer = Scorer.load(
-                self.path, self.dtype, self.max_length, self.batch_size,
-                torch.device(self.device), self.chat_template, self.aggregate,
+                self.path,
+                self.dtype,
+                self.max_length,
+                self.batch_size,
+                torch.device(self.device),
+                self.chat_template,
+                self.aggregate,
                 self.uncertainty_coef,
-            )  # fmt: skip
+            )
         return self._scorer
 
     def score(self, prompts, responses, desc="score", refusals=False, detail=False):
@@ -92,6 +97,13 @@ def card(cfg: Config, row: dict) -> str:
 
 
 KIND = Kind(
-    "model", make, check, card, owns_model=always, model_kind="model", refreshable=True,
-    folder="reward model", source=True,
-)  # fmt: skip
+    "model",
+    make,
+    check,
+    card,
+    owns_model=always,
+    model_kind="model",
+    refreshable=True,
+    folder="reward model",
+    source=True,
+)

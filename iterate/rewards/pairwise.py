@@ -39,9 +39,14 @@ class PairwiseReward(ModelReward):
             from iterate.rewards.pairwise_model import PairwiseScorer
 
             self._scorer = PairwiseScorer.load(
-                self.path, self.dtype, self.max_length, self.batch_size,
-                torch.device(self.device), self.template, self.chat_template,
-            )  # fmt: skip
+                self.path,
+                self.dtype,
+                self.max_length,
+                self.batch_size,
+                torch.device(self.device),
+                self.template,
+                self.chat_template,
+            )
         return self._scorer
 
     def score(self, prompts, responses, desc="score", refusals=False, detail=False):
@@ -76,13 +81,16 @@ def check(cfg: Config, settings, key: str) -> None:
     rc = cfg.reward
     if settings is rc:
         compares_per_prompt(cfg, "reward.kind=pairwise", "a pairwise model", "a pointwise reward")
-        checks.need(rc.ensemble == 1, "reward.ensemble", rc.ensemble,
-                    "must be 1 for reward.kind=pairwise (one pairwise model)")  # fmt: skip
+        checks.need(
+            rc.ensemble == 1,
+            "reward.ensemble",
+            rc.ensemble,
+            "must be 1 for reward.kind=pairwise (one pairwise model)",
+        )
     pairwise_model.template(settings.pairwise_template)  # names what the template lacks
     path = settings.path if settings is not rc else (None if rc.train else rc.path)
     if path:
-        checks.causal_lm(f"{key}.path", path, "a pairwise model is a causal LM that answers "
-                         "A or B")  # fmt: skip
+        checks.causal_lm(f"{key}.path", path, "a pairwise model is a causal LM that answers A or B")
 
 
 def comparison(settings) -> str:
@@ -92,6 +100,12 @@ def comparison(settings) -> str:
 
 
 KIND = Kind(
-    "pairwise", make, check, model_card, owns_model=always, model_kind="pairwise",
-    folder="pairwise model", comparison=comparison,
-)  # fmt: skip
+    "pairwise",
+    make,
+    check,
+    model_card,
+    owns_model=always,
+    model_kind="pairwise",
+    folder="pairwise model",
+    comparison=comparison,
+)

@@ -57,8 +57,9 @@ def answer_ids(tokenizer) -> list[int]:
     """The token ids of "A" and "B"; ``BadInput`` when either is not a single token."""
     ids = [tokenizer.encode(a, add_special_tokens=False) for a in ANSWERS]
     if any(len(i) != 1 for i in ids):
-        raise BadInput(f"a pairwise model's tokenizer must spell 'A' and 'B' as one token each "
-                       f"(got {ids})")  # fmt: skip
+        raise BadInput(
+            f"a pairwise model's tokenizer must spell 'A' and 'B' as one token each (got {ids})"
+        )
     return [i[0] for i in ids]
 
 
@@ -119,8 +120,13 @@ def both_orders(first_shown_first, first_shown_second):
     return 0.5 * (first_shown_first + 1 - first_shown_second)
 
 
-def pair_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, answers: list[int],
-              whole_vocab: bool = False):  # fmt: skip
+def pair_loss(
+    model,
+    batch: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    answers: list[int],
+    whole_vocab: bool = False,
+):
     """Per pair, the cross-entropy of the right answer for both orders: "A" with the chosen
     response shown first, "B" with it second; and whether the averaged preference is for
     the chosen one. ``batch``: (ids with chosen first, ids with chosen second). The
@@ -175,8 +181,9 @@ class PairwiseScorer:
         bar = progress.bar(len(seqs), desc, "seq")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            p = ab_logits(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id,
-                          self.answers).softmax(-1)[:, 0]  # fmt: skip
+            p = ab_logits(
+                self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, self.answers
+            ).softmax(-1)[:, 0]
             for i, v in zip(idx, p.tolist()):
                 first[i] = v
             bar.update(len(idx))
@@ -188,8 +195,12 @@ class PairwiseScorer:
         """A tournament among the responses to each prompt (``tournament``)."""
 
         def prefer(pairs: list[tuple[int, int]]) -> list[float]:
-            return self.prefer([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
-                               [responses[j] for _, j in pairs], desc)  # fmt: skip
+            return self.prefer(
+                [prompts[i] for i, _ in pairs],
+                [responses[i] for i, _ in pairs],
+                [responses[j] for _, j in pairs],
+                desc,
+            )
 
         return tournament(prompts, prefer)
 
@@ -202,13 +213,16 @@ def tournament(prompts: list, prefer) -> list[float]:
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p if isinstance(p, str) else repr(p), []).append(i)
-    pairs = [(g[x], g[y]) for g in groups.values()
-             for x in range(len(g)) for y in range(x + 1, len(g))]  # fmt: skip
+    pairs = [
+        (g[x], g[y]) for g in groups.values() for x in range(len(g)) for y in range(x + 1, len(g))
+    ]
     wins, games = [0.0] * len(prompts), [0] * len(prompts)
     for (i, j), pij in zip(pairs, prefer(pairs) if pairs else [], strict=True):
         if pij == pij:  # not NaN
             wins[i], wins[j] = wins[i] + pij, wins[j] + 1 - pij
             games[i], games[j] = games[i] + 1, games[j] + 1
     alone = {g[0] for g in groups.values() if len(g) == 1}
-    return [w / g if g else 0.5 if i in alone else float("nan")
-            for i, (w, g) in enumerate(zip(wins, games))]  # fmt: skip
+    return [
+        w / g if g else 0.5 if i in alone else float("nan")
+        for i, (w, g) in enumerate(zip(wins, games))
+    ]

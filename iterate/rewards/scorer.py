@@ -114,9 +114,15 @@ class Scorer:
     ``aggregate`` makes them one."""
 
     def __init__(
-        self, model, tokenizer, max_length: int, batch_size: int = 64,
-        offsets: list[float] | None = None, how: str = "mean", coef: float = 1.0,
-    ):  # fmt: skip
+        self,
+        model,
+        tokenizer,
+        max_length: int,
+        batch_size: int = 64,
+        offsets: list[float] | None = None,
+        how: str = "mean",
+        coef: float = 1.0,
+    ):
         self.models = model if isinstance(model, list) else [model]
         self.model = self.models[0]
         self.tokenizer = tokenizer
@@ -126,9 +132,16 @@ class Scorer:
 
     @classmethod
     def load(
-        cls, path: str, dtype: str, max_length: int, batch_size: int, device=None, template=None,
-        how: str = "mean", coef: float = 1.0,
-    ) -> Scorer:  # fmt: skip
+        cls,
+        path: str,
+        dtype: str,
+        max_length: int,
+        batch_size: int,
+        device=None,
+        template=None,
+        how: str = "mean",
+        coef: float = 1.0,
+    ) -> Scorer:
         folders, offsets = members(path)
         models = []
         for folder in folders:
@@ -144,9 +157,13 @@ class Scorer:
 
     @torch.no_grad()
     def score(
-        self, prompts: list, responses: list[str], desc: str = "score", refusals: bool = False,
+        self,
+        prompts: list,
+        responses: list[str],
+        desc: str = "score",
+        refusals: bool = False,
         spread: bool = False,
-    ):  # fmt: skip
+    ):
         """Rewards in the order given. With ``refusals``, a conversation the reward model's
         chat template refuses (e.g. turns that do not alternate) scores ``None`` instead of
         raising, for the caller to count and drop. With ``spread``, also the ensemble
@@ -162,9 +179,15 @@ class Scorer:
                 if not refusals:
                     raise
         if cut := sum(len(x) >= self.max_length for x in seqs.values()):  # the end unseen
-            log.warning("%s: %d of %d conversations reach reward.max_length=%d tokens and are "
-                        "scored on their first %d (a response's end unseen)", desc, cut,
-                        len(seqs), self.max_length, self.max_length)  # fmt: skip
+            log.warning(
+                "%s: %d of %d conversations reach reward.max_length=%d tokens and are "
+                "scored on their first %d (a response's end unseen)",
+                desc,
+                cut,
+                len(seqs),
+                self.max_length,
+                self.max_length,
+            )
         order = sorted(seqs, key=lambda i: len(seqs[i]))  # little padding
         out: list[float | None] = [None] * len(prompts)
         std: list[float | None] = [None] * len(prompts)

@@ -173,15 +173,29 @@ def settle(
         else:
             over = min(GRID if over is None else over, round(alpha * GRID))
         chosen, decision, tried = search(kl_at, limit, over, {alpha: own})
-        out.append({"sampled_at": alpha, "alpha": chosen, "decision": decision,
-                    "own_kl": round(own, 6), "own_upper": round(upper, 6),
-                    "limit": round(limit, 6),
-                    "tried": [{"alpha": a, "kl": round(k, 6)}
-                              for a, k in sorted(tried.items())]})  # fmt: skip
+        out.append(
+            {
+                "sampled_at": alpha,
+                "alpha": chosen,
+                "decision": decision,
+                "own_kl": round(own, 6),
+                "own_upper": round(upper, 6),
+                "limit": round(limit, 6),
+                "tried": [{"alpha": a, "kl": round(k, 6)} for a, k in sorted(tried.items())],
+            }
+        )
         said = ", ".join(f"{a:.3g}: {k:.3g}" for a, k in sorted(tried.items()))
-        log.info("constrain: KL under %.3g, on samples at α %.4g (their KL %.3g, upper end "
-                 "%.3g): α %.4g (%s; tried %s)", limit, alpha, own, upper, chosen, decision,
-                 said)  # fmt: skip
+        log.info(
+            "constrain: KL under %.3g, on samples at α %.4g (their KL %.3g, upper end "
+            "%.3g): α %.4g (%s; tried %s)",
+            limit,
+            alpha,
+            own,
+            upper,
+            chosen,
+            decision,
+            said,
+        )
         if decision != "constrained" or chosen == alpha:
             break
         alpha = chosen
@@ -204,8 +218,12 @@ def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) ->
         "policy": policy,
         "reference": reference,
     }
-    return Stage(paths.stage(i, "constrain"), "constrain", conf,
-                 inputs=[paths.stage(i, "update"), paths.heldout_dir])  # fmt: skip
+    return Stage(
+        paths.stage(i, "constrain"),
+        "constrain",
+        conf,
+        inputs=[paths.stage(i, "update"), paths.heldout_dir],
+    )
 
 
 KEYS = ("max_kl", "kl_target", "constrain_prompts")  # the handoff settings it reads
@@ -253,8 +271,15 @@ class _Search:
         with self.timer("sample_s"):
             put = lambda sampler: sampler.sync(model, self.tok, self.policy)  # noqa: E731
             seed = 1000 * (self.i + 1) + r
-            samples, _ = heldout.sample(self.cfg, self.tok, self.held, self.folder / f"samples_{r}",
-                                        seed, put, (self.i, "constrain"))  # fmt: skip
+            samples, _ = heldout.sample(
+                self.cfg,
+                self.tok,
+                self.held,
+                self.folder / f"samples_{r}",
+                seed,
+                put,
+                (self.i, "constrain"),
+            )
         prompts = [models.prompt_ids(self.tok, p) for p in samples["prompt"].to_pylist()]
         return prompts, samples["response_ids"].to_pylist(), samples["prompt_id"].to_pylist()
 
@@ -323,8 +348,10 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
     if rounds[0]["decision"] == "start over target" and policy != paths.base_policy:
         # the starting policy is over the target already: interpolate towards the initial
         # policy instead, from the update's policy as a whole model (an adapter merged)
-        log.info("constrain: the starting policy is over the KL target: towards the initial "
-                 "policy instead")  # fmt: skip
+        log.info(
+            "constrain: the starting policy is over the KL target: towards the initial "
+            "policy instead"
+        )
         with timer("load_s"):
             whole = model.merge_and_unload() if adapter else model
             initial = dict(models.load_policy(paths.base_policy, "float32", dev).named_parameters())

@@ -189,14 +189,18 @@ def scores(
                 [old[r.index[j]] for j in at],
                 desc=f"held-out {name} ({side})",
             )
-            prefs = dict(zip(at, asked, strict=True))  # fmt: skip
+            prefs = dict(zip(at, asked, strict=True))
         else:
             new, old = points["new"], points[side]
-            prefs = {j: winrate.preference(new[j], old[r.index[j]])
-                     for j in at if _ok(new[j]) and _ok(old[r.index[j]])}  # fmt: skip
+            prefs = {
+                j: winrate.preference(new[j], old[r.index[j]])
+                for j in at
+                if _ok(new[j]) and _ok(old[r.index[j]])
+            }
         ref_len = [len(x) for x in r.table["response"].to_pylist()]
-        pairs = [(p, new_len[j], ref_len[r.index[j]], prompt_ids[j])
-                 for j, p in prefs.items() if _ok(p)]  # fmt: skip
+        pairs = [
+            (p, new_len[j], ref_len[r.index[j]], prompt_ids[j]) for j, p in prefs.items() if _ok(p)
+        ]
         figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}  # by prompt
         if unjudged := sum(not _ok(p) for p in prefs.values()):  # a judge that never answered
             figs["unjudged"] = unjudged
@@ -209,8 +213,11 @@ def scores(
         for name, (_, points) in judges.items()
         if points is not None
     }
-    initial = figures if side == "init" else {n: versus(n, "init")[0] for n in ("reward", "gold")
-                                             if n in judges}  # fmt: skip
+    initial = (
+        figures
+        if side == "init"
+        else {n: versus(n, "init")[0] for n in ("reward", "gold") if n in judges}
+    )
     last = "prev" if "prev" in against else "ref" if ref.info["kind"] == "previous" else None
     before = versus("reward", last)[0] if last in against else initial["reward"]
     out["vs_previous"] = {
@@ -263,15 +270,21 @@ def _other_judges(cfg: Config, paths: Paths, tables: dict) -> dict[str, tuple]:
     scores of each table; None for a comparing judge, which is asked instead)."""
     out: dict[str, tuple] = {}
     if gold := rewards.of(cfg, "gold"):
-        out["gold"] = (gold, {t: gold.score(*_text(x), desc=f"held-out gold ({t})")
-                              for t, x in tables.items()})  # fmt: skip
+        out["gold"] = (
+            gold,
+            {t: gold.score(*_text(x), desc=f"held-out gold ({t})") for t, x in tables.items()},
+        )
     dev = models.device(str(cfg.device))
     for part in cfg.evaluate.judges:
         judge = rewards.of(cfg, "evaluator", device=dev, run=paths.run, part=part)
         name = rewards.source_name(part)
-        points = None if _compares(judge) else {
-            t: judge.score(*_text(x), desc=f"held-out {name} ({t})") for t, x in tables.items()
-        }  # fmt: skip
+        points = (
+            None
+            if _compares(judge)
+            else {
+                t: judge.score(*_text(x), desc=f"held-out {name} ({t})") for t, x in tables.items()
+            }
+        )
         out[name] = (judge, points)
     return out
 

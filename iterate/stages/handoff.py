@@ -69,8 +69,7 @@ def gate(cfg: Config, evaluation: dict) -> dict:
         if wr is None or wr < floor:
             was = "initial" if prev.get("iteration") is None else f"iteration {prev['iteration']}'s"
             shown = "none (not measured)" if wr is None else f"{wr:.3g} < {floor:.3g}"
-            failed.append(f"reward's win rate against the {was} policy {shown} "
-                          f"(1/2 - {tol:g} se)")  # fmt: skip
+            failed.append(f"reward's win rate against the {was} policy {shown} (1/2 - {tol:g} se)")
     if hc.max_length_ratio is not None:
         ratio = kl["length_ratio"] = evaluation.get("length_ratio")
         kl["max_length_ratio"] = hc.max_length_ratio
@@ -100,7 +99,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, evaluation: dict) -> dic
             paths.stage(i, "update"),
             *evaluate.constrained(cfg, paths, i),
             paths.stage(i, "evaluate"),
-        ],  # fmt: skip
+        ],
     )
     if stage.check(cfg.force):
         return stage.read_done()

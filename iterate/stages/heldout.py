@@ -48,12 +48,16 @@ def prompts(cfg: Config, paths: Paths) -> pa.Table:
         _, held, dropped, source, fields = sources.pools(cfg)
         if len(held) < cfg.prompts.heldout:  # every figure and gate rests on fewer: say so
             where = cfg.prompts.heldout_path or cfg.prompts.path or "the toy world"
-            log.warning("prompts.heldout=%d, but %s has %d held-out prompts (dropped: %s): the "
-                        "evaluation, its win rates and the handoff's gates rest on those",
-                        cfg.prompts.heldout, where, len(held), dict(dropped) or "none")  # fmt: skip
+            log.warning(
+                "prompts.heldout=%d, but %s has %d held-out prompts (dropped: %s): the "
+                "evaluation, its win rates and the handoff's gates rest on those",
+                cfg.prompts.heldout,
+                where,
+                len(held),
+                dict(dropped) or "none",
+            )
         write_shard(sources.table(held, fields), shard_path(stage.path, 0))
-        stage.finish(rows_out=len(held), dropped=dict(dropped), asked=cfg.prompts.heldout,
-                     **source)  # fmt: skip
+        stage.finish(rows_out=len(held), dropped=dict(dropped), asked=cfg.prompts.heldout, **source)
     return read_shards(stage.path)
 
 
@@ -64,9 +68,14 @@ def params(cfg: Config) -> sampling.Params:
 
 
 def sample(
-    cfg: Config, tok, heldout: pa.Table, out: Path, unit: int, put: Callable,
+    cfg: Config,
+    tok,
+    heldout: pa.Table,
+    out: Path,
+    unit: int,
+    put: Callable,
     stage: tuple[int, str] | None = None,
-) -> tuple[pa.Table, dict]:  # fmt: skip
+) -> tuple[pa.Table, dict]:
     """Samples of the held-out prompts as shards in ``out`` (resumable; a shard seeded from
     (seed, unit, shard)), from the policy ``put(sampler)`` gives the sampler; returns them
     and what was dropped. ``stage``: (iteration, stage) for the crash tests' kill points
@@ -152,10 +161,14 @@ def reference_conf(cfg: Config, paths: Paths, i: int) -> tuple[dict, list[Path]]
         j = started_from(paths, i)
         return {"kind": "previous"}, [paths.stage(j, "evaluate")] if j is not None else []
     p = Path(str(ref.path))
-    return {"kind": "file", "outputs": {
-        "sha256": file_sum(p) if p.is_file() else folder_sum(p),
-        "prompt_field": ref.prompt_field, "output_field": ref.output_field,
-    }}, []  # fmt: skip
+    return {
+        "kind": "file",
+        "outputs": {
+            "sha256": file_sum(p) if p.is_file() else folder_sum(p),
+            "prompt_field": ref.prompt_field,
+            "output_field": ref.output_field,
+        },
+    }, []
 
 
 def outputs(path: str, prompt_field: str, output_field: str) -> dict[str, tuple[str, str]]:
@@ -169,22 +182,28 @@ def outputs(path: str, prompt_field: str, output_field: str) -> dict[str, tuple[
     ds = read_rows(path, "evaluate.reference.path")
     for name, key in ((prompt_field, "prompt_field"), (output_field, "output_field")):
         if name not in ds.column_names:
-            raise BadInput(f"{path}: no field '{name}' (evaluate.reference.{key}; columns: "
-                           f"{', '.join(ds.column_names)})")  # fmt: skip
+            raise BadInput(
+                f"{path}: no field '{name}' (evaluate.reference.{key}; columns: "
+                f"{', '.join(ds.column_names)})"
+            )
     found: dict[str, tuple[str, str]] = {}
     row: dict[str, int] = {}
     for k, (p, out) in enumerate(zip(ds[prompt_field], ds[output_field], strict=True)):
         text = sources.prompt_text(p, f"{path}: row {k}", prompt_field) if p is not None else ""
         if not isinstance(out, str):
-            raise BadInput(f"{path}: row {k}: field '{output_field}': expected the reference "
-                           f"output as text, got {type(out).__name__}")  # fmt: skip
+            raise BadInput(
+                f"{path}: row {k}: field '{output_field}': expected the reference "
+                f"output as text, got {type(out).__name__}"
+            )
         if not text:
             continue
         i = prompt_id(text)
         if i in found and found[i][1] != out:
-            raise BadInput(f"{path}: rows {row[i]} and {k} give different outputs "
-                           f"('{output_field}') for one prompt ({text[:60]!r}): keep "
-                           "one")  # fmt: skip
+            raise BadInput(
+                f"{path}: rows {row[i]} and {k} give different outputs "
+                f"('{output_field}') for one prompt ({text[:60]!r}): keep "
+                "one"
+            )
         found.setdefault(i, (text, out))
         row.setdefault(i, k)
     return found
@@ -202,10 +221,12 @@ def check_reference(cfg: Config, paths: Paths) -> None:
     found = outputs(str(ref.path), ref.prompt_field, ref.output_field)
     have = ids & found.keys()
     if not have:
-        raise BadInput(f"evaluate.reference.path={ref.path}: none of its {len(found)} prompts "
-                       f"('{ref.prompt_field}') is one of the {len(ids)} held-out prompts: "
-                       "give the reference outputs of the held-out prompts "
-                       "(prompts.heldout_path)")  # fmt: skip
+        raise BadInput(
+            f"evaluate.reference.path={ref.path}: none of its {len(found)} prompts "
+            f"('{ref.prompt_field}') is one of the {len(ids)} held-out prompts: "
+            "give the reference outputs of the held-out prompts "
+            "(prompts.heldout_path)"
+        )
     if len(have) < len(ids):
         log.warning(
             "evaluate.reference.path=%s has outputs for %d of the %d held-out prompts: "
@@ -241,11 +262,17 @@ def reference(cfg: Config, paths: Paths, i: int, samples: pa.Table) -> Reference
     found = outputs(str(ref.path), ref.prompt_field, ref.output_field)
     have = sorted({p for p in ids if p in found})
     row = {p: j for j, p in enumerate(have)}
-    table = pa.table({"prompt": [found[p][0] for p in have],
-                      "response": [found[p][1] for p in have]})  # fmt: skip
+    table = pa.table(
+        {"prompt": [found[p][0] for p in have], "response": [found[p][1] for p in have]}
+    )
     missing = {p for p in ids if p not in row}
     if missing:
-        log.warning("evaluate: %d of %d held-out prompts have no reference output in %s: "
-                    "left out of the win rates", len(missing), len(set(ids)), ref.path)  # fmt: skip
+        log.warning(
+            "evaluate: %d of %d held-out prompts have no reference output in %s: "
+            "left out of the win rates",
+            len(missing),
+            len(set(ids)),
+            ref.path,
+        )
     info = {"kind": kind, "prompts": len(have), "unreferenced": len(missing)}
     return Reference(table, [row.get(p) for p in ids], info)

@@ -40,9 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def label_table(
-    gen: pa.Table, rewards: list[float], gold: list | None = None, spread: list | None = None,
-    parts: dict[str, list] | None = None, unscored: str = "non_finite_reward",
-) -> tuple[pa.Table, Counter]:  # fmt: skip
+    gen: pa.Table,
+    rewards: list[float],
+    gold: list | None = None,
+    spread: list | None = None,
+    parts: dict[str, list] | None = None,
+    unscored: str = "non_finite_reward",
+) -> tuple[pa.Table, Counter]:
     """The label rows of generate shard ``gen`` given its rewards (and the gold judge's
     scores, an ensemble's disagreement, a mixture's sources' rewards in columns
     ``source_<name>``); rows without a finite reward dropped, counted by reason
@@ -77,8 +81,9 @@ def gold_agreement(labels: pa.Table, column: str) -> float | None:
     """How often ``column`` orders two samples of a prompt as the gold judge does, over the
     pairs the gold judge tells apart (None without gold scores)."""
     by_prompt: dict[str, list] = {}
-    for pid, v, g in zip(labels["prompt_id"].to_pylist(), labels[column].to_pylist(),
-                         labels["gold"].to_pylist()):  # fmt: skip
+    for pid, v, g in zip(
+        labels["prompt_id"].to_pylist(), labels[column].to_pylist(), labels["gold"].to_pylist()
+    ):
         if g is not None and v is not None:
             by_prompt.setdefault(pid, []).append((v, g))
     agree = total = 0
@@ -119,14 +124,17 @@ def judgement_table(gen: pa.Table, said: list) -> pa.Table:
     second (-1: none, a score), the attempt, the text and what it parsed to (null: nothing;
     compare: 1 when the sample shown first won, 0 when the second did, 0.5 a tie)."""
     ids, idx = gen["prompt_id"].to_pylist(), gen["sample_idx"].to_pylist()
-    return pa.table({
-        "prompt_id": [ids[j.first] for j in said],
-        "first_idx": [idx[j.first] for j in said],
-        "second_idx": [idx[j.second] if j.second >= 0 else -1 for j in said],
-        "attempt": [j.attempt for j in said],
-        "text": [j.text for j in said],
-        "verdict": [j.verdict for j in said],
-    }, schema=SCHEMAS["judgement"])  # fmt: skip
+    return pa.table(
+        {
+            "prompt_id": [ids[j.first] for j in said],
+            "first_idx": [idx[j.first] for j in said],
+            "second_idx": [idx[j.second] if j.second >= 0 else -1 for j in said],
+            "attempt": [j.attempt for j in said],
+            "text": [j.text for j in said],
+            "verdict": [j.verdict for j in said],
+        },
+        schema=SCHEMAS["judgement"],
+    )
 
 
 def judge_stats(folder: Path) -> dict:
@@ -135,8 +143,12 @@ def judge_stats(folder: Path) -> dict:
     t = read_shards(folder, SCHEMAS["judgement"])
     first = [v for a, v in zip(t["attempt"].to_pylist(), t["verdict"].to_pylist()) if a == 0]
     last: dict[tuple, float | None] = {}  # each question's final answer
-    for q in zip(t["prompt_id"].to_pylist(), t["first_idx"].to_pylist(),
-                 t["second_idx"].to_pylist(), t["verdict"].to_pylist()):  # fmt: skip
+    for q in zip(
+        t["prompt_id"].to_pylist(),
+        t["first_idx"].to_pylist(),
+        t["second_idx"].to_pylist(),
+        t["verdict"].to_pylist(),
+    ):
         last[q[:3]] = q[3]
     unjudged = sum(v is None for v in last.values())
     return {
@@ -176,8 +188,9 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
                 "unjudged" if scored.judgements else "non_finite_reward",
             )
             if scored.judgements:  # before the label shard: its existence is the shard's end
-                write_shard(judgement_table(gen, scored.judgements),
-                            shard_path(stage.path / JUDGEMENTS, k))  # fmt: skip
+                write_shard(
+                    judgement_table(gen, scored.judgements), shard_path(stage.path / JUDGEMENTS, k)
+                )
             write_shard(table, shard_path(stage.path, k))
             _save_counts(stage.path, k, d)  # after the shard: a crash between rewrites both
             faults.point(i, "label", k + 1)

@@ -135,8 +135,11 @@ def run(cfg: Config, paths: Paths, i: int) -> dict:
         prompts_in += int(df["prompt_id"].nunique())
         rows_out += len(out)
         best_rewards += df.groupby("prompt_id", sort=False)["reward"].max().dropna().tolist()
-        margins += [o["chosen_reward"] - o["rejected_reward"] for o in out
-                    if o["rejected_reward"] is not None]  # fmt: skip
+        margins += [
+            o["chosen_reward"] - o["rejected_reward"]
+            for o in out
+            if o["rejected_reward"] is not None
+        ]
         bar.update(1)
     bar.close()
     return stage.finish(

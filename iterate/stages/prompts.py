@@ -83,8 +83,10 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
         from iterate.toy import world
 
         if unknown := [n for n in names if n not in TOY_FIELDS]:
-            raise BadInput(f"prompts.fields: the toy world's prompts have no field "
-                           f"{unknown[0]!r} (they have {', '.join(TOY_FIELDS)})")  # fmt: skip
+            raise BadInput(
+                f"prompts.fields: the toy world's prompts have no field "
+                f"{unknown[0]!r} (they have {', '.join(TOY_FIELDS)})"
+            )
         train_items, heldout_items = world.split(cfg.toy.heldout_fraction)
         row = lambda i: (i.prompt, {n: getattr(i, n) for n in names})  # noqa: E731
         train, heldout = [row(i) for i in train_items], [row(i) for i in heldout_items]
@@ -103,18 +105,21 @@ def _rows(cfg: Config) -> tuple[list[Row], list[Row], Counter]:
             raise FileNotFoundError(f"prompts.heldout_path: no such file: {pc.heldout_path}")
         field = pc.heldout_field or pc.field
         key = "prompts.heldout_field" if pc.heldout_field else "prompts.field"
-        heldout = read(pc.heldout_path, pc.heldout_path, field, names, dropped, key,
-                       "prompts.heldout_path")  # fmt: skip
+        heldout = read(
+            pc.heldout_path, pc.heldout_path, field, names, dropped, key, "prompts.heldout_path"
+        )
         if pc.source == "toy":  # its gold judge and answer check, which evaluate, know its own
             from iterate.toy import world
 
             other = next((t for t, _ in heldout if world.parse(t) is None), None)
             if other is not None:
-                raise BadInput(f"prompts.heldout_path={pc.heldout_path}: {other[:80]!r} is not "
-                               "a toy-world prompt, and with prompts.source=toy the evaluation's "
-                               "gold judge (iterate.toy.world) scores only those: leave "
-                               "prompts.heldout_path unset, or load the training prompts too "
-                               "(prompts.source=file) with a reward for them")  # fmt: skip
+                raise BadInput(
+                    f"prompts.heldout_path={pc.heldout_path}: {other[:80]!r} is not "
+                    "a toy-world prompt, and with prompts.source=toy the evaluation's "
+                    "gold judge (iterate.toy.world) scores only those: leave "
+                    "prompts.heldout_path unset, or load the training prompts too "
+                    "(prompts.source=file) with a reward for them"
+                )
     return train, heldout, dropped
 
 
@@ -136,8 +141,9 @@ def read(
         ds = read_rows(ds, setting)
     for name, said in ((field, key), *((n, "prompts.fields") for n in names)):
         if name not in ds.column_names:
-            raise BadInput(f"{where}: no field '{name}' ({said}; columns: "
-                           f"{', '.join(ds.column_names)})")  # fmt: skip
+            raise BadInput(
+                f"{where}: no field '{name}' ({said}; columns: {', '.join(ds.column_names)})"
+            )
     extra = {n: ds[n] for n in names}
     rows, missing = [], []
     for i, value in enumerate(ds[field]):
@@ -153,8 +159,15 @@ def read(
         dropped["no_prompt"] += len(missing)
         if not rows:
             raise BadInput(f"{where}: no row has a prompt in field '{field}' ({key})")
-        log.warning("%s: %d rows have no field '%s' (%s), the first row %d: dropped and "
-                    "counted (no_prompt)", where, len(missing), field, key, missing[0])  # fmt: skip
+        log.warning(
+            "%s: %d rows have no field '%s' (%s), the first row %d: dropped and "
+            "counted (no_prompt)",
+            where,
+            len(missing),
+            field,
+            key,
+            missing[0],
+        )
     return rows
 
 
@@ -252,8 +265,15 @@ def config(cfg: Config) -> dict:
 # what decides the held-out draw: the source and how many (not each iteration's share, nor
 # the synthetic prompts' settings, so the smaller share a shortfall asks for is accepted)
 DRAW = (
-    "source", "path", "split", "field", "fields", "heldout", "heldout_path", "heldout_field",
-)  # fmt: skip
+    "source",
+    "path",
+    "split",
+    "field",
+    "fields",
+    "heldout",
+    "heldout_path",
+    "heldout_field",
+)
 
 
 def heldout_config(cfg: Config) -> dict:
@@ -344,8 +364,12 @@ def _slice(
         log.info(
             "prompts: the source changed since the held-out set was drawn (now %d prompts); "
             "the held-out set and iterations 0..%d keep their prompts, iteration %d draws "
-            "from the %d not used yet", source["source_prompts"], i - 1, i, len(fresh),
-        )  # fmt: skip
+            "from the %d not used yet",
+            source["source_prompts"],
+            i - 1,
+            i,
+            len(fresh),
+        )
     return fresh[:k], {"unused": len(fresh) - k}
 
 
@@ -373,6 +397,10 @@ def _synthetic(
         known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
     writer = generator(cfg, policy)
     chunk, info = synthetic.write(cfg, i, writer, train, synthetic.Known(known), passed)
-    log.info("prompts (self_instruct): %d of %d candidates kept; dropped %s", len(chunk),
-             info["candidates"], info["dropped"])  # fmt: skip
+    log.info(
+        "prompts (self_instruct): %d of %d candidates kept; dropped %s",
+        len(chunk),
+        info["candidates"],
+        info["dropped"],
+    )
     return chunk, {"synthetic": info}

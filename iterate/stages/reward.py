@@ -71,10 +71,14 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
             [x for p in got for x in (p.chosen, p.rejected)],
         )
         rows = [
-            {"prompt": json.dumps(p.messages), "chosen": p.chosen,
-             "rejected": p.rejected, "rm_agreed": r[2 * k] > r[2 * k + 1]}
+            {
+                "prompt": json.dumps(p.messages),
+                "chosen": p.chosen,
+                "rejected": p.rejected,
+                "rm_agreed": r[2 * k] > r[2 * k + 1],
+            }
             for k, p in enumerate(got)
-        ]  # fmt: skip
+        ]
         return rows[: fc.pairs], dropped
     columns = ["prompt_id", "sample_idx", "prompt", "response"]  # not the token ids
     gen = read_shards(paths.stage(i, "generate"), SCHEMAS["generate"], columns).to_pandas()
@@ -93,8 +97,11 @@ def judged_pairs(cfg: Config, paths: Paths, i: int, rm_path: str) -> tuple[list[
         a, b = (g.iloc[k] for k in pick)  # a: the reward model's choice
         picked.append((a["prompt"], a["response"], b["response"]))
     judge = rewards.of(cfg, "judge", device=models.device(str(cfg.device)))
-    scores = judge.score([p for p, _, _ in picked for _ in (0, 1)],
-                         [x for _, a, b in picked for x in (a, b)], desc="judge")  # fmt: skip
+    scores = judge.score(
+        [p for p, _, _ in picked for _ in (0, 1)],
+        [x for _, a, b in picked for x in (a, b)],
+        desc="judge",
+    )
     rows = []
     for k, (prompt, a, b) in enumerate(picked):
         sa, sb = scores[2 * k], scores[2 * k + 1]
@@ -135,7 +142,7 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
             k: v
             for k, v in plain(rc).items()
             if k in ("lora", "batch_size", "grad_accum", "lr", "ensemble")
-        },  # fmt: skip
+        },
         "seed": cfg.seed,
     }
     inputs = [paths.stage(i, "generate"), *ranker(cfg, rm_path).inputs()]
@@ -153,13 +160,22 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     new = as_pairs(rows)
     before = sum(r["rm_agreed"] for r in rows) / max(1, len(rows))
     if len(new) < 2:  # nothing to learn from: the reward model stays as it is
-        log.warning("reward refresh %d: %d judged pairs (%s): the reward model is kept",
-                    i, len(new), dropped)  # fmt: skip
+        log.warning(
+            "reward refresh %d: %d judged pairs (%s): the reward model is kept",
+            i,
+            len(new),
+            dropped,
+        )
         return stage.finish(
-            reward_model=rm_path, judged_pairs=len(rows), dropped=dropped, replayed_pairs=0,
-            rm_agreement_before=round(before, 4), judged_heldout_accuracy_before=None,
-            judged_heldout_accuracy_after=None, steps=0,
-        )  # fmt: skip
+            reward_model=rm_path,
+            judged_pairs=len(rows),
+            dropped=dropped,
+            replayed_pairs=0,
+            rm_agreement_before=round(before, 4),
+            judged_heldout_accuracy_before=None,
+            judged_heldout_accuracy_after=None,
+            steps=0,
+        )
     held_n = max(1, len(new) // 5)  # a fifth kept apart: the refreshed model's accuracy on them
     train_new, held_new = new[held_n:], new[:held_n]
     pool = replay_pool(cfg, paths, i)
@@ -167,21 +183,35 @@ def run(cfg: Config, paths: Paths, i: int, rm_path: str) -> dict:
     replay = rng.sample(pool, min(len(pool), round(fc.replay * len(train_new))))
     starts, _ = members(rm_path)
     fitted = fit_members(
-        rc, starts, paths.refreshed_reward_model(i), train_new + replay, held_new,
-        cfg.seed + 7919 * (i + 1), fc.epochs, fc.lr or rc.lr, False, (i, "reward_member"),
-    )  # fmt: skip
+        rc,
+        starts,
+        paths.refreshed_reward_model(i),
+        train_new + replay,
+        held_new,
+        cfg.seed + 7919 * (i + 1),
+        fc.epochs,
+        fc.lr or rc.lr,
+        False,
+        (i, "reward_member"),
+    )
     # the old model's accuracy on the kept fifth: it agreed with the judge or it did not
     held_before = sum(r["rm_agreed"] for r in rows[:held_n]) / held_n
     done = stage.finish(
         reward_model=str(paths.refreshed_reward_model(i)),
-        judged_pairs=len(rows), dropped=dropped, replayed_pairs=len(replay),
+        judged_pairs=len(rows),
+        dropped=dropped,
+        replayed_pairs=len(replay),
         rm_agreement_before=round(before, 4),
         judged_heldout_accuracy_before=round(held_before, 4),
         judged_heldout_accuracy_after=fitted["heldout_accuracy"],
         steps=fitted["steps"],
-    )  # fmt: skip
+    )
     log.info(
         "reward refresh %d: %d judged pairs (reward model agreed on %.2f), held-out %.2f -> %.2f",
-        i, len(rows), before, held_before, fitted["heldout_accuracy"],
-    )  # fmt: skip
+        i,
+        len(rows),
+        before,
+        held_before,
+        fitted["heldout_accuracy"],
+    )
     return done

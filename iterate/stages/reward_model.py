@@ -77,8 +77,9 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
 
     rc, gc, dropped = cfg.reward, cfg.generate, Counter()
     names = list(cfg.prompts.fields)
-    rows = sources.read(rc.prompts, rc.prompts, cfg.prompts.field, names, dropped,
-                        setting="reward.prompts")[: rc.num_pairs]  # fmt: skip
+    rows = sources.read(
+        rc.prompts, rc.prompts, cfg.prompts.field, names, dropped, setting="reward.prompts"
+    )[: rc.num_pairs]
     first = shard_path(paths.reward_model_prompts, 0)
     if not first.exists():  # (a finished stage's file is never written again: a refresh reads it)
         fields = {sources.prompt_id(t): f for t, f in rows} if names else None
@@ -89,14 +90,22 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
         tok, table, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     dropped += too_long
-    params = sampling.Params(n=rc.samples, temperature=gc.temperature, top_p=gc.top_p,
-                             max_tokens=gc.max_tokens)  # fmt: skip
+    params = sampling.Params(
+        n=rc.samples, temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens
+    )
     out = paths.reward_model_samples
     if todo := sampling.missing(shards, out):
         with sampling.session(cfg) as sampler:
             sampler.load(base)
-            sampling.write_shards(sampler, todo, params, lambda k: seeds.derive("rm", cfg.seed, k),
-                                  out, (-1, "reward_model"), "reward-model samples")  # fmt: skip
+            sampling.write_shards(
+                sampler,
+                todo,
+                params,
+                lambda k: seeds.derive("rm", cfg.seed, k),
+                out,
+                (-1, "reward_model"),
+                "reward-model samples",
+            )
     samples = read_shards(out)
     label = labeller(cfg, paths)
     texts, responses = samples["prompt"].to_pylist(), samples["response"].to_pylist()
@@ -118,10 +127,14 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
 def labeller(cfg: Config, paths: Paths) -> rewards.FunctionReward:
     """``reward.label_function``: what scores the initial policy's samples (``source=policy``)."""
     rc = cfg.reward
-    return rewards.FunctionReward(rc.label_function, rc.score_batch_size,
-                                  tuple(cfg.prompts.fields), str(paths.run),
-                                  key="reward.label_function",
-                                  timeout_s=rc.function_timeout_s)  # fmt: skip
+    return rewards.FunctionReward(
+        rc.label_function,
+        rc.score_batch_size,
+        tuple(cfg.prompts.fields),
+        str(paths.run),
+        key="reward.label_function",
+        timeout_s=rc.function_timeout_s,
+    )
 
 
 def split(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
@@ -142,9 +155,11 @@ def build_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], list[
         pairs, dropped = policy_pairs(cfg, paths, base)
         info.update(dropped=dict(dropped), pairs=len(pairs))
         if len(pairs) < 2:
-            raise BadInput(f"reward.source=policy: {len(pairs)} pairs from {rc.prompts} after "
-                           f"dropping {dict(dropped)}: sample more (reward.num_pairs, "
-                           "reward.samples)")  # fmt: skip
+            raise BadInput(
+                f"reward.source=policy: {len(pairs)} pairs from {rc.prompts} after "
+                f"dropping {dict(dropped)}: sample more (reward.num_pairs, "
+                "reward.samples)"
+            )
         return (*split(pairs, rc.heldout_fraction), info)
     if rc.source == "toy":
         train_ins, heldout_ins = world.split(cfg.toy.heldout_fraction)
@@ -186,11 +201,19 @@ def pairwise_accuracy(scorer: pairwise.PairwiseScorer, pairs: list[Pair]) -> dic
     """A pairwise model on pairs: the share it prefers the chosen response (both orders
     averaged), the mean cross-entropy of that preference, and the preferences."""
     scorer.model.eval()
-    p = scorer.prefer([x.messages for x in pairs], [x.chosen for x in pairs],
-                      [x.rejected for x in pairs], "pairwise eval")  # fmt: skip
+    p = scorer.prefer(
+        [x.messages for x in pairs],
+        [x.chosen for x in pairs],
+        [x.rejected for x in pairs],
+        "pairwise eval",
+    )
     loss = [-math.log(max(v, 1e-12)) for v in p]
-    return {"accuracy": sum(v > 0.5 for v in p) / len(p), "loss": sum(loss) / len(p),
-            "mean": 0.0, "rewards": p}  # fmt: skip
+    return {
+        "accuracy": sum(v > 0.5 for v in p) / len(p),
+        "loss": sum(loss) / len(p),
+        "mean": 0.0,
+        "rewards": p,
+    }
 
 
 def accuracy(scorer: Scorer, pairs: list[Pair]) -> dict:
@@ -229,11 +252,18 @@ def encode_pairs(
         try:
             if pair is not None:
                 c, r = p.chosen, p.rejected
-                enc.append(tuple(pairwise.encode(tokenizer, pair, p.messages, max_length, a=x, b=y)
-                                 for x, y in ((c, r), (r, c))))  # fmt: skip
+                enc.append(
+                    tuple(
+                        pairwise.encode(tokenizer, pair, p.messages, max_length, a=x, b=y)
+                        for x, y in ((c, r), (r, c))
+                    )
+                )
             else:
-                enc.append(tuple(encode(tokenizer, p.messages, r, max_length)
-                                 for r in (p.chosen, p.rejected)))  # fmt: skip
+                enc.append(
+                    tuple(
+                        encode(tokenizer, p.messages, r, max_length) for r in (p.chosen, p.rejected)
+                    )
+                )
             kept.append(p)
         except TemplateError as e:
             dropped["template_refused"] += 1
@@ -258,8 +288,17 @@ def bradley_terry(model, batch: list, pad_id: int):
     return losses.bradley_terry(r[:n], r[n:]), (r[:n] > r[n:]).float()
 
 
-def fit(model, pad_id: int, enc: list, rc: RewardConfig, epochs: int, lr: float, seed: int,
-        desc: str = "reward model", objective=bradley_terry) -> list[dict]:  # fmt: skip
+def fit(
+    model,
+    pad_id: int,
+    enc: list,
+    rc: RewardConfig,
+    epochs: int,
+    lr: float,
+    seed: int,
+    desc: str = "reward model",
+    objective=bradley_terry,
+) -> list[dict]:
     """The reward model's training loop over encoded pairs ``enc``: the Bradley–Terry loss
     (``-logsigmoid(r_chosen - r_rejected)``; or ``objective(model, batch, pad_id)`` -> (per
     pair, correct per pair): a pairwise model's ``pairwise.pair_loss``), AdamW, linear
@@ -314,9 +353,18 @@ def bootstrap(n: int, seed: int) -> list[int]:
 
 
 def _fit_member(
-    rc: RewardConfig, start: str, folder: Path, enc: list, heldout: list[Pair], seed: int,
-    epochs: int, lr: float, new_head: bool, name: str, pair: str | None = None,
-) -> dict:  # fmt: skip
+    rc: RewardConfig,
+    start: str,
+    folder: Path,
+    enc: list,
+    heldout: list[Pair],
+    seed: int,
+    epochs: int,
+    lr: float,
+    new_head: bool,
+    name: str,
+    pair: str | None = None,
+) -> dict:
     """Train one reward model (with ``pair``, a pairwise model) from ``start`` on ``enc``,
     measure it on ``heldout``, save it (merged) as ``folder`` with its report in
     ``member.json``, written before the rename into place: a folder with it is complete.
@@ -324,8 +372,11 @@ def _fit_member(
     model, tok = _new_model(rc, start, seed, new_head, pair)
     if pair is not None:
         scorer = pairwise.PairwiseScorer(model, tok, rc.max_length, rc.score_batch_size, pair)
-        objective = partial(pairwise.pair_loss, answers=scorer.answers,
-                            whole_vocab=rewards.kind(rc.kind).whole_vocab)  # fmt: skip
+        objective = partial(
+            pairwise.pair_loss,
+            answers=scorer.answers,
+            whole_vocab=rewards.kind(rc.kind).whole_vocab,
+        )
         rows = fit(model, tok.pad_token_id, enc, rc, epochs, lr, seed, name, objective)
         held = pairwise_accuracy(scorer, heldout)
     else:
@@ -335,12 +386,15 @@ def _fit_member(
     if rc.lora.enabled:
         model = model.merge_and_unload()
     report = {
-        "steps": len(rows), "heldout_accuracy": round(held["accuracy"], 4),
-        "heldout_loss": round(held["loss"], 4), "offset": held["mean"],
+        "steps": len(rows),
+        "heldout_accuracy": round(held["accuracy"], 4),
+        "heldout_loss": round(held["loss"], 4),
+        "offset": held["mean"],
         "heldout_rewards": held["rewards"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": trainable, "log": rows,
-    }  # fmt: skip
+        "trainable_parameters": trainable,
+        "log": rows,
+    }
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -352,10 +406,18 @@ def _fit_member(
 
 
 def fit_members(
-    rc: RewardConfig, starts: list[str], out: Path, pairs: list[Pair], heldout: list[Pair],
-    seed: int, epochs: int, lr: float, new_head: bool,
-    stage: tuple[int, str] = (-1, "reward_model"), pair: str | None = None,
-) -> dict:  # fmt: skip
+    rc: RewardConfig,
+    starts: list[str],
+    out: Path,
+    pairs: list[Pair],
+    heldout: list[Pair],
+    seed: int,
+    epochs: int,
+    lr: float,
+    new_head: bool,
+    stage: tuple[int, str] = (-1, "reward_model"),
+    pair: str | None = None,
+) -> dict:
     """Train one reward model per start into ``out``: member j from ``starts[j]``, on a
     bootstrap sample of ``pairs`` (all of them for one model), with its own seed. One model
     is saved as ``out`` itself; an ensemble as ``out/member_j`` and ``out/ensemble.json``
@@ -394,8 +456,10 @@ def fit_members(
         mean = aggregate(r, "mean")
         held = round((mean[0::2] > mean[1::2]).float().mean().item(), 4)
     drop = ("log", "heldout_rewards")
-    summaries = [{"member": j, **{n: v for n, v in r.items() if n not in drop}}
-                 for j, r in enumerate(reports)]  # fmt: skip
+    summaries = [
+        {"member": j, **{n: v for n, v in r.items() if n not in drop}}
+        for j, r in enumerate(reports)
+    ]
     return {
         "heldout_accuracy": held,
         "members": summaries if k > 1 else [],
@@ -403,10 +467,11 @@ def fit_members(
         "steps": sum(r["steps"] for r in reports),
         "parameters": reports[0]["parameters"],
         "trainable_parameters": reports[0]["trainable_parameters"],
-        "train_pairs": len(pairs), "heldout_pairs": len(heldout),
+        "train_pairs": len(pairs),
+        "heldout_pairs": len(heldout),
         "refused": dict(refused + refused_held),
         "log": [{"member": j, **row} for j, r in enumerate(reports) for row in r["log"]],
-    }  # fmt: skip
+    }
 
 
 def train(cfg: Config, paths: Paths) -> dict:
@@ -433,23 +498,36 @@ def train(cfg: Config, paths: Paths) -> dict:
     train_pairs, heldout, info = build_pairs(cfg, paths, base)
     out = paths.trained_reward_model
     fitted = fit_members(
-        rc, [base] * rc.ensemble, out, train_pairs, heldout, cfg.seed, rc.epochs, rc.lr, True,
+        rc,
+        [base] * rc.ensemble,
+        out,
+        train_pairs,
+        heldout,
+        cfg.seed,
+        rc.epochs,
+        rc.lr,
+        True,
         pair=pair,
-    )  # fmt: skip
+    )
     info["dropped"] = dict(Counter(info.get("dropped", {})) + Counter(fitted.pop("refused")))
     rows = fitted.pop("log")
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     (paths.reward_model_dir / TRAIN_LOG).write_text(lines)
     last = [r["loss"] for r in rows[-10:]]
     done = stage.finish(
-        **info, base=str(base), **fitted,
+        **info,
+        base=str(base),
+        **fitted,
         loss_curve=[r["loss"] for r in rows[:: max(1, len(rows) // 50)]],
         final_train_loss=round(sum(last) / max(1, len(last)), 4),
-    )  # fmt: skip
+    )
     log.info(
         "reward model: %d train / %d held-out pairs, held-out accuracy %.3f, %.0fs",
-        done["train_pairs"], done["heldout_pairs"], done["heldout_accuracy"], done["seconds"],
-    )  # fmt: skip
+        done["train_pairs"],
+        done["heldout_pairs"],
+        done["heldout_accuracy"],
+        done["seconds"],
+    )
     if cache is not None and not cache.exists():  # for the next run with this config
         write_folder(cache, lambda tmp: _copy(stage.path, tmp))  # another run's is kept
     return done

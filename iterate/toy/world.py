@@ -170,8 +170,12 @@ def _wider() -> list[Instruction]:
     texts += [f"What is {a} minus {b}?" for a in range(13) for b in range(a + 1)]
     texts += [f"Count from {a} to {a + n - 1}." for a in range(31, 56) for n in range(3, 7)]
     texts += [f"{verb} 6 {cat}." for cat in CATEGORIES for verb in ("Name", "List")]
-    texts += [f"Repeat {w} {k} times." for items in CATEGORIES.values() for w in items[4:]
-              for k in range(2, 6)]  # fmt: skip
+    texts += [
+        f"Repeat {w} {k} times."
+        for items in CATEGORIES.values()
+        for w in items[4:]
+        for k in range(2, 6)
+    ]
     return [parse(t) for t in texts if t not in _BY_PROMPT]
 
 
@@ -279,10 +283,14 @@ def reference_outputs(fraction: float = 0.2) -> list[dict]:
     rng = random.Random(0)
     pick = lambda: rng.choices(list(LENGTHS), weights=list(LENGTHS.values()))[0]  # noqa: E731
     return [
-        {"instruction": i.prompt, "output": respond(i, True, "neutral", pick(), rng),
-         "generator": REFERENCE, "dataset": f"toy_{i.family}"}
+        {
+            "instruction": i.prompt,
+            "output": respond(i, True, "neutral", pick(), rng),
+            "generator": REFERENCE,
+            "dataset": f"toy_{i.family}",
+        }
         for i in split(fraction)[1]
-    ]  # fmt: skip
+    ]
 
 
 def sample_response(ins: Instruction, rng: random.Random) -> tuple[str, str]:

@@ -221,14 +221,18 @@ def no_pairs(paths: Paths, i: int) -> str:
     each), or it scored a prompt's samples alike (ties)."""
     label = read_json(paths.stage(i, "label") / DONE, {})
     if label.get("rows_in") and not label.get("rows_out"):
-        return (f"{paths.stage(i, 'label')}: the reward scored none of the {label['rows_in']} "
-                f"responses (dropped: {label.get('dropped')}): a reward of inf, NaN or None "
-                "for every response has nothing to learn from; check reward.function or "
-                "reward.sources")  # fmt: skip
+        return (
+            f"{paths.stage(i, 'label')}: the reward scored none of the {label['rows_in']} "
+            f"responses (dropped: {label.get('dropped')}): a reward of inf, NaN or None "
+            "for every response has nothing to learn from; check reward.function or "
+            "reward.sources"
+        )
     dropped = read_json(paths.stage(i, "pairs") / DONE, {}).get("dropped", {})
-    return (f"{paths.stage(i, 'pairs')}: no pairs to train on (dropped: {dropped}); when the "
-            "reward scores a prompt's samples alike (tie), more samples (generate.n) or a "
-            "reward that tells them apart gives pairs")  # fmt: skip
+    return (
+        f"{paths.stage(i, 'pairs')}: no pairs to train on (dropped: {dropped}); when the "
+        "reward scores a prompt's samples alike (tie), more samples (generate.n) or a "
+        "reward that tells them apart gives pairs"
+    )
 
 
 def run_rule(

@@ -156,12 +156,19 @@ def _free_port() -> int:
 def command(cfg: Config, spec: Path) -> list[str]:
     uc = cfg.update
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(config_file(str(uc.strategy))),
-        "--num_processes", str(uc.num_processes),
-        "--main_process_port", str(_free_port()),
-        "--module", "iterate.stages.update.launch", str(spec),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file(str(uc.strategy))),
+        "--num_processes",
+        str(uc.num_processes),
+        "--main_process_port",
+        str(_free_port()),
+        "--module",
+        "iterate.stages.update.launch",
+        str(spec),
+    ]
 
 
 def launch(cfg: Config, paths, i: int, policy: str, reference: str, stage) -> dict:

@@ -46,8 +46,9 @@ def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:
     scores = scores.clamp(-uc.reward_clip, uc.reward_clip)
     if uc.overlong_buffer:  # DAPO: a soft penalty on responses near or at the length limit
         lengths = torch.tensor([len(e.chosen) for e in examples])
-        scores = scores + losses.overlong_penalty(lengths, ctx.cfg.generate.max_tokens,
-                                                  uc.overlong_buffer)  # fmt: skip
+        scores = scores + losses.overlong_penalty(
+            lengths, ctx.cfg.generate.max_tokens, uc.overlong_buffer
+        )
     # per token, for rloo and reinforce_pp (none without a KL term: kl_coef 0, no reference)
     kl = [e.rollout.get("kl", torch.zeros(len(e.chosen))) for e in examples]
     if how == "returns":  # whitened over the tokens in the loss (mask_truncated leaves some out)
@@ -117,8 +118,9 @@ def rollout_groups(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Exam
     for name, k in count.items():
         ctx.counts[name] = ctx.counts.get(name, 0) + k
     for e in kept:  # with mask_truncated, a cut response teaches nothing (DAPO)
-        e.rollout.update(count, short_groups=max(0, short),
-                         in_loss=e.rollout["stop"] or not uc.mask_truncated)  # fmt: skip
+        e.rollout.update(
+            count, short_groups=max(0, short), in_loss=e.rollout["stop"] or not uc.mask_truncated
+        )
     return kept
 
 
@@ -156,8 +158,11 @@ def loss(ctx: rl.Context, model, mb: list[Example]) -> tuple[torch.Tensor, dict]
     adv = rl.grid([e.rollout["advantages"] for e in mb], resp)
     has_old = "old_logps" in mb[0].rollout
     old = rl.grid([e.rollout["old_logps"] for e in mb], resp) if has_old else logps.detach()
-    ref = rl.grid([e.rollout["ref_logps"] for e in mb], resp) if "ref_logps" in mb[0].rollout \
-        else None  # fmt: skip
+    ref = (
+        rl.grid([e.rollout["ref_logps"] for e in mb], resp)
+        if "ref_logps" in mb[0].rollout
+        else None
+    )
     in_loss = torch.tensor([float(e.rollout["in_loss"]) for e in mb], device=resp.device)
     resp = resp * in_loss[:, None]
     weights, metrics = rl.correction(ctx, old, mb, resp)

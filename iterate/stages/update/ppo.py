@@ -77,9 +77,12 @@ def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:
         e.rollout["advantages"] = a
     if uc.adaptive_kl:  # Ziegler et al. 2019, section 2.2
         ctx.state["kl_coef"] = losses.adaptive_kl_coef(
-            ctx.state["kl_coef"], sum(seq_kl) / len(seq_kl), uc.target_kl, len(prompts),
+            ctx.state["kl_coef"],
+            sum(seq_kl) / len(seq_kl),
+            uc.target_kl,
+            len(prompts),
             uc.kl_horizon,
-        )  # fmt: skip
+        )
     return examples
 
 

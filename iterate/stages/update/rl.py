@@ -116,9 +116,12 @@ def aggregate(ctx: Context, per_token: torch.Tensor, mb: list[Example], resp) ->
     ``generate.max_tokens``."""
     how = str(ctx.cfg.update.loss_agg)
     out = losses.aggregate(
-        per_token, resp, how, norm=ctx.cfg.generate.max_tokens,
+        per_token,
+        resp,
+        how,
+        norm=ctx.cfg.generate.max_tokens,
         mean_tokens=mb[0].rollout.get("step_mean_tokens"),
-    )  # fmt: skip
+    )
     share = mb[0].rollout.get("step_in_loss_share") or 1.0
     return out / share if how == "sequence_mean" else out
 
@@ -221,17 +224,25 @@ def left_out(cfg: Config, paths: Paths, i: int, result: dict, counts: dict) -> N
     empty, steps = result["empty_steps"], result["steps"]
     if not empty:
         return
-    why = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("equal_groups",
-                    "unscored_groups") if counts.get(k))  # fmt: skip
+    why = ", ".join(
+        f"{counts[k]} {k.replace('_', ' ')}"
+        for k in ("equal_groups", "unscored_groups")
+        if counts.get(k)
+    )
     said = f"{empty} of {steps} steps had no rollout to learn from" + (
         f" (of {counts['groups']} groups: {why})" if why else ""
     )
     if empty < steps:
         log.warning("iter %d update: %s: no optimiser step for them", i, said)
         return
-    fix = (" update.drop_equal_groups=true leaves out a group whose rewards are all equal:"
-           " the reward gives every response of a prompt the same score") if counts.get(
-        "equal_groups") else ""  # fmt: skip
+    fix = (
+        (
+            " update.drop_equal_groups=true leaves out a group whose rewards are all equal:"
+            " the reward gives every response of a prompt the same score"
+        )
+        if counts.get("equal_groups")
+        else ""
+    )
     raise BadInput(
         f"{paths.stage(i, 'update')}: the update saw no data: {said}.{fix} A reward must tell "
         f"the responses of a prompt apart (and be a finite number) for {cfg.update.name} to learn"
@@ -286,9 +297,17 @@ def run_on_policy(
     stats: dict = {}
     with sampling.session(cfg) as sampler, timer("train_s"):
         ctx = Context(
-            cfg, model, tok, dev, ref_model, sampler, reward, head,
-            {"kl_coef": cfg.update.kl_coef}, prompts,
-        )  # fmt: skip
+            cfg,
+            model,
+            tok,
+            dev,
+            ref_model,
+            sampler,
+            reward,
+            head,
+            {"kl_coef": cfg.update.kl_coef},
+            prompts,
+        )
         passes = rule.passes(cfg)
         total = cfg.update.epochs * common.steps_per_epoch(cfg, len(prompts)) * passes
         source = rollout_steps(ctx, prompts, i, rule.prepare, passes, policy, stats)

@@ -115,8 +115,7 @@ def train(
             step += 1
             if not examples:  # every rollout left out: nothing to learn, no optimiser step
                 empty += 1  # (AdamW's momentum and weight decay would still move the weights)
-                last = log_step(logf, {"step": step, "epoch": epoch, "examples": 0,
-                                       "empty": True})  # fmt: skip
+                last = log_step(logf, {"step": step, "epoch": epoch, "examples": 0, "empty": True})
                 tracker.steps(iteration, update, base, [last])
                 bar.update(1)
                 faults.point(iteration, "update", step)
