@@ -17,14 +17,14 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg) -> None:
-    from iterate import cli
+    from iterate.run import cli
 
     cli.started()  # an exit from here on is the run's own status
     from hydra.core.hydra_config import HydraConfig
     from transformers.utils import logging as hf_logging
 
-    from iterate import loop
     from iterate.config import to_dataclass
+    from iterate.run import loop
 
     hf_logging.disable_progress_bar()  # ours show progress; per-file loading bars are noise
     from hydra.types import RunMode
@@ -33,7 +33,7 @@ def main(cfg) -> None:
     status = cli.exit_status(lambda: loop.run(to_dataclass(cfg), run_dir))
     if status and HydraConfig.get().mode == RunMode.MULTIRUN and status in (1, 2):
         # a sweep's job that failed or was refused: the other jobs still run, and the sweep
-        # ends with its status and names it (``report.sweep.SweepSummary``); a stop that the
+        # ends with its status and names it (``cli.SweepSummary``); a stop that the
         # user asked for (Ctrl-C, SIGTERM) ends the sweep here
         cli.STOPPED_JOBS.append((run_dir.name, status))
     elif status:
@@ -42,7 +42,7 @@ def main(cfg) -> None:
 
 def console() -> None:
     """The ``iterate`` console script, as ``python -m iterate``."""
-    from iterate import cli
+    from iterate.run import cli
 
     cli.main(main)
 

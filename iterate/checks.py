@@ -1,4 +1,4 @@
-"""Start-up checks that the run's validation (``iterate.validate``) and the reward kinds
+"""Start-up checks that the run's validation (``iterate.run.validate``) and the reward kinds
 (``iterate.rewards``) share: a setting's value must hold, a folder must be a saved model (or
 a hub id), a reward model must have a score head, a model must be a causal LM. Each raises
 ``BadInput`` naming the setting, its value and what to do. Torch-free."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from iterate import packaged
 from iterate.errors import BadInput
-from iterate.shards import read_json
+from iterate.store.shards import read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 

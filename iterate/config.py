@@ -402,7 +402,7 @@ class PairsConfig:
 
 @dataclass
 class UpdateConfig:
-    name: UpdateRule = MISSING  # a row of iterate.rules.RULES
+    name: UpdateRule = MISSING  # a row of iterate.train.rules.RULES
     loss: DpoLoss = DpoLoss.sigmoid  # dpo only
     beta: float = 0.1
     label_smoothing: float = 0.0  # cDPO
@@ -559,7 +559,7 @@ class Config:
     # once at start; 0: torch's default (every core). Below the cores when other work shares
     # the machine: its threads then wait on each other (generate.threads: the engine's)
     threads: int = 0
-    # experiment trackers: per optimiser step and per iteration (iterate/report/track.py); a
+    # experiment trackers: per optimiser step and per iteration (iterate/track.py); a
     # resumed run continues the same tracker run (its id in <run>/tracker.json)
     report_to: list[Tracker] = field(default_factory=list)
     track: TrackConfig = field(default_factory=TrackConfig)

@@ -29,8 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from iterate import cachekey
 from iterate.errors import BadInput
+from iterate.store import cachekey
 
 log = logging.getLogger(__name__)
 

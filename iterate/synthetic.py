@@ -18,12 +18,15 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from iterate import models, sampling, seeds
 from iterate.config import Config, plain
 from iterate.errors import BadInput
-from iterate.shards import atomic_write_json, read_json
+from iterate.sampling import samplers
+from iterate.store import seeds
+from iterate.store.shards import atomic_write_json, read_json
+from iterate.train import models
 
 REQUEST = "Write a new instruction like these:\n{examples}"
 _REFUSAL = re.compile(r"\b(i can ?not|i can't|i'm sorry|i am sorry|as an ai|i am unable)\b")
@@ -80,8 +83,11 @@ class Known:
         )
 
 
-def check(text: str, known: Known, cfg: Config) -> str | None:
-    """Why a candidate is dropped, or None to keep it."""
+def check(
+    text: str, known: Known, cfg: Config, in_world: Callable[[str], bool] | None = None
+) -> str | None:
+    """Why a candidate is dropped, or None to keep it. ``in_world``: whether the prompt
+    source's world can answer a text (the toy world's grammar), where it has one."""
     sc = cfg.prompts.synthetic
     words = text.split()
     if not words:
@@ -96,11 +102,8 @@ def check(text: str, known: Known, cfg: Config) -> str | None:
         or normalise(REQUEST.format(examples="")) in normalise(text)
     ):
         return "format"
-    if str(cfg.prompts.source) == "toy":
-        from iterate.toy import world
-
-        if world.parse(text) is None:
-            return "not_in_world"
+    if in_world is not None and not in_world(text):
+        return "not_in_world"
     if normalise(text) in known.exact:
         return "duplicate"
     if known.overlap(text, sc.max_overlap) > sc.max_overlap:
@@ -115,13 +118,15 @@ def write(
     seed_prompts: list[str],
     known: Known,
     passed: Path,
+    in_world: Callable[[str], bool] | None = None,
 ) -> tuple[list[str], dict]:
     """``prompts.per_iteration`` new prompts for iteration ``i`` from the model ``writer``
     (its path, and a chat template to use instead of its own, or None) and what happened to
     the candidates: (prompts, info for ``_DONE.json``). Each round's outcome is kept as it
     passes (``passed/round_NNNNN.json``: the prompts kept, the candidates, the drops), so a
     shortfall or a kill loses none of them: a rerun replays those rounds and asks only for
-    what is missing, its rounds seeded by their number as the first run's were."""
+    what is missing, its rounds seeded by their number as the first run's were. ``in_world``:
+    as in ``check``."""
     sc, k = cfg.prompts.synthetic, cfg.prompts.per_iteration
     kept, dropped, candidates, spare = [], Counter(), 0, 0
     keep_rates: list[float] = []  # per round: the share of its candidates that passed
@@ -136,11 +141,11 @@ def write(
     rounds, (model, template) = len(keep_rates), writer
     if len(kept) < k and rounds < sc.max_rounds:
         tok = models.load_tokenizer(model, template)
-        params = sampling.Params(
+        params = samplers.Params(
             n=sc.candidates, temperature=sc.temperature, top_p=sc.top_p, max_tokens=sc.max_tokens
         )
         cap = max(256, 2 * math.ceil(k / sc.candidates))  # requests per round: grows with k
-        with sampling.session(cfg) as sampler:
+        with samplers.session(cfg) as sampler:
             sampler.load(model)
             while len(kept) < k and rounds < sc.max_rounds:
                 # enough requests for what is missing at the share of candidates kept so far
@@ -159,7 +164,7 @@ def write(
                 r = {"kept": [], "candidates": len(outs), "spare": 0, "dropped": Counter()}
                 for sample in outs:
                     text = sample.text.strip()
-                    reason = check(text, known, cfg)
+                    reason = check(text, known, cfg, in_world)
                     if reason:
                         r["dropped"][reason] += 1
                     elif len(kept) < k:

@@ -4,7 +4,7 @@ split their shards among workers, one per slice of the machine (a CPU core range
 workers write the shards one worker writes.
 
 This module only says which worker takes which shard and what each worker's slice is; the
-workers themselves are vLLM engine processes (a ``sampling.VllmSampler``'s engines) or
+workers themselves are vLLM engine processes (a ``samplers.VllmSampler``'s engines) or
 scoring processes (``reward_pool.RewardPool``), driven from threads of the stage's process.
 """
 

@@ -110,8 +110,8 @@ def tiny_cfg(tmp_path, tiny_cache, tiny_world) -> Config:
 @pytest.fixture(scope="session")
 def tiny_rm(tiny_cache, tiny_world, tmp_path_factory) -> Path:
     """A tiny reward model trained once for every loop test."""
-    from iterate.paths import Paths
     from iterate.stages import reward_model
+    from iterate.store.paths import Paths
 
     cfg = compose_cfg(TINY)
     cfg.toy.cache_dir = str(tiny_cache)

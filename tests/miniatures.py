@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from iterate import models
 from iterate.toy import world
+from iterate.train import models
 
 # what each family's tokenizer calls BOS / EOS, the special tokens its template uses, and
 # whether it puts BOS in front by itself (a Llama-2 tokenizer does; Llama 3's template does)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from iterate import rewards
-from iterate.paths import Paths
 from iterate.report import sweep
 from iterate.rewards import scorer as scoring
 from iterate.stages import reward as refresh
 from iterate.stages import reward_model
+from iterate.store.paths import Paths
 from iterate.toy import world
 
 from .conftest import TINY, cli, compose_cfg
@@ -116,7 +116,7 @@ def _proxy_win_rate(run: Path, i: int) -> float:
     model that labelled it (the refreshed one), computed again from the stored samples."""
     import yaml
 
-    from iterate.shards import read_shards
+    from iterate.store.shards import read_shards
     from iterate.winrate import judged
 
     rc = yaml.safe_load((run / "config.yaml").read_text())["reward"]

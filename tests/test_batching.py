@@ -3,8 +3,8 @@ rows of like length together, a token budget, length-grouped steps (no model loa
 
 import pytest
 
-from iterate import models
 from iterate.stages.update import common
+from iterate.train import models
 from tests.conftest import compose_cfg
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from iterate.paths import STAGES
+from iterate.store.paths import STAGES
 
 from .conftest import ROOT
 
@@ -177,9 +177,9 @@ def test_the_padding_section_measures_the_tokens_fed_by_each_cut(tmp_path, tiny_
     fed are those of the cut replayed here, and the ratios are their parts'."""
     import torch
 
-    from iterate import seeds
     from iterate.bench import update
     from iterate.bench.config import BenchConfig, apply_quick
+    from iterate.store import seeds
 
     out = tmp_path / "bench"
     proc = subprocess.run(

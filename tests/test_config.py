@@ -71,7 +71,7 @@ def test_a_recipe_without_its_data_fails_naming_the_key(experiment):
 
 
 def test_recipe_values_and_templates():
-    from iterate import models
+    from iterate.train import models
 
     ppo = compose_cfg(["experiment=mistral_ppo_hh", *_user_paths("mistral_ppo_hh")])
     assert ppo.reward.train and ppo.update.name == "ppo" and ppo.update.kl_coef == 0.05
@@ -129,8 +129,8 @@ def test_the_first_real_run_of_the_readme_composes_on_the_toy_default(tmp_path):
     default: the toy tuning's gold-judged refresh is off for prompts that are not the toy
     world's (the gold judge knows only those), so the run passes validation; asked for
     explicitly, the refresh is refused, saying how to turn it off."""
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text(
@@ -459,8 +459,8 @@ def test_the_length_aware_training_settings_compose_and_are_checked():
     """update.group_by_length, update.max_tokens_per_micro_batch and
     update.gradient_checkpointing from the command line, for a pair rule and an on-policy
     one; a negative token budget is refused, naming the key."""
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     on = [
         "update.group_by_length=true",

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from iterate import loop, models
+from iterate.run import loop
 from iterate.stages import constrain
+from iterate.train import models
 
 from .conftest import compose_cfg
 
@@ -187,8 +188,8 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     samples, writes the scaled adapter, and the evaluation and the handoff use it (its KL is
     the one measured, and it is accepted); α is in the metrics row and the table. With
     ``handoff.constrain=false`` the run has no such stage."""
-    from iterate.plan import run_stages
     from iterate.report import metrics
+    from iterate.stages.plan import run_stages
 
     base = [
         "experiment=toy_tiny",
@@ -224,7 +225,7 @@ def test_an_update_over_the_target_is_handed_on_scaled(tiny_cache, tiny_rm, tmp_
     # steps back towards the initial policy instead, a whole model within the target
     import shutil
 
-    from iterate.paths import Paths
+    from iterate.store.paths import Paths
 
     cfg = compose_cfg(base)
     fell = tmp_path / "fell"

@@ -5,9 +5,10 @@ on the CPU, bf16 log-probs against fp32, and a stage's record of its peak GPU me
 import pytest
 import torch
 
-from iterate import models, progress
-from iterate.stage import Stage
+from iterate import progress
 from iterate.stages.update import common, dpo, training
+from iterate.store.stage import Stage
+from iterate.train import models
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iterate import models
-from iterate.paths import Paths
-from iterate.rules import rule
-from iterate.shards import SCHEMAS, shard_path, write_shard
-from iterate.stage import Stage
 from iterate.stages.update import dist
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, shard_path, write_shard
+from iterate.store.stage import Stage
+from iterate.train import models
+from iterate.train.rules import rule
 
 from .conftest import TINY, compose_cfg
 

@@ -9,12 +9,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from iterate import models, rewards, sampling, validate, winrate
+from iterate import rewards, winrate
 from iterate.errors import BadInput
-from iterate.paths import Paths
-from iterate.shards import SCHEMAS, prompt_id, shard_path, write_shard
+from iterate.run import validate
+from iterate.sampling import samplers
 from iterate.stages import evaluate, heldout
 from iterate.stages.update import common
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, prompt_id, shard_path, write_shard
+from iterate.train import models
 
 from .conftest import ROOT, compose_cfg
 
@@ -179,13 +182,13 @@ def test_a_bad_reference_file_is_named_by_file_row_and_field(tmp_path):
 
 def _samples(tok, policy_model, n=2):
     prompts = ["Greet Anna.", "What is 2 plus 3?", "Count from 1 to 4."]
-    sampler = sampling.make("transformers", sampling.Spec())
+    sampler = samplers.make("transformers", samplers.Spec())
     sampler.sync(policy_model, tok, "")
     planned = [(f"p{i}", p, models.prompt_ids(tok, p)) for i, p in enumerate(prompts)]
     samples = sampler.sample(
-        [ids for *_, ids in planned], sampling.Params(n=n, max_tokens=10), seed=0
+        [ids for *_, ids in planned], samplers.Params(n=n, max_tokens=10), seed=0
     )
-    return pa.Table.from_pylist(sampling.shard_rows(planned, samples), schema=SCHEMAS["generate"])
+    return pa.Table.from_pylist(samplers.shard_rows(planned, samples), schema=SCHEMAS["generate"])
 
 
 def test_kl_of_a_real_policy(tiny_cfg, tiny_world, tmp_path):
@@ -219,8 +222,8 @@ def test_kl_of_a_real_policy(tiny_cfg, tiny_world, tmp_path):
 
 
 def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
     from iterate.stages import handoff
 
     from .conftest import compose_cfg

@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 
-from iterate import cli, loop
 from iterate.errors import BadInput
-from iterate.runlock import RunLock, RunLocked
-from iterate.shards import write_plan
-from iterate.stage import Stage
+from iterate.run import cli, loop
+from iterate.store.runlock import RunLock, RunLocked
+from iterate.store.shards import write_plan
+from iterate.store.stage import Stage
 
 from .conftest import ROOT, TINY, compose_cfg
 
@@ -137,7 +137,7 @@ def test_cuda_asked_for_without_one_is_bad_input(tmp_path, caplog):
 
 
 def test_bad_input_is_a_type_and_an_internal_value_error_is_a_failure(caplog):
-    from iterate.stage import DamagedStage, StageConfigChanged
+    from iterate.store.stage import DamagedStage, StageConfigChanged
 
     def raise_(e):
         raise e
@@ -216,7 +216,7 @@ def test_a_lock_file_deleted_under_a_live_run_does_not_let_a_second_writer_in(tm
         [
             sys.executable,
             "-c",
-            "import sys, time; from iterate.runlock import RunLock\n"
+            "import sys, time; from iterate.store.runlock import RunLock\n"
             f"with RunLock({str(run)!r}):\n print('held', flush=True); time.sleep(60)",
         ],
         cwd=ROOT,
@@ -285,9 +285,12 @@ def _cli(args: list[str], tmp_path: Path, cache: Path | None = None) -> subproce
 
 
 def _engine_of(pid: int) -> bool:
-    """Whether the process ``pid`` has a vLLM engine process (``iterate.engine``) as a child."""
+    """Whether the process ``pid`` has a vLLM engine process (``iterate.sampling.engine``)
+    as a child."""
     found = subprocess.run(
-        ["pgrep", "-P", str(pid), "-f", "iterate.engine --serve"], capture_output=True, text=True
+        ["pgrep", "-P", str(pid), "-f", "iterate.sampling.engine --serve"],
+        capture_output=True,
+        text=True,
     )
     return bool(found.stdout.strip())
 
@@ -372,7 +375,7 @@ def test_a_bad_prompts_file_is_named_with_its_line(content, said, tmp_path, capl
 
 
 def test_stage_identity_is_its_content_and_a_changed_byte_is_caught(tmp_path):
-    from iterate.stage import DamagedStage, done_id
+    from iterate.store.stage import DamagedStage, done_id
 
     folder = tmp_path / "label"
     ids = []
@@ -396,16 +399,17 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
     and dropped in generation's plan and in labelling, never a crash and never trained on."""
     import pyarrow as pa
 
-    from iterate import models, sampling
     from iterate.rewards import scorer as scoring
+    from iterate.sampling import samplers
     from iterate.stages import label
     from iterate.stages.prompts import SCHEMA, prompt_id
+    from iterate.train import models
 
     tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
     twice = json.dumps([{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hi?"}])
     texts = ["Greet Anna.", twice, "Name 2 fruits."]
     table = pa.table({"prompt_id": [prompt_id(t) for t in texts], "prompt": texts}, schema=SCHEMA)
-    shards, dropped = sampling.plan(tok, table, max_prompt=200, shard_size=8)
+    shards, dropped = samplers.plan(tok, table, max_prompt=200, shard_size=8)
     assert dict(dropped) == {"template_refused": 1}
     assert [pid for pid, _, _ in shards[0]] == [prompt_id(texts[0]), prompt_id(texts[2])]
 
@@ -415,7 +419,7 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
         scorer.score(texts, ["Hello!"] * 3)  # the rollouts' default: a refusal is an error
     rewards = scorer.score(texts, ["Hello!"] * 3, refusals=True)
     assert rewards[1] is None and all(isinstance(r, float) for r in rewards[::2])
-    from iterate.shards import SCHEMAS
+    from iterate.store.shards import SCHEMAS
 
     gen = pa.Table.from_pylist(
         [
@@ -440,7 +444,7 @@ def test_conversations_a_template_refuses_are_counted_drops(tiny_world):
 def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
     import shutil
 
-    from iterate import models
+    from iterate.train import models
 
     broken = tmp_path / "policy"
     shutil.copytree(tiny_world, broken)
@@ -451,7 +455,7 @@ def test_a_truncated_checkpoint_is_named(tiny_world, tmp_path):
 
 
 def test_an_unlimited_kl_budget_and_a_nested_run_name_are_accepted(tmp_path):
-    from iterate import validate
+    from iterate.run import validate
 
     cfg = compose_cfg([*TINY, "handoff.max_kl=inf", "run_name=group/one"], tmp_path)
     assert cfg.handoff.max_kl == float("inf")
@@ -484,8 +488,8 @@ def test_files_that_are_not_what_their_names_say_are_named_with_their_setting(tm
 def test_a_conversation_cut_to_the_reward_models_length_is_said(tiny_world, caplog):
     """A reference answer (or any response) longer than ``reward.max_length`` is scored on its
     first tokens: a warning counts those cut, naming the setting; none when all fit."""
-    from iterate import models
     from iterate.rewards import scorer as scoring
+    from iterate.train import models
 
     tok = models.load_tokenizer(str(tiny_world), "mistral_instruct")
     model, _ = scoring.load_model(str(tiny_world), "float32", new_head=True)

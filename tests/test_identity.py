@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iterate.stage import CANONICAL, DONE, Stage, StageConfigChanged, done_id, file_sum
+from iterate.store.stage import CANONICAL, DONE, Stage, StageConfigChanged, done_id, file_sum
 
 from .conftest import FULL, cli, compose_cfg, hash_seeds
 
@@ -98,7 +98,8 @@ def test_every_setting_a_stage_hashes_is_classified():
     it is classified, so it can never silently leave a stale stage standing."""
     import dataclasses
 
-    from iterate import config, stage
+    from iterate import config
+    from iterate.store import stage
 
     classes = {
         "model": config.ModelConfig,
@@ -143,7 +144,7 @@ def test_a_damaged_record_is_bad_input_naming_the_file(tmp_path):
     """A ``_DONE.json`` cut short (a full disk, a hand edit) or a damaged metrics line is
     named, with what to do; never a traceback from the JSON parser."""
     from iterate.errors import BadInput
-    from iterate.shards import read_jsonl
+    from iterate.store.shards import read_jsonl
 
     folder = tmp_path / "label"
     stage = Stage(folder, "label", {"k": 1})
@@ -210,8 +211,8 @@ def test_an_evaluation_judge_is_hashed_by_its_source(tmp_path):
     refused naming the judge's source checksum. An evaluation recorded before the judges'
     sources were hashed resumes."""
     from iterate import rewards
-    from iterate.paths import Paths
     from iterate.stages import evaluate
+    from iterate.store.paths import Paths
 
     judge = tmp_path / "judge.py"
     judge.write_text("def chars(prompts, responses):\n    return [len(r) for r in responses]\n")
@@ -240,8 +241,8 @@ def test_a_reward_functions_identity_is_not_the_path_as_typed(tmp_path, monkeypa
     function and the source's checksum, for the reward, an evaluation judge and the
     reward model's labeller; editing the source still changes it."""
     from iterate import rewards
-    from iterate.paths import Paths
     from iterate.stages import evaluate, reward_model
+    from iterate.store.paths import Paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel").mkdir()

@@ -76,3 +76,26 @@ def test_no_module_imports_one_that_imports_it_back():
     )
     # the walk finds a circle where there is one, through a function's import too
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_packages_import_one_way():
+    """Taken a package (or a top-level module) at a time, the imports point one way too:
+    no package imports one that imports it back; the run-folder contract (``store``) and the
+    training parts (``train``) import no package above them, and the command line and the
+    loop (``run``) are imported by nothing but the entry point and the benchmarks."""
+    edges = imports(_modules())
+
+    def unit(name: str) -> str:
+        parts = name.split(".")
+        return parts[1] if len(parts) > 1 else "iterate"
+
+    packages: dict[str, set[str]] = {}
+    for a, found in edges.items():
+        packages.setdefault(unit(a), set()).update(unit(b) for b in found if unit(b) != unit(a))
+    assert {"store", "train", "run", "sampling", "stages", "rewards", "report"} <= set(packages)
+    assert not circles(packages), "package circles: " + "; ".join(
+        " <-> ".join(c) for c in circles(packages)
+    )
+    above = {"run", "stages", "report", "rewards", "sampling", "bench", "toy", "instruct"}
+    assert not packages["store"] & above and not packages["train"] & above
+    assert {p for p, found in packages.items() if "run" in found} <= {"__main__", "bench"}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from iterate import loop
 from iterate.config import plain
-from iterate.paths import Paths
 from iterate.report import runinfo
+from iterate.run import loop
+from iterate.store.paths import Paths
 
 from .conftest import compose_cfg
 

@@ -11,10 +11,12 @@ import math
 
 import pytest
 
-from iterate import rewards, sampling, validate
+from iterate import rewards
 from iterate.errors import BadInput
 from iterate.rewards import judge_model as judge
 from iterate.rewards import pairwise_model as pairwise
+from iterate.run import validate
+from iterate.sampling import samplers
 
 from .conftest import compose_cfg
 
@@ -175,7 +177,7 @@ def test_a_miniature_llama3_judge_is_asked_in_its_chat_template_and_retried(tmp_
         assert len(answers) == 3 or last is not None
         assert got.rewards[k] == last if last is not None else math.isnan(got.rewards[k])
     again = reward.score(prompts, responses, detail=True).judgements
-    sampling.close_kept()  # the judge's engine, kept for the run
+    samplers.close_kept()  # the judge's engine, kept for the run
     assert [(j.first, j.attempt, j.text) for j in again] == [
         (j.first, j.attempt, j.text) for j in said
     ]
@@ -188,9 +190,9 @@ def test_a_run_trains_a_judge_and_labels_keeping_every_answer(tiny_cache, tmp_pa
     above): its answers in the label stage's judgements/ shards, read back as the
     stage's judge statistics, the unjudged rows dropped and counted, the proxy win rate
     asked of it, the inspector's line."""
-    from iterate import loop
     from iterate.report import show
-    from iterate.shards import SCHEMAS, read_shards
+    from iterate.run import loop
+    from iterate.store.shards import SCHEMAS, read_shards
 
     cfg = compose_cfg(
         [

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from iterate import plan, rewards, validate
+from iterate import rewards
 from iterate.errors import BadInput
 from iterate.report import cards
+from iterate.run import validate
+from iterate.stages import plan
 
 from .conftest import ROOT, compose_cfg
 

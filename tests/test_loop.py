@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import loop, winrate
-from iterate.paths import STAGES, Paths
-from iterate.report import metrics, runinfo, show, track
-from iterate.shards import read_shards
+from iterate import track, winrate
+from iterate.report import metrics, runinfo, show
+from iterate.run import loop
+from iterate.store.paths import STAGES, Paths
+from iterate.store.shards import read_shards
 from iterate.toy import world
 
 from .conftest import ROOT, TINY, cli, compose_cfg, tensorboard_events
@@ -363,7 +364,7 @@ def _engines(pgid: int) -> list[int]:
     found = []
     for pid in _group(pgid):
         try:
-            if b"iterate.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"iterate.sampling.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
         except OSError:
             continue

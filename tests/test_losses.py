@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from iterate import losses
+from iterate.train import losses
 
 
 def _ppo(logp, old, adv, mask, agg="token_mean"):

@@ -88,9 +88,9 @@ def test_the_length_penalty_picks_by_reward_less_length_but_records_the_reward(t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from iterate.paths import Paths
-    from iterate.shards import SCHEMAS, shard_path, write_shard
     from iterate.stages import pairs
+    from iterate.store.paths import Paths
+    from iterate.store.shards import SCHEMAS, shard_path, write_shard
 
     from .conftest import compose_cfg
 
@@ -137,9 +137,9 @@ def test_the_pairs_stage_goes_shard_by_shard_and_sums_its_figures(tmp_path):
     hand: best rewards 3, 5 and 1, margins 3 - 1, 5 - 2, and a tie dropped)."""
     import pyarrow as pa
 
-    from iterate.paths import Paths
-    from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
     from iterate.stages import pairs
+    from iterate.store.paths import Paths
+    from iterate.store.shards import SCHEMAS, read_shards, shard_path, write_shard
 
     from .conftest import compose_cfg
 

@@ -10,15 +10,16 @@ import json
 import pytest
 import torch
 
-from iterate import rewards, validate
+from iterate import rewards
 from iterate.errors import BadInput
 from iterate.rewards import pairwise_model as pairwise
+from iterate.run import validate
 
 from .conftest import compose_cfg
 
 
 def _scorer(tiny_world):
-    from iterate.models import load_policy, load_tokenizer
+    from iterate.train.models import load_policy, load_tokenizer
 
     model, tok = load_policy(str(tiny_world)), load_tokenizer(str(tiny_world))
     return pairwise.PairwiseScorer(model, tok, 256, batch_size=3)
@@ -118,8 +119,8 @@ def test_what_a_pairwise_reward_needs_is_checked_at_start_up(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_trains_a_pairwise_model_labels_by_tournament_and_asks_it(tiny_cache, tmp_path):
-    from iterate import loop
-    from iterate.shards import read_shards
+    from iterate.run import loop
+    from iterate.store.shards import read_shards
 
     cfg = compose_cfg(
         [

@@ -47,7 +47,7 @@ def test_no_cuda_in_use_means_no_gpu_peak_and_a_stage_records_none(tmp_path):
     record has no ``peak_gpu_mb`` and resetting the mark does nothing."""
     import torch
 
-    from iterate.stage import Stage
+    from iterate.store.stage import Stage
 
     if torch.cuda.is_available():  # under the GPU check, test_cuda shows the other side
         return

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from iterate.paths import Paths
 from iterate.stages import heldout, prompts
+from iterate.store.paths import Paths
 
 from .conftest import compose_cfg
 
@@ -142,7 +142,7 @@ def test_the_held_out_draw_is_not_refused_for_a_share_it_does_not_read(tmp_path)
     """The held-out stage hashes what decides the draw: a run told to lower
     prompts.per_iteration (a shortfall's advice) keeps its held-out set; a stage recorded
     by an earlier version with the share in its config stands too (``stage.RETIRED``)."""
-    from iterate.stage import DONE, Stage
+    from iterate.store.stage import DONE, Stage
 
     cfg, paths, _ = _setup(tmp_path, [f"Q{n}?" for n in range(30)])
     held = _ids(heldout.prompts(cfg, paths))

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterate import loop, models, packaged, sampling
+from iterate import packaged
+from iterate.run import loop
+from iterate.sampling import samplers
+from iterate.train import models
 
 from .conftest import ROOT, compose_cfg
 
@@ -44,11 +47,11 @@ def test_the_converted_folder_gives_the_gguf_models_logits(smollm2):
 
 
 def test_the_transformers_sampler_answers_as_the_model_does(smollm2):
-    sampler = sampling.make("transformers", sampling.Spec(max_length=512))
+    sampler = samplers.make("transformers", samplers.Spec(max_length=512))
     sampler.load(str(smollm2))
     q = "What is the capital of France? Answer in one sentence."
     (got,) = sampler.sample(
-        [models.prompt_ids(sampler.tok, q)], sampling.Params(temperature=0.0, max_tokens=16), seed=0
+        [models.prompt_ids(sampler.tok, q)], samplers.Params(temperature=0.0, max_tokens=16), seed=0
     )
     assert "Paris" in got[0].text and got[0].finish_reason == "stop"
 

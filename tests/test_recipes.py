@@ -11,8 +11,10 @@ import json
 import pandas as pd
 import pytest
 
-from iterate import loop, models, rewards
+from iterate import rewards
+from iterate.run import loop
 from iterate.toy import world
+from iterate.train import models
 
 from . import miniatures as mini
 from .conftest import ROOT, compose_cfg

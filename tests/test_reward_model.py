@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from iterate.paths import Paths
 from iterate.rewards import scorer as scoring
-from iterate.stage import StageConfigChanged
 from iterate.stages import reward_model
+from iterate.store.paths import Paths
+from iterate.store.stage import StageConfigChanged
 
 from .conftest import ROOT
 
@@ -87,7 +87,7 @@ RM_TEMPLATE = (
 
 
 def test_templates_differ_rm_template_is_applied_without_double_bos(tiny_world):
-    from iterate import models
+    from iterate.train import models
 
     policy_tok = models.load_tokenizer(str(tiny_world))
     rm_tok = models.load_tokenizer(str(tiny_world), template=RM_TEMPLATE)
@@ -117,8 +117,8 @@ def test_non_finite_rewards_are_dropped_and_counted(tiny_world):
     import pyarrow as pa
 
     from iterate.rewards import GOLD, FunctionReward
-    from iterate.shards import SCHEMAS
     from iterate.stages import label
+    from iterate.store.shards import SCHEMAS
 
     model, tok = scoring.load_model(str(tiny_world), new_head=True)  # a random head
     poison = tok("Rosa", add_special_tokens=False)["input_ids"]
@@ -212,7 +212,7 @@ def test_a_reward_model_learns_from_labels_of_the_initial_policys_samples(
     reward.prompts reward.samples times, the label function scores them, and each prompt's
     best and worst make a pair (ties dropped and counted) that the Bradley-Terry model
     trains on; the samples stay in the stage folder, and a rerun redoes nothing."""
-    from iterate.shards import read_shards
+    from iterate.store.shards import read_shards
     from iterate.toy import world
 
     items = world.split(0.1)[0][:24]

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from iterate import rewards
-from iterate.stage import DONE
+from iterate.store.stage import DONE
 from iterate.toy import world
 
 from .conftest import compose_cfg
@@ -178,8 +178,8 @@ def test_a_bad_reward_function_is_bad_input_naming_it(tmp_path, body, name, said
 
 
 def test_a_reward_function_is_checked_at_start_up(tmp_path):
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     with pytest.raises(BadInput, match="no module named 'nowhere'"):
         validate.check(compose_cfg(["reward=gold", "reward.function=nowhere.mod:score"]))
@@ -223,8 +223,9 @@ def test_the_readmes_reward_function_runs_as_it_says(tmp_path):
 def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
     """Loaded as a reward model, a causal LM gets a random score head; its rewards would
     be noise a run optimises without a word. Refused at start-up and at load."""
-    from iterate import checks, validate
+    from iterate import checks
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     lm = tmp_path / "lm"
     lm.mkdir()
@@ -243,8 +244,8 @@ def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
 def test_a_reward_function_that_takes_a_row_field_needs_it_named(tmp_path):
     """A parameter beyond (prompts, responses) is a field of the prompt rows: refused at
     start-up unless prompts.fields names it (or it has a default)."""
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     f = tmp_path / "v.py"
     f.write_text(
@@ -304,8 +305,8 @@ def test_a_mixture_is_the_weighted_sum_of_its_sources_each_kept(tmp_path):
 
 
 def test_a_mixture_is_composed_from_config_and_checked_at_start_up(tmp_path):
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     cfg = compose_cfg(["reward=toy_length"])
     assert rewards.has_model(cfg) and rewards.trains_model(cfg) and rewards.refreshes(cfg)
@@ -347,7 +348,7 @@ def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
     word: its label shards keep both sources beside their sum, the stage and the metrics
     report each source, and the inspector prints them."""
     from iterate.report import show
-    from iterate.shards import read_shards
+    from iterate.store.shards import read_shards
 
     for i in (0, 1):
         labels = read_shards(full_run / f"iter_{i:03d}" / "label").to_pylist()
@@ -388,8 +389,8 @@ def test_a_run_with_a_mixture_keeps_each_sources_rewards(full_run):
 def test_a_missing_function_is_named_by_the_setting_that_names_it(tmp_path, overrides, key):
     """At start-up and when scoring: the key of the reward, the mixture source or the
     evaluation judge that names the function, not reward.function for every one."""
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(BadInput, match=rf"^{key}='iterate.reward_functions:nope'.* no function"):

@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 
-from iterate import loop, losses, models, sampling
 from iterate.report import runinfo, show
 from iterate.rewards import scorer as scoring
 from iterate.rewards.scorer import Scorer
-from iterate.shards import read_shards
+from iterate.run import loop
+from iterate.sampling import samplers
 from iterate.stages.update import common, group, ppo, remax, rl
+from iterate.store.shards import read_shards
+from iterate.train import losses, models
 
 from .conftest import compose_cfg
 
@@ -27,7 +29,7 @@ def _ctx(tiny_cfg, tiny_world, ref_model=None, **update) -> rl.Context:
     dev = torch.device("cpu")
     tok = models.load_tokenizer(str(tiny_world))
     model = common.policy_model(cfg, str(tiny_world), dev)
-    sampler = sampling.make("transformers", sampling.Spec(max_length=cfg.model.max_length))
+    sampler = samplers.make("transformers", samplers.Spec(max_length=cfg.model.max_length))
     sampler.sync(model, tok, str(tiny_world))
     rm, rm_tok = scoring.load_model(str(tiny_world), new_head=True)
     scorer = Scorer(rm, rm_tok, 128, 8)  # an untrained head, asked for: any real scores do
@@ -410,7 +412,7 @@ def test_vllm_backend_never_calls_transformers_generate(
     try:
         rows = loop.run(cfg, tmp_path / "toy_tiny")
     finally:
-        sampling.close_kept()
+        samplers.close_kept()
     assert rows[0]["update"] == rule and rows[0]["win_rate_vs_initial"] is not None
     upd = json.loads((tmp_path / "toy_tiny" / "iter_000" / "update" / "_DONE.json").read_text())
     if rule == "ppo":
@@ -431,8 +433,8 @@ def test_vllm_backend_never_calls_transformers_generate(
 
 
 def test_what_a_group_rule_needs_is_checked_at_start_up():
-    from iterate import validate
     from iterate.errors import BadInput
+    from iterate.run import validate
 
     for rule in ("grpo", "rloo", "reinforce_pp"):
         validate.check(compose_cfg([f"update={rule}"]))

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iterate import engine, models, sampling
-from iterate.shards import SCHEMAS
+from iterate.sampling import engine, samplers
 from iterate.stages.prompts import SCHEMA, prompt_id
+from iterate.store.shards import SCHEMAS
+from iterate.train import models
 
 PROMPTS = [
     "Greet Anna.",
@@ -20,8 +21,8 @@ PROMPTS = [
     "Name 2 fruits.",
     "Say hi to Leo.",
 ]
-SPEC = sampling.Spec(max_length=64, batch_size=2, gpu_memory_utilization=0.25)
-PARAMS = sampling.Params(n=3, temperature=1.0, top_p=1.0, max_tokens=12)
+SPEC = samplers.Spec(max_length=64, batch_size=2, gpu_memory_utilization=0.25)
+PARAMS = samplers.Params(n=3, temperature=1.0, top_p=1.0, max_tokens=12)
 
 
 def _prompts(extra: list[str] = ()) -> pa.Table:
@@ -31,7 +32,7 @@ def _prompts(extra: list[str] = ()) -> pa.Table:
 
 def _write(sampler, todo, out, seed=0):
     out.mkdir(parents=True, exist_ok=True)
-    sampling.write_shards(
+    samplers.write_shards(
         sampler, todo, PARAMS, lambda k: seed * 100 + k, out, (0, "generate"), "test"
     )
 
@@ -60,10 +61,10 @@ def _check_shards(out, n_prompts, n):
 def test_backends_write_valid_shards_and_drop_long_prompts(backend, tiny_world, tmp_path):
     tok = models.load_tokenizer(str(tiny_world))
     long = "Greet " + "Anna " * 80 + "."
-    shards, dropped = sampling.plan(tok, _prompts([long]), max_prompt=64 - 12, shard_size=3)
+    shards, dropped = samplers.plan(tok, _prompts([long]), max_prompt=64 - 12, shard_size=3)
     assert dict(dropped) == {"prompt_too_long": 1}
     assert [len(s) for s in shards] == [3, 2]
-    sampler = sampling.make(backend, SPEC)
+    sampler = samplers.make(backend, SPEC)
     try:
         sampler.load(str(tiny_world))
         _write(sampler, dict(enumerate(shards)), tmp_path / backend)
@@ -71,13 +72,13 @@ def test_backends_write_valid_shards_and_drop_long_prompts(backend, tiny_world, 
         sampler.close()
     t = _check_shards(tmp_path / backend, len(PROMPTS), 3)
     assert set(t["prompt"].to_pylist()) == set(PROMPTS)
-    assert sampling.missing(shards, tmp_path / backend) == {}, "every planned shard is on disk"
+    assert samplers.missing(shards, tmp_path / backend) == {}, "every planned shard is on disk"
 
 
 def test_transformers_shards_are_reproducible(tiny_world, tmp_path):
     tok = models.load_tokenizer(str(tiny_world))
-    shards, _ = sampling.plan(tok, _prompts(), 52, 3)
-    sampler = sampling.make("transformers", SPEC)
+    shards, _ = samplers.plan(tok, _prompts(), 52, 3)
+    sampler = samplers.make("transformers", SPEC)
     sampler.load(str(tiny_world))
     _write(sampler, {0: shards[0], 1: shards[1]}, tmp_path / "all")
     _write(sampler, {1: shards[1]}, tmp_path / "only1")
@@ -112,7 +113,7 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
     other = _perturbed_copy(tiny_world, tmp_path / "other")
     tok = models.load_tokenizer(str(tiny_world))
     prompts = [models.prompt_ids(tok, p) for p in PROMPTS]
-    kept = sampling.make("vllm", SPEC)
+    kept = samplers.make("vllm", SPEC)
     try:
         kept.load(str(tiny_world))
         first = kept.sample(prompts, PARAMS, seed=5)
@@ -124,7 +125,7 @@ def test_kept_engine_loads_a_new_policy_in_place(tiny_world, tmp_path):
         kept.close()
     assert "engine_start_s" in start and kept.timings["weights_load_s"] > 0
     assert kept.timings["engine_start_s"] == start["engine_start_s"], "no second start"
-    fresh = sampling.make("vllm", SPEC)
+    fresh = samplers.make("vllm", SPEC)
     try:
         fresh.load(str(other))
         again = fresh.sample(prompts, PARAMS, seed=5)
@@ -156,11 +157,11 @@ def test_vllm_samples_the_synced_weights(tiny_cfg, tiny_world):
     tok = models.load_tokenizer(str(tiny_world))
     model = _perturbed_adapter(tiny_cfg, tiny_world)
     prompts = [models.prompt_ids(tok, p) for p in PROMPTS]
-    greedy = sampling.Params(n=1, temperature=0.0, max_tokens=12)
-    hf = sampling.make("transformers", SPEC)
+    greedy = samplers.Params(n=1, temperature=0.0, max_tokens=12)
+    hf = samplers.make("transformers", SPEC)
     hf.sync(model, tok, str(tiny_world))
     expected = [p[0].ids for p in hf.sample(prompts, greedy, seed=0)]
-    vllm = sampling.make("vllm", SPEC)
+    vllm = samplers.make("vllm", SPEC)
     try:
         vllm.load(str(tiny_world))
         base = [p[0].ids for p in vllm.sample(prompts, greedy, seed=0)]
@@ -251,14 +252,14 @@ def test_engine_sleeps_wakes_and_reloads_what_level_two_dropped(tiny_world, monk
 
 def test_cuda_session_keeps_its_engine_asleep_between_stages(tiny_cfg):
     tiny_cfg.device = "cuda"  # no GPU needed: no engine starts without a request
-    with sampling.session(tiny_cfg) as sampler:
+    with samplers.session(tiny_cfg) as sampler:
         assert sampler.spec.sleep_level == 2
-    assert sampling._KEPT["policy"] is sampler  # asleep, kept for the next stage
-    sampling.close_kept()
+    assert samplers._KEPT["policy"] is sampler  # asleep, kept for the next stage
+    samplers.close_kept()
     tiny_cfg.generate.sleep_level = 0
-    with sampling.session(tiny_cfg) as sampler:
+    with samplers.session(tiny_cfg) as sampler:
         assert sampler.spec.sleep_level == 0
-    assert "policy" not in sampling._KEPT  # a new engine per stage
+    assert "policy" not in samplers._KEPT  # a new engine per stage
 
 
 # a stand-in engine process: it reads a request and then spins (works) or sleeps (hangs)

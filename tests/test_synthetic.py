@@ -61,7 +61,13 @@ def test_filters(candidate, reason):
     cfg = compose_cfg(
         ["prompts=self_instruct", "prompts.synthetic.min_words=2", "prompts.synthetic.max_words=12"]
     )
-    assert synthetic.check(candidate, synthetic.Known(["What is 3 plus 4?"]), cfg) == reason
+    in_world = lambda text: world.parse(text) is not None  # noqa: E731  (the toy source's)
+    assert (
+        synthetic.check(candidate, synthetic.Known(["What is 3 plus 4?"]), cfg, in_world) == reason
+    )
+    assert (synthetic.check(candidate, synthetic.Known(["What is 3 plus 4?"]), cfg) is None) == (
+        reason in (None, "not_in_world")
+    )  # without a world, a text outside the grammar passes
 
 
 def test_duplicates_are_found_after_normalising_outside_the_toy_world():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from iterate import cachekey
 from iterate.config import ToyConfig
+from iterate.store import cachekey
 from iterate.toy import build, world
 
 from .conftest import ROOT, TINY, compose_cfg
@@ -157,8 +157,8 @@ def test_the_toy_pool_draws_its_written_prompts_first_then_the_wider_grammar(tmp
     prompts are drawn first, in the seeded order they had alone (the demo's three iterations
     draw what they drew before the pool grew), then the wider grammar's, each one scored by
     the gold judge and none held out or in the SFT data."""
-    from iterate.paths import Paths
     from iterate.stages import prompts
+    from iterate.store.paths import Paths
 
     cfg = compose_cfg(["iteration=5", "prompts.per_iteration=120"])
     train, held, *_ = prompts.pools(cfg)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from iterate.paths import Paths
-from iterate.report import track
+from iterate import track
+from iterate.report import runinfo
+from iterate.store.paths import Paths
 
 from .conftest import compose_cfg, tensorboard_events
 
@@ -108,9 +109,16 @@ def test_an_iteration_is_caught_up_and_logged_once(tmp_path):
         "accepted": False,
         "seconds": {"update": 2.0},
     }
+    asked = []
+
+    def samples(k: int):  # the loop's: the held-out responses' extremes, asked for once
+        asked.append(k)
+        return runinfo.extremes(runinfo.scored(run, 1, True, keep=k), k)
+
     for logged in (True, False):
         with track.Tracker(cfg, run) as tr:
-            assert tr.iteration(paths, row) is logged
+            assert tr.iteration(paths, row, samples) is logged
+    assert asked == [cfg.track.samples]
     events = tensorboard_events(run / "tensorboard")
     assert sorted(s for tag, s, _ in events if tag == "train/loss") == [4, 5]  # 3 + (1, 2)
     got = {tag: (s, v) for tag, s, v in events if tag.startswith("iteration/")}
@@ -126,9 +134,9 @@ def test_the_samples_shown_are_read_shard_by_shard_and_are_the_same(tmp_path):
     included; the scores may be one shard for several samples shards (the evaluation's)."""
     import pyarrow as pa
 
-    from iterate.paths import Paths
     from iterate.report import runinfo
-    from iterate.shards import SCHEMAS, shard_path, write_shard
+    from iterate.store.paths import Paths
+    from iterate.store.shards import SCHEMAS, shard_path, write_shard
 
     paths = Paths(run=tmp_path, base_policy="p")
     rewards = [[0.5, 2.0, 0.5, None, -1.0], [2.0, 0.5, 0.1, 3.0], [-1.0, 0.5, 2.0, 0.5, 0.5, 0.0]]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterate import models
-from iterate.stage import Stage
 from iterate.stages.update import common, dpo, raft, training
+from iterate.store.stage import Stage
+from iterate.train import models
 
 PAIRS = [
     ("Greet Anna.", "Hello Anna!", "Ugh, Hello Rosa! Stop asking."),
@@ -195,8 +195,8 @@ def test_raft_loss_lowers_nll_of_best(setup):
 
 
 def test_a_rule_stage_depends_only_on_the_settings_it_reads(tmp_path):
-    from iterate.paths import Paths
     from iterate.stages.update.common import stage_for
+    from iterate.store.paths import Paths
 
     from .conftest import compose_cfg
 
@@ -217,12 +217,13 @@ def test_the_rule_table_is_torch_free_and_names_every_rule_and_setting():
     import subprocess
     import sys
 
-    from iterate import rules
     from iterate.config import UpdateConfig, UpdateRule
     from iterate.stages.update.common import SHARED_KEYS
+    from iterate.train import rules
 
     code = (
-        "import sys, iterate.rules, iterate.loop, iterate.validate; print('torch' in sys.modules)"
+        "import sys, iterate.train.rules, iterate.run.loop, iterate.run.validate; "
+        "print('torch' in sys.modules)"
     )
     assert (
         subprocess.run(
@@ -251,7 +252,8 @@ def test_a_setting_only_another_rule_reads_is_said_at_start_up(name, caplog):
     shares its overrides, so it is not refused), naming the rule's own settings."""
     import logging
 
-    from iterate import rules, validate
+    from iterate.run import validate
+    from iterate.train import rules
 
     from .conftest import compose_cfg
 
@@ -260,7 +262,7 @@ def test_a_setting_only_another_rule_reads_is_said_at_start_up(name, caplog):
     other = "clip_high=0.3" if name in ("dpo", "raft", "ppo", "remax") else "beta=0.5"
     cfg = compose_cfg([f"update={name}", f"update.{other}"])
     assert rules.unread(cfg.update) == [other.split("=")[0]]
-    with caplog.at_level(logging.WARNING, logger="iterate.validate"):
+    with caplog.at_level(logging.WARNING, logger="iterate.run.validate"):
         validate.check(cfg)
     said = f"update={name} does not read update.{other} (another rule's); its own settings: "
     assert said in caplog.text and ", ".join(rules.rule(name).keys or ["none"])[:8] in caplog.text

@@ -10,10 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from iterate import models, rewards, sampling, workers
+from iterate import rewards, workers
 from iterate.rewards import scorer as scoring
 from iterate.rewards.pool import RewardPool
-from iterate.shards import shard_paths
+from iterate.sampling import samplers
+from iterate.store.shards import shard_paths
+from iterate.train import models
 
 from .conftest import ROOT
 from .test_sampling import PARAMS, SPEC, _prompts
@@ -59,12 +61,12 @@ def test_engine_env_gives_each_worker_its_own_cores(monkeypatch):
 
 def _sample(world, out, envs) -> list:
     tok = models.load_tokenizer(str(world))
-    shards, _ = sampling.plan(tok, _prompts(["Greet Leo.", "What is 1 plus 1?"]), 52, 2)
-    sampler = sampling.VllmSampler(SPEC, envs)
+    shards, _ = samplers.plan(tok, _prompts(["Greet Leo.", "What is 1 plus 1?"]), 52, 2)
+    sampler = samplers.VllmSampler(SPEC, envs)
     try:
         sampler.load(str(world))
         out.mkdir()
-        sampling.write_shards(
+        samplers.write_shards(
             sampler, dict(enumerate(shards)), PARAMS, lambda k: 7 + k, out, (0, "x"), "test"
         )
         time.sleep(0.5)

@@ -42,10 +42,10 @@ def machine() -> dict:
 
 
 def generation(cfg: bc.BenchConfig, out: Path) -> list[dict]:
-    from iterate import models
     from iterate.bench import child
     from iterate.bench import models as bm
     from iterate.toy import world
+    from iterate.train import models
 
     g = cfg.generation
     rows = []
@@ -377,7 +377,7 @@ RUNNERS = {
 def main(dcfg) -> None:
     from transformers.utils import logging as hf_logging
 
-    from iterate.shards import atomic_write_json
+    from iterate.store.shards import atomic_write_json
 
     hf_logging.disable_progress_bar()
     cfg: bc.BenchConfig = OmegaConf.to_object(dcfg)

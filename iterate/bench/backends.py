@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from iterate import models, sampling
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
-from iterate.paths import Paths
+from iterate.sampling import samplers
 from iterate.stages import evaluate, heldout, prompts
 from iterate.stages.update import ppo
+from iterate.store.paths import Paths
+from iterate.train import models
 
 BACKENDS = ("vllm", "transformers")
 
@@ -101,7 +102,7 @@ def measure(spec: dict) -> dict:
                     )
                     details[b].append(done.get("timings", {}))
     finally:
-        sampling.close_kept()
+        samplers.close_kept()
     out = {
         "kind": kind,
         "unit": "s/step" if kind == "rollouts" else "s/stage",
@@ -117,14 +118,14 @@ def measure(spec: dict) -> dict:
 def _merged_sync(spec: dict, model, tok, prompts: list, cfg) -> tuple:
     """(push, draw, close) through the run's sampler: merged weights loaded in place."""
     policy = spec["model"]
-    sampler = sampling.VllmSampler(
-        sampling.Spec(
+    sampler = samplers.VllmSampler(
+        samplers.Spec(
             max_length=bm.max_length(policy),
             gpu_memory_utilization=spec["gpu_memory_utilization"],
         )
     )
     sampler.load(policy)
-    params = sampling.Params(
+    params = samplers.Params(
         n=spec["n"], temperature=1.0, max_tokens=spec["new_tokens"], ignore_eos=True
     )
     return (

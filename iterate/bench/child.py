@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from iterate.bench import models as bm
-from iterate.shards import read_json
+from iterate.store.shards import read_json
 
 INLINE = False  # the smoke test (--quick): measurements in this process (``run``)
 
@@ -46,28 +46,29 @@ def run(kind: str, spec: dict, workdir: Path) -> dict:
 
 
 def generation(spec: dict) -> dict:
-    """vLLM and transformers through the run's samplers (``iterate.sampling``) on the same
+    """vLLM and transformers through the run's samplers (``iterate.sampling.samplers``) on the same
     model, prompts and sampling, alternating rounds, with the matmul rate measured between."""
-    from iterate import models, sampling
+    from iterate.sampling import samplers
+    from iterate.train import models
 
     dtype = models.DTYPES[spec["dtype"]]
     n, new, prompts = spec["n"], spec["new_tokens"], spec["prompts"]
     out: dict = {"rounds": {b: [] for b in spec["backends"]} | {"matmul_flops": []}}
-    sampler_spec = sampling.Spec(
+    sampler_spec = samplers.Spec(
         dtype=spec["dtype"],
         max_length=bm.max_length(spec["model"]),
         gpu_memory_utilization=spec["gpu_memory_utilization"],
         enforce_eager=spec["enforce_eager"],
         batch_size=len(prompts),
     )
-    params = sampling.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=new, ignore_eos=True)
-    samplers = {b: sampling.make(b, sampler_spec) for b in spec["backends"]}
+    params = samplers.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=new, ignore_eos=True)
+    by_backend = {b: samplers.make(b, sampler_spec) for b in spec["backends"]}
     try:
-        for s in samplers.values():
+        for s in by_backend.values():
             s.load(spec["model"])
-        if "vllm" in samplers:
+        if "vllm" in by_backend:
             t = time.perf_counter()
-            samplers["vllm"].sample(prompts[:1], params, seed=0)  # starts the engine
+            by_backend["vllm"].sample(prompts[:1], params, seed=0)  # starts the engine
             out["vllm_start_s"] = round(time.perf_counter() - t, 2)
         hf = models.load_policy(spec["model"], spec["dtype"])
         out["matmul_parameters"] = bm.matmul_parameters(hf)
@@ -76,7 +77,7 @@ def generation(spec: dict) -> dict:
 
         def run(backend: str, seed: int) -> int:
             return sum(
-                len(s.ids) for p in samplers[backend].sample(prompts, params, seed) for s in p
+                len(s.ids) for p in by_backend[backend].sample(prompts, params, seed) for s in p
             )
 
         for b in spec["backends"]:  # warm-up (first-call allocations, kernel selection)
@@ -88,7 +89,7 @@ def generation(spec: dict) -> dict:
                 out["rounds"][b].append({"tokens": tokens, "seconds": time.perf_counter() - t})
             out["rounds"]["matmul_flops"].append(bm.matmul_rate(dtype, spec["matmul_size"]))
     finally:
-        for s in samplers.values():
+        for s in by_backend.values():
             s.close()
     for b in spec["backends"]:
         rates = [r["tokens"] / r["seconds"] for r in out["rounds"][b]]

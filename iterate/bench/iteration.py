@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 from iterate.bench.config import main_config
-from iterate.paths import STAGES
-from iterate.shards import read_json
-from iterate.stage import DONE
+from iterate.store.paths import STAGES
+from iterate.store.shards import read_json
+from iterate.store.stage import DONE
 
 # section timings (seconds) that a stage spends on setting up, not on its work
 FIXED = {
@@ -63,7 +63,7 @@ def breakdown(run: Path, i: int) -> dict:
 
 
 def measure(out: Path, iterations: int, overrides: list[str], compare_restart: bool) -> dict:
-    from iterate import loop
+    from iterate.run import loop
 
     results = {}
     rm = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from iterate.config import ToyConfig
-from iterate.shards import read_json
+from iterate.store.shards import read_json
 
 # name -> LlamaConfig fields; head_dim 64 (vLLM's CPU attention wants >= 32)
 SPECS = {

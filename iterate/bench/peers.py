@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from iterate import models
+from iterate.train import models
 
 
 def reward(

@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from iterate.shards import read_json
-from iterate.stage import DONE
+from iterate.store.shards import read_json
+from iterate.store.stage import DONE
 
 LOOP = ("prompts", "generate", "label", "pairs", "update", "evaluate", "handoff")
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from iterate import models, progress
+from iterate import progress
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.stages.update import common, dpo, training
+from iterate.train import models
 
 
 def random_pairs(tok, lengths: list[tuple[int, int, int]], seed: int) -> list[common.Example]:
@@ -131,10 +132,10 @@ def rl_stages(spec: dict, wrap=None) -> dict:
     ``micro_batch_size`` rows (all a step's prompts' rows by default). ``wrap(name, run)``,
     if given, runs each variant's stage (``run()``: its done record), a profiler around it,
     say."""
-    from iterate import sampling
-    from iterate.paths import Paths
-    from iterate.rules import rule
+    from iterate.sampling import samplers
     from iterate.stages import heldout, prompts
+    from iterate.store.paths import Paths
+    from iterate.train.rules import rule
 
     n, steps = spec["prompts"], spec.get("steps", 1)
     micro = spec.get("micro_batch_size", n)
@@ -188,7 +189,7 @@ def rl_stages(spec: dict, wrap=None) -> dict:
                 "trainable_parameters": done["trainable_parameters"],
             }
     finally:
-        sampling.close_kept()
+        samplers.close_kept()
     return out
 
 
@@ -214,7 +215,7 @@ def padding_variant(spec: dict) -> dict:
     the variant's overrides, through the one training loop: seconds (the reference pass and
     the training apart), the share of padded tokens among those fed in training (the same
     cut replayed: ``pair_steps`` and ``models.micro_batches``), and the peak RSS."""
-    from iterate.stage import Stage
+    from iterate.store.stage import Stage
 
     cfg = main_config(
         [

@@ -2,7 +2,7 @@
 sharded prompts; a DPO update stage) on 1 worker x T threads against T workers x 1 thread,
 alternating rounds in one process (a warm-up round first: engine starts are not counted).
 
-Generation goes through ``sampling.write_shards`` with one vLLM engine bound to all T cores
+Generation goes through ``samplers.write_shards`` with one vLLM engine bound to all T cores
 against T engines bound to one core each (``workers.engine_env``); the update through the
 DPO stage with ``update.num_processes`` 1 (T torch threads) against T (one thread per rank,
 gloo all-reduce, ``accelerate launch`` included in the stage's wall time)."""
@@ -18,14 +18,16 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from iterate import models, sampling, workers
+from iterate import workers
 from iterate.bench import models as bm
 from iterate.bench.config import main_config
-from iterate.paths import Paths
-from iterate.shards import SCHEMAS, shard_path, write_shard
-from iterate.stage import Stage
+from iterate.sampling import samplers
 from iterate.stages.update import dpo
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, shard_path, write_shard
+from iterate.store.stage import Stage
 from iterate.toy import world
+from iterate.train import models
 
 
 def _generation(spec: dict, work: Path) -> dict:
@@ -38,31 +40,31 @@ def _generation(spec: dict, work: Path) -> dict:
         k: [(str(j), texts[j], ids[j]) for j in range(s, min(s + size, len(ids)))]
         for k, s in enumerate(range(0, len(ids), size))
     }
-    params = sampling.Params(n=spec["n"], max_tokens=spec["new_tokens"], ignore_eos=True)
-    sspec = sampling.Spec(max_length=bm.max_length(spec["model"]), gpu_memory_utilization=0.2)
+    params = samplers.Params(n=spec["n"], max_tokens=spec["new_tokens"], ignore_eos=True)
+    sspec = samplers.Spec(max_length=bm.max_length(spec["model"]), gpu_memory_utilization=0.2)
     layouts = {
         f"1x{t}": [workers.engine_env(0, 1, t, 1, cuda=False)],
         f"{t}x1": [workers.engine_env(w, t, 1, 1, cuda=False) for w in range(t)],
     }
-    samplers = {name: sampling.VllmSampler(sspec, envs) for name, envs in layouts.items()}
+    engines = {name: samplers.VllmSampler(sspec, envs) for name, envs in layouts.items()}
     rates: dict[str, list[float]] = {name: [] for name in layouts}
     try:
-        for s in samplers.values():
+        for s in engines.values():
             s.load(spec["model"])
         for r in range(0 if spec["warmup"] else 1, spec["rounds"] + 1):  # 0 starts engines
-            for name, s in samplers.items():
+            for name, s in engines.items():
                 out = work / "generate" / name
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
                 t0 = time.perf_counter()
-                sampling.write_shards(
+                samplers.write_shards(
                     s, todo, params, lambda k, r=r: k + r, out, (-1, "bench"), name
                 )
                 if r:
                     tokens = len(ids) * spec["n"] * spec["new_tokens"]
                     rates[name].append(tokens / (time.perf_counter() - t0))
     finally:
-        for s in samplers.values():
+        for s in engines.values():
             s.close()
     res = {f"{name}_tokens_per_s": statistics.median(v) for name, v in rates.items()}
     res["ratio"] = res[f"{t}x1_tokens_per_s"] / res[f"1x{t}_tokens_per_s"]

@@ -10,11 +10,11 @@ from pathlib import Path
 from iterate import rewards
 from iterate.checks import hub_id
 from iterate.config import Config
-from iterate.paths import CARD, Paths
 from iterate.report.metrics import table
-from iterate.rules import rule
-from iterate.shards import atomic_write_bytes, read_json
-from iterate.stage import DONE
+from iterate.store.paths import CARD, Paths
+from iterate.store.shards import atomic_write_bytes, read_json
+from iterate.store.stage import DONE
+from iterate.train.rules import rule
 
 
 def _reference(cfg: Config, row: dict) -> str:

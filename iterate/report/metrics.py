@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 from iterate.config import Config
-from iterate.paths import STAGES
-from iterate.shards import atomic_write_bytes
+from iterate.store.paths import STAGES
+from iterate.store.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

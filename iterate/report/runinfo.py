@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from omegaconf import OmegaConf
 
-from iterate import shards
 from iterate.config import to_dataclass
-from iterate.paths import STAGES, TRAIN_LOG, Paths
-from iterate.plan import run_stages
-from iterate.shards import PLAN, read_json, read_jsonl, shard_paths
-from iterate.stage import DONE
+from iterate.stages.plan import run_stages
+from iterate.store import shards
+from iterate.store.paths import STAGES, TRAIN_LOG, Paths, run_config
+from iterate.store.shards import PLAN, read_json, read_jsonl, shard_paths
+from iterate.store.stage import DONE
 
 # the stages before iteration 0 a run can have (``Paths.before``: where they are)
 BEFORE = ("reward_model", "heldout", "initial_samples")
@@ -82,14 +81,6 @@ def iterations(run: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in Path(run).glob("iter_[0-9]*") if p.is_dir())
 
 
-def config(run: Path) -> dict:
-    """The resolved config of the run's first invocation (``<run>/config.yaml``)."""
-    path = Paths(run=Path(run), base_policy="").config
-    if not path.exists():
-        raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml")
-    return yaml.safe_load(path.read_text())
-
-
 def expected_stages(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The stages the loop runs for this config (``plan.run_stages``: before iteration 0,
     and in each iteration), or None for a config this version cannot read (an older one's
@@ -106,7 +97,7 @@ def states(run: Path) -> dict[str, list[StageState]]:
     for the iterations it has started, in the loop's order."""
     run = Path(run)
     paths = Paths(run=run, base_policy="")
-    planned = expected_stages(config(run))
+    planned = expected_stages(run_config(run))
     if planned is None:  # the folders say which stages it has
         planned = [n for n in BEFORE if paths.before(n).exists()], ()
     before, expected = planned

@@ -15,10 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from iterate import errors, runlock
-from iterate.paths import Paths
+from iterate import errors
 from iterate.report import metrics, runinfo
-from iterate.shards import read_json, read_jsonl
+from iterate.store import runlock
+from iterate.store.paths import Paths, run_config
+from iterate.store.shards import read_json, read_jsonl
 
 USAGE = "usage: python -m iterate show RUN_FOLDER [samples=K] [iteration=I] [heldout=true]"
 
@@ -59,7 +60,7 @@ def status(run: Path) -> str:
     holder, stopped = runlock.holder(run), read_json(paths.stopped)
     if stopped and not paths.config.exists():  # stopped before the run folder was made
         return f"{run}: {_stopped(stopped)}"
-    cfg = runinfo.config(run)
+    cfg = run_config(run)
     finished = paths.finished.exists()
     if holder:
         where = (

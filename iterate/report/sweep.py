@@ -1,16 +1,14 @@
 """A sweep side by side (Hydra multirun): ``<sweep>/summary.{md,png}``, and mean ± sd over
-seeds when jobs differ only in ``seed=``. ``SweepSummary`` is the Hydra callback that
-writes it when the multirun ends."""
+seeds when jobs differ only in ``seed=``. ``iterate.run.cli.SweepSummary`` is the Hydra
+callback that writes it when the multirun ends."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-
 from iterate.report.metrics import figure, panel, plot, save_figure, table
-from iterate.shards import read_jsonl
+from iterate.store.shards import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -108,32 +106,3 @@ def summarize_sweep(sweep_dir: Path) -> str | None:
     (sweep_dir / "summary.md").write_text(md)
     plot(rows, sweep_dir / "summary.png", label_key="job")
     return text
-
-
-class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print and write the jobs side by side; then name
-    the jobs that stopped (failed or refused: the others ran on) and exit with the highest
-    of their statuses."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        import sys
-
-        from iterate import cli, errors
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        text = summarize_sweep(sweep_dir)
-        if text:
-            log.info("sweep summary (%s/summary.md, summary.png):\n%s", sweep_dir, text)
-            print(text)
-        if stopped := list(cli.STOPPED_JOBS):
-            cli.STOPPED_JOBS.clear()
-            for job, status in stopped:
-                log.error(
-                    "job %s stopped: %s (exit %d; `python -m iterate show %s` says why); %s",
-                    job,
-                    errors.WORDS[status],
-                    status,
-                    sweep_dir / job,
-                    errors.resumes(status),
-                )
-            sys.exit(max(status for _, status in stopped))

@@ -73,7 +73,7 @@ def function_name(spec: str) -> str:
 def _as_prompt(stored: str):
     """What a reward function gets for a prompt: its text, or for a conversation (a stored
     JSON list of messages with more than one turn) the list of messages."""
-    from iterate.models import as_messages
+    from iterate.train.models import as_messages
 
     messages = as_messages(stored) if isinstance(stored, str) else stored
     return messages[0]["content"] if len(messages) == 1 else messages
@@ -94,8 +94,8 @@ def row_fields(run: Path) -> dict[str, dict]:
     (``reward.source=policy``)."""
     import pyarrow.parquet as pq
 
-    from iterate.paths import Paths
-    from iterate.shards import FIELDS, shard_paths
+    from iterate.store.paths import Paths
+    from iterate.store.shards import FIELDS, shard_paths
 
     paths, out = Paths(run=Path(run), base_policy=""), {}
     drawn = sorted(Path(run).glob("iter_*/prompts"))
@@ -151,7 +151,7 @@ class FunctionReward(Loaded):
         names = [n for n in self.fields if any_name or n in named]
         if not names:
             return {}
-        from iterate.shards import prompt_id
+        from iterate.store.shards import prompt_id
 
         ids = [prompt_id(p) if isinstance(p, str) else None for p in prompts]
         new = set(ids) - {None} - (self._rows or {}).keys() - self._absent

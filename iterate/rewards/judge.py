@@ -20,7 +20,7 @@ from iterate.rewards.pairwise import compares_per_prompt
 @dataclass
 class JudgeReward(ModelReward):
     """A generative judge (``judge_model``): the causal LM at ``path`` sampled through the
-    run's sampler (``how``: ``sampling.How``) and its answers parsed; ``settings``: the
+    run's sampler (``how``: ``samplers.How``) and its answers parsed; ``settings``: the
     ``judge`` section. Compare mode rewards by tournament and has ``prefer``, like a
     pairwise model; score mode rewards each response by the number the judge gives it."""
 
@@ -82,14 +82,14 @@ class JudgeReward(ModelReward):
 
 
 def make(b: Build) -> JudgeReward:
-    from iterate import sampling
+    from iterate.sampling import samplers
 
     rc = b.cfg.reward
     spec = dataclasses.replace(
-        sampling.Spec.of(b.cfg), dtype=str(rc.dtype), max_length=rc.max_length
+        samplers.Spec.of(b.cfg), dtype=str(rc.dtype), max_length=rc.max_length
     )
     return JudgeReward(
-        b.path, **b.scoring(), how=sampling.How.of(b.cfg, spec), settings=b.settings.judge
+        b.path, **b.scoring(), how=samplers.How.of(b.cfg, spec), settings=b.settings.judge
     )
 
 

@@ -1,5 +1,5 @@
 """A generative judge (``reward.kind: judge``): a causal LM shown a prompt and responses in a
-template, in its own chat template, sampled through the run's sampler (``sampling.opened``,
+template, in its own chat template, sampled through the run's sampler (``samplers.opened``,
 under its own name: its engines never load a policy), its answer parsed by a regular
 expression.
 
@@ -89,10 +89,10 @@ class Judgement:
 @dataclass
 class Judge:
     """A generative judge at ``path``, asked through the sampler ``how``
-    (``sampling.How``)."""
+    (``samplers.How``)."""
 
     path: str
-    how: Any  # sampling.How: the run's backend and engine settings, the judge's model's
+    how: Any  # samplers.How: the run's backend and engine settings, the judge's model's
     mode: str = "compare"
     text: str = ""  # the template (``template``)
     rx: Any = None  # the parser (``pattern``)
@@ -107,7 +107,7 @@ class Judge:
 
     def tokenizer(self):
         if self._tok is None:
-            from iterate.models import load_tokenizer
+            from iterate.train.models import load_tokenizer
 
             self._tok = load_tokenizer(self.path, self.chat_template)
         return self._tok
@@ -121,9 +121,11 @@ class Judge:
     ) -> tuple[list[float | None], list[Judgement]]:
         """The judge's verdict on each request (``prompts[k]`` with the responses
         ``shown[k]``, the rows ``rows[k]`` for the records), and every answer it gave."""
-        from iterate import progress, sampling, seeds, workers
-        from iterate.models import as_messages
+        from iterate import progress, workers
         from iterate.rewards.pairwise_model import encode
+        from iterate.sampling import samplers
+        from iterate.store import seeds
+        from iterate.train.models import as_messages
 
         tok, room = self.tokenizer(), self.max_length - self.max_tokens
         seqs = [
@@ -134,13 +136,13 @@ class Judge:
         records: list[Judgement] = []
         todo = list(range(len(seqs)))
         bar = progress.bar(len(seqs), desc, "answer")
-        with sampling.opened(self.how, "judge") as sampler:
+        with samplers.opened(self.how, "judge") as sampler:
             sampler.load(self.path)
             for attempt in range(self.retries + 1):
                 if not todo:
                     break
                 hot = self.temperature if attempt == 0 or self.temperature > 0 else 1.0
-                params = sampling.Params(n=1, temperature=hot, max_tokens=self.max_tokens)
+                params = samplers.Params(n=1, temperature=hot, max_tokens=self.max_tokens)
                 seed = seeds.derive("judge", attempt)
                 chunks = [todo[w :: sampler.workers] for w in range(sampler.workers)]
                 sampler.ready()

@@ -12,8 +12,8 @@ from typing import Any
 from iterate import checks
 from iterate.config import Config
 from iterate.rewards.base import Build, Kind, Loaded, Scored, always
-from iterate.stage import DONE
-from iterate.stage import folder_sum as weights_sum  # a reward model's weights
+from iterate.store.stage import DONE
+from iterate.store.stage import folder_sum as weights_sum  # a reward model's weights
 
 
 @dataclass

@@ -13,7 +13,7 @@ from iterate.errors import BadInput
 from iterate.rewards.base import Build, Kind, Scored, always
 from iterate.rewards.model import ModelReward
 from iterate.rewards.model import card as model_card
-from iterate.rules import rule
+from iterate.train.rules import rule
 
 
 @dataclass

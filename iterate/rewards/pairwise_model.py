@@ -20,8 +20,8 @@ import torch
 
 from iterate import progress
 from iterate.errors import BadInput
-from iterate.models import as_messages, forward, pad
 from iterate.preferences import Messages
+from iterate.train.models import as_messages, forward, pad
 
 TEMPLATE = Path(__file__).parents[1] / "templates" / "pairwise.txt"
 ANSWERS = ("A", "B")
@@ -158,7 +158,7 @@ class PairwiseScorer:
     def load(cls, path, dtype, max_length, batch_size, device=None, text=None, chat=None):
         """The pairwise model at ``path``; ``text``: the comparison template (None: the
         shipped one), ``chat``: a chat template replacing the tokenizer's."""
-        from iterate.models import load_policy, load_tokenizer
+        from iterate.train.models import load_policy, load_tokenizer
 
         model = load_policy(path, dtype, device)
         for p in model.parameters():

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from iterate import progress
-from iterate.models import DTYPES, as_messages, load_tokenizer, named, pad
 from iterate.preferences import Messages
-from iterate.shards import read_json
+from iterate.store.shards import read_json
+from iterate.train.models import DTYPES, as_messages, load_tokenizer, named, pad
 
 log = logging.getLogger(__name__)
 

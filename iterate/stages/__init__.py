@@ -2,4 +2,4 @@
 ``prompts``, ``heldout`` (and its initial samples), ``reward_model``, then per iteration
 ``generate``, ``reward`` (the reward-model refresh), ``label``, ``pairs``, ``update`` (a
 package: one module per rule and the training loop), ``evaluate`` and ``handoff``.
-``iterate.loop`` runs them in that order; each keeps the contract of ``iterate.stage``."""
+``iterate.run.loop`` runs them in that order; each keeps the contract of ``iterate.store.stage``."""

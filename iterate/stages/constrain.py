@@ -45,12 +45,13 @@ from typing import Any
 
 import torch
 
-from iterate import models, progress, winrate
+from iterate import progress, winrate
 from iterate.config import Config
-from iterate.paths import Paths
-from iterate.shards import read_json, read_shards, write_folder
-from iterate.stage import DONE, Stage, counted, resolve
 from iterate.stages import heldout
+from iterate.store.paths import Paths, run_config
+from iterate.store.shards import read_json, read_shards, write_folder
+from iterate.store.stage import DONE, Stage, counted, resolve
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +378,8 @@ def kl_grid(run: Path, i: int, points: int = 5) -> list[tuple[float, float]]:
     from omegaconf import OmegaConf
 
     from iterate.config import to_dataclass
-    from iterate.report.runinfo import config
 
-    cfg = to_dataclass(OmegaConf.create(config(run)))
+    cfg = to_dataclass(OmegaConf.create(run_config(run)))
     paths = Paths(run=Path(run), base_policy="")
     conf = resolve(read_json(paths.stage(i, "constrain") / DONE)["config"], Path(run))
     policy, reference = conf["policy"], conf["reference"]

@@ -28,15 +28,17 @@ import logging
 import pyarrow as pa
 import torch
 
-from iterate import losses, models, progress, rewards, sampling, winrate
+from iterate import progress, rewards, winrate
 from iterate.config import Config, plain
 from iterate.errors import BadInput
-from iterate.paths import Paths
 from iterate.rewards import Reward
 from iterate.rewards.pool import RewardPool
-from iterate.shards import SCHEMAS, read_shards, shard_path, write_shard
-from iterate.stage import Stage
+from iterate.sampling import samplers
 from iterate.stages import heldout
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, read_shards, shard_path, write_shard
+from iterate.store.stage import Stage
+from iterate.train import losses, models
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +429,6 @@ def run(
         rows_out=samples.num_rows,
         dropped=info["dropped"],
         **measured,
-        **sampling.summary(samples),
+        **samplers.summary(samples),
         timings={**info["timings"], **timer.seconds},
     )

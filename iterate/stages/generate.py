@@ -1,7 +1,7 @@
 """The generate stage: best-of-n samples of the iteration's prompts, as Parquet shards.
 
 One request per prompt with ``n`` samples (the prompt is prefilled once), through the run's
-sampler (``iterate.sampling``; vLLM or transformers by ``generate.backend``). Prompts whose
+sampler (``iterate.sampling.samplers``; vLLM or transformers by ``generate.backend``). Prompts whose
 tokens leave no room for ``max_tokens`` within ``model.max_length`` are dropped and
 counted, never allowed to fail the batch. Shard ``k`` holds prompts
 ``[k*shard_size, (k+1)*shard_size)`` and is seeded from (seed, iteration, k); shards
@@ -14,19 +14,21 @@ import logging
 
 import pyarrow as pa
 
-from iterate import models, sampling, seeds
 from iterate.config import Config
 from iterate.errors import BadInput
-from iterate.paths import Paths
-from iterate.shards import SCHEMAS, read_shards, write_plan
-from iterate.stage import Stage, counted
+from iterate.sampling import samplers
+from iterate.store import seeds
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, read_shards, write_plan
+from iterate.store.stage import Stage, counted
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 
 
-def params(cfg: Config) -> sampling.Params:
+def params(cfg: Config) -> samplers.Params:
     gc = cfg.generate
-    return sampling.Params(
+    return samplers.Params(
         n=gc.n, temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens
     )
 
@@ -48,7 +50,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
     if stage.check(cfg.force):
         return stage.read_done()
     tok = models.load_tokenizer(policy, cfg.model.chat_template)
-    shards, dropped = sampling.plan(
+    shards, dropped = samplers.plan(
         tok, prompts, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     if not shards:
@@ -58,13 +60,13 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
             f"generate.max_tokens ({gc.max_tokens}) after the prompt"
         )
     write_plan(stage.path, "shards", len(shards))
-    todo = sampling.missing(shards, stage.path)
+    todo = samplers.missing(shards, stage.path)
     timings = {}
     if todo:
         log.info("generate: %d of %d shards to write (%s)", len(todo), len(shards), gc.backend)
-        with sampling.session(cfg) as sampler:
+        with samplers.session(cfg) as sampler:
             sampler.load(policy)
-            sampling.write_shards(
+            samplers.write_shards(
                 sampler,
                 todo,
                 params(cfg),
@@ -74,7 +76,7 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
                 f"generate ({gc.backend})",
             )
             timings = sampler.timings
-    table = read_shards(stage.path, SCHEMAS["generate"], sampling.SUMMARY_COLUMNS)
+    table = read_shards(stage.path, SCHEMAS["generate"], samplers.SUMMARY_COLUMNS)
     return stage.finish(
         backend=str(gc.backend),
         prompts_in=prompts.num_rows,
@@ -83,5 +85,5 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, prompts: pa.Table) -> di
         dropped=dict(dropped),
         shards=len(shards),
         timings=timings,
-        **sampling.summary(table),
+        **samplers.summary(table),
     )

@@ -18,12 +18,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from iterate import models, progress
+from iterate import progress
 from iterate.config import Config
-from iterate.paths import CARD, Paths
-from iterate.shards import atomic_write_json, link_tree, read_json, write_folder
-from iterate.stage import Stage, counted
 from iterate.stages import evaluate
+from iterate.store.paths import CARD, Paths
+from iterate.store.shards import atomic_write_json, link_tree, read_json, write_folder
+from iterate.store.stage import Stage, counted
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 

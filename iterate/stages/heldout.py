@@ -21,11 +21,13 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from iterate import models, sampling, seeds
 from iterate.config import Config
 from iterate.errors import BadInput
-from iterate.paths import Paths
-from iterate.shards import (
+from iterate.sampling import samplers
+from iterate.stages import prompts as sources
+from iterate.store import seeds
+from iterate.store.paths import Paths
+from iterate.store.shards import (
     SCHEMAS,
     prompt_id,
     read_json,
@@ -34,8 +36,8 @@ from iterate.shards import (
     write_plan,
     write_shard,
 )
-from iterate.stage import DONE, Stage, counted, file_sum, folder_sum
-from iterate.stages import prompts as sources
+from iterate.store.stage import DONE, Stage, counted, file_sum, folder_sum
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ def prompts(cfg: Config, paths: Paths) -> pa.Table:
     return read_shards(stage.path)
 
 
-def params(cfg: Config) -> sampling.Params:
-    return sampling.Params(
+def params(cfg: Config) -> samplers.Params:
+    return samplers.Params(
         n=cfg.evaluate.samples, temperature=1.0, top_p=1.0, max_tokens=cfg.generate.max_tokens
     )
 
@@ -81,15 +83,15 @@ def sample(
     and what was dropped. ``stage``: (iteration, stage) for the crash tests' kill points
     (the evaluation of iteration ``unit - 1``, unless said)."""
     gc = cfg.generate
-    shards, dropped = sampling.plan(
+    shards, dropped = samplers.plan(
         tok, heldout, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     timings = {}
     write_plan(out, "shards", len(shards))
-    if todo := sampling.missing(shards, out):
-        with sampling.session(cfg) as sampler:
+    if todo := samplers.missing(shards, out):
+        with samplers.session(cfg) as sampler:
             put(sampler)
-            sampling.write_shards(
+            samplers.write_shards(
                 sampler,
                 todo,
                 params(cfg),
@@ -119,7 +121,7 @@ def initial_samples(cfg: Config, paths: Paths) -> pa.Table:
         tok = models.load_tokenizer(paths.base_policy, cfg.model.chat_template)
         put = lambda sampler: sampler.load(paths.base_policy)  # noqa: E731
         table, info = sample(cfg, tok, read_shards(paths.heldout_dir), stage.path, 0, put)
-        stage.finish(rows_out=table.num_rows, **info, **sampling.summary(table))
+        stage.finish(rows_out=table.num_rows, **info, **samplers.summary(table))
     return read_shards(stage.path, SCHEMAS["generate"])
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterate import faults, models, rewards
+from iterate import faults, rewards
 from iterate.config import Config
-from iterate.paths import Paths
 from iterate.rewards.pool import RewardPool
-from iterate.shards import (
+from iterate.store.paths import Paths
+from iterate.store.shards import (
     SCHEMAS,
     atomic_write_json,
     read_json,
@@ -34,7 +34,8 @@ from iterate.shards import (
     shard_paths,
     write_shard,
 )
-from iterate.stage import Stage
+from iterate.store.stage import Stage
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 
-from iterate import progress, shards
+from iterate import progress
 from iterate.config import Config
-from iterate.paths import Paths
-from iterate.rules import rule
-from iterate.shards import SCHEMAS, shard_path
-from iterate.stage import Stage, counted
+from iterate.store import shards
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, shard_path
+from iterate.store.stage import Stage, counted
+from iterate.train.rules import rule
 
 
 def _valid(rewards: list[float]) -> list[int]:

@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from iterate.config import Config
 from iterate.errors import BadInput
-from iterate.paths import Paths
-from iterate.shards import (
+from iterate.store.paths import Paths
+from iterate.store.shards import (
     FIELDS,
     prompt_id,
     read_json,
@@ -36,7 +36,7 @@ from iterate.shards import (
     shard_paths,
     write_shard,
 )
-from iterate.stage import DONE, Stage, counted
+from iterate.store.stage import DONE, Stage, counted
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,13 @@ def _synthetic(
     for j in range(i):
         known += read_shards(paths.stage(j, "prompts"))["prompt"].to_pylist()
     writer = generator(cfg, policy)
-    chunk, info = synthetic.write(cfg, i, writer, train, synthetic.Known(known), passed)
+    in_world = None
+    if str(cfg.prompts.source) == "toy":  # the toy world answers only its grammar's prompts
+        from iterate.toy import world
+
+        in_world = lambda text: world.parse(text) is not None  # noqa: E731
+    known = synthetic.Known(known)
+    chunk, info = synthetic.write(cfg, i, writer, train, known, passed, in_world)
     log.info(
         "prompts (self_instruct): %d of %d candidates kept; dropped %s",
         len(chunk),

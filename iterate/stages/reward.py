@@ -31,16 +31,17 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterate import faults, models, preferences, rewards
+from iterate import faults, preferences, rewards
 from iterate.config import Config, plain
-from iterate.models import as_messages
-from iterate.paths import Paths
 from iterate.preferences import Pair
 from iterate.rewards.scorer import members
-from iterate.shards import SCHEMAS, atomic_write_json, read_json, read_shards, write_shard
-from iterate.stage import Stage, counted
 from iterate.stages import pairs
 from iterate.stages.reward_model import build_pairs, fit_members
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, atomic_write_json, read_json, read_shards, write_shard
+from iterate.store.stage import Stage, counted
+from iterate.train import models
+from iterate.train.models import as_messages
 
 log = logging.getLogger(__name__)
 

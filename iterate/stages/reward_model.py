@@ -27,17 +27,19 @@ from pathlib import Path
 
 import torch
 
-from iterate import cachekey, faults, losses, preferences, progress, rewards
+from iterate import faults, preferences, progress, rewards
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
-from iterate.models import for_training, load_policy, load_tokenizer, with_lora
-from iterate.paths import TRAIN_LOG, Paths
 from iterate.preferences import Pair
 from iterate.rewards import pairwise_model as pairwise
 from iterate.rewards.scorer import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
-from iterate.shards import TEMPORARY, atomic_write_json, read_json, write_folder
-from iterate.stage import DONE, DamagedStage, Stage, counted
+from iterate.store import cachekey
+from iterate.store.paths import TRAIN_LOG, Paths
+from iterate.store.shards import TEMPORARY, atomic_write_json, read_json, write_folder
+from iterate.store.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
+from iterate.train import losses
+from iterate.train.models import for_training, load_policy, load_tokenizer, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,12 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
     prompt's best and worst response make a pair (``pairs.select``, ``max_min``); a prompt
     whose responses all score alike (a tie) or that cannot be scored is dropped and
     counted."""
-    from iterate import models, sampling, seeds
-    from iterate.shards import read_shards, shard_path, write_shard
+    from iterate.sampling import samplers
     from iterate.stages import prompts as sources
     from iterate.stages.pairs import select
+    from iterate.store import seeds
+    from iterate.store.shards import read_shards, shard_path, write_shard
+    from iterate.train import models
 
     rc, gc, dropped = cfg.reward, cfg.generate, Counter()
     names = list(cfg.prompts.fields)
@@ -86,18 +90,18 @@ def policy_pairs(cfg: Config, paths: Paths, base: str) -> tuple[list[Pair], Coun
         write_shard(sources.table([t for t, _ in rows], fields), first)
     tok = models.load_tokenizer(base, cfg.model.chat_template)
     table = read_shards(paths.reward_model_prompts)
-    shards, too_long = sampling.plan(
+    shards, too_long = samplers.plan(
         tok, table, cfg.model.max_length - gc.max_tokens, gc.shard_size
     )
     dropped += too_long
-    params = sampling.Params(
+    params = samplers.Params(
         n=rc.samples, temperature=gc.temperature, top_p=gc.top_p, max_tokens=gc.max_tokens
     )
     out = paths.reward_model_samples
-    if todo := sampling.missing(shards, out):
-        with sampling.session(cfg) as sampler:
+    if todo := samplers.missing(shards, out):
+        with samplers.session(cfg) as sampler:
             sampler.load(base)
-            sampling.write_shards(
+            samplers.write_shards(
                 sampler,
                 todo,
                 params,

@@ -1,6 +1,6 @@
 """Build the toy world once: tokenizer, small Llama policy, short SFT on mixed-quality data.
 
-The result is cached under ``<cache_dir>/<key>/`` (``iterate.cachekey``: the ToyConfig, the
+The result is cached under ``<cache_dir>/<key>/`` (``iterate.store.cachekey``: the ToyConfig, the
 code that builds it, the libraries' versions) and reused, so the second
 run is instant. The build is deterministic: the same config gives byte-identical tokenizer
 and weights (``world.json`` records their hashes).
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
-from iterate import cachekey, models, progress, sampling
+from iterate import progress
 from iterate.config import ToyConfig
+from iterate.sampling import samplers
+from iterate.store import cachekey
 from iterate.toy import world
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +181,9 @@ def evaluate(
     _, heldout = world.split(cfg.heldout_fraction)
     rng = random.Random(cfg.seed + 2)
     chosen = rng.sample(heldout, min(prompts, len(heldout)))
-    sampler = sampling.TransformersSampler(sampling.Spec(batch_size=32))
+    sampler = samplers.TransformersSampler(samplers.Spec(batch_size=32))
     sampler.sync(model, tokenizer, "")
-    params = sampling.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
+    params = samplers.Params(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
     samples = sampler.sample(
         [models.prompt_ids(tokenizer, i.prompt) for i in chosen], params, cfg.seed
     )

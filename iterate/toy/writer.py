@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from iterate import cachekey, models
 from iterate.config import ToyConfig
+from iterate.store import cachekey
 from iterate.synthetic import request
 from iterate.toy import build, world
+from iterate.train import models
 
 
 def data(cfg: ToyConfig, tokenizer, examples: int = 3) -> list[tuple[list[int], int]]:

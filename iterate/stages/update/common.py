@@ -15,15 +15,17 @@ from typing import Any
 
 import torch
 
-from iterate import models, progress, seeds
+from iterate import progress
 from iterate.config import Config, plain
 from iterate.errors import BadInput
-from iterate.paths import Paths
-from iterate.rules import rule
-from iterate.shards import SCHEMAS, read_json, read_shards
-from iterate.stage import DONE, Stage
 from iterate.stages.update import dist
 from iterate.stages.update.training import LossFn, Step, len_params, train, trainable
+from iterate.store import seeds
+from iterate.store.paths import Paths
+from iterate.store.shards import SCHEMAS, read_json, read_shards
+from iterate.store.stage import DONE, Stage
+from iterate.train import models
+from iterate.train.rules import rule
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class Example:
 
 
 # The update settings every rule reads (the training loop's); each rule's row in
-# ``iterate.rules`` names its own on top, so a knob added for one rule does not invalidate
+# ``iterate.train.rules`` names its own on top, so a knob added for one rule does not invalidate
 # finished runs of the others.
 SHARED_KEYS = (
     "name",

@@ -31,12 +31,13 @@ import math
 
 import torch
 
-from iterate import losses, models, seeds
 from iterate.config import Config
-from iterate.paths import Paths
-from iterate.rules import rule
 from iterate.stages.update import rl
 from iterate.stages.update.common import Example
+from iterate.store import seeds
+from iterate.store.paths import Paths
+from iterate.train import losses, models
+from iterate.train.rules import rule
 
 
 def advantages(ctx: rl.Context, examples: list[Example], n: int) -> None:

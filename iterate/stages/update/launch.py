@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from iterate import models, progress, workers
+from iterate import progress, workers
 from iterate.config import to_dataclass
-from iterate.paths import Paths
-from iterate.rules import rule
-from iterate.shards import read_json
 from iterate.stages.update import dist
+from iterate.store.paths import Paths
+from iterate.store.shards import read_json
+from iterate.train import models
+from iterate.train.rules import rule
 
 
 def main(spec_path: str) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from iterate import losses, models
 from iterate.config import Config
-from iterate.paths import Paths
 from iterate.stages.update import rl
 from iterate.stages.update.common import Example
+from iterate.store.paths import Paths
+from iterate.train import losses, models
 
 
 def new_head(cfg: Config, model) -> torch.nn.Module:

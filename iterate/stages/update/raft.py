@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from iterate import losses
 from iterate.config import Config
-from iterate.paths import Paths
 from iterate.stages.update.common import Example, logps, run_rule
+from iterate.store.paths import Paths
+from iterate.train import losses
 
 
 def loss_fn(model, tok, batch: list[Example], dev) -> tuple[torch.Tensor, dict[str, float]]:

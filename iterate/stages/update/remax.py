@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from iterate import losses, models
 from iterate.config import Config
-from iterate.paths import Paths
 from iterate.stages.update import rl
 from iterate.stages.update.common import Example
+from iterate.store.paths import Paths
+from iterate.train import losses, models
 
 
 def prepare(ctx: rl.Context, prompts: rl.Prompts, seed: int) -> list[Example]:

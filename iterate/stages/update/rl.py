@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iterate import losses, models, progress, rewards, sampling, seeds
+from iterate import progress, rewards
 from iterate.config import Config
 from iterate.errors import BadInput
-from iterate.paths import Paths
 from iterate.rewards import Reward
-from iterate.shards import read_shards
+from iterate.sampling import samplers
 from iterate.stages.update import common, training
 from iterate.stages.update.common import Example
+from iterate.store import seeds
+from iterate.store.paths import Paths
+from iterate.store.shards import read_shards
+from iterate.train import losses, models
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class Context:
     tok: object
     dev: torch.device
     ref_model: torch.nn.Module | None  # None: the reference is the policy with its adapter disabled
-    sampler: sampling.Sampler
+    sampler: samplers.Sampler
     reward: Reward  # what scores the rollouts
     head: torch.nn.Module | None = None  # PPO's value head
     state: dict = field(default_factory=dict)  # PPO's adaptive KL coefficient
@@ -54,7 +57,7 @@ class Context:
         """``n`` responses per prompt (sampled in one request, or greedy), scored by the run's
         reward; a prompt's ``n`` examples are consecutive (a group rule's group)."""
         gc = self.cfg.generate
-        params = sampling.Params(
+        params = samplers.Params(
             n=n,
             temperature=0.0 if greedy else gc.temperature,
             top_p=gc.top_p,
@@ -295,7 +298,7 @@ def run_on_policy(
             "generate.max_tokens within model.max_length"
         )
     stats: dict = {}
-    with sampling.session(cfg) as sampler, timer("train_s"):
+    with samplers.session(cfg) as sampler, timer("train_s"):
         ctx = Context(
             cfg,
             model,

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from iterate import faults, models, progress
+from iterate import faults, progress, track
 from iterate.config import Config
-from iterate.paths import TRAIN_LOG
-from iterate.report import track
-from iterate.shards import write_plan
-from iterate.stage import Stage, config_hash
 from iterate.stages.update import dist
+from iterate.store.paths import TRAIN_LOG
+from iterate.store.shards import write_plan
+from iterate.store.stage import Stage, config_hash
+from iterate.train import models
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
 LossFn = Callable[[object, list], tuple[torch.Tensor, dict[str, float]]]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from iterate import errors
 
@@ -28,7 +31,7 @@ def _to_log_file(text: str) -> str | None:
 
 
 # (job folder, exit status) of a sweep's jobs that stopped with 1 or 2: the sweep goes on
-# to its other jobs and ends with the highest status (``report.sweep.SweepSummary``)
+# to its other jobs and ends with the highest status (``SweepSummary``)
 STOPPED_JOBS: list[tuple[str, int]] = []
 
 
@@ -142,3 +145,33 @@ def started() -> None:
     STARTED = True
     if isinstance(sys.stderr, _Held):
         sys.stderr.release()
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print and write the jobs side by side; then name
+    the jobs that stopped (failed or refused: the others ran on) and exit with the highest
+    of their statuses."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import sys
+
+        from iterate import errors
+        from iterate.report.sweep import summarize_sweep
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        text = summarize_sweep(sweep_dir)
+        if text:
+            log.info("sweep summary (%s/summary.md, summary.png):\n%s", sweep_dir, text)
+            print(text)
+        if stopped := list(STOPPED_JOBS):
+            STOPPED_JOBS.clear()
+            for job, status in stopped:
+                log.error(
+                    "job %s stopped: %s (exit %d; `python -m iterate show %s` says why); %s",
+                    job,
+                    errors.WORDS[status],
+                    status,
+                    sweep_dir / job,
+                    errors.resumes(status),
+                )
+            sys.exit(max(status for _, status in stopped))

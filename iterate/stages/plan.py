@@ -1,4 +1,4 @@
-"""Which stages a run of a config has, from the rule table (``iterate.rules``) and the
+"""Which stages a run of a config has, from the rule table (``iterate.train.rules``) and the
 reward (``iterate.rewards``): the loop runs them and the run inspector lists them, from this
 one answer. Torch-free."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from iterate import rewards
 from iterate.config import Config
-from iterate.rules import between
+from iterate.train.rules import between
 
 
 def between_stages(cfg: Config) -> tuple[str, ...]:

@@ -25,8 +25,8 @@ from typing import Any
 from iterate import faults, progress
 from iterate.config import Config, plain
 from iterate.errors import BadInput
-from iterate.paths import CONFIG
-from iterate.shards import PLAN, TEMPORARY, atomic_write_json, read_json
+from iterate.store.paths import CONFIG
+from iterate.store.shards import PLAN, TEMPORARY, atomic_write_json, read_json
 
 DONE = "_DONE.json"
 

@@ -5,7 +5,7 @@
   whole or not at all the same way (``write_folder``).
 - Every shard schema is explicit and lives here.
 
-A stage folder's contract (``_DONE.json``, identity, verification) is ``iterate.stage``.
+A stage folder's contract (``_DONE.json``, identity, verification) is ``iterate.store.stage``.
 """
 
 from __future__ import annotations

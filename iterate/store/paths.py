@@ -2,7 +2,7 @@
 is named here, so a reader finds the layout in one place (README "Outputs: the run
 directory" draws it). Built once by the loop, handed to every stage; the run inspector
 builds one from a run folder alone. A stage's own bookkeeping inside its folder
-(``_DONE.json``, ``_PLAN.json``: ``iterate.stage``, ``iterate.shards``) and files that
+(``_DONE.json``, ``_PLAN.json``: ``iterate.store.stage``, ``iterate.store.shards``) and files that
 only the stage writing them reads are named in that stage's module."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The stage vocabulary, in the loop's order (``loop.iterate`` runs them; the report, the run
-# inspector and the benchmarks name them). Which of them a rule reads: ``iterate.rules``.
+# inspector and the benchmarks name them). Which of them a rule reads: ``iterate.train.rules``.
 STAGES = (
     "prompts",
     "generate",
@@ -152,3 +152,13 @@ class Paths:
 
     def handoff_adapter(self, i: int) -> Path:
         return self.stage(i, "handoff") / "adapter"
+
+
+def run_config(run: Path) -> dict:
+    """The resolved config of the run's first invocation (``<run>/config.yaml``)."""
+    import yaml
+
+    path = Path(run) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml")
+    return yaml.safe_load(path.read_text())

@@ -22,11 +22,11 @@ from importlib import metadata
 from pathlib import Path
 
 from iterate.errors import BadInput
-from iterate.shards import atomic_write_json, clean_temporaries, read_json, write_folder
+from iterate.store.shards import atomic_write_json, clean_temporaries, read_json, write_folder
 
 log = logging.getLogger(__name__)
 
-PACKAGE = Path(__file__).resolve().parent  # iterate/
+PACKAGE = Path(__file__).resolve().parents[1]  # iterate/
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors")
 
 

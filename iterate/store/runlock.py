@@ -23,7 +23,7 @@ from pathlib import Path
 
 from iterate import workers
 from iterate.errors import BadInput
-from iterate.shards import clean_temporaries, read_json
+from iterate.store.shards import clean_temporaries, read_json
 
 log = logging.getLogger(__name__)
 

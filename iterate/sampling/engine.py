@@ -1,4 +1,4 @@
-"""The vLLM engine in a process of its own (``python -m iterate.engine --serve FD``).
+"""The vLLM engine in a process of its own (``python -m iterate.sampling.engine --serve FD``).
 
 The parent sends requests over a socket; the engine process only loads weights and
 samples. Every request names the policy (a model folder or hub id) and a version (0: the
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from iterate import progress, workers
-from iterate.shards import read_json
+from iterate.store.shards import read_json
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class Engine:
         }
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iterate.engine", "--serve", str(theirs.fileno())],
+                [sys.executable, "-m", "iterate.sampling.engine", "--serve", str(theirs.fileno())],
                 env=env,
                 pass_fds=[theirs.fileno()],
                 preexec_fn=workers.kill_with_parent,

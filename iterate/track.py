@@ -24,12 +24,14 @@ from __future__ import annotations
 import copy
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from iterate.config import Config, plain
-from iterate.paths import TRAIN_LOG, Paths
-from iterate.shards import atomic_write_json, read_json, read_jsonl
-from iterate.stage import DONE, flatten
+from iterate.store.paths import TRAIN_LOG, Paths
+from iterate.store.shards import atomic_write_json, read_json, read_jsonl
+from iterate.store.stage import DONE, flatten
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +237,13 @@ class Tracker:
             self._save(flushed)
         return len(logged)
 
-    def iteration(self, paths: Paths, row: dict) -> bool:
+    def iteration(self, paths: Paths, row: dict, samples: Callable[[int], Any]) -> bool:
         """Catch up iteration ``row['iteration']``'s training steps from its
-        ``train_log.jsonl``, then log its metrics row and samples table, once per tracker."""
+        ``train_log.jsonl``, then log its metrics row and samples table, once per tracker;
+        ``samples(k)``: the table of the iteration's k best and k worst held-out responses
+        (asked for only when a tracker still needs the row)."""
         if not self.names:
             return False
-        from iterate.report import runinfo
-
         i, update = row["iteration"], paths.stage(row["iteration"], "update")
         ident = read_json(update / DONE)["config_hash"]
         self.steps(i, ident, step_base(paths.run, i), read_jsonl(update / TRAIN_LOG))
@@ -251,12 +253,12 @@ class Tracker:
         values = {f"iteration/{k}": v for k, v in flat(row).items() if k != "iteration"}
         end = step_base(paths.run, i + 1)  # the run's step where this iteration's update ended
         k = self.cfg.track.samples
-        samples = runinfo.extremes(runinfo.scored(paths.run, i, heldout=True, keep=k), k)
+        table = samples(k)
         for name in todo:
             b = self._backend(name)
             step = end if b.one_axis else i
             b.scalars(values, "iteration", step)
-            b.table("iteration/samples", samples, step)
+            b.table("iteration/samples", table, step)
             self._cursor(name, i, ident)["row"] = True
             if b.flushes:
                 b.flush()

@@ -20,7 +20,7 @@ def device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-TEMPLATES = Path(__file__).parent / "templates"  # the public models' chat templates
+TEMPLATES = Path(__file__).parents[1] / "templates"  # the public models' chat templates
 
 
 def chat_template(value: str | None) -> str | None:

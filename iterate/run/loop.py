@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from iterate import errors, rewards, workers
 from iterate.config import Config, plain
-from iterate.paths import CARD, Paths
-from iterate.plan import between_stages, run_stages
-from iterate.rules import rule
-from iterate.shards import atomic_write_json, read_json, read_jsonl
-from iterate.stage import DONE, Stage
+from iterate.stages.plan import between_stages, run_stages
+from iterate.store.paths import CARD, Paths
+from iterate.store.shards import atomic_write_json, read_json, read_jsonl
+from iterate.store.stage import DONE, Stage
+from iterate.train.rules import rule
 
 log = logging.getLogger("iterate")
 
@@ -114,8 +115,8 @@ def next_policy(cfg: Config, paths: Paths, i: int, policy: str, handoff: dict) -
 
 def run(cfg: Config, run_dir: Path) -> list[dict]:
     """Make iterations 0..cfg.iteration-1 exist; return the metrics rows."""
-    from iterate import validate
-    from iterate.runlock import RunLock
+    from iterate.run import validate
+    from iterate.store.runlock import RunLock
 
     validate.check(cfg)  # every setting, before any work
     with RunLock(run_dir), workers.torch_threads(cfg.threads):  # one writer per run folder
@@ -168,12 +169,12 @@ def _run(cfg: Config, run_dir: Path) -> list[dict]:
         _finish(cfg, paths, [])
         log.info("%s: reward model only (iteration=0), %.0fs: %s", run_dir, time.time() - t0, rm)
         return []
-    from iterate import sampling
+    from iterate.sampling import samplers
 
     try:
         rows = iterate(cfg, paths, rm)
     finally:
-        sampling.close_kept()  # a kept vLLM engine lives for one run
+        samplers.close_kept()  # a kept vLLM engine lives for one run
     metrics.write_metrics(paths.metrics, rows)
     metrics.plot(rows, paths.plot, max_kl=cfg.handoff.max_kl)
     _finish(cfg, paths, rows)
@@ -250,7 +251,8 @@ def before_update(
 
 
 def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
-    from iterate.report import cards, metrics, track
+    from iterate import track
+    from iterate.report import cards, metrics
     from iterate.stages import constrain, evaluate, handoff, heldout, prompts
     from iterate.stages import reward as refresh
 
@@ -279,7 +281,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         metrics.write_metrics(paths.metrics, rows)
         cards.write_cards(cfg, paths, rows)  # the row is complete: the cards can say it all
         with track.Tracker(cfg, paths.run) as tracker:
-            tracker.iteration(paths, rows[-1])
+            tracker.iteration(paths, rows[-1], partial(_extremes, paths.run, i))
         row = rows[-1]
         log.info(
             "iteration %d: %s responses, reward %s, KL %.4f, %s (%.0fs)",
@@ -297,3 +299,10 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
         reference = new if cfg.handoff.reference == "previous" else paths.base_policy
         policy = new
     return rows
+
+
+def _extremes(run: Path, i: int, k: int):
+    """Iteration i's k best and k worst held-out responses, as the trackers' samples table."""
+    from iterate.report import runinfo
+
+    return runinfo.extremes(runinfo.scored(run, i, True, keep=k), k)

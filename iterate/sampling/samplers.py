@@ -2,7 +2,7 @@
 evaluation and its initial-policy baseline, PPO and ReMax rollouts, the benchmark) goes
 through ``Sampler.sample``, with the backend chosen once by ``generate.backend``.
 
-- ``vllm``: a vLLM engine in its own process (``iterate.engine``). With
+- ``vllm``: a vLLM engine in its own process (``iterate.sampling.engine``). With
   ``generate.keep_engine`` (CPU) one engine serves the whole run, and each new policy is
   loaded into it in place.
 - ``transformers``: ``generate`` in this process, left-padded batches.
@@ -35,9 +35,11 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from iterate import engine, faults, models, progress, workers
+from iterate import faults, progress, workers
 from iterate.config import Config
-from iterate.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
+from iterate.sampling import engine
+from iterate.store.shards import SCHEMAS, shard_index, shard_path, shard_paths, write_shard
+from iterate.train import models
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,7 @@ class TransformersSampler:
 
 
 class VllmSampler:
-    """vLLM engines, each in its own process (``iterate.engine``) with its own slice of the
+    """vLLM engines, each in its own process (``iterate.sampling.engine``) with its own slice of the
     machine (``workers.engine_env``): one for a single request, all of them for shards."""
 
     def __init__(self, spec: Spec, envs: list[dict] | None = None):

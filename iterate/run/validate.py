@@ -15,7 +15,7 @@ from iterate.checks import model_config, model_folder, need, reward_folder
 from iterate.config import Config, plain
 from iterate.errors import BadInput
 from iterate.rewards.function import check_spec
-from iterate.rules import rule, unread
+from iterate.train.rules import rule, unread
 
 log = logging.getLogger(__name__)
 
