@@ -494,6 +494,11 @@ class HandoffConfig:
     constrain: bool = True
     kl_target: float = 0.8
     constrain_prompts: int = 32
+    # with the constraint: when the update's whole policy is under half the KL target, try
+    # further along its direction, alpha in (1, 2] under the target, and keep it only if the
+    # run's reward of its samples rises over the update's by more than 2 standard errors
+    # (paired by prompt) and its length-controlled win rate against them is at least 1/2
+    extrapolate: bool = False
     # optional length gates, beside the KL budget (the evaluation's main judge: the gold judge,
     # else the run's reward): reject a policy whose held-out responses are longer than this
     # many times the reference's (characters), or whose length-controlled win rate is below

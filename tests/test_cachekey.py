@@ -13,7 +13,12 @@ def test_sources_follow_imports_into_functions_and_packages():
         for p in cachekey.sources("iterate.stages.reward_model")
     }
     # imported directly (scoring), from a package (toy/world.py: `from iterate.toy import world`)
-    assert {"stages/reward_model.py", "rewards/scorer.py", "train/losses.py", "toy/world.py"} <= names
+    assert {
+        "stages/reward_model.py",
+        "rewards/scorer.py",
+        "train/losses.py",
+        "toy/world.py",
+    } <= names
     assert "run/loop.py" not in names, "only what it imports"
     toy = {str(p.relative_to(cachekey.PACKAGE)) for p in cachekey.sources("iterate.toy.build")}
     assert {"toy/build.py", "toy/world.py", "train/models.py"} <= toy

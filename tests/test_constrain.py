@@ -105,6 +105,74 @@ def test_a_round_whose_kl_interval_reaches_past_the_budget_shrinks_alpha():
         assert quiet[0] == 0.5 and len(quiet[1]) == 2
 
 
+def test_an_extrapolation_is_kept_only_when_the_reward_rises_by_two_errors_at_equal_length():
+    """``worth_it`` by hand: 4 prompts × 2 samples, each extrapolated sample against the
+    update's of the same prompt and number. Rewards higher in every pair, responses of
+    equal length: the paired gain (per prompt, then averaged) is far over two standard
+    errors; every pair won leaves the length-controlled rate unfitted, and the raw rate
+    decides at equal length (at twice the length it does not). One pair lost: the fitted
+    rate, 7/8, decides. Noise around 0: not kept, the reason said."""
+    import pyarrow as pa
+
+    from iterate.stages.constrain import worth_it
+
+    def table(responses: list[str]) -> pa.Table:
+        ids = [f"p{j // 2}" for j in range(8)]
+        return pa.table(
+            {"prompt_id": ids, "sample_idx": [j % 2 for j in range(8)], "response": responses}
+        )
+
+    one, ext = table(["abcd"] * 8), table(["wxyz"] * 8)
+    old = [0.1, 0.3, 0.2, 0.0, 0.5, 0.4, 0.2, 0.1]
+    new = [x + 1 for x in old[:-1]] + [old[-1] + 0.8]
+    got = worth_it(new, ext, old, one)
+    per_prompt = [(new[2 * k] + new[2 * k + 1] - old[2 * k] - old[2 * k + 1]) / 2 for k in range(4)]
+    assert got["gain"] == pytest.approx(sum(per_prompt) / 4, abs=1e-4)
+    assert got["gain"] > 2 * got["gain_se"] and got["lc_win_rate"] is None and got["kept"]
+    assert got["length_ratio"] == 1.0  # (every pair won: no fit; the raw rate at equal length)
+    longer = worth_it(new, table(["wxyz" * 2] * 8), old, one)
+    assert not longer["kept"] and longer["why"] == "LC win rate under 1/2"
+    mixed = [*new[:-1], old[-1] - 0.2]  # one pair lost: the length-controlled rate is fitted
+    got = worth_it(mixed, ext, old, one)
+    assert got["lc_win_rate"] == pytest.approx(7 / 8) and got["kept"]
+    flat = worth_it([x + (0.05 if j % 2 else -0.05) for j, x in enumerate(old)], ext, old, one)
+    assert not flat["kept"] and flat["why"] == "the reward does not rise by 2 se"
+
+
+@pytest.mark.slow
+def test_an_update_far_under_the_target_is_tried_past_itself(tiny_cache, tiny_rm, tmp_path):
+    """With ``handoff.extrapolate`` and a budget the update uses a sliver of, the constraint
+    searches α in (1, 2] along the update's samples (every α tried past 1), samples the one it
+    found, scores both with the run's reward and records why it kept it or not; a kept one
+    is what the evaluation judges (its α over 1 in the row and the card)."""
+    base = [
+        "experiment=toy_tiny",
+        "generate=transformers",
+        "iteration=1",
+        "update.lr=5e-3",
+        "handoff.max_kl=1000",
+        "handoff.extrapolate=true",
+        "reward.train=false",
+        f"reward.path={tiny_rm}",
+        f"runs_dir={tmp_path}",
+        f"toy.cache_dir={tiny_cache}",
+    ]
+    [row] = loop.run(compose_cfg(base), tmp_path / "far")
+    done = json.loads((tmp_path / "far" / "iter_000" / "constrain" / "_DONE.json").read_text())
+    beyond = done["beyond"]
+    assert done["rounds"][0]["decision"] == "whole" and done["rounds"][0]["own_kl"] < 400
+    assert beyond["tried"] and all(1 < t["alpha"] <= 2 for t in beyond["tried"])
+    assert isinstance(beyond["kept"], bool) and (beyond["kept"] or beyond["why"])
+    if beyond["kept"]:
+        assert done["decision"] == "extrapolated" and done["alpha"] == beyond["alpha"] > 1
+        assert row["alpha"] == done["alpha"] and row["constrain"] == "extrapolated"
+        card = (tmp_path / "far" / "iter_000" / "handoff" / "policy" / "README.md").read_text()
+        assert "times its way from the starting policy (extrapolated" in card
+    else:
+        assert done["alpha"] == 1 and done["decision"] == "whole"
+    assert {"gain", "gain_se", "lc_win_rate"} <= set(beyond) or beyond["why"].startswith("α")
+
+
 def _trained_adapter(cfg, world, which: str):
     """The tiny policy with a LoRA adapter whose ``which`` weights are random (as if
     trained: the fresh adapter's B is 0), in eval mode (no dropout)."""

@@ -65,6 +65,7 @@ BAD = [  # (overrides, what the message must name)
     (["track.samples=-1"], "track.samples"),
     (["evaluate.batch_size=0"], "evaluate.batch_size"),
     (["handoff.max_kl=-1"], "handoff.max_kl"),
+    (["handoff.extrapolate=true", "handoff.constrain=false"], "handoff.extrapolate"),
     (["generate.n=1"], "generate.n"),  # dpo pairs need two samples
     (["generate.max_tokens=300"], "model.max_length"),  # longer than the model holds
     # longer than the model's positions (vLLM refuses such a max_model_len)

@@ -165,13 +165,7 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         f"- **Update:** {uc.name}, {how}",
         "- **Settings the update read:** " + ", ".join(f"{k}={v}" for k, v in hyper.items()),
         f"- **KL reference:** {which_policy(update['reference'], paths)}; the handoff's budget"
-        f" {cfg.handoff.max_kl} nats per sequence: {verdict}"
-        + (
-            f"; the update taken at α={a:.4g} of its way from the starting policy, the most that"
-            f" kept the KL under {cfg.handoff.kl_target:g} of the budget (the KL constraint)"
-            if (a := rows[-1].get("alpha")) is not None and a < 1
-            else ""
-        ),
+        f" {cfg.handoff.max_kl} nats per sequence: {verdict}" + _taken(cfg, rows[-1].get("alpha")),
         "",
         "## Use",
         "",
@@ -187,3 +181,18 @@ def card_text(cfg: Config, paths: Paths, rows: list[dict], update: dict, folder:
         table(rows, markdown=True),
     ]
     return "\n".join(lines)
+
+
+def _taken(cfg, alpha: float | None) -> str:
+    """How far along its update the handed-on policy is, where the KL constraint moved it."""
+    if alpha is None or alpha == 1:
+        return ""
+    if alpha < 1:
+        return (
+            f"; the update taken at α={alpha:.4g} of its way from the starting policy, the most"
+            f" that kept the KL under {cfg.handoff.kl_target:g} of the budget (the KL constraint)"
+        )
+    return (
+        f"; the update taken {alpha:.4g} times its way from the starting policy (extrapolated:"
+        " the run's reward preferred it by more than 2 standard errors, within the KL target)"
+    )

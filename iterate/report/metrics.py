@@ -246,9 +246,9 @@ def plot(
                 for r in rs
                 if r.get(key) is not None and r.get("accepted") is False
             ]
-            if key == "kl_to_reference":  # the KL constraint's α where it took the update part-way
+            if key == "kl_to_reference":  # the KL constraint's α where it moved the update
                 for r in rs:
-                    if r.get(key) is not None and (r.get("alpha") or 1) < 1:
+                    if r.get(key) is not None and (r.get("alpha") or 1) != 1:
                         ax.annotate(
                             f"α {r['alpha']:.2g}",
                             (r["iteration"], r[key]),

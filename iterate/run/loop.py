@@ -274,7 +274,7 @@ def iterate(cfg: Config, paths: Paths, rm: str) -> list[dict]:
                 done[name] = _log(i, before_update(name, cfg, paths, i, policy, batch, rm))
         done["update"] = _log(i, update.run(cfg, paths, i, policy, reference))
         if cfg.handoff.constrain:  # the policy within the KL target the evaluation sees
-            done["constrain"] = _log(i, constrain.run(cfg, paths, i, policy, reference))
+            done["constrain"] = _log(i, constrain.run(cfg, paths, i, policy, reference, rm))
         done["evaluate"] = _log(i, evaluate.run(cfg, paths, i, policy, reference, rm))
         done["handoff"] = _log(i, handoff.run(cfg, paths, i, policy, done["evaluate"]))
         rows.append(metrics.metrics_row(cfg, i, done))

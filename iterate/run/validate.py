@@ -161,6 +161,12 @@ def check(cfg: Config) -> None:
         sc.max_words,
         f"must be >= prompts.synthetic.min_words ({sc.min_words})",
     )
+    need(
+        cfg.handoff.constrain or not cfg.handoff.extrapolate,
+        "handoff.extrapolate",
+        True,
+        "needs handoff.constrain=true (the extrapolation is the KL constraint's search past 1)",
+    )
     if not rule(uc.name).on_policy:
         need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"

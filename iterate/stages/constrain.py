@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from iterate import progress, winrate
+from iterate import progress, rewards, winrate
 from iterate.config import Config
-from iterate.stages import heldout
+from iterate.stages import evaluate, heldout
 from iterate.store.paths import Paths, run_config
 from iterate.store.shards import read_json, read_shards, write_folder
 from iterate.store.stage import DONE, Stage, counted, resolve
@@ -203,6 +203,41 @@ def settle(
     return max(within, default=alpha), out
 
 
+def worth_it(new: list, new_table, old: list, old_table) -> dict:
+    """Whether the run's reward prefers the extrapolated policy's samples (``new``: their
+    rewards) to the update's (``old``): its mean reward higher by more than two standard
+    errors of the gain paired by prompt (``evaluate.means``), and its length-controlled win
+    rate against them, pair by pair (same prompt, same sample number), at least one half
+    (a gain bought with length alone is not taken); where that rate cannot be fitted (one
+    side wins every pair), the raw win rate, if the new samples are no longer on average."""
+    gain = evaluate.means(new, new_table, old, old_table)
+    rows = heldout.aligned(new_table, old_table)
+    new_len = [len(r) for r in new_table["response"].to_pylist()]
+    old_len = [len(r) for r in old_table["response"].to_pylist()]
+    ids = new_table["prompt_id"].to_pylist()
+    pairs = [
+        (winrate.preference(new[j], old[k]), new_len[j], old_len[k], ids[j])
+        for j, k in enumerate(rows)
+        if k is not None and new[j] is not None and old[k] is not None
+    ]
+    figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}
+    out = {
+        "gain": gain.get("gain"),
+        "gain_se": gain.get("gain_se"),
+        "lc_win_rate": figs.get("lc_win_rate"),
+        "length_ratio": round(sum(new_len) / max(sum(old_len), 1), 4),
+    }
+    rises = out["gain"] is not None and out["gain"] > 2 * (out["gain_se"] or 0)
+    if out["lc_win_rate"] is not None:
+        fair = out["lc_win_rate"] >= 0.5
+    else:  # not fitted (one side wins every pair): the raw rate, where no longer on average
+        fair = figs.get("win_rate", 0) >= 0.5 and out["length_ratio"] <= 1
+    out["kept"] = rises and fair
+    if not out["kept"]:
+        out["why"] = "the reward does not rise by 2 se" if not rises else "LC win rate under 1/2"
+    return out
+
+
 def _roots(a: float, b: float, c: float) -> list[float]:
     if abs(a) < 1e-12:
         return [-c / b] if abs(b) > 1e-12 else []
@@ -212,12 +247,15 @@ def _roots(a: float, b: float, c: float) -> list[float]:
     return sorted(((-b - math.sqrt(d)) / (2 * a), (-b + math.sqrt(d)) / (2 * a)))
 
 
-def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> Stage:
+def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str, reward=None) -> Stage:
+    """Iteration i's constrain stage: its handoff settings, the sampling, the policy and the
+    KL's reference, and with ``handoff.extrapolate`` the run's reward that judges it."""
     conf = {
         "handoff": {k: v for k, v in counted(cfg, "handoff").items() if k in KEYS},
         **heldout.sample_conf(cfg),
         "policy": policy,
         "reference": reference,
+        **({"reward": reward.identity()} if reward is not None else {}),
     }
     return Stage(
         paths.stage(i, "constrain"),
@@ -227,7 +265,7 @@ def stage_for(cfg: Config, paths: Paths, i: int, policy: str, reference: str) ->
     )
 
 
-KEYS = ("max_kl", "kl_target", "constrain_prompts")  # the handoff settings it reads
+KEYS = ("max_kl", "kl_target", "constrain_prompts", "extrapolate")  # the handoff settings it reads
 
 
 def _ends(paths: Paths, i: int, policy: str, reference: str, dev) -> tuple:
@@ -317,6 +355,42 @@ class _Search:
                 self.save(model, whole=start is not None)
         return alpha, rounds, measured
 
+    def beyond(self, model, start, reward) -> dict:
+        """Past the update (``handoff.extrapolate``): the largest α in (1, 2] on the grid whose
+        KL, along the update's own samples (round 0's), is within the target; θ_α sampled and
+        kept (saved as the constrained policy) when its own KL is within the target and
+        ``worth_it`` says the run's reward prefers its samples to the update's. The record."""
+        with at_scale(model, start) as put_alpha:
+            one = read_shards(self.folder / "samples_0")
+            prompts = [models.prompt_ids(self.tok, p) for p in one["prompt"].to_pylist()]
+            responses, batch = one["response_ids"].to_pylist(), self.cfg.evaluate.batch_size
+
+            def kl_past(x: float) -> float:  # the KL at α = 1 + x
+                with self.timer("search_s"):
+                    put_alpha(1 + x)
+                    return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
+
+            x, _, tried = search(kl_past, self.target)
+            out = {
+                "alpha": 1 + x,
+                "tried": [{"alpha": 1 + a, "kl": round(k, 6)} for a, k in sorted(tried.items())],
+            }
+            if x == 0:
+                return {**out, "kept": False, "why": "α past 1 is over the KL target"}
+            put_alpha(1 + x)
+            p_ext, r_ext, clusters = self.sample(model, ROUNDS)
+            own = full_kl(model, self.ref, self.tok, p_ext, r_ext, batch)
+            out["own_kl"] = round(sum(own) / len(own), 6)
+            if out["own_kl"] > self.target:
+                return {**out, "kept": False, "why": "over the KL target on its own samples"}
+            ext = read_shards(self.folder / f"samples_{ROUNDS}")
+            with self.timer("score_s"):
+                scored, _ = evaluate.reward_scores(self.cfg, reward, {"ext": ext, "one": one})
+            out.update(worth_it(scored["ext"], ext, scored["one"], one))
+            if out["kept"]:
+                self.save(model, whole=start is not None)
+        return out
+
     def save(self, model, whole: bool) -> None:
         """The chosen policy into ``constrain/``: the scaled adapter, or the whole model in
         the policy's dtype."""
@@ -327,13 +401,22 @@ class _Search:
             write_folder(self.paths.constrained_policy(self.i, not whole), save)
 
 
-def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
-    """Iteration i's constrained policy: α and, below 1, its adapter or model in
+def run(
+    cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm: str | None = None
+) -> dict:
+    """Iteration i's constrained policy: α and, other than 1, its adapter or model in
     ``constrain/`` (``Paths.trained_policy`` then gives it to the evaluation and the
     handoff). The search runs on the update's samples, then on samples of each α it chose
-    (the KL along θ_α's own responses, not the update's): ``_Search.between``."""
+    (the KL along θ_α's own responses, not the update's): ``_Search.between``; with
+    ``handoff.extrapolate``, past the update when it is under half the target
+    (``_Search.beyond``, judged by the run's reward: ``rm`` as in the evaluation)."""
     hc = cfg.handoff
-    stage = stage_for(cfg, paths, i, policy, reference)
+    reward = None
+    if hc.extrapolate:
+        dev = models.device(str(cfg.device))
+        rm = paths.reward_model if rm is None else rm
+        reward = rewards.of(cfg, path=rm, device=dev, run=paths.run)
+    stage = stage_for(cfg, paths, i, policy, reference, reward)
     if stage.check(cfg.force):
         return stage.read_done()
     timer = progress.Timer()
@@ -361,11 +444,25 @@ def run(cfg: Config, paths: Paths, i: int, policy: str, reference: str) -> dict:
         towards = "initial"
         rounds += [{**r, "towards": "initial"} for r in more]
     decision = rounds[-1]["decision"] if alpha == 1 else "constrained"
+    beyond = None
+    if reward is not None and decision == "whole" and rounds[-1]["own_kl"] < target / 2:
+        if evaluate.compares(reward):
+            beyond = {"kept": False, "why": "a comparing reward gives no scores to add up"}
+        else:
+            beyond = searched.beyond(model, start, reward)
+        if beyond["kept"]:
+            alpha, decision = beyond["alpha"], "extrapolated"
+        log.info(
+            "constrain: past the update (KL %.3g < half the target): %s",
+            rounds[-1]["own_kl"],
+            beyond,
+        )
     return stage.finish(
         alpha=alpha,
         decision=decision + (" towards the initial policy" if towards and alpha < 1 else ""),
         target=target,
         rounds=rounds,
+        **({"beyond": beyond} if beyond is not None else {}),
         sequences=n,
         timings=timer.seconds,
     )

@@ -162,7 +162,7 @@ def scores(
     if prev is not None and prev.table is not None and ref.info["kind"] != "previous":
         against["prev"] = prev  # (the reference already, where that is the previous policy)
     tables = {"new": samples, **{k: r.table for k, r in against.items()}}
-    by_table, per_row = _reward_scores(cfg, reward, tables)
+    by_table, per_row = reward_scores(cfg, reward, tables)
     spread = [x for x in per_row if x is not None]
     scored = by_table["new"]
     out = {"heldout_reward_mean": _mean([r for r in scored if _ok(r)])}
@@ -171,7 +171,7 @@ def scores(
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
         out["reward_template_refused"] = refused
     # judge name -> (the judge, its scores of each table; None: a comparing judge, asked)
-    judges: dict[str, tuple] = {"reward": (reward, None if _compares(reward) else by_table)}
+    judges: dict[str, tuple] = {"reward": (reward, None if compares(reward) else by_table)}
     judged = {t: x for t, x in tables.items() if t != "prev"}  # (only the reward meets prev)
     judges.update(_other_judges(cfg, paths, judged))
     new_len = [len(r) for r in samples["response"].to_pylist()]
@@ -254,7 +254,7 @@ def scores(
     return out, pa.table(each, schema=SCHEMAS["label"])
 
 
-def _reward_scores(cfg: Config, reward: Reward, tables: dict) -> tuple[dict, list]:
+def reward_scores(cfg: Config, reward: Reward, tables: dict) -> tuple[dict, list]:
     """The run's reward of every table's rows, in shard-sized jobs over its scoring workers:
     (table -> rewards, the new samples' spreads)."""
     rows = cfg.generate.shard_size * cfg.evaluate.samples  # a shard's worth, however many workers
@@ -282,7 +282,7 @@ def _other_judges(cfg: Config, paths: Paths, tables: dict) -> dict[str, tuple]:
         name = rewards.source_name(part)
         points = (
             None
-            if _compares(judge)
+            if compares(judge)
             else {
                 t: judge.score(*_text(x), desc=f"held-out {name} ({t})") for t, x in tables.items()
             }
@@ -319,7 +319,7 @@ def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
     return out
 
 
-def _compares(judge) -> bool:
+def compares(judge) -> bool:
     """Whether a judge is asked which of two responses is better (a pairwise model, a
     comparing judge) rather than scoring each."""
     return bool(getattr(judge, "compares", False))

@@ -344,6 +344,7 @@ ADDED = {
     "constrain": False,  # the KL constraint before the evaluation (handoff)
     "kl_target": 0.8,
     "constrain_prompts": 32,
+    "extrapolate": False,  # the KL constraint's extrapolation past the update
     "reward_tolerance_se": None,  # the handoff's gate against the starting policy
 }
 
