@@ -355,11 +355,12 @@ class _Search:
                 self.save(model, whole=start is not None)
         return alpha, rounds, measured
 
-    def beyond(self, model, start, reward) -> dict:
+    def beyond(self, model, start, reward, at_one: float) -> dict:
         """Past the update (``handoff.extrapolate``): the largest α in (1, 2] on the grid whose
         KL, along the update's own samples (round 0's), is within the target; θ_α sampled and
         kept (saved as the constrained policy) when its own KL is within the target and
-        ``worth_it`` says the run's reward prefers its samples to the update's. The record."""
+        ``worth_it`` says the run's reward prefers its samples to the update's (``at_one``:
+        the update's KL on those samples, known already). The record."""
         with at_scale(model, start) as put_alpha:
             one = read_shards(self.folder / "samples_0")
             prompts = [models.prompt_ids(self.tok, p) for p in one["prompt"].to_pylist()]
@@ -370,7 +371,7 @@ class _Search:
                     put_alpha(1 + x)
                     return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
 
-            x, _, tried = search(kl_past, self.target)
+            x, _, tried = search(kl_past, self.target, tried={0.0: at_one})
             out = {
                 "alpha": 1 + x,
                 "tried": [{"alpha": 1 + a, "kl": round(k, 6)} for a, k in sorted(tried.items())],
@@ -449,7 +450,7 @@ def run(
         if evaluate.compares(reward):
             beyond = {"kept": False, "why": "a comparing reward gives no scores to add up"}
         else:
-            beyond = searched.beyond(model, start, reward)
+            beyond = searched.beyond(model, start, reward, rounds[-1]["own_kl"])
         if beyond["kept"]:
             alpha, decision = beyond["alpha"], "extrapolated"
         log.info(
