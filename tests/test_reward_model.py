@@ -188,6 +188,34 @@ def test_the_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert warmup_cosine(0, 10) == pytest.approx(1.0)  # too few steps to warm up: 1 step
 
 
+def test_a_reward_model_step_whose_loss_is_not_finite_is_skipped_and_counted():
+    """The reward model's loop ends each step as the update's do: a step whose loss is not
+    finite takes no optimiser step (the weight stays) and is logged ``skipped``; the others
+    clip and step, each with its gradient norm logged."""
+    from iterate.config import RewardConfig
+    from iterate.stages.reward_model import fit
+
+    rc = RewardConfig()
+    rc.batch_size, rc.grad_accum = 1, 1
+    model = torch.nn.Linear(1, 1, bias=False)
+    weights = []
+
+    def objective(m, batch, pad_id):  # a pair (x, 0): loss (w x - 1)^2, NaN where x is 0
+        (x, _), w = batch[0], m.weight[0, 0]
+        weights.append(w.item())
+        loss = (w * x - 1) ** 2 if x else w * float("nan")
+        return loss.reshape(1), torch.ones(1)
+
+    rows = fit(
+        model, 0, [(1.0, 0), (0.0, 0), (2.0, 0)], rc, epochs=1, lr=0.1, seed=0, objective=objective
+    )
+    assert [r["skipped"] for r in rows].count(True) == 1 and len(rows) == 3
+    at = [r["skipped"] for r in rows].index(True)
+    assert weights[at + 1] == weights[at] if at < 2 else model.weight.item() == weights[at]
+    assert all(math.isfinite(r["grad_norm"]) for r in rows if not r["skipped"])
+    assert math.isfinite(model.weight.item())
+
+
 def test_a_bf16_reward_model_trains_its_head_and_adapter_in_float32(tiny_world):
     """reward.dtype=bfloat16 with LoRA: the fresh scalar head and the adapter (what it
     trains) are float32, the frozen body bf16, and it scores under bf16 autocast."""

@@ -33,6 +33,7 @@ from iterate.errors import BadInput
 from iterate.preferences import Pair
 from iterate.rewards import pairwise_model as pairwise
 from iterate.rewards.scorer import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
+from iterate.stages.update.training import apply_step
 from iterate.store import cachekey
 from iterate.store.paths import TRAIN_LOG, Paths
 from iterate.store.shards import TEMPORARY, atomic_write_json, read_json, write_folder
@@ -307,14 +308,16 @@ def fit(
     (``-logsigmoid(r_chosen - r_rejected)``; or ``objective(model, batch, pad_id)`` -> (per
     pair, correct per pair): a pairwise model's ``pairwise.pair_loss``), AdamW, linear
     warm-up then cosine decay (``warmup_cosine``), ``rc.batch_size`` pairs per forward
-    pass, ``rc.grad_accum`` passes per step. Returns the per-step log rows.
+    pass, ``rc.grad_accum`` passes per step. Each step ends as the update's do
+    (``training.apply_step``: clipped to norm 1, skipped and counted when its loss or
+    gradient is not finite). Returns the per-step log rows.
 
-    Why not the update's loop (``stages.update.training.train``): that loop is a stage's
-    (its ``_PLAN.json`` and resume points, the trackers, distributed ranks, a constant
-    learning rate, skipping non-finite steps), while each member here trains in one call
-    that is redone whole after a crash, on a schedule fixed by its step count. The two
-    share the loss arithmetic (``losses``) and the gradient clipping; the reward model's
-    figures (the demo's held-out accuracy) come from this loop as it is."""
+    Why not the whole of the update's loop (``stages.update.training.train``): that loop is
+    a stage's (its ``_PLAN.json`` and resume points, the trackers, distributed ranks, a
+    constant learning rate), while each member here trains in one call that is redone whole
+    after a crash, on a schedule fixed by its step count. The two share the loss arithmetic
+    (``losses``) and the step; the reward model's figures (the demo's held-out accuracy)
+    come from this loop's order of pairs and micro-batches as it is."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -336,14 +339,12 @@ def fit(
                 (per_pair.sum() / len(idx)).backward()
                 loss_sum += per_pair.sum().item()
                 correct += right.sum().item()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            loss, acc = loss_sum / len(idx), correct / len(idx)
+            stepped, grad_norm = apply_step(opt, model, params, 1.0, loss)
             sched.step()
             step += 1
-            loss, acc = loss_sum / len(idx), correct / len(idx)
-            log_rows.append(
-                {"step": step, "epoch": epoch, "loss": round(loss, 5), "accuracy": round(acc, 4)}
-            )
+            row = {"step": step, "epoch": epoch, "loss": round(loss, 5), "accuracy": round(acc, 4)}
+            log_rows.append({**row, "grad_norm": round(grad_norm, 5), "skipped": not stepped})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
@@ -389,8 +390,13 @@ def _fit_member(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rc.lora.enabled:
         model = model.merge_and_unload()
+    if skipped := sum(r["skipped"] for r in rows):
+        log.warning(
+            "%s: %d of %d steps skipped (a loss or gradient not finite)", name, skipped, len(rows)
+        )
     report = {
         "steps": len(rows),
+        "skipped_steps": skipped,
         "heldout_accuracy": round(held["accuracy"], 4),
         "heldout_loss": round(held["loss"], 4),
         "offset": held["mean"],
