@@ -83,14 +83,18 @@ def test_both_orders_make_a_preference_and_the_tournament_skips_what_was_not_jud
     """Hand-computed: a comparison of rows (i, j) asked as (i, j) and (j, i). Verdicts are
     how much the response shown first won; a None order is left out; neither: NaN."""
     said = {  # (shown first, shown second) -> verdict
+        # a wins both: 1
         ("a", "b"): 1.0,
-        ("b", "a"): 0.0,  # a wins both: 1
+        ("b", "a"): 0.0,
+        # each wins when shown first: 0.5
         ("a", "c"): 1.0,
-        ("c", "a"): 1.0,  # each wins when shown first: 0.5
+        ("c", "a"): 1.0,
+        # one order judged: b wins it, 1
         ("b", "c"): None,
-        ("c", "b"): 0.0,  # one order judged: b wins it, 1
+        ("c", "b"): 0.0,
+        # nothing: NaN, left out of the tournament
         ("x", "y"): None,
-        ("y", "x"): None,  # nothing: NaN, left out of the tournament
+        ("y", "x"): None,
     }
     j = judge.Judge("unused", None)
 

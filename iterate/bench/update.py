@@ -17,6 +17,7 @@ from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.stages.update import common, dpo, training
 from iterate.train import models
+from iterate.train.step import apply_step
 
 
 def random_pairs(tok, lengths: list[tuple[int, int, int]], seed: int) -> list[common.Example]:
@@ -74,7 +75,7 @@ class DpoStep:
         total, _ = training.accumulate(
             self.model, self.examples, self.loss_fn, self.cfg.update.micro_batch_size
         )
-        training.apply_step(self.opt, self.model, self.params, 1.0, total)
+        apply_step(self.opt, self.params, 1.0, total)
         return time.perf_counter() - t
 
 

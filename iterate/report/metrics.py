@@ -250,7 +250,7 @@ def plot(
                 for r in rs:
                     if r.get(key) is not None and (r.get("alpha") or 1) != 1:
                         ax.annotate(
-                            f"α {r['alpha']:.2g}",
+                            f"α {r['alpha']:.3g}",
                             (r["iteration"], r[key]),
                             fontsize=7,
                             textcoords="offset points",

@@ -155,7 +155,6 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         import sys
 
-        from iterate import errors
         from iterate.report.sweep import summarize_sweep
 
         sweep_dir = Path(config.hydra.sweep.dir)

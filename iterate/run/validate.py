@@ -1,7 +1,7 @@
 """Every setting checked before any work starts: ranges, paths that must be loadable
 folders (or hub ids), and settings that only make sense together. A bad one raises
 ``BadInput`` naming the key, its value and what to do. The command line turns it into one
-line and exit status 2 (``iterate.__main__``)."""
+line and exit status 2 (``cli.exit_status``)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ weights (dropout plays no part: the policy is evaluated, not trained). For a who
 θ_α is the float32 interpolation of every weight.
 
 The search is cheap and deterministic. The update's policy samples the first
-``handoff.constrain_prompts`` held-out prompts once (``constrain/samples/``, seeded); on
+``handoff.constrain_prompts`` held-out prompts once (``constrain/samples_0/``, seeded); on
 those fixed responses, KL(θ_α || reference) is the full-vocabulary KL of each response
 position, summed per response and averaged (no sampling per α: at α = 1 it is the
 sequence KL with less noise than the sampled estimator; below 1 it is measured along the
@@ -21,10 +21,12 @@ picks the same α. Up to two more rounds sample θ_α at the α chosen and searc
 those responses (``settle``): the KL far from the update is overstated along the
 update's responses, so a later round may move α up as well as down; the α kept is the
 largest whose own samples were within the target, and the upper end of the 95% interval of
-their KL (its standard error clustered by prompt) within the budget, ``handoff.max_kl``: a
-round whose upper end is over the budget searches again under the KL at which the
-upper end, as wide relative to the KL, meets it, and checks that α on its own samples.
-The evaluation that follows samples θ_α afresh and measures its KL with the usual
+their KL (its standard error clustered by prompt) within the budget, ``handoff.max_kl``:
+each round searches under the target, or under the KL at which that upper end, as wide
+relative to the KL as on its samples, meets the budget where that is lower, and checks
+the α it finds on its own samples. With ``handoff.extrapolate``, an update under half the
+target is tried further along its direction (``_Search.beyond``, ``worth_it``). The
+evaluation that follows samples θ_α afresh and measures its KL with the usual
 estimator, which the handoff's gate checks against the budget.
 
 When the starting policy is over the target already (a run whose previous iteration was
@@ -159,16 +161,15 @@ def settle(
     round searches under the target, or lower where its interval is wide: under the KL at
     which the upper end, as wide relative to the KL as on its samples, meets the budget (an
     interval's width grows with the KL): it shrinks α by what the estimate's noise asks.
-    The rounds stop when a round keeps its α;
-    the α kept is the largest whose own samples were within (the KL under the target, its
-    upper end under the budget), else the last chosen (the evaluation's KL and the gate
-    then judge it)."""
+    The rounds stop when a round keeps its α; the α kept is the largest whose own samples
+    were within (the KL under the target, its upper end under the budget), else the last
+    chosen (the evaluation's KL and the gate then judge it)."""
     alpha, over, out, within = 1.0, None, [], []
     for r in range(rounds):
         kl_at, upper = along(r, alpha)
         own = kl_at(alpha)  # θ_α's KL on its own samples
         # the KL at which the upper end, as wide relative to it as here, meets the budget
-        limit = min(target, own * budget / upper) if upper > 0 else target
+        limit = min(target, own * budget / upper) if own > 0 and upper > 0 else target
         if own <= target and upper <= budget:
             within.append(alpha)
         else:
@@ -218,23 +219,29 @@ def worth_it(new: list, new_table, old: list, old_table) -> dict:
     pairs = [
         (winrate.preference(new[j], old[k]), new_len[j], old_len[k], ids[j])
         for j, k in enumerate(rows)
-        if k is not None and new[j] is not None and old[k] is not None
+        if k is not None and evaluate.is_score(new[j]) and evaluate.is_score(old[k])
     ]
     figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}
+    _, lengths, their, prompts = map(list, zip(*pairs)) if pairs else ([], [], [], [])
     out = {
         "gain": gain.get("gain"),
         "gain_se": gain.get("gain_se"),
         "lc_win_rate": figs.get("lc_win_rate"),
-        "length_ratio": round(sum(new_len) / max(sum(old_len), 1), 4),
+        "win_rate": figs.get("win_rate"),
+        "length_ratio": round(sum(lengths) / max(sum(their), 1), 4),
+        "prompts": len(set(prompts)),
     }
+    if out["prompts"] < 2:  # one prompt gives no spread between prompts: no standard error
+        return {**out, "kept": False, "why": "fewer than 2 prompts scored on both sides"}
     rises = out["gain"] is not None and out["gain"] > 2 * (out["gain_se"] or 0)
     if out["lc_win_rate"] is not None:
-        fair = out["lc_win_rate"] >= 0.5
+        fair, said = out["lc_win_rate"] >= 0.5, "its LC win rate under 1/2"
     else:  # not fitted (one side wins every pair): the raw rate, where no longer on average
-        fair = figs.get("win_rate", 0) >= 0.5 and out["length_ratio"] <= 1
+        fair = (out["win_rate"] or 0) >= 0.5 and out["length_ratio"] <= 1
+        said = "its win rate under 1/2 or its answers longer (the LC rate not fitted)"
     out["kept"] = rises and fair
     if not out["kept"]:
-        out["why"] = "the reward does not rise by 2 se" if not rises else "LC win rate under 1/2"
+        out["why"] = "the reward does not rise by 2 se" if not rises else said
     return out
 
 
@@ -329,7 +336,7 @@ class _Search:
         with at_scale(model, start) as put_alpha:
             measured = 0
 
-            def along(r: int, alpha: float) -> Callable[[float], float]:
+            def along(r: int, alpha: float) -> tuple[Callable[[float], float], float]:
                 nonlocal measured
                 put_alpha(alpha)
                 prompts, responses, clusters = self.sample(model, r)
@@ -381,9 +388,12 @@ class _Search:
             put_alpha(1 + x)
             p_ext, r_ext, clusters = self.sample(model, ROUNDS)
             own = full_kl(model, self.ref, self.tok, p_ext, r_ext, batch)
-            out["own_kl"] = round(sum(own) / len(own), 6)
-            if out["own_kl"] > self.target:
-                return {**out, "kept": False, "why": "over the KL target on its own samples"}
+            mean = sum(own) / len(own)
+            upper = mean + 1.96 * winrate.clustered_se(own, clusters)
+            out.update(own_kl=round(mean, 6), own_upper=round(upper, 6))
+            if mean > self.target or upper > self.cfg.handoff.max_kl:
+                why = "its KL on its own samples over the target, or its upper end over the budget"
+                return {**out, "kept": False, "why": why}
             ext = read_shards(self.folder / f"samples_{ROUNDS}")
             with self.timer("score_s"):
                 scored, _ = evaluate.reward_scores(self.cfg, reward, {"ext": ext, "one": one})
@@ -446,7 +456,8 @@ def run(
         rounds += [{**r, "towards": "initial"} for r in more]
     decision = rounds[-1]["decision"] if alpha == 1 else "constrained"
     beyond = None
-    if reward is not None and decision == "whole" and rounds[-1]["own_kl"] < target / 2:
+    under = decision == "whole" and towards is None and rounds[-1]["own_kl"] < target / 2
+    if reward is not None and under:  # (not after a step back: the adapter is merged there)
         if evaluate.compares(reward):
             beyond = {"kept": False, "why": "a comparing reward gives no scores to add up"}
         else:

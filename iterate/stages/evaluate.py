@@ -125,7 +125,7 @@ def _mean(xs: list[float]) -> float:
     return round(sum(xs) / max(1, len(xs)), 5)
 
 
-def _ok(x) -> bool:
+def is_score(x) -> bool:
     return x is not None and x == x  # None: refused by a template; NaN: unscored or unjudged
 
 
@@ -165,7 +165,7 @@ def scores(
     by_table, per_row = reward_scores(cfg, reward, tables)
     spread = [x for x in per_row if x is not None]
     scored = by_table["new"]
-    out = {"heldout_reward_mean": _mean([r for r in scored if _ok(r)])}
+    out = {"heldout_reward_mean": _mean([r for r in scored if is_score(r)])}
     if spread:
         out["heldout_reward_std"] = _mean(spread)
     if refused := sum(r is None for r in scored):  # the reward model's template refused them
@@ -197,14 +197,16 @@ def scores(
             prefs = {
                 j: winrate.preference(new[j], old[r.index[j]])
                 for j in at
-                if _ok(new[j]) and _ok(old[r.index[j]])
+                if is_score(new[j]) and is_score(old[r.index[j]])
             }
         ref_len = [len(x) for x in r.table["response"].to_pylist()]
         pairs = [
-            (p, new_len[j], ref_len[r.index[j]], prompt_ids[j]) for j, p in prefs.items() if _ok(p)
+            (p, new_len[j], ref_len[r.index[j]], prompt_ids[j])
+            for j, p in prefs.items()
+            if is_score(p)
         ]
         figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}  # by prompt
-        if unjudged := sum(not _ok(p) for p in prefs.values()):  # a judge that never answered
+        if unjudged := sum(not is_score(p) for p in prefs.values()):  # a judge that never answered
             figs["unjudged"] = unjudged
         return figs, prefs
 
@@ -302,7 +304,7 @@ def means(new: list, samples: pa.Table, initial: list, init: pa.Table) -> dict:
     out, by_prompt = {}, {}
     for key, scores, table in (("mean", new, samples), ("initial_mean", initial, init)):
         ids = table["prompt_id"].to_pylist()
-        kept = [(x, i) for x, i in zip(scores, ids, strict=True) if _ok(x)]
+        kept = [(x, i) for x, i in zip(scores, ids, strict=True) if is_score(x)]
         if kept:
             values, by = map(list, zip(*kept))
             out[key] = round(sum(values) / len(values), 4)

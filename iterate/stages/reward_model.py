@@ -33,7 +33,6 @@ from iterate.errors import BadInput
 from iterate.preferences import Pair
 from iterate.rewards import pairwise_model as pairwise
 from iterate.rewards.scorer import ENSEMBLE, Scorer, aggregate, encode, forward_rewards, load_model
-from iterate.stages.update.training import apply_step
 from iterate.store import cachekey
 from iterate.store.paths import TRAIN_LOG, Paths
 from iterate.store.shards import TEMPORARY, atomic_write_json, read_json, write_folder
@@ -41,6 +40,7 @@ from iterate.store.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
 from iterate.train import losses
 from iterate.train.models import for_training, load_policy, load_tokenizer, with_lora
+from iterate.train.step import apply_step
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def fit(
     pair, correct per pair): a pairwise model's ``pairwise.pair_loss``), AdamW, linear
     warm-up then cosine decay (``warmup_cosine``), ``rc.batch_size`` pairs per forward
     pass, ``rc.grad_accum`` passes per step. Each step ends as the update's do
-    (``training.apply_step``: clipped to norm 1, skipped and counted when its loss or
+    (``train.step.apply_step``: clipped to norm 1, skipped and counted when its loss or
     gradient is not finite). Returns the per-step log rows.
 
     Why not the whole of the update's loop (``stages.update.training.train``): that loop is
@@ -340,7 +340,7 @@ def fit(
                 loss_sum += per_pair.sum().item()
                 correct += right.sum().item()
             loss, acc = loss_sum / len(idx), correct / len(idx)
-            stepped, grad_norm = apply_step(opt, model, params, 1.0, loss)
+            stepped, grad_norm = apply_step(opt, params, 1.0, loss)
             sched.step()
             step += 1
             row = {"step": step, "epoch": epoch, "loss": round(loss, 5), "accuracy": round(acc, 4)}

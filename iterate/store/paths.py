@@ -122,7 +122,7 @@ class Paths:
 
     def constrained_policy(self, i: int, adapter: bool) -> Path:
         """Where iteration i's KL constraint writes the policy it chose when that is not the
-        update's own (α < 1): the scaled adapter, or the interpolated whole model."""
+        update's own (α ≠ 1): the scaled adapter, or the interpolated whole model."""
         return self.stage(i, "constrain") / ("adapter" if adapter else "model")
 
     def trained_policy(self, i: int) -> tuple[Path, bool]:

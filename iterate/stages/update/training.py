@@ -15,9 +15,9 @@ of ``report_to``, from the main process) and passes the crash points of the resu
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,20 +29,10 @@ from iterate.store.paths import TRAIN_LOG
 from iterate.store.shards import write_plan
 from iterate.store.stage import Stage, config_hash
 from iterate.train import models
+from iterate.train.step import apply_step
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
 LossFn = Callable[[object, list], tuple[torch.Tensor, dict[str, float]]]
-
-
-def apply_step(opt, model, params, max_grad_norm: float, loss: float) -> tuple[bool, float]:
-    """Clip and step, unless the loss or the gradient is not finite: then skip (and clear
-    the gradients). Returns (stepped, grad norm)."""
-    grad_norm = dist.clip(model, params, max_grad_norm)
-    ok = math.isfinite(loss) and math.isfinite(grad_norm)
-    if ok:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return ok, grad_norm
 
 
 def log_step(logf, row: dict) -> dict:
@@ -125,7 +115,8 @@ def train(
             loss, metrics = accumulate(
                 model, examples, loss_fn, uc.micro_batch_size, uc.max_tokens_per_micro_batch
             )
-            ok, grad_norm = apply_step(opt, model, params, uc.max_grad_norm, loss)
+            clip = partial(dist.clip, model, params)  # (the processes' whole gradient)
+            ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, loss, clip)
             skipped += not ok
             row = {
                 "step": step,
