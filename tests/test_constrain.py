@@ -83,6 +83,28 @@ def test_later_rounds_may_move_alpha_up_and_keep_the_largest_within_on_its_own_s
     assert alpha == max(s for s, k in own.items() if k <= 2.0)
 
 
+def test_the_search_past_the_update_starts_on_its_samples_and_keeps_what_its_own_allow():
+    """``settle(first=0)``, as the extrapolation uses it (x: how far past the update, θ_{1+x}):
+    the true KL is 2 + 8x², and along the samples of θ_{1+s} a policy further out looks
+    smaller by (1 − 0.3 (a − s)²). Round 0 is on the update's own samples (x = 0) and looks
+    as far as x = 1; round 1, sampled there, finds it over the target 8 and searches below;
+    the x kept is the largest whose own samples were within, past 0, within a grid step
+    of the true crossing (8x² = 6)."""
+    from iterate.stages.constrain import GRID, settle
+
+    sampled = []
+
+    def along(r: int, s: float):
+        sampled.append(s)
+        return (lambda a: (2 + 8 * a**2) * (1 - 0.3 * (a - s) ** 2)), 2 + 8 * s**2
+
+    x, rounds = settle(along, 8.0, first=0.0)
+    true = max(k for k in range(GRID + 1) if 2 + 8 * (k / GRID) ** 2 <= 8.0) / GRID
+    assert sampled[0] == 0.0 and rounds[0]["decision"] == "whole" and sampled[1] == 1.0
+    assert rounds[1]["own_kl"] > 8.0 and true - 1 / GRID <= x <= true
+    assert x == max(r["sampled_at"] for r in rounds if r["own_kl"] <= 8.0) > 0
+
+
 def test_a_round_whose_kl_interval_reaches_past_the_budget_shrinks_alpha():
     """The KL at α is 8α² on every round's samples, the target 2 (α = 1/2) and the budget
     2.5. With the upper end of its interval 1.5 times the estimate (the update's own
@@ -148,7 +170,7 @@ def test_an_extrapolation_is_kept_only_when_the_reward_rises_by_two_errors_at_eq
 @pytest.mark.slow
 def test_an_update_far_under_the_target_is_tried_past_itself(tiny_cache, tiny_rm, tmp_path):
     """With ``handoff.extrapolate`` and a budget the update uses a sliver of, the constraint
-    searches α in (1, 2] along the update's samples (every α it tries past 1), samples the one it
+    searches α in (1, 2] from the update's samples on (rounds as below 1), samples what it
     found, scores both with the run's reward and records why it kept it or not; a kept one
     is what the evaluation judges (its α over 1 in the row and the card)."""
     base = [
@@ -167,7 +189,8 @@ def test_an_update_far_under_the_target_is_tried_past_itself(tiny_cache, tiny_rm
     done = json.loads((tmp_path / "far" / "iter_000" / "constrain" / "_DONE.json").read_text())
     beyond = done["beyond"]
     assert done["rounds"][0]["decision"] == "whole" and done["rounds"][0]["own_kl"] < 400
-    past = [t["alpha"] for t in beyond["tried"] if t["alpha"] != 1]
+    assert beyond["rounds"][0]["sampled_at"] == 1  # the first round: the update's samples
+    past = [t["alpha"] for r in beyond["rounds"] for t in r["tried"] if t["alpha"] != 1]
     assert past and all(1 < a <= 2 for a in past)  # (α = 1: the update's own KL, known)
     assert isinstance(beyond["kept"], bool) and (beyond["kept"] or beyond["why"])
     if beyond["kept"]:

@@ -151,20 +151,22 @@ def settle(
     target: float,
     budget: float = math.inf,
     rounds: int = ROUNDS,
+    first: float = 1.0,
 ) -> tuple[float, list[dict]]:
     """α and the rounds' records. ``along(r, α)`` samples θ_α (round r's seed) and gives the
     KL at any α along those responses, and the upper end of the 95% interval of θ_α's KL on
-    them. Each round samples at the α the round before chose (the first: α = 1, the update's
-    policy) and searches again on its responses: the KL at the sampled α is then its own
-    (on-policy), and one over the target, or whose upper end is over ``budget``, bounds
-    every later search from above; the next α may lie above the sampled one or below. A
-    round searches under the target, or lower where its interval is wide: under the KL at
-    which the upper end, as wide relative to the KL as on its samples, meets the budget (an
-    interval's width grows with the KL): it shrinks α by what the estimate's noise asks.
-    The rounds stop when a round keeps its α; the α kept is the largest whose own samples
-    were within (the KL under the target, its upper end under the budget), else the last
-    chosen (the evaluation's KL and the gate then judge it)."""
-    alpha, over, out, within = 1.0, None, [], []
+    them. Each round samples at the α the round before chose (the first at ``first``: α = 1,
+    the update's policy) and searches again on its responses: the KL at the sampled α is
+    then its own (on-policy), and one over the target, or whose upper end is over
+    ``budget``, bounds every later search from above; the next α may lie above the sampled
+    one or below. A round searches under the target, or lower where its interval is wide:
+    under the KL at which the upper end, as wide relative to the KL as on its samples, meets
+    the budget (an interval's width grows with the KL): it shrinks α by what the estimate's
+    noise asks. The rounds stop when a round keeps its α (or even α = 0 is over the target);
+    the α kept is the largest whose own samples were within (the KL under the target, its
+    upper end under the budget), else the last chosen (the evaluation's KL and the gate
+    then judge it)."""
+    alpha, over, out, within = first, None, [], []
     for r in range(rounds):
         kl_at, upper = along(r, alpha)
         own = kl_at(alpha)  # θ_α's KL on its own samples
@@ -198,10 +200,21 @@ def settle(
             decision,
             said,
         )
-        if decision != "constrained" or chosen == alpha:
+        if decision == "start over target" or chosen == alpha:
             break
         alpha = chosen
     return max(within, default=alpha), out
+
+
+def _shifted(record: dict) -> dict:
+    """A round's record of the search past the update, its αs as 1 + x."""
+    tried = [{**t, "alpha": 1 + t["alpha"]} for t in record["tried"]]
+    return {
+        **record,
+        "sampled_at": 1 + record["sampled_at"],
+        "alpha": 1 + record["alpha"],
+        "tried": tried,
+    }
 
 
 def worth_it(new: list, new_table, old: list, old_table) -> dict:
@@ -311,17 +324,17 @@ class _Search:
     target: float
     timer: progress.Timer
 
-    def sample(self, model, r: int) -> tuple[list, list, list]:
-        """Round r's seeded samples of ``model`` as it stands: (prompt ids, response ids, each
-        sample's held-out prompt)."""
+    def sample(self, model, r: int, name: str = "samples") -> tuple[list, list, list]:
+        """Round r's seeded samples of ``model`` as it stands, in ``<name>_<r>/``: (prompt ids,
+        response ids, each sample's held-out prompt)."""
         with self.timer("sample_s"):
             put = lambda sampler: sampler.sync(model, self.tok, self.policy)  # noqa: E731
-            seed = 1000 * (self.i + 1) + r
+            seed = 1000 * (self.i + 1) + r + (0 if name == "samples" else 100)
             samples, _ = heldout.sample(
                 self.cfg,
                 self.tok,
                 self.held,
-                self.folder / f"samples_{r}",
+                self.folder / f"{name}_{r}",
                 seed,
                 put,
                 (self.i, "constrain"),
@@ -362,43 +375,55 @@ class _Search:
                 self.save(model, whole=start is not None)
         return alpha, rounds, measured
 
-    def beyond(self, model, start, reward, at_one: float) -> dict:
-        """Past the update (``handoff.extrapolate``): the largest α in (1, 2] on the grid whose
-        KL, along the update's own samples (round 0's), is within the target; θ_α sampled and
-        kept (saved as the constrained policy) when its own KL is within the target and
-        ``worth_it`` says the run's reward prefers its samples to the update's (``at_one``:
-        the update's KL on those samples, known already). The record."""
+    def beyond(self, model, start, reward) -> dict:
+        """Past the update (``handoff.extrapolate``): θ_{1+x} for x in (0, 1], searched as
+        below 1 (``settle``, its first round on the update's own samples, round 0's, its
+        later ones on samples of the x each chose, ``beyond_<r>/``): the largest x whose own
+        samples were within the target (their interval's upper end within the budget); kept
+        (saved as the constrained policy) when ``worth_it`` says the run's reward prefers its
+        samples to the update's. The record, its α = 1 + x."""
+        batch, folders = self.cfg.evaluate.batch_size, {}
         with at_scale(model, start) as put_alpha:
-            one = read_shards(self.folder / "samples_0")
-            prompts = [models.prompt_ids(self.tok, p) for p in one["prompt"].to_pylist()]
-            responses, batch = one["response_ids"].to_pylist(), self.cfg.evaluate.batch_size
 
-            def kl_past(x: float) -> float:  # the KL at α = 1 + x
+            def along(r: int, x: float) -> tuple[Callable[[float], float], float]:
+                put_alpha(1 + x)
+                if r == 0:  # the update's own samples: the search below 1 drew them
+                    one = read_shards(self.folder / "samples_0")
+                    prompts = [models.prompt_ids(self.tok, p) for p in one["prompt"].to_pylist()]
+                    responses = one["response_ids"].to_pylist()
+                    clusters, folders[x] = one["prompt_id"].to_pylist(), "samples_0"
+                else:
+                    prompts, responses, clusters = self.sample(model, r, "beyond")
+                    folders[x] = f"beyond_{r}"
                 with self.timer("search_s"):
-                    put_alpha(1 + x)
-                    return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
+                    own = full_kl(model, self.ref, self.tok, prompts, responses, batch)
+                mean = sum(own) / len(own)
+                upper = mean + 1.96 * winrate.clustered_se(own, clusters)
 
-            x, _, tried = search(kl_past, self.target, tried={0.0: at_one})
-            out = {
-                "alpha": 1 + x,
-                "tried": [{"alpha": 1 + a, "kl": round(k, 6)} for a, k in sorted(tried.items())],
-            }
+                def kl_at(a: float) -> float:
+                    if a == x:
+                        return mean
+                    with self.timer("search_s"):
+                        put_alpha(1 + a)
+                        return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
+
+                return kl_at, upper
+
+            x, rounds = settle(along, self.target, self.cfg.handoff.max_kl, first=0.0)
+            out = {"alpha": 1 + x, "rounds": [_shifted(r) for r in rounds]}
             if x == 0:
-                return {**out, "kept": False, "why": "α past 1 is over the KL target"}
-            put_alpha(1 + x)
-            p_ext, r_ext, clusters = self.sample(model, ROUNDS)
-            own = full_kl(model, self.ref, self.tok, p_ext, r_ext, batch)
-            mean = sum(own) / len(own)
-            upper = mean + 1.96 * winrate.clustered_se(own, clusters)
-            out.update(own_kl=round(mean, 6), own_upper=round(upper, 6))
-            if mean > self.target or upper > self.cfg.handoff.max_kl:
-                why = "its KL on its own samples over the target, or its upper end over the budget"
-                return {**out, "kept": False, "why": why}
-            ext = read_shards(self.folder / f"samples_{ROUNDS}")
+                return {
+                    **out,
+                    "kept": False,
+                    "why": "no α past 1 within the KL target on its own samples",
+                }
+            ext = read_shards(self.folder / folders[x])
+            one = read_shards(self.folder / "samples_0")
             with self.timer("score_s"):
                 scored, _ = evaluate.reward_scores(self.cfg, reward, {"ext": ext, "one": one})
             out.update(worth_it(scored["ext"], ext, scored["one"], one))
             if out["kept"]:
+                put_alpha(1 + x)
                 self.save(model, whole=start is not None)
         return out
 
@@ -461,7 +486,7 @@ def run(
         if evaluate.compares(reward):
             beyond = {"kept": False, "why": "a comparing reward gives no scores to add up"}
         else:
-            beyond = searched.beyond(model, start, reward, rounds[-1]["own_kl"])
+            beyond = searched.beyond(model, start, reward)
         if beyond["kept"]:
             alpha, decision = beyond["alpha"], "extrapolated"
         log.info(
