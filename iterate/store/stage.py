@@ -300,6 +300,7 @@ COUNTED = {
         "constrain",
         "kl_target",
         "constrain_prompts",
+        "extrapolate",
         "reward_tolerance_se",
     ),
 }
