@@ -342,6 +342,26 @@ class _Search:
         prompts = [models.prompt_ids(self.tok, p) for p in samples["prompt"].to_pylist()]
         return prompts, samples["response_ids"].to_pylist(), samples["prompt_id"].to_pylist()
 
+    def measure(self, model, put, at: float, samples: tuple) -> tuple[Callable, float]:
+        """What a round of ``settle`` asks of its samples (prompt ids, response ids, their
+        prompts), the model put at ``at`` (``put``): the KL at any point along them, and
+        the upper end of the 95% interval of the KL at ``at`` (clustered by prompt)."""
+        prompts, responses, clusters = samples
+        batch = self.cfg.evaluate.batch_size
+        with self.timer("search_s"):
+            own = full_kl(model, self.ref, self.tok, prompts, responses, batch)
+        mean = sum(own) / len(own)
+        upper = mean + 1.96 * winrate.clustered_se(own, clusters)
+
+        def kl_at(a: float) -> float:
+            if a == at:
+                return mean
+            with self.timer("search_s"):
+                put(a)
+                return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
+
+        return kl_at, upper
+
     def between(self, model, start) -> tuple[float, list[dict], int]:
         """(α, the rounds, the responses measured) between ``start`` (None: the adapter's
         zero) and ``model`` (``settle``); a policy at α < 1 saved
@@ -354,20 +374,7 @@ class _Search:
                 put_alpha(alpha)
                 prompts, responses, clusters = self.sample(model, r)
                 measured = len(responses)
-                batch = self.cfg.evaluate.batch_size
-                with self.timer("search_s"):
-                    own = full_kl(model, self.ref, self.tok, prompts, responses, batch)
-                mean = sum(own) / len(own)
-                upper = mean + 1.96 * winrate.clustered_se(own, clusters)
-
-                def kl_at(a: float) -> float:
-                    if a == alpha:
-                        return mean
-                    with self.timer("search_s"):
-                        put_alpha(a)
-                        return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
-
-                return kl_at, upper
+                return self.measure(model, put_alpha, alpha, (prompts, responses, clusters))
 
             alpha, rounds = settle(along, self.target, self.cfg.handoff.max_kl)
             if alpha < 1:
@@ -382,7 +389,7 @@ class _Search:
         samples were within the target (their interval's upper end within the budget); kept
         (saved as the constrained policy) when ``worth_it`` says the run's reward prefers its
         samples to the update's. The record, its α = 1 + x."""
-        batch, folders = self.cfg.evaluate.batch_size, {}
+        folders = {}
         with at_scale(model, start) as put_alpha:
 
             def along(r: int, x: float) -> tuple[Callable[[float], float], float]:
@@ -395,19 +402,8 @@ class _Search:
                 else:
                     prompts, responses, clusters = self.sample(model, r, "beyond")
                     folders[x] = f"beyond_{r}"
-                with self.timer("search_s"):
-                    own = full_kl(model, self.ref, self.tok, prompts, responses, batch)
-                mean = sum(own) / len(own)
-                upper = mean + 1.96 * winrate.clustered_se(own, clusters)
-
-                def kl_at(a: float) -> float:
-                    if a == x:
-                        return mean
-                    with self.timer("search_s"):
-                        put_alpha(1 + a)
-                        return mean_kl(model, self.ref, self.tok, prompts, responses, batch)
-
-                return kl_at, upper
+                at = lambda a: put_alpha(1 + a)  # noqa: E731
+                return self.measure(model, at, x, (prompts, responses, clusters))
 
             x, rounds = settle(along, self.target, self.cfg.handoff.max_kl, first=0.0)
             out = {"alpha": 1 + x, "rounds": [_shifted(r) for r in rounds]}
