@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from iterate import progress, rewards, winrate
+from iterate import progress, winrate
 from iterate.config import Config
 from iterate.stages import evaluate, heldout
 from iterate.store.paths import Paths, run_config
@@ -339,6 +339,11 @@ class _Search:
                 put,
                 (self.i, "constrain"),
             )
+        return self.ids(samples)
+
+    def ids(self, samples) -> tuple[list, list, list]:
+        """A samples table as the KL passes read it: (prompt ids, response ids, each
+        sample's held-out prompt)."""
         prompts = [models.prompt_ids(self.tok, p) for p in samples["prompt"].to_pylist()]
         return prompts, samples["response_ids"].to_pylist(), samples["prompt_id"].to_pylist()
 
@@ -389,16 +394,14 @@ class _Search:
         samples were within the target (their interval's upper end within the budget); kept
         (saved as the constrained policy) when ``worth_it`` says the run's reward prefers its
         samples to the update's. The record, its α = 1 + x."""
-        folders = {}
+        folders, one = {}, read_shards(self.folder / "samples_0")  # (the update's samples)
         with at_scale(model, start) as put_alpha:
 
             def along(r: int, x: float) -> tuple[Callable[[float], float], float]:
                 put_alpha(1 + x)
                 if r == 0:  # the update's own samples: the search below 1 drew them
-                    one = read_shards(self.folder / "samples_0")
-                    prompts = [models.prompt_ids(self.tok, p) for p in one["prompt"].to_pylist()]
-                    responses = one["response_ids"].to_pylist()
-                    clusters, folders[x] = one["prompt_id"].to_pylist(), "samples_0"
+                    prompts, responses, clusters = self.ids(one)
+                    folders[x] = "samples_0"
                 else:
                     prompts, responses, clusters = self.sample(model, r, "beyond")
                     folders[x] = f"beyond_{r}"
@@ -414,7 +417,6 @@ class _Search:
                     "why": "no α past 1 within the KL target on its own samples",
                 }
             ext = read_shards(self.folder / folders[x])
-            one = read_shards(self.folder / "samples_0")
             with self.timer("score_s"):
                 scored, _ = evaluate.reward_scores(self.cfg, reward, {"ext": ext, "one": one})
             out.update(worth_it(scored["ext"], ext, scored["one"], one))
@@ -443,11 +445,7 @@ def run(
     ``handoff.extrapolate``, past the update when it is under half the target
     (``_Search.beyond``, judged by the run's reward: ``rm`` as in the evaluation)."""
     hc = cfg.handoff
-    reward = None
-    if hc.extrapolate:
-        dev = models.device(str(cfg.device))
-        rm = paths.reward_model if rm is None else rm
-        reward = rewards.of(cfg, path=rm, device=dev, run=paths.run)
+    reward = evaluate.run_reward(cfg, paths, rm) if hc.extrapolate else None
     stage = stage_for(cfg, paths, i, policy, reference, reward)
     if stage.check(cfg.force):
         return stage.read_done()

@@ -388,14 +388,20 @@ def stage_for(
     )
 
 
+def run_reward(cfg: Config, paths: Paths, rm: str | None) -> Reward:
+    """The run's reward as an iteration judges with it: ``rm``, the reward model the
+    iteration labelled with (the refreshed one, where the run refreshes; None: the run's
+    own, ``paths.reward_model``)."""
+    rm = paths.reward_model if rm is None else rm
+    return rewards.of(cfg, path=rm, device=models.device(str(cfg.device)), run=paths.run)
+
+
 def run(
     cfg: Config, paths: Paths, i: int, policy: str, reference: str, rm: str | None = None
 ) -> dict:
     """Iteration i's evaluation; ``rm``: the reward model the iteration labelled with (the
     refreshed one, where the run refreshes; None: the run's own, ``paths.reward_model``)."""
-    dev = models.device(str(cfg.device))
-    rm = paths.reward_model if rm is None else rm
-    reward = rewards.of(cfg, path=rm, device=dev, run=paths.run)
+    reward = run_reward(cfg, paths, rm)
     stage = stage_for(cfg, paths, i, policy, reference, reward)
     if stage.check(cfg.force):
         return stage.read_done()
