@@ -272,9 +272,10 @@ def test_the_full_vocabulary_kl_by_hand(tiny_cfg, tiny_world):
     got = constrain.full_kl(model, None, tok, prompts, responses, 1)
     for (p, r), k in zip(zip(prompts, responses), got):
         ids = torch.tensor([p + r])
-        logp = model(input_ids=ids).logits[0].log_softmax(-1)
-        with model.disable_adapter():
-            logq = model(input_ids=ids).logits[0].log_softmax(-1)
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0].log_softmax(-1)
+            with model.disable_adapter():
+                logq = model(input_ids=ids).logits[0].log_softmax(-1)
         at = range(len(p) - 1, len(p) + len(r) - 1)  # the positions that predict the response
         want = sum(float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in at)
         assert k == pytest.approx(want, rel=1e-4) and k > 0

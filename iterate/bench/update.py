@@ -17,7 +17,7 @@ from iterate.bench import models as bm
 from iterate.bench.config import main_config
 from iterate.stages.update import common, dpo, training
 from iterate.train import models
-from iterate.train.step import apply_step
+from iterate.train.loop import apply_step
 
 
 def random_pairs(tok, lengths: list[tuple[int, int, int]], seed: int) -> list[common.Example]:

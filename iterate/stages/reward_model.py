@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from iterate import faults, preferences, progress, rewards
+from iterate import faults, preferences, rewards
 from iterate.config import Config, RewardConfig
 from iterate.errors import BadInput
 from iterate.preferences import Pair
@@ -39,8 +39,8 @@ from iterate.store.shards import TEMPORARY, atomic_write_json, read_json, write_
 from iterate.store.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
 from iterate.train import losses
+from iterate.train.loop import optimise, rounded
 from iterate.train.models import for_training, load_policy, load_tokenizer, with_lora
-from iterate.train.step import apply_step
 
 log = logging.getLogger(__name__)
 
@@ -304,51 +304,57 @@ def fit(
     desc: str = "reward model",
     objective=bradley_terry,
 ) -> list[dict]:
-    """The reward model's training loop over encoded pairs ``enc``: the Bradley–Terry loss
-    (``-logsigmoid(r_chosen - r_rejected)``; or ``objective(model, batch, pad_id)`` -> (per
-    pair, correct per pair): a pairwise model's ``pairwise.pair_loss``), AdamW, linear
-    warm-up then cosine decay (``warmup_cosine``), ``rc.batch_size`` pairs per forward
-    pass, ``rc.grad_accum`` passes per step. Each step ends as the update's do
-    (``train.step.apply_step``: clipped to norm 1, skipped and counted when its loss or
-    gradient is not finite). Returns the per-step log rows.
+    """The reward model's training over encoded pairs ``enc``, through the one loop
+    (``train.loop.optimise``: each step clipped to norm 1, skipped and counted when its
+    loss or gradient is not finite): the Bradley–Terry loss (``-logsigmoid(r_chosen -
+    r_rejected)``; or ``objective(model, batch, pad_id)`` -> (per pair, correct per pair):
+    a pairwise model's ``pairwise.pair_loss``), AdamW, linear warm-up then cosine decay
+    (``warmup_cosine``), the pairs shuffled each epoch, ``rc.batch_size`` pairs per forward
+    pass, ``rc.grad_accum`` passes per step. Returns the per-step log rows.
 
-    Why not the whole of the update's loop (``stages.update.training.train``): that loop is
-    a stage's (its ``_PLAN.json`` and resume points, the trackers, distributed ranks, a
-    constant learning rate), while each member here trains in one call that is redone whole
-    after a crash, on a schedule fixed by its step count. The two share the loss arithmetic
-    (``losses``) and the step; the reward model's figures (the demo's held-out accuracy)
-    come from this loop's order of pairs and micro-batches as it is."""
+    Each member trains in one call, redone whole after a crash (no resume points inside:
+    ``fit_members`` keeps the members already saved)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     per_step = rc.batch_size * rc.grad_accum
     steps = epochs * -(-len(enc) // per_step)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
-    bar = progress.bar(steps, desc, "step")
-    log_rows, step = [], 0
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(enc), generator=g).tolist()
-        for start in range(0, len(order), per_step):
-            idx = order[start : start + per_step]
-            opt.zero_grad(set_to_none=True)
-            loss_sum, correct = 0.0, 0.0
-            for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
-                batch = [enc[i] for i in idx[m : m + rc.batch_size]]
-                per_pair, right = objective(model, batch, pad_id)
-                (per_pair.sum() / len(idx)).backward()
-                loss_sum += per_pair.sum().item()
-                correct += right.sum().item()
-            loss, acc = loss_sum / len(idx), correct / len(idx)
-            stepped, grad_norm = apply_step(opt, params, 1.0, loss)
-            sched.step()
-            step += 1
-            row = {"step": step, "epoch": epoch, "loss": round(loss, 5), "accuracy": round(acc, 4)}
-            log_rows.append({**row, "grad_norm": round(grad_norm, 5), "skipped": not stepped})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
-    return log_rows
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
+
+    def shuffled():
+        for epoch in range(epochs):
+            order = torch.randperm(len(enc), generator=g).tolist()
+            for start in range(0, len(order), per_step):
+                yield epoch, order[start : start + per_step]
+
+    def step_loss(idx: list[int]) -> tuple[float, dict]:
+        loss_sum, correct = 0.0, 0.0
+        for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
+            batch = [enc[i] for i in idx[m : m + rc.batch_size]]
+            per_pair, right = objective(model, batch, pad_id)
+            (per_pair.sum() / len(idx)).backward()
+            loss_sum += per_pair.sum().item()
+            correct += right.sum().item()
+        return loss_sum / len(idx), {"accuracy": correct / len(idx)}
+
+    rows: list[dict] = []
+
+    def on_step(row: dict) -> dict:
+        rows.append(rounded(row))
+        return rows[-1]
+
+    optimise(
+        model,
+        opt,
+        params,
+        shuffled(),
+        step_loss,
+        total=steps,
+        desc=desc,
+        schedule=schedule,
+        on_step=on_step,
+    )
+    return rows
 
 
 def bootstrap(n: int, seed: int) -> list[int]:

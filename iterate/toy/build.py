@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from iterate import progress
 from iterate.config import ToyConfig
 from iterate.sampling import samplers
 from iterate.store import cachekey
 from iterate.toy import world
 from iterate.train import models
+from iterate.train.loop import optimise
 
 log = logging.getLogger(__name__)
 
@@ -127,37 +127,46 @@ def sft_data(cfg: ToyConfig, tokenizer) -> list[tuple[list[int], int]]:
 
 
 def sft(cfg: ToyConfig, model, tokenizer, data) -> list[float]:
-    """Next-token loss on response tokens only; AdamW with cosine decay. Returns losses.
-
-    Its own small loop rather than the update's (``stages.update.training.train``): the
-    toy world is built once, before any run, in no stage (no resume, no trackers, no
-    ranks), and its weights are what every toy figure starts from."""
+    """Next-token loss on response tokens only; AdamW with cosine decay, through the one loop
+    (``train.loop.optimise``). Returns the losses."""
     g = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(data) / cfg.sft_batch_size)
     total = steps_per_epoch * cfg.sft_epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / total))
     )
-    model.train()
-    losses = []
-    bar = progress.bar(total, "toy SFT", "step")
-    for _ in range(cfg.sft_epochs):
-        order = torch.randperm(len(data), generator=g).tolist()
-        for i in range(0, len(order), cfg.sft_batch_size):
-            batch = [data[j] for j in order[i : i + cfg.sft_batch_size]]
-            ids, labels, mask = collate(batch, tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(round(loss.item(), 4))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
+
+    def shuffled():
+        for epoch in range(cfg.sft_epochs):
+            order = torch.randperm(len(data), generator=g).tolist()
+            for i in range(0, len(order), cfg.sft_batch_size):
+                yield epoch, [data[j] for j in order[i : i + cfg.sft_batch_size]]
+
+    def step_loss(batch) -> tuple[float, dict]:
+        ids, labels, mask = collate(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.item(), {}
+
+    losses: list[float] = []
+
+    def on_step(row: dict) -> dict:
+        losses.append(round(row["loss"], 4))
+        return row
+
+    optimise(
+        model,
+        opt,
+        params,
+        shuffled(),
+        step_loss,
+        total=total,
+        desc="toy SFT",
+        schedule=schedule,
+        on_step=on_step,
+    )
     return losses
 
 

@@ -1,15 +1,15 @@
-"""The one training loop of every update rule: optimiser steps over a batch source.
+"""Every update rule's training: its optimiser steps over a batch source, through the one
+loop (``train.loop.optimise``).
 
 A batch source is an iterator of (epoch, the examples of one optimiser step): the pair
 rules shuffle their pairs (``common.pair_steps``); the on-policy rules roll out before each
 step (``rl.rollout_steps``). A rule supplies ``loss_fn(model, micro_batch) -> (per-example
-losses (B,), metrics)``; the loop accumulates gradients over micro-batches, normalised by
+losses (B,), metrics)``; ``accumulate`` adds up gradients over micro-batches, normalised by
 the number of examples in the optimiser step, so ``micro_batch_size x grad_accum`` gives
-the same update however it is split. It clips, skips (and counts) a step whose loss or
-gradient is not finite, counts a step with no examples (an on-policy step whose rollouts
-were all left out) and takes no optimiser step for it, writes one line per step to
-``train_log.jsonl`` (and to the trackers
-of ``report_to``, from the main process) and passes the crash points of the resume tests.
+the same update however it is split. The loop clips, skips (and counts) a step whose loss or
+gradient is not finite and counts a step with no examples; this stage writes one line per
+step to ``train_log.jsonl`` (and to the trackers of ``report_to``, from the main process),
+runs under several processes (``dist``) and passes the crash points of the resume tests.
 """
 
 from __future__ import annotations
@@ -18,27 +18,25 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
 
 import torch
 
-from iterate import faults, progress, track
+from iterate import faults, track
 from iterate.config import Config
 from iterate.stages.update import dist
 from iterate.store.paths import TRAIN_LOG
 from iterate.store.shards import write_plan
 from iterate.store.stage import Stage, config_hash
 from iterate.train import models
-from iterate.train.step import apply_step
+from iterate.train.loop import Step, optimise, rounded
 
-Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
 LossFn = Callable[[object, list], tuple[torch.Tensor, dict[str, float]]]
 
 
 def log_step(logf, row: dict) -> dict:
     """One line of train_log.jsonl, flushed so a crash keeps the log so far; returns it as
     written (floats to 6 decimals), which the trackers get too."""
-    row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+    row = rounded(row)
     logf.write(json.dumps(row) + "\n")
     logf.flush()
     return row
@@ -85,8 +83,9 @@ def train(
     stage: Stage,
     iteration: int,
 ) -> dict:
-    """The one training loop: AdamW over ``params``, one optimiser step per item of
-    ``steps`` (accumulated over micro-batches), one JSON line per step in train_log.jsonl."""
+    """AdamW over ``params`` through the one loop (``train.loop.optimise``), one optimiser
+    step per item of ``steps`` (accumulated over micro-batches), one JSON line per step in
+    train_log.jsonl, the trackers fed and the crash points passed after each."""
     uc = cfg.update
     opt = torch.optim.AdamW(params, lr=uc.lr, weight_decay=uc.weight_decay)
     model, opt = dist.prepare(model, opt)  # DDP / FSDP / DeepSpeed under several processes
@@ -95,47 +94,36 @@ def train(
         stage.path.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # an interrupted update starts again from its beginning
         write_plan(stage.path, "steps", total)
-    bar = progress.bar(total, f"update ({uc.name})", "step")
-    step, skipped, empty, last = 0, 0, 0, {}
     tracker = track.Tracker(cfg, stage.root, enabled=dist.is_main())
     base = track.step_base(stage.root, iteration) if tracker.names else 0  # steps before these
     update = config_hash(stage.config)  # the identity the trackers log these steps under
+
     with open(log_path if dist.is_main() else os.devnull, "a") as logf, tracker:
-        for epoch, examples in steps:  # an on-policy source rolls out here, between steps
-            step += 1
-            if not examples:  # every rollout left out: nothing to learn, no optimiser step
-                empty += 1  # (AdamW's momentum and weight decay would still move the weights)
-                last = log_step(logf, {"step": step, "epoch": epoch, "examples": 0, "empty": True})
-                tracker.steps(iteration, update, base, [last])
-                bar.update(1)
-                faults.point(iteration, "update", step)
-                continue
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate(
-                model, examples, loss_fn, uc.micro_batch_size, uc.max_tokens_per_micro_batch
-            )
-            clip = partial(dist.clip, model, params)  # (the processes' whole gradient)
-            ok, grad_norm = apply_step(opt, params, uc.max_grad_norm, loss, clip)
-            skipped += not ok
-            row = {
-                "step": step,
-                "epoch": epoch,
-                "examples": len(examples),
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "lr": opt.param_groups[0]["lr"],
-                "skipped": not ok,
-                **metrics,
-            }
-            last = log_step(logf, row)
-            tracker.steps(iteration, update, base, [last])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            faults.point(iteration, "update", step)
-    bar.close()
-    model.eval()
-    return {"steps": step, "skipped_steps": skipped, "empty_steps": empty, "final": last}
+
+        def on_step(row: dict) -> dict:
+            row = log_step(logf, row)
+            tracker.steps(iteration, update, base, [row])
+            faults.point(iteration, "update", row["step"])
+            return row
+
+        return optimise(
+            model,
+            opt,
+            params,
+            steps,  # an on-policy source rolls out here, between steps
+            partial(
+                accumulate,
+                model,
+                loss_fn=loss_fn,
+                micro_batch_size=uc.micro_batch_size,
+                max_tokens=uc.max_tokens_per_micro_batch,
+            ),
+            total=total,
+            desc=f"update ({uc.name})",
+            max_grad_norm=uc.max_grad_norm,
+            clip=partial(dist.clip, model, params),  # (the processes' whole gradient)
+            on_step=on_step,
+        )
 
 
 def trainable(model, *extra: torch.nn.Module) -> list:
