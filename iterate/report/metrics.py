@@ -201,80 +201,63 @@ def plot(
         groups.setdefault(str(r.get(label_key, "")) if label_key else "", []).append(r)
     for ax, (key, title) in zip(axes, panels):
         for name, rs in groups.items():
-            pts = [(r["iteration"], r[key]) for r in rs if r.get(key) is not None]
+            pts = _points(rs, key)
             color = None
             if pts:
                 gold = "gold judge" if key == "win_rate_vs_initial" else None
                 color = ax.plot(*zip(*pts), marker="o", label=name or gold)[0].get_color()
-            proxy = [(r["iteration"], r.get("proxy_win_rate")) for r in rs]
-            proxy = [p for p in proxy if p[1] is not None]
-            if key == "win_rate_vs_initial" and proxy:  # the reward model's view of the same
-                ax.plot(
-                    *zip(*proxy),
-                    linestyle="--",
-                    color=color,
-                    alpha=0.7,
-                    label="proxy (reward model)" if not label_key else None,
-                )
-            lc = [(r["iteration"], r.get("lc_win_rate")) for r in rs]
-            lc = [p for p in lc if p[1] is not None]
-            if key == "win_rate_vs_initial" and lc:  # the same judge with length held equal
-                ax.plot(
-                    *zip(*lc),
-                    linestyle=":",
-                    color=color,
-                    marker=".",
-                    label="length-controlled" if not label_key else None,
-                )
-            other = [
-                (r["iteration"], r.get("win_rate"))
-                for r in rs
-                if r.get("reference", "initial") != "initial"
-            ]
-            other = [p for p in other if p[1] is not None]
-            if key == "win_rate_vs_initial" and other:  # against evaluate.reference
-                said = f"vs {rs[-1]['reference']} ({rs[-1].get('main_judge')})"
-                ax.plot(
-                    *zip(*other),
-                    linestyle="-.",
-                    color=color,
-                    marker="s",
-                    label=said if not label_key else None,
-                )
-            bad = [
-                (r["iteration"], r[key])
-                for r in rs
-                if r.get(key) is not None and r.get("accepted") is False
-            ]
+            if key == "win_rate_vs_initial":
+                _win_rate_lines(ax, rs, color, one_job=not label_key)
             if key == "kl_to_reference":  # the KL constraint's α where it moved the update
-                for r in rs:
-                    if r.get(key) is not None and (r.get("alpha") or 1) != 1:
-                        ax.annotate(
-                            f"α {r['alpha']:.3g}",
-                            (r["iteration"], r[key]),
-                            fontsize=7,
-                            textcoords="offset points",
-                            xytext=(4, -10),
-                        )
-            if bad:
-                ax.scatter(
-                    *zip(*bad),
-                    marker="x",
-                    color="red",
-                    s=80,
-                    zorder=3,
-                    label="rejected" if key == panels[0][0] else None,
-                )
+                for it, kl, alpha in _points(rs, key, "alpha"):
+                    if (alpha or 1) != 1:
+                        kw = {"fontsize": 7, "textcoords": "offset points", "xytext": (4, -10)}
+                        ax.annotate(f"α {alpha:.3g}", (it, kl), **kw)
+            if bad := _points(rs, key, keep=lambda r: r.get("accepted") is False):
+                rejected = "rejected" if key == panels[0][0] else None
+                ax.scatter(*zip(*bad), marker="x", color="red", s=80, zorder=3, label=rejected)
         if key == "win_rate_vs_initial":
-            ax.axhline(
-                0.5, color="grey", linestyle="--", linewidth=1
-            )  # no better than the initial policy
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # no better than initial
         if key == "kl_to_reference" and max_kl is not None:
             ax.axhline(max_kl, color="red", linestyle=":", linewidth=1)  # the handoff's KL budget
         panel(ax, title)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     save_figure(fig, path)
+
+
+def _points(rows: list[dict], key: str, *more: str, keep=lambda r: True) -> list[tuple]:
+    """(iteration, the row's ``key``, its ``more``...) of the rows that have ``key`` and
+    that ``keep`` keeps."""
+    return [
+        (r["iteration"], r[key], *(r.get(m) for m in more))
+        for r in rows
+        if r.get(key) is not None and keep(r)
+    ]
+
+
+def _win_rate_lines(ax, rs: list[dict], color, one_job: bool) -> None:
+    """The win-rate panel's lines beside the gold judge's, in its colour: the reward model's
+    view of the same (--), the same judge with length held equal (:), and the main judge
+    against ``evaluate.reference`` where that is not the initial policy (-.). Named in the
+    legend where the plot has one job."""
+    against = f"vs {rs[-1].get('reference')} ({rs[-1].get('main_judge')})"
+    other = _points(rs, "win_rate", keep=lambda r: r.get("reference", "initial") != "initial")
+    lines = (
+        (_points(rs, "proxy_win_rate"), "--", None, 0.7, "proxy (reward model)"),
+        (_points(rs, "lc_win_rate"), ":", ".", None, "length-controlled"),
+        (other, "-.", "s", None, against),
+    )
+    for pts, style, marker, alpha, label in lines:
+        if pts:
+            ax.plot(
+                *zip(*pts),
+                linestyle=style,
+                color=color,
+                marker=marker,
+                alpha=alpha,
+                label=label if one_job else None,
+            )
 
 
 def figure(panels: int, size: tuple[float, float]):

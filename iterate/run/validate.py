@@ -153,8 +153,7 @@ def check(cfg: Config) -> None:
     for key, (ok, says) in RANGES.items():
         value = _get(cfg, key)
         need(ok(value), key, value, says)
-    uc, gc, pc, rc = cfg.update, cfg.generate, cfg.prompts, cfg.reward
-    sc = pc.synthetic
+    uc, gc, sc = cfg.update, cfg.generate, cfg.prompts.synthetic
     need(
         sc.max_words >= sc.min_words,
         "prompts.synthetic.max_words",
@@ -167,6 +166,37 @@ def check(cfg: Config) -> None:
         True,
         "needs handoff.constrain=true (the extrapolation is the KL constraint's search past 1)",
     )
+    _sampling(cfg)
+    need(
+        gc.max_tokens < cfg.model.max_length,
+        "generate.max_tokens",
+        gc.max_tokens,
+        f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
+    )
+    _together(cfg)
+    if unused := unread(uc):  # a sweep over rules shares its overrides: said, not refused
+        own = ", ".join(rule(uc.name).keys) or "none beyond the shared ones"
+        log.warning(
+            "update=%s does not read %s (another rule's); its own settings: %s",
+            uc.name,
+            ", ".join(f"update.{k}={getattr(uc, k)}" for k in unused),
+            own,
+        )
+    _device(cfg)
+    model_folder("model.path", cfg.model.path, "model")
+    _positions("model.max_length", cfg.model.max_length, cfg.model.path, cfg)
+    _memory(cfg)
+    _reward(cfg)
+    _refresh(cfg)
+    _evaluation(cfg)
+    _trackers(cfg)
+    _files(cfg)
+
+
+def _sampling(cfg: Config) -> None:
+    """What the rule needs of the sampling: n >= 2 and a temperature for pairs, a
+    temperature and room for DAPO's overlong buffer for groups."""
+    uc, gc = cfg.update, cfg.generate
     if not rule(uc.name).on_policy:
         need(
             gc.n >= 2, "generate.n", gc.n, f"update={uc.name} needs >= 2 samples per prompt to pair"
@@ -193,29 +223,12 @@ def check(cfg: Config) -> None:
             f"must be > 0 for update={uc.name}: greedy sampling gives a group's samples all "
             "alike, so every advantage is 0",
         )
-    need(
-        gc.max_tokens < cfg.model.max_length,
-        "generate.max_tokens",
-        gc.max_tokens,
-        f"must be < model.max_length ({cfg.model.max_length}), which holds prompt and response",
-    )
-    _together(cfg)
-    if unused := unread(uc):  # a sweep over rules shares its overrides: said, not refused
-        own = ", ".join(rule(uc.name).keys) or "none beyond the shared ones"
-        log.warning(
-            "update=%s does not read %s (another rule's); its own settings: %s",
-            uc.name,
-            ", ".join(f"update.{k}={getattr(uc, k)}" for k in unused),
-            own,
-        )
-    _device(cfg)
-    model_folder("model.path", cfg.model.path, "model")
-    _positions("model.max_length", cfg.model.max_length, cfg.model.path, cfg)
-    _memory(cfg)
-    _reward(cfg)
-    _refresh(cfg)
-    _evaluation(cfg)
-    _trackers(cfg)
+
+
+def _files(cfg: Config) -> None:
+    """The prompt and preference files the config names exist (their contents are read,
+    and checked row by row, by the stages that load them)."""
+    pc, rc = cfg.prompts, cfg.reward
     if pc.heldout_path and not Path(pc.heldout_path).exists():
         raise BadInput(f"prompts.heldout_path={pc.heldout_path!r}: no such file or folder")
     if str(pc.source) == "file":

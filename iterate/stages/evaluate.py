@@ -133,6 +133,46 @@ def _text(t: pa.Table) -> tuple[list, list]:
     return t["prompt"].to_pylist(), t["response"].to_pylist()
 
 
+def judged_against(
+    judge, points: tuple[list, list] | None, samples: pa.Table, r: heldout.Reference, desc: str
+) -> dict:
+    """A judge's win-rate figures (``winrate.figures``, errors clustered by prompt) for the
+    new ``samples`` against the responses of ``r`` that its index aligns with them. A
+    pointwise judge's scores (``points``: of the new samples and of ``r``'s) are compared,
+    a higher score winning; a comparing judge (``points`` None) is asked. A preference that
+    is not a number (a judge that never answered) is counted as ``unjudged``, not as a
+    loss."""
+    at = [j for j, k in enumerate(r.index) if k is not None]
+    old = r.table["response"].to_pylist()
+    if points is None:
+        prompts, responses = _text(samples)
+        asked = judge.prefer(
+            [prompts[j] for j in at],
+            [responses[j] for j in at],
+            [old[r.index[j]] for j in at],
+            desc=desc,
+        )
+        prefs = dict(zip(at, asked, strict=True))
+    else:
+        new, theirs = points
+        prefs = {
+            j: winrate.preference(new[j], theirs[r.index[j]])
+            for j in at
+            if is_score(new[j]) and is_score(theirs[r.index[j]])
+        }
+    new_len = [len(x) for x in samples["response"].to_pylist()]
+    prompt_ids = samples["prompt_id"].to_pylist()  # a prompt's samples: one cluster
+    pairs = [
+        (p, new_len[j], len(old[r.index[j]]), prompt_ids[j])
+        for j, p in prefs.items()
+        if is_score(p)
+    ]
+    figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}
+    if unjudged := sum(not is_score(p) for p in prefs.values()):
+        figs["unjudged"] = unjudged
+    return figs
+
+
 def scores(
     cfg: Config,
     paths: Paths,
@@ -174,44 +214,14 @@ def scores(
     judges: dict[str, tuple] = {"reward": (reward, None if compares(reward) else by_table)}
     judged = {t: x for t, x in tables.items() if t != "prev"}  # (only the reward meets prev)
     judges.update(_other_judges(cfg, paths, judged))
-    new_len = [len(r) for r in samples["response"].to_pylist()]
-    prompt_ids = samples["prompt_id"].to_pylist()  # a prompt's samples: one cluster
 
-    def versus(name: str, side: str) -> tuple[dict, dict]:
-        """``name``'s figures against ``side``'s responses, and its preferences by row."""
+    def versus(name: str, side: str) -> dict:
         judge, points = judges[name]
-        r = against[side]
-        at = [j for j, k in enumerate(r.index) if k is not None]
-        if points is None:
-            prompts, responses = _text(samples)
-            old = r.table["response"].to_pylist()
-            asked = judge.prefer(
-                [prompts[j] for j in at],
-                [responses[j] for j in at],
-                [old[r.index[j]] for j in at],
-                desc=f"held-out {name} ({side})",
-            )
-            prefs = dict(zip(at, asked, strict=True))
-        else:
-            new, old = points["new"], points[side]
-            prefs = {
-                j: winrate.preference(new[j], old[r.index[j]])
-                for j in at
-                if is_score(new[j]) and is_score(old[r.index[j]])
-            }
-        ref_len = [len(x) for x in r.table["response"].to_pylist()]
-        pairs = [
-            (p, new_len[j], ref_len[r.index[j]], prompt_ids[j])
-            for j, p in prefs.items()
-            if is_score(p)
-        ]
-        figs = winrate.figures(*map(list, zip(*pairs))) if pairs else {}  # by prompt
-        if unjudged := sum(not is_score(p) for p in prefs.values()):  # a judge that never answered
-            figs["unjudged"] = unjudged
-        return figs, prefs
+        theirs = None if points is None else (points["new"], points[side])
+        return judged_against(judge, theirs, samples, against[side], f"held-out {name} ({side})")
 
     side = "ref" if "ref" in against else "init"
-    figures = {name: versus(name, side)[0] for name in judges}
+    figures = {name: versus(name, side) for name in judges}
     out["judge_means"] = {
         name: means(points["new"], samples, points["init"], init)
         for name, (_, points) in judges.items()
@@ -220,10 +230,10 @@ def scores(
     initial = (
         figures
         if side == "init"
-        else {n: versus(n, "init")[0] for n in ("reward", "gold") if n in judges}
+        else {n: versus(n, "init") for n in ("reward", "gold") if n in judges}
     )
     last = "prev" if "prev" in against else "ref" if ref.info["kind"] == "previous" else None
-    before = versus("reward", last)[0] if last in against else initial["reward"]
+    before = versus("reward", last) if last in against else initial["reward"]
     out["vs_previous"] = {
         "iteration": (prev.info if prev else {}).get("iteration"),
         **{k: before[k] for k in ("win_rate", "win_rate_se", "ties", "prompts") if k in before},
