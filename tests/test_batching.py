@@ -13,14 +13,18 @@ def _ex(prompt: int, chosen: int, rejected: int | None = None) -> common.Example
 
 
 def test_an_examples_lengths_are_its_sequences():
-    assert _ex(5, 3, 7).lengths() == (8, 12)
+    """A pair feeds its prompt once and both responses (``pair_logps``); an example with
+    one response feeds prompt+response whole."""
+    assert _ex(5, 3, 7).lengths() == (5, 3, 7)
     assert _ex(5, 3).lengths() == (8,)
 
 
 def test_padded_tokens_by_hand():
-    """Chosen and rejected are padded each in its own batch: rows times the longest."""
-    batch = [_ex(2, 3, 10), _ex(4, 6, 1)]  # chosen 5 and 10, rejected 12 and 5
-    assert models.padded_tokens(batch) == 2 * 10 + 2 * 12
+    """A pair's prompts are padded in their own batch, chosen and rejected together in one:
+    the rows times the longest prompt, and twice the rows times the longest response."""
+    batch = [_ex(2, 3, 10), _ex(4, 6, 1)]  # prompts 2 and 4, responses 3, 10, 6, 1
+    assert models.padded_tokens(batch) == 2 * 4 + 4 * 10
+    assert models.padded_tokens([_ex(2, 3), _ex(4, 6)]) == 2 * 10
 
 
 def test_micro_batches_keep_like_lengths_together_and_the_given_order_inside():
@@ -53,11 +57,11 @@ def test_the_token_budget_caps_every_micro_batch_padding_included():
     assert max(len(b) for b in models.micro_batches(items, 3, max_tokens=10_000)) == 3
 
 
-def test_a_pairs_budget_counts_both_of_its_sequences():
-    items = [_ex(0, 10, 30), _ex(0, 30, 10)]
-    assert models.padded_tokens(items) == 2 * 30 + 2 * 30
-    assert len(models.micro_batches(items, 4, max_tokens=119)) == 2
-    assert len(models.micro_batches(items, 4, max_tokens=120)) == 1
+def test_a_pairs_budget_counts_its_prompt_and_both_responses():
+    items = [_ex(5, 10, 30), _ex(5, 30, 10)]
+    assert models.padded_tokens(items) == 2 * 5 + 4 * 30
+    assert len(models.micro_batches(items, 4, max_tokens=129)) == 2
+    assert len(models.micro_batches(items, 4, max_tokens=130)) == 1
 
 
 def _steps(group: bool, n: int = 300, seed: int = 0) -> tuple[list, list[tuple[int, list]]]:

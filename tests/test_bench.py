@@ -204,19 +204,20 @@ def test_the_padding_section_measures_the_tokens_fed_by_each_cut(tmp_path, tiny_
         q.min_tokens <= p + c <= q.max_tokens and q.min_tokens <= p + r <= q.max_tokens
         for p, c, r in lengths
     )
-    real = sum(2 * p + c + r for p, c, r in lengths)
+    real = sum(p + c + r for p, c, r in lengths)  # a pair's prompt is fed once
     before, both = pa["variants"]["as before"], pa["variants"]["both"]
-    # as before: steps of 4 pairs, one micro-batch each, both sides padded to their longest
+    # as before: steps of 4 pairs, one micro-batch each
     assert before["real_tokens"] == both["real_tokens"] == real
     assert before["padding"] == pytest.approx(1 - real / before["fed_tokens"])
-    # the pair rules' seeded shuffle, cut into steps of 4: each side padded to its longest
+    # the pair rules' seeded shuffle, cut into steps of 4: the prompts padded to their
+    # longest, both responses together to theirs
     order = torch.randperm(
         q.pairs, generator=torch.Generator().manual_seed(seeds.derive("update", 0, 0))
     ).tolist()
     fed = 0
     for s in range(0, q.pairs, 4):
         step = [lengths[j] for j in order[s : s + 4]]
-        fed += 4 * max(p + c for p, c, _ in step) + 4 * max(p + r for p, _, r in step)
+        fed += 4 * max(p for p, _, _ in step) + 8 * max(max(c, r) for _, c, r in step)
     assert before["fed_tokens"] == fed
     assert real <= both["fed_tokens"] < before["fed_tokens"] and both["padding"] < before["padding"]
     assert both["train_s_over_first"] == pytest.approx(both["train_s"] / before["train_s"])

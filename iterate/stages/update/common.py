@@ -41,9 +41,12 @@ class Example:
     )  # on-policy rules: score, per-token tensors
 
     def lengths(self) -> tuple[int, ...]:
-        """The lengths of the sequences it feeds the model, each padded in its own batch."""
-        seqs = (self.chosen,) if self.rejected is None else (self.chosen, self.rejected)
-        return tuple(len(self.prompt) + len(r) for r in seqs)
+        """The lengths of the sequences it feeds the model (``models.fed_tokens``): a pair's
+        prompt, chosen and rejected (the prompt run once, ``pair_logps``), else its
+        prompt+response."""
+        if self.rejected is None:
+            return (len(self.prompt) + len(self.chosen),)
+        return len(self.prompt), len(self.chosen), len(self.rejected)
 
 
 # The update settings every rule reads (the training loop's); each rule's row in
@@ -120,10 +123,31 @@ def policy_model(cfg: Config, path: str, dev: torch.device):
     return models.for_training(models.with_lora(model, cfg.update.lora), cfg.model.dtype, dev)
 
 
+def pair_logps(
+    model, tok, examples: list[Example], dev
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per response of the examples (chosen, and rejected where they have it): summed
+    log-probs (B,), per-token log-probs and their mask, each prompt run once
+    (``models.shared_prompt_logps``); under gradient checkpointing, which keeps no cache in
+    training, each prompt+response whole (``logps``)."""
+    fields = ["chosen"] + (["rejected"] if examples[0].rejected is not None else [])
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return {f: logps(model, tok, examples, f, dev) for f in fields}
+    got = models.shared_prompt_logps(
+        model,
+        tok.pad_token_id,
+        [e.prompt for e in examples],
+        [[getattr(e, f) for e in examples] for f in fields],
+        dev,
+    )
+    return dict(zip(fields, got))
+
+
 def logps(
     model, tok, examples: list[Example], which: str, dev
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (B,), per-token log-probs (B, T-1) and their mask."""
+    """Summed response log-probs (B,), per-token log-probs (B, T-1) and their mask, each
+    prompt+response run whole."""
     responses = [getattr(e, which) for e in examples]
     ids, mask, resp = models.sequence_batch(tok, [e.prompt for e in examples], responses, dev)
     tl = models.token_logps(model, ids, mask) * resp
@@ -143,7 +167,6 @@ def reference_logps(
     ref_model = None
     if reference != policy:
         ref_model = models.load_policy(reference, str(cfg.model.dtype), dev)
-    fields = ["chosen"] + (["rejected"] if examples and examples[0].rejected is not None else [])
     mine = dist.share(list(range(len(examples))))  # under several processes: this rank's share
     bar = progress.bar(len(mine), "reference log-probs", "pair")
     found = []
@@ -155,8 +178,8 @@ def reference_logps(
         ref.eval()
         for idx in cut:
             batch = [examples[j] for j in idx]
-            lps = {f: logps(ref, tok, batch, f, dev)[0].tolist() for f in fields}
-            found += [(j, {f: lps[f][n] for f in fields}) for n, j in enumerate(idx)]
+            lps = {f: v[0].tolist() for f, v in pair_logps(ref, tok, batch, dev).items()}
+            found += [(j, {f: v[n] for f, v in lps.items()}) for n, j in enumerate(idx)]
             bar.update(len(batch))
     bar.close()
     for j, ref in dist.gather(found):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from iterate.config import Config
-from iterate.stages.update.common import Example, logps, run_rule
+from iterate.stages.update.common import Example, pair_logps, run_rule
 from iterate.store.paths import Paths
 from iterate.train import losses
 
@@ -14,8 +14,8 @@ def loss_fn(cfg: Config):
     uc = cfg.update
 
     def fn(model, tok, batch: list[Example], dev) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, chosen_tokens, chosen_mask = logps(model, tok, batch, "chosen", dev)
-        rejected, _, _ = logps(model, tok, batch, "rejected", dev)
+        got = pair_logps(model, tok, batch, dev)
+        (chosen, chosen_tokens, chosen_mask), (rejected, _, _) = got["chosen"], got["rejected"]
         ref_c = torch.tensor([e.ref["chosen"] for e in batch], device=chosen.device)
         ref_r = torch.tensor([e.ref["rejected"] for e in batch], device=chosen.device)
         per_example, rc, rr = losses.dpo(
