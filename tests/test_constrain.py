@@ -278,7 +278,11 @@ def test_the_full_vocabulary_kl_by_hand(tiny_cfg, tiny_world):
                 logq = model(input_ids=ids).logits[0].log_softmax(-1)
         at = range(len(p) - 1, len(p) + len(r) - 1)  # the positions that predict the response
         want = sum(float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in at)
-        assert k == pytest.approx(want, rel=1e-4) and k > 0
+        # (the prompt's keys and values are cached under the response, not run whole: the
+        # same sums to float32's rounding, which a KL of 0.005 sees in its fourth digit)
+        assert k == pytest.approx(want, rel=1e-3) and k > 0
+    batched = constrain.full_kl(model, None, tok, prompts, responses, 2)  # padded together
+    assert batched == pytest.approx(got, rel=1e-3)
     assert constrain.full_kl(model, model, tok, prompts, responses, 2) == pytest.approx([0, 0])
 
 

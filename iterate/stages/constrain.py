@@ -85,20 +85,24 @@ def at_scale(model, start: dict[str, torch.Tensor] | None = None):
 @torch.no_grad()
 def full_kl(model, ref, tok, prompts: list, responses: list, batch_size: int) -> list[float]:
     """KL(model || ref) per response: the full-vocabulary KL of each response position,
-    summed over the response's tokens (``ref`` None: the model with its adapter disabled)."""
+    summed over the response's tokens (``ref`` None: the model with its adapter disabled).
+    Each prompt is run once and given no logits (``models.response_logits``)."""
     dev = next(model.parameters()).device
+    pad_id = tok.pad_token_id
     out = []
     for b in range(0, len(prompts), batch_size):
-        ids, mask, resp = models.sequence_batch(
-            tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev
-        )
-        logp = models.forward(model, ids, mask).logits[:, :-1].float().log_softmax(-1)
+        ps, rs = prompts[b : b + batch_size], [responses[b : b + batch_size]]
+        if not any(rs[0]):  # no response token to measure
+            out += [0.0] * len(ps)
+            continue
+        logits, _, rmask = models.response_logits(model, pad_id, ps, rs, dev)
+        logp = logits.float().log_softmax(-1)
         # (the reference's side is computed again for every α: kept, a batch's log-probs over
         # the whole vocabulary would hold a real model's memory many times over)
         with models.reference_of(model, ref) as r:
-            logq = models.forward(r, ids, mask).logits[:, :-1].float().log_softmax(-1)
-        per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
-        out += (per_token * resp).sum(-1).tolist()
+            logq = models.response_logits(r, pad_id, ps, rs, dev)[0].float().log_softmax(-1)
+        per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, R)
+        out += (per_token * rmask).sum(-1).tolist()
     return out
 
 

@@ -194,15 +194,16 @@ def token_logps(model, ids: torch.Tensor, mask: torch.Tensor, out=None) -> torch
     return logps * (mask[:, 1:] * mask[:, :-1])
 
 
-def shared_prompt_logps(
+def response_logits(
     model, pad_id: int, prompts: list[list[int]], responses: list[list[list[int]]], dev
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Log-probs of several responses to each prompt (``responses[f][b]``: the f-th response
-    to prompt b), each prompt run once: the prompts left-padded through the model (logits
-    at their last position only), their keys and values repeated for each response, the
-    responses right-padded in one batch on top. The same log-probs as each prompt+response
-    run whole (``token_logps``), in fewer FLOPs: no prompt twice, no logits on prompts.
-    Per response set: (summed (B,), per-token (B, R), the mask of response tokens (B, R))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict each token of several responses to each prompt
+    (``responses[f][b]``: the f-th response to prompt b), each prompt run once: the prompts
+    left-padded through the model (logits at their last position only), their keys and
+    values repeated for each response, the responses right-padded in one batch on top. The
+    same logits as each prompt+response run whole, at the response positions only: no
+    prompt twice, no logits on prompts. Row j is prompt j // n's (j % n)-th response;
+    returns (logits (n*B, R, V) in the model's dtype, the response ids (n*B, R), their mask)."""
     n, b = len(responses), len(prompts)
     ids, mask = (t.to(dev) for t in pad(prompts, pad_id, side="left"))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -212,7 +213,7 @@ def shared_prompt_logps(
     cache = out.past_key_values
     if cache is None or cache.get_seq_length() != ids.shape[1]:  # never the responses alone
         raise RuntimeError(
-            "shared_prompt_logps: the model kept no cache of the prompts "
+            "response_logits: the model kept no cache of the prompts "
             "(gradient checkpointing drops it in training)"
         )
     cache.batch_repeat_interleave(n)  # row j: prompt j // n, its (j % n)-th response
@@ -221,8 +222,19 @@ def shared_prompt_logps(
     rpos = (whole.cumsum(-1) - 1).clamp(min=0)[:, ids.shape[1] :]
     step = model(input_ids=rids, attention_mask=whole, position_ids=rpos, past_key_values=cache)
     first = out.logits[:, -1:].repeat_interleave(n, 0)  # the prompt's end predicts token 0
-    logits = torch.cat([first, step.logits[:, :-1]], 1).float()
-    tl = torch.log_softmax(logits, -1).gather(-1, rids[:, :, None]).squeeze(-1) * rmask
+    return torch.cat([first, step.logits[:, :-1]], 1), rids, rmask
+
+
+def shared_prompt_logps(
+    model, pad_id: int, prompts: list[list[int]], responses: list[list[list[int]]], dev
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Log-probs of several responses to each prompt (``responses[f][b]``: the f-th response
+    to prompt b), each prompt run once (``response_logits``): the same log-probs as each
+    prompt+response run whole (``token_logps``), in fewer FLOPs. Per response set: (summed
+    (B,), per-token (B, R), the mask of response tokens (B, R))."""
+    n = len(responses)
+    logits, rids, rmask = response_logits(model, pad_id, prompts, responses, dev)
+    tl = torch.log_softmax(logits.float(), -1).gather(-1, rids[:, :, None]).squeeze(-1) * rmask
     return [(tl[f::n].sum(-1), tl[f::n], rmask[f::n].float()) for f in range(n)]
 
 
