@@ -161,3 +161,30 @@ def test_the_presets_compose_each_into_a_run_of_its_own(overrides, run, settings
         assert rc.label_function == "iterate.instruct.checks:reward"
     else:
         assert cfg.reward.function == "iterate.instruct.checks:reward"
+
+
+def test_a_run_without_gold_plots_its_main_judge_in_gold_s_place(tmp_path, monkeypatch):
+    """A real model's run has no gold judge: the plot's win-rate and held-out panels show
+    the main judge's figures, named, instead of staying empty."""
+    from iterate.report import metrics
+
+    def row(i, rate, mean):
+        return {
+            "iteration": i,
+            "win_rate": rate,
+            "reference": "initial",
+            "main_judge": "prompt_level",
+            "judge_means": {"prompt_level": {"mean": mean}},
+            "reward_mean": 0.3,
+            "kl_to_reference": 1.0 + i,
+            "response_tokens_mean": 80,
+            "accepted": True,
+        }
+
+    drawn: dict[str, list] = {}
+    monkeypatch.setattr(metrics, "panel", lambda ax, title: drawn.setdefault(title, ax.lines))
+    metrics.plot([row(0, 0.52, 0.26), row(1, 0.55, 0.32)], tmp_path / "m.png", max_kl=10)
+    assert (tmp_path / "m.png").stat().st_size > 0
+    rates = drawn["win rate vs initial: prompt_level, proxy --, LC :"]
+    assert list(rates[0].get_ydata()) == [0.52, 0.55]
+    assert list(drawn["prompt_level score (held-out)"][0].get_ydata()) == [0.26, 0.32]

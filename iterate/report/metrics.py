@@ -187,11 +187,16 @@ def plot(
 ) -> None:
     """One panel per metric over iterations; one line per job when ``label_key`` is given.
     Iterations the KL gate rejected are crossed out in red; the KL panel names the α of an
-    iteration the KL constraint took part of the way."""
+    iteration the KL constraint took part of the way. A run with no gold judge (a real
+    model's) shows its main judge's win rate and held-out mean in gold's place."""
+    judge = "gold"
+    if not any(r.get("win_rate_vs_initial") is not None for r in rows):
+        judge = next((r["main_judge"] for r in rows if r.get("main_judge")), "main judge")
+        rows = [_main_judge_as_gold(r) for r in rows]
     panels = [
-        ("win_rate_vs_initial", "win rate vs initial: gold, proxy --, LC :"),
+        ("win_rate_vs_initial", f"win rate vs initial: {judge}, proxy --, LC :"),
         ("reward_mean", "proxy reward (train samples)"),
-        ("gold_mean", "gold score (held-out)"),
+        ("gold_mean", f"{judge} score (held-out)"),
         ("kl_to_reference", "KL(new || ref), k1"),
         ("response_tokens_mean", "response tokens"),
     ]
@@ -204,7 +209,7 @@ def plot(
             pts = _points(rs, key)
             color = None
             if pts:
-                gold = "gold judge" if key == "win_rate_vs_initial" else None
+                gold = f"{judge} judge" if key == "win_rate_vs_initial" else None
                 color = ax.plot(*zip(*pts), marker="o", label=name or gold)[0].get_color()
             if key == "win_rate_vs_initial":
                 _win_rate_lines(ax, rs, color, one_job=not label_key)
@@ -224,6 +229,18 @@ def plot(
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     save_figure(fig, path)
+
+
+def _main_judge_as_gold(r: dict) -> dict:
+    """A row with its main judge's figures where gold's are plotted: its win rate (when
+    against the initial policy) and its mean score of the held-out samples."""
+    main = (r.get("judge_means") or {}).get(r.get("main_judge") or "") or {}
+    initial = r.get("reference", "initial") == "initial"
+    return {
+        **r,
+        "win_rate_vs_initial": r.get("win_rate") if initial else None,
+        "gold_mean": main.get("mean"),
+    }
 
 
 def _points(rows: list[dict], key: str, *more: str, keep=lambda r: True) -> list[tuple]:
