@@ -126,10 +126,13 @@ def test_micro_batch_times_accumulation_equivalence(setup):
     for other in grads[1:]:
         for n in grads[0]:
             assert torch.allclose(grads[0][n], other[n], atol=1e-6), n
-    # the padding fed, by hand: one batch of four pads to the longest; batches of one never
+    # the padding fed, by hand: one batch of four pads to the longest; a batch of one pads
+    # only a pair's shorter response to its longer (both run on top of its prompt, once)
     real = sum(sum(e.lengths()) for e in ex)
     assert padding[0] == pytest.approx(1 - real / models.padded_tokens(ex)) and padding[0] > 0
-    assert padding[2] == 0.0 and 0 < padding[3] < padding[0]
+    alone = sum(len(e.prompt) + 2 * max(len(e.chosen), len(e.rejected)) for e in ex)
+    assert padding[2] == pytest.approx(1 - real / alone) and padding[2] < padding[0]
+    assert 0 < padding[3] < padding[0]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
