@@ -104,3 +104,25 @@ def test_every_model_this_package_trains_is_stepped_by_the_one_loop():
                     loops.add(path.relative_to(ROOT).as_posix())
     assert makers == {"stages/update/training.py", "stages/reward_model.py", "toy/build.py"}
     assert makers <= loops
+
+
+def test_shuffled_cuts_each_epoch_s_permutation_into_steps_and_draws_lazily():
+    from iterate.train.loop import shuffled
+
+    g = torch.Generator().manual_seed(0)
+    steps = list(shuffled(5, 2, 2, g))
+    assert [e for e, _ in steps] == [0, 0, 0, 1, 1, 1]
+    assert [len(s) for _, s in steps] == [2, 2, 1] * 2
+    for epoch in (0, 1):
+        assert sorted(j for e, s in steps if e == epoch for j in s) == [0, 1, 2, 3, 4]
+    want = torch.Generator().manual_seed(0)
+    first = torch.randperm(5, generator=want).tolist()
+    assert [j for e, s in steps if e == 0 for j in s] == first
+    # lazy: a draw between the epochs' steps comes before the next epoch's shuffle
+    g2, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    it = shuffled(5, 5, 2, g2)
+    next(it)
+    between = torch.randperm(3, generator=g2).tolist()
+    torch.randperm(5, generator=ref)
+    assert between == torch.randperm(3, generator=ref).tolist()
+    assert next(it)[1] == torch.randperm(5, generator=ref).tolist()

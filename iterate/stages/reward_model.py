@@ -39,7 +39,7 @@ from iterate.store.shards import TEMPORARY, atomic_write_json, read_json, write_
 from iterate.store.stage import DONE, DamagedStage, Stage, counted
 from iterate.toy import world
 from iterate.train import losses
-from iterate.train.loop import optimise, rounded
+from iterate.train.loop import optimise, rounded, shuffled
 from iterate.train.models import for_training, load_policy, load_tokenizer, with_lora
 
 log = logging.getLogger(__name__)
@@ -321,12 +321,6 @@ def fit(
     steps = epochs * -(-len(enc) // per_step)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
 
-    def shuffled():
-        for epoch in range(epochs):
-            order = torch.randperm(len(enc), generator=g).tolist()
-            for start in range(0, len(order), per_step):
-                yield epoch, order[start : start + per_step]
-
     def step_loss(idx: list[int]) -> tuple[float, dict]:
         loss_sum, correct = 0.0, 0.0
         for m in range(0, len(idx), rc.batch_size):  # gradient accumulation
@@ -347,7 +341,7 @@ def fit(
         model,
         opt,
         params,
-        shuffled(),
+        shuffled(len(enc), per_step, epochs, g),
         step_loss,
         total=steps,
         desc=desc,

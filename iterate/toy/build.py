@@ -21,7 +21,7 @@ from iterate.sampling import samplers
 from iterate.store import cachekey
 from iterate.toy import world
 from iterate.train import models
-from iterate.train.loop import optimise
+from iterate.train.loop import optimise, shuffled
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,6 @@ def sft(cfg: ToyConfig, model, tokenizer, data) -> list[float]:
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / total))
     )
 
-    def shuffled():
-        for epoch in range(cfg.sft_epochs):
-            order = torch.randperm(len(data), generator=g).tolist()
-            for i in range(0, len(order), cfg.sft_batch_size):
-                yield epoch, [data[j] for j in order[i : i + cfg.sft_batch_size]]
-
     def step_loss(batch) -> tuple[float, dict]:
         ids, labels, mask = collate(batch, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -160,7 +154,10 @@ def sft(cfg: ToyConfig, model, tokenizer, data) -> list[float]:
         model,
         opt,
         params,
-        shuffled(),
+        (
+            (e, [data[j] for j in idx])
+            for e, idx in shuffled(len(data), cfg.sft_batch_size, cfg.sft_epochs, g)
+        ),
         step_loss,
         total=total,
         desc="toy SFT",

@@ -13,7 +13,7 @@ row per step to ``on_step``."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +21,16 @@ import torch
 from iterate import progress
 
 Step = tuple[int, list[Any]]  # (epoch, the examples of one optimiser step)
+
+
+def shuffled(n: int, per_step: int, epochs: int, g: torch.Generator) -> Iterator[Step]:
+    """Each epoch a shuffle of ``range(n)`` drawn from ``g``, cut into steps of ``per_step``
+    indices: (epoch, a step's indices). Lazy: the next epoch is drawn after this one's
+    steps are taken (so a caller may draw from ``g`` in between)."""
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n, per_step):
+            yield epoch, order[start : start + per_step]
 
 
 def apply_step(

@@ -25,6 +25,7 @@ from iterate.store.paths import Paths
 from iterate.store.shards import SCHEMAS, read_json, read_shards
 from iterate.store.stage import DONE, Stage
 from iterate.train import models
+from iterate.train.loop import shuffled
 from iterate.train.rules import rule
 
 log = logging.getLogger(__name__)
@@ -201,17 +202,14 @@ def pair_steps(cfg: Config, examples: list[Example], iteration: int) -> Iterator
     g = torch.Generator().manual_seed(seeds.derive("update", cfg.seed, iteration))
     per_step = uc.micro_batch_size * uc.grad_accum
     window = per_step * (LENGTH_GROUP_STEPS if uc.group_by_length else 1)
-    for epoch in range(uc.epochs):
-        order = torch.randperm(len(examples), generator=g).tolist()
-        for w in range(0, len(order), window):
-            part = order[w : w + window]
-            if uc.group_by_length:
-                part.sort(key=lambda j: sum(examples[j].lengths()), reverse=True)
-            steps = [part[s : s + per_step] for s in range(0, len(part), per_step)]
-            if uc.group_by_length:
-                steps = [steps[k] for k in torch.randperm(len(steps), generator=g).tolist()]
-            for idx in steps:
-                yield epoch, [examples[j] for j in idx]
+    for epoch, part in shuffled(len(examples), window, uc.epochs, g):
+        if uc.group_by_length:
+            part.sort(key=lambda j: sum(examples[j].lengths()), reverse=True)
+        steps = [part[s : s + per_step] for s in range(0, len(part), per_step)]
+        if uc.group_by_length:
+            steps = [steps[k] for k in torch.randperm(len(steps), generator=g).tolist()]
+        for idx in steps:
+            yield epoch, [examples[j] for j in idx]
 
 
 def steps_per_epoch(cfg: Config, n: int) -> int:
