@@ -409,8 +409,8 @@ class _Search:
                 else:
                     prompts, responses, clusters = self.sample(model, r, "beyond")
                     folders[x] = f"beyond_{r}"
-                at = lambda a: put_alpha(1 + a)  # noqa: E731
-                return self.measure(model, at, x, (prompts, responses, clusters))
+                shifted = lambda a: put_alpha(1 + a)  # noqa: E731  (x measured as α = 1 + x)
+                return self.measure(model, shifted, x, (prompts, responses, clusters))
 
             x, rounds = settle(along, self.target, self.cfg.handoff.max_kl, first=0.0)
             out = {"alpha": 1 + x, "rounds": [_shifted(r) for r in rounds]}

@@ -173,6 +173,19 @@ def judged_against(
     return figs
 
 
+def _gold_figures(new: list, init: list, versus_initial: dict, out: dict) -> dict:
+    """The toy world's gold figures: the held-out mean, the initial policy's, the gold win
+    rate against it, and the proxy's win rate minus gold's (over-optimisation)."""
+    figs = {
+        "gold_mean": _mean(new),
+        "initial_gold_mean": _mean(init),
+        "win_rate_vs_initial": versus_initial["win_rate"],
+    }
+    if out["proxy_win_rate"] is not None:
+        figs["proxy_gold_gap"] = round(out["proxy_win_rate"] - figs["win_rate_vs_initial"], 4)
+    return figs
+
+
 def scores(
     cfg: Config,
     paths: Paths,
@@ -243,14 +256,9 @@ def scores(
         if unjudged := initial["reward"].get("unjudged"):
             out["judge_unjudged"] = unjudged
     out["proxy_win_rate"] = initial["reward"].get("win_rate")
-    new_gold = None
-    if "gold" in judges:
-        new_gold = judges["gold"][1]["new"]
-        out["gold_mean"] = _mean(new_gold)
-        out["initial_gold_mean"] = _mean(judges["gold"][1]["init"])
-        out["win_rate_vs_initial"] = initial["gold"]["win_rate"]
-        if out["proxy_win_rate"] is not None:
-            out["proxy_gold_gap"] = round(out["proxy_win_rate"] - out["win_rate_vs_initial"], 4)
+    new_gold = judges["gold"][1]["new"] if "gold" in judges else None
+    if new_gold is not None:
+        out.update(_gold_figures(new_gold, judges["gold"][1]["init"], initial["gold"], out))
     out.update(main_figures(figures, main_judge(cfg, figures)), judges=figures)
     out["reference"] = {"kind": "initial", **ref.info}
     if correct := rewards.of(cfg, "correct"):  # the share of right answers, new and initial
