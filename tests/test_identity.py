@@ -231,7 +231,7 @@ def test_an_evaluation_judge_is_hashed_by_its_source(tmp_path):
     stage().finish()
     assert stage().check() is True
     judge.write_text("def chars(prompts, responses):\n    return [-len(r) for r in responses]\n")
-    with pytest.raises(StageConfigChanged, match=r"judge_identity\.chars\.source_sha256"):
+    with pytest.raises(StageConfigChanged, match=r"judge_identity\.chars\.source_tree_sha256"):
         stage().check()
 
 
@@ -275,6 +275,6 @@ def test_a_reward_functions_identity_is_not_the_path_as_typed(tmp_path, monkeypa
     assert Stage(tmp_path / "evaluate", "evaluate", confs(typed[2])[0]).check() is True
     source.write_text("def f(prompts, responses):\n    return [-len(r) for r in responses]\n")
     edited = confs(typed[1])
-    assert edited[1]["source_sha256"] != firsts[1]["source_sha256"]
-    with pytest.raises(StageConfigChanged, match=r"reward\.source_sha256"):
+    assert edited[1]["source_tree_sha256"] != firsts[1]["source_tree_sha256"]
+    with pytest.raises(StageConfigChanged, match=r"reward\.source_tree_sha256"):
         Stage(tmp_path / "evaluate", "evaluate", edited[0]).check()

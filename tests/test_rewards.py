@@ -135,10 +135,18 @@ def score(prompts, responses):
     assert rewards.FunctionReward(seen).score(["plain", turns], ["x", "y"]) == [0.0, 1.0]
 
 
-def test_editing_a_reward_function_changes_its_identity(tmp_path):
+def test_editing_a_reward_function_changes_its_identity_and_reformatting_does_not(tmp_path):
     spec = _function(tmp_path, "def score(p, r):\n    return [1.0 for _ in r]\n")
     before = rewards.FunctionReward(spec).identity()
-    assert before["reward_function"] == "reward.py:score" and len(before["source_sha256"]) == 64
+    assert before["reward_function"] == "reward.py:score"
+    assert len(before["source_tree_sha256"]) == 64
+    # comments, blank lines, quotes and line breaks: the same syntax tree, the same identity
+    _function(
+        tmp_path,
+        "# scores\n\ndef score(p, r):  # all one\n    return [\n        1.0\n"
+        "        for _ in r\n    ]\n",
+    )
+    assert rewards.FunctionReward(spec).identity() == before
     _function(tmp_path, "def score(p, r):\n    return [2.0 for _ in r]\n")
     assert rewards.FunctionReward(spec).identity() != before
 

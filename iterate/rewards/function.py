@@ -1,11 +1,13 @@
 """``reward.kind=function``: a Python function of a batch, ``f(prompts, responses) ->
 list[float]``, named ``package.module:function`` or ``path/to/file.py:function``; with
 ``prompts.fields`` it also gets the prompt rows' fields by name (a checker of each prompt's
-constraints). Its identity is its name and its source file's checksum: editing the function
-redoes the stages that scored with it."""
+constraints). Its identity is its name and the checksum of its source file's syntax tree:
+editing the function redoes the stages that scored with it; reformatting it or editing its
+comments does not."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -70,6 +72,16 @@ def function_name(spec: str) -> str:
     return f"{Path(where).name}:{name}" if where.endswith(".py") else spec
 
 
+def source_sum(path: Path) -> str:
+    """SHA-256 of a Python source file's syntax tree (``ast.dump``: no comments, no layout,
+    no line numbers), so that a formatter's pass keeps a function's identity and an edit of
+    what it does changes it; of the file's bytes for a module that is not Python source."""
+    data = path.read_bytes()
+    if path.suffix == ".py":
+        data = ast.dump(ast.parse(data, filename=str(path))).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 def _as_prompt(stored: str):
     """What a reward function gets for a prompt: its text, or for a conversation (a stored
     JSON list of messages with more than one turn) the list of messages."""
@@ -114,10 +126,11 @@ class FunctionReward(Loaded):
     ``batch_size`` rows at a time; with ``fields`` (``prompts.fields``) the function also
     gets, by name, each field it takes of the prompts' rows, one value per row (``None``
     for a prompt whose row has none: a synthetic one), read from the run folder ``run``'s
-    prompt shards. Its identity names it (``function_name``), its source file's checksum and
-    the fields, so editing the function redoes the stages that used it. A row it scores
-    ``None`` or NaN is dropped and counted; raising, returning the wrong number of values or
-    a value that is not a number is ``BadInput`` naming the function, the row and the value.
+    prompt shards. Its identity names it (``function_name``), its source's checksum
+    (``source_sum``) and the fields, so editing the function redoes the stages that used it.
+    A row it scores ``None`` or NaN is dropped and counted; raising, returning the wrong
+    number of values or a value that is not a number is ``BadInput`` naming the function,
+    the row and the value.
     A call says it is still running every 30 s, and one past ``timeout_s`` stops the run
     naming it."""
 
@@ -141,7 +154,7 @@ class FunctionReward(Loaded):
         self._load()
         out = {
             "reward_function": function_name(self.spec),
-            "source_sha256": hashlib.sha256(self._source.read_bytes()).hexdigest(),
+            "source_tree_sha256": source_sum(self._source),
         }
         return out | ({"fields": list(self.fields)} if self.fields else {})
 

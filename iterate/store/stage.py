@@ -360,7 +360,7 @@ def _added(recorded: dict, now: dict, key: str) -> bool:
     """Whether ``key`` is one that ``recorded`` (a stage config) predates, at the value that
     means what was done before (``now``: the stage config of this invocation). A key names
     itself by its last part, or by a part above it whose value is ``ANY`` (a section added
-    whole: ``judge_identity.gold.source_sha256``)."""
+    whole: ``judge_identity.gold.source_tree_sha256``)."""
     parts = key.split(".")
     name = parts[-1]
     if name not in ADDED:
