@@ -210,15 +210,14 @@ def test_kl_of_a_real_policy(tiny_cfg, tiny_world, tmp_path):
     tok.save_pretrained(other)
     apart = evaluate.kl(tiny_cfg, tok, model, str(other), str(tiny_world), samples)
     assert all(k > 0 for k in apart["k3"]) and len(apart["k1"]) == samples.num_rows
-    # the same numbers by hand from the two models' log-probs
+    # the same numbers by hand from the two models' log-probs, each prompt+response run whole
     prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
-    new, mask = evaluate.logps_of(
-        model, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu")
-    )
-    theirs, _ = evaluate.logps_of(
-        ref, tok, prompts, samples["response_ids"].to_pylist(), 4, torch.device("cpu")
-    )
-    assert apart["k1"] == pytest.approx(((new - theirs) * mask).sum(-1).tolist(), abs=1e-5)
+    responses = samples["response_ids"].to_pylist()
+    ids, mask, resp = models.sequence_batch(tok, prompts, responses, torch.device("cpu"))
+    with torch.no_grad():
+        new = (models.token_logps(model, ids, mask) * resp).sum(-1)
+        theirs = (models.token_logps(ref, ids, mask) * resp).sum(-1)
+    assert apart["k1"] == pytest.approx((new - theirs).tolist(), abs=1e-4)
 
 
 def test_the_length_gates_reject_beside_the_kl_budget_naming_each_failure():

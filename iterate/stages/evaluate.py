@@ -57,16 +57,16 @@ def sequence_kl(
 
 @torch.no_grad()
 def logps_of(
-    model, tok, prompts: list[list[int]], responses: list[list[int]], batch_size: int, dev
+    model, pad_id: int, prompts: list[list[int]], responses: list[list[int]], batch_size: int, dev
 ) -> tuple:
-    """Per-token log-probs (B, T-1) of the responses and their mask, in batches."""
+    """Per-token log-probs (B, R) of the responses and their mask, in batches, each prompt
+    run once and given no logits (``models.shared_prompt_logps``)."""
     lps, masks = [], []
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1
+    width = max(map(len, responses))
     for b in range(0, len(prompts), batch_size):
-        ids, mask, resp = models.sequence_batch(
-            tok, prompts[b : b + batch_size], responses[b : b + batch_size], dev
+        ((_, lp, resp),) = models.shared_prompt_logps(
+            model, pad_id, prompts[b : b + batch_size], [responses[b : b + batch_size]], dev
         )
-        lp = models.token_logps(model, ids, mask) * resp
         pad = (0, width - lp.shape[1])
         lps.append(torch.nn.functional.pad(lp, pad))
         masks.append(torch.nn.functional.pad(resp, pad))
@@ -83,12 +83,12 @@ def kl(
     prompts = [models.prompt_ids(tok, p) for p in samples["prompt"].to_pylist()]
     responses = samples["response_ids"].to_pylist()  # the sampled tokens themselves
     bs = cfg.evaluate.batch_size
-    new, mask = logps_of(model, tok, prompts, responses, bs, dev)
+    new, mask = logps_of(model, tok.pad_token_id, prompts, responses, bs, dev)
     ref_model = None  # the new policy's own base, its adapter disabled
     if not (hasattr(model, "disable_adapter") and reference == policy):
         ref_model = models.load_policy(reference, str(cfg.model.dtype), dev)
     with models.reference_of(model, ref_model) as ref:
-        ref_lps, _ = logps_of(ref, tok, prompts, responses, bs, dev)
+        ref_lps, _ = logps_of(ref, tok.pad_token_id, prompts, responses, bs, dev)
     return sequence_kl(new, ref_lps, mask)
 
 
